@@ -1,0 +1,15 @@
+"""tregjax: preference optimization with token-level reward regularization (T-REG) in JAX/Flax NNX.
+
+Submodules are imported lazily so that `from tregjax import losses` pulls in nothing but jax.
+"""
+
+import importlib
+
+__all__ = ["losses", "models", "data", "training", "parallel"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+  if name in __all__:
+    return importlib.import_module(f"{__name__}.{name}")
+  raise AttributeError(f"module 'tregjax' has no attribute {name!r}")
