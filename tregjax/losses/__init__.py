@@ -1,0 +1,13 @@
+"""tregjax.losses: pure, jit/vmap/grad-safe loss functions (float32 math). Imports nothing else from tregjax."""
+
+from tregjax.losses.logprobs import chunked_token_logps, sequence_logps, token_logps
+from tregjax.losses.objective import ObjectiveOptions, preference_objective
+from tregjax.losses.preference import PreferenceOutput, dpo_loss, ipo_loss, simpo_loss
+from tregjax.losses.token_reward import (contrastive_token_rewards, dpo_implicit_token_rewards, r3hf_token_rewards,
+                                         sequence_weight, tgdpo_loss, token_regularizer)
+
+__all__ = [
+    "ObjectiveOptions", "PreferenceOutput", "chunked_token_logps", "contrastive_token_rewards",
+    "dpo_implicit_token_rewards", "dpo_loss", "ipo_loss", "preference_objective", "r3hf_token_rewards",
+    "sequence_logps", "sequence_weight", "simpo_loss", "tgdpo_loss", "token_logps", "token_regularizer"
+]
