@@ -1,0 +1,231 @@
+"""The trainer's configuration: every key with its default, and `validate` to fail before anything compiles.
+
+Config files under configs/ start from `base_config()` and override; the CLI locks the result
+(`config_flags.DEFINE_config_file(lock_config=True)`), so a typo in `--config.optimizer.lr=...` is an error instead of a
+silently ignored key, and ml_collections refuses an override of the wrong type.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+OBJECTIVES = ("preference", "sft", "reward_model")
+SCHEDULES = ("cosine", "linear", "constant")
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT = ("none", "full", "dots", "minimal")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every trainer key with its default (unlocked: config files override, then the CLI locks)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # "preference": DPO/IPO/SimPO/TGDPO (+ T-REG) on a scored cache; "sft": next-token loss on the chosen response;
+  # "reward_model": Bradley-Terry on a sequence-classification head. Same step, optimizer, checkpoints, logging.
+  c.objective = "preference"
+
+  c.model = ml_collections.ConfigDict()
+  c.model.hf_path = ""  # local HF dir (config.json + *.safetensors) or a .gguf file; "" -> random init from `preset`
+  c.model.preset = "tiny_llama"  # a models.ModelConfig classmethod, used when hf_path is ""
+  c.model.overrides = ml_collections.ConfigDict()  # ModelConfig fields replaced on the preset (config files only)
+  c.model.tokenizer_path = ""  # copied next to exported weights; "" -> hf_path when that is a directory
+  c.model.dtype = "bfloat16"  # compute dtype; master weights are `param_dtype`
+  c.model.param_dtype = "float32"
+  c.model.remat = "none"  # activation checkpointing policy passed to the model
+
+  c.data = ml_collections.ConfigDict()
+  c.data.cache_dir = ""  # scored cache written by `python -m tregjax.score` (objective=preference)
+  c.data.dataset_dir = ""  # tokenized, unscored dataset (objective=sft / reward_model)
+  c.data.batch_size = 128  # global number of pairs (or sequences for sft) per optimizer step
+  c.data.buckets = (512, 1024, 2048)  # padded sequence lengths; jit compiles one step per bucket
+  c.data.seed = 0  # shuffle seed
+  c.data.shuffle = True
+  c.data.train_split = "train"
+  c.data.eval_split = ""  # "" disables evaluation
+  c.data.eval_batches = 0  # 0 -> the whole eval split
+  c.data.num_workers = 0  # grain worker processes
+  c.data.epochs = 1  # used when train.steps == -1
+
+  # Arguments of losses.ObjectiveOptions, verbatim.
+  c.loss = ml_collections.ConfigDict(dict(
+      loss="dpo", regularizer="none", beta=0.1, gamma=0.5, label_smoothing=0.0, alpha=0.25, weighting="dynamic",
+      reg_normalization="auto", tgdpo_alpha=0.5))
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.lr = 1e-6
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.decay_embeddings = False  # norms and biases (rank <= 1) are never decayed
+  c.optimizer.warmup_steps = 0
+  c.optimizer.warmup_ratio = 0.0  # of total steps; used when warmup_steps == 0
+  c.optimizer.schedule = "cosine"
+  c.optimizer.min_lr_ratio = 0.0  # final lr / peak lr for cosine and linear decay
+  c.optimizer.grad_clip = 1.0  # global-norm clip; 0 disables
+  c.optimizer.grad_accum_steps = 1  # micro-batches per optimizer step, scanned inside the jitted step
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # one axis may be -1 (the rest of the devices)
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.enabled = True
+  c.checkpoint.every = 500
+  c.checkpoint.keep = 3
+  c.checkpoint.async_save = True
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000  # -1 -> data.epochs passes over the training split
+  c.train.log_every = 10
+  c.train.eval_every = 0  # 0 -> evaluate only at the end (when data.eval_split is set)
+  c.train.max_consecutive_nonfinite = 5
+  c.train.logits_chunk_size = 512  # positions per chunk of the chunked log-softmax
+
+  c.logging = ml_collections.ConfigDict()
+  c.logging.tensorboard = True
+  c.logging.jsonl = True
+  c.logging.progress_bar = True
+  c.logging.peak_flops_per_device = 0.0  # 0 -> look the device kind up (MFU is omitted when unknown)
+  return c
+
+
+class ConfigError(ValueError):
+  """A configuration that cannot run, found before anything is built or compiled."""
+
+
+def _keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, object]:
+  out = {}
+  for k, v in cfg.items():
+    if isinstance(v, ml_collections.ConfigDict) and not (prefix + k).endswith("model.overrides"):
+      out.update(_keys(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def _check_type(name: str, value: object, default: object) -> None:
+  if isinstance(default, bool):
+    ok = isinstance(value, bool)
+  elif isinstance(default, int):
+    ok = isinstance(value, int) and not isinstance(value, bool)
+  elif isinstance(default, float):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  elif isinstance(default, str):
+    ok = isinstance(value, str)
+  elif isinstance(default, (tuple, list)):
+    ok = isinstance(value, (tuple, list))
+  else:
+    ok = True
+  if not ok:
+    raise ConfigError(f"config.{name}: expected {type(default).__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+  if value not in choices:
+    raise ConfigError(f"config.{name}={value!r}: must be one of {choices}")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Raise ConfigError on unknown keys, wrong types and inconsistent settings.
+
+  `num_devices` defaults to `jax.device_count()`; pass it to validate a config for another machine.
+  """
+  defaults = _keys(base_config())
+  given = _keys(config)
+  unknown = sorted(set(given) - set(defaults))
+  if unknown:
+    raise ConfigError(f"unknown config keys {unknown} (a typo? known keys: see tregjax.training.config.base_config)")
+  missing = sorted(set(defaults) - set(given))
+  if missing:
+    raise ConfigError(f"config is missing keys {missing}; start config files from base_config()")
+  for name, default in defaults.items():
+    _check_type(name, given[name], default)
+
+  _choice("objective", config.objective, OBJECTIVES)
+  _choice("model.dtype", config.model.dtype, DTYPES)
+  _choice("model.param_dtype", config.model.param_dtype, DTYPES)
+  _choice("model.remat", config.model.remat, REMAT)
+  _choice("optimizer.schedule", config.optimizer.schedule, SCHEDULES)
+  if not config.model.hf_path and not config.model.preset:
+    raise ConfigError("config.model: set hf_path (a local checkpoint) or preset (random init)")
+  if config.model.overrides and config.model.hf_path:
+    raise ConfigError("config.model.overrides applies to a preset only; it cannot change a pretrained checkpoint")
+
+  # The loss options are checked by their own dataclass (one place for their rules).
+  from tregjax import losses  # pylint: disable=g-import-not-at-top
+  try:
+    losses.ObjectiveOptions(**config.loss.to_dict())
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.loss: {e}") from e
+
+  if config.objective == "preference" and not config.data.cache_dir:
+    raise ConfigError("objective=preference needs config.data.cache_dir (a scored cache from tregjax.score)")
+  if config.objective in ("sft", "reward_model") and not (config.data.dataset_dir or config.data.cache_dir):
+    raise ConfigError(f"objective={config.objective} needs config.data.dataset_dir (or a cache_dir)")
+
+  positive = {
+      "data.batch_size": config.data.batch_size, "optimizer.grad_accum_steps": config.optimizer.grad_accum_steps,
+      "train.log_every": config.train.log_every, "train.logits_chunk_size": config.train.logits_chunk_size,
+      "train.max_consecutive_nonfinite": config.train.max_consecutive_nonfinite, "checkpoint.every":
+      config.checkpoint.every, "checkpoint.keep": config.checkpoint.keep, "data.epochs": config.data.epochs}
+  for name, v in positive.items():
+    if v <= 0:
+      raise ConfigError(f"config.{name}={v}: must be > 0")
+  if config.train.steps == 0 or config.train.steps < -1:
+    raise ConfigError(f"config.train.steps={config.train.steps}: must be > 0, or -1 for data.epochs passes")
+  if config.train.eval_every < 0 or config.data.eval_batches < 0:
+    raise ConfigError("config.train.eval_every and config.data.eval_batches must be >= 0")
+  if not config.data.buckets or any((not isinstance(b, int)) or b <= 1 for b in config.data.buckets):
+    raise ConfigError(f"config.data.buckets={config.data.buckets!r}: must be a non-empty tuple of ints > 1")
+  if list(config.data.buckets) != sorted(set(config.data.buckets)):
+    raise ConfigError(f"config.data.buckets={config.data.buckets!r}: must be strictly increasing")
+  opt = config.optimizer
+  if opt.lr <= 0:
+    raise ConfigError(f"config.optimizer.lr={opt.lr}: must be > 0")
+  if not (0 <= opt.b1 < 1 and 0 <= opt.b2 < 1):
+    raise ConfigError(f"config.optimizer.b1/b2 must lie in [0, 1), got {opt.b1}, {opt.b2}")
+  if opt.eps <= 0 or opt.weight_decay < 0 or opt.grad_clip < 0 or not 0 <= opt.min_lr_ratio <= 1:
+    raise ConfigError("config.optimizer: eps > 0, weight_decay >= 0, grad_clip >= 0, 0 <= min_lr_ratio <= 1")
+  if opt.warmup_steps < 0 or not 0 <= opt.warmup_ratio < 1:
+    raise ConfigError("config.optimizer: warmup_steps >= 0 and 0 <= warmup_ratio < 1")
+  if opt.warmup_steps and opt.warmup_ratio:
+    raise ConfigError("config.optimizer: set warmup_steps or warmup_ratio, not both")
+
+  mesh = {k: config.mesh[k] for k in ("data", "fsdp", "tensor")}
+  if sum(v == -1 for v in mesh.values()) > 1 or any(v == 0 or v < -1 for v in mesh.values()):
+    raise ConfigError(f"config.mesh={mesh}: sizes must be positive, with at most one -1")
+  if num_devices is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    num_devices = jax.device_count()
+  fixed = math.prod(v for v in mesh.values() if v != -1)
+  if fixed > num_devices or (-1 not in mesh.values() and fixed != num_devices) or num_devices % fixed:
+    raise ConfigError(
+        f"config.mesh={mesh} needs {fixed} devices{' (times the -1 axis)' if -1 in mesh.values() else ''}, "
+        f"but {num_devices} are available")
+  resolved = {k: (num_devices // fixed if v == -1 else v) for k, v in mesh.items()}
+  data_ways = resolved["data"] * resolved["fsdp"]
+  per_step = data_ways * opt.grad_accum_steps
+  if config.data.batch_size % per_step:
+    raise ConfigError(
+        f"config.data.batch_size={config.data.batch_size} is not divisible by mesh data×fsdp ({data_ways}) × "
+        f"optimizer.grad_accum_steps ({opt.grad_accum_steps}) = {per_step}")
+
+
+def resolved_mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+  """The mesh axis sizes with -1 filled in (after `validate`)."""
+  mesh = {k: config.mesh[k] for k in ("data", "fsdp", "tensor")}
+  fixed = math.prod(v for v in mesh.values() if v != -1)
+  return {k: (num_devices // fixed if v == -1 else v) for k, v in mesh.items()}
+
+
+def objective_options(config: ml_collections.ConfigDict):
+  """losses.ObjectiveOptions from config.loss."""
+  from tregjax import losses  # pylint: disable=g-import-not-at-top
+  return losses.ObjectiveOptions(**config.loss.to_dict())
+
+
+def model_overrides(config: ml_collections.ConfigDict) -> dict:
+  return dict(config.model.overrides.to_dict()) if config.model.overrides else {}
+
+
+__all__ = ["base_config", "validate", "ConfigError", "resolved_mesh_shape", "objective_options", "model_overrides"]

@@ -1,0 +1,213 @@
+"""The jitted training step: loss functions (one per objective), gradient accumulation, non-finite skipping.
+
+A loss function maps `(model, batch) -> (loss_sum, weight, metrics)`: the weighted sum of the loss over the
+micro-batch and its denominator (pairs for preference/reward-model losses, response tokens for SFT). Gradients of
+`loss_sum` are summed over micro-batches and divided by the summed weight once, so accumulating 4 micro-batches of B/4
+gives the gradient of the full batch of B (the global mean, not a mean of means). Objectives differ only in that
+function; the step, optimizer, checkpoints and logging are shared (composition, not subclasses).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from tregjax import losses
+from tregjax import parallel
+
+LossFn = Callable[[nnx.Module, Any], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
+
+
+def _pair_rows(chosen: jax.Array, rejected: jax.Array) -> jax.Array:
+  """[B, ...] × 2 → [2B, ...] with rows (chosen_0, rejected_0, chosen_1, ...).
+
+  Interleaving (rather than concatenating) keeps each pair on the device that holds it when the batch axis is
+  sharded, so the joint forward pass needs no data movement.
+  """
+  return jnp.stack([chosen, rejected], axis=1).reshape((-1,) + chosen.shape[1:])
+
+
+def _unpair_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  x = x.reshape((-1, 2) + x.shape[1:])
+  return x[:, 0], x[:, 1]
+
+
+def _policy_token_logps(model: nnx.Module, chosen, rejected, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+  """One forward over chosen and rejected together; chunked log-softmax (never a [2B, T, V] float32 array)."""
+  tokens = _pair_rows(chosen.tokens, rejected.tokens)
+  hidden = model.hidden_states(tokens, positions=_pair_rows(chosen.positions, rejected.positions),
+                               segment_ids=_pair_rows(chosen.segment_ids, rejected.segment_ids))
+  logps = losses.chunked_token_logps(hidden, _pair_rows(chosen.labels, rejected.labels), model.unembed,
+                                     chunk_size=chunk_size)
+  return _unpair_rows(logps)
+
+
+def preference_loss(options: losses.ObjectiveOptions, chunk_size: int) -> LossFn:
+  """DPO / IPO / SimPO / TGDPO (+ T-REG) against the cached reference log-probs and token rewards."""
+
+  def loss_fn(model, batch):
+    pi_w, pi_l = _policy_token_logps(model, batch.chosen, batch.rejected, chunk_size)
+    loss, metrics = losses.preference_objective(
+        pi_w, pi_l, batch.chosen.loss_mask, batch.rejected.loss_mask, options=options,
+        ref_chosen_logps=batch.ref_chosen_logps, ref_rejected_logps=batch.ref_rejected_logps,
+        ref_chosen_token_logps=batch.ref_chosen_token_logps,
+        ref_rejected_token_logps=batch.ref_rejected_token_logps,
+        chosen_token_rewards=batch.chosen_token_rewards, rejected_token_rewards=batch.rejected_token_rewards)
+    pairs = jnp.asarray(pi_w.shape[0], jnp.float32)
+    return loss * pairs, pairs, metrics
+
+  return loss_fn
+
+
+def sft_loss(chunk_size: int) -> LossFn:
+  """Next-token negative log-likelihood of the chosen response, averaged over response tokens."""
+
+  def loss_fn(model, batch):
+    seq = batch.chosen
+    hidden = model.hidden_states(seq.tokens, positions=seq.positions, segment_ids=seq.segment_ids)
+    logps = losses.chunked_token_logps(hidden, seq.labels, model.unembed, chunk_size=chunk_size)
+    mask = seq.loss_mask.astype(jnp.float32)
+    nll_sum = -jnp.sum(logps * mask)
+    tokens = jnp.sum(mask)
+    mean = nll_sum / jnp.maximum(tokens, 1.0)
+    return nll_sum, tokens, {"loss/total": mean, "loss/sft": mean, "logps/chosen_per_token": -mean}
+
+  return loss_fn
+
+
+def reward_model_loss() -> LossFn:
+  """Bradley-Terry: −log σ(r(x, y_w) − r(x, y_l)) on the sequence-classification head's last-token scores."""
+
+  def loss_fn(model, batch):
+    c, r = batch.chosen, batch.rejected
+    scores = model.sequence_scores(_pair_rows(c.tokens, r.tokens),
+                                   segment_ids=_pair_rows(c.segment_ids, r.segment_ids))
+    s_w, s_l = _unpair_rows(scores.astype(jnp.float32))
+    margin = s_w - s_l
+    per_example = -jax.nn.log_sigmoid(margin)
+    pairs = jnp.asarray(margin.shape[0], jnp.float32)
+    metrics = {"loss/total": jnp.mean(per_example), "rewards/chosen": jnp.mean(s_w),
+               "rewards/rejected": jnp.mean(s_l), "rewards/margin": jnp.mean(margin),
+               "rewards/accuracy": jnp.mean((margin > 0).astype(jnp.float32))}
+    return jnp.sum(per_example), pairs, metrics
+
+  return loss_fn
+
+
+def make_loss_fn(objective: str, options: losses.ObjectiveOptions | None, chunk_size: int) -> LossFn:
+  if objective == "preference":
+    return preference_loss(options, chunk_size)
+  if objective == "sft":
+    return sft_loss(chunk_size)
+  if objective == "reward_model":
+    return reward_model_loss()
+  raise ValueError(f"unknown objective {objective!r}")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step reads and writes; saved whole in checkpoints. Params and optimizer state are float32."""
+  step: jax.Array  # i32[]: optimizer steps taken (including skipped ones: a skipped step still consumed its batch)
+  params: nnx.State  # the trainable nnx.Param leaves
+  extra: nnx.State  # the model's other variables (not trained)
+  opt_state: Any
+  rng: jax.Array  # u32[2]: raw key data, advanced every step
+  nonfinite_run: jax.Array  # i32[]: consecutive steps skipped for a non-finite loss or gradient
+  nonfinite_total: jax.Array  # i32[]
+
+
+def init_state(params: nnx.State, extra: nnx.State, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, extra=extra, opt_state=tx.init(params),
+                    rng=jax.random.key_data(jax.random.key(seed)), nonfinite_run=jnp.zeros((), jnp.int32),
+                    nonfinite_total=jnp.zeros((), jnp.int32))
+
+
+def state_shardings(abstract_state: TrainState, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+  """Shardings for every TrainState leaf: params by their logical axes, Adam moments like their params."""
+  replicated = parallel.sharding_for(None, (), mesh)
+  param_sh = parallel.state_shardings(abstract_state.params, mesh)
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, param_sh,
+                                 transform_non_params=lambda _: replicated,
+                                 is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return TrainState(step=replicated, params=param_sh, extra=parallel.state_shardings(abstract_state.extra, mesh),
+                    opt_state=opt_sh, rng=replicated, nonfinite_run=replicated, nonfinite_total=replicated)
+
+
+def _split_micro(x: jax.Array, accum: int, mesh: Mesh | None) -> jax.Array:
+  """[B, ...] → [A, B/A, ...] with micro-batch a = rows {a, A + a, 2A + a, ...}.
+
+  Strided (not contiguous) micro-batches keep every device busy in every micro-step: each device's contiguous slice
+  of the batch contributes B/(A·devices) rows to each micro-batch.
+  """
+  y = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
+  if mesh is not None and mesh.size > 1:
+    y = jax.lax.with_sharding_constraint(
+        y, parallel.sharding_for((None, "batch") + (None,) * (y.ndim - 2), y.shape, mesh))
+  return y
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    loss_fn: LossFn, accum_steps: int = 1,
+                    mesh: Mesh | None = None) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+  """The pure step `(state, batch) -> (state, metrics)`; jit it with shardings (see `Trainer`)."""
+
+  def grads_of(params, extra, micro):
+    def f(p):
+      loss_sum, weight, metrics = loss_fn(nnx.merge(graphdef, p, extra), micro)
+      return loss_sum, (weight, metrics)
+
+    (loss_sum, (weight, metrics)), grads = jax.value_and_grad(f, has_aux=True)(params)
+    return grads, loss_sum, weight, metrics
+
+  def step(state: TrainState, batch) -> tuple[TrainState, dict]:
+    if accum_steps == 1:
+      grads, loss_sum, weight, metrics = grads_of(state.params, state.extra, batch)
+    else:
+      micro = jax.tree.map(lambda x: _split_micro(x, accum_steps, mesh), batch)
+
+      def body(carry, mb):
+        g, ls, w, m = grads_of(state.params, state.extra, mb)
+        m = {k: v * w for k, v in m.items()}  # metrics are micro-batch means: re-weight to sums
+        return jax.tree.map(jnp.add, carry, (g, ls, w, m)), None
+
+      first = jax.tree.map(lambda x: x[0], micro)
+      shapes = jax.eval_shape(grads_of, state.params, state.extra, first)
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+      (grads, loss_sum, weight, metrics), _ = jax.lax.scan(body, zeros, micro)
+      metrics = {k: v / weight for k, v in metrics.items()}
+    grads = jax.tree.map(lambda g: g / weight, grads)
+    loss = loss_sum / weight
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    rng, _ = jax.random.split(jax.random.wrap_key_data(state.rng))
+    run = jnp.where(finite, 0, state.nonfinite_run + 1)
+    new_state = state.replace(
+        step=state.step + 1, params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state),
+        rng=jax.random.key_data(rng), nonfinite_run=run,
+        nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
+    metrics = dict(metrics)
+    metrics.update({"optim/grad_norm": grad_norm, "optim/lr": schedule(state.step),
+                    "optim/skipped": (~finite).astype(jnp.float32), "optim/nonfinite_run": run})
+    return new_state, metrics
+
+  return step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn) -> Callable[[nnx.State, nnx.State, Any], tuple]:
+  """`(params, extra, batch) -> (weight, weighted metric sums)`, to average over a whole split."""
+
+  def step(params, extra, batch):
+    _, weight, metrics = loss_fn(nnx.merge(graphdef, params, extra), batch)
+    return weight, {k: v * weight for k, v in metrics.items()}
+
+  return step
