@@ -1,0 +1,262 @@
+"""Building blocks shared by every supported decoder: norms, RoPE, masks, attention, MLP, one decoder layer.
+
+Parameters are created with a leading `layers` axis by `DecoderLayer(..., num_stacked=L)`, so one module object holds
+all L layers and `scan_layers` runs them with `jax.lax.scan` (compile time independent of depth). Everything that
+differs between Llama / Mistral / Qwen / Gemma is a `ModelConfig` switch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tregjax import parallel
+from tregjax.models.config import ModelConfig
+
+_INIT_STD = 0.02  # HF `initializer_range` default.
+
+
+def _param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str | None], dtype, init: str = "normal"
+           ) -> nnx.Param:
+  """A parameter with logical axis names; `init` is "normal" (std 0.02, as HF), "zeros" or "ones"."""
+  if init == "normal":
+    value = _INIT_STD * jax.random.normal(rngs.params(), tuple(shape), dtype)
+  elif init == "zeros":
+    value = jnp.zeros(tuple(shape), dtype)
+  else:
+    value = jnp.ones(tuple(shape), dtype)
+  return nnx.Param(value, axes=tuple(axes))
+
+
+def _stack(num_stacked: int | None, shape: Sequence[int], axes: Sequence[str | None]):
+  if num_stacked is None:
+    return tuple(shape), tuple(axes)
+  return (num_stacked, *shape), ("layers", *axes)
+
+
+# ------------------------------------------------------------------ norms
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm computed in float32; Llama multiplies by w in the compute dtype, Gemma by (1 + w) in float32 (as HF)."""
+
+  def __init__(self, dim: int, *, eps: float, offset: float, param_dtype, num_stacked: int | None = None,
+               rngs: nnx.Rngs | None = None):
+    shape, axes = _stack(num_stacked, (dim,), ("norm",))
+    self.scale = _param(rngs, shape, axes, param_dtype, "zeros" if offset else "ones")
+    self.eps = eps
+    self.offset = offset
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    if self.offset:
+      return (normed * (self.offset + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+    return normed.astype(x.dtype) * self.scale[...].astype(x.dtype)
+
+
+# ------------------------------------------------------------------ RoPE
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """Inverse frequencies (float32, as HF computes them) incl. linear and Llama-3.1 (`llama3`) scaling."""
+  dim = cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+  inv_freq = inv_freq.astype(np.float32)
+  if cfg.rope_type == "linear":
+    inv_freq = inv_freq / np.float32(cfg.rope_factor)
+  elif cfg.rope_type == "llama3":
+    factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    old_len = cfg.rope_original_max_position
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+  return inv_freq
+
+
+def rope_angles(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+  """cos/sin [B, T, head_dim/2] in float32 for integer positions [B, T]."""
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+  return jnp.cos(freqs), jnp.sin(freqs)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotate-half RoPE (HF layout) on x [B, T, heads, head_dim], computed in float32."""
+  half = x.shape[-1] // 2
+  xf = x.astype(jnp.float32)
+  x1, x2 = xf[..., :half], xf[..., half:]
+  c, s = cos[:, :, None, :], sin[:, :, None, :]
+  return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+# ------------------------------------------------------------------ masks and attention
+
+
+def attention_mask(q_segment: jax.Array, kv_segment: jax.Array, q_index: jax.Array, kv_index: jax.Array
+                   ) -> jax.Array:
+  """bool [B, 1, T, S]: same non-zero segment and causal (kv index <= query index)."""
+  same = (q_segment[:, :, None] == kv_segment[:, None, :]) & (q_segment[:, :, None] != 0)
+  causal = kv_index[:, None, :] <= q_index[:, :, None]
+  return (same & causal)[:, None]
+
+
+def window_mask(q_index: jax.Array, kv_index: jax.Array, window: jax.Array) -> jax.Array:
+  """bool [B, 1, T, S]: kv within `window` positions of the query (HF: kv > q - window); window 0 = global."""
+  dist = q_index[:, :, None] - kv_index[:, None, :]
+  return ((dist < window) | (window == 0))[:, None]
+
+
+def resolve_attention_impl(cfg: ModelConfig, dtype) -> str:
+  """The fused kernel where it supports the model (cuDNN wants 16-bit inputs), else XLA; soft-capping → explicit."""
+  if cfg.attn_logit_softcapping:
+    return "explicit"
+  if cfg.attention_impl != "auto":
+    return cfg.attention_impl
+  if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    return "cudnn"
+  return "xla"
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float,
+                          softcap: float | None, impl: str) -> jax.Array:
+  """q [B,T,N,H], k/v [B,S,K,H] (GQA: K divides N), mask bool [B,1,T,S] -> [B,T,N,H]."""
+  if impl != "explicit" and not softcap:
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)
+  # Explicit softmax: needed for Gemma 2 logit soft-capping, which the fused kernels do not implement.
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  qg = q.reshape(b, t, kh, n // kh, h)
+  logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+  if softcap:
+    logits = softcap * jnp.tanh(logits / softcap)
+  logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
+  return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with GQA/MQA, optional q/k/v(/o) biases and q/k norms; weights as [D, heads, head_dim]."""
+
+  def __init__(self, cfg: ModelConfig, *, param_dtype, num_stacked: int | None, rngs: nnx.Rngs):
+    d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    s = num_stacked
+
+    def p(shape, axes, init="normal"):
+      return _param(rngs, *_stack(s, shape, axes), param_dtype, init)
+
+    self.q_proj = p((d, n, h), ("embed", "heads", "head_dim"))
+    self.k_proj = p((d, k, h), ("embed", "kv_heads", "head_dim"))
+    self.v_proj = p((d, k, h), ("embed", "kv_heads", "head_dim"))
+    self.o_proj = p((n, h, d), ("heads", "head_dim", "embed"))
+    if cfg.attention_bias:
+      self.q_bias = p((n, h), ("heads", "head_dim"), "zeros")
+      self.k_bias = p((k, h), ("kv_heads", "head_dim"), "zeros")
+      self.v_bias = p((k, h), ("kv_heads", "head_dim"), "zeros")
+    if cfg.attention_out_bias:
+      self.o_bias = p((d,), ("embed",), "zeros")
+    if cfg.qk_norm:
+      norm = dict(eps=cfg.rms_norm_eps, offset=cfg.norm_offset, param_dtype=param_dtype, num_stacked=s, rngs=rngs)
+      self.q_norm = RMSNorm(h, **norm)
+      self.k_norm = RMSNorm(h, **norm)
+    self.cfg = cfg
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, *, impl: str,
+               cache: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | None = None
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """x [B,T,D]; with a cache ([B,S,K,H] k and v), new k/v are written at per-row slot `cache_index` [B]."""
+    cfg, dt = self.cfg, x.dtype
+    q = jnp.einsum("btd,dnh->btnh", x, self.q_proj[...].astype(dt))
+    k = jnp.einsum("btd,dkh->btkh", x, self.k_proj[...].astype(dt))
+    v = jnp.einsum("btd,dkh->btkh", x, self.v_proj[...].astype(dt))
+    if cfg.attention_bias:
+      q = q + self.q_bias[...].astype(dt)
+      k = k + self.k_bias[...].astype(dt)
+      v = v + self.v_bias[...].astype(dt)
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q = parallel.constrain(apply_rope(q, cos, sin), ("batch", "length", "act_heads", None))
+    k = parallel.constrain(apply_rope(k, cos, sin), ("batch", "length", "act_kv_heads", None))
+    v = parallel.constrain(v, ("batch", "length", "act_kv_heads", None))
+    new_cache = None
+    if cache is not None:
+      ck, cv = cache
+      write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=0))
+      ck = write(ck, k.astype(ck.dtype), cache_index)
+      cv = write(cv, v.astype(cv.dtype), cache_index)
+      new_cache = (ck, cv)
+      k, v = ck.astype(dt), cv.astype(dt)
+    scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
+    out = dot_product_attention(q, k, v, mask, scale=scale, softcap=cfg.attn_logit_softcapping, impl=impl)
+    out = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dt))
+    if cfg.attention_out_bias:
+      out = out + self.o_bias[...].astype(dt)
+    return out, new_cache
+
+
+class MLP(nnx.Module):
+  """Gated MLP: down(act(gate(x)) * up(x)), act = SiLU (Llama) or tanh-GELU (Gemma GeGLU)."""
+
+  def __init__(self, cfg: ModelConfig, *, param_dtype, num_stacked: int | None, rngs: nnx.Rngs):
+    d, f, s = cfg.hidden_size, cfg.intermediate_size, num_stacked
+    self.gate_proj = _param(rngs, *_stack(s, (d, f), ("embed", "mlp")), param_dtype)
+    self.up_proj = _param(rngs, *_stack(s, (d, f), ("embed", "mlp")), param_dtype)
+    self.down_proj = _param(rngs, *_stack(s, (f, d), ("mlp", "embed")), param_dtype)
+    if cfg.mlp_bias:
+      self.gate_bias = _param(rngs, *_stack(s, (f,), ("mlp",)), param_dtype, "zeros")
+      self.up_bias = _param(rngs, *_stack(s, (f,), ("mlp",)), param_dtype, "zeros")
+      self.down_bias = _param(rngs, *_stack(s, (d,), ("embed",)), param_dtype, "zeros")
+    self.cfg = cfg
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dt = x.dtype
+    gate = x @ self.gate_proj[...].astype(dt)
+    up = x @ self.up_proj[...].astype(dt)
+    if self.cfg.mlp_bias:
+      gate, up = gate + self.gate_bias[...].astype(dt), up + self.up_bias[...].astype(dt)
+    if self.cfg.hidden_act == "silu":
+      act = jax.nn.silu(gate)
+    else:
+      act = jax.nn.gelu(gate, approximate=True)
+    h = parallel.constrain(act * up, ("batch", "length", "act_mlp"))
+    out = h @ self.down_proj[...].astype(dt)
+    if self.cfg.mlp_bias:
+      out = out + self.down_bias[...].astype(dt)
+    return out
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm residual block; Gemma 2 adds post-attention and pre/post-feedforward norms."""
+
+  def __init__(self, cfg: ModelConfig, *, param_dtype, num_stacked: int | None, rngs: nnx.Rngs):
+    norm = dict(eps=cfg.rms_norm_eps, offset=cfg.norm_offset, param_dtype=param_dtype, num_stacked=num_stacked,
+                rngs=rngs)
+    self.input_layernorm = RMSNorm(cfg.hidden_size, **norm)
+    self.attn = Attention(cfg, param_dtype=param_dtype, num_stacked=num_stacked, rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
+    if cfg.post_norms:
+      self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, **norm)
+      self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, **norm)
+    self.mlp = MLP(cfg, param_dtype=param_dtype, num_stacked=num_stacked, rngs=rngs)
+    self.cfg = cfg
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, *, impl: str,
+               cache=None, cache_index=None):
+    h, new_cache = self.attn(self.input_layernorm(x), cos, sin, mask, impl=impl, cache=cache,
+                             cache_index=cache_index)
+    if self.cfg.post_norms:
+      x = x + self.post_attention_layernorm(h)
+      x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+    else:
+      x = x + h
+      x = x + self.mlp(self.post_attention_layernorm(x))
+    return parallel.constrain(x, ("batch", "length", "act_embed")), new_cache
