@@ -1,0 +1,276 @@
+"""GGUF import against transformers' own GGUF loader (torch, float32) as the golden.
+
+The real model is SmolLM2-135M-Instruct (Q4_1/Q8_0/F32 tensors) fetched by `tregjax.assets`; a tiny random
+Llama written with the `gguf` package's writer covers the other tensor types (F16, BF16, Q4_0, Q8_0, K-quants),
+an untied output head and the bad-input errors. Both heavy goldens (transformers' model and tokenizer) are
+loaded once per session.
+"""
+
+import numpy as np
+import pytest
+
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFWriter
+from gguf import quants as gguf_quants
+
+from tregjax import assets
+from tregjax.models import gguf as tj_gguf
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+PROMPTS = [
+    "What is 17 + 25?",
+    "Write a haiku about the sea.",
+    "Hello world!\n\nHow are   you?  Résumé, naïve café, 東京 🙂",
+    "  leading spaces, x=3.14159; y = 1e-5\tTab <|im_start|> inline",
+]
+CHATS = [
+    [{"role": "user", "content": "What is 17 + 25?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
+     {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another one?"}],
+]
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+  return assets.fetch("smollm2")
+
+
+@pytest.fixture(scope="session")
+def hf_gguf_model(smollm2_path):
+  return transformers.AutoModelForCausalLM.from_pretrained(
+      smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_gguf_tokenizer(smollm2_path):
+  return transformers.AutoTokenizer.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name)
+
+
+@pytest.fixture(scope="session")
+def source(smollm2_path):
+  return tj_gguf.GGUFSource(smollm2_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The real file: tensors, config, tokenizer
+
+
+def test_smollm2_tensors_equal_transformers_gguf_loader(source, hf_gguf_model):
+  state = hf_gguf_model.state_dict()
+  # transformers lists the tied head as its own key; the file (and a safetensors export) does not.
+  assert set(state) - set(source.keys()) == {"lm_head.weight"}
+  assert set(source.keys()) <= set(state)
+  types = {source.tensor_type(k) for k in source.keys()}
+  assert types == {"Q4_1", "Q8_0", "F32"}
+  for name in source.keys():
+    ours, ref = source.get(name), state[name].numpy()
+    assert ours.dtype == np.float32 and ours.shape == ref.shape, name
+    np.testing.assert_array_equal(ours, ref, err_msg=name)
+
+
+def test_smollm2_config_matches_transformers(source, hf_gguf_model):
+  ref = hf_gguf_model.config.to_dict()
+  cfg = source.config
+  for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "vocab_size",
+              "tie_word_embeddings", "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id"):
+    assert cfg[key] == ref[key], key
+  assert cfg["rope_parameters"]["rope_theta"] == ref["rope_parameters"]["rope_theta"] == 100000.0
+  assert cfg["architectures"] == ["LlamaForCausalLM"]
+  assert not any("quant" in k for k in cfg)
+  # The config is a plain HF config: transformers builds the same architecture from it.
+  rebuilt = transformers.LlamaConfig(**cfg)
+  assert rebuilt.num_key_value_heads == 3 and rebuilt.tie_word_embeddings
+
+
+def test_smollm2_tokenizer_ids_equal_transformers_gguf_tokenizer(smollm2_path, hf_gguf_tokenizer):
+  ours = tj_gguf.tokenizer_from_gguf(smollm2_path)
+  for prompt in PROMPTS:
+    ids = ours(prompt)["input_ids"]
+    assert ids == hf_gguf_tokenizer(prompt)["input_ids"], prompt
+    assert ours.decode(ids) == hf_gguf_tokenizer.decode(ids) == prompt
+  # SmolLM's pre-tokenizer puts every digit in its own token (llama.cpp "smollm": \p{N} first).
+  assert ours.convert_ids_to_tokens(ours("x 2024")["input_ids"]) == ["x", "Ġ", "2", "0", "2", "4"]
+  for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+    assert getattr(ours, attr) == getattr(hf_gguf_tokenizer, attr), attr
+  assert ours.eos_token == "<|im_end|>"
+
+
+def test_smollm2_chat_template_renders_identically(smollm2_path, hf_gguf_tokenizer, tmp_path):
+  ours = tj_gguf.tokenizer_from_gguf(smollm2_path)
+  for chat in CHATS:
+    text = ours.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert text == hf_gguf_tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    ids = ours.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    assert ids == hf_gguf_tokenizer(text, add_special_tokens=False)["input_ids"]
+  assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n") and text.endswith("<|im_start|>assistant\n")
+  # The saved directory is a normal HF tokenizer directory.
+  saved = transformers.AutoTokenizer.from_pretrained(tj_gguf.save_tokenizer_from_gguf(smollm2_path, tmp_path))
+  assert saved(PROMPTS[2])["input_ids"] == hf_gguf_tokenizer(PROMPTS[2])["input_ids"]
+  assert saved.apply_chat_template(CHATS[1], tokenize=False) == hf_gguf_tokenizer.apply_chat_template(
+      CHATS[1], tokenize=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A tiny random Llama written as GGUF: every tensor type transformers can also read, untied head
+
+
+TINY = dict(hidden=256, inter=512, heads=4, kv_heads=2, layers=2, vocab=320)
+# Random bytes are valid blocks for these K-quants once their float16 scale fields hold sane numbers.
+_K_SCALE_BYTES = {T.Q2_K: (80, 84), T.Q3_K: (108, 110), T.Q4_K: (0, 4), T.Q5_K: (0, 4), T.Q6_K: (208, 210)}
+TINY_TYPES = {
+    "token_embd.weight": T.Q8_0, "output.weight": T.Q6_K,
+    "blk.0.attn_q.weight": T.Q4_0, "blk.0.attn_k.weight": T.Q4_1, "blk.0.attn_v.weight": T.F16,
+    "blk.0.attn_output.weight": T.BF16, "blk.0.ffn_gate.weight": T.Q4_K, "blk.0.ffn_up.weight": T.Q8_0,
+    "blk.0.ffn_down.weight": T.Q5_K, "blk.1.attn_q.weight": T.F32, "blk.1.attn_k.weight": T.Q3_K,
+    "blk.1.attn_v.weight": T.Q2_K,
+}
+
+
+def _llama_cpp_permute(w, n_head):
+  # convert_hf_to_gguf.py LlamaModel.permute: interleave the two rotary halves of every head.
+  return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tiny_tensors(rng):
+  """GGUF name -> (float32 weight in HF layout before llama.cpp's permutation)."""
+  h, f, v, hd = TINY["hidden"], TINY["inter"], TINY["vocab"], TINY["hidden"] // TINY["heads"]
+  out = {"token_embd.weight": rng.normal(size=(v, h)), "output.weight": rng.normal(size=(v, h)) * 0.05,
+         "output_norm.weight": 1 + 0.1 * rng.normal(size=(h,))}
+  for i in range(TINY["layers"]):
+    out |= {f"blk.{i}.attn_norm.weight": 1 + 0.1 * rng.normal(size=(h,)),
+            f"blk.{i}.ffn_norm.weight": 1 + 0.1 * rng.normal(size=(h,)),
+            f"blk.{i}.attn_q.weight": rng.normal(size=(h, h)) * 0.05,
+            f"blk.{i}.attn_k.weight": rng.normal(size=(TINY["kv_heads"] * hd, h)) * 0.05,
+            f"blk.{i}.attn_v.weight": rng.normal(size=(TINY["kv_heads"] * hd, h)) * 0.05,
+            f"blk.{i}.attn_output.weight": rng.normal(size=(h, h)) * 0.05,
+            f"blk.{i}.ffn_gate.weight": rng.normal(size=(f, h)) * 0.05,
+            f"blk.{i}.ffn_up.weight": rng.normal(size=(f, h)) * 0.05,
+            f"blk.{i}.ffn_down.weight": rng.normal(size=(h, f)) * 0.05}
+  return {k: w.astype(np.float32) for k, w in out.items()}
+
+
+def write_tiny_gguf(path, *, arch="llama", types=None):
+  rng = np.random.default_rng(0)
+  types = TINY_TYPES if types is None else types
+  tensors = _tiny_tensors(rng)
+  writer = GGUFWriter(str(path), arch)
+  writer.add_block_count(TINY["layers"])
+  writer.add_context_length(512)
+  writer.add_embedding_length(TINY["hidden"])
+  writer.add_feed_forward_length(TINY["inter"])
+  writer.add_head_count(TINY["heads"])
+  writer.add_head_count_kv(TINY["kv_heads"])
+  writer.add_rope_freq_base(50000.0)
+  writer.add_layer_norm_rms_eps(1e-5)
+  writer.add_rope_dimension_count(TINY["hidden"] // TINY["heads"])
+  writer.add_vocab_size(TINY["vocab"])
+  for name, w in tensors.items():
+    if name.endswith("attn_q.weight"):
+      w = _llama_cpp_permute(w, TINY["heads"])
+    elif name.endswith("attn_k.weight"):
+      w = _llama_cpp_permute(w, TINY["kv_heads"])
+    qtype = types.get(name, T.F32)
+    if qtype in _K_SCALE_BYTES or qtype == T.Q8_K:
+      block, size = gguf_quants.GGML_QUANT_SIZES[qtype]
+      raw = rng.integers(0, 256, size=(w.shape[0], w.shape[1] // block, size), dtype=np.uint8)
+      lo, hi = _K_SCALE_BYTES.get(qtype, (0, 0))
+      raw[..., lo:hi] = np.frombuffer(np.full((hi - lo) // 2, 0.002, np.float16).tobytes(), np.uint8)
+      writer.add_tensor(name, raw.reshape(w.shape[0], -1), raw_dtype=qtype)
+    elif qtype == T.F32:
+      writer.add_tensor(name, w)
+    else:
+      writer.add_tensor(name, gguf_quants.quantize(w, qtype), raw_dtype=qtype)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return tensors
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+  path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
+  return path, write_tiny_gguf(path)
+
+
+def test_tiny_all_types_equal_transformers_gguf_loader(tiny_gguf):
+  path, _ = tiny_gguf
+  ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+  state = ref.state_dict()
+  src = tj_gguf.GGUFSource(path)
+  assert not src.config["tie_word_embeddings"] and "lm_head.weight" in src.keys()
+  assert set(src.keys()) == set(state)
+  assert {src.tensor_type(k) for k in src.keys()} == {t.name for t in TINY_TYPES.values()} | {"F32"}
+  for name in src.keys():
+    np.testing.assert_allclose(src.get(name), state[name].numpy(), rtol=0, atol=1e-6, err_msg=name)
+  cfg = ref.config.to_dict()
+  for key in ("hidden_size", "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings"):
+    assert src.config[key] == cfg[key], key
+  assert src.config["rope_parameters"]["rope_theta"] == cfg["rope_parameters"]["rope_theta"] == 50000.0
+
+
+def test_rotary_permutation_is_undone_exactly(tiny_gguf):
+  # blk.1.attn_q is stored in F32, so the only change between the HF weight and the file is llama.cpp's permute.
+  path, original = tiny_gguf
+  src = tj_gguf.GGUFSource(path)
+  np.testing.assert_array_equal(src.get("model.layers.1.self_attn.q_proj.weight"), original["blk.1.attn_q.weight"])
+  np.testing.assert_array_equal(src.get("model.layers.0.mlp.gate_proj.weight").shape, (TINY["inter"], TINY["hidden"]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: each a clear error naming the file and the tensor or field
+
+
+def test_truncated_file_names_file_and_tensor(tiny_gguf, tmp_path):
+  path, _ = tiny_gguf
+  cut = tmp_path / "cut.gguf"
+  data = path.read_bytes()
+  cut.write_bytes(data[: len(data) - 1000])
+  with pytest.raises(tj_gguf.GGUFError, match=r"cut\.gguf.*tensor 'blk\.1\.ffn_down\.weight'.*truncated"):
+    tj_gguf.GGUFSource(cut)
+  cut.write_bytes(data[:40])
+  with pytest.raises(tj_gguf.GGUFError, match=r"cut\.gguf: not a readable GGUF file"):
+    tj_gguf.GGUFSource(cut)
+
+
+def test_corrupt_magic_is_refused(tmp_path):
+  bad = tmp_path / "bad.gguf"
+  bad.write_bytes(b"NOPE" + bytes(200))
+  with pytest.raises(tj_gguf.GGUFError, match=r"bad\.gguf: not a readable GGUF file.*magic"):
+    tj_gguf.GGUFSource(bad)
+
+
+def test_unsupported_architecture_names_field(tmp_path):
+  path = tmp_path / "falcon.gguf"
+  write_tiny_gguf(path, arch="falcon", types={})
+  with pytest.raises(tj_gguf.GGUFError, match=r"falcon\.gguf: general\.architecture='falcon' is not supported"):
+    tj_gguf.GGUFSource(path)
+
+
+def test_undequantizable_tensor_type_names_tensor(tmp_path):
+  path = tmp_path / "q8k.gguf"
+  write_tiny_gguf(path, types={"output.weight": T.Q8_K})  # gguf has no numpy dequantization for Q8_K
+  src = tj_gguf.GGUFSource(path)
+  with pytest.raises(tj_gguf.GGUFError, match=r"q8k\.gguf: tensor 'output\.weight' \(lm_head\.weight\) has type Q8_K"):
+    src.get("lm_head.weight")
+
+
+def test_missing_metadata_field_is_named(tmp_path):
+  path = tmp_path / "nohead.gguf"
+  writer = GGUFWriter(str(path), "llama")
+  writer.add_block_count(1)
+  writer.add_embedding_length(64)
+  writer.add_feed_forward_length(128)
+  writer.add_layer_norm_rms_eps(1e-5)
+  writer.add_vocab_size(32)
+  writer.add_tensor("token_embd.weight", np.zeros((32, 64), np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  with pytest.raises(tj_gguf.GGUFError, match=r"nohead\.gguf: metadata field 'llama\.attention\.head_count'"):
+    tj_gguf.GGUFSource(path)

@@ -1,0 +1,367 @@
+"""llama.cpp GGUF files as a tensor source and a tokenizer, torch-free.
+
+`GGUFSource(path)` presents a GGUF file the way a Hugging Face checkpoint looks: `.config` is the
+`config.json` dict built from the GGUF metadata, `.keys()` are HF tensor names and `.get(name)` is a
+float32 numpy array in HF layout (Linear weights [out, in]). It implements the `TensorSource` protocol of
+`tregjax/models/hf_io.py`, so `models.from_pretrained("x.gguf")` loads through the same declarative table
+as safetensors. Dequantization is the `gguf` package's numpy code; the only transform is undoing
+llama.cpp's rotary row permutation of the Q and K projections (its converter interleaves the two rotary
+halves of every head; HF keeps them as [first half | second half]).
+
+`tokenizer_from_gguf(path)` builds the byte-level BPE tokenizer and chat template the file carries into a
+`transformers.PreTrainedTokenizerFast` with the `tokenizers` library only (transformers' own GGUF
+tokenizer path goes through its model loader).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf.constants import GGML_QUANT_SIZES
+from gguf import quants as gguf_quants
+from gguf.quants import dequantize
+
+
+class GGUFError(ValueError):
+  """A GGUF file that is corrupt, truncated or holds something we cannot convert."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+
+
+class _CheckedReader(GGUFReader):
+  """GGUFReader that names the tensor whose data lies past the end of a truncated file."""
+
+  def _build_tensors(self, start_offs, fields):  # pylint: disable=arguments-renamed
+    size = len(self.data)
+    for field in fields:
+      _, name_data, _, dims, raw_dtype, offset = field.parts
+      name = bytes(name_data).decode("utf-8", "replace")
+      try:
+        qtype = GGMLQuantizationType(int(raw_dtype[0]))
+      except ValueError:
+        raise GGUFError(f"tensor {name!r}: unknown GGML tensor type {int(raw_dtype[0])}") from None
+      block, type_size = GGML_QUANT_SIZES[qtype]
+      n_bytes = int(np.prod(dims)) * type_size // block
+      end = int(start_offs + offset[0]) + n_bytes
+      if end > size:
+        raise GGUFError(f"tensor {name!r} ({qtype.name}, shape {tuple(int(d) for d in dims)}) needs bytes up to "
+                        f"{end} but the file has {size}: truncated file")
+    super()._build_tensors(start_offs, fields)
+
+
+def _open(path: str | os.PathLike) -> GGUFReader:
+  try:
+    return _CheckedReader(path)
+  except GGUFError as e:
+    raise GGUFError(f"{path}: {e}") from None
+  except FileNotFoundError:
+    raise
+  except Exception as e:  # the reader raises IndexError/ValueError/struct errors on garbage
+    raise GGUFError(f"{path}: not a readable GGUF file (truncated or corrupt): {type(e).__name__}: {e}") from e
+
+
+def _field_value(field) -> Any:
+  """A metadata value as a Python scalar, string or list."""
+  value = field.contents()
+  if field.types and field.types[0] == GGUFValueType.ARRAY:
+    return list(value)
+  return value
+
+
+def read_metadata(reader: GGUFReader, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
+  """GGUF key/value metadata (all of it, or `keys`), skipping the reader's GGUF.* header pseudo-fields."""
+  names = [k for k in reader.fields if not k.startswith("GGUF.")] if keys is None else keys
+  return {k: _field_value(reader.fields[k]) for k in names if k in reader.fields}
+
+
+# --------------------------------------------------------------------------------------------------
+# Model config and tensor names
+
+# GGUF architecture -> (HF model_type, HF architectures entry). Only architectures with a tregjax port.
+_ARCHITECTURES = {
+    "llama": ("llama", "LlamaForCausalLM"),
+}
+
+# llama.cpp tensor name (without the block prefix) -> HF name (inside model.layers.N.).
+_LLAMA_BLOCK = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_LLAMA_GLOBAL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.(.+)")
+
+# Types the gguf package dequantizes in numpy (checked up front so the error names the tensor).
+DEQUANTIZABLE = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16,
+                           *getattr(gguf_quants, "_type_traits", {})})
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+  """The HF tensor name for a llama.cpp tensor name (None if it has no HF counterpart)."""
+  if name in _LLAMA_GLOBAL:
+    return _LLAMA_GLOBAL[name]
+  m = _BLOCK_RE.fullmatch(name)
+  if m and m.group(2) in _LLAMA_BLOCK:
+    return f"model.layers.{m.group(1)}.{_LLAMA_BLOCK[m.group(2)]}"
+  return None
+
+
+def unpermute_rotary_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+  """Undoes llama.cpp's `permute` of Q/K rows (convert_hf_to_gguf.py, LlamaModel.permute).
+
+  llama.cpp stores, per head, the rows of the two rotary halves interleaved (GPT-J style rotary);
+  HF keeps [first half | second half] (rotate_half). Rows are [n_head * head_dim, ...].
+  """
+  head_dim = w.shape[0] // n_head
+  if n_head * head_dim != w.shape[0] or head_dim % 2:
+    raise GGUFError(f"cannot unpermute rotary rows: {w.shape[0]} rows for {n_head} heads")
+  return w.reshape(n_head, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _hf_config(path: str | os.PathLike, meta: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]:
+  arch = meta.get("general.architecture")
+  if arch not in _ARCHITECTURES:
+    raise GGUFError(f"{path}: general.architecture={arch!r} is not supported (supported: {sorted(_ARCHITECTURES)})")
+  model_type, hf_arch = _ARCHITECTURES[arch]
+
+  def need(key: str):
+    full = f"{arch}.{key}"
+    if full not in meta:
+      raise GGUFError(f"{path}: metadata field {full!r} is missing")
+    return meta[full]
+
+  if "rope_freqs.weight" in tensor_names or f"{arch}.rope.scaling.type" in meta:
+    raise GGUFError(f"{path}: rotary scaling (rope_freqs.weight / {arch}.rope.scaling.*) is not supported")
+  n_heads = int(need("attention.head_count"))
+  hidden = int(need("embedding_length"))
+  n_kv = meta.get(f"{arch}.attention.head_count_kv", n_heads)
+  if isinstance(n_kv, list):
+    raise GGUFError(f"{path}: per-layer {arch}.attention.head_count_kv is not supported")
+  head_dim = int(meta.get(f"{arch}.attention.key_length", meta.get(f"{arch}.rope.dimension_count", hidden // n_heads)))
+  if int(meta.get(f"{arch}.rope.dimension_count", head_dim)) != head_dim:
+    raise GGUFError(f"{path}: partial rotary ({arch}.rope.dimension_count != head dim {head_dim}) is not supported")
+  vocab = meta.get(f"{arch}.vocab_size")
+  if vocab is None:
+    if "tokenizer.ggml.tokens" not in meta:
+      raise GGUFError(f"{path}: neither {arch}.vocab_size nor tokenizer.ggml.tokens gives the vocabulary size")
+    vocab = len(meta["tokenizer.ggml.tokens"])
+  rope_theta = float(meta.get(f"{arch}.rope.freq_base", 10000.0))
+  config = {
+      "architectures": [hf_arch],
+      "model_type": model_type,
+      "hidden_size": hidden,
+      "intermediate_size": int(need("feed_forward_length")),
+      "num_hidden_layers": int(need("block_count")),
+      "num_attention_heads": n_heads,
+      "num_key_value_heads": int(n_kv),
+      "head_dim": head_dim,
+      "max_position_embeddings": int(meta.get(f"{arch}.context_length", 2048)),
+      "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
+      "rope_theta": rope_theta,
+      "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
+      "vocab_size": int(vocab),
+      "tie_word_embeddings": "output.weight" not in tensor_names,
+      "hidden_act": "silu",
+      "attention_bias": False,
+      "mlp_bias": False,
+  }
+  for hf_key, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                           ("pad_token_id", "padding_token_id")):
+    if f"tokenizer.ggml.{gguf_key}" in meta:
+      config[hf_key] = int(meta[f"tokenizer.ggml.{gguf_key}"])
+  return config
+
+
+class GGUFSource:
+  """A GGUF file as a TensorSource: HF config dict, HF tensor names, float32 HF-layout arrays.
+
+  Tensors are read (memory-mapped) and dequantized one at a time in `get`, so peak host memory is
+  one tensor, not the model.
+  """
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = Path(path)
+    if not self.path.is_file():
+      raise FileNotFoundError(f"GGUF file not found: {self.path}")
+    self._reader = _open(self.path)
+    meta_keys = tuple(k for k in self._reader.fields if not k.startswith("GGUF.") and k not in
+                      ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                       "tokenizer.ggml.scores"))
+    self.metadata = read_metadata(self._reader, meta_keys)
+    if f"{self.metadata.get('general.architecture')}.vocab_size" not in self.metadata:
+      self.metadata.update(read_metadata(self._reader, ("tokenizer.ggml.tokens",)))
+    self._tensors = {t.name: t for t in self._reader.tensors}
+    self.config = _hf_config(self.path, self.metadata, set(self._tensors))
+    self._names: dict[str, str] = {}  # HF name -> GGUF name
+    for name in self._tensors:
+      hf = gguf_to_hf_name(name)
+      if hf is None:
+        raise GGUFError(f"{self.path}: tensor {name!r} has no counterpart in the HF "
+                        f"{self.config['architectures'][0]} layout")
+      self._names[hf] = name
+
+  def keys(self) -> list[str]:
+    """HF tensor names present in the file (no lm_head.weight when the embeddings are tied)."""
+    return list(self._names)
+
+  def __contains__(self, name: str) -> bool:
+    return name in self._names
+
+  def gguf_name(self, name: str) -> str:
+    return self._names[name]
+
+  def tensor_type(self, name: str) -> str:
+    """The GGML storage type of HF tensor `name` (e.g. "Q4_1")."""
+    return self._tensors[self._names[name]].tensor_type.name
+
+  def get(self, name: str) -> np.ndarray:
+    """HF tensor `name` as float32 numpy in HF layout."""
+    if name not in self._names:
+      raise KeyError(f"{self.path}: no tensor {name!r} (GGUF holds {len(self._names)} tensors)")
+    tensor = self._tensors[self._names[name]]
+    if tensor.tensor_type not in DEQUANTIZABLE:
+      raise GGUFError(f"{self.path}: tensor {tensor.name!r} ({name}) has type {tensor.tensor_type.name}, which "
+                      f"the gguf package cannot dequantize")
+    try:
+      w = dequantize(tensor.data, tensor.tensor_type)
+    except (NotImplementedError, ValueError) as e:
+      raise GGUFError(f"{self.path}: tensor {tensor.name!r} ({name}, {tensor.tensor_type.name}): "
+                      f"dequantization failed: {e}") from e
+    w = np.asarray(w, dtype=np.float32)
+    expected = tuple(int(d) for d in reversed(tensor.shape))
+    if w.shape != expected:
+      raise GGUFError(f"{self.path}: tensor {tensor.name!r} dequantized to shape {w.shape}, expected {expected}")
+    if name.endswith("self_attn.q_proj.weight"):
+      w = unpermute_rotary_rows(w, self.config["num_attention_heads"])
+    elif name.endswith("self_attn.k_proj.weight"):
+      w = unpermute_rotary_rows(w, self.config["num_key_value_heads"])
+    return w
+
+  def __repr__(self) -> str:
+    return f"GGUFSource({str(self.path)!r}, {len(self._names)} tensors)"
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer
+
+# llama.cpp `tokenizer.ggml.pre` -> how text is split before byte-level BPE (llama-vocab.cpp).
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _pre_tokenizer(pre: str | None, path):
+  from tokenizers import Regex, pre_tokenizers  # pylint: disable=g-import-not-at-top
+
+  byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+  if pre in (None, "default", "gpt2", "gpt-2"):
+    return byte_level
+  if pre == "smollm":
+    # llama.cpp: "\p{N}" (every digit alone), then the GPT-2 regex; HF SmolLM: Digits + ByteLevel.
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+  splits = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}
+  if pre in splits:
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(splits[pre]), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)])
+  raise GGUFError(f"{path}: tokenizer.ggml.pre={pre!r} is not supported "
+                  f"(supported: default, gpt2, smollm, llama-bpe, llama3, qwen2)")
+
+
+def tokenizer_from_gguf(path: str | os.PathLike):
+  """The file's byte-level BPE tokenizer and chat template as a `transformers.PreTrainedTokenizerFast`."""
+  from tokenizers import AddedToken, Tokenizer, decoders, models, processors  # pylint: disable=g-import-not-at-top
+  from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
+  from transformers.convert_slow_tokenizer import bytes_to_unicode  # pylint: disable=g-import-not-at-top
+
+  reader = _open(path)
+  meta = read_metadata(reader, tuple(k for k in reader.fields if k.startswith("tokenizer.")))
+  kind = meta.get("tokenizer.ggml.model")
+  if kind != "gpt2":
+    raise GGUFError(f"{path}: tokenizer.ggml.model={kind!r} is not supported (only byte-level BPE, 'gpt2')")
+  for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+    if key not in meta:
+      raise GGUFError(f"{path}: metadata field {key!r} is missing")
+  tokens = meta["tokenizer.ggml.tokens"]
+  types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+  alphabet = set(bytes_to_unicode().values())
+  byte_spelling = bytes_to_unicode()
+
+  def spell(token: str) -> str:
+    # Byte-level vocabularies spell every token in the 256-character byte alphabet; respell any that is not.
+    return token if set(token) <= alphabet else "".join(byte_spelling[b] for b in token.encode("utf-8"))
+
+  vocab = {spell(t): i for i, t in enumerate(tokens)}
+  merges = []
+  for line_no, merge in enumerate(meta["tokenizer.ggml.merges"]):
+    pair = merge.split(" ")
+    if len(pair) != 2:
+      raise GGUFError(f"{path}: tokenizer.ggml.merges[{line_no}] = {merge!r} is not two space-separated tokens")
+    merges.append(tuple(pair))
+  tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                             end_of_word_suffix="", fuse_unk=False))
+  tok.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre"), path)
+  tok.decoder = decoders.ByteLevel()
+  # Control tokens (type 3) match whole and are special; user-defined ones (type 4) match whole, not special.
+  control = [AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types)
+             if ty == 3 and set(t) <= alphabet]
+  user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types) if ty == 4]
+  tok.add_special_tokens(control)
+  tok.add_tokens(user)
+
+  def special(key: str) -> str | None:
+    idx = meta.get(f"tokenizer.ggml.{key}")
+    return tokens[int(idx)] if idx is not None and 0 <= int(idx) < len(tokens) else None
+
+  bos, eos = special("bos_token_id"), special("eos_token_id")
+  add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+  add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
+  single = ([f"{bos}:0"] if add_bos and bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos and eos else [])
+  pair = single + [s.replace("$A", "$B").replace(":0", ":1") for s in single]
+  specials = sorted({(t, vocab[t]) for t in (bos if add_bos else None, eos if add_eos else None) if t})
+  tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
+  kwargs = dict(bos_token=bos, eos_token=eos, unk_token=special("unknown_token_id"),
+                pad_token=special("padding_token_id"), add_bos_token=add_bos, add_eos_token=add_eos,
+                clean_up_tokenization_spaces=False)
+  if "tokenizer.chat_template" in meta:
+    kwargs["chat_template"] = meta["tokenizer.chat_template"]
+  ctx = reader.fields.get(f"{_arch(reader)}.context_length")
+  if ctx is not None:
+    kwargs["model_max_length"] = int(ctx.contents())
+  return PreTrainedTokenizerFast(tokenizer_object=tok, **{k: v for k, v in kwargs.items() if v is not None})
+
+
+def _arch(reader: GGUFReader) -> str:
+  field = reader.fields.get("general.architecture")
+  return field.contents() if field is not None else ""
+
+
+def save_tokenizer_from_gguf(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+  """Writes the file's tokenizer as a HF tokenizer directory (tokenizer.json, tokenizer_config.json, ...)."""
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  tokenizer_from_gguf(path).save_pretrained(out)
+  return out
+
+
+__all__ = ["GGUFError", "GGUFSource", "gguf_to_hf_name", "read_metadata", "save_tokenizer_from_gguf",
+           "tokenizer_from_gguf", "unpermute_rotary_rows", "DEQUANTIZABLE"]
