@@ -1,0 +1,1 @@
+"""The embedded default world (configs/demo.py): a synthetic task where token-level credit assignment is measurable."""
