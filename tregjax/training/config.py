@@ -14,7 +14,7 @@ import ml_collections
 OBJECTIVES = ("preference", "sft", "reward_model")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
-REMAT = ("none", "full", "dots", "minimal")
+REMAT = ("none", "full", "dots")  # models.ModelConfig.remat
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -34,17 +34,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"
   c.model.remat = "none"  # activation checkpointing policy passed to the model
 
-  c.data = ml_collections.ConfigDict()
+  # The data engineer's keys (sources, tokenization, pipeline: tregjax.data.build.default_data_config) plus the
+  # trainer's own, so one locked section validates every data key.
+  from tregjax.data import build as data_build  # pylint: disable=g-import-not-at-top
+  c.data = data_build.default_data_config()
   c.data.cache_dir = ""  # scored cache written by `python -m tregjax.score` (objective=preference)
-  c.data.dataset_dir = ""  # tokenized, unscored dataset (objective=sft / reward_model)
-  c.data.batch_size = 128  # global number of pairs (or sequences for sft) per optimizer step
-  c.data.buckets = (512, 1024, 2048)  # padded sequence lengths; jit compiles one step per bucket
-  c.data.seed = 0  # shuffle seed
-  c.data.shuffle = True
   c.data.train_split = "train"
   c.data.eval_split = ""  # "" disables evaluation
   c.data.eval_batches = 0  # 0 -> the whole eval split
-  c.data.num_workers = 0  # grain worker processes
   c.data.epochs = 1  # used when train.steps == -1
 
   # Arguments of losses.ObjectiveOptions, verbatim.
@@ -125,10 +122,11 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     raise ConfigError(f"config.{name}={value!r}: must be one of {choices}")
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, *, check_data: bool = True) -> None:
   """Raise ConfigError on unknown keys, wrong types and inconsistent settings.
 
-  `num_devices` defaults to `jax.device_count()`; pass it to validate a config for another machine.
+  `num_devices` defaults to `jax.device_count()`; pass it to validate a config for another machine. `check_data=False`
+  skips the data-location checks (for `run(..., data_factory=...)`, which brings its own batches).
   """
   defaults = _keys(base_config())
   given = _keys(config)
@@ -158,9 +156,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   except (TypeError, ValueError) as e:
     raise ConfigError(f"config.loss: {e}") from e
 
-  if config.objective == "preference" and not config.data.cache_dir:
+  if check_data and config.objective == "preference" and not config.data.cache_dir:
     raise ConfigError("objective=preference needs config.data.cache_dir (a scored cache from tregjax.score)")
-  if config.objective in ("sft", "reward_model") and not (config.data.dataset_dir or config.data.cache_dir):
+  if check_data and config.objective in ("sft", "reward_model") and not (config.data.dataset_dir or config.data.cache_dir):
     raise ConfigError(f"objective={config.objective} needs config.data.dataset_dir (or a cache_dir)")
 
   positive = {

@@ -6,7 +6,9 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import optax
+from flax import nnx
 
 
 def warmup_steps(opt: ml_collections.ConfigDict, total_steps: int) -> int:
@@ -40,20 +42,26 @@ def _path_names(path) -> list[str]:
 
 
 def decay_mask(params: Any, decay_embeddings: bool) -> Any:
-  """True where weight decay applies: matrices, not norm scales / biases (rank <= 1), and embeddings only if asked.
+  """True where weight decay applies: weight matrices, never norm scales or biases, embeddings only if asked.
 
-  Embedding tables are recognised by a path component containing "embed" (e.g. `embed_tokens`, `embedder`), the
-  name every tregjax model uses for its token table.
+  Norms are recognised by a "norm" logical axis or path component, biases by a leaf name containing "bias", the
+  token table by a path component containing "embed" (tregjax models: `embed_tokens`). Rank alone is not enough:
+  stacked layers give norm scales shape [L, D].
   """
 
-  def one(path, x):
-    if x.ndim <= 1:
-      return False
-    if not decay_embeddings and any("embed" in n.lower() for n in _path_names(path)):
-      return False
-    return True
+  def one(path, leaf):
+    names = [n.lower() for n in _path_names(path)]
+    axes = leaf.get_metadata().get("axes") or () if isinstance(leaf, nnx.Variable) else ()
+    value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+    if "norm" in axes or any("norm" in n for n in names) or (names and "bias" in names[-1]) or np.ndim(value) <= 1:
+      decay = False
+    elif not decay_embeddings and any("embed" in n for n in names):
+      decay = False
+    else:
+      decay = True
+    return leaf.replace(decay) if isinstance(leaf, nnx.Variable) else decay
 
-  return jax.tree_util.tree_map_with_path(one, params)
+  return jax.tree_util.tree_map_with_path(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int,

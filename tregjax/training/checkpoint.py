@@ -1,0 +1,131 @@
+"""Orbax checkpoints of the whole run: TrainState, every process's data-iterator state, and run metadata.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a process killed during a save
+leaves the previous checkpoint as the latest usable one. Restoring takes the *current* TrainState's shardings as the
+target, so a checkpoint written on one mesh / device count restores onto another.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint that does not fit this run (another model shape, objective or process count)."""
+
+
+def _encode(state: Any) -> Any:
+  """A data-iterator state as JSON (grain iterators return dicts, or JSON bytes for DataLoader iterators)."""
+  if isinstance(state, bytes):
+    return {"__bytes__": base64.b64encode(state).decode("ascii")}
+  return state
+
+
+def _decode(state: Any) -> Any:
+  if isinstance(state, dict) and set(state) == {"__bytes__"}:
+    return base64.b64decode(state["__bytes__"])
+  return state
+
+
+def _gather_strings(text: str) -> list[str]:
+  """Every process's string, on every process (each process's iterator state differs: its own shard)."""
+  if jax.process_count() == 1:
+    return [text]
+  raw = np.frombuffer(text.encode("utf-8"), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.asarray([raw.size], np.int32))).reshape(-1)
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:raw.size] = raw
+  rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+  return [bytes(row[:n]).decode("utf-8") for row, n in zip(rows, lengths)]
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  out = {}
+  for path, leaf in flat:
+    shape = getattr(leaf, "shape", None)
+    if shape is not None:
+      out[jax.tree_util.keystr(path).replace(".value", "").replace("['value']", "")] = tuple(shape)
+  return out
+
+
+class Checkpointer:
+  """CheckpointManager with the run's items: `state` (arrays), `data` (iterator states), `meta` (JSON)."""
+
+  def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self.every = every
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep,
+                                           enable_async_checkpointing=async_save, create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state: Any, data_state: Any, meta: dict, *, force: bool = False) -> bool:
+    """Save (asynchronously) if `step` is due or `force`; every process must call this with the same step."""
+    if not force and step % self.every:
+      return False
+    states = [json.loads(s) for s in _gather_strings(json.dumps(_encode(data_state)))]
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              data=ocp.args.JsonSave({"process_states": states}),
+                              meta=ocp.args.JsonSave(meta))
+    return self.manager.save(step, args=args, force=True)
+
+  def read_meta(self, step: int) -> dict:
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+  def check_compatible(self, step: int, target_state: Any) -> None:
+    """Raise CheckpointMismatchError naming the first array whose saved shape differs from this run's."""
+    saved = self.manager.item_metadata(step).state
+    saved_tree = saved.tree if hasattr(saved, "tree") else saved
+    have = _shapes(saved_tree)
+    want = _shapes(target_state)
+    missing = sorted(set(want) - set(have))
+    extra = sorted(set(have) - set(want))
+    where = os.path.join(self.directory, str(step))
+    if missing or extra:
+      raise CheckpointMismatchError(
+          f"checkpoint {where} does not match this model: arrays missing from it {missing[:5]}, arrays this run "
+          f"does not have {extra[:5]} (another model shape or objective? use a fresh --workdir)")
+    for name, shape in want.items():
+      if have[name] != shape:
+        raise CheckpointMismatchError(
+            f"checkpoint {where}: {name} has shape {list(have[name])} but this run's model needs {list(shape)} "
+            "(a checkpoint from another model shape; use a fresh --workdir or the matching config)")
+
+  def restore(self, step: int, target_state: Any) -> tuple[Any, Any, dict]:
+    """(state placed like `target_state`, this process's data-iterator state, meta)."""
+    self.check_compatible(step, target_state)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target_state)
+    out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                             data=ocp.args.JsonRestore(),
+                                                             meta=ocp.args.JsonRestore()))
+    states = out.data["process_states"]
+    if len(states) != jax.process_count():
+      raise CheckpointMismatchError(
+          f"checkpoint {self.directory}/{step} holds data-iterator states of {len(states)} processes, this run has "
+          f"{jax.process_count()}; resume with the same number of processes")
+    return out.state, _decode(states[jax.process_index()]), out.meta
+
+  def reached_preemption(self, step: int) -> bool:
+    """True on every process once jax's multi-host preemption notice (SIGTERM via the coordinator) has arrived."""
+    return self.manager.reached_preemption(step)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

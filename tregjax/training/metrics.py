@@ -1,0 +1,102 @@
+"""Metric sinks (TensorBoard event files + metrics.jsonl, process 0 only) and the FLOP count behind MFU."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import jax
+
+# Dense bf16 peak FLOP/s per device (vendor datasheets; no sparsity). Matched as substrings of `device.device_kind`.
+PEAK_BF16_FLOPS = (
+    ("H200", 989e12),
+    ("H100", 989e12),  # SXM; the PCIe part is 756e12
+    ("A100", 312e12),
+    ("L4", 121e12),
+    ("TPU v6", 918e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12),
+    ("TPU v4", 275e12),
+)
+
+
+def peak_flops_per_device(device_kind: str | None = None) -> float | None:
+  """The bf16 peak of this device kind, or None when unknown (then MFU is not reported)."""
+  kind = jax.devices()[0].device_kind if device_kind is None else device_kind
+  for name, flops in PEAK_BF16_FLOPS:
+    if name.lower() in kind.lower():
+      return flops
+  return None
+
+
+def matmul_params(cfg: Any) -> int:
+  """Parameters that take part in a matmul per token: attention and MLP projections of every layer + the unembedding.
+
+  The embedding lookup is a gather (no FLOPs); norms and biases are negligible.
+  """
+  d, hd, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+  attn = d * (cfg.num_heads + 2 * cfg.num_kv_heads) * hd + cfg.num_heads * hd * d
+  mlp = 3 * d * f
+  head = d * (cfg.num_labels if cfg.num_labels else cfg.vocab_size)
+  return cfg.num_layers * (attn + mlp) + head
+
+
+def train_flops_per_token(cfg: Any, seq_len: int) -> float:
+  """Model FLOPs of one training token (forward + backward), PaLM appendix B:
+
+    6 · N_matmul + 12 · L · n_heads · head_dim · T
+
+  6N: 2 FLOPs per multiply-add, ×3 for forward + backward (activation and weight gradients). The second term is the
+  QKᵀ and AV matmuls over the full T×T score matrix (not halved for causality, as in PaLM/MaxText). Recomputation
+  under remat is not counted: this is MFU, not hardware FLOPs utilisation.
+  """
+  return 6.0 * matmul_params(cfg) + 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+
+
+class MetricsWriter:
+  """Append scalars to `<workdir>/metrics.jsonl` and TensorBoard event files; a no-op on processes other than 0."""
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True, jsonl: bool = True, enabled: bool | None = None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    self.tensorboard_dir = os.path.join(workdir, "tensorboard")
+    self._jsonl = None
+    self._tb = None
+    if not self.enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    if jsonl:
+      self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(self.tensorboard_dir)
+
+  def write(self, step: int, scalars: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    clean = {}
+    for k, v in scalars.items():
+      v = float(v)
+      clean[k] = v if math.isfinite(v) else str(v)
+      if self._tb is not None:
+        self._tb.add_scalar(k, v, step)
+    if self._jsonl is not None:
+      self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+      self._jsonl.flush()
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+      self._jsonl = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+def read_jsonl(path: str) -> list[dict]:
+  """All records of a metrics.jsonl (for tests and tools)."""
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,381 @@
+"""`run(config, workdir)`: build the mesh, model, optimizer and data, resume, train, evaluate, checkpoint.
+
+The loop is the only stateful part; everything it calls is a pure function or a small object with one job
+(step.py, optimizer.py, checkpoint.py, metrics.py). Three effects set up here and nowhere else: the mesh
+(`parallel.use_mesh`), the SIGTERM handler (single process; multi-host preemption goes through orbax/jax's sync
+point), and the metric sinks (process 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import signal
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from tregjax import parallel
+from tregjax.training import checkpoint as ckpt_lib
+from tregjax.training import config as config_lib
+from tregjax.training import metrics as metrics_lib
+from tregjax.training import optimizer as optimizer_lib
+from tregjax.training import step as step_lib
+
+log = logging.getLogger("tregjax.train")
+
+# A data source: (config, split, process_index, process_count) -> iterator of PreferenceBatch (numpy, this
+# process's rows) with get_state()/set_state(); `len()` (batches per epoch) when the split is finite.
+DataFactory = Callable[[ml_collections.ConfigDict, str, int, int], Iterator]
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def _dtype(name: str):
+  return jnp.dtype(name)
+
+
+def model_config(config: ml_collections.ConfigDict):
+  """The models.ModelConfig this run trains (preset + overrides, or the checkpoint's config.json)."""
+  from tregjax import models  # pylint: disable=g-import-not-at-top
+  if config.model.hf_path:
+    cfg = models.load_config(config.model.hf_path)
+  else:
+    preset = getattr(models.ModelConfig, config.model.preset, None)
+    if preset is None:
+      raise config_lib.ConfigError(f"config.model.preset={config.model.preset!r} is not a models.ModelConfig preset")
+    try:
+      cfg = preset(**config_lib.model_overrides(config))
+    except TypeError as e:
+      raise config_lib.ConfigError(f"config.model.overrides: {e}") from e
+  cfg = cfg.replace(remat=config.model.remat)
+  if config.objective == "reward_model" and not cfg.num_labels:
+    cfg = cfg.replace(num_labels=1)
+  if config.objective != "reward_model" and cfg.num_labels:
+    raise config_lib.ConfigError(f"objective={config.objective} needs a causal LM, but the model has a "
+                                 f"{cfg.num_labels}-label classification head")
+  return cfg
+
+
+def build_model_state(config: ml_collections.ConfigDict, mesh, *, abstract: bool = False):
+  """(graphdef, params, extra): sharded over `mesh` from birth (random init) or streamed (pretrained).
+
+  With `abstract=True` returns ShapeDtypeStructs only (the restore target when resuming a random-init run).
+  """
+  from tregjax import models  # pylint: disable=g-import-not-at-top
+  cfg = model_config(config)
+  dtype, param_dtype = _dtype(config.model.dtype), _dtype(config.model.param_dtype)
+  abstract_model = models.abstract_model(cfg, dtype=dtype, param_dtype=param_dtype)
+  graphdef, abs_params, abs_extra = nnx.split(abstract_model, nnx.Param, ...)
+  shardings = (parallel.state_shardings(abs_params, mesh), parallel.state_shardings(abs_extra, mesh))
+  if abstract:
+    attach = lambda a, s: jax.tree.map(lambda x, y: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=y), a, s)
+    return graphdef, attach(abs_params, shardings[0]), attach(abs_extra, shardings[1])
+  if config.model.hf_path:
+    model = models.from_pretrained(config.model.hf_path, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
+                                   config_overrides={"remat": config.model.remat})
+    if config.objective == "reward_model" and not model.config.num_labels:
+      raise config_lib.ConfigError(
+          f"objective=reward_model: {config.model.hf_path} is a causal LM; convert it to a sequence-classification "
+          "checkpoint (num_labels=1) first")
+    _, params, extra = nnx.split(model, nnx.Param, ...)
+    return graphdef, params, extra
+
+  @functools.partial(jax.jit, out_shardings=shardings)
+  def init():
+    model = models.from_config(cfg, nnx.Rngs(config.seed), dtype=dtype, param_dtype=param_dtype)
+    _, params, extra = nnx.split(model, nnx.Param, ...)
+    return params, extra
+
+  params, extra = init()
+  return graphdef, params, extra
+
+
+def default_data(config: ml_collections.ConfigDict, split: str, process_index: int, process_count: int) -> Iterator:
+  """The grain pipeline over the scored cache (preference) or the tokenized dataset (sft / reward_model)."""
+  from tregjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  return pipeline.make_iterator(config.data, split=split, objective=config.objective, process_index=process_index,
+                                process_count=process_count)
+
+
+def _place(batch: Any, mesh) -> Any:
+  """Process-local numpy rows → global jax arrays sharded on the batch axis (multi-host safe)."""
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(parallel.batch_sharding(mesh, np.ndim(x)), np.asarray(x)),
+      batch)
+
+
+def _fingerprint(batch: Any) -> int:
+  """crc32 of this process's chosen tokens: lets a test check that a resumed run reads the same data order."""
+  return zlib.crc32(np.ascontiguousarray(np.asarray(batch.chosen.tokens)).tobytes())
+
+
+def _tokens(batch: Any, objective: str) -> tuple[int, int]:
+  """(real tokens, padded positions) this process feeds the model in one step (all micro-batches)."""
+  sides = [batch.chosen] if objective == "sft" else [batch.chosen, batch.rejected]
+  real = sum(int(np.count_nonzero(np.asarray(s.segment_ids))) for s in sides)
+  padded = sum(int(np.size(np.asarray(s.tokens))) for s in sides)
+  return real, padded
+
+
+@dataclasses.dataclass
+class _Compiled:
+  """AOT-compiled executables keyed by batch shapes (one per length bucket)."""
+  jitted: Any
+  memory_logged: bool = False
+  table: dict = dataclasses.field(default_factory=dict)
+  memory: dict = dataclasses.field(default_factory=dict)
+
+  def __call__(self, *args):
+    key = tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(args[-1]))
+    fn = self.table.get(key)
+    if fn is None:
+      t0 = time.perf_counter()
+      fn = self.table[key] = self.jitted.lower(*args).compile()
+      log.info("compiled for batch shapes %s in %.1fs", key[0], time.perf_counter() - t0)
+      if not self.memory_logged:
+        self.memory_logged = True
+        mem = fn.memory_analysis()
+        if mem is not None:
+          self.memory = {k: int(getattr(mem, k)) for k in (
+              "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
+              "generated_code_size_in_bytes") if hasattr(mem, k)}
+          log.info("compiled step memory_analysis: %s", self.memory)
+    return fn(*args)
+
+
+class _Stop:
+  """SIGTERM → stop at the next step boundary (single process; installed for the duration of `run`)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _evaluate(eval_step, state, config, mesh, data_factory) -> dict[str, float]:
+  it = data_factory(config, config.data.eval_split, jax.process_index(), jax.process_count())
+  total_w, sums = 0.0, {}
+  for i, batch in enumerate(it):
+    if config.data.eval_batches and i >= config.data.eval_batches:
+      break
+    w, s = eval_step(state.params, state.extra, _place(batch, mesh))
+    w, s = jax.device_get((w, s))
+    total_w += float(w)
+    for k, v in s.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  if not total_w:
+    raise ValueError(f"eval split {config.data.eval_split!r} produced no batches")
+  return {f"eval/{k}": v / total_w for k, v in sums.items()}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFactory | None = None,
+        max_steps: int | None = None) -> dict[str, Any]:
+  """Train (or resume) into `workdir`; returns a summary: final/eval metrics, paths, step, why it stopped.
+
+  `data_factory` replaces the grain pipeline (tests, synthetic worlds); `max_steps` stops early at that step (the
+  schedule still spans `train.steps`), which is how tests stop a run midway.
+  """
+  config_lib.validate(config, check_data=data_factory is None)
+  data_factory = data_factory or default_data
+  os.makedirs(workdir, exist_ok=True)
+  mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  log.info("mesh %s on %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  train_iter = data_factory(config, config.data.train_split, jax.process_index(), jax.process_count())
+  if config.train.steps == -1:
+    try:
+      per_epoch = len(train_iter)
+    except TypeError as e:
+      raise config_lib.ConfigError("train.steps=-1 needs a data source that knows its length") from e
+    total_steps = config.data.epochs * per_epoch
+  else:
+    total_steps = config.train.steps
+  stop_at = total_steps if max_steps is None else min(max_steps, total_steps)
+
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
+                               keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+  latest = ckpt.latest_step() if config.checkpoint.enabled else None
+  resume = latest is not None and not config.model.hf_path
+  graphdef, params, extra = build_model_state(config, mesh, abstract=resume)
+  tx, schedule = optimizer_lib.make_optimizer(config.optimizer, total_steps, params)
+  init_fn = lambda p, e: step_lib.init_state(p, e, tx, config.seed)
+  abstract_state = jax.eval_shape(init_fn, params, extra)
+  state_sh = step_lib.state_shardings(abstract_state, tx, mesh)
+  meta = {"model_config": dataclasses.asdict(model_config(config)), "objective": config.objective,
+          "total_steps": total_steps}
+  if latest is not None:
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sh)
+    saved_meta = ckpt.read_meta(latest)
+    if saved_meta.get("objective") != config.objective:
+      raise ckpt_lib.CheckpointMismatchError(
+          f"{ckpt.directory}/{latest} was written by objective={saved_meta.get('objective')!r}, this run is "
+          f"{config.objective!r}; use a fresh --workdir")
+    state, data_state, _ = ckpt.restore(latest, target)
+    train_iter.set_state(data_state)
+    log.info("resumed from %s/%d", ckpt.directory, latest)
+  else:
+    state = jax.jit(init_fn, out_shardings=state_sh)(params, extra)
+  del params, extra
+
+  options = config_lib.objective_options(config) if config.objective == "preference" else None
+  loss_fn = step_lib.make_loss_fn(config.objective, options, config.train.logits_chunk_size)
+  replicated = parallel.sharding_for(None, (), mesh)
+  train_step = _Compiled(jax.jit(
+      step_lib.make_train_step(graphdef, tx, schedule, loss_fn, config.optimizer.grad_accum_steps, mesh),
+      in_shardings=(state_sh, None), out_shardings=(state_sh, replicated), donate_argnums=0))
+  eval_step = jax.jit(step_lib.make_eval_step(graphdef, loss_fn), in_shardings=(state_sh.params, state_sh.extra, None),
+                      out_shardings=replicated)
+
+  writer = metrics_lib.MetricsWriter(workdir, tensorboard=config.logging.tensorboard, jsonl=config.logging.jsonl)
+  cfg = model_config(config)
+  peak = config.logging.peak_flops_per_device or metrics_lib.peak_flops_per_device()
+  step = int(jax.device_get(state.step))
+  summary: dict[str, Any] = {"workdir": os.path.abspath(workdir), "checkpoint_dir": ckpt.directory,
+                             "metrics_file": writer.jsonl_path, "tensorboard_dir": writer.tensorboard_dir,
+                             "start_step": step, "total_steps": total_steps, "stopped": "completed"}
+  last_metrics: dict[str, float] = {}
+  eval_metrics: dict[str, float] = {}
+  bar = None
+  if config.logging.progress_bar and jax.process_index() == 0:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm(total=stop_at, initial=step, desc="train", dynamic_ncols=True)
+
+  def host_metrics(pending) -> dict[str, float]:
+    """Read back one step's metrics (a step behind the device, so the host never stalls the pipeline)."""
+    s, dev, extra_host = pending
+    out = {k: float(v) for k, v in jax.device_get(dev).items()}
+    out.update(extra_host)
+    if out["optim/nonfinite_run"] >= config.train.max_consecutive_nonfinite:
+      raise NonFiniteError(
+          f"step {s}: {int(out['optim/nonfinite_run'])} consecutive steps had a non-finite loss or gradient "
+          f"(loss/total={out.get('loss/total')}, grad_norm={out.get('optim/grad_norm')}); updates were skipped. "
+          "Lower optimizer.lr, check the data (ref log-probs / token rewards) or raise train.max_consecutive_nonfinite")
+    return out
+
+  def log_step(record: dict[str, float], s: int) -> None:
+    nonlocal last_metrics
+    last_metrics = record
+    if s % config.train.log_every == 0 or s == stop_at:
+      writer.write(s, record)
+    if bar is not None:
+      bar.set_postfix(loss=f"{record['loss/total']:.4f}", refresh=False)
+
+  pending = None
+  window = {"t0": time.perf_counter(), "real": 0, "padded": 0, "seq": 1}
+  with parallel.use_mesh(mesh), _Stop() as stop:
+    try:
+      while step < stop_at:
+        try:
+          host_batch = next(train_iter)
+        except StopIteration:
+          log.info("training data exhausted at step %d", step)
+          summary["stopped"] = "data_exhausted"
+          break
+        real, padded = _tokens(host_batch, config.objective)
+        seq_len = int(np.shape(host_batch.chosen.tokens)[1])
+        state, dev_metrics = train_step(state, _place(host_batch, mesh))
+        step += 1
+        window["real"] += real * jax.process_count()
+        window["padded"] += padded * jax.process_count()
+        window["seq"] = seq_len
+        now = time.perf_counter()
+        extra_host = {"data/fingerprint": float(_fingerprint(host_batch)), "data/seq_len": float(seq_len)}
+        if step % config.train.log_every == 0 or step == stop_at:
+          jax.block_until_ready(dev_metrics)
+          now = time.perf_counter()
+          dt = max(now - window["t0"], 1e-9)
+          extra_host["throughput/tokens_per_s"] = window["real"] / dt
+          extra_host["throughput/padded_tokens_per_s"] = window["padded"] / dt
+          if peak:
+            flops = metrics_lib.train_flops_per_token(cfg, window["seq"]) * window["padded"]
+            extra_host["throughput/mfu"] = flops / dt / (peak * jax.device_count())
+          window.update(t0=now, real=0, padded=0)
+        if pending is not None:
+          log_step(host_metrics(pending), pending[0])
+        pending = (step, dev_metrics, extra_host)
+        if bar is not None:
+          bar.update(1)
+        if config.checkpoint.enabled:
+          ckpt.save(step, state, train_iter.get_state(), meta)
+        if config.data.eval_split and config.train.eval_every and step % config.train.eval_every == 0:
+          eval_metrics = _evaluate(eval_step, state, config, mesh, data_factory)
+          writer.write(step, eval_metrics)
+        preempted = stop.requested or (config.checkpoint.enabled and ckpt.reached_preemption(step))
+        if preempted and step < stop_at:
+          log.warning("preemption/SIGTERM: saving at step %d and exiting", step)
+          summary["stopped"] = "preempted"
+          break
+      if pending is not None:
+        log_step(host_metrics(pending), pending[0])
+        pending = None
+      if config.checkpoint.enabled and step > summary["start_step"] and ckpt.latest_step() != step:
+        ckpt.save(step, state, train_iter.get_state(), meta, force=True)
+      if summary["stopped"] != "preempted" and config.data.eval_split and step > 0:
+        if not (config.train.eval_every and step % config.train.eval_every == 0 and eval_metrics):
+          eval_metrics = _evaluate(eval_step, state, config, mesh, data_factory)
+          writer.write(step, eval_metrics)
+    finally:
+      if bar is not None:
+        bar.close()
+      ckpt.close()
+      writer.close()
+  summary.update(step=step, final_metrics=last_metrics, eval_metrics=eval_metrics,
+                 memory_analysis=train_step.memory, state=state, graphdef=graphdef)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+      json.dump({k: v for k, v in summary.items() if k not in ("state", "graphdef")}, f, indent=2)
+  return summary
+
+
+def load_model(workdir: str, step: int | None = None, *, config: ml_collections.ConfigDict | None = None):
+  """The trained model of a run (latest or given checkpoint step), on the default device; for export and eval."""
+  if config is None:
+    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+      config = ml_collections.ConfigDict(json.load(f))
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=config.checkpoint.keep,
+                               async_save=False)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint under {ckpt.directory}")
+  if step not in ckpt.all_steps():
+    raise FileNotFoundError(f"no checkpoint for step {step} under {ckpt.directory}; have {ckpt.all_steps()}")
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
+  mesh = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  graphdef, params, extra = build_model_state(config, mesh, abstract=True)
+  tx, _ = optimizer_lib.make_optimizer(config.optimizer, max(config.train.steps, 1), params)
+  abstract_state = jax.eval_shape(lambda p, e: step_lib.init_state(p, e, tx, config.seed), params, extra)
+  state_sh = step_lib.state_shardings(abstract_state, tx, mesh)
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sh)
+  ckpt.check_compatible(step, target)
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  ckpt.close()
+  return nnx.merge(graphdef, restored.state.params, restored.state.extra), step
