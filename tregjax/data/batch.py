@@ -41,17 +41,17 @@ class PreferenceBatch:
   rejected_token_rewards: np.ndarray  # f32[B, T]
 
 
-def pack_sequences(sequences: Sequence[tuple[np.ndarray, int, dict[str, np.ndarray]]],
-                   length: int) -> tuple[dict[str, np.ndarray], list[int]]:
+def pack_sequences(sequences: Sequence[tuple[np.ndarray, int, dict[str, np.ndarray]]], length: int,
+                   pad_id: int = 0) -> tuple[dict[str, np.ndarray], list[int]]:
   """Lay out one row of length `length` holding `sequences` back to back.
 
   Each sequence is `(ids, prompt_len, per_token)` where `ids` = prompt + response ids and `per_token` maps a name to
   an array over the response tokens (len(ids) - prompt_len values, response coordinates). Returns the row's
   tokens/labels/loss_mask/segment_ids/positions (+ each per-token name, label-aligned) and the start offsets.
-  Labels never cross a segment boundary: the last token of a segment has label 0 and mask 0.
+  Labels never cross a segment boundary: the last token of a segment has label `pad_id` and mask 0.
   """
-  tokens = np.zeros(length, np.int32)
-  labels = np.zeros(length, np.int32)
+  tokens = np.full(length, pad_id, np.int32)
+  labels = np.full(length, pad_id, np.int32)
   loss_mask = np.zeros(length, np.float32)
   segment_ids = np.zeros(length, np.int32)
   positions = np.zeros(length, np.int32)

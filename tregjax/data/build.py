@@ -39,10 +39,23 @@ def default_data_config() -> ml_collections.ConfigDict:
       batch_size=8, buckets=(64, 128, 256, 512), packing=False, seed=0, num_workers=0, drop_remainder=True))
 
 
+def data_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config.data` over `default_data_config()`: keys the trainer's base_config lacks take their defaults here."""
+  merged = default_data_config()
+  given = config.get("data", None) or {}
+  for key in given.keys():
+    value = given[key]
+    merged[key] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+  return merged
+
+
 def tokenizer_path(config: ml_collections.ConfigDict) -> str:
-  path = config.data.get("tokenizer", "") or config.get("model", {}).get("path", "")
+  """data.tokenizer, else model.tokenizer_path, else model.hf_path (the trainer's keys)."""
+  model = config.get("model", None) or {}
+  path = (data_section(config).tokenizer or model.get("tokenizer_path", "") or model.get("hf_path", "")
+          or model.get("path", ""))
   if not path:
-    raise ValueError("set data.tokenizer (or model.path) to a local tokenizer directory")
+    raise ValueError("set data.tokenizer (or model.tokenizer_path / model.hf_path) to a local tokenizer directory")
   return path
 
 
@@ -98,7 +111,7 @@ def tokenize_pair(ex: schema.PreferenceExample, tok: ChatTokenizer, trunc: Trunc
 def iter_tokenized(config: ml_collections.ConfigDict, split: str, tok: ChatTokenizer,
                    counts: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
   """The tokenized examples of one split, in file order (errors raise unless on_bad_record == "skip")."""
-  d = config.data
+  d = data_section(config)
   if d.on_bad_record not in ("error", "skip"):
     raise ValueError(f"data.on_bad_record must be 'error' or 'skip', got {d.on_bad_record!r}")
   trunc = TruncationOptions(d.max_prompt_length, d.max_length, d.truncation)
@@ -140,7 +153,7 @@ def iter_tokenized(config: ml_collections.ConfigDict, split: str, tok: ChatToken
 
 def dataset_hash(config: ml_collections.ConfigDict) -> str:
   """Hash of everything a tokenized dataset depends on: data files, tokenizer files and the data config."""
-  d = config.data
+  d = data_section(config)
   keys = ("format", "schema", "fields", "system_prompt", "end_of_turn_token", "max_prompt_length", "max_length",
           "truncation", "on_bad_record", "validation_fraction")
   return hashing.hash_json(dict(
@@ -151,7 +164,7 @@ def dataset_hash(config: ml_collections.ConfigDict) -> str:
 
 
 def splits_of(config: ml_collections.ConfigDict) -> list[str]:
-  d = config.data
+  d = data_section(config)
   return ["train", "validation"] if (d.validation_files or d.validation_fraction > 0) else ["train"]
 
 
@@ -161,7 +174,7 @@ def build_dataset(config: ml_collections.ConfigDict) -> str:
   Reuses the directory when the same inputs were already built (the config name is their hash). Counts (records,
   examples, ties skipped, truncated, dropped, bad records by kind) are in the dataset's metadata.json and logged.
   """
-  d = config.data
+  d = data_section(config)
   if not d.dataset_dir:
     raise ValueError("set data.dataset_dir (where the tokenized dataset is written)")
   if not d.train_files:
