@@ -166,3 +166,19 @@ def test_packed_rows_equal_separate_rows_and_waste_less(dataset):
   def waste(batches):
     return 1 - sum(b.chosen.segment_ids.astype(bool).sum() for b in batches) / sum(b.chosen.tokens.size for b in batches)
   assert waste(packed) < 0.75 * waste(unpacked)
+
+
+def test_trainer_config_section_selects_dataset_and_batch_settings(dataset):
+  out, records = dataset
+  root = os.path.dirname(os.path.dirname(os.path.dirname(out)))  # the data_dir build_dataset wrote into
+  section = data.default_data_config()
+  section.update(dataset_dir=root, batch_size=4, buckets=BUCKETS, seed=11)
+  section.cache_dir = ""
+  it = pipeline.make_iterator(section, "train", objective="sft", process_index=0, process_count=1)
+  direct = pipeline.make_iterator(out, global_batch_size=4, buckets=BUCKETS, seed=11, process_index=0,
+                                  process_count=1)
+  assert len(it) == len(direct) <= len(records) // 4  # batches per epoch (drop_remainder per bucket may lower it)
+  np.testing.assert_array_equal(next(it).chosen.tokens, next(direct).chosen.tokens)
+  with pytest.raises(ValueError, match="scored cache"):
+    section.cache_dir = out
+    pipeline.make_iterator(section, "train", objective="preference", process_index=0, process_count=1)

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import grain
+import ml_collections
 import numpy as np
 
 from tregjax.data import tfds_builder
@@ -194,6 +195,10 @@ class PreferenceIterator:
   def __iter__(self):
     return self
 
+  def __len__(self) -> int:
+    """Batches per epoch (the iterator itself runs for `num_epochs`, forever when None)."""
+    return self.batches_per_epoch
+
   def __next__(self) -> PreferenceBatch:
     return next(self._iter)
 
@@ -205,21 +210,45 @@ class PreferenceIterator:
     self._iter.set_state(state)
 
 
-def make_iterator(dataset_dir: str, split: str = "train", *, global_batch_size: int,
-                  buckets: Sequence[int] = (512, 1024, 2048), seed: int = 0, shuffle: bool = True,
-                  packing: bool = False, drop_remainder: bool = True, num_epochs: int | None = None,
-                  process_index: int | None = None, process_count: int | None = None, num_workers: int = 0,
-                  prefetch: int = 2) -> PreferenceIterator:
+def make_iterator(dataset: str | ml_collections.ConfigDict, split: str = "train", *,
+                  global_batch_size: int | None = None, buckets: Sequence[int] | None = None, seed: int | None = None,
+                  shuffle: bool | None = None, packing: bool | None = None, drop_remainder: bool | None = None,
+                  num_epochs: int | None = None, process_index: int | None = None, process_count: int | None = None,
+                  num_workers: int | None = None, prefetch: int = 2, objective: str = "") -> PreferenceIterator:
   """Batches of a dataset written by `build_dataset` (unscored: ref/reward fields are zeros) or `tregjax.score`.
 
   Args:
-    dataset_dir: a dataset version directory (build_dataset's or score.run's return value).
+    dataset: a dataset directory (build_dataset's / score.run's return value, or the data_dir / cache_dir they
+      wrote into), or the trainer's `config.data` section: then the directory is `cache_dir` for
+      objective="preference" (which must be scored) and `dataset_dir or cache_dir` otherwise, and every
+      argument left None comes from the section (batch_size, buckets, seed, shuffle, packing, drop_remainder,
+      num_workers).
     global_batch_size: pairs (packed: rows) per step over all processes; each process yields its 1/process_count.
     buckets: padded lengths T; a pair's rows must fit the largest. Packing packs into rows of the largest.
     num_epochs: None = forever.
     process_index, process_count: default to jax.process_index() / jax.process_count().
     num_workers: grain worker processes (0 = in this process, with a prefetch thread).
   """
+  if isinstance(dataset, ml_collections.ConfigDict):
+    d = dataset
+    dataset_dir = d.cache_dir if objective == "preference" else (d.get("dataset_dir", "") or d.cache_dir)
+    if not dataset_dir:
+      raise ValueError(f"config.data names no dataset for objective={objective!r} (set cache_dir or dataset_dir)")
+    pick = lambda value, key, default: value if value is not None else d.get(key, default)  # noqa: E731
+    global_batch_size = pick(global_batch_size, "batch_size", None)
+    buckets, seed = pick(buckets, "buckets", (512, 1024, 2048)), pick(seed, "seed", 0)
+    shuffle, packing = pick(shuffle, "shuffle", True), pick(packing, "packing", False)
+    drop_remainder = pick(drop_remainder, "drop_remainder", True)
+    num_workers = pick(num_workers, "num_workers", 0)
+  else:
+    dataset_dir = dataset
+  if global_batch_size is None:
+    raise ValueError("make_iterator needs global_batch_size")
+  buckets = (512, 1024, 2048) if buckets is None else tuple(buckets)
+  seed, shuffle = seed or 0, True if shuffle is None else shuffle
+  packing, drop_remainder = bool(packing), True if drop_remainder is None else drop_remainder
+  num_workers = num_workers or 0
+  dataset_dir = tfds_builder.resolve(dataset_dir)
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
     process_index = jax.process_index() if process_index is None else process_index
@@ -227,6 +256,9 @@ def make_iterator(dataset_dir: str, split: str = "train", *, global_batch_size: 
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must lie in [0, {process_count})")
   meta = tfds_builder.read_metadata(dataset_dir)
+  if objective == "preference" and meta.get("kind") != "scored":
+    raise ValueError(f"objective=preference needs a scored cache (python -m tregjax.score); {dataset_dir} is "
+                     f"{meta.get('kind')!r}")
   lengths = tfds_builder.lengths(dataset_dir, split)
   plan = BatchPlan(lengths, global_batch_size=global_batch_size, buckets=buckets, seed=seed, shuffle=shuffle,
                    packing=packing, drop_remainder=drop_remainder, process_index=process_index,

@@ -115,7 +115,24 @@ def write(kind: str, data_dir: str, config_name: str, split_generators: SplitGen
     for split, rows in lengths.items():
       buf = _npy_bytes(np.asarray(rows, np.int32).reshape(-1, 2))
       hashing.atomic_write_bytes(os.path.join(out_dir, f"lengths-{split}.npy"), buf)
+  hashing.atomic_write_json(os.path.join(data_dir, POINTER), dict(path=os.path.relpath(out_dir, data_dir),
+                                                                   kind=kind, hash=metadata.get("hash", "")))
   return out_dir
+
+
+POINTER = "tregjax_dataset.json"  # at a data_dir's root: the dataset most recently written there
+
+
+def resolve(path: str) -> str:
+  """A dataset version directory from itself or from the data_dir it was written into (via its pointer file)."""
+  if os.path.exists(os.path.join(path, "dataset_info.json")):
+    return path
+  pointer = os.path.join(path, POINTER)
+  if os.path.exists(pointer):
+    with open(pointer) as f:
+      return os.path.join(path, json.load(f)["path"])
+  raise FileNotFoundError(f"{path} holds no tregjax dataset (no dataset_info.json or {POINTER}); build it with "
+                          f"tregjax.data.build_dataset or python -m tregjax.score")
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -126,6 +143,7 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 
 def read_metadata(dataset_dir: str) -> dict[str, Any]:
+  dataset_dir = resolve(dataset_dir)
   path = os.path.join(dataset_dir, "metadata.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{dataset_dir} is not a tregjax dataset directory (no metadata.json)")
@@ -135,7 +153,7 @@ def read_metadata(dataset_dir: str) -> dict[str, Any]:
 
 def data_source(dataset_dir: str, split: str):
   """A random-access source (len, __getitem__ -> dict of numpy arrays) over one split of a written dataset."""
-  builder = tfds.builder_from_directory(dataset_dir)
+  builder = tfds.builder_from_directory(resolve(dataset_dir))
   if split not in builder.info.splits:
     raise ValueError(f"{dataset_dir} has no split {split!r}; it has {sorted(builder.info.splits)}")
   return builder.as_data_source(split=split)
@@ -143,6 +161,7 @@ def data_source(dataset_dir: str, split: str):
 
 def lengths(dataset_dir: str, split: str, source=None) -> np.ndarray:
   """int32 [N, 2] chosen/rejected row lengths (prompt + response), from the sidecar or by reading the records."""
+  dataset_dir = resolve(dataset_dir)
   path = os.path.join(dataset_dir, f"lengths-{split}.npy")
   if os.path.exists(path):
     return np.load(path)
