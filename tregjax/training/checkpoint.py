@@ -47,14 +47,20 @@ def _gather_strings(text: str) -> list[str]:
   return [bytes(row[:n]).decode("utf-8") for row, n in zip(rows, lengths)]
 
 
+def _path(path) -> str:
+  """A tree path as "a/b/0/c", the same for a TrainState and for orbax's saved-metadata dicts."""
+  names = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        names.append(str(getattr(k, attr)))
+        break
+  return "/".join(n for n in names if n != "value")
+
+
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  out = {}
-  for path, leaf in flat:
-    shape = getattr(leaf, "shape", None)
-    if shape is not None:
-      out[jax.tree_util.keystr(path).replace(".value", "").replace("['value']", "")] = tuple(shape)
-  return out
+  return {_path(p): tuple(leaf.shape) for p, leaf in flat if getattr(leaf, "shape", None) is not None}
 
 
 class Checkpointer:
@@ -65,7 +71,9 @@ class Checkpointer:
     self.every = every
     options = ocp.CheckpointManagerOptions(max_to_keep=keep,
                                            enable_async_checkpointing=async_save, create=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler()}
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

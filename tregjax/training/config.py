@@ -128,8 +128,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   `num_devices` defaults to `jax.device_count()`; pass it to validate a config for another machine. `check_data=False`
   skips the data-location checks (for `run(..., data_factory=...)`, which brings its own batches).
   """
-  defaults = _keys(base_config())
-  given = _keys(config)
+  base = base_config()
+  # Whole top-level sections the trainer does not know belong to other components (e.g. `demo`); a stray key inside
+  # a trainer section, or a stray top-level scalar, is a typo.
+  foreign = [k for k, v in config.items() if k not in base and isinstance(v, ml_collections.ConfigDict)]
+  defaults = _keys(base)
+  given = {k: v for k, v in _keys(config).items() if k.split(".")[0] not in foreign}
   unknown = sorted(set(given) - set(defaults))
   if unknown:
     raise ConfigError(f"unknown config keys {unknown} (a typo? known keys: see tregjax.training.config.base_config)")
@@ -227,3 +231,45 @@ def model_overrides(config: ml_collections.ConfigDict) -> dict:
 
 
 __all__ = ["base_config", "validate", "ConfigError", "resolved_mesh_shape", "objective_options", "model_overrides"]
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """`--config file.py:runlocal,steps=10` → ConfigDict(runlocal=True, steps=10) over `defaults` (big_vision style).
+
+  A bare name is a boolean switch; `k=v` takes the type of `defaults[k]` (str when there is no default).
+  """
+  out = ml_collections.ConfigDict(dict(defaults))
+  for part in (arg or "").split(","):
+    part = part.strip()
+    if not part:
+      continue
+    key, eq, value = part.partition("=")
+    if not eq:
+      out[key] = True
+      continue
+    kind = type(defaults.get(key, ""))
+    out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+  return out
+
+
+def shrink_for_cpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The `runlocal` variant of a recipe: a 2-layer random model, short rows, a few steps, on this machine's devices.
+
+  Keeps the recipe's objective, loss and optimizer settings, so a config file can be smoke-tested on a laptop.
+  """
+  config.model.hf_path = ""
+  config.model.preset = "tiny_llama"
+  config.model.dtype = "float32"
+  config.model.remat = "none"
+  config.data.batch_size = 8
+  config.data.buckets = (64, 128)
+  config.data.max_prompt_length = 64
+  config.data.max_length = 128
+  config.optimizer.grad_accum_steps = 1
+  config.optimizer.lr = max(config.optimizer.lr, 1e-4)
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
+  config.train.steps = 10
+  config.train.log_every = 1
+  config.train.eval_every = 0
+  config.checkpoint.every = 5
+  return config

@@ -1,0 +1,59 @@
+"""python -m tregjax.export --workdir W --out DIR [--step N] [--dtype float32|bfloat16]
+
+A training checkpoint (latest, or --step) → a Hugging Face directory (config.json + safetensors + tokenizer) that
+`transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads (AutoModelForSequenceClassification for reward models).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from absl import app
+from absl import flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by `python -m tregjax.train`.")
+_OUT = flags.DEFINE_string("out", None, "Output Hugging Face directory.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Saved tensor dtype.")
+flags.mark_flags_as_required(["workdir", "out"])
+
+
+def tokenizer_dir(config) -> str | None:
+  """The run's tokenizer directory: model.tokenizer_path, data.tokenizer, else hf_path when it is a directory."""
+  for path in (config.model.tokenizer_path, config.data.get("tokenizer", ""), config.model.hf_path):
+    if path and os.path.isdir(path):
+      return path
+  return None
+
+
+def export(workdir: str, out: str, *, step: int | None = None, dtype: str = "float32") -> str:
+  """Write the checkpoint's model (and the run's tokenizer, when it has one) to `out`; returns `out`."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  from tregjax import models, training  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  model, step = training.load_model(workdir, step, config=config)
+  tokenizer = None
+  tok_dir = tokenizer_dir(config)
+  if tok_dir is not None:
+    from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+  models.save_pretrained(model, out, tokenizer=tokenizer, dtype=jnp.dtype(dtype))
+  logging.getLogger("tregjax.export").info("exported step %d of %s to %s%s", step, workdir, out,
+                                           "" if tokenizer else " (no tokenizer in this run's config)")
+  return out
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+  export(_WORKDIR.value, _OUT.value, step=_STEP.value, dtype=_DTYPE.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,56 @@
+"""python -m tregjax.train --config configs/x.py [--config.key=value ...] --workdir DIR
+
+Wiring only: flags → jax.distributed (when several processes) → `tregjax.training.run(config, workdir)`.
+Rerunning with the same --workdir resumes from its latest checkpoint. SIGTERM saves a checkpoint and exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Trainer config file (configs/*.py[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, tensorboard/.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def distributed_env(env: dict[str, str] | None = None) -> dict | None:
+  """kwargs for jax.distributed.initialize when this process is one of several, else None.
+
+  Explicit: JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID (launch/local_multiprocess.sh). SLURM
+  (srun with more than one task) and multi-host TPU VMs are detected by jax itself: initialize() with no arguments.
+  """
+  env = os.environ if env is None else env
+  if env.get("JAX_COORDINATOR_ADDRESS") and env.get("JAX_NUM_PROCESSES"):
+    return {"coordinator_address": env["JAX_COORDINATOR_ADDRESS"], "num_processes": int(env["JAX_NUM_PROCESSES"]),
+            "process_id": int(env.get("JAX_PROCESS_ID", "0"))}
+  if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+    return {}
+  if "," in env.get("TPU_WORKER_HOSTNAMES", "") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    return {}
+  return None
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+  import jax  # pylint: disable=g-import-not-at-top
+  kwargs = distributed_env()
+  if kwargs is not None:
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
+    jax.distributed.initialize(**kwargs)
+  from tregjax import training  # pylint: disable=g-import-not-at-top
+  summary = training.run(_CONFIG.value, _WORKDIR.value)
+  logging.getLogger("tregjax.train").info("done: step %d (%s); metrics in %s", summary["step"], summary["stopped"],
+                                          summary["metrics_file"])
+
+
+if __name__ == "__main__":
+  app.run(main)
