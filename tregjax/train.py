@@ -15,8 +15,15 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Trainer config file (configs/*.py[:arg]).",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, tensorboard/.")
-flags.mark_flags_as_required(["config", "workdir"])
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, tensorboard/ "
+                                "(default: runs/<config file name>).")
+flags.mark_flags_as_required(["config"])
+
+
+def default_workdir() -> str:
+  """runs/<config file stem>, so `python -m tregjax.train --config configs/demo.py` needs no other flag."""
+  config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+  return os.path.join("runs", os.path.splitext(os.path.basename(config_file))[0])
 
 
 def distributed_env(env: dict[str, str] | None = None) -> dict | None:
@@ -46,8 +53,13 @@ def main(argv: list[str]) -> None:
     if os.environ.get("JAX_PLATFORMS", "") == "cpu":
       jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
     jax.distributed.initialize(**kwargs)
+  workdir = _WORKDIR.value or default_workdir()
+  if "demo" in _CONFIG.value:  # the embedded synthetic world: several stages, each a training.run
+    from tregjax.synthetic import demo  # pylint: disable=g-import-not-at-top
+    demo.run(_CONFIG.value, workdir)
+    return
   from tregjax import training  # pylint: disable=g-import-not-at-top
-  summary = training.run(_CONFIG.value, _WORKDIR.value)
+  summary = training.run(_CONFIG.value, workdir)
   logging.getLogger("tregjax.train").info("done: step %d (%s); metrics in %s", summary["step"], summary["stopped"],
                                           summary["metrics_file"])
 
