@@ -1,0 +1,55 @@
+"""Reward model (HF *ForSequenceClassification `score` head): per-position and last-token parity with transformers."""
+
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+from flax import nnx
+
+import models_golden as g
+from tregjax import models
+
+TOL = 1e-4
+
+
+def _hf_position_scores(hf, tokens, mask):
+  """HF's own backbone + score head applied at every position (what R3HF needs)."""
+  with torch.no_grad():
+    h = hf.model(input_ids=torch.tensor(tokens, dtype=torch.long),
+                 attention_mask=torch.tensor(mask, dtype=torch.long)).last_hidden_state
+    return hf.score(h)[..., 0].numpy()
+
+
+def _hf_pooled(hf, tokens, mask):
+  with torch.no_grad():
+    return hf(input_ids=torch.tensor(tokens, dtype=torch.long),
+              attention_mask=torch.tensor(mask, dtype=torch.long)).logits[:, 0].numpy()
+
+
+@nnx.jit
+def _scores(model, tokens, segments):
+  return model.scores(tokens, segment_ids=segments), model.sequence_scores(tokens, segment_ids=segments)
+
+
+def test_reward_scores_match_transformers_sequence_classification(tmp_path):
+  # pad_token_id=0 never occurs among real tokens, so HF's pad-based pooling finds the same last token as ours.
+  hf = g.build_hf(g.LLAMA | dict(num_labels=1, num_key_value_heads=2), seq_cls=True)
+  path = g.save_hf(hf, tmp_path / "rm", max_shard_size="40KB")
+  rm = models.from_pretrained(path, dtype=jnp.float32)
+  assert isinstance(rm, models.RewardModel) and rm.config.num_labels == 1
+  per_pos, pooled = _scores(rm, jnp.asarray(g.TOKENS), jnp.asarray(g.SEGMENTS))
+  valid = g.SEGMENTS.astype(bool)
+  np.testing.assert_allclose(np.asarray(per_pos)[valid], _hf_position_scores(hf, g.TOKENS, g.SEGMENTS)[valid],
+                             atol=TOL)
+  np.testing.assert_allclose(np.asarray(pooled), _hf_pooled(hf, g.TOKENS, g.SEGMENTS), atol=TOL)
+  # The pooled score is the per-position score at the last real token (index 11 and 4).
+  np.testing.assert_allclose(np.asarray(pooled), np.asarray(per_pos)[[0, 1], [11, 4]], atol=1e-6)
+
+
+def test_reward_model_round_trips_through_transformers(tmp_path):
+  cfg = models.ModelConfig.tiny_llama(num_labels=1, pad_token_id=0)
+  rm = models.from_config(cfg, 1)
+  models.save_pretrained(rm, str(tmp_path / "rm"))
+  hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm"), dtype="float32")
+  _, pooled = _scores(rm, jnp.asarray(g.TOKENS), jnp.asarray(g.SEGMENTS))
+  np.testing.assert_allclose(_hf_pooled(hf, g.TOKENS, g.SEGMENTS), np.asarray(pooled), atol=TOL)
