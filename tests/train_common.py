@@ -171,11 +171,53 @@ def main(argv: list[str]) -> None:
   import jax
   params = jax.tree.map(np.asarray, jax.device_get(summary["state"].params))
   if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
     flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
     np.savez(os.path.join(workdir, f"params_{summary['step']}.npz"), **flat)
-  print("SUMMARY " + json.dumps({k: summary[k] for k in ("step", "stopped", "final_metrics", "eval_metrics")}))
+  keys = ("step", "start_step", "stopped", "final_metrics", "eval_metrics", "memory_analysis")
+  print("SUMMARY " + json.dumps({k: summary[k] for k in keys}), flush=True)
 
 
 if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   main(sys.argv[1:])
+
+
+def worker_env(cache_dir: str | None = None, num_devices: int = 1) -> dict[str, str]:
+  """Environment of a worker subprocess: CPU, N fake devices, a shared persistent compilation cache."""
+  env = dict(os.environ)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+             PYTHONPATH=root + os.pathsep + env.get("PYTHONPATH", ""))
+  if cache_dir:
+    env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return env
+
+
+def worker_cmd(workdir: str, **overrides) -> list[str]:
+  args = [f"{k}={json.dumps(v) if not isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items()]
+  return [sys.executable, os.path.abspath(__file__), workdir, *args]
+
+
+def parse_summary(stdout: str) -> dict:
+  lines = [l for l in stdout.splitlines() if l.startswith("SUMMARY ")]
+  if not lines:
+    raise AssertionError(f"worker printed no summary:\n{stdout[-3000:]}")
+  return json.loads(lines[-1][len("SUMMARY "):])
+
+
+def load_params(path: str) -> dict[str, np.ndarray]:
+  with np.load(path) as f:
+    return {k: f[k] for k in f.files}
+
+
+def metrics_by_step(workdir: str) -> dict[int, dict]:
+  """The last metrics.jsonl record of every step (a resumed run re-logs steps after its checkpoint)."""
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    for line in f:
+      rec = json.loads(line)
+      if "loss/total" in rec:
+        out[rec["step"]] = rec
+  return out

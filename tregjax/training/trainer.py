@@ -106,8 +106,10 @@ def build_model_state(config: ml_collections.ConfigDict, mesh, *, abstract: bool
 def default_data(config: ml_collections.ConfigDict, split: str, process_index: int, process_count: int) -> Iterator:
   """The grain pipeline over the scored cache (preference) or the tokenized dataset (sft / reward_model)."""
   from tregjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  train = split == config.data.train_split
   return pipeline.make_iterator(config.data, split=split, objective=config.objective, process_index=process_index,
-                                process_count=process_count)
+                                process_count=process_count, num_epochs=None if train else 1,
+                                shuffle=None if train else False)
 
 
 def _place(batch: Any, mesh) -> Any:
