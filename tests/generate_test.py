@@ -1,0 +1,233 @@
+"""On-policy generation against independent goldens: HF transformers greedy decoding and sequence classification in
+torch, a naive binarization loop, 1 vs 4 fake devices, and an uninterrupted run for resume."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import ml_collections
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+sys.path.insert(0, os.path.dirname(__file__))
+import data_common as dc  # noqa: E402
+from conftest import REPO_ROOT, run_with_devices  # noqa: E402
+
+from tregjax import data, generate  # noqa: E402
+from tregjax.data.sources import DataError  # noqa: E402
+
+PROMPTS = ["What is two plus two?", "Explain why the sky is blue.", "def add(a, b):", "The quick brown fox",
+           "Please answer helpfully."]
+NEW = 8
+
+
+def _llama_config(vocab, **kw):
+  # A wide init (0.5) separates the random logits, so greedy argmax is not decided by float rounding.
+  return LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0,
+                     initializer_range=0.5, **kw)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  root = tmp_path_factory.mktemp("generate")
+  tok_dir = dc.byte_level_bpe(str(root / "tok"))
+  hf_tok = AutoTokenizer.from_pretrained(tok_dir)
+  torch.manual_seed(0)
+  policy = LlamaForCausalLM(_llama_config(len(hf_tok))).eval()
+  policy.save_pretrained(str(root / "policy"))
+  hf_tok.save_pretrained(str(root / "policy"))
+  torch.manual_seed(1)
+  rm = LlamaForSequenceClassification(_llama_config(len(hf_tok), num_labels=1)).eval()
+  rm.save_pretrained(str(root / "rm"))
+  hf_tok.save_pretrained(str(root / "rm"))
+  records = [dict(prompt=p) for p in PROMPTS[:-1]]
+  records.append(dict(prompt=[{"role": "system", "content": "You are a helpful assistant."},
+                              {"role": "user", "content": PROMPTS[-1]}]))
+  dc.write_jsonl(str(root / "prompts.jsonl"), records)
+  return dict(root=root, tok=tok_dir, hf_tok=hf_tok, policy=policy, rm=rm, records=records)
+
+
+def _config(world, out, **overrides):
+  root = world["root"]
+  cfg = ml_collections.ConfigDict(dict(data=data.default_data_config(), generate=generate.default_generate_config(),
+                                       model=dict(hf_path=str(root / "policy"), dtype="float32"),
+                                       mesh=dict(data=-1, fsdp=1, tensor=1)))
+  cfg.generate.update(prompt_files=[str(root / "prompts.jsonl")], output_dir=str(out), num_samples=3,
+                      max_new_tokens=NEW, temperature=1.0, top_p=1.0, batch_size=8, buckets=(64,), shard_size=2,
+                      reward_batch_size=8, progress_bar=False)
+  cfg.generate.update(**overrides)
+  return cfg
+
+
+def text_length_scorer(messages, text):
+  del messages
+  return float(len(text))
+
+
+def _records(out):
+  with open(os.path.join(out, generate.RECORDS), encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+def _golden_prompt_ids(world, messages):
+  tok = world["hf_tok"]
+  text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+  return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _read(path):
+  with open(path, "rb") as f:
+    return f.read()
+
+
+@torch.no_grad()
+def test_temperature_to_zero_equals_greedy_equals_transformers_greedy(world, tmp_path):
+  greedy = _records(generate.run(_config(world, tmp_path / "greedy", temperature=0.0), scorer=text_length_scorer))
+  cold = _records(generate.run(_config(world, tmp_path / "cold", temperature=1e-6), scorer=text_length_scorer))
+  eos = [world["hf_tok"].convert_tokens_to_ids("<|im_end|>"), world["hf_tok"].convert_tokens_to_ids("<|endoftext|>")]
+  assert len(greedy) == len(PROMPTS)
+  for g, c, rec in zip(greedy, cold, world["records"]):
+    assert c["all_generated_ids"] == g["all_generated_ids"]
+    messages = [{"role": "user", "content": rec["prompt"]}] if isinstance(rec["prompt"], str) else rec["prompt"]
+    prompt = _golden_prompt_ids(world, messages)
+    assert g["prompt_ids"] == prompt
+    out = world["policy"].generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                   do_sample=False, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0)
+    want = out[0, len(prompt):].tolist()
+    if want[-1] in eos or len(want) == NEW:
+      want = want[:next((i + 1 for i, t in enumerate(want) if t in eos), len(want))]
+    for ids in g["all_generated_ids"]:
+      assert ids == want
+    finished = [bool(ids) and ids[-1] in eos for ids in g["all_generated_ids"]]
+    assert g["all_finished"] == finished
+
+
+def test_same_seed_same_samples_on_one_and_four_devices(world, tmp_path):
+  one = generate.run(_config(world, tmp_path / "one"), scorer=text_length_scorer)
+  cfg = _config(world, tmp_path / "four")
+  run_with_devices(f"""
+      import json, jax, ml_collections
+      from tregjax import generate
+      assert jax.device_count() == 4
+      cfg = ml_collections.ConfigDict(json.loads({cfg.to_json()!r}))
+      generate.run(cfg, scorer=lambda messages, text: float(len(text)))
+      """, 4)
+  four = str(tmp_path / "four")
+  recs = _records(one)
+  assert _read(os.path.join(one, generate.RECORDS)) == _read(os.path.join(four, generate.RECORDS))
+  assert _read(os.path.join(one, generate.PAIRS)) == _read(os.path.join(four, generate.PAIRS))
+  # Sampling really samples: the samples of a prompt are not all the same.
+  assert any(len({tuple(ids) for ids in r["all_generated_ids"]}) > 1 for r in recs)
+
+
+@torch.no_grad()
+def test_reward_model_scores_equal_transformers_sequence_classification(world, tmp_path):
+  out = generate.run(_config(world, tmp_path / "rm", reward_model=str(world["root"] / "rm")))
+  recs = _records(out)
+  checked = 0
+  for rec in recs:
+    prompt = _golden_prompt_ids(world, rec["prompt"])
+    assert rec["prompt_ids"] == prompt
+    for ids, score in zip(rec["all_generated_ids"], rec["all_rm_scores"]):
+      want = world["rm"](torch.tensor([prompt + ids])).logits[0, 0].item()
+      np.testing.assert_allclose(score, want, atol=1e-4, rtol=1e-5)
+      checked += 1
+  assert checked == len(PROMPTS) * 3
+  assert len({round(s, 6) for r in recs for s in r["all_rm_scores"]}) > 3  # scores differ between samples
+
+
+def tie_scorer(messages, text):
+  """Ties by construction: every sample of the 'fox' prompt scores 1; otherwise the length parity."""
+  if "fox" in messages[-1]["content"]:
+    return 1.0
+  return float(len(text) % 2)
+
+
+def test_binarized_pairs_pick_first_max_and_first_min_and_skip_ties(world, tmp_path):
+  out = generate.run(_config(world, tmp_path / "bin", num_samples=4), scorer=tie_scorer)
+  recs = _records(out)
+  want, all_equal = [], 0
+  for rec in recs:  # the naive loop
+    scores, texts = rec["all_rm_scores"], rec["all_generated_responses"]
+    hi = lo = 0
+    for i in range(len(scores)):
+      if scores[i] > scores[hi]:
+        hi = i
+      if scores[i] < scores[lo]:
+        lo = i
+    if scores[hi] == scores[lo]:
+      all_equal += 1
+      continue
+    if texts[hi].strip() and texts[lo].strip() and texts[hi] != texts[lo]:
+      want.append((rec["prompt"], texts[hi], texts[lo]))
+  with open(os.path.join(out, generate.PAIRS), encoding="utf-8") as f:
+    got = [json.loads(line) for line in f]
+  assert [(p["prompt"], p["chosen"], p["rejected"]) for p in got] == want
+  with open(os.path.join(out, generate.SUMMARY)) as f:
+    summary = json.load(f)
+  assert all_equal >= 1 and len(want) >= 1
+  assert summary["all_equal"] == all_equal and summary["pairs"] == len(want)
+  assert summary["samples"] == 4 * len(PROMPTS)
+  # The pairs file is a schema (a) dataset for the data pipeline.
+  cfg = ml_collections.ConfigDict(dict(data=data.default_data_config(), model=dict(hf_path=world["tok"])))
+  cfg.data.update(train_files=[os.path.join(out, generate.PAIRS)], dataset_dir=str(tmp_path / "ds"), schema="pair")
+  from tregjax.data import tfds_builder
+  assert len(tfds_builder.data_source(data.build_dataset(cfg), "train")) == len(want)
+
+
+def test_bad_prompts_file_error_names_file_line_and_field(world, tmp_path):
+  bad = tmp_path / "bad.jsonl"
+  dc.write_jsonl(str(bad), [dict(prompt="fine"), dict(question="no prompt field"), dict(prompt="x")])
+  with pytest.raises(DataError, match=r"bad\.jsonl:line 2: field 'prompt': missing field"):
+    generate.run(_config(world, tmp_path / "o1", prompt_files=[str(bad)]), scorer=text_length_scorer)
+  dc.write_jsonl(str(bad), [dict(prompt="fine"), dict(prompt=[{"role": "user"}])])
+  with pytest.raises(DataError, match=r"bad\.jsonl:line 2: field 'prompt\[0\]'"):
+    generate.run(_config(world, tmp_path / "o2", prompt_files=[str(bad)]), scorer=text_length_scorer)
+  # The command line: a clear message and exit status 2, no traceback.
+  dc.write_jsonl(str(bad), [dict(prompt="fine"), "{not json"])
+  cfg_file = tmp_path / "cfg.py"
+  cfg = _config(world, tmp_path / "o3", prompt_files=[str(bad)], scorer="tests.generate_test:text_length_scorer")
+  cfg_file.write_text(textwrap.dedent(f"""
+      import json, ml_collections
+      def get_config():
+        return ml_collections.ConfigDict(json.loads({cfg.to_json()!r}))
+      """))
+  proc = subprocess.run([sys.executable, "-m", "tregjax.generate", f"--config={cfg_file}"], capture_output=True,
+                        text=True, cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=REPO_ROOT), timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert f"{bad}:line 2: malformed JSON" in proc.stderr and "Traceback" not in proc.stderr
+
+
+class FlakyScorer:
+  """Scores by text length; raises after `fail_after` calls (an interruption mid-run)."""
+
+  def __init__(self, fail_after=None):
+    self.calls, self.fail_after = 0, fail_after
+
+  def __call__(self, messages, text):
+    self.calls += 1
+    if self.fail_after is not None and self.calls > self.fail_after:
+      raise KeyboardInterrupt("interrupted")
+    return float(len(text) % 3)
+
+
+def test_resume_after_interruption_yields_identical_output(world, tmp_path):
+  whole = generate.run(_config(world, tmp_path / "whole"), scorer=FlakyScorer())
+  part = tmp_path / "part"
+  with pytest.raises(KeyboardInterrupt):
+    generate.run(_config(world, part), scorer=FlakyScorer(fail_after=2 * 3 + 1))  # dies inside the second shard
+  assert sorted(os.listdir(part / "work")) == ["shard-00000.json"] and not (part / generate.SUMMARY).exists()
+  (part / "work" / "shard-00001.json.tmp.123").write_text("{torn")  # a write killed before its rename
+  shard0 = _read(part / "work" / "shard-00000.json")
+  resumed = FlakyScorer()
+  generate.run(_config(world, part), scorer=resumed)
+  assert resumed.calls == (len(PROMPTS) - 2) * 3  # only the unfinished shards were generated
+  assert _read(part / "work" / "shard-00000.json") == shard0
+  for name in (generate.RECORDS, generate.PAIRS, generate.SUMMARY):
+    assert _read(os.path.join(whole, name)) == _read(part / name), name
+  assert sorted(os.listdir(part / "work")) == ["shard-00000.json", "shard-00001.json", "shard-00002.json"]

@@ -1,0 +1,554 @@
+"""On-policy pairs: n samples per prompt from the policy, each scored by a reward model, best and worst kept.
+
+    python -m tregjax.generate --config configs/x.py [--config.generate.num_samples=5 ...]
+
+T-REG's data is on-policy (5 samples per prompt from the reference policy, scored by a sequence reward model, the best
+and the worst kept as the pair). This module runs that pipeline on the same mesh as the rest of tregjax:
+
+  prompts      local JSONL / parquet / `save_to_disk` files (`generate.prompt_files`) read by `tregjax.data.sources`;
+               the prompt is the `data.fields.prompt` field (a string or chat messages), rendered with the local
+               tokenizer's chat template and the generation prompt (`tregjax.data.tokenize.ChatTokenizer`).
+  sampling     the KV-cache sampler of `tregjax.models.decoding` (temperature / top-p / top-k, `max_new_tokens`, one
+               seed); rows = (prompt, sample) pairs in fixed-size batches sharded data-parallel over the mesh, prompts
+               padded to a few bucket widths so jit compiles a bounded number of shapes; each row stops at its EOS.
+  scoring      a sequence reward model (`generate.reward_model`, an HF *ForSequenceClassification directory loaded
+               with `tregjax.models.from_pretrained`) read at the last token of prompt ids + response ids, or a Python
+               callable `scorer(prompt_messages, response_text) -> float` (`run(..., scorer=)` or
+               `generate.scorer="pkg.module:function"`), e.g. a synthetic world's oracle.
+  output       `records.jsonl`: schema (c) of the data pipeline (`prompt`, `all_generated_responses`,
+               `all_rm_scores`, plus the exact generated ids and whether each sample ended with EOS);
+               `pairs.jsonl`: schema (a) (`prompt`, `chosen`, `rejected`), binarized by the data pipeline's own
+               ranked-schema rule (`tregjax.data.schema.to_example`: first maximum vs first minimum, all-equal groups
+               skipped), ready for `tregjax.data.build_dataset` + `python -m tregjax.score`;
+               `summary.json`: counts (ties, all-equal groups, unfinished samples, ...), written last.
+
+Resumable like the scoring pass: prompts are cut into work shards (`generate.shard_size` prompts each, one atomic
+file per shard); a rerun skips finished shards. Each batch's sampling key is derived from (seed, shard, batch), and a
+shard's batches are a pure function of its prompts and the config, so a resumed run writes byte-identical output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from tregjax import parallel
+from tregjax.data import build as data_build
+from tregjax.data import hashing, schema, sources
+from tregjax.data.tokenize import ChatTokenizer
+from tregjax.score import StaleCacheError, bucket_length
+
+log = logging.getLogger("tregjax.generate")
+
+OUTPUT_FORMAT_VERSION = 1
+RECORDS, PAIRS, SUMMARY = "records.jsonl", "pairs.jsonl", "summary.json"
+Scorer = Callable[[list[dict[str, str]], str], float]
+
+
+def default_generate_config() -> ml_collections.ConfigDict:
+  """The `generate` section: every key this module reads, with its default (a trainer config may embed it)."""
+  return ml_collections.ConfigDict(dict(
+      prompt_files=[],  # local prompt files; the prompt field is data.fields.prompt, the format data.format
+      output_dir="",  # records.jsonl, pairs.jsonl, summary.json and work/ (the resumable shards)
+      num_samples=5,  # responses per prompt
+      temperature=0.8,  # 0 -> greedy (then every sample of a prompt is the same)
+      top_p=0.95,
+      top_k=0,  # 0 -> no top-k cut
+      max_new_tokens=512,
+      seed=0,
+      max_prompt_length=0,  # 0 -> data.max_prompt_length; longer prompts follow data.truncation (keep the end)
+      batch_size=32,  # sampled rows per jitted call, rounded up to a multiple of the data-parallel size
+      buckets=(32, 64, 128, 256, 512, 1024, 2048),  # padded prompt widths (longer: multiples of the largest)
+      reward_model="",  # local HF *ForSequenceClassification dir (num_labels=1); "" -> a Python scorer
+      scorer="",  # "pkg.module:function" -> scorer(prompt_messages, response_text) -> float (when no reward_model)
+      reward_batch_size=32,  # sequences per reward-model call (rounded like batch_size)
+      dtype="",  # compute dtype; "" -> model.dtype ("float32" for exact goldens)
+      shard_size=64,  # prompts per work shard (the resume granularity)
+      progress_bar=True,
+  ))
+
+
+def generate_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config.generate` over the defaults, validated (a bad value fails before any model is loaded)."""
+  merged = default_generate_config()
+  given = config.get("generate", None) or {}
+  for key in given.keys():
+    if key not in merged:
+      raise ValueError(f"unknown key generate.{key}; known: {sorted(merged.keys())}")
+    merged[key] = given[key]
+  checks = [("num_samples", merged.num_samples >= 1), ("max_new_tokens", merged.max_new_tokens >= 1),
+            ("temperature", merged.temperature >= 0), ("top_p", 0 < merged.top_p <= 1), ("top_k", merged.top_k >= 0),
+            ("batch_size", merged.batch_size >= 1), ("reward_batch_size", merged.reward_batch_size >= 1),
+            ("shard_size", merged.shard_size >= 1), ("buckets", len(merged.buckets) > 0 and min(merged.buckets) > 0)]
+  for name, ok in checks:
+    if not ok:
+      raise ValueError(f"generate.{name}={merged[name]!r} is out of range")
+  if merged.reward_model and merged.scorer:
+    raise ValueError("set only one of generate.reward_model and generate.scorer")
+  return merged
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+  """One prompt: where it came from, its chat messages and their template-rendered ids."""
+  where: str
+  messages: tuple[dict[str, str], ...]
+  ids: tuple[int, ...]
+
+
+def load_prompts(config: ml_collections.ConfigDict, tok: ChatTokenizer,
+                 counts: dict[str, Any] | None = None) -> list[Prompt]:
+  """Every prompt of `generate.prompt_files`, in file order.
+
+  A bad record (unreadable line, missing or malformed prompt field, over-long prompt under truncation="error") raises
+  `DataError` naming its file, line and field, or is skipped and counted when `data.on_bad_record == "skip"`.
+  """
+  g, d = generate_section(config), data_build.data_section(config)
+  if not g.prompt_files:
+    raise ValueError("set generate.prompt_files (local JSONL / parquet / save_to_disk prompt files)")
+  if d.on_bad_record not in ("error", "skip"):
+    raise ValueError(f"data.on_bad_record must be 'error' or 'skip', got {d.on_bad_record!r}")
+  field = dict(schema.DEFAULT_FIELDS, **dict(d.fields))["prompt"]
+  limit = int(g.max_prompt_length or d.max_prompt_length)
+  counts = counts if counts is not None else {}
+  counts.update(records=0, truncated_prompts=0, dropped_too_long=0, bad_records={})
+  out = []
+  for raw in sources.read_all(list(g.prompt_files), d.format):
+    counts["records"] += 1
+    try:
+      if raw.error is not None:
+        raise raw.error
+      if field not in raw.value or raw.value[field] is None:
+        raise sources.DataError(raw.where, field, f"missing field (record has {sorted(raw.value)})", "missing_field")
+      messages = schema._messages(raw.value[field], raw.where, field)  # pylint: disable=protected-access
+      if d.system_prompt and messages[0]["role"] != "system":
+        messages = ({"role": "system", "content": d.system_prompt},) + messages
+      ids = tok.prompt_ids(messages)
+      if len(ids) > limit:
+        if d.truncation == "error":
+          raise sources.DataError(raw.where, field, f"prompt has {len(ids)} tokens, longer than the budget "
+                                  f"max_prompt_length={limit}", "prompt_too_long")
+        if d.truncation == "drop":
+          counts["dropped_too_long"] += 1
+          continue
+        ids = ids[-limit:]
+        counts["truncated_prompts"] += 1
+    except sources.DataError as err:
+      if d.on_bad_record == "error":
+        raise
+      counts["bad_records"][err.kind] = counts["bad_records"].get(err.kind, 0) + 1
+      continue
+    out.append(Prompt(raw.where, messages, tuple(ids)))
+  if not out:
+    raise ValueError(f"no usable prompts in {list(g.prompt_files)} ({counts})")
+  return out
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+def _model_path(config: ml_collections.ConfigDict) -> str:
+  model = config.get("model", None) or {}
+  path = model.get("hf_path", "") or model.get("path", "")
+  if not path:
+    raise ValueError("set model.hf_path to the policy's local directory (config.json + *.safetensors) or .gguf")
+  return path
+
+
+def _compute_dtype(config: ml_collections.ConfigDict, g: ml_collections.ConfigDict) -> str:
+  return g.dtype or (config.get("model", None) or {}).get("dtype", "bfloat16") or "bfloat16"
+
+
+def resolve_scorer(g: ml_collections.ConfigDict, scorer: Scorer | None) -> tuple[Scorer | None, str]:
+  """(the Python scorer or None for the reward model, an identity string that goes into the output hash)."""
+  if g.reward_model:
+    if scorer is not None:
+      raise ValueError("pass either a scorer or generate.reward_model, not both")
+    return None, "reward_model:" + hashing.hash_path(g.reward_model)
+  if scorer is None and g.scorer:
+    module, _, name = g.scorer.partition(":")
+    if not name:
+      raise ValueError(f"generate.scorer={g.scorer!r}: expected 'pkg.module:function'")
+    scorer = getattr(importlib.import_module(module), name)
+  if scorer is None:
+    raise ValueError("no scorer: set generate.reward_model (a local reward-model directory), generate.scorer "
+                     "('pkg.module:function'), or pass scorer= to tregjax.generate.run")
+  # Code cannot be hashed; the scorer's name stands for it (a callable object is named by its class).
+  named = scorer if hasattr(scorer, "__qualname__") else type(scorer)
+  return scorer, f"python:{named.__module__}:{named.__qualname__}"
+
+
+class Sampler:
+  """The policy on the mesh and a fixed batch shape; `sample` turns prompt rows into responses."""
+
+  def __init__(self, config: ml_collections.ConfigDict, g: ml_collections.ConfigDict, mesh, tok: ChatTokenizer):
+    from tregjax import models  # pylint: disable=g-import-not-at-top
+    self.g, self.mesh, self.pad_id = g, mesh, tok.pad_id
+    dtype = jnp.dtype(_compute_dtype(config, g))
+    self.model = models.from_pretrained(_model_path(config), dtype=dtype, param_dtype=dtype, mesh=mesh)
+    if not isinstance(self.model, models.CausalLM):
+      raise ValueError(f"model.hf_path={_model_path(config)} is not a causal LM (it has a classification head)")
+    models.check_tokenizer_vocab(tok.vocab_size, self.model)
+    eos = {tok.end_of_turn_id}
+    if tok.tokenizer.eos_token_id is not None:
+      eos.add(int(tok.tokenizer.eos_token_id))
+    self.eos_ids = tuple(sorted(eos))
+    self.batch_size = round_to_mesh(g.batch_size, mesh)
+
+  def sample(self, rows: Sequence[Sequence[int]], key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Prompt rows (at most batch_size, all in one bucket) -> (tokens i32[n, max_new_tokens], lengths i32[n])."""
+    from tregjax.models import decoding  # pylint: disable=g-import-not-at-top
+    width = bucket_length(max(len(r) for r in rows), self.g.buckets)
+    padded = list(rows) + [[self.pad_id]] * (self.batch_size - len(rows))  # dummy rows keep one batch shape
+    with parallel.use_mesh(self.mesh):
+      out = decoding.generate(self.model, padded, max_new_tokens=int(self.g.max_new_tokens), key=key,
+                              temperature=float(self.g.temperature), top_p=float(self.g.top_p),
+                              top_k=int(self.g.top_k), eos_ids=self.eos_ids, pad_id=self.pad_id,
+                              prompt_multiple=width)
+    tokens, lengths = jax.device_get((out.tokens, out.lengths))
+    return np.asarray(tokens)[:len(rows)], np.asarray(lengths)[:len(rows)]
+
+
+class RewardScorer:
+  """A sequence reward model read at the last token of prompt ids + response ids, in bucketed fixed-size batches."""
+
+  def __init__(self, config: ml_collections.ConfigDict, g: ml_collections.ConfigDict, mesh, tok: ChatTokenizer):
+    from tregjax import models  # pylint: disable=g-import-not-at-top
+    self.g, self.pad_id = g, tok.pad_id
+    dtype = jnp.dtype(_compute_dtype(config, g))
+    model = models.from_pretrained(g.reward_model, dtype=dtype, param_dtype=dtype, mesh=mesh)
+    if not isinstance(model, models.RewardModel):
+      raise ValueError(f"generate.reward_model={g.reward_model} is not a sequence reward model "
+                       f"(*ForSequenceClassification with num_labels=1)")
+    if model.config.num_labels != 1:
+      raise ValueError(f"generate.reward_model={g.reward_model} has num_labels={model.config.num_labels}; "
+                       f"a sequence reward needs exactly one")
+    _check_same_vocab(g.reward_model, tok)
+    models.check_tokenizer_vocab(tok.vocab_size, model)
+    self.batch_size = round_to_mesh(g.reward_batch_size, mesh)
+    graphdef, self.state = nnx.split(model)
+
+    def fn(state, tokens, segment_ids):
+      return nnx.merge(graphdef, state).sequence_scores(tokens, segment_ids=segment_ids)
+
+    self._fn = jax.jit(fn, in_shardings=(parallel.state_shardings(self.state, mesh), parallel.batch_sharding(mesh),
+                                         parallel.batch_sharding(mesh)))
+    self._buckets = tuple(sorted({bucket_length(b + g.max_new_tokens, g.buckets) for b in g.buckets}))
+
+  def __call__(self, sequences: Sequence[Sequence[int]]) -> list[float]:
+    lengths = [len(s) for s in sequences]
+    order = sorted(range(len(sequences)), key=lambda i: (bucket_length(lengths[i], self._buckets), i))
+    out = [0.0] * len(sequences)
+    start = 0
+    while start < len(order):
+      t = bucket_length(lengths[order[start]], self._buckets)
+      chunk = [i for i in order[start:start + self.batch_size] if bucket_length(lengths[i], self._buckets) == t]
+      start += len(chunk)
+      tokens = np.full((self.batch_size, t), self.pad_id, np.int32)
+      segs = np.zeros((self.batch_size, t), np.int32)
+      segs[len(chunk):, 0] = 1  # dummy rows: one token, so no row is all padding
+      for row, i in enumerate(chunk):
+        tokens[row, :lengths[i]] = sequences[i]
+        segs[row, :lengths[i]] = 1
+      scores = np.asarray(jax.device_get(self._fn(self.state, tokens, segs)), np.float32)
+      for row, i in enumerate(chunk):
+        out[i] = float(scores[row])
+    return out
+
+
+def _check_same_vocab(path: str, tok: ChatTokenizer) -> None:
+  """Reward-model scores are read on the policy's ids, so a reward model with its own tokenizer must share the vocab."""
+  try:
+    hashing.tokenizer_hash(path)
+  except FileNotFoundError:
+    return  # no tokenizer files beside the weights: nothing to compare
+  import transformers  # pylint: disable=g-import-not-at-top
+  theirs = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True).get_vocab()
+  if theirs != tok.tokenizer.get_vocab():
+    raise ValueError(f"generate.reward_model={path} has a different tokenizer vocabulary than the policy's "
+                     f"({tok.path}); it scores the policy's token ids, so both must share one tokenizer")
+
+
+def round_to_mesh(size: int, mesh) -> int:
+  ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  return -(-int(size) // ways) * ways
+
+
+# ------------------------------------------------------------------------------------------ one shard
+
+
+def _shard_key(seed: int, shard: int, batch: int) -> jax.Array:
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), shard), batch)
+
+
+def generate_shard(sampler: Sampler, prompts: Sequence[Prompt], shard: int, g: ml_collections.ConfigDict,
+                   eos_ids: Sequence[int]) -> list[list[tuple[list[int], bool]]]:
+  """Responses [prompt][sample] = (generated ids incl. EOS, ended with EOS) for one shard.
+
+  Rows (prompt, sample) are ordered by prompt bucket, then row index, and cut into batches of one bucket each, so the
+  batches (and hence the per-batch sampling keys) depend only on the shard's prompts and the config.
+  """
+  n = int(g.num_samples)
+  rows = [(p, j) for p in range(len(prompts)) for j in range(n)]
+  width = [bucket_length(len(prompts[p].ids), g.buckets) for p, _ in rows]
+  order = sorted(range(len(rows)), key=lambda r: (width[r], r))
+  out: list[list[Any]] = [[None] * n for _ in prompts]
+  start, batch = 0, 0
+  while start < len(order):
+    chunk = [r for r in order[start:start + sampler.batch_size] if width[r] == width[order[start]]]
+    start += len(chunk)
+    tokens, lengths = sampler.sample([prompts[rows[r][0]].ids for r in chunk], _shard_key(int(g.seed), shard, batch))
+    batch += 1
+    for k, r in enumerate(chunk):
+      ids = tokens[k, :lengths[k]].tolist()
+      p, j = rows[r]
+      out[p][j] = (ids, bool(ids) and ids[-1] in eos_ids)
+  return out
+
+
+def shard_records(prompts: Sequence[Prompt], responses: list[list[tuple[list[int], bool]]], scores: list[list[float]],
+                  tok: ChatTokenizer, eos_ids: Sequence[int]) -> list[dict[str, Any]]:
+  """Schema (c) records (+ exact ids, finished flags, the source location) for one shard."""
+  records = []
+  for prompt, resp, sc in zip(prompts, responses, scores):
+    records.append(dict(
+        prompt=list(prompt.messages),
+        all_generated_responses=[response_text(tok, ids, eos_ids) for ids, _ in resp],
+        all_rm_scores=[float(s) for s in sc],
+        all_generated_ids=[ids for ids, _ in resp],
+        all_finished=[fin for _, fin in resp],
+        prompt_ids=list(prompt.ids),
+        source=prompt.where))
+  return records
+
+
+def response_text(tok: ChatTokenizer, ids: Sequence[int], eos_ids: Sequence[int]) -> str:
+  """The response's text: its ids without the final EOS, decoded without special tokens."""
+  if ids and ids[-1] in eos_ids:
+    ids = ids[:-1]
+  return tok.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def score_shard(prompts: Sequence[Prompt], texts: list[list[str]], responses: list[list[tuple[list[int], bool]]],
+                reward: RewardScorer | None, scorer: Scorer | None) -> list[list[float]]:
+  """Scores [prompt][sample] from the reward model (on prompt + response ids) or the Python scorer (on text)."""
+  if reward is not None:
+    flat = [list(p.ids) + ids for p, resp in zip(prompts, responses) for ids, _ in resp]
+    values = reward(flat)
+  else:
+    values = []
+    for p, txts in zip(prompts, texts):
+      for j, text in enumerate(txts):
+        v = scorer(list(p.messages), text)
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v):
+          raise ValueError(f"scorer returned {v!r} for sample {j} of the prompt at {p.where}; it must return a "
+                           f"finite number")
+        values.append(float(v))
+  n = len(responses[0]) if responses else 0
+  return [values[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+# ------------------------------------------------------------------------------------------ binarization
+
+
+def binarize(records: Sequence[dict[str, Any]], where: Callable[[int], str]
+             ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+  """Schema (a) pairs from schema (c) records with the data pipeline's own rule, and the counts of what was skipped.
+
+  The rule is `tregjax.data.schema.to_example(..., "ranked")`: chosen = first maximum, rejected = first minimum; an
+  all-equal group (max == min) is a tie and skipped; identical chosen/rejected texts or an empty best/worst response
+  are skipped and counted by kind. `tied_best`/`tied_worst` count groups whose maximum/minimum is not unique.
+  """
+  pairs: list[dict[str, Any]] = []
+  counts: dict[str, Any] = dict(groups=len(records), pairs=0, all_equal=0, tied_best=0, tied_worst=0, skipped={})
+  for i, rec in enumerate(records):
+    scores = rec["all_rm_scores"]
+    counts["tied_best"] += scores.count(max(scores)) > 1
+    counts["tied_worst"] += scores.count(min(scores)) > 1
+    try:
+      ex = schema.to_example(rec, where(i), "ranked")
+    except schema.Tie:
+      counts["all_equal"] += 1
+      continue
+    except sources.DataError as err:
+      counts["skipped"][err.kind] = counts["skipped"].get(err.kind, 0) + 1
+      continue
+    pairs.append(dict(prompt=list(ex.prompt), chosen=ex.chosen, rejected=ex.rejected, source=rec.get("source", "")))
+  counts["pairs"] = len(pairs)
+  return pairs, counts
+
+
+# ------------------------------------------------------------------------------------------ work shards
+
+
+def _shard_path(output_dir: str, index: int) -> str:
+  return os.path.join(output_dir, "work", f"shard-{index:05d}.json")
+
+
+def _dumps(value: Any) -> str:
+  return json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+
+def _read_shard(path: str, digest: str) -> dict[str, Any] | None:
+  """The shard, or None when it is absent or belongs to another config (then it is regenerated)."""
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    shard = json.load(f)
+  return shard if shard.get("hash") == digest else None
+
+
+def output_components(config: ml_collections.ConfigDict, g: ml_collections.ConfigDict, scorer_id: str,
+                      batch_size: int) -> dict[str, str]:
+  """Hashes of every input the output depends on (the effective batch size too: it decides the batches' keys)."""
+  d = data_build.data_section(config)
+  prompt_cfg = dict(format=d.format, field=dict(schema.DEFAULT_FIELDS, **dict(d.fields))["prompt"],
+                    system_prompt=d.system_prompt, end_of_turn_token=d.end_of_turn_token,
+                    max_prompt_length=int(g.max_prompt_length or d.max_prompt_length), truncation=d.truncation,
+                    on_bad_record=d.on_bad_record)
+  sampling = dict(num_samples=int(g.num_samples), temperature=float(g.temperature), top_p=float(g.top_p),
+                  top_k=int(g.top_k), max_new_tokens=int(g.max_new_tokens), seed=int(g.seed), batch_size=batch_size,
+                  buckets=[int(b) for b in g.buckets], shard_size=int(g.shard_size))
+  return dict(format=str(OUTPUT_FORMAT_VERSION), model=hashing.hash_path(_model_path(config)),
+              tokenizer=hashing.tokenizer_hash(data_build.tokenizer_path(config)),
+              prompts=hashing.hash_paths(list(g.prompt_files)), prompt_config=hashing.hash_json(prompt_cfg),
+              sampling=hashing.hash_json(sampling), scorer=hashing.hash_json(scorer_id),
+              compute=hashing.hash_json(dict(dtype=_compute_dtype(config, g))))
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def run(config: ml_collections.ConfigDict, *, scorer: Scorer | None = None) -> str:
+  """Sample, score and binarize the prompts of `config` into `generate.output_dir`; returns that directory.
+
+  Resumable: finished work shards are reused, so an interrupted run continues and writes byte-identical output.
+  """
+  g = generate_section(config)
+  if not g.output_dir:
+    raise ValueError("set generate.output_dir (where records.jsonl, pairs.jsonl and summary.json are written)")
+  py_scorer, scorer_id = resolve_scorer(g, scorer)
+  mesh_cfg = config.get("mesh", None) or {}
+  mesh = parallel.make_mesh(data=-1, fsdp=mesh_cfg.get("fsdp", 1), tensor=mesh_cfg.get("tensor", 1),
+                            devices=jax.local_devices())
+  components = output_components(config, g, scorer_id, round_to_mesh(g.batch_size, mesh))
+  digest = hashing.hash_json(components)
+  summary_path = os.path.join(g.output_dir, SUMMARY)
+  if os.path.exists(summary_path):
+    with open(summary_path) as f:
+      done = json.load(f)
+    if done.get("hash") == digest:
+      log.info("generated output %s is complete and current", g.output_dir)
+      return g.output_dir
+    raise StaleCacheError(f"{g.output_dir} already holds generated pairs of other inputs (hash "
+                          f"{str(done.get('hash'))[:16]}, this config {digest[:16]}); choose another "
+                          f"generate.output_dir or delete it")
+  work = os.path.join(g.output_dir, "work")
+  os.makedirs(work, exist_ok=True)
+  for name in os.listdir(work):
+    if ".tmp." in name:  # a write interrupted before its rename
+      os.remove(os.path.join(work, name))
+
+  d = data_build.data_section(config)
+  tok = ChatTokenizer(data_build.tokenizer_path(config), d.end_of_turn_token)
+  prompt_counts: dict[str, Any] = {}
+  prompts = load_prompts(config, tok, prompt_counts)
+  shard_size = int(g.shard_size)
+  num_shards = -(-len(prompts) // shard_size)
+  pid, pcount = jax.process_index(), jax.process_count()
+  todo = [k for k in range(num_shards) if _read_shard(_shard_path(g.output_dir, k), digest) is None]
+  mine = [k for n, k in enumerate(todo) if n % pcount == pid]
+  if mine:
+    sampler = Sampler(config, g, mesh, tok)
+    reward = RewardScorer(config, g, mesh, tok) if g.reward_model else None
+    total = sum(min(shard_size, len(prompts) - k * shard_size) for k in mine)
+    bar = _progress(total, g.progress_bar)
+    t0, new_tokens = time.perf_counter(), 0
+    for k in mine:
+      part = prompts[k * shard_size:(k + 1) * shard_size]
+      responses = generate_shard(sampler, part, k, g, sampler.eos_ids)
+      new_tokens += sum(len(ids) for resp in responses for ids, _ in resp)
+      texts = [[response_text(tok, ids, sampler.eos_ids) for ids, _ in resp] for resp in responses]
+      scores = score_shard(part, texts, responses, reward, py_scorer)
+      records = shard_records(part, responses, scores, tok, sampler.eos_ids)
+      hashing.atomic_write_bytes(_shard_path(g.output_dir, k),
+                                 _dumps(dict(hash=digest, shard=k, records=records)).encode("utf-8"))
+      bar.update(len(part))
+      bar.set_postfix(tok_s=f"{new_tokens / max(time.perf_counter() - t0, 1e-9):.0f}", refresh=False)
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    log.info("generated %d prompts x %d samples, %d new tokens in %.1fs (%.1f prompts/s, %.0f tokens/s)", total,
+             g.num_samples, new_tokens, elapsed, total / max(elapsed, 1e-9), new_tokens / max(elapsed, 1e-9))
+  if pcount > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("tregjax.generate shards")
+  if pid == 0:
+    _assemble(g.output_dir, num_shards, digest, components, prompt_counts)
+  if pcount > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("tregjax.generate assembled")
+  return g.output_dir
+
+
+def _progress(total: int, enabled: bool):
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=total, unit="prompt", desc="generating", disable=not enabled, file=sys.stderr)
+
+
+def _assemble(output_dir: str, num_shards: int, digest: str, components: dict[str, str],
+              prompt_counts: dict[str, Any]) -> None:
+  """Shards -> records.jsonl and pairs.jsonl (atomic), then summary.json (last: it marks completion)."""
+  records: list[dict[str, Any]] = []
+  for k in range(num_shards):
+    shard = _read_shard(_shard_path(output_dir, k), digest)
+    if shard is None:
+      raise RuntimeError(f"work shard {_shard_path(output_dir, k)} is missing after generation")
+    records.extend(shard["records"])
+  records_path = os.path.join(output_dir, RECORDS)
+  pairs, pair_counts = binarize(records, lambda i: f"{records_path}:line {i + 1}")
+  hashing.atomic_write_bytes(records_path, "".join(_dumps(r) + "\n" for r in records).encode("utf-8"))
+  hashing.atomic_write_bytes(os.path.join(output_dir, PAIRS), "".join(_dumps(p) + "\n" for p in pairs).encode("utf-8"))
+  samples = [fin for r in records for fin in r["all_finished"]]
+  summary = dict(hash=digest, components=components, format_version=OUTPUT_FORMAT_VERSION, prompts=prompt_counts,
+                 samples=len(samples), unfinished_samples=samples.count(False),
+                 new_tokens=sum(len(ids) for r in records for ids in r["all_generated_ids"]), **pair_counts)
+  hashing.atomic_write_json(os.path.join(output_dir, SUMMARY), summary)
+  log.info("%d prompts -> %d pairs (%d all-equal groups skipped, %d with tied best, %d with tied worst, skipped %s); "
+           "%s", len(records), pair_counts["pairs"], pair_counts["all_equal"], pair_counts["tied_best"],
+           pair_counts["tied_worst"], pair_counts["skipped"], output_dir)
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+  try:
+    out = run(flags.FLAGS.config)
+  except (ValueError, FileNotFoundError) as e:  # bad input: a clear message and a non-zero exit, no traceback
+    print(f"tregjax.generate: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(out)
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, "config file (configs/*.py with get_config())", lock_config=True)
+  app.run(main)
