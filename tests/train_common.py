@@ -187,7 +187,10 @@ def worker_env(cache_dir: str | None = None, num_devices: int = 1) -> dict[str, 
   """Environment of a worker subprocess: CPU, N fake devices, a shared persistent compilation cache."""
   env = dict(os.environ)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+  # The two LLVM flags halve CPU compile time of the tiny step (numerics unchanged: same ops, less LLVM optimisation).
+  flags = (f"--xla_force_host_platform_device_count={num_devices} --xla_backend_optimization_level=0 "
+           "--xla_llvm_disable_expensive_passes=true")
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=flags,
              PYTHONPATH=root + os.pathsep + env.get("PYTHONPATH", ""))
   if cache_dir:
     env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",

@@ -9,7 +9,6 @@ point), and the metric sinks (process 0).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -93,14 +92,16 @@ def build_model_state(config: ml_collections.ConfigDict, mesh, *, abstract: bool
     _, params, extra = nnx.split(model, nnx.Param, ...)
     return graphdef, params, extra
 
-  @functools.partial(jax.jit, out_shardings=shardings)
-  def init():
-    model = models.from_config(cfg, nnx.Rngs(config.seed), dtype=dtype, param_dtype=param_dtype)
-    _, params, extra = nnx.split(model, nnx.Param, ...)
-    return params, extra
+  return graphdef, *jax.jit(lambda: random_init(config), out_shardings=shardings)()
 
-  params, extra = init()
-  return graphdef, params, extra
+
+def random_init(config: ml_collections.ConfigDict):
+  """(params, extra) of a freshly initialised model (trace under jit with out_shardings to init sharded)."""
+  from tregjax import models  # pylint: disable=g-import-not-at-top
+  model = models.from_config(model_config(config), nnx.Rngs(config.seed), dtype=_dtype(config.model.dtype),
+                             param_dtype=_dtype(config.model.param_dtype))
+  _, params, extra = nnx.split(model, nnx.Param, ...)
+  return params, extra
 
 
 def default_data(config: ml_collections.ConfigDict, split: str, process_index: int, process_count: int) -> Iterator:
@@ -224,8 +225,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
                                keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   latest = ckpt.latest_step() if config.checkpoint.enabled else None
-  resume = latest is not None and not config.model.hf_path
-  graphdef, params, extra = build_model_state(config, mesh, abstract=resume)
+  # Random init is one jitted program straight into the sharded TrainState; a pretrained model streams in first.
+  pretrained = bool(config.model.hf_path) and latest is None
+  graphdef, params, extra = build_model_state(config, mesh, abstract=not pretrained)
   tx, schedule = optimizer_lib.make_optimizer(config.optimizer, total_steps, params)
   init_fn = lambda p, e: step_lib.init_state(p, e, tx, config.seed)
   abstract_state = jax.eval_shape(init_fn, params, extra)
@@ -242,8 +244,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
     state, data_state, _ = ckpt.restore(latest, target)
     train_iter.set_state(data_state)
     log.info("resumed from %s/%d", ckpt.directory, latest)
-  else:
+  elif pretrained:
     state = jax.jit(init_fn, out_shardings=state_sh)(params, extra)
+  else:
+    state = jax.jit(lambda: init_fn(*random_init(config)), out_shardings=state_sh)()
   del params, extra
 
   options = config_lib.objective_options(config) if config.objective == "preference" else None
