@@ -37,9 +37,10 @@ def hash_path(path: str) -> str:
 
 
 def hash_paths(paths: Iterable[str]) -> str:
+  """Contents in order (not the names: a moved file is the same data)."""
   h = hashlib.sha256()
   for p in paths:
-    h.update(p.encode() + b"\0" + hash_path(p).encode())
+    h.update(hash_path(p).encode() + b"\0")
   return h.hexdigest()
 
 

@@ -11,6 +11,7 @@ hash, so a changed input or config lands in a new directory instead of silently 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import example_serializer
 
 from tregjax.data import hashing
 
@@ -110,8 +112,9 @@ def write(kind: str, data_dir: str, config_name: str, split_generators: SplitGen
   builder = cls(data_dir=data_dir, config=builder_config, split_generators=gens, metadata=metadata)
   out_dir = os.fspath(builder.data_path)
   if not builder.is_prepared():
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(), download_dir=os.path.join(
-        data_dir, ".downloads"))
+    with _deterministic_serialization():
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(), download_dir=os.path.join(
+          data_dir, ".downloads"))
     for split, rows in lengths.items():
       buf = _npy_bytes(np.asarray(rows, np.int32).reshape(-1, 2))
       hashing.atomic_write_bytes(os.path.join(out_dir, f"lengths-{split}.npy"), buf)
@@ -133,6 +136,28 @@ def resolve(path: str) -> str:
       return os.path.join(path, json.load(f)["path"])
   raise FileNotFoundError(f"{path} holds no tregjax dataset (no dataset_info.json or {POINTER}); build it with "
                           f"tregjax.data.build_dataset or python -m tregjax.score")
+
+
+class _DeterministicSerializer(example_serializer.ExampleSerializer):
+  """Serializes the tf.train.Example feature map in sorted key order.
+
+  Protobuf leaves map order unspecified and it varies between processes, so without this a resumed scoring run
+  would write the same records with different bytes.
+  """
+
+  def serialize_example(self, example):
+    return self.get_tf_example(example).SerializeToString(deterministic=True)
+
+
+@contextlib.contextmanager
+def _deterministic_serialization():
+  """TFDS's split builder constructs `example_serializer.ExampleSerializer` itself; swap it while we write."""
+  original = example_serializer.ExampleSerializer
+  example_serializer.ExampleSerializer = _DeterministicSerializer
+  try:
+    yield
+  finally:
+    example_serializer.ExampleSerializer = original
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

@@ -1,0 +1,239 @@
+"""The scoring pass against independent goldens: HF transformers in torch, a naive per-prefix reward-model loop."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import ml_collections
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(1)  # tiny models: threads only contend on the shared CI cores
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+sys.path.insert(0, os.path.dirname(__file__))
+import data_common as dc  # noqa: E402
+
+from tregjax import data, score  # noqa: E402
+from tregjax.data import tfds_builder  # noqa: E402
+from tregjax.data.tokenize import ChatTokenizer  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BETTER, WORSE = "Be helpful, correct, coherent and concise.", "Be unhelpful, incorrect, incoherent and verbose."
+N_PAIRS = 6
+
+
+def _llama_config(vocab, **kw):
+  return LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, **kw)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  root = tmp_path_factory.mktemp("score")
+  tok_dir = dc.byte_level_bpe(str(root / "tok"))
+  hf_tok = AutoTokenizer.from_pretrained(tok_dir)
+  models = {}
+  for name, seed, cls in (("ref", 0, LlamaForCausalLM), ("dpo", 1, LlamaForCausalLM),
+                          ("rm", 2, LlamaForSequenceClassification)):
+    torch.manual_seed(seed)
+    m = cls(_llama_config(len(hf_tok), **({"num_labels": 1} if name == "rm" else {}))).eval()
+    m.save_pretrained(str(root / name))
+    hf_tok.save_pretrained(str(root / name))
+    models[name] = m
+  records = dc.pair_records(N_PAIRS, seed=9)
+  dc.write_jsonl(str(root / "a.jsonl"), records)
+  return dict(root=root, tok=tok_dir, hf_tok=hf_tok, models=models, records=records)
+
+
+def _config(world, cache, source="contrastive", **score_overrides):
+  root = world["root"]
+  cfg = ml_collections.ConfigDict(dict(data=data.default_data_config(), score=score.default_score_config(),
+                                       model=dict(hf_path=str(root / "ref"), dtype="float32"),
+                                       mesh=dict(data=-1, fsdp=1, tensor=1)))
+  cfg.data.update(train_files=[str(root / "a.jsonl")], dataset_dir=str(root / "ds"), cache_dir=str(cache),
+                  max_prompt_length=64, max_length=128)
+  cfg.score.update(dict(dict(better_instruction=BETTER, worse_instruction=WORSE, instruction_role="system",
+                             batch_size=4, shard_size=4, buckets=(32, 64, 128), progress_bar=False),
+                        **score_overrides))
+  cfg.score.token_reward.source = source
+  cfg.score.token_reward.beta = 0.5
+  cfg.score.token_reward.dpo_checkpoint = str(root / "dpo")
+  cfg.score.token_reward.reward_model = str(root / "rm")
+  return cfg
+
+
+def _golden_ids(world, rec, side, instruction=None):
+  """Prompt ids (HF chat template) and response ids (tokenized alone + <|im_end|>), built without tregjax."""
+  tok = world["hf_tok"]
+  messages = [{"role": "user", "content": rec["prompt"]}]
+  if instruction:
+    messages = [{"role": "system", "content": instruction}] + messages
+  prompt = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+               add_special_tokens=False)["input_ids"]
+  response = tok(rec[side], add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+  return prompt, response
+
+
+@torch.no_grad()
+def _torch_response_logps(model, prompt, response):
+  ids = torch.tensor([prompt + response])
+  logps = torch.log_softmax(model(ids).logits.float(), -1)[0]
+  n = len(prompt)
+  return np.array([logps[n - 1 + j, response[j]].item() for j in range(len(response))], np.float32)
+
+
+def _cache_records(cache):
+  src = tfds_builder.data_source(cache, "train")
+  return [src[i] for i in range(len(src))]
+
+
+def test_contrastive_rewards_and_ref_logps_equal_transformers(world, tmp_path):
+  cache = score.run(_config(world, tmp_path / "cache"))
+  got = _cache_records(cache)
+  assert len(got) == N_PAIRS
+  ref = world["models"]["ref"]
+  for rec, out in zip(world["records"], got):
+    for side in ("chosen", "rejected"):
+      prompt, response = _golden_ids(world, rec, side)
+      np.testing.assert_array_equal(out[f"{side}_ids"], response)
+      np.testing.assert_array_equal(out["prompt_ids"], prompt)
+      plain = _torch_response_logps(ref, prompt, response)
+      better = _torch_response_logps(ref, _golden_ids(world, rec, side, BETTER)[0], response)
+      worse = _torch_response_logps(ref, _golden_ids(world, rec, side, WORSE)[0], response)
+      np.testing.assert_allclose(out[f"ref_{side}_token_logps"], plain, atol=1e-4, rtol=0)
+      np.testing.assert_allclose(out[f"ref_{side}_logps"], plain.sum(), atol=1e-3, rtol=1e-5)
+      want = 1 / (1 + np.exp(-(better.astype(np.float64) - worse))) - 0.5
+      np.testing.assert_allclose(out[f"{side}_token_rewards"], want, atol=1e-4, rtol=0)
+      assert np.abs(want).max() > 1e-4  # the contexts really differ
+    assert out["token_reward_source"] == b"contrastive"
+
+
+def test_dpo_implicit_rewards_equal_beta_times_logp_difference(world, tmp_path):
+  got = _cache_records(score.run(_config(world, tmp_path / "cache", source="dpo_implicit")))
+  for rec, out in zip(world["records"], got):
+    prompt, response = _golden_ids(world, rec, "chosen")
+    ref = _torch_response_logps(world["models"]["ref"], prompt, response)
+    dpo = _torch_response_logps(world["models"]["dpo"], prompt, response)
+    np.testing.assert_allclose(out["chosen_token_rewards"], 0.5 * (dpo - ref), atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_r3hf_one_pass_equals_per_prefix_reward_model_loop(world, tmp_path):
+  got = _cache_records(score.run(_config(world, tmp_path / "cache", source="r3hf")))
+  rm = world["models"]["rm"]
+
+  def reward(ids):  # the sequence reward of one unpadded sequence: score at its last token
+    return rm(torch.tensor([ids])).logits[0, 0].item()
+
+  for rec, out in zip(world["records"], got):
+    for side in ("chosen", "rejected"):
+      prompt, response = _golden_ids(world, rec, side)
+      prefix_rewards = [reward(prompt)] + [reward(prompt + response[:t + 1]) for t in range(len(response))]
+      want = np.diff(np.asarray(prefix_rewards, np.float64))
+      np.testing.assert_allclose(out[f"{side}_token_rewards"], want, atol=1e-4, rtol=0)
+      np.testing.assert_allclose(out[f"ref_{side}_token_logps"],
+                                 _torch_response_logps(world["models"]["ref"], prompt, response), atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "metaspace"])
+def test_response_ids_identical_across_plain_better_worse_contexts(tmp_path, kind):
+  tok_dir = (dc.byte_level_bpe if kind == "bpe" else dc.metaspace_unigram)(str(tmp_path / kind))
+  hf = AutoTokenizer.from_pretrained(tok_dir)
+  s = score.default_score_config()
+  s.update(better_instruction=BETTER, worse_instruction=WORSE)
+  contexts = score.Contexts(ChatTokenizer(tok_dir), s)
+  assert contexts.role == "system"  # both templates render a system turn
+  eot = hf.convert_tokens_to_ids("<|im_end|>" if kind == "bpe" else "</s>")
+  for rec in dc.pair_records(5, seed=4):
+    messages = [{"role": "user", "content": rec["prompt"]}]
+    prompt = hf(hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                add_special_tokens=False)["input_ids"]
+    record = dict(prompt_ids=prompt, prompt_messages=__import__("json").dumps(messages),
+                  chosen_ids=hf(rec["chosen"], add_special_tokens=False)["input_ids"] + [eot],
+                  rejected_ids=hf(rec["rejected"], add_special_tokens=False)["input_ids"] + [eot])
+    for side, unit in zip(("chosen", "rejected"), score.units_of(record, contexts)):
+      assert len(unit.rows) == 3
+      for row, start, instruction in zip(unit.rows, unit.prompt_lens, (None, BETTER, WORSE)):
+        assert row[start:] == list(record[f"{side}_ids"])  # same ids in every context
+        msgs = ([{"role": "system", "content": instruction}] if instruction else []) + messages
+        want_prompt = hf(hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+                         add_special_tokens=False)["input_ids"]
+        assert row[:start] == want_prompt
+
+
+def _tree_bytes(root):
+  out = {}
+  for dirpath, _, files in os.walk(root):
+    for name in files:
+      path = os.path.join(dirpath, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, root)] = f.read()
+  return out
+
+
+def test_killed_scoring_resumes_to_byte_identical_output(world, tmp_path):
+  n_pairs = 12
+  root = world["root"]
+  dc.write_jsonl(str(tmp_path / "big.jsonl"), dc.pair_records(n_pairs, seed=21))
+
+  def config(cache):
+    cfg = _config(world, cache, shard_size=1, buckets=(32, 64, 128))
+    cfg.data.train_files = [str(tmp_path / "big.jsonl")]
+    cfg.data.dataset_dir = str(tmp_path / "ds")
+    return cfg
+
+  config_file = tmp_path / "cfg.py"
+  config_file.write_text(textwrap.dedent(f"""
+      import sys
+      sys.path.insert(0, {os.path.dirname(__file__)!r})
+      import score_test, pathlib
+      class _W(dict): pass
+      def get_config():
+        w = dict(root=pathlib.Path({str(root)!r}))
+        cfg = score_test._config(w, {str(tmp_path / 'killed')!r}, shard_size=1, buckets=(32, 64, 128))
+        cfg.data.train_files = [{str(tmp_path / 'big.jsonl')!r}]
+        cfg.data.dataset_dir = {str(tmp_path / 'ds')!r}
+        return cfg
+      """))
+  cmd = [sys.executable, "-m", "tregjax.score", f"--config={config_file}"]
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  work = tmp_path / "killed" / "work"
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  deadline = time.time() + 120
+  while not (work.exists() and any(n.endswith(".safetensors") for n in os.listdir(work))):
+    assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+    assert time.time() < deadline
+    time.sleep(0.002)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  done = [n for n in os.listdir(work) if n.endswith(".safetensors")]
+  assert 1 <= len(done) < n_pairs and not (tmp_path / "killed" / score.CACHE_META).exists()  # really interrupted
+  rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  straight = score.run(config(tmp_path / "straight"))
+  a, b = _tree_bytes(tmp_path / "killed"), _tree_bytes(straight)
+  assert sorted(a) == sorted(b)
+  assert all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]]
+  assert len(_cache_records(straight)) == n_pairs
+
+
+def test_stale_or_unfinished_cache_is_refused(world, tmp_path):
+  cfg = _config(world, tmp_path / "cache", source="none")
+  with pytest.raises(score.StaleCacheError, match="not a finished scored cache"):
+    score.check_cache(str(tmp_path / "cache"), score.cache_hash(cfg))
+  cache = score.run(cfg)
+  assert score.check_cache(cache, score.cache_hash(cfg))["records"] == {"train": N_PAIRS}
+  other = _config(world, tmp_path / "cache", source="contrastive")
+  with pytest.raises(score.StaleCacheError, match="changed inputs: prompts, source"):
+    score.check_cache(cache, score.cache_components(other))
+  with pytest.raises(score.StaleCacheError, match="already holds a scored cache of other inputs"):
+    score.run(other)
+  other_model = _config(world, tmp_path / "cache", source="none")
+  other_model.model.hf_path = str(world["root"] / "dpo")
+  with pytest.raises(score.StaleCacheError, match="changed inputs: model"):
+    score.check_cache(cache, score.cache_components(other_model))

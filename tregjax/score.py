@@ -1,0 +1,521 @@
+"""The offline scoring pass: reference log-probs and per-token rewards for every preference pair, cached once.
+
+    python -m tregjax.score --config configs/x.py [--config.score.batch_size=32 ...]
+
+For each pair and each of chosen/rejected, the reference model scores the response under the plain prompt (per-token
+log-probs and their sum, for DPO-style losses) and, by `score.token_reward.source`:
+  contrastive   two more forwards under the contrastive prompts (T-REG): r̂_t = σ(log π(y_t|x_better) −
+                log π(y_t|x_worse)) − 0.5 (`losses.contrastive_token_rewards`);
+  dpo_implicit  β·(log π_dpo(y_t) − log π_ref(y_t)) from a DPO-trained checkpoint (`token_reward.dpo_checkpoint`);
+  r3hf          r_t = RM(x, y≤t) − RM(x, y<t) from a sequence reward model read at every position of ONE forward
+                (`token_reward.reward_model`; RM(x, y<1) = the score at the last prompt token);
+  none          reference log-probs only (rewards are zeros).
+A response's ids are the same in every context (never re-tokenized), so token t is the same token under each prompt.
+
+The rows of a pair's three contexts go through one jitted call, data-parallel over the mesh, in a bounded set of
+bucketed shapes, with the chunked log-softmax (never [B, T, V] float32). Output is written in work shards (atomic,
+deterministic): a rerun skips finished shards and yields byte-identical output. When every shard exists the scored
+TFDS dataset (array_record) is assembled and `cache_meta.json`, holding the hash of (model, tokenizer, prompts,
+source, data), is written last; `check_cache` refuses a cache whose hash differs from the trainer's expectation.
+
+Config keys read: `model.hf_path`, `model.dtype`, `data.*` (the tokenized dataset, see tregjax.data.build),
+`data.cache_dir` (output), `mesh.{data,fsdp,tensor}` and the `score` section (`default_score_config()`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from tregjax import losses, parallel
+from tregjax.data import build as data_build
+from tregjax.data import hashing, tfds_builder
+from tregjax.data.tokenize import ChatTokenizer, with_instruction
+
+log = logging.getLogger("tregjax.score")
+
+SOURCES = ("contrastive", "dpo_implicit", "r3hf", "none")
+CACHE_FORMAT_VERSION = 1
+CACHE_META = "cache_meta.json"
+BETTER_INSTRUCTION = ("You are a helpful assistant. Your response must be helpful, correct, coherent, and concise.")
+WORSE_INSTRUCTION = ("You are an unhelpful assistant. Your response must be unhelpful, incorrect, incoherent, and "
+                     "verbose.")
+
+
+def default_score_config() -> ml_collections.ConfigDict:
+  """The `score` section: every key the scoring pass reads, with its default (the trainer's config embeds it)."""
+  return ml_collections.ConfigDict(dict(
+      better_instruction=BETTER_INSTRUCTION,  # contrastive prompt texts (T-REG: the model judges its own tokens)
+      worse_instruction=WORSE_INSTRUCTION,
+      instruction_role="auto",  # "system" | "user" (prefix of the first user turn) | "auto" (system if supported)
+      token_reward=dict(source="contrastive", beta=0.1, dpo_checkpoint="", reward_model=""),
+      batch_size=16,  # responses per jitted call (x3 rows for contrastive); rounded up to the data-parallel size
+      buckets=(64, 128, 256, 512, 1024, 2048),  # padded row lengths (longer rows: multiples of the largest)
+      dtype="",  # compute dtype; "" -> model.dtype ("float32" for exact goldens)
+      chunk_size=512,  # positions per chunk of the chunked log-softmax
+      shard_size=1024,  # pairs per output work shard (the resume granularity)
+      splits=("train", "validation"),  # splits of the tokenized dataset to score (missing ones are skipped)
+      progress_bar=True,
+  ))
+
+
+def score_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config.score` over the defaults (so a config without some keys still runs)."""
+  merged = default_score_config()
+  given = config.get("score", None) or {}
+  for key in given.keys():
+    value = given[key]
+    if key == "token_reward":
+      for k in value.keys():
+        merged.token_reward[k] = value[k]
+    else:
+      merged[key] = value
+  if merged.token_reward.source not in SOURCES:
+    raise ValueError(f"score.token_reward.source={merged.token_reward.source!r}: must be one of {SOURCES}")
+  if merged.instruction_role not in ("auto", "system", "user"):
+    raise ValueError(f"score.instruction_role={merged.instruction_role!r}: must be auto, system or user")
+  return merged
+
+
+class StaleCacheError(ValueError):
+  """A scored cache made from other inputs than the ones the caller expects."""
+
+
+# ----------------------------------------------------------------------------------------------- hashing
+
+
+def _model_path(config: ml_collections.ConfigDict) -> str:
+  model = config.get("model", None) or {}
+  path = model.get("hf_path", "") or model.get("path", "")
+  if not path:
+    raise ValueError("set model.hf_path to the reference model's local directory")
+  return path
+
+
+def _compute_dtype(config: ml_collections.ConfigDict, s: ml_collections.ConfigDict) -> str:
+  return s.dtype or (config.get("model", None) or {}).get("dtype", "bfloat16") or "bfloat16"
+
+
+def _dataset_dir(config: ml_collections.ConfigDict) -> str:
+  """The tokenized dataset: built (or reused) from data.train_files, else the one under data.dataset_dir."""
+  d = data_build.data_section(config)
+  if d.train_files:
+    return data_build.build_dataset(config)
+  if not d.dataset_dir:
+    raise ValueError("set data.train_files (to tokenize) or data.dataset_dir (a tokenized dataset)")
+  return tfds_builder.resolve(d.dataset_dir)
+
+
+def cache_components(config: ml_collections.ConfigDict, dataset_dir: str | None = None) -> dict[str, str]:
+  """Hashes of each input the cache depends on: model, tokenizer, prompts, source, data, compute."""
+  s = score_section(config)
+  tr = s.token_reward
+  dataset_dir = dataset_dir or _dataset_dir(config)
+  source: dict[str, Any] = dict(source=tr.source)
+  if tr.source == "dpo_implicit":
+    source.update(beta=float(tr.beta), dpo_checkpoint=hashing.hash_path(tr.dpo_checkpoint))
+  if tr.source == "r3hf":
+    source.update(reward_model=hashing.hash_path(tr.reward_model))
+  prompts = dict(better=s.better_instruction, worse=s.worse_instruction, role=s.instruction_role) \
+      if tr.source == "contrastive" else {}
+  return dict(
+      format=str(CACHE_FORMAT_VERSION),
+      model=hashing.hash_path(_model_path(config)),
+      tokenizer=hashing.tokenizer_hash(data_build.tokenizer_path(config)),
+      prompts=hashing.hash_json(prompts),
+      source=hashing.hash_json(source),
+      data=tfds_builder.read_metadata(dataset_dir)["hash"],
+      compute=hashing.hash_json(dict(dtype=_compute_dtype(config, s))))
+
+
+def cache_hash(config: ml_collections.ConfigDict, dataset_dir: str | None = None) -> str:
+  """The hash a cache scored with `config` carries (what the trainer passes to `check_cache`)."""
+  return hashing.hash_json(cache_components(config, dataset_dir))
+
+
+def check_cache(cache_dir: str, expected_hash: str | dict[str, str]) -> dict[str, Any]:
+  """Refuse a missing, incomplete or stale cache with a clear message; returns its metadata.
+
+  `expected_hash` is `cache_hash(config)` or `cache_components(config)` (then the message names what changed).
+  """
+  path = os.path.join(cache_dir, CACHE_META)
+  if not os.path.exists(path):
+    raise StaleCacheError(f"{cache_dir} is not a finished scored cache (no {CACHE_META}); run "
+                          f"`python -m tregjax.score` with this config (it resumes an interrupted run)")
+  with open(path) as f:
+    meta = json.load(f)
+  expected = expected_hash if isinstance(expected_hash, str) else hashing.hash_json(expected_hash)
+  if meta["hash"] != expected:
+    changed = ""
+    if isinstance(expected_hash, dict):
+      diff = sorted(k for k in expected_hash if meta["components"].get(k) != expected_hash[k])
+      changed = f"; changed inputs: {', '.join(diff)}"
+    raise StaleCacheError(f"scored cache {cache_dir} was made from other inputs (cache hash {meta['hash'][:16]}, "
+                          f"expected {expected[:16]}{changed}); rescore with `python -m tregjax.score` into a new "
+                          f"data.cache_dir")
+  return meta
+
+
+# ----------------------------------------------------------------------------------------- jitted scoring
+
+
+def _labels(tokens: jax.Array, pad_id: int) -> jax.Array:
+  return jnp.concatenate([tokens[:, 1:], jnp.full_like(tokens[:, :1], pad_id)], axis=1)
+
+
+def _response_coords(per_position: jax.Array, start: jax.Array, length: int) -> jax.Array:
+  """values[b, start[b] + j] for j < length (clipped at the row end; callers mask beyond the response)."""
+  idx = jnp.clip(start[:, None] + jnp.arange(length)[None, :], 0, per_position.shape[1] - 1)
+  return jnp.take_along_axis(per_position, idx, axis=1)
+
+
+def _token_logps(model, tokens, segment_ids, pad_id, chunk_size):
+  hidden = model.hidden_states(tokens, segment_ids=segment_ids)
+  return losses.chunked_token_logps(hidden, _labels(tokens, pad_id), model.unembed, chunk_size=chunk_size)
+
+
+def make_score_fn(source: str, graphdefs: Sequence[Any], *, pad_id: int, chunk_size: int, beta: float) -> Callable:
+  """A pure function (states, tokens[b, K, T], segment_ids[b, K, T], prompt_len[b, K], resp_len[b]) ->
+  (ref token log-probs [b, T], ref sum [b], token rewards [b, T]) in response coordinates (index j = token j).
+
+  K contexts per response: 3 (plain, better, worse) for contrastive, else 1 (plain).
+  """
+
+  def fn(states, tokens, segment_ids, prompt_len, resp_len):
+    b, k, t = tokens.shape
+    models = [nnx.merge(g, s) for g, s in zip(graphdefs, states)]
+    mask = jnp.arange(t)[None, :] < resp_len[:, None]
+    rows, segs = tokens.reshape(b * k, t), segment_ids.reshape(b * k, t)
+    starts = prompt_len.reshape(b * k)
+    if source == "r3hf":
+      ref_rows, seg0, start0 = tokens[:, 0], segment_ids[:, 0], prompt_len[:, 0]
+      ref = _response_coords(_token_logps(models[0], ref_rows, seg0, pad_id, chunk_size), start0 - 1, t)
+      scores = models[1].scores(ref_rows, segment_ids=seg0)
+      prefix = _response_coords(scores, start0, t)  # R(x, y<=j) is read where token j is
+      initial = jnp.take_along_axis(scores, (start0 - 1)[:, None], axis=1)[:, 0]  # last prompt token
+      rewards = losses.r3hf_token_rewards(prefix, mask, initial)
+    elif source == "dpo_implicit":
+      ref = _response_coords(_token_logps(models[0], rows, segs, pad_id, chunk_size), starts - 1, t)
+      dpo = _response_coords(_token_logps(models[1], rows, segs, pad_id, chunk_size), starts - 1, t)
+      rewards = losses.dpo_implicit_token_rewards(dpo, ref, mask, beta=beta)
+    else:
+      logps = _response_coords(_token_logps(models[0], rows, segs, pad_id, chunk_size), starts - 1, t)
+      logps = logps.reshape(b, k, t)
+      ref = logps[:, 0]
+      if source == "contrastive":
+        rewards = losses.contrastive_token_rewards(logps[:, 1], logps[:, 2], mask)
+      else:
+        rewards = jnp.zeros_like(ref)
+    ref = jnp.where(mask, ref, 0.0)
+    return ref, losses.sequence_logps(ref, mask), rewards
+
+  return fn
+
+
+# ------------------------------------------------------------------------------------------ host side
+
+
+@dataclasses.dataclass
+class _Unit:
+  """One response to score: its context rows (plain first) and where its response starts in each."""
+  rows: list[list[int]]
+  prompt_lens: list[int]
+  resp_len: int
+
+
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+  for b in sorted(buckets):
+    if length <= b:
+      return b
+  top = max(buckets)
+  return -(-length // top) * top
+
+
+class Contexts:
+  """Prompt ids of each context of a record (plain = the stored ids; contrastive = re-rendered from messages)."""
+
+  def __init__(self, tok: ChatTokenizer, s: ml_collections.ConfigDict):
+    self.tok, self.source = tok, s.token_reward.source
+    role = s.instruction_role
+    if role == "auto":
+      role = "system" if tok.supports_system_role() else "user"
+    self.role, self.better, self.worse = role, s.better_instruction, s.worse_instruction
+
+  def prompts(self, record: dict[str, Any]) -> list[list[int]]:
+    plain = [int(x) for x in record["prompt_ids"]]
+    if self.source != "contrastive":
+      return [plain]
+    messages = json.loads(_text(record["prompt_messages"]))
+    return [plain, self.tok.prompt_ids(with_instruction(messages, self.better, self.role)),
+            self.tok.prompt_ids(with_instruction(messages, self.worse, self.role))]
+
+
+def _text(value: Any) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def units_of(record: dict[str, Any], contexts: Contexts) -> list[_Unit]:
+  """The chosen and rejected units of one record: each context's prompt ids + the SAME response ids."""
+  prompts = contexts.prompts(record)
+  out = []
+  for side in ("chosen", "rejected"):
+    response = [int(x) for x in record[f"{side}_ids"]]
+    out.append(_Unit([p + response for p in prompts], [len(p) for p in prompts], len(response)))
+  return out
+
+
+class Scorer:
+  """Holds the model(s), the mesh and one compiled function per bucket shape."""
+
+  def __init__(self, config: ml_collections.ConfigDict, s: ml_collections.ConfigDict, pad_id: int):
+    from tregjax import models  # pylint: disable=g-import-not-at-top
+    self.s, self.source, self.pad_id = s, s.token_reward.source, pad_id
+    mesh_cfg = config.get("mesh", None) or {}
+    self.mesh = parallel.make_mesh(data=-1, fsdp=mesh_cfg.get("fsdp", 1), tensor=mesh_cfg.get("tensor", 1),
+                                   devices=jax.local_devices())
+    dtype = jnp.dtype(_compute_dtype(config, s))
+    paths = [_model_path(config)]
+    if self.source == "dpo_implicit":
+      paths.append(s.token_reward.dpo_checkpoint or _raise("score.token_reward.dpo_checkpoint is not set"))
+    if self.source == "r3hf":
+      paths.append(s.token_reward.reward_model or _raise("score.token_reward.reward_model is not set"))
+    loaded = [models.from_pretrained(p, dtype=dtype, param_dtype=dtype, mesh=self.mesh) for p in paths]
+    if self.source == "r3hf" and not isinstance(loaded[1], models.RewardModel):
+      raise ValueError(f"score.token_reward.reward_model={paths[1]} is not a sequence reward model "
+                       f"(*ForSequenceClassification with num_labels=1)")
+    if isinstance(loaded[0], models.RewardModel):
+      raise ValueError(f"model.hf_path={paths[0]} is a reward model; the reference must be a causal LM")
+    split = [nnx.split(m) for m in loaded]
+    self.graphdefs = [g for g, _ in split]
+    self.states = [st for _, st in split]
+    self.contexts_per_unit = 3 if self.source == "contrastive" else 1
+    ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    self.batch_size = -(-s.batch_size // ways) * ways
+    fn = make_score_fn(self.source, self.graphdefs, pad_id=pad_id, chunk_size=s.chunk_size,
+                       beta=float(s.token_reward.beta))
+    state_sh = [parallel.state_shardings(st, self.mesh) for st in self.states]
+    self._fn = jax.jit(fn, in_shardings=(state_sh, parallel.batch_sharding(self.mesh, 3),
+                                         parallel.batch_sharding(self.mesh, 3), parallel.batch_sharding(self.mesh, 2),
+                                         parallel.batch_sharding(self.mesh, 1)))
+
+  def score_units(self, units: list[_Unit], on_tokens: Callable[[int], None] | None = None
+                  ) -> list[tuple[np.ndarray, float, np.ndarray]]:
+    """(ref token log-probs, ref sum, token rewards) per unit, in input order; response coordinates, cropped."""
+    k = self.contexts_per_unit
+    lengths = [max(len(r) for r in u.rows) for u in units]
+    order = sorted(range(len(units)), key=lambda i: (bucket_length(lengths[i], self.s.buckets), i))
+    results: list[Any] = [None] * len(units)
+    b = self.batch_size
+    start = 0
+    while start < len(order):
+      t = bucket_length(lengths[order[start]], self.s.buckets)
+      chunk = [i for i in order[start:start + b] if bucket_length(lengths[i], self.s.buckets) == t]
+      start += len(chunk)
+      tokens = np.full((b, k, t), self.pad_id, np.int32)
+      segs = np.zeros((b, k, t), np.int32)
+      prompt_len = np.ones((b, k), np.int32)
+      resp_len = np.zeros((b,), np.int32)
+      real = 0
+      for row, i in enumerate(chunk):
+        u = units[i]
+        for c, ids in enumerate(u.rows):
+          tokens[row, c, :len(ids)] = ids
+          segs[row, c, :len(ids)] = 1
+          prompt_len[row, c] = u.prompt_lens[c]
+          real += len(ids)
+        resp_len[row] = u.resp_len
+      ref, total, rewards = jax.device_get(self._fn(self.states, tokens, segs, prompt_len, resp_len))
+      for row, i in enumerate(chunk):
+        n = units[i].resp_len
+        results[i] = (np.asarray(ref[row, :n], np.float32), float(total[row]),
+                      np.asarray(rewards[row, :n], np.float32))
+      if on_tokens:
+        on_tokens(real)
+    return results
+
+
+def _raise(message: str):
+  raise ValueError(message)
+
+
+# ------------------------------------------------------------------------------------------ work shards
+
+
+def _shard_path(cache_dir: str, split: str, index: int) -> str:
+  return os.path.join(cache_dir, "work", f"{split}-{index:05d}.safetensors")
+
+
+def _write_shard(path: str, digest: str, indices: range, results: list[Any]) -> None:
+  """Flat arrays per side (concatenated per-token values + lengths); deterministic bytes, atomic."""
+  from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
+  arrays: dict[str, np.ndarray] = {"indices": np.asarray(list(indices), np.int64)}
+  for k, side in enumerate(("chosen", "rejected")):
+    side_results = results[k::2]
+    arrays[f"{side}_lengths"] = np.asarray([len(r[0]) for r in side_results], np.int32)
+    arrays[f"{side}_logps"] = np.asarray([r[1] for r in side_results], np.float32)
+    arrays[f"{side}_token_logps"] = np.concatenate([r[0] for r in side_results]).astype(np.float32)
+    arrays[f"{side}_token_rewards"] = np.concatenate([r[2] for r in side_results]).astype(np.float32)
+  hashing.atomic_write_bytes(path, save(arrays, metadata={"hash": digest}))
+
+
+def _read_shard(path: str, digest: str) -> dict[str, np.ndarray] | None:
+  """The shard's arrays, or None when it is absent or belongs to another config (then it is recomputed)."""
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(path):
+    return None
+  with safe_open(path, framework="numpy") as f:
+    if (f.metadata() or {}).get("hash") != digest:
+      return None
+    return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _shard_records(arrays: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+  out = [dict() for _ in range(len(arrays["indices"]))]
+  for side in ("chosen", "rejected"):
+    offsets = np.concatenate([[0], np.cumsum(arrays[f"{side}_lengths"])])
+    for i, rec in enumerate(out):
+      rec[f"ref_{side}_logps"] = np.float32(arrays[f"{side}_logps"][i])
+      rec[f"ref_{side}_token_logps"] = arrays[f"{side}_token_logps"][offsets[i]:offsets[i + 1]]
+      rec[f"{side}_token_rewards"] = arrays[f"{side}_token_rewards"][offsets[i]:offsets[i + 1]]
+  return out
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def run(config: ml_collections.ConfigDict) -> str:
+  """Score the tokenized dataset of `config` into `data.cache_dir`; returns that directory (resumable).
+
+  The returned directory is what `data.cache_dir` should name for training (`pipeline.make_iterator` resolves it).
+  """
+  s = score_section(config)
+  cache_dir = data_build.data_section(config).get("cache_dir", "")
+  if not cache_dir:
+    raise ValueError("set data.cache_dir (where the scored cache is written)")
+  dataset_dir = _dataset_dir(config)
+  components = cache_components(config, dataset_dir)
+  digest = hashing.hash_json(components)
+  meta_path = os.path.join(cache_dir, CACHE_META)
+  if os.path.exists(meta_path):
+    with open(meta_path) as f:
+      done = json.load(f)
+    if done["hash"] == digest:
+      log.info("scored cache %s is complete and current", cache_dir)
+      return cache_dir
+    raise StaleCacheError(f"{cache_dir} already holds a scored cache of other inputs (hash {done['hash'][:16]}, "
+                          f"this config {digest[:16]}); choose another data.cache_dir or delete it")
+  os.makedirs(os.path.join(cache_dir, "work"), exist_ok=True)
+  for name in os.listdir(os.path.join(cache_dir, "work")):
+    if ".tmp." in name:  # a write interrupted before its rename
+      os.remove(os.path.join(cache_dir, "work", name))
+
+  data_meta = tfds_builder.read_metadata(dataset_dir)
+  tok = ChatTokenizer(data_build.tokenizer_path(config), data_build.data_section(config).end_of_turn_token)
+  contexts = Contexts(tok, s)
+  splits = [sp for sp in s.splits if sp in _splits(dataset_dir)]
+  sources = {sp: tfds_builder.data_source(dataset_dir, sp) for sp in splits}
+  shard_size = int(s.shard_size)
+  pid, pcount = jax.process_index(), jax.process_count()
+  todo = [(sp, k) for sp in splits for k in range(-(-len(sources[sp]) // shard_size))
+          if _read_shard(_shard_path(cache_dir, sp, k), digest) is None]
+  mine = [job for n, job in enumerate(todo) if n % pcount == pid]
+  if mine:
+    scorer = Scorer(config, s, pad_id=int(data_meta.get("pad_id", tok.pad_id)))
+    total_pairs = sum(min(shard_size, len(sources[sp]) - k * shard_size) for sp, k in mine)
+    bar = _progress(total_pairs, s.progress_bar)
+    t0, tokens_seen = time.perf_counter(), [0]
+
+    def on_tokens(n):
+      tokens_seen[0] += n
+      bar.set_postfix(tok_s=f"{tokens_seen[0] / max(time.perf_counter() - t0, 1e-9):.0f}", refresh=False)
+
+    for sp, k in mine:
+      indices = range(k * shard_size, min((k + 1) * shard_size, len(sources[sp])))
+      units = [u for i in indices for u in units_of(sources[sp][i], contexts)]
+      results = scorer.score_units(units, on_tokens)
+      _write_shard(_shard_path(cache_dir, sp, k), digest, indices, results)
+      bar.update(len(indices))
+    bar.close()
+    log.info("scored %d pairs, %d tokens in %.1fs", total_pairs, tokens_seen[0], time.perf_counter() - t0)
+  if pcount > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("tregjax.score shards")
+  if pid == 0:
+    _assemble(cache_dir, dataset_dir, sources, shard_size, digest, components, s.token_reward.source)
+  if pcount > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("tregjax.score assembled")
+  return cache_dir
+
+
+def _splits(dataset_dir: str) -> list[str]:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return list(tfds.builder_from_directory(dataset_dir).info.splits)
+
+
+def _progress(total: int, enabled: bool):
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=total, unit="pair", desc="scoring", disable=not enabled, file=sys.stderr)
+
+
+def _assemble(cache_dir: str, dataset_dir: str, sources: dict[str, Any], shard_size: int, digest: str,
+              components: dict[str, str], source_name: str) -> None:
+  """Shards + tokenized records -> the scored TFDS dataset; then cache_meta.json (last: marks completion)."""
+  counts = {}
+
+  def gen_for(split):
+    def gen():
+      src = sources[split]
+      for k in range(-(-len(src) // shard_size)):
+        arrays = _read_shard(_shard_path(cache_dir, split, k), digest)
+        if arrays is None:
+          raise RuntimeError(f"work shard {_shard_path(cache_dir, split, k)} is missing after scoring")
+        for i, scored in zip(arrays["indices"], _shard_records(arrays)):
+          rec = src[int(i)]
+          out = {key: rec[key] for key in tfds_builder.TOKENIZED_FEATURES}
+          out.update(scored, token_reward_source=source_name)
+          yield out
+      counts[split] = len(src)
+    return gen
+
+  meta = dict(kind="scored", format_version=CACHE_FORMAT_VERSION, hash=digest, components=components,
+              token_reward_source=source_name, pad_id=tfds_builder.read_metadata(dataset_dir).get("pad_id", 0),
+              end_of_turn_id=tfds_builder.read_metadata(dataset_dir).get("end_of_turn_id"))
+  out = tfds_builder.write("scored", cache_dir, "h" + digest[:16], {sp: gen_for(sp) for sp in sources}, meta)
+  records = {sp: len(src) for sp, src in sources.items()}
+  hashing.atomic_write_json(os.path.join(cache_dir, CACHE_META), dict(
+      hash=digest, components=components, records=records, token_reward_source=source_name,
+      dataset=os.path.relpath(out, cache_dir), format_version=CACHE_FORMAT_VERSION))
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+  config = flags.FLAGS.config
+  try:
+    out = run(config)
+  except (ValueError, FileNotFoundError) as e:  # bad input: a clear message and a non-zero exit, no traceback
+    print(f"tregjax.score: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(out)
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, "config file (configs/*.py with get_config())", lock_config=True)
+  app.run(main)
