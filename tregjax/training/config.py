@@ -44,6 +44,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_batches = 0  # 0 -> the whole eval split
   c.data.epochs = 1  # used when train.steps == -1
 
+  # The scoring pass's keys (contrastive prompts, token-reward source, buckets, shards): tregjax.score.
+  from tregjax import score as score_lib  # pylint: disable=g-import-not-at-top
+  c.score = score_lib.default_score_config()
+
   # Arguments of losses.ObjectiveOptions, verbatim.
   c.loss = ml_collections.ConfigDict(dict(
       loss="dpo", regularizer="none", beta=0.1, gamma=0.5, label_smoothing=0.0, alpha=0.25, weighting="dynamic",
