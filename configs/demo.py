@@ -1,0 +1,47 @@
+"""The embedded default: a synthetic world where token-level credit assignment can be measured, on one CPU.
+
+  python -m tregjax.train --config configs/demo.py [--workdir /tmp/tregjax_demo] [--config.demo.arms=dpo,dpo_reg]
+
+Stages (cached in the workdir; see tregjax/synthetic/): write the world (tokenizer with a chat template, SFT
+demonstrations, preference pairs with oracle error labels) -> SFT a tiny Llama reference -> `tregjax.score` computes
+reference log-probs and T-REG's contrastive token rewards ("careful" vs "sloppy" system prompts) -> train each arm
+(DPO, DPO-REG, ...) from the reference -> evaluate every policy's error mass and token credit AUC against the oracle.
+Hardware: 2-core CPU, a few minutes in all. Expected: DPO-REG lowers the error mass more than DPO, and its implicit
+token rewards rank correct above erroneous tokens better (see README for the measured table).
+"""
+
+import ml_collections
+
+from tregjax.synthetic import demo
+from tregjax.training.config import base_config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = base_config()
+  c.demo = demo.demo_section()
+  c.seed = 0
+  c.model.preset = "tiny_llama"
+  c.model.overrides = ml_collections.ConfigDict(dict(
+      vocab_size=48, hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+      max_position_embeddings=64))
+  c.model.dtype = "float32"  # this CPU has no bfloat16 units; bf16 is the default elsewhere
+  c.loss.loss = "dpo"
+  c.loss.beta = 0.1
+  c.loss.alpha = 0.5
+  c.optimizer.lr = 5e-4
+  c.optimizer.warmup_steps = 10
+  c.optimizer.schedule = "cosine"
+  c.optimizer.grad_clip = 1.0
+  c.data.batch_size = 32
+  c.data.eval_split = "validation"
+  c.train.steps = 200
+  c.train.log_every = 20
+  c.train.logits_chunk_size = 32
+  c.checkpoint.every = 100
+  c.checkpoint.keep = 1
+  if arg == "runlocal":  # a seconds-long smoke run (tests)
+    c.demo.sft_examples, c.demo.sft_steps = 600, 30
+    c.demo.train_pairs, c.demo.eval_pairs, c.demo.eval_prompts = 64, 32, 32
+    c.train.steps = 4
+    c.data.batch_size = 8
+  return c
