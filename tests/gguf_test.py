@@ -344,3 +344,21 @@ def test_save_pretrained_of_gguf_model_loads_in_transformers(tj_model, hf_gguf_m
   assert tok.apply_chat_template(CHATS[0], tokenize=False, add_generation_prompt=True) == \
       hf_tok.apply_chat_template(CHATS[0], tokenize=False, add_generation_prompt=True)
   assert tok(PROMPTS[2])["input_ids"] == hf_tok(PROMPTS[2])["input_ids"]
+
+
+def test_smollm2_greedy_kv_cache_decoding_equals_transformers_generate(tj_model, hf_gguf_model, chat_ids):
+  import jax  # pylint: disable=g-import-not-at-top
+  from tregjax.models import decoding  # pylint: disable=g-import-not-at-top
+  new = 32
+  eos = hf_gguf_model.config.eos_token_id
+  out = decoding.generate(tj_model, chat_ids, max_new_tokens=new, key=jax.random.key(0), temperature=0.0,
+                          eos_ids=(eos,), pad_id=eos)
+  tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+  for i, prompt in enumerate(chat_ids):
+    with torch.no_grad():
+      ref = hf_gguf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                   max_new_tokens=new, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+    ref_new = ref[0, len(prompt):].tolist()
+    assert lengths[i] == len(ref_new), (i, lengths[i], ref_new)
+    assert tokens[i, :lengths[i]].tolist() == ref_new, i
+    assert (tokens[i, lengths[i]:] == eos).all()
