@@ -32,7 +32,7 @@ DATASET_FORMAT_VERSION = 1
 def default_data_config() -> ml_collections.ConfigDict:
   """The `data` section with every key this module and the pipeline read (the trainer's config embeds it)."""
   return ml_collections.ConfigDict(dict(
-      train_files=[], validation_files=[], validation_fraction=0.0, format="auto", schema="pair",
+      train_files=(), validation_files=(), validation_fraction=0.0, format="auto", schema="pair",
       fields=dict(schema.DEFAULT_FIELDS), system_prompt="", tokenizer="", end_of_turn_token="",
       max_prompt_length=256, max_length=512, truncation="truncate", on_bad_record="error", dataset_dir="",
       # pipeline (tregjax.data.pipeline.make_iterator)
