@@ -56,7 +56,9 @@ def timed(fn, repeats: int) -> tuple[float, list[float]]:
 
 
 def machine() -> str:
-  return f"{platform.machine()} CPU, {os.cpu_count()} cores ({platform.processor() or platform.system()})"
+  """The CPU and its 1-minute load average (the machine is shared: a load above the core count skews timings)."""
+  return (f"{platform.machine()} CPU, {os.cpu_count()} cores ({platform.processor() or platform.system()}), "
+          f"load avg {os.getloadavg()[0]:.1f}")
 
 
 def write_json(name: str, payload: dict) -> Path:
