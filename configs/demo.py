@@ -1,6 +1,6 @@
 """The embedded default: a synthetic world where token-level credit assignment can be measured, on one CPU.
 
-  python -m tregjax.train --config configs/demo.py [--workdir /tmp/tregjax_demo] [--config.demo.arms=dpo,dpo_reg]
+  python -m tregjax.train --config configs/demo.py [--workdir /tmp/tregjax_demo] [--config.demo.arms="('dpo','dpo_reg')"]
 
 Stages (cached in the workdir; see tregjax/synthetic/): write the world (tokenizer with a chat template, SFT
 demonstrations, preference pairs with oracle error labels) -> SFT a tiny Llama reference -> `tregjax.score` computes
@@ -32,12 +32,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer.warmup_steps = 10
   c.optimizer.schedule = "cosine"
   c.optimizer.grad_clip = 1.0
-  c.data.batch_size = 32
+  # Sample-limited on purpose (60 steps x 16 pairs): with thousands of pairs every arm solves this small world, and
+  # the question is how efficiently each one assigns credit to the erroneous tokens.
+  c.data.batch_size = 16
   c.data.eval_split = "validation"
-  c.train.steps = 200
+  c.train.steps = 60
   c.train.log_every = 20
   c.train.logits_chunk_size = 32
-  c.checkpoint.every = 100
+  c.checkpoint.every = 50
   c.checkpoint.keep = 1
   if arg == "runlocal":  # a seconds-long smoke run (tests)
     c.demo.sft_examples, c.demo.sft_steps = 600, 30

@@ -42,7 +42,7 @@ def demo_section() -> ml_collections.ConfigDict:
       num_symbols=32, response_length=10, world_seed=0, max_plain_error=0.4,
       sft_examples=6000, sft_steps=600, sft_lr=3e-3, sft_batch_size=64,
       train_pairs=2048, eval_pairs=256, eval_prompts=256,
-      arms=("dpo", "dpo_reg"),
+      arms=("dpo", "dpo_reg", "dpo_reg_static", "dpo_sft"),
       better_instruction=world_lib.CAREFUL, worse_instruction=world_lib.SLOPPY))
 
 
@@ -304,6 +304,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f"self-generated token rewards: AUC {ref['self_generated_reward_auc']:.3f}, mean r̂ on correct tokens "
         f"{ref['self_generated_reward_mean_correct']:+.3f}, on errors {ref['self_generated_reward_mean_error']:+.3f}",
         flush=True)
+  if "dpo" in results and "dpo_reg" in results:
+    dpo, reg = results["dpo"]["error_mass"], results["dpo_reg"]["error_mass"]
+    verdict = "helps" if reg < dpo else "does not help"
+    print(f"\nToken-level regularisation {verdict} here: DPO-REG error mass {reg:.4f} vs DPO {dpo:.4f} "
+          f"({(reg - dpo) / max(dpo, 1e-12):+.0%}); results in {os.path.join(workdir, 'demo_results.json')}", flush=True)
   out = dict(results=results, arms=summaries, seconds=time.perf_counter() - t0)
   with open(os.path.join(workdir, "demo_results.json.tmp"), "w") as f:
     json.dump(out, f, indent=2)

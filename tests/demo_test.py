@@ -1,0 +1,54 @@
+"""The embedded default end to end (shrunk with :runlocal), and its oracle metric against transformers in torch."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import REPO_ROOT
+
+
+def test_demo_runs_end_to_end_and_its_error_mass_matches_torch(tmp_path):
+  workdir = tmp_path / "demo"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT)
+  proc = subprocess.run(
+      [sys.executable, "-m", "tregjax.train", "--config", "configs/demo.py:runlocal", "--workdir", str(workdir),
+       "--config.logging.progress_bar=False", "--config.demo.arms=('dpo','dpo_reg')"],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  assert "DPO-REG error mass" in proc.stdout
+  results = json.loads((workdir / "demo_results.json").read_text())
+  assert set(results["results"]) == {"reference", "dpo", "dpo_reg"}
+  for arm in ("dpo", "dpo_reg"):
+    assert results["arms"][arm]["step"] == 4
+    assert 0.0 <= results["results"][arm]["error_mass"] <= 1.0
+  ref = results["results"]["reference"]
+  assert -0.5 <= ref["self_generated_reward_mean_error"] <= 0.5
+
+  # Independent golden: the exported reference in transformers (torch) on the same held-out correct walks.
+  import torch
+  import transformers
+  from tregjax.synthetic import world as w
+  sys.path.insert(0, os.path.join(REPO_ROOT, "configs"))
+  import demo as demo_config  # configs/demo.py
+  demo = demo_config.get_config("runlocal").demo
+  world = w.World(demo.num_symbols, demo.response_length, demo.world_seed)
+  hf_dir = workdir / "reference" / "hf"
+  tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+  model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+  rng = np.random.default_rng(demo.world_seed + 99)
+  masses = []
+  for _ in range(demo.eval_prompts):
+    task, start = w.TASKS[rng.integers(2)], int(rng.integers(world.num_symbols))
+    text = tok.apply_chat_template([{"role": "user", "content": w.prompt_text(task, start)}], tokenize=False,
+                                   add_generation_prompt=True)
+    prompt = tok(text, add_special_tokens=False)["input_ids"]
+    response = [tok.convert_tokens_to_ids(str(t)) for t in world.correct_response(task, start)]
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+      probs = torch.softmax(model(ids).logits[0].double(), -1)
+    for i, token in enumerate(response):
+      masses.append(1.0 - float(probs[len(prompt) - 1 + i, token]))
+  np.testing.assert_allclose(ref["error_mass"], np.mean(masses), rtol=1e-4)
