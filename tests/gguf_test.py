@@ -49,6 +49,11 @@ def hf_gguf_tokenizer(smollm2_path):
 
 
 @pytest.fixture(scope="session")
+def tj_tokenizer(smollm2_path):
+  return tj_gguf.tokenizer_from_gguf(smollm2_path)
+
+
+@pytest.fixture(scope="session")
 def source(smollm2_path):
   return tj_gguf.GGUFSource(smollm2_path)
 
@@ -85,8 +90,8 @@ def test_smollm2_config_matches_transformers(source, hf_gguf_model):
   assert rebuilt.num_key_value_heads == 3 and rebuilt.tie_word_embeddings
 
 
-def test_smollm2_tokenizer_ids_equal_transformers_gguf_tokenizer(smollm2_path, hf_gguf_tokenizer):
-  ours = tj_gguf.tokenizer_from_gguf(smollm2_path)
+def test_smollm2_tokenizer_ids_equal_transformers_gguf_tokenizer(tj_tokenizer, hf_gguf_tokenizer):
+  ours = tj_tokenizer
   for prompt in PROMPTS:
     ids = ours(prompt)["input_ids"]
     assert ids == hf_gguf_tokenizer(prompt)["input_ids"], prompt
@@ -98,8 +103,8 @@ def test_smollm2_tokenizer_ids_equal_transformers_gguf_tokenizer(smollm2_path, h
   assert ours.eos_token == "<|im_end|>"
 
 
-def test_smollm2_chat_template_renders_identically(smollm2_path, hf_gguf_tokenizer, tmp_path):
-  ours = tj_gguf.tokenizer_from_gguf(smollm2_path)
+def test_smollm2_chat_template_renders_identically(smollm2_path, tj_tokenizer, hf_gguf_tokenizer, tmp_path):
+  ours = tj_tokenizer
   for chat in CHATS:
     text = ours.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     assert text == hf_gguf_tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
@@ -119,6 +124,14 @@ def test_smollm2_chat_template_renders_identically(smollm2_path, hf_gguf_tokeniz
 
 
 TINY = dict(hidden=256, inter=512, heads=4, kv_heads=2, layers=2, vocab=320)
+GEMMA2_WINDOW = 8
+
+
+def _dims(arch):
+  # transformers reads no head_dim for qwen3 GGUFs and no query_pre_attn_scalar for gemma2 ones, falling back to
+  # the config defaults 128 and 256 (right for the real models); head_dim here is chosen to agree with them.
+  return {"qwen3": dict(TINY, heads=2, kv_heads=1), "gemma2": dict(TINY, hidden=512, heads=2, kv_heads=1)}.get(
+      arch, TINY)
 # Random bytes are valid blocks for these K-quants once their float16 scale fields hold sane numbers.
 _K_SCALE_BYTES = {T.Q2_K: (80, 84), T.Q3_K: (108, 110), T.Q4_K: (0, 4), T.Q5_K: (0, 4), T.Q6_K: (208, 210)}
 TINY_TYPES = {
@@ -135,17 +148,29 @@ def _llama_cpp_permute(w, n_head):
   return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _tiny_tensors(rng):
-  """GGUF name -> (float32 weight in HF layout before llama.cpp's permutation)."""
-  h, f, v, hd = TINY["hidden"], TINY["inter"], TINY["vocab"], TINY["hidden"] // TINY["heads"]
-  out = {"token_embd.weight": rng.normal(size=(v, h)), "output.weight": rng.normal(size=(v, h)) * 0.05,
-         "output_norm.weight": 1 + 0.1 * rng.normal(size=(h,))}
-  for i in range(TINY["layers"]):
+def _tiny_tensors(rng, arch="llama"):
+  """GGUF name -> float32 weight in HF layout (before llama.cpp's permutation / norm offset)."""
+  d = _dims(arch)
+  h, f, v, hd = d["hidden"], d["inter"], d["vocab"], d["hidden"] // d["heads"]
+  out = {"token_embd.weight": rng.normal(size=(v, h)), "output_norm.weight": 1 + 0.1 * rng.normal(size=(h,))}
+  if arch != "gemma2":  # Gemma ties the head to the embedding
+    out["output.weight"] = rng.normal(size=(v, h)) * 0.05
+  for i in range(d["layers"]):
+    if arch == "qwen2":
+      out |= {f"blk.{i}.attn_q.bias": 0.1 * rng.normal(size=(h,)),
+              f"blk.{i}.attn_k.bias": 0.1 * rng.normal(size=(d["kv_heads"] * hd,)),
+              f"blk.{i}.attn_v.bias": 0.1 * rng.normal(size=(d["kv_heads"] * hd,))}
+    if arch == "qwen3":
+      out |= {f"blk.{i}.attn_q_norm.weight": 1 + 0.1 * rng.normal(size=(hd,)),
+              f"blk.{i}.attn_k_norm.weight": 1 + 0.1 * rng.normal(size=(hd,))}
+    if arch == "gemma2":  # HF Gemma norms are zero-centred (the model multiplies by 1 + w)
+      out |= {f"blk.{i}.post_attention_norm.weight": 0.1 * rng.normal(size=(h,)),
+              f"blk.{i}.post_ffw_norm.weight": 0.1 * rng.normal(size=(h,))}
     out |= {f"blk.{i}.attn_norm.weight": 1 + 0.1 * rng.normal(size=(h,)),
             f"blk.{i}.ffn_norm.weight": 1 + 0.1 * rng.normal(size=(h,)),
             f"blk.{i}.attn_q.weight": rng.normal(size=(h, h)) * 0.05,
-            f"blk.{i}.attn_k.weight": rng.normal(size=(TINY["kv_heads"] * hd, h)) * 0.05,
-            f"blk.{i}.attn_v.weight": rng.normal(size=(TINY["kv_heads"] * hd, h)) * 0.05,
+            f"blk.{i}.attn_k.weight": rng.normal(size=(d["kv_heads"] * hd, h)) * 0.05,
+            f"blk.{i}.attn_v.weight": rng.normal(size=(d["kv_heads"] * hd, h)) * 0.05,
             f"blk.{i}.attn_output.weight": rng.normal(size=(h, h)) * 0.05,
             f"blk.{i}.ffn_gate.weight": rng.normal(size=(f, h)) * 0.05,
             f"blk.{i}.ffn_up.weight": rng.normal(size=(f, h)) * 0.05,
@@ -155,24 +180,33 @@ def _tiny_tensors(rng):
 
 def write_tiny_gguf(path, *, arch="llama", types=None):
   rng = np.random.default_rng(0)
-  types = TINY_TYPES if types is None else types
-  tensors = _tiny_tensors(rng)
+  types = (TINY_TYPES if arch == "llama" else {"blk.0.attn_q.weight": T.Q8_0}) if types is None else types
+  tensors = _tiny_tensors(rng, arch)
+  d = _dims(arch)
   writer = GGUFWriter(str(path), arch)
-  writer.add_block_count(TINY["layers"])
+  writer.add_block_count(d["layers"])
   writer.add_context_length(512)
-  writer.add_embedding_length(TINY["hidden"])
-  writer.add_feed_forward_length(TINY["inter"])
-  writer.add_head_count(TINY["heads"])
-  writer.add_head_count_kv(TINY["kv_heads"])
+  writer.add_embedding_length(d["hidden"])
+  writer.add_feed_forward_length(d["inter"])
+  writer.add_head_count(d["heads"])
+  writer.add_head_count_kv(d["kv_heads"])
   writer.add_rope_freq_base(50000.0)
   writer.add_layer_norm_rms_eps(1e-5)
-  writer.add_rope_dimension_count(TINY["hidden"] // TINY["heads"])
-  writer.add_vocab_size(TINY["vocab"])
+  writer.add_rope_dimension_count(d["hidden"] // d["heads"])
+  writer.add_vocab_size(d["vocab"])
+  if arch == "gemma2":
+    writer.add_key_length(d["hidden"] // d["heads"])
+    writer.add_value_length(d["hidden"] // d["heads"])
+    writer.add_sliding_window(GEMMA2_WINDOW)
+    writer.add_attn_logit_softcapping(50.0)
+    writer.add_final_logit_softcapping(30.0)
   for name, w in tensors.items():
-    if name.endswith("attn_q.weight"):
-      w = _llama_cpp_permute(w, TINY["heads"])
-    elif name.endswith("attn_k.weight"):
-      w = _llama_cpp_permute(w, TINY["kv_heads"])
+    if arch == "gemma2" and name.endswith("norm.weight"):
+      w = w + 1  # convert_hf_to_gguf.py Gemma2Model: norms stored as w + 1
+    if arch == "llama" and name.endswith("attn_q.weight"):  # only LlamaModel permutes
+      w = _llama_cpp_permute(w, d["heads"])
+    elif arch == "llama" and name.endswith("attn_k.weight"):
+      w = _llama_cpp_permute(w, d["kv_heads"])
     qtype = types.get(name, T.F32)
     if qtype in _K_SCALE_BYTES or qtype == T.Q8_K:
       block, size = gguf_quants.GGML_QUANT_SIZES[qtype]
@@ -219,6 +253,32 @@ def test_rotary_permutation_is_undone_exactly(tiny_gguf):
   src = tj_gguf.GGUFSource(path)
   np.testing.assert_array_equal(src.get("model.layers.1.self_attn.q_proj.weight"), original["blk.1.attn_q.weight"])
   np.testing.assert_array_equal(src.get("model.layers.0.mlp.gate_proj.weight").shape, (TINY["inter"], TINY["hidden"]))
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "gemma2"])
+def test_other_architectures_match_transformers_gguf_loader(arch, tmp_path):
+  """Qwen2 (q/k/v biases), Qwen3 (q/k norms), Gemma2 (norms stored +1, post-norms, tied, soft-capping, sliding
+  window): tensors equal transformers' GGUF loader, and our model's logits equal transformers' model from the file."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from tregjax import models  # pylint: disable=g-import-not-at-top
+  path = tmp_path / f"{arch}.gguf"
+  original = write_tiny_gguf(path, arch=arch)
+  ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+  ref.eval()
+  state = ref.state_dict()
+  src = tj_gguf.GGUFSource(path)
+  assert set(src.keys()) == set(state) - ({"lm_head.weight"} if src.config["tie_word_embeddings"] else set())
+  for name in src.keys():
+    np.testing.assert_allclose(src.get(name), state[name].numpy(), rtol=0, atol=1e-6, err_msg=name)
+  # No permutation outside Llama; Gemma's +1 undone exactly (F32 tensors).
+  np.testing.assert_allclose(src.get("model.layers.1.self_attn.k_proj.weight"), original["blk.1.attn_k.weight"],
+                             rtol=0, atol=1e-7)
+  np.testing.assert_allclose(src.get("model.norm.weight"), original["output_norm.weight"], rtol=0, atol=1e-6)
+  model = models.from_pretrained(str(path), dtype=jnp.float32)
+  tokens = np.random.default_rng(1).integers(0, TINY["vocab"], size=(2, 3 * GEMMA2_WINDOW))
+  with torch.no_grad():
+    expected = ref(torch.from_numpy(tokens)).logits.numpy()
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens, jnp.int32))), expected, rtol=0, atol=2e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -288,9 +348,9 @@ def tj_model(smollm2_path):
 
 
 @pytest.fixture(scope="session")
-def chat_ids(smollm2_path):
+def chat_ids(tj_tokenizer):
   """Token ids of real chat-formatted prompts of different lengths."""
-  tok = tj_gguf.tokenizer_from_gguf(smollm2_path)
+  tok = tj_tokenizer
   chats = CHATS + [[{"role": "user", "content": PROMPTS[1]}]]
   texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
   return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -326,12 +386,12 @@ def test_smollm2_logits_match_transformers_batched_and_single(tj_model, hf_gguf_
   print(f"max |logits - transformers| = {worst:.2e}")
 
 
-def test_save_pretrained_of_gguf_model_loads_in_transformers(tj_model, hf_gguf_model, hf_gguf_tokenizer,
-                                                             smollm2_path, chat_ids, tmp_path):
+def test_save_pretrained_of_gguf_model_loads_in_transformers(tj_model, hf_gguf_model, tj_tokenizer,
+                                                             hf_gguf_tokenizer, chat_ids, tmp_path):
   import json  # pylint: disable=g-import-not-at-top
   from tregjax import models  # pylint: disable=g-import-not-at-top
   out = tmp_path / "smollm2-hf"
-  models.save_pretrained(tj_model, str(out), tokenizer=tj_gguf.tokenizer_from_gguf(smollm2_path))
+  models.save_pretrained(tj_model, str(out), tokenizer=tj_tokenizer)
   config_text = (out / "config.json").read_text()
   assert not any(w in config_text.lower() for w in ("quant", "gguf")), config_text
   assert json.loads(config_text)["tie_word_embeddings"] is True

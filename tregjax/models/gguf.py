@@ -4,9 +4,10 @@
 `config.json` dict built from the GGUF metadata, `.keys()` are HF tensor names and `.get(name)` is a
 float32 numpy array in HF layout (Linear weights [out, in]). It implements the `TensorSource` protocol of
 `tregjax/models/hf_io.py`, so `models.from_pretrained("x.gguf")` loads through the same declarative table
-as safetensors. Dequantization is the `gguf` package's numpy code; the only transform is undoing
-llama.cpp's rotary row permutation of the Q and K projections (its converter interleaves the two rotary
-halves of every head; HF keeps them as [first half | second half]).
+as safetensors. Architectures: llama (Llama 2/3, Mistral, SmolLM), qwen2, qwen3, gemma2. Dequantization
+is the `gguf` package's numpy code; the transforms undo what llama.cpp's converter did: the rotary row
+permutation of Llama's Q and K projections (it interleaves the two rotary halves of every head; HF keeps
+them as [first half | second half]) and Gemma's norms stored as w + 1.
 
 `tokenizer_from_gguf(path)` builds the byte-level BPE tokenizer and chat template the file carries into a
 `transformers.PreTrainedTokenizerFast` with the `tokenizers` library only (transformers' own GGUF
@@ -15,6 +16,7 @@ tokenizer path goes through its model loader).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -98,13 +100,8 @@ def read_metadata(reader: GGUFReader, keys: tuple[str, ...] | None = None) -> di
 # --------------------------------------------------------------------------------------------------
 # Model config and tensor names
 
-# GGUF architecture -> (HF model_type, HF architectures entry). Only architectures with a tregjax port.
-_ARCHITECTURES = {
-    "llama": ("llama", "LlamaForCausalLM"),
-}
-
-# llama.cpp tensor name (without the block prefix) -> HF name (inside model.layers.N.).
-_LLAMA_BLOCK = {
+# llama.cpp block tensor suffix -> HF name inside `model.layers.N.`, shared by the dense decoders.
+_DENSE_BLOCK = {
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
     "attn_q.weight": "self_attn.q_proj.weight",
@@ -115,25 +112,51 @@ _LLAMA_BLOCK = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-_LLAMA_GLOBAL = {
+_GLOBAL = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(.+)")
 
+
+@dataclasses.dataclass(frozen=True)
+class _Arch:
+  """How llama.cpp's converter stored one HF architecture (convert_hf_to_gguf.py), so we can undo it."""
+
+  model_type: str
+  hf_class: str
+  block: dict[str, str]
+  permute_qk: bool = False  # LlamaModel.permute of the Q/K rows
+  norm_plus_one: bool = False  # Gemma: every *norm.weight stored as w + 1
+
+
+_ARCHITECTURES = {
+    "llama": _Arch("llama", "LlamaForCausalLM", _DENSE_BLOCK, permute_qk=True),
+    "qwen2": _Arch("qwen2", "Qwen2ForCausalLM", _DENSE_BLOCK | {
+        "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
+        "attn_v.bias": "self_attn.v_proj.bias"}),
+    "qwen3": _Arch("qwen3", "Qwen3ForCausalLM", _DENSE_BLOCK | {
+        "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight"}),
+    "gemma2": _Arch("gemma2", "Gemma2ForCausalLM", _DENSE_BLOCK | {
+        "post_attention_norm.weight": "post_attention_layernorm.weight",
+        "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+        "post_ffw_norm.weight": "post_feedforward_layernorm.weight"}, norm_plus_one=True),
+}
+
 # Types the gguf package dequantizes in numpy (checked up front so the error names the tensor).
 DEQUANTIZABLE = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16,
                            *getattr(gguf_quants, "_type_traits", {})})
 
 
-def gguf_to_hf_name(name: str) -> str | None:
-  """The HF tensor name for a llama.cpp tensor name (None if it has no HF counterpart)."""
-  if name in _LLAMA_GLOBAL:
-    return _LLAMA_GLOBAL[name]
+def gguf_to_hf_name(name: str, arch: str = "llama") -> str | None:
+  """The HF tensor name for a llama.cpp tensor name of architecture `arch` (None: no HF counterpart)."""
+  if name in _GLOBAL:
+    return _GLOBAL[name]
+  block = _ARCHITECTURES[arch].block
   m = _BLOCK_RE.fullmatch(name)
-  if m and m.group(2) in _LLAMA_BLOCK:
-    return f"model.layers.{m.group(1)}.{_LLAMA_BLOCK[m.group(2)]}"
+  if m and m.group(2) in block:
+    return f"model.layers.{m.group(1)}.{block[m.group(2)]}"
   return None
 
 
@@ -153,7 +176,7 @@ def _hf_config(path: str | os.PathLike, meta: dict[str, Any], tensor_names: set[
   arch = meta.get("general.architecture")
   if arch not in _ARCHITECTURES:
     raise GGUFError(f"{path}: general.architecture={arch!r} is not supported (supported: {sorted(_ARCHITECTURES)})")
-  model_type, hf_arch = _ARCHITECTURES[arch]
+  spec = _ARCHITECTURES[arch]
 
   def need(key: str):
     full = f"{arch}.{key}"
@@ -178,8 +201,8 @@ def _hf_config(path: str | os.PathLike, meta: dict[str, Any], tensor_names: set[
     vocab = len(meta["tokenizer.ggml.tokens"])
   rope_theta = float(meta.get(f"{arch}.rope.freq_base", 10000.0))
   config = {
-      "architectures": [hf_arch],
-      "model_type": model_type,
+      "architectures": [spec.hf_class],
+      "model_type": spec.model_type,
       "hidden_size": hidden,
       "intermediate_size": int(need("feed_forward_length")),
       "num_hidden_layers": int(need("block_count")),
@@ -193,14 +216,36 @@ def _hf_config(path: str | os.PathLike, meta: dict[str, Any], tensor_names: set[
       "vocab_size": int(vocab),
       "tie_word_embeddings": "output.weight" not in tensor_names,
       "hidden_act": "silu",
-      "attention_bias": False,
+      "attention_bias": any(n.endswith(".attn_q.bias") for n in tensor_names),
       "mlp_bias": False,
   }
+  if arch == "qwen2":
+    config["use_sliding_window"] = False  # llama.cpp runs Qwen2 with full attention in every layer
+  if arch == "gemma2":
+    config |= _gemma2_config(meta, config)
   for hf_key, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                            ("pad_token_id", "padding_token_id")):
     if f"tokenizer.ggml.{gguf_key}" in meta:
       config[hf_key] = int(meta[f"tokenizer.ggml.{gguf_key}"])
   return config
+
+
+def _gemma2_config(meta: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+  # llama.cpp (src/models/gemma2*.cpp) scales queries by 1/sqrt(head_dim), except 27B (46 layers):
+  # 1/sqrt(hidden/heads), which is what HF's query_pre_attn_scalar says for each released size.
+  scalar = (config["hidden_size"] // config["num_attention_heads"] if config["num_hidden_layers"] == 46
+            else config["head_dim"])
+  window = meta.get("gemma2.attention.sliding_window", 4096)
+  return {
+      "hidden_act": "gelu_pytorch_tanh",
+      "hidden_activation": "gelu_pytorch_tanh",
+      "attn_logit_softcapping": float(meta.get("gemma2.attn_logit_softcapping", 50.0)),
+      "final_logit_softcapping": float(meta.get("gemma2.final_logit_softcapping", 30.0)),
+      "query_pre_attn_scalar": scalar,
+      "sliding_window": int(window),
+      "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention"
+                      for i in range(config["num_hidden_layers"])],
+  }
 
 
 class GGUFSource:
@@ -223,9 +268,10 @@ class GGUFSource:
       self.metadata.update(read_metadata(self._reader, ("tokenizer.ggml.tokens",)))
     self._tensors = {t.name: t for t in self._reader.tensors}
     self.config = _hf_config(self.path, self.metadata, set(self._tensors))
+    self._arch = _ARCHITECTURES[self.metadata["general.architecture"]]
     self._names: dict[str, str] = {}  # HF name -> GGUF name
     for name in self._tensors:
-      hf = gguf_to_hf_name(name)
+      hf = gguf_to_hf_name(name, self.metadata["general.architecture"])
       if hf is None:
         raise GGUFError(f"{self.path}: tensor {name!r} has no counterpart in the HF "
                         f"{self.config['architectures'][0]} layout")
@@ -262,10 +308,12 @@ class GGUFSource:
     expected = tuple(int(d) for d in reversed(tensor.shape))
     if w.shape != expected:
       raise GGUFError(f"{self.path}: tensor {tensor.name!r} dequantized to shape {w.shape}, expected {expected}")
-    if name.endswith("self_attn.q_proj.weight"):
+    if self._arch.permute_qk and name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
       w = unpermute_rotary_rows(w, self.config["num_attention_heads"])
-    elif name.endswith("self_attn.k_proj.weight"):
+    elif self._arch.permute_qk and name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
       w = unpermute_rotary_rows(w, self.config["num_key_value_heads"])
+    if self._arch.norm_plus_one and tensor.name.endswith("norm.weight"):
+      w = w - np.float32(1.0)
     return w
 
   def __repr__(self) -> str:
