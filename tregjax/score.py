@@ -12,8 +12,9 @@ log-probs and their sum, for DPO-style losses) and, by `score.token_reward.sourc
   none          reference log-probs only (rewards are zeros).
 A response's ids are the same in every context (never re-tokenized), so token t is the same token under each prompt.
 
-The rows of a pair's three contexts go through one jitted call, data-parallel over the mesh, in a bounded set of
-bucketed shapes, with the chunked log-softmax (never [B, T, V] float32). Output is written in work shards (atomic,
+Every context row of every response is sorted by length and cut into batches padded to a bucket (little padding, a
+bounded set of jit shapes), run data-parallel over the mesh with the chunked log-softmax (never [B, T, V] float32);
+per-response sums and rewards are then combined from the rows' response-coordinate arrays by one jitted function. Output is written in work shards (atomic,
 deterministic): a rerun skips finished shards and yields byte-identical output. When every shard exists the scored
 TFDS dataset (array_record) is assembled and `cache_meta.json`, holding the hash of (model, tokenizer, prompts,
 source, data), is written last; `check_cache` refuses a cache whose hash differs from the trainer's expectation.
@@ -25,7 +26,7 @@ Config keys read: `model.hf_path`, `model.dtype`, `data.*` (the tokenized datase
 from __future__ import annotations
 
 import dataclasses
-import io
+import functools
 import json
 import logging
 import os
@@ -40,7 +41,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from tregjax import losses, parallel
+from tregjax import cli, losses, parallel
 from tregjax.data import build as data_build
 from tregjax.data import hashing, tfds_builder
 from tregjax.data.tokenize import ChatTokenizer, with_instruction
@@ -62,7 +63,7 @@ def default_score_config() -> ml_collections.ConfigDict:
       worse_instruction=WORSE_INSTRUCTION,
       instruction_role="auto",  # "system" | "user" (prefix of the first user turn) | "auto" (system if supported)
       token_reward=dict(source="contrastive", beta=0.1, dpo_checkpoint="", reward_model=""),
-      batch_size=16,  # responses per jitted call (x3 rows for contrastive); rounded up to the data-parallel size
+      batch_size=32,  # rows per jitted call (a response has 3 rows for contrastive); rounded up to the dp size
       buckets=(64, 128, 256, 512, 1024, 2048),  # padded row lengths (longer rows: multiples of the largest)
       dtype="",  # compute dtype; "" -> model.dtype ("float32" for exact goldens)
       chunk_size=512,  # positions per chunk of the chunked log-softmax
@@ -187,42 +188,42 @@ def _token_logps(model, tokens, segment_ids, pad_id, chunk_size):
   return losses.chunked_token_logps(hidden, _labels(tokens, pad_id), model.unembed, chunk_size=chunk_size)
 
 
-def make_score_fn(source: str, graphdefs: Sequence[Any], *, pad_id: int, chunk_size: int, beta: float) -> Callable:
-  """A pure function (states, tokens[b, K, T], segment_ids[b, K, T], prompt_len[b, K], resp_len[b]) ->
-  (ref token log-probs [b, T], ref sum [b], token rewards [b, T]) in response coordinates (index j = token j).
-
-  K contexts per response: 3 (plain, better, worse) for contrastive, else 1 (plain).
+def make_row_fn(kind: str, graphdef: Any, *, pad_id: int, chunk_size: int) -> Callable:
+  """A pure function (state, tokens[B, T], segment_ids[B, T], prompt_len[B]) -> per-row values in response
+  coordinates (index j = response token j):
+    "logps":  log π(y_j | context, y<j)   [B, T]
+    "scores": (reward-model score after reading y_j [B, T], score at the last prompt token [B])
   """
 
-  def fn(states, tokens, segment_ids, prompt_len, resp_len):
-    b, k, t = tokens.shape
-    models = [nnx.merge(g, s) for g, s in zip(graphdefs, states)]
-    mask = jnp.arange(t)[None, :] < resp_len[:, None]
-    rows, segs = tokens.reshape(b * k, t), segment_ids.reshape(b * k, t)
-    starts = prompt_len.reshape(b * k)
-    if source == "r3hf":
-      ref_rows, seg0, start0 = tokens[:, 0], segment_ids[:, 0], prompt_len[:, 0]
-      ref = _response_coords(_token_logps(models[0], ref_rows, seg0, pad_id, chunk_size), start0 - 1, t)
-      scores = models[1].scores(ref_rows, segment_ids=seg0)
-      prefix = _response_coords(scores, start0, t)  # R(x, y<=j) is read where token j is
-      initial = jnp.take_along_axis(scores, (start0 - 1)[:, None], axis=1)[:, 0]  # last prompt token
-      rewards = losses.r3hf_token_rewards(prefix, mask, initial)
-    elif source == "dpo_implicit":
-      ref = _response_coords(_token_logps(models[0], rows, segs, pad_id, chunk_size), starts - 1, t)
-      dpo = _response_coords(_token_logps(models[1], rows, segs, pad_id, chunk_size), starts - 1, t)
-      rewards = losses.dpo_implicit_token_rewards(dpo, ref, mask, beta=beta)
-    else:
-      logps = _response_coords(_token_logps(models[0], rows, segs, pad_id, chunk_size), starts - 1, t)
-      logps = logps.reshape(b, k, t)
-      ref = logps[:, 0]
-      if source == "contrastive":
-        rewards = losses.contrastive_token_rewards(logps[:, 1], logps[:, 2], mask)
-      else:
-        rewards = jnp.zeros_like(ref)
-    ref = jnp.where(mask, ref, 0.0)
-    return ref, losses.sequence_logps(ref, mask), rewards
+  def fn(state, tokens, segment_ids, prompt_len):
+    model = nnx.merge(graphdef, state)
+    t = tokens.shape[1]
+    if kind == "scores":
+      scores = model.scores(tokens, segment_ids=segment_ids)
+      initial = jnp.take_along_axis(scores, (prompt_len - 1)[:, None], axis=1)[:, 0]
+      return _response_coords(scores, prompt_len, t), initial  # R(x, y<=j) is read where token j is
+    return _response_coords(_token_logps(model, tokens, segment_ids, pad_id, chunk_size), prompt_len - 1, t)
 
   return fn
+
+
+def combine(source: str, beta: float, ref: jax.Array, mask: jax.Array, a: jax.Array | None = None,
+            b: jax.Array | None = None, initial: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(ref token log-probs, their sum, token rewards) from per-response arrays [U, R] in response coordinates.
+
+  contrastive: a = better, b = worse log-probs; dpo_implicit: a = DPO-model log-probs; r3hf: a = prefix scores,
+  initial = prompt-only score.
+  """
+  ref = jnp.where(mask, ref, 0.0)
+  if source == "contrastive":
+    rewards = losses.contrastive_token_rewards(a, b, mask)
+  elif source == "dpo_implicit":
+    rewards = losses.dpo_implicit_token_rewards(a, ref, mask, beta=beta)
+  elif source == "r3hf":
+    rewards = losses.r3hf_token_rewards(a, mask, initial)
+  else:
+    rewards = jnp.zeros_like(ref)
+  return ref, losses.sequence_logps(ref, mask), rewards
 
 
 # ------------------------------------------------------------------------------------------ host side
@@ -278,7 +279,12 @@ def units_of(record: dict[str, Any], contexts: Contexts) -> list[_Unit]:
 
 
 class Scorer:
-  """Holds the model(s), the mesh and one compiled function per bucket shape."""
+  """Holds the model(s), the mesh and one compiled function per bucket shape.
+
+  Rows (every context of every response) are sorted by length and cut into batches of `batch_size` rows, each padded
+  to the smallest bucket that holds its longest row: little padding, a bounded set of shapes. Per-response
+  quantities (sums, rewards) are then combined by `combine` from the rows' response-coordinate arrays.
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, s: ml_collections.ConfigDict, pad_id: int):
     from tregjax import models  # pylint: disable=g-import-not-at-top
@@ -298,53 +304,77 @@ class Scorer:
                        f"(*ForSequenceClassification with num_labels=1)")
     if isinstance(loaded[0], models.RewardModel):
       raise ValueError(f"model.hf_path={paths[0]} is a reward model; the reference must be a causal LM")
-    split = [nnx.split(m) for m in loaded]
-    self.graphdefs = [g for g, _ in split]
-    self.states = [st for _, st in split]
-    self.contexts_per_unit = 3 if self.source == "contrastive" else 1
     ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     self.batch_size = -(-s.batch_size // ways) * ways
-    fn = make_score_fn(self.source, self.graphdefs, pad_id=pad_id, chunk_size=s.chunk_size,
-                       beta=float(s.token_reward.beta))
-    state_sh = [parallel.state_shardings(st, self.mesh) for st in self.states]
-    self._fn = jax.jit(fn, in_shardings=(state_sh, parallel.batch_sharding(self.mesh, 3),
-                                         parallel.batch_sharding(self.mesh, 3), parallel.batch_sharding(self.mesh, 2),
-                                         parallel.batch_sharding(self.mesh, 1)))
+    rows_sh = parallel.batch_sharding(self.mesh, 2)
+    self._fns, self._states = [], []
+    for k, model in enumerate(loaded):
+      graphdef, state = nnx.split(model)
+      kind = "scores" if (self.source == "r3hf" and k == 1) else "logps"
+      fn = make_row_fn(kind, graphdef, pad_id=pad_id, chunk_size=s.chunk_size)
+      self._fns.append(jax.jit(fn, in_shardings=(parallel.state_shardings(state, self.mesh), rows_sh, rows_sh,
+                                                 parallel.batch_sharding(self.mesh, 1))))
+      self._states.append(state)
+    self._combine = jax.jit(functools.partial(combine, self.source, float(s.token_reward.beta)))
+
+  def _rows(self, k: int, rows: list[tuple[list[int], int]], on_tokens: Callable[[int], None] | None
+            ) -> list[Any]:
+    """Model k over (ids, prompt_len) rows -> per row: response-coordinate values (+ initial score for "scores")."""
+    order = sorted(range(len(rows)), key=lambda i: (len(rows[i][0]), i))
+    out: list[Any] = [None] * len(rows)
+    b = self.batch_size
+    for start in range(0, len(order), b):
+      chunk = order[start:start + b]
+      t = bucket_length(max(len(rows[i][0]) for i in chunk), self.s.buckets)
+      tokens = np.full((b, t), self.pad_id, np.int32)
+      segs = np.zeros((b, t), np.int32)
+      prompt_len = np.ones((b,), np.int32)
+      for r, i in enumerate(chunk):
+        ids, p = rows[i]
+        tokens[r, :len(ids)] = ids
+        segs[r, :len(ids)] = 1
+        prompt_len[r] = p
+      values = jax.device_get(self._fns[k](self._states[k], tokens, segs, prompt_len))
+      for r, i in enumerate(chunk):
+        n = len(rows[i][0]) - rows[i][1]
+        out[i] = (values[0][r, :n], values[1][r]) if isinstance(values, tuple) else values[r, :n]
+      if on_tokens:
+        on_tokens(sum(len(rows[i][0]) for i in chunk))
+    return out
 
   def score_units(self, units: list[_Unit], on_tokens: Callable[[int], None] | None = None
                   ) -> list[tuple[np.ndarray, float, np.ndarray]]:
     """(ref token log-probs, ref sum, token rewards) per unit, in input order; response coordinates, cropped."""
-    k = self.contexts_per_unit
-    lengths = [max(len(r) for r in u.rows) for u in units]
-    order = sorted(range(len(units)), key=lambda i: (bucket_length(lengths[i], self.s.buckets), i))
-    results: list[Any] = [None] * len(units)
-    b = self.batch_size
-    start = 0
-    while start < len(order):
-      t = bucket_length(lengths[order[start]], self.s.buckets)
-      chunk = [i for i in order[start:start + b] if bucket_length(lengths[i], self.s.buckets) == t]
-      start += len(chunk)
-      tokens = np.full((b, k, t), self.pad_id, np.int32)
-      segs = np.zeros((b, k, t), np.int32)
-      prompt_len = np.ones((b, k), np.int32)
-      resp_len = np.zeros((b,), np.int32)
-      real = 0
-      for row, i in enumerate(chunk):
-        u = units[i]
-        for c, ids in enumerate(u.rows):
-          tokens[row, c, :len(ids)] = ids
-          segs[row, c, :len(ids)] = 1
-          prompt_len[row, c] = u.prompt_lens[c]
-          real += len(ids)
-        resp_len[row] = u.resp_len
-      ref, total, rewards = jax.device_get(self._fn(self.states, tokens, segs, prompt_len, resp_len))
-      for row, i in enumerate(chunk):
-        n = units[i].resp_len
-        results[i] = (np.asarray(ref[row, :n], np.float32), float(total[row]),
-                      np.asarray(rewards[row, :n], np.float32))
-      if on_tokens:
-        on_tokens(real)
-    return results
+    contexts = 3 if self.source == "contrastive" else 1
+    rows = [(u.rows[c], u.prompt_lens[c]) for u in units for c in range(contexts)]
+    first = self._rows(0, rows, on_tokens)
+    per_context = [first[c::contexts] for c in range(contexts)]
+    extra = self._rows(1, rows, on_tokens) if len(self._fns) > 1 else None
+    # Pad to [U, R] with U a multiple of 64 and R a bucket, so the combine step compiles a bounded set of shapes.
+    n_units = -(-len(units) // 64) * 64
+    width = bucket_length(max(u.resp_len for u in units), self.s.buckets)
+
+    def padded(values):
+      out = np.zeros((n_units, width), np.float32)
+      for i, v in enumerate(values):
+        out[i, :len(v)] = v
+      return out
+
+    mask = np.zeros((n_units, width), bool)
+    for i, u in enumerate(units):
+      mask[i, :u.resp_len] = True
+    args: dict[str, Any] = {}
+    if self.source == "contrastive":
+      args.update(a=padded(per_context[1]), b=padded(per_context[2]))
+    elif self.source == "dpo_implicit":
+      args.update(a=padded(extra))
+    elif self.source == "r3hf":
+      initial = np.zeros((n_units,), np.float32)
+      initial[:len(units)] = [e[1] for e in extra]
+      args.update(a=padded([e[0] for e in extra]), initial=initial)
+    ref, total, rewards = jax.device_get(self._combine(padded(per_context[0]), mask, **args))
+    return [(np.asarray(ref[i, :u.resp_len], np.float32), float(total[i]),
+             np.asarray(rewards[i, :u.resp_len], np.float32)) for i, u in enumerate(units)]
 
 
 def _raise(message: str):
@@ -504,7 +534,7 @@ def _assemble(cache_dir: str, dataset_dir: str, sources: dict[str, Any], shard_s
 def main(argv: Sequence[str]) -> None:
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+  cli.setup_logging()
   config = flags.FLAGS.config
   try:
     out = run(config)

@@ -13,6 +13,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from tregjax import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Trainer config file (configs/*.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, tensorboard/ "
@@ -46,7 +48,7 @@ def distributed_env(env: dict[str, str] | None = None) -> dict | None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+  cli.setup_logging()
   import jax  # pylint: disable=g-import-not-at-top
   kwargs = distributed_env()
   if kwargs is not None:
