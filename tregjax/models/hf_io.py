@@ -323,13 +323,16 @@ def from_pretrained(path: str, *, dtype: Any = jnp.bfloat16, param_dtype: Any = 
     expected = s.rule.hf_shape(s.shape)
     if tuple(x.shape) != expected:
       raise ValueError(f"{path}: tensor {s.hf_name} has shape {tuple(x.shape)}, expected {expected}")
-    x = s.rule.to_ours(np.asarray(x), s.shape).astype(param_dtype)
+    # One contiguous host copy in our layout and dtype (astype/transposes would otherwise stack copies).
+    x = np.ascontiguousarray(s.rule.to_ours(np.asarray(x), s.shape).astype(param_dtype, copy=False))
     axes = variables[s.path].get_metadata().get("axes")
     if s.layer is None:
       values[s.path] = _to_device(x, _target_sharding(axes, s.shape, mesh))
     else:
       part = _to_device(x, _target_sharding(axes[1:], s.shape, mesh))
       values[s.path] = _set_layer(values[s.path], part, s.layer)
+    # Wait before reading the next tensor: async dispatch would otherwise let host buffers pile up.
+    values[s.path].block_until_ready()
     del x
 
   flat = [(path_keys, var.replace(values[tuple(str(k) for k in path_keys)]))
