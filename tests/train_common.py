@@ -151,15 +151,17 @@ def _parse(value: str):
 
 
 def main(argv: list[str]) -> None:
-  """Worker: `train_common.py WORKDIR [key=value ...] [max_steps=N] [multiprocess=1]`; prints the summary as JSON."""
+  """Worker: `train_common.py WORKDIR [key=value ...] [max_steps=N]`; prints the summary as JSON."""
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   workdir, *pairs = argv
   overrides = dict(p.split("=", 1) for p in pairs)
   max_steps = overrides.pop("max_steps", None)
-  if overrides.pop("multiprocess", None):
+  from tregjax.train import distributed_env
+  kwargs = distributed_env()
+  if kwargs is not None:  # started by launch/local_multiprocess.sh
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize()
+    jax.distributed.initialize(**kwargs)
   from tregjax import training
   overrides = {k: _parse(v) for k, v in overrides.items()}
   for k in ("data.buckets",):
