@@ -64,3 +64,26 @@ def test_gemma2_kv_cache_greedy_matches_transformers_generate(tmp_path):
     ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
                       pad_token_id=0)[0, len(prompt):].tolist()
   assert np.asarray(out.tokens[0]).tolist() == ref
+
+
+# Gemma 3 (text): q/k norms, 5:1 local/global layers with separate RoPE bases, linear scaling on global layers.
+GEMMA3 = GEMMA | dict(model_type="gemma3_text", num_hidden_layers=3, num_key_value_heads=2, sliding_window=4,
+                      layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                      query_pre_attn_scalar=24, hidden_activation="gelu_pytorch_tanh",
+                      rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                       "full_attention": {"rope_type": "linear", "rope_theta": 1e6,
+                                                          "factor": 8.0}})
+
+
+def test_gemma3_text_logits_match_transformers_and_round_trip(tmp_path):
+  hf = g.build_hf(GEMMA3)
+  ref = g.hf_logits(hf, g.TOKENS, g.SEGMENTS)
+  ours = models.from_pretrained(g.save_hf(hf, tmp_path / "hf"), dtype=jnp.float32)
+  assert ours.config.rope_local_theta == 10000.0 and ours.config.rope_type == "linear"
+  valid = g.SEGMENTS.astype(bool)
+  out = np.asarray(_forward(ours, jnp.asarray(g.TOKENS), jnp.asarray(g.SEGMENTS)))
+  np.testing.assert_allclose(out[valid], ref[valid], atol=TOL, rtol=0)
+  models.save_pretrained(ours, str(tmp_path / "ours"))
+  back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ours"), dtype="float32",
+                                                           attn_implementation="eager")
+  np.testing.assert_allclose(g.hf_logits(back, g.TOKENS, g.SEGMENTS)[valid], ref[valid], atol=TOL)

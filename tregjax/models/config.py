@@ -18,10 +18,13 @@ SUPPORTED_MODEL_TYPES: dict[str, tuple[str, str | None]] = {
     "qwen3": ("Qwen3ForCausalLM", "Qwen3ForSequenceClassification"),
     "gemma": ("GemmaForCausalLM", "GemmaForSequenceClassification"),
     "gemma2": ("Gemma2ForCausalLM", "Gemma2ForSequenceClassification"),
+    "gemma3_text": ("Gemma3ForCausalLM", "Gemma3TextForSequenceClassification"),
 }
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
     name: mt for mt, names in SUPPORTED_MODEL_TYPES.items() for name in names if name is not None}
-_GEMMA_TYPES = ("gemma", "gemma2")
+_GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
+_POST_NORM_TYPES = ("gemma2", "gemma3_text")
+_OUT_BIAS_TYPES = ("llama", "gemma", "gemma2", "gemma3_text", "qwen3")
 _ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "explicit")
@@ -52,6 +55,7 @@ class ModelConfig:
   rope_low_freq_factor: float = 1.0
   rope_high_freq_factor: float = 4.0
   rope_original_max_position: int = 8192
+  rope_local_theta: float | None = None  # Gemma 3: plain RoPE base of the sliding-window layers
   attention_bias: bool = False
   attention_out_bias: bool = False
   mlp_bias: bool = False
@@ -67,7 +71,7 @@ class ModelConfig:
   final_logit_softcapping: float | None = None
   query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5 (default head_dim)
   post_norms: bool = False  # Gemma 2 post-attention / pre- and post-feedforward norms
-  qk_norm: bool = False  # Qwen 3: RMSNorm over head_dim on q and k
+  qk_norm: bool = False  # Qwen 3 / Gemma 3: RMSNorm over head_dim on q and k
   # Heads: 0 = causal LM; > 0 = sequence-classification `score` head with this many labels.
   num_labels: int = 0
   pad_token_id: int | None = None
@@ -164,7 +168,7 @@ class ModelConfig:
 
     hidden, heads = req("hidden_size"), req("num_attention_heads")
     head_dim = hf.get("head_dim") or hidden // heads
-    rope = _read_rope(hf, source)
+    rope = _read_rope(hf, source, model_type)
     gemma = model_type in _GEMMA_TYPES
     act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
     if gemma and act == "gelu":  # HF Gemma maps legacy "gelu" to the tanh approximation
@@ -182,6 +186,11 @@ class ModelConfig:
         layer_types = ["sliding_attention" if i >= max_window else "full_attention" for i in range(num_layers)]
     if model_type == "gemma2" and layer_types is None:
       layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]
+    if model_type == "gemma3_text" and layer_types is None:
+      pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
+      layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
+    if hf.get("use_bidirectional_attention"):
+      raise UnsupportedModelError(f"{source}: use_bidirectional_attention is not supported (decoder-only models)")
     if model_type in ("llama", "gemma"):
       sliding, layer_types = None, None
     if layer_types is not None and "sliding_attention" not in layer_types:
@@ -193,6 +202,7 @@ class ModelConfig:
     if is_cls:
       num_labels = hf.get("num_labels") or len(hf.get("id2label") or {}) or 2
     attention_bias = bool(hf.get("attention_bias", model_type == "qwen2"))
+    post_norm_type = model_type in _POST_NORM_TYPES
     return cls(
         model_type=model_type,
         vocab_size=req("vocab_size"),
@@ -205,7 +215,7 @@ class ModelConfig:
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         attention_bias=attention_bias,
-        attention_out_bias=attention_bias and model_type in ("llama", "gemma", "gemma2", "qwen3"),
+        attention_out_bias=attention_bias and model_type in _OUT_BIAS_TYPES,
         mlp_bias=bool(hf.get("mlp_bias", False)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
         hidden_act=act,
@@ -213,11 +223,11 @@ class ModelConfig:
         layer_types=tuple(layer_types) if layer_types is not None else None,
         norm_offset=1.0 if gemma else 0.0,
         scale_embeddings=gemma,
-        attn_logit_softcapping=hf.get("attn_logit_softcapping") if model_type == "gemma2" else None,
-        final_logit_softcapping=hf.get("final_logit_softcapping") if model_type == "gemma2" else None,
-        query_pre_attn_scalar=hf.get("query_pre_attn_scalar") if model_type == "gemma2" else None,
-        post_norms=model_type == "gemma2",
-        qk_norm=model_type == "qwen3",
+        attn_logit_softcapping=hf.get("attn_logit_softcapping") if post_norm_type else None,
+        final_logit_softcapping=hf.get("final_logit_softcapping") if post_norm_type else None,
+        query_pre_attn_scalar=hf.get("query_pre_attn_scalar") if post_norm_type else None,
+        post_norms=post_norm_type,
+        qk_norm=model_type in ("qwen3", "gemma3_text"),
         num_labels=num_labels,
         pad_token_id=hf.get("pad_token_id"),
         bos_token_id=hf.get("bos_token_id"),
@@ -238,11 +248,13 @@ class ModelConfig:
     if self.scale_embeddings != gemma:
       refuse(f"scale_embeddings={self.scale_embeddings}")
     if (self.attn_logit_softcapping or self.final_logit_softcapping or self.post_norms
-        or self.query_pre_attn_scalar) and mt != "gemma2":
+        or self.query_pre_attn_scalar) and mt not in _POST_NORM_TYPES:
       refuse("soft-capping / post norms / query_pre_attn_scalar")
-    if mt == "gemma2" and not self.post_norms:
+    if mt in _POST_NORM_TYPES and not self.post_norms:
       refuse("post_norms=False")
-    if self.qk_norm != (mt == "qwen3"):
+    if self.rope_local_theta is not None and mt != "gemma3_text":
+      refuse("a separate RoPE base for sliding-window layers")
+    if self.qk_norm != (mt in ("qwen3", "gemma3_text")):
       refuse(f"qk_norm={self.qk_norm}")
     if self.mlp_bias and mt != "llama":
       refuse("mlp_bias")
@@ -250,7 +262,7 @@ class ModelConfig:
       refuse("attention_bias")
     if mt == "qwen2" and self.attention_bias is not True:
       refuse("qkv without bias")
-    if self.attention_out_bias != (self.attention_bias and mt in ("llama", "gemma", "gemma2", "qwen3")):
+    if self.attention_out_bias != (self.attention_bias and mt in _OUT_BIAS_TYPES):
       refuse(f"attention_out_bias={self.attention_out_bias} with attention_bias={self.attention_bias}")
     windows = self.layer_windows()
     if any(windows) and mt in ("llama", "gemma"):
@@ -261,7 +273,7 @@ class ModelConfig:
       refuse("untied embeddings")
     if self.hidden_act != ("gelu_pytorch_tanh" if gemma else "silu"):
       refuse(f"hidden_act={self.hidden_act}")
-    if self.rope_type != "default" and gemma:
+    if self.rope_type != "default" and mt in ("gemma", "gemma2"):
       refuse(f"rope type {self.rope_type}")
 
     if self.rope_type == "default":
@@ -272,6 +284,9 @@ class ModelConfig:
       rope = {"rope_type": "llama3", "rope_theta": self.rope_theta, "factor": self.rope_factor,
               "low_freq_factor": self.rope_low_freq_factor, "high_freq_factor": self.rope_high_freq_factor,
               "original_max_position_embeddings": self.rope_original_max_position}
+    if mt == "gemma3_text":  # per-layer-type RoPE (transformers v5 layout)
+      local_theta = self.rope_theta if self.rope_local_theta is None else self.rope_local_theta
+      rope = {"full_attention": rope, "sliding_attention": {"rope_type": "default", "rope_theta": local_theta}}
     causal, seq_cls = SUPPORTED_MODEL_TYPES[mt]
     out: dict[str, Any] = {
         "architectures": [seq_cls if self.is_reward_model else causal],
@@ -294,17 +309,19 @@ class ModelConfig:
         "eos_token_id": self.eos_token_id,
         "torch_dtype": "float32",
     }
-    if self.rope_type != "default":
+    if mt == "gemma3_text":
+      del out["rope_theta"]
+    elif self.rope_type != "default":
       out["rope_scaling"] = dict(rope)
-    if mt == "gemma2":
+    if mt in _POST_NORM_TYPES:
       out["hidden_activation"] = self.hidden_act
     else:
       out["hidden_act"] = self.hidden_act
-    if mt in ("llama", "gemma", "gemma2", "qwen3"):
+    if mt in _OUT_BIAS_TYPES:
       out["attention_bias"] = self.attention_bias
     if mt == "llama":
       out["mlp_bias"] = self.mlp_bias
-    if mt == "gemma2":
+    if mt in _POST_NORM_TYPES:
       out.update(attn_logit_softcapping=self.attn_logit_softcapping,
                  final_logit_softcapping=self.final_logit_softcapping,
                  query_pre_attn_scalar=self.query_pre_attn_scalar or self.head_dim)
@@ -318,9 +335,9 @@ class ModelConfig:
         if any(not w for w in windows[first:]):
           refuse("sliding layers that are not a suffix")
         out["max_window_layers"] = first
-    elif mt in ("mistral", "gemma2", "qwen2", "qwen3"):
-      if mt == "gemma2":
-        refuse("Gemma 2 without sliding-window layers")
+    elif mt in ("mistral", "gemma2", "gemma3_text", "qwen2", "qwen3"):
+      if mt in _POST_NORM_TYPES:
+        refuse("Gemma 2/3 without sliding-window layers")
       out["sliding_window"] = None
     if self.is_reward_model:
       out["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
@@ -329,11 +346,23 @@ class ModelConfig:
     return out
 
 
-def _read_rope(hf: dict[str, Any], source: str) -> dict[str, Any]:
+def _read_rope(hf: dict[str, Any], source: str, model_type: str) -> dict[str, Any]:
   """RoPE settings from transformers v5 `rope_parameters` or legacy `rope_scaling` + `rope_theta`."""
   params = hf.get("rope_parameters")
-  if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
-    raise UnsupportedModelError(f"{source}: per-layer-type rope_parameters are not supported")
+  per_type = isinstance(params, dict) and bool(params) and all(isinstance(v, dict) for v in params.values())
+  if model_type == "gemma3_text":
+    # Global layers: full_attention parameters (may be scaled); sliding layers: their own plain base.
+    local = (params or {}).get("sliding_attention", {}) if per_type else {}
+    if local.get("rope_type", "default") != "default":
+      raise UnsupportedModelError(f"{source}: scaled RoPE on sliding-window layers is not supported")
+    local_theta = local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0))
+    glob = dict(params["full_attention"]) if per_type else dict(params or {})
+    glob.setdefault("rope_theta", hf.get("rope_theta", 1_000_000.0))
+    out = _read_rope({"rope_parameters": glob, "rope_scaling": None if per_type else hf.get("rope_scaling")},
+                     source, "gemma3_global")
+    return out | {"rope_local_theta": float(local_theta)}
+  if per_type:
+    raise UnsupportedModelError(f"{source}: per-layer-type rope_parameters are only supported for gemma3_text")
   params = dict(params or {})
   legacy = hf.get("rope_scaling") or {}
   merged = {**legacy, **params}

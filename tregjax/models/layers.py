@@ -63,11 +63,17 @@ class RMSNorm(nnx.Module):
 # ------------------------------------------------------------------ RoPE
 
 
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-  """Inverse frequencies (float32, as HF computes them) incl. linear and Llama-3.1 (`llama3`) scaling."""
+def rope_inv_freq(cfg: ModelConfig, *, local: bool = False) -> np.ndarray:
+  """Inverse frequencies (float32, as HF computes them) incl. linear and Llama-3.1 (`llama3`) scaling.
+
+  `local=True` gives Gemma 3's sliding-window layers their own plain RoPE base (`rope_local_theta`).
+  """
   dim = cfg.head_dim
-  inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+  theta = cfg.rope_local_theta if local else cfg.rope_theta
+  inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
   inv_freq = inv_freq.astype(np.float32)
+  if local:
+    return inv_freq
   if cfg.rope_type == "linear":
     inv_freq = inv_freq / np.float32(cfg.rope_factor)
   elif cfg.rope_type == "llama3":
@@ -129,8 +135,13 @@ def resolve_attention_impl(cfg: ModelConfig, dtype) -> str:
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float,
                           softcap: float | None, impl: str) -> jax.Array:
   """q [B,T,N,H], k/v [B,S,K,H] (GQA: K divides N), mask bool [B,1,T,S] -> [B,T,N,H]."""
-  if impl != "explicit" and not softcap:
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)
+  if impl == "cudnn":
+    try:
+      return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+    except (ValueError, NotImplementedError, RuntimeError):
+      impl = "xla"  # a shape/dtype cuDNN does not take (checked while tracing): same math through XLA
+  if impl == "xla" and not softcap:
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
   # Explicit softmax: needed for Gemma 2 logit soft-capping, which the fused kernels do not implement.
   b, t, n, h = q.shape
   kh = k.shape[2]

@@ -58,8 +58,14 @@ class Backbone(nnx.Module):
                  cache_index: jax.Array | None = None):
     """Apply all layers; `cache` is (k, v) stacked [L, B, S, K, H], returned updated."""
     cfg = self.cfg
-    cos, sin = layers.rope_angles(positions, layers.rope_inv_freq(cfg))
+    rope = layers.rope_angles(positions, layers.rope_inv_freq(cfg))
+    # Gemma 3: sliding-window layers rotate with their own base; pick per layer inside the scan.
+    local_rope = None
+    if cfg.rope_local_theta is not None:
+      local_rope = layers.rope_angles(positions, layers.rope_inv_freq(cfg, local=True))
     impl = layers.resolve_attention_impl(cfg, self.dtype)
+    if cache is not None and impl == "cudnn":
+      impl = "xla"  # one-token decode steps against a long cache: the flash kernel buys nothing there
     windows = jnp.asarray(cfg.layer_windows(), jnp.int32)
     graphdef, state = nnx.split(self.layers)
 
@@ -67,6 +73,9 @@ class Backbone(nnx.Module):
       layer_state, window, layer_cache = xs
       layer = nnx.merge(graphdef, layer_state)
       layer_mask = mask & layers.window_mask(q_index, kv_index, window) if any(cfg.layer_windows()) else mask
+      cos, sin = rope
+      if local_rope is not None:
+        cos, sin = (jnp.where(window > 0, a, b) for a, b in zip(local_rope, rope))
       x, new_cache = layer(x, cos, sin, layer_mask, impl=impl, cache=layer_cache, cache_index=cache_index)
       return x, new_cache
 
