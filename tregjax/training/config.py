@@ -43,6 +43,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_split = ""  # "" disables evaluation
   c.data.eval_batches = 0  # 0 -> the whole eval split
   c.data.epochs = 1  # used when train.steps == -1
+  # The scoring pass's keys (tregjax.score.default_score_config): one config file drives score and train, and the
+  # trainer recomputes the cache hash from them to refuse a stale cache.
+  from tregjax import score as score_lib  # pylint: disable=g-import-not-at-top
+  c.score = score_lib.default_score_config()
 
   # The scoring pass's keys (contrastive prompts, token-reward source, buckets, shards): tregjax.score.
   from tregjax import score as score_lib  # pylint: disable=g-import-not-at-top

@@ -113,6 +113,20 @@ def default_data(config: ml_collections.ConfigDict, split: str, process_index: i
                                 shuffle=None if train else False)
 
 
+def check_scored_cache(config: ml_collections.ConfigDict) -> None:
+  """Refuse a scored cache made from other inputs (model, tokenizer, prompts, token-reward source, data).
+
+  The policy starts from the reference (`model.hf_path`), so the cache must have been scored with that model; a
+  random-init run (no hf_path) has no reference to compare with and is only warned about.
+  """
+  from tregjax import score  # pylint: disable=g-import-not-at-top
+  if not config.model.hf_path:
+    log.warning("model.hf_path is empty (random init): cannot check that %s was scored with this model",
+                config.data.cache_dir)
+    return
+  score.check_cache(config.data.cache_dir, score.cache_components(config))
+
+
 def _place(batch: Any, mesh) -> Any:
   """Process-local numpy rows → global jax arrays sharded on the batch axis (multi-host safe)."""
   return jax.tree.map(
@@ -211,6 +225,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(config.to_json_best_effort(indent=2))
 
+  if data_factory is default_data and config.objective == "preference":
+    check_scored_cache(config)
   train_iter = data_factory(config, config.data.train_split, jax.process_index(), jax.process_count())
   if config.train.steps == -1:
     try:
