@@ -214,3 +214,18 @@ def test_tokenizer_larger_than_embedding_is_refused():
   models.check_tokenizer_vocab(cfg.vocab_size, cfg)  # equal is fine
   with pytest.raises(ValueError, match=r"tokenizer has 300 tokens .* vocab_size=256"):
     models.check_tokenizer_vocab(list(range(300)), cfg)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits(tmp_path):
+  hf = g.build_hf(g.LLAMA)
+  path = g.save_hf(hf, tmp_path / "hf")
+  bf16 = models.from_pretrained(path)  # default: bfloat16 compute, float32 parameters
+  assert bf16.model.layers.attn.q_proj[...].dtype == jnp.float32
+  hidden = nnx.jit(lambda m, t: m.hidden_states(t))(bf16, jnp.asarray(g.TOKENS))
+  assert hidden.dtype == jnp.bfloat16
+  out = _logits(bf16)
+  assert out.dtype == np.float32
+  ref = g.hf_logits(hf, g.TOKENS, g.SEGMENTS)
+  valid = g.SEGMENTS.astype(bool)
+  err = np.abs(out[valid] - ref[valid]).max()
+  assert 1e-4 < err < 0.05 * np.abs(ref[valid]).max()  # bf16 rounding is visible but small

@@ -57,7 +57,7 @@ class ModelConfig:
   rope_original_max_position: int = 8192
   rope_local_theta: float | None = None  # Gemma 3: plain RoPE base of the sliding-window layers
   attention_bias: bool = False
-  attention_out_bias: bool = False
+  attention_out_bias: bool | None = None  # None: as HF's class for model_type does (Qwen 2 has no o_proj bias)
   mlp_bias: bool = False
   tie_word_embeddings: bool = False
   hidden_act: str = "silu"  # "silu" | "gelu_pytorch_tanh"
@@ -83,6 +83,8 @@ class ModelConfig:
   attention_impl: str = "auto"
 
   def __post_init__(self):
+    if self.attention_out_bias is None:
+      object.__setattr__(self, "attention_out_bias", self.attention_bias and self.model_type in _OUT_BIAS_TYPES)
     if self.model_type not in SUPPORTED_MODEL_TYPES:
       raise UnsupportedModelError(
           f"unsupported model_type {self.model_type!r}; supported: {sorted(SUPPORTED_MODEL_TYPES)}")
@@ -215,7 +217,6 @@ class ModelConfig:
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         attention_bias=attention_bias,
-        attention_out_bias=attention_bias and model_type in _OUT_BIAS_TYPES,
         mlp_bias=bool(hf.get("mlp_bias", False)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
         hidden_act=act,
