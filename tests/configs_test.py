@@ -1,0 +1,118 @@
+"""Every config file loads and validates; bad configs fail with a clear message before anything is built."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+import importlib.util
+
+from tregjax.training import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+
+
+def _load(path, arg=None):
+  """What `--config path[:arg]` does: import the file, call get_config(arg)."""
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_config_file_loads_and_validates(path):
+  config = _load(path)
+  # Recipes name 8-device meshes (FSDP over -1 devices); validate them for an 8-device host without data on disk.
+  config_lib.validate(config, num_devices=8, check_data=False)
+  if "runlocal" in open(path).read():
+    local = _load(path, "runlocal")
+    config_lib.validate(local, num_devices=1, check_data=False)
+    assert local.model.preset and not local.model.hf_path and local.data.batch_size <= 8
+
+
+def test_paper_recipes_carry_the_release_hyperparameters():
+  llama = _load(os.path.join(ROOT, "configs", "llama3_8b_dpo_reg.py"))
+  assert (llama.loss.loss, llama.loss.regularizer, llama.loss.beta, llama.optimizer.lr) == ("dpo", "treg", 0.01, 7e-7)
+  gemma = _load(os.path.join(ROOT, "configs", "gemma2_9b_simpo_reg.py"))
+  assert (gemma.loss.loss, gemma.loss.regularizer, gemma.loss.beta, gemma.optimizer.lr) == ("simpo", "treg", 10.0,
+                                                                                            8e-7)
+  assert gemma.loss.gamma == pytest.approx(10.0 * 0.5)  # SimPO's gamma_beta_ratio 0.5 as an absolute margin
+  for c in (llama, gemma):
+    assert (c.data.batch_size, c.data.max_length, c.data.max_prompt_length) == (128, 2048, 1800)
+    assert (c.optimizer.schedule, c.optimizer.warmup_ratio, c.train.steps, c.data.epochs) == ("cosine", 0.1, -1, 1)
+
+
+def _bad(**changes):
+  c = config_lib.base_config()
+  c.data.cache_dir = "/cache"
+  for key, value in changes.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"mesh.fsdp": 16}, r"needs 16 devices.*but 8 are available"),
+    ({"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 1}, r"needs 4 devices.*but 8 are available"),
+    ({"data.batch_size": 12, "optimizer.grad_accum_steps": 2}, r"batch_size=12 is not divisible by .* = 16"),
+    ({"loss.loss": "dpoo"}, r"config.loss: unknown loss 'dpoo'"),
+    ({"optimizer.schedule": "cosin"}, r"optimizer.schedule='cosin': must be one of"),
+    ({"objective": "ppo"}, r"objective='ppo'"),
+    ({"optimizer.lr": -1.0}, r"optimizer.lr=-1.0: must be > 0"),
+    ({"data.cache_dir": ""}, r"objective=preference needs config.data.cache_dir"),
+    ({"data.buckets": (128, 64)}, r"strictly increasing"),
+    ({"optimizer.warmup_steps": 10, "optimizer.warmup_ratio": 0.1}, r"not both"),
+])
+def test_inconsistent_config_is_refused_with_the_field_named(changes, message):
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(_bad(**changes), num_devices=8)
+
+
+def test_unknown_key_in_a_trainer_section_is_refused():
+  c = config_lib.base_config()
+  c.optimizer.learning_rate = 1e-6  # a typo for optimizer.lr, added before locking (as a config file could)
+  with pytest.raises(config_lib.ConfigError, match=r"unknown config keys \['optimizer.learning_rate'\]"):
+    config_lib.validate(c, num_devices=1, check_data=False)
+
+
+def test_wrong_type_set_in_a_config_file_is_refused():
+  c = config_lib.base_config()
+  c.train.steps = 10
+  c.unlock()
+  del c.train["steps"]
+  c.train.steps = "10"  # replaced, not overridden, so ml_collections' own type check does not fire
+  with pytest.raises(config_lib.ConfigError, match=r"config.train.steps: expected int, got '10'"):
+    config_lib.validate(c, num_devices=1, check_data=False)
+
+
+def test_foreign_top_level_section_is_allowed_but_not_a_stray_scalar():
+  c = config_lib.base_config()
+  c.demo = dict(arms="dpo")
+  config_lib.validate(c, num_devices=1, check_data=False)
+  c.learning_rate = 1e-6
+  with pytest.raises(config_lib.ConfigError, match="learning_rate"):
+    config_lib.validate(c, num_devices=1, check_data=False)
+
+
+def test_parse_arg_types_values_from_defaults():
+  a = config_lib.parse_arg("runlocal,steps=7,model=/m", runlocal=False, steps=1, model="")
+  assert (a.runlocal, a.steps, a.model) == (True, 7, "/m")
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.optimizer.lrr=1e-6", "lrr"),  # a typo in an override: the config is locked
+    ("--config.optimizer.lr=fast", "lr"),  # the wrong type
+])
+def test_cli_override_typo_or_wrong_type_exits_nonzero_before_training(tmp_path, flag, message):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  proc = subprocess.run([sys.executable, "-m", "tregjax.train", "--config", "configs/tiny_dpo.py", flag,
+                         f"--workdir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert message in proc.stderr
+  assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
