@@ -53,3 +53,19 @@ def test_reward_model_round_trips_through_transformers(tmp_path):
   hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm"), dtype="float32")
   _, pooled = _scores(rm, jnp.asarray(g.TOKENS), jnp.asarray(g.SEGMENTS))
   np.testing.assert_allclose(_hf_pooled(hf, g.TOKENS, g.SEGMENTS), np.asarray(pooled), atol=TOL)
+
+
+def test_causal_lm_checkpoint_loads_as_reward_model_with_new_head(tmp_path):
+  hf = g.build_hf(g.LLAMA)
+  path = g.save_hf(hf, tmp_path / "lm")
+  rm = models.from_pretrained(path, dtype=jnp.float32, config_overrides={"num_labels": 1})
+  assert isinstance(rm, models.RewardModel)
+  score = np.asarray(rm.score[...])
+  assert score.shape == (48, 1) and 0.01 < score.std() < 0.04  # fresh N(0, 0.02) head
+  # The backbone is the checkpoint's: per-position scores = HF hidden states @ our head.
+  with torch.no_grad():
+    h = hf.model(input_ids=torch.tensor(g.TOKENS, dtype=torch.long),
+                 attention_mask=torch.tensor(g.SEGMENTS, dtype=torch.long)).last_hidden_state.numpy()
+  per_pos, _ = _scores(rm, jnp.asarray(g.TOKENS), jnp.asarray(g.SEGMENTS))
+  valid = g.SEGMENTS.astype(bool)
+  np.testing.assert_allclose(np.asarray(per_pos)[valid], (h @ score)[..., 0][valid], atol=TOL)

@@ -272,10 +272,13 @@ _set_layer = jax.jit(_set_layer_impl, donate_argnums=0)
 
 def from_pretrained(path: str, *, dtype: Any = jnp.bfloat16, param_dtype: Any = jnp.float32, mesh=None,
                     config_overrides: dict[str, Any] | None = None,
-                    source: TensorSource | None = None) -> transformer.Model:
+                    source: TensorSource | None = None, head_seed: int = 0) -> transformer.Model:
   """Load an HF directory (config.json + *.safetensors) or a `.gguf` file, streamed onto `mesh` (or one device).
 
   `config_overrides` sets execution fields (e.g. remat="full", scan_layers=False, attention_impl="xla").
+  `config_overrides={"num_labels": 1}` on a causal-LM checkpoint gives a RewardModel whose backbone is the
+  checkpoint's and whose `score` head is freshly initialised (N(0, 0.02), seed `head_seed`), as HF does when a
+  *ForSequenceClassification is made from a causal LM; the LM head is dropped.
   """
   source = open_source(path) if source is None else source
   cfg = ModelConfig.from_hf_config(source.config, source=os.path.join(str(path), "config.json"))
@@ -288,6 +291,9 @@ def from_pretrained(path: str, *, dtype: Any = jnp.bfloat16, param_dtype: Any = 
 
   # Names first: report every missing/unexpected tensor before reading any data.
   keys = list(source.keys())
+  new_head = cfg.is_reward_model and "score.weight" not in keys and "lm_head.weight" in keys
+  if new_head:
+    keys = [k for k in keys if k != "lm_head.weight"]
   unexpected = []
   for name in keys:
     if name in by_name or _IGNORED.match(name):
@@ -295,7 +301,7 @@ def from_pretrained(path: str, *, dtype: Any = jnp.bfloat16, param_dtype: Any = 
     if name == "lm_head.weight" and cfg.tie_word_embeddings:
       continue  # tied: some exporters write the shared matrix twice; the embedding is the one we keep
     unexpected.append(name)
-  missing = [s for s in slots if s.hf_name not in set(keys)]
+  missing = [s for s in slots if s.hf_name not in set(keys) and not (new_head and s.hf_name == "score.weight")]
   if missing or unexpected:
     lines = [f"{path}: checkpoint does not match the {cfg.model_type} model described by its config.json"]
     lines += [f"  missing tensor {s.hf_name} (expected shape {s.rule.hf_shape(s.shape)})" for s in missing[:20]]
@@ -308,6 +314,8 @@ def from_pretrained(path: str, *, dtype: Any = jnp.bfloat16, param_dtype: Any = 
   shape_of = getattr(source, "shape", None)
   if shape_of is not None:  # cheap header check before any data is read
     for s in slots:
+      if s.hf_name not in keys:
+        continue
       expected, found = s.rule.hf_shape(s.shape), tuple(shape_of(s.hf_name))
       if expected != found:
         raise ValueError(f"{path}: tensor {s.hf_name} has shape {found}, expected {expected}")
@@ -319,6 +327,12 @@ def from_pretrained(path: str, *, dtype: Any = jnp.bfloat16, param_dtype: Any = 
     if p[:2] == _P:  # stacked: allocate once on the target sharding, fill layer by layer (donated in place)
       values[p] = jnp.zeros(shape, param_dtype, device=_target_sharding(axes, shape, mesh))
   for s in slots:
+    if new_head and s.hf_name == "score.weight":
+      axes = variables[s.path].get_metadata().get("axes")
+      init = jax.jit(lambda key: (0.02 * jax.random.normal(key, s.shape)).astype(param_dtype),
+                     out_shardings=_target_sharding(axes, s.shape, mesh))
+      values[s.path] = init(jax.random.key(head_seed))
+      continue
     x = source.get(s.hf_name)
     expected = s.rule.hf_shape(s.shape)
     if tuple(x.shape) != expected:
