@@ -55,6 +55,20 @@ def timed(fn, repeats: int) -> tuple[float, list[float]]:
   return statistics.median(times), times
 
 
+def timed_interleaved(fns: dict, repeats: int) -> dict[str, tuple[float, list[float]]]:
+  """Median wall seconds of each (blocking) fn, measured round-robin so that all see the same machine load.
+
+  The CPU here is shared; timing variant A for a minute and then B would compare two different loads.
+  """
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t0)
+  return {name: (statistics.median(ts), ts) for name, ts in times.items()}
+
+
 def machine() -> str:
   """The CPU and its 1-minute load average (the machine is shared: a load above the core count skews timings)."""
   return (f"{platform.machine()} CPU, {os.cpu_count()} cores ({platform.processor() or platform.system()}), "

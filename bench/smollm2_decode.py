@@ -4,7 +4,8 @@
 
 Both decode `--new` tokens for every row of a batch of real chat prompts (different lengths; tregjax pads
 right, transformers pads left with an attention mask), greedy, no early stop (tregjax: no EOS ids;
-transformers: min_new_tokens = max_new_tokens), prefill included. tokens/s = batch * new / median seconds.
+transformers: min_new_tokens = max_new_tokens), prefill included. Variants are timed round-robin; torch is
+timed at its default thread count and at 1 thread (its OpenMP pool collapses on an oversubscribed CPU). tokens/s = batch * new / median seconds.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from smollm2_common import chat_prompt_ids, gguf_path, machine, table, timed, today, update_results, write_json
+from smollm2_common import (chat_prompt_ids, gguf_path, machine, table, timed_interleaved, today, update_results,
+                            write_json)
 
 
 def main() -> None:
@@ -22,6 +24,8 @@ def main() -> None:
   parser.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--skip-torch", action="store_true")
+  parser.add_argument("--torch-threads", default="",
+                      help="comma-separated torch thread counts to time (default: torch's default and 1)")
   args = parser.parse_args()
 
   import jax  # pylint: disable=g-import-not-at-top
@@ -46,10 +50,9 @@ def main() -> None:
   t0 = time.perf_counter()
   first = np.asarray(run_tj())  # compiles prefill + the decode loop
   first_s = time.perf_counter() - t0
-  tj_s, tj_all = timed(run_tj, args.repeats)
+  fns = {"tregjax": run_tj}
   results = {"date": today(), "device": device, "backend": backend, "dtype": args.dtype, "batch": args.batch,
-             "new_tokens": args.new, "prompt_lengths": [len(p) for p in prompts],
-             "tregjax": {"median_s": tj_s, "all_s": tj_all, "first_call_s": first_s, "tokens_per_s": n_new / tj_s}}
+             "new_tokens": args.new, "prompt_lengths": [len(p) for p in prompts], "first_call_s": first_s}
 
   if backend == "cpu" and not args.skip_torch:
     import torch  # pylint: disable=g-import-not-at-top
@@ -61,35 +64,40 @@ def main() -> None:
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
 
-    def run_th():
-      with torch.inference_mode():
-        return ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new, min_new_tokens=args.new,
-                            do_sample=False, pad_token_id=pad)
+    threads = torch.get_num_threads()
 
-    th_out = run_th()  # warm-up
-    th_s, th_all = timed(run_th, args.repeats)
+    def torch_generate(k):  # torch's OpenMP pool degrades badly on an oversubscribed CPU, so 1 thread is timed too
+      def run():
+        torch.set_num_threads(k)
+        with torch.inference_mode():
+          return ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new,
+                              min_new_tokens=args.new, do_sample=False, pad_token_id=pad)
+      return run
+
+    counts = [int(k) for k in args.torch_threads.split(",")] if args.torch_threads else sorted({threads, 1})[::-1]
+    th_out = torch_generate(counts[-1])()  # warm-up
     assert th_out.shape[1] == width + args.new
-    results["torch"] = {"median_s": th_s, "all_s": th_all, "tokens_per_s": n_new / th_s,
-                        "threads": torch.get_num_threads()}
+    for k in counts:
+      fns[f"torch-{k}thread"] = torch_generate(k)
     # Greedy agreement before any EOS (tregjax has no EOS stop here; min_new_tokens masks EOS in torch).
-    th_new = th_out[:, width:].numpy()
-    results["agreement_first_16"] = float((th_new[:, :16] == first[:, :16]).mean())
+    results["agreement_first_16"] = float((th_out[:, width:width + 16].numpy() == first[:, :16]).mean())
 
-  rows = []
-  for name in ("tregjax", "torch"):
-    if name in results:
-      r = results[name]
-      speed = (r["tokens_per_s"] / results["torch"]["tokens_per_s"]) if "torch" in results else float("nan")
-      rows.append([name, f"{r['median_s']:.2f}", f"{r['tokens_per_s']:.1f}", f"{speed:.2f}x"])
-  text = table(["framework", "median s (prefill + decode)", "new tokens/s", "speed vs transformers"], rows)
+  for name, (med, all_s) in timed_interleaved(fns, args.repeats).items():
+    results[name] = {"median_s": med, "all_s": all_s, "tokens_per_s": n_new / med}
+
+  best_torch = max((results[k]["tokens_per_s"] for k in fns if k.startswith("torch")), default=float("nan"))
+  rows = [[name, f"{results[name]['median_s']:.2f}", f"{results[name]['tokens_per_s']:.1f}",
+           f"{results[name]['tokens_per_s'] / best_torch:.2f}x"] for name in fns]
+  text = table(["framework", "median s (prefill + decode)", "new tokens/s", "speed vs best torch"], rows)
   print(f"SmolLM2-135M greedy decode, batch {args.batch}, {args.new} new tokens, {args.dtype}, {device} "
         f"(tregjax first call incl. compile {first_s:.1f} s; prompt lengths {results['prompt_lengths']})")
   print(text)
   print(f"wrote {write_json(f'smollm2_decode_{args.dtype}_{backend}', results)}")
-  cmd = f"python bench/smollm2_decode.py --batch {args.batch} --new {args.new} --dtype {args.dtype}"
+  cmd = f"python bench/smollm2_decode.py --batch {args.batch} --new {args.new} --dtype {args.dtype}" + (
+      f" --torch-threads {args.torch_threads}" if args.torch_threads else "")
   update_results(f"smollm2_decode_{args.dtype}_{backend}", (
       f"### SmolLM2-135M KV-cache greedy decode, {args.dtype}, {backend}\n\n"
-      f"`{cmd}` ({today()}, {device}; median of {args.repeats}; prefill included; tregjax first call incl. "
+      f"`{cmd}` ({today()}, {device}; median of {args.repeats}, interleaved; prefill included; tregjax first call incl. "
       f"compile {first_s:.1f} s; goal: >= 1.5x transformers).\n\n{text}\n"))
 
 
