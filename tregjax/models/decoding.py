@@ -103,14 +103,28 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0
     kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
     logits = jnp.where(logits < kth, neg, logits)
   if top_p < 1.0:
-    order = jnp.argsort(-logits, axis=-1)
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
-    keep_sorted = before < top_p  # the most likely token is always kept
-    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
-    logits = jnp.where(keep, logits, neg)
+    logits = jnp.where(_nucleus(jax.nn.softmax(logits, axis=-1), top_p), logits, neg)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _nucleus(probs: jax.Array, top_p: float) -> jax.Array:
+  """bool[B, V]: the tokens at least as likely as t, the largest probability whose at-least-as-likely mass reaches
+  top_p (the smallest top-p set; ties at t are all kept).
+
+  t is found by bisection over the float32 bit patterns (monotone for p >= 0): 31 exact O(V) passes per row instead
+  of an O(V log V) sort, which dominated a sampled decode step on CPU (e.g. 70 of 100 ms at V = 8k).
+  """
+  bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
+
+  def body(_, bounds):
+    lo, hi = bounds  # mass(>= lo) >= top_p > mass(>= hi)
+    mid = lo + (hi - lo) // 2
+    ok = jnp.sum(jnp.where(bits >= mid[:, None], probs, 0.0), axis=-1) >= top_p
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+  lo = jnp.zeros(probs.shape[:1], jnp.int32)
+  lo, _ = jax.lax.fori_loop(0, 31, body, (lo, jnp.max(bits, axis=-1) + 1))
+  return (bits >= lo[:, None]) & (probs > 0)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8, 9, 10), donate_argnums=2)
