@@ -13,14 +13,22 @@ PROMPTS = [[5, 9, 13, 2, 7, 11, 3], [100, 3], [42, 8, 1, 77]]
 NEW = 10
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral_window"])
-def model(request):
-  overrides = {} if request.param == "llama" else dict(model_type="mistral", sliding_window=4)
+def _make(**overrides):
   # Random N(0, 0.02) weights give near-uniform logits; scale them up so argmax is well separated.
   m = models.from_config(models.ModelConfig.tiny_llama(**overrides), 0)
-  state = nnx.state(m, nnx.Param)
-  nnx.update(m, jax.tree.map(lambda x: x * 12.0, state))
+  nnx.update(m, jax.tree.map(lambda x: x * 12.0, nnx.state(m, nnx.Param)))
   return m
+
+
+@pytest.fixture(scope="module")
+def model():
+  """Sliding window 4, shorter than prompt + new tokens: the cache must apply the window too."""
+  return _make(model_type="mistral", sliding_window=4)
+
+
+@pytest.fixture(scope="module")
+def global_model():
+  return _make()
 
 
 @nnx.jit
@@ -38,7 +46,9 @@ def _naive_greedy(model, prompt, n):
   return seq[len(prompt):]
 
 
-def test_greedy_equals_repeated_full_forward_argmax(model):
+@pytest.mark.parametrize("which", ["model", "global_model"])
+def test_greedy_equals_repeated_full_forward_argmax(which, request):
+  model = request.getfixturevalue(which)
   out = decoding.generate(model, PROMPTS, max_new_tokens=NEW, key=jax.random.key(0))
   for row, prompt in enumerate(PROMPTS):
     assert np.asarray(out.tokens[row]).tolist() == _naive_greedy(model, prompt, NEW)

@@ -21,7 +21,7 @@ from tregjax.models.config import ModelConfig
 _INIT_STD = 0.02  # HF `initializer_range` default.
 
 
-def _param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str | None], dtype, init: str = "normal"
+def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str | None], dtype, init: str = "normal"
            ) -> nnx.Param:
   """A parameter with logical axis names; `init` is "normal" (std 0.02, as HF), "zeros" or "ones"."""
   if init == "normal":
@@ -48,7 +48,7 @@ class RMSNorm(nnx.Module):
   def __init__(self, dim: int, *, eps: float, offset: float, param_dtype, num_stacked: int | None = None,
                rngs: nnx.Rngs | None = None):
     shape, axes = _stack(num_stacked, (dim,), ("norm",))
-    self.scale = _param(rngs, shape, axes, param_dtype, "zeros" if offset else "ones")
+    self.scale = param(rngs, shape, axes, param_dtype, "zeros" if offset else "ones")
     self.eps = eps
     self.offset = offset
 
@@ -163,7 +163,7 @@ class Attention(nnx.Module):
     s = num_stacked
 
     def p(shape, axes, init="normal"):
-      return _param(rngs, *_stack(s, shape, axes), param_dtype, init)
+      return param(rngs, *_stack(s, shape, axes), param_dtype, init)
 
     self.q_proj = p((d, n, h), ("embed", "heads", "head_dim"))
     self.k_proj = p((d, k, h), ("embed", "kv_heads", "head_dim"))
@@ -219,13 +219,13 @@ class MLP(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, param_dtype, num_stacked: int | None, rngs: nnx.Rngs):
     d, f, s = cfg.hidden_size, cfg.intermediate_size, num_stacked
-    self.gate_proj = _param(rngs, *_stack(s, (d, f), ("embed", "mlp")), param_dtype)
-    self.up_proj = _param(rngs, *_stack(s, (d, f), ("embed", "mlp")), param_dtype)
-    self.down_proj = _param(rngs, *_stack(s, (f, d), ("mlp", "embed")), param_dtype)
+    self.gate_proj = param(rngs, *_stack(s, (d, f), ("embed", "mlp")), param_dtype)
+    self.up_proj = param(rngs, *_stack(s, (d, f), ("embed", "mlp")), param_dtype)
+    self.down_proj = param(rngs, *_stack(s, (f, d), ("mlp", "embed")), param_dtype)
     if cfg.mlp_bias:
-      self.gate_bias = _param(rngs, *_stack(s, (f,), ("mlp",)), param_dtype, "zeros")
-      self.up_bias = _param(rngs, *_stack(s, (f,), ("mlp",)), param_dtype, "zeros")
-      self.down_bias = _param(rngs, *_stack(s, (d,), ("embed",)), param_dtype, "zeros")
+      self.gate_bias = param(rngs, *_stack(s, (f,), ("mlp",)), param_dtype, "zeros")
+      self.up_bias = param(rngs, *_stack(s, (f,), ("mlp",)), param_dtype, "zeros")
+      self.down_bias = param(rngs, *_stack(s, (d,), ("embed",)), param_dtype, "zeros")
     self.cfg = cfg
 
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -31,7 +31,7 @@ class Backbone(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
     self.cfg = cfg
     self.dtype = jnp.dtype(dtype)
-    self.embed_tokens = layers._param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype)
+    self.embed_tokens = layers.param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype)
     self.layers = layers.DecoderLayer(cfg, param_dtype=param_dtype, num_stacked=cfg.num_layers, rngs=rngs)
     self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, offset=cfg.norm_offset,
                                param_dtype=param_dtype, rngs=rngs)
@@ -99,7 +99,7 @@ class CausalLM(nnx.Module):
     self.config = cfg
     self.model = Backbone(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     if not cfg.tie_word_embeddings:
-      self.lm_head = layers._param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), param_dtype)
+      self.lm_head = layers.param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), param_dtype)
 
   def hidden_states(self, tokens: jax.Array, *, positions: jax.Array | None = None,
                     segment_ids: jax.Array | None = None) -> jax.Array:
@@ -135,7 +135,7 @@ class RewardModel(nnx.Module):
       raise ValueError("RewardModel needs cfg.num_labels >= 1")
     self.config = cfg
     self.model = Backbone(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.score = layers._param(rngs, (cfg.hidden_size, cfg.num_labels), ("embed", "classes"), param_dtype)
+    self.score = layers.param(rngs, (cfg.hidden_size, cfg.num_labels), ("embed", "classes"), param_dtype)
 
   def hidden_states(self, tokens: jax.Array, *, positions: jax.Array | None = None,
                     segment_ids: jax.Array | None = None) -> jax.Array:
