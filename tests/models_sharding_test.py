@@ -1,4 +1,4 @@
-"""On 8 fake CPU devices, data / FSDP / tensor-parallel meshes give the single-device logits.
+"""On 8 fake CPU devices, data / FSDP / tensor-parallel meshes give the single-device logits and generations.
 
 XLA's device count is fixed at jax import, so the check runs in a subprocess with its own XLA_FLAGS.
 """
@@ -14,6 +14,7 @@ _SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     from tregjax import models, parallel
+    from tregjax.models import decoding
 
     assert jax.device_count() == 8, jax.devices()
     cfg = models.ModelConfig.tiny_llama(num_heads=4, num_kv_heads=2)
@@ -25,6 +26,8 @@ _SCRIPT = textwrap.dedent("""
       return m(t, segment_ids=s)
 
     single = np.asarray(nnx.jit(forward)(model, jnp.asarray(tokens), jnp.asarray(segments)))
+    prompts = [list(map(int, tokens[i, :3 + i])) for i in range(8)]
+    single_gen = np.asarray(decoding.generate(model, prompts, max_new_tokens=4, key=jax.random.key(0)).tokens)
     path = tempfile.mkdtemp()
     models.save_pretrained(model, path)
     results = {}
@@ -37,10 +40,12 @@ _SCRIPT = textwrap.dedent("""
       t, s = jax.device_put(tokens, batch), jax.device_put(segments, batch)
       with parallel.use_mesh(mesh):
         out = nnx.jit(forward)(loaded, t, s)
+        gen = np.asarray(decoding.generate(loaded, prompts, max_new_tokens=4, key=jax.random.key(0)).tokens)
       results[name] = dict(
           max_diff=float(np.abs(np.asarray(out) - single)[segments.astype(bool)].max()),
           q_spec=str(q.sharding.spec), q_shard_shape=list(q.addressable_shards[0].data.shape),
-          out_batch_shards=len({sh.index[0].start for sh in out.addressable_shards}))
+          out_batch_shards=len({sh.index[0].start for sh in out.addressable_shards}),
+          generate_equal=bool((gen == single_gen).all()))
     print("RESULT" + json.dumps(results))
 """)
 
@@ -55,6 +60,7 @@ def test_meshes_give_single_device_logits():
   res = json.loads(line[len("RESULT"):])
   for name in ("dp8", "fsdp8", "fsdp4_tp2"):
     assert res[name]["max_diff"] < 1e-5, res
+    assert res[name]["generate_equal"], res  # KV-cache greedy decoding on the mesh, too
   # q_proj [L=2, D=64, N=4, H=16]: replicated under pure data parallelism, embed split 8 ways under FSDP,
   # embed over fsdp=4 and heads over tensor=2 in the 2-D mesh.
   assert res["dp8"]["q_shard_shape"] == [2, 64, 4, 16]
