@@ -229,3 +229,15 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(tmp_path):
   valid = g.SEGMENTS.astype(bool)
   err = np.abs(out[valid] - ref[valid]).max()
   assert 1e-4 < err < 0.05 * np.abs(ref[valid]).max()  # bf16 rounding is visible but small
+
+
+def test_bare_tokenizers_tokenizer_is_saved_and_checked(tmp_path):
+  import tokenizers  # pylint: disable=import-outside-toplevel
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(300)}, unk_token="w0"))
+  model = models.from_config(models.ModelConfig.tiny_llama(vocab_size=320), 0)
+  models.check_tokenizer_vocab(tok, model)
+  models.save_pretrained(model, str(tmp_path / "m"), tokenizer=tok)
+  assert tokenizers.Tokenizer.from_file(str(tmp_path / "m" / "tokenizer.json")).get_vocab_size() == 300
+  assert models.load_config(str(tmp_path / "m")).vocab_size == 320
+  with pytest.raises(ValueError, match="tokenizer has 300 tokens"):
+    models.check_tokenizer_vocab(tok, models.ModelConfig.tiny_llama())

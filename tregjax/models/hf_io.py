@@ -144,8 +144,14 @@ def open_source(path: str) -> TensorSource:
 
 
 def load_config(path: str) -> ModelConfig:
-  source = open_source(path)
-  return ModelConfig.from_hf_config(source.config, source=f"{path}")
+  """The ModelConfig of an HF directory (config.json only) or a .gguf file (its metadata)."""
+  if str(path).endswith(".gguf"):
+    return ModelConfig.from_hf_config(open_source(path).config, source=str(path))
+  config_path = os.path.join(str(path), "config.json")
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f"{path}: no config.json")
+  with open(config_path) as f:
+    return ModelConfig.from_hf_config(json.load(f), source=config_path)
 
 
 # ------------------------------------------------------------------ the name table
@@ -281,7 +287,8 @@ def from_pretrained(path: str, *, dtype: Any = jnp.bfloat16, param_dtype: Any = 
   *ForSequenceClassification is made from a causal LM; the LM head is dropped.
   """
   source = open_source(path) if source is None else source
-  cfg = ModelConfig.from_hf_config(source.config, source=os.path.join(str(path), "config.json"))
+  label = str(path) if str(path).endswith(".gguf") else os.path.join(str(path), "config.json")
+  cfg = ModelConfig.from_hf_config(source.config, source=label)
   if config_overrides:
     cfg = cfg.replace(**config_overrides)
   abstract = transformer.abstract_model(cfg, dtype=dtype, param_dtype=param_dtype)
@@ -357,7 +364,12 @@ def from_pretrained(path: str, *, dtype: Any = jnp.bfloat16, param_dtype: Any = 
 def check_tokenizer_vocab(tokenizer: Any, model_or_config: Any) -> None:
   """Refuse a tokenizer whose ids would index past the embedding (a smaller tokenizer is fine: padded vocab)."""
   cfg = getattr(model_or_config, "config", model_or_config)
-  size = tokenizer if isinstance(tokenizer, int) else len(tokenizer)
+  if isinstance(tokenizer, int):
+    size = tokenizer
+  elif hasattr(tokenizer, "get_vocab_size"):  # a `tokenizers.Tokenizer`
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+  else:  # transformers tokenizers count added tokens in len()
+    size = len(tokenizer)
   if size > cfg.vocab_size:
     raise ValueError(
         f"tokenizer has {size} tokens but the model's embedding has only vocab_size={cfg.vocab_size} rows; "
@@ -475,4 +487,7 @@ def save_pretrained(model: transformer.Model, path: str, *, tokenizer: Any = Non
       os.unlink(stale)
   _write_json(os.path.join(path, "config.json"), hf_config)
   if tokenizer is not None:
-    tokenizer.save_pretrained(path)
+    if hasattr(tokenizer, "save_pretrained"):
+      tokenizer.save_pretrained(path)
+    else:  # a bare `tokenizers.Tokenizer`
+      tokenizer.save(os.path.join(path, "tokenizer.json"))
