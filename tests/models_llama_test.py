@@ -110,6 +110,7 @@ def test_unstacked_and_remat_variants_compute_the_same_function():
 
   value_and_grad = nnx.jit(nnx.value_and_grad(loss))
   ref_val, ref_grad = value_and_grad(base)
+  assert all(np.abs(x).max() > 0 for x in jax.tree.leaves(nnx.state(ref_grad)))  # every parameter gets a gradient
   for overrides in (dict(remat="full"), dict(remat="dots", scan_layers=False)):
     other = models.from_config(cfg.replace(**overrides), 0)
     val, grad = value_and_grad(other)
