@@ -332,7 +332,9 @@ def from_pretrained(path: str, *, dtype: Any = jnp.bfloat16, param_dtype: Any = 
     axes = var.get_metadata().get("axes")
     shape = tuple(var.get_value().shape)
     if p[:2] == _P:  # stacked: allocate once on the target sharding, fill layer by layer (donated in place)
-      values[p] = jnp.zeros(shape, param_dtype, device=_target_sharding(axes, shape, mesh))
+      zeros = jax.jit(lambda shape=shape: jnp.zeros(shape, param_dtype),
+                      out_shardings=_target_sharding(axes, shape, mesh))  # multi-host safe allocation
+      values[p] = zeros()
   for s in slots:
     if new_head and s.hf_name == "score.weight":
       axes = variables[s.path].get_metadata().get("axes")
