@@ -58,7 +58,7 @@ def _config(world, cache, source="contrastive", **score_overrides):
   cfg.data.update(train_files=[str(root / "a.jsonl")], dataset_dir=str(root / "ds"), cache_dir=str(cache),
                   max_prompt_length=64, max_length=128)
   cfg.score.update(dict(dict(better_instruction=BETTER, worse_instruction=WORSE, instruction_role="system",
-                             batch_size=4, shard_size=4, buckets=(32, 64, 128), progress_bar=False),
+                             batch_size=32, shard_size=4, buckets=(32, 64, 128), progress_bar=False),
                         **score_overrides))
   cfg.score.token_reward.source = source
   cfg.score.token_reward.beta = 0.5
@@ -182,7 +182,7 @@ def test_killed_scoring_resumes_to_byte_identical_output(world, tmp_path):
   dc.write_jsonl(str(tmp_path / "big.jsonl"), dc.pair_records(n_pairs, seed=21))
 
   def config(cache):
-    cfg = _config(world, cache, shard_size=1, buckets=(32, 64, 128))
+    cfg = _config(world, cache, shard_size=1, batch_size=8, buckets=(32, 64, 128))
     cfg.data.train_files = [str(tmp_path / "big.jsonl")]
     cfg.data.dataset_dir = str(tmp_path / "ds")
     return cfg
@@ -195,7 +195,7 @@ def test_killed_scoring_resumes_to_byte_identical_output(world, tmp_path):
       class _W(dict): pass
       def get_config():
         w = dict(root=pathlib.Path({str(root)!r}))
-        cfg = score_test._config(w, {str(tmp_path / 'killed')!r}, shard_size=1, buckets=(32, 64, 128))
+        cfg = score_test._config(w, {str(tmp_path / 'killed')!r}, shard_size=1, batch_size=8, buckets=(32, 64, 128))
         cfg.data.train_files = [{str(tmp_path / 'big.jsonl')!r}]
         cfg.data.dataset_dir = {str(tmp_path / 'ds')!r}
         return cfg
