@@ -1,0 +1,155 @@
+"""Training-step throughput: tregjax's DPO step vs TRL's DPOTrainer (torch, CPU) on the same tiny Llama and pairs.
+
+    pip install trl==1.16.0   # bench-only dependency (not in requirements-test.txt)
+    python bench/train_throughput.py [--steps 20] [--batch 8] [--prompt 32] [--response 95]
+
+Both sides: float32, the same random Llama (2 layers, width 128, vocab 512), the same token ids (prompt + response +
+EOS, no padding, T = prompt + response + 1), batch of B pairs, AdamW with grad clipping, DPO sigmoid loss with reference
+log-probs computed before training (TRL: precompute_ref_log_probs=True; tregjax: the scored cache). Step time = wall
+time between consecutive optimizer steps (TRL: on_step_end → on_step_end, its dataloader included; tregjax:
+batch placement + jitted step + block_until_ready), median after warm-up; tokens/s = 2·B·T / step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import smollm2_common as sc
+import train_bench_util as tb
+
+VOCAB, WIDTH, LAYERS, HEADS, KV_HEADS, FFN = 512, 128, 2, 4, 2, 256
+
+
+def tregjax_config(batch: int, seq: int):
+  from tregjax.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  c = config_lib.base_config()
+  c.model.preset = "tiny_llama"
+  c.model.overrides = dict(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=FFN, num_layers=LAYERS,
+                           num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=WIDTH // HEADS,
+                           max_position_embeddings=max(512, seq))
+  c.model.dtype = "float32"
+  c.data.batch_size = batch
+  c.loss.loss, c.loss.beta = "dpo", 0.1
+  c.optimizer.lr, c.optimizer.weight_decay, c.optimizer.grad_clip = 1e-6, 0.0, 1.0
+  c.train.logits_chunk_size = seq
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
+  return c
+
+
+def time_tregjax(config, batch, steps: int) -> tuple[float, float]:
+  """(median step seconds, compile seconds)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  step, state, place, _ = tb.trainer_step(config)
+  t0 = time.perf_counter()
+  compiled = step.lower(state, place(batch)).compile()
+  compile_s = time.perf_counter() - t0
+  times = []
+  for i in range(steps + 3):
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, place(batch))
+    jax.block_until_ready((state, metrics))
+    if i >= 3:
+      times.append(time.perf_counter() - t0)
+  return statistics.median(times), compile_s
+
+
+def word_tokenizer(path: str):
+  """A word-level tokenizer over 'w0'..'w{V-1}' (ids 3..): every id is one whitespace-separated word."""
+  from tokenizers import Tokenizer, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
+  from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
+  vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+  tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+  fast.save_pretrained(path)
+  return fast
+
+
+def time_trl(batch, steps: int, num_pairs: int, threads: int | None) -> float:
+  import torch  # pylint: disable=g-import-not-at-top
+  if threads:
+    torch.set_num_threads(threads)
+  from datasets import Dataset  # pylint: disable=g-import-not-at-top
+  from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback  # pylint: disable=g-import-not-at-top
+  from trl import DPOConfig, DPOTrainer  # pylint: disable=g-import-not-at-top
+
+  tmp = tempfile.mkdtemp(prefix="trl-bench-")
+  tok = word_tokenizer(tmp + "/tok")
+  torch.manual_seed(0)
+  model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=FFN,
+                                       num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                       num_key_value_heads=KV_HEADS, max_position_embeddings=1024, pad_token_id=0,
+                                       eos_token_id=2, bos_token_id=None))
+  words = lambda ids: " ".join(f"w{i}" for i in ids)
+  c, r = batch.chosen, batch.rejected
+  p_len = int(np.argmax(c.loss_mask[0] > 0)) + 1
+  rows = [{"prompt": words(c.tokens[i, :p_len]), "chosen": " " + words(c.tokens[i, p_len:-1]),
+           "rejected": " " + words(r.tokens[i, p_len:-1])} for i in range(len(c.tokens))]
+  data = Dataset.from_list(rows * ((num_pairs * (steps + 5)) // len(rows) + 1))
+
+  stamps = []
+
+  class Clock(TrainerCallback):
+
+    def on_step_end(self, args, state, control, **kwargs):  # pylint: disable=unused-argument
+      stamps.append(time.perf_counter())
+
+  args = DPOConfig(output_dir=tmp + "/out", per_device_train_batch_size=num_pairs, max_steps=steps + 4,
+                   learning_rate=1e-6, beta=0.1, max_grad_norm=1.0, weight_decay=0.0, report_to="none",
+                   logging_steps=10**6, save_strategy="no", use_cpu=True, precompute_ref_log_probs=True,
+                   dataloader_num_workers=0, seed=0, max_length=4096)
+  trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[Clock()])
+  first = trainer.train_dataset[0]
+  ours = {"prompt_ids": c.tokens[0, :p_len], "chosen_ids": c.tokens[0, p_len:], "rejected_ids": r.tokens[0, p_len:]}
+  for k, v in ours.items():  # TRL tokenized exactly our ids (so both sides train on the same tokens)
+    assert list(first[k]) == v.tolist(), (k, first[k], v)
+  trainer.train()
+  gaps = np.diff(stamps)[3:]
+  return float(np.median(gaps))
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--steps", type=int, default=20)
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--prompt", type=int, default=32)
+  ap.add_argument("--response", type=int, default=95)
+  a = ap.parse_args()
+  seq = a.prompt + a.response + 1
+  batch = tb.preference_batch(a.batch, a.prompt, a.response, VOCAB)
+  config = tregjax_config(a.batch, seq)
+  tj1, compile_s = time_tregjax(config, batch, a.steps)
+  import torch  # pylint: disable=g-import-not-at-top
+  default_threads = torch.get_num_threads()
+  trl_default = time_trl(batch, a.steps, a.batch, None)
+  trl_one = time_trl(batch, a.steps, a.batch, 1)  # one thread is often faster on a small, shared CPU
+  torch.set_num_threads(default_threads)
+  tj2, _ = time_tregjax(config, batch, a.steps)  # again after TRL: both see similar machine load
+  tj = min(tj1, tj2)
+  trl_s = min(trl_default, trl_one)
+  tokens = 2 * a.batch * seq
+  rows = [["tregjax (jit, cached ref logps)", f"{tj:.4f}", f"{tokens / tj:,.0f}", f"{trl_s / tj:.2f}x"],
+          [f"TRL 1.16 DPOTrainer, torch {default_threads} threads", f"{trl_default:.4f}",
+           f"{tokens / trl_default:,.0f}", f"{trl_s / trl_default:.2f}x"],
+          ["TRL 1.16 DPOTrainer, torch 1 thread", f"{trl_one:.4f}", f"{tokens / trl_one:,.0f}",
+           f"{trl_s / trl_one:.2f}x"]]
+  md = (f"### Training step throughput: tregjax vs TRL DPOTrainer (CPU, float32)\n\n"
+        f"`python bench/train_throughput.py --steps {a.steps} --batch {a.batch} --prompt {a.prompt} "
+        f"--response {a.response}` ({sc.today()}, {sc.machine()}). Llama {LAYERS} layers, width {WIDTH}, vocab "
+        f"{VOCAB}; {a.batch} pairs × T={seq} (chosen + rejected = {tokens} tokens/step); median step after 3 warm-up "
+        f"steps; tregjax compile {compile_s:.1f} s (excluded); tregjax timed before and after TRL "
+        f"({tj1:.4f} / {tj2:.4f} s), the faster kept.\n\n"
+        + sc.table(["trainer", "median s / step", "tokens/s", "speed vs best TRL"], rows)
+        + f"\n\nGoal ≥ 1.5×: {'met' if trl_s / tj >= 1.5 else 'NOT met'} ({trl_s / tj:.2f}×).")
+  print(md)
+  sc.write_json("train_throughput", dict(tregjax_s=[tj1, tj2], trl_s=[trl_default, trl_one], compile_s=compile_s, tokens=tokens,
+                                         args=vars(a), machine=sc.machine(), date=sc.today()))
+  sc.update_results("train_throughput", md)
+
+
+if __name__ == "__main__":
+  main()
