@@ -231,3 +231,25 @@ def test_resume_after_interruption_yields_identical_output(world, tmp_path):
   for name in (generate.RECORDS, generate.PAIRS, generate.SUMMARY):
     assert _read(os.path.join(whole, name)) == _read(part / name), name
   assert sorted(os.listdir(part / "work")) == ["shard-00000.json", "shard-00001.json", "shard-00002.json"]
+
+
+def test_top_p_nucleus_is_the_smallest_sorted_prefix_reaching_top_p():
+  """The sampler's bisection nucleus against the textbook definition: sort, cumulative mass, first prefix >= top_p."""
+  import jax
+  import jax.numpy as jnp
+  from tregjax.models import decoding
+  nucleus = jax.jit(decoding._nucleus)  # pylint: disable=protected-access
+  rng = np.random.default_rng(0)
+  for trial in range(40):
+    vocab = (7, 333)[trial % 2]  # two shapes: two compiles
+    logits = rng.normal(size=(3, vocab)) * rng.uniform(0.1, 8.0)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs = (probs / probs.sum(-1, keepdims=True)).astype(np.float32)
+    top_p = float(rng.uniform(0.01, 0.999))
+    got = np.asarray(nucleus(jnp.asarray(probs), top_p))
+    for row in range(3):
+      order = np.argsort(-probs[row], kind="stable")
+      k = int(np.searchsorted(np.cumsum(probs[row][order].astype(np.float64)), top_p)) + 1
+      want = np.zeros(vocab, bool)
+      want[order[:k]] = True
+      np.testing.assert_array_equal(got[row], want, err_msg=f"trial {trial} row {row} top_p {top_p}")

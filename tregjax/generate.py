@@ -216,7 +216,9 @@ class Sampler:
     """Prompt rows (at most batch_size, all in one bucket) -> (tokens i32[n, max_new_tokens], lengths i32[n])."""
     from tregjax.models import decoding  # pylint: disable=g-import-not-at-top
     width = bucket_length(max(len(r) for r in rows), self.g.buckets)
-    padded = list(rows) + [[self.pad_id]] * (self.batch_size - len(rows))  # dummy rows keep one batch shape
+    # Filler rows keep one batch shape; copies of real rows (not e.g. a lone pad id, which would rarely sample an
+    # EOS) let the loop stop when the real rows are done.
+    padded = [rows[i % len(rows)] for i in range(self.batch_size)]
     with parallel.use_mesh(self.mesh):
       out = decoding.generate(self.model, padded, max_new_tokens=int(self.g.max_new_tokens), key=key,
                               temperature=float(self.g.temperature), top_p=float(self.g.top_p),
