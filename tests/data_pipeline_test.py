@@ -182,3 +182,45 @@ def test_trainer_config_section_selects_dataset_and_batch_settings(dataset):
   with pytest.raises(ValueError, match="scored cache"):
     section.cache_dir = out
     pipeline.make_iterator(section, "train", objective="preference", process_index=0, process_count=1)
+
+
+def test_scored_fields_land_on_label_positions_unpacked_and_packed(tmp_path):
+  """Per-token arrays stored in response coordinates appear where loss_mask is 1, in order; sums per row."""
+  rng = np.random.default_rng(0)
+  examples = []
+  for i in range(10):
+    p, c, r = rng.integers(2, 9), rng.integers(1, 7), rng.integers(1, 7)
+    examples.append(dict(
+        prompt_ids=rng.integers(3, 50, p).astype(np.int32), chosen_ids=rng.integers(3, 50, c).astype(np.int32),
+        rejected_ids=rng.integers(3, 50, r).astype(np.int32), prompt_messages="[]", example_id=str(i),
+        ref_chosen_logps=np.float32(-i), ref_rejected_logps=np.float32(-2 * i),
+        ref_chosen_token_logps=rng.normal(size=c).astype(np.float32),
+        ref_rejected_token_logps=rng.normal(size=r).astype(np.float32),
+        chosen_token_rewards=rng.normal(size=c).astype(np.float32),
+        rejected_token_rewards=rng.normal(size=r).astype(np.float32), token_reward_source="contrastive"))
+  out = tfds_builder.write("scored", str(tmp_path), "htest", {"train": lambda: iter(examples)},
+                           dict(kind="scored", hash="x", pad_id=0))
+  by_tokens = {tuple(np.concatenate([e["prompt_ids"], e["chosen_ids"]])): e for e in examples}
+  for packing in (False, True):
+    seen = 0
+    for b in pipeline.make_iterator(out, global_batch_size=2, buckets=(16, 32), packing=packing, num_epochs=1,
+                                    drop_remainder=False, process_index=0, process_count=1):
+      for row in range(2):
+        want_sum = {"chosen": 0.0, "rejected": 0.0}
+        chosen_segments = _segments(b.chosen, row)
+        for k, (tokens, *_rest) in enumerate(chosen_segments):
+          e = by_tokens[tuple(tokens)]
+          seen += 1
+          for side in ("chosen", "rejected"):
+            sb = getattr(b, side)
+            idx = np.nonzero(sb.segment_ids[row] == k + 1)[0]
+            on = idx[sb.loss_mask[row, idx] > 0]
+            np.testing.assert_array_equal(getattr(b, f"ref_{side}_token_logps")[row, on],
+                                          e[f"ref_{side}_token_logps"])
+            np.testing.assert_array_equal(getattr(b, f"{side}_token_rewards")[row, on], e[f"{side}_token_rewards"])
+            want_sum[side] += float(e[f"ref_{side}_logps"])
+        for side in ("chosen", "rejected"):
+          off = getattr(b, side).loss_mask[row] == 0
+          assert not getattr(b, f"{side}_token_rewards")[row, off].any()
+          np.testing.assert_allclose(getattr(b, f"ref_{side}_logps")[row], want_sum[side])
+    assert seen == 10

@@ -92,9 +92,13 @@ def _cache_records(cache):
   return [src[i] for i in range(len(src))]
 
 
-def test_contrastive_rewards_and_ref_logps_equal_transformers(world, tmp_path):
-  cache = score.run(_config(world, tmp_path / "cache"))
-  got = _cache_records(cache)
+@pytest.fixture(scope="module")
+def contrastive_cache(world):
+  return score.run(_config(world, world["root"] / "contrastive_cache"))
+
+
+def test_contrastive_rewards_and_ref_logps_equal_transformers(world, contrastive_cache):
+  got = _cache_records(contrastive_cache)
   assert len(got) == N_PAIRS
   ref = world["models"]["ref"]
   for rec, out in zip(world["records"], got):
@@ -237,3 +241,21 @@ def test_stale_or_unfinished_cache_is_refused(world, tmp_path):
   other_model.model.hf_path = str(world["root"] / "dpo")
   with pytest.raises(score.StaleCacheError, match="changed inputs: model"):
     score.check_cache(cache, score.cache_components(other_model))
+
+
+def test_data_parallel_scoring_on_two_devices_matches_one(world, contrastive_cache, tmp_path, devices_runner):
+  one = _cache_records(contrastive_cache)
+  devices_runner(f"""
+      import sys, pathlib
+      sys.path.insert(0, {os.path.dirname(__file__)!r})
+      import jax, score_test
+      from tregjax import score
+      assert jax.device_count() == 2
+      cfg = score_test._config(dict(root=pathlib.Path({str(world['root'])!r})), {str(tmp_path / 'two')!r})
+      score.run(cfg)
+      """, num_devices=2)
+  two = _cache_records(str(tmp_path / "two"))
+  for a, b in zip(one, two):
+    for key in ("ref_chosen_token_logps", "chosen_token_rewards", "ref_rejected_token_logps", "rejected_token_rewards"):
+      np.testing.assert_allclose(a[key], b[key], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(a["ref_chosen_logps"], b["ref_chosen_logps"], atol=1e-4, rtol=1e-6)
