@@ -151,7 +151,7 @@ def tie_scorer(messages, text):
 def test_binarized_pairs_pick_first_max_and_first_min_and_skip_ties(world, tmp_path):
   out = generate.run(_config(world, tmp_path / "bin", num_samples=4), scorer=tie_scorer)
   recs = _records(out)
-  want, all_equal = [], 0
+  want, all_equal, skipped, tied_best = [], 0, 0, 0
   for rec in recs:  # the naive loop
     scores, texts = rec["all_rm_scores"], rec["all_generated_responses"]
     hi = lo = 0
@@ -160,11 +160,13 @@ def test_binarized_pairs_pick_first_max_and_first_min_and_skip_ties(world, tmp_p
         hi = i
       if scores[i] < scores[lo]:
         lo = i
+    tied_best += sum(s == scores[hi] for s in scores) > 1
     if scores[hi] == scores[lo]:
       all_equal += 1
-      continue
-    if texts[hi].strip() and texts[lo].strip() and texts[hi] != texts[lo]:
+    elif texts[hi].strip() and texts[lo].strip() and texts[hi] != texts[lo]:
       want.append((rec["prompt"], texts[hi], texts[lo]))
+    else:
+      skipped += 1
   with open(os.path.join(out, generate.PAIRS), encoding="utf-8") as f:
     got = [json.loads(line) for line in f]
   assert [(p["prompt"], p["chosen"], p["rejected"]) for p in got] == want
@@ -172,6 +174,7 @@ def test_binarized_pairs_pick_first_max_and_first_min_and_skip_ties(world, tmp_p
     summary = json.load(f)
   assert all_equal >= 1 and len(want) >= 1
   assert summary["all_equal"] == all_equal and summary["pairs"] == len(want)
+  assert sum(summary["skipped"].values()) == skipped and summary["tied_best"] == tied_best
   assert summary["samples"] == 4 * len(PROMPTS)
   # The pairs file is a schema (a) dataset for the data pipeline.
   cfg = ml_collections.ConfigDict(dict(data=data.default_data_config(), model=dict(hf_path=world["tok"])))

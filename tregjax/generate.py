@@ -379,7 +379,8 @@ def binarize(records: Sequence[dict[str, Any]], where: Callable[[int], str]
   are skipped and counted by kind. `tied_best`/`tied_worst` count groups whose maximum/minimum is not unique.
   """
   pairs: list[dict[str, Any]] = []
-  counts: dict[str, Any] = dict(groups=len(records), pairs=0, all_equal=0, tied_best=0, tied_worst=0, skipped={})
+  counts: dict[str, Any] = dict(groups=len(records), pairs=0, all_equal=0, tied_best=0, tied_worst=0, skipped={},
+                                skipped_examples=[])
   for i, rec in enumerate(records):
     scores = rec["all_rm_scores"]
     counts["tied_best"] += scores.count(max(scores)) > 1
@@ -391,6 +392,8 @@ def binarize(records: Sequence[dict[str, Any]], where: Callable[[int], str]
       continue
     except sources.DataError as err:
       counts["skipped"][err.kind] = counts["skipped"].get(err.kind, 0) + 1
+      if len(counts["skipped_examples"]) < 10:
+        counts["skipped_examples"].append(str(err))
       continue
     pairs.append(dict(prompt=list(ex.prompt), chosen=ex.chosen, rejected=ex.rejected, source=rec.get("source", "")))
   counts["pairs"] = len(pairs)
@@ -530,6 +533,7 @@ def _assemble(output_dir: str, num_shards: int, digest: str, components: dict[st
   samples = [fin for r in records for fin in r["all_finished"]]
   summary = dict(hash=digest, components=components, format_version=OUTPUT_FORMAT_VERSION, prompts=prompt_counts,
                  samples=len(samples), unfinished_samples=samples.count(False),
+                 empty_responses=sum(not t.strip() for r in records for t in r["all_generated_responses"]),
                  new_tokens=sum(len(ids) for r in records for ids in r["all_generated_ids"]), **pair_counts)
   hashing.atomic_write_json(os.path.join(output_dir, SUMMARY), summary)
   log.info("%d prompts -> %d pairs (%d all-equal groups skipped, %d with tied best, %d with tied worst, skipped %s); "
