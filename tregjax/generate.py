@@ -135,9 +135,9 @@ def load_prompts(config: ml_collections.ConfigDict, tok: ChatTokenizer,
     try:
       if raw.error is not None:
         raise raw.error
-      if field not in raw.value or raw.value[field] is None:
-        raise sources.DataError(raw.where, field, f"missing field (record has {sorted(raw.value)})", "missing_field")
-      messages = schema._messages(raw.value[field], raw.where, field)  # pylint: disable=protected-access
+      # The data pipeline's own prompt parsing (schema (a)/(c) `prompt`: a string or chat messages).
+      value = schema._get(raw.value, field, raw.where)  # pylint: disable=protected-access
+      messages = schema._messages(value, raw.where, field)  # pylint: disable=protected-access
       if d.system_prompt and messages[0]["role"] != "system":
         messages = ({"role": "system", "content": d.system_prompt},) + messages
       ids = tok.prompt_ids(messages)
