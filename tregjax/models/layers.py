@@ -184,7 +184,8 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, *, impl: str,
                cache: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | None = None
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """x [B,T,D]; with a cache ([B,S,K,H] k and v), new k/v are written at per-row slot `cache_index` [B]."""
+    """x [B,T,D]; `cache` = (k [L,B,S,K,H], v, layer): new k/v go to layer `layer` at per-row slots
+    cache_index[b] + t, and attention reads that layer's cache."""
     cfg, dt = self.cfg, x.dtype
     q = jnp.einsum("btd,dnh->btnh", x, self.q_proj[...].astype(dt))
     k = jnp.einsum("btd,dkh->btkh", x, self.k_proj[...].astype(dt))
@@ -200,12 +201,17 @@ class Attention(nnx.Module):
     v = parallel.constrain(v, ("batch", "length", "act_kv_heads", None))
     new_cache = None
     if cache is not None:
-      ck, cv = cache
-      write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice_in_dim(c, u, i, axis=0))
-      ck = write(ck, k.astype(ck.dtype), cache_index)
-      cv = write(cv, v.astype(cv.dtype), cache_index)
-      new_cache = (ck, cv)
-      k, v = ck.astype(dt), cv.astype(dt)
+      # The whole stacked cache [L, B, S, K, H] is threaded through the layer loop and only the new tokens are
+      # scattered into it (in place), instead of every layer re-emitting its full cache slice per step.
+      k_all, v_all, layer = cache
+      b, t = k.shape[:2]
+      rows = jnp.arange(b)[:, None]
+      slots = cache_index[:, None] + jnp.arange(t)
+      k_all = k_all.at[layer, rows, slots].set(k.astype(k_all.dtype))
+      v_all = v_all.at[layer, rows, slots].set(v.astype(v_all.dtype))
+      new_cache = (k_all, v_all)
+      k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False).astype(dt)
+      v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False).astype(dt)
     scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
     out = dot_product_attention(q, k, v, mask, scale=scale, softcap=cfg.attn_logit_softcapping, impl=impl)
     out = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dt))

@@ -56,7 +56,8 @@ class Backbone(nnx.Module):
   def run_layers(self, x: jax.Array, positions: jax.Array, mask: jax.Array, q_index: jax.Array,
                  kv_index: jax.Array, cache: tuple[jax.Array, jax.Array] | None = None,
                  cache_index: jax.Array | None = None):
-    """Apply all layers; `cache` is (k, v) stacked [L, B, S, K, H], returned updated."""
+    """Apply all layers -> (x, cache); `cache` is (k, v) stacked [L, B, S, K, H], carried through the layer
+    loop and returned with the new tokens written (None without a cache)."""
     cfg = self.cfg
     rope = layers.rope_angles(positions, layers.rope_inv_freq(cfg))
     # Gemma 3: sliding-window layers rotate with their own base; pick per layer inside the scan.
@@ -69,27 +70,28 @@ class Backbone(nnx.Module):
     windows = jnp.asarray(cfg.layer_windows(), jnp.int32)
     graphdef, state = nnx.split(self.layers)
 
-    def body(x, xs):
-      layer_state, window, layer_cache = xs
+    def body(carry, xs):
+      x, kv = carry
+      layer_state, window, index = xs
       layer = nnx.merge(graphdef, layer_state)
       layer_mask = mask & layers.window_mask(q_index, kv_index, window) if any(cfg.layer_windows()) else mask
       cos, sin = rope
       if local_rope is not None:
         cos, sin = (jnp.where(window > 0, a, b) for a, b in zip(local_rope, rope))
-      x, new_cache = layer(x, cos, sin, layer_mask, impl=impl, cache=layer_cache, cache_index=cache_index)
-      return x, new_cache
+      layer_cache = None if kv is None else (*kv, index)
+      x, kv = layer(x, cos, sin, layer_mask, impl=impl, cache=layer_cache, cache_index=cache_index)
+      return (x, kv), None
 
     if cfg.remat != "none":
       body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-    xs = (state, windows, cache)
+    carry = (x, cache)
+    xs = (state, windows, jnp.arange(cfg.num_layers, dtype=jnp.int32))
     if cfg.scan_layers:
-      return jax.lax.scan(body, x, xs)
-    outs = []
-    for i in range(cfg.num_layers):
-      x, new_cache = body(x, jax.tree.map(lambda a, i=i: a[i], xs))
-      outs.append(new_cache)
-    stacked = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
-    return x, stacked
+      carry, _ = jax.lax.scan(body, carry, xs)
+    else:
+      for i in range(cfg.num_layers):
+        carry, _ = body(carry, jax.tree.map(lambda a, i=i: a[i], xs))
+    return carry
 
 
 class CausalLM(nnx.Module):
