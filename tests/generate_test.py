@@ -86,25 +86,36 @@ def _read(path):
 
 
 @torch.no_grad()
-def test_temperature_to_zero_equals_greedy_equals_transformers_greedy(world, tmp_path):
-  greedy = _records(generate.run(_config(world, tmp_path / "greedy", temperature=0.0), scorer=text_length_scorer))
-  cold = _records(generate.run(_config(world, tmp_path / "cold", temperature=1e-6), scorer=text_length_scorer))
-  eos = [world["hf_tok"].convert_tokens_to_ids("<|im_end|>"), world["hf_tok"].convert_tokens_to_ids("<|endoftext|>")]
-  assert len(greedy) == len(PROMPTS)
-  for g, c, rec in zip(greedy, cold, world["records"]):
-    assert c["all_generated_ids"] == g["all_generated_ids"]
+def _assert_transformers_greedy(world, recs, eos):
+  """Every sample equals transformers' greedy decode of the same prompt ids, cut after its first EOS id."""
+  for g, rec in zip(recs, world["records"]):
     messages = [{"role": "user", "content": rec["prompt"]}] if isinstance(rec["prompt"], str) else rec["prompt"]
     prompt = _golden_prompt_ids(world, messages)
     assert g["prompt_ids"] == prompt
     out = world["policy"].generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                                    do_sample=False, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0)
     want = out[0, len(prompt):].tolist()
-    if want[-1] in eos or len(want) == NEW:
-      want = want[:next((i + 1 for i, t in enumerate(want) if t in eos), len(want))]
+    want = want[:next((i + 1 for i, t in enumerate(want) if t in eos), len(want))]
     for ids in g["all_generated_ids"]:
       assert ids == want
-    finished = [bool(ids) and ids[-1] in eos for ids in g["all_generated_ids"]]
-    assert g["all_finished"] == finished
+    assert g["all_finished"] == [want[-1] in eos] * len(g["all_generated_ids"])
+
+
+def test_temperature_to_zero_equals_greedy_equals_transformers_greedy(world, tmp_path):
+  greedy = _records(generate.run(_config(world, tmp_path / "greedy", temperature=0.0), scorer=text_length_scorer))
+  cold = _records(generate.run(_config(world, tmp_path / "cold", temperature=1e-6), scorer=text_length_scorer))
+  tok = world["hf_tok"]
+  assert len(greedy) == len(PROMPTS)
+  assert [c["all_generated_ids"] for c in cold] == [g["all_generated_ids"] for g in greedy]
+  _assert_transformers_greedy(world, greedy, [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")])
+  # Per-row EOS: make the third greedy token of prompt 0 the end-of-turn token; that row stops there, others go on.
+  stop = greedy[0]["all_generated_ids"][0][2]
+  cfg = _config(world, tmp_path / "eos", temperature=0.0)
+  cfg.data.end_of_turn_token = tok.convert_ids_to_tokens(stop)
+  early = _records(generate.run(cfg, scorer=text_length_scorer))
+  _assert_transformers_greedy(world, early, [stop, tok.convert_tokens_to_ids("<|endoftext|>")])
+  lengths = [len(r["all_generated_ids"][0]) for r in early]
+  assert lengths[0] <= 3 and early[0]["all_finished"][0] and max(lengths) > 3
 
 
 def test_same_seed_same_samples_on_one_and_four_devices(world, tmp_path):
