@@ -12,7 +12,7 @@ import argparse
 import time
 
 import model_common
-from smollm2_common import machine, table, timed, today, update_results, write_json
+from smollm2_common import machine, table, timed_interleaved, today, update_results, write_json
 
 
 def main() -> None:
@@ -47,27 +47,33 @@ def main() -> None:
   t0 = time.perf_counter()
   out = run_tregjax()  # compiles prefill + the decode loop
   first_s = time.perf_counter() - t0
-  tj_s, tj_all = timed(run_tregjax, args.repeats)
 
   ids = torch.from_numpy(prompts.astype(np.int64))
 
-  def run_torch():
-    with torch.inference_mode():
-      return torch_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
-                                  min_new_tokens=args.new, do_sample=False, eos_token_id=None, pad_token_id=0,
-                                  use_cache=True)
+  def torch_runner(threads):
+    def run():
+      torch.set_num_threads(threads)
+      with torch.inference_mode():
+        return torch_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
+                                    min_new_tokens=args.new, do_sample=False, eos_token_id=None, pad_token_id=0,
+                                    use_cache=True)
+    return run
 
-  n_new = args.batch * args.new
-  results = {"date": today(), "device": machine(), "args": vars(args),
-             "tregjax": {"median_s": tj_s, "all_s": tj_all, "first_call_s": first_s, "tokens_per_s": n_new / tj_s}}
   default_threads = torch.get_num_threads()
-  for threads in [int(t) or default_threads for t in args.torch_threads.split(",")]:
-    # On a shared, busy machine torch's OpenMP threads can spin against each other: time each setting.
-    torch.set_num_threads(threads)
-    ref = run_torch()
-    th_s, th_all = timed(run_torch, args.repeats)
-    results[f"torch_{threads}"] = {"median_s": th_s, "all_s": th_all, "tokens_per_s": n_new / th_s,
-                                   "threads": threads}
+  thread_counts = [int(t) or default_threads for t in args.torch_threads.split(",")]
+  runners = {"tregjax": run_tregjax}
+  # On a shared, busy machine torch's OpenMP threads can spin against each other: time each thread count, and
+  # run all variants round-robin so that they see the same load.
+  runners.update({f"torch_{t}": torch_runner(t) for t in thread_counts})
+  ref = runners[f"torch_{thread_counts[-1]}"]()  # warm-up
+  times = timed_interleaved(runners, args.repeats)
+  n_new = args.batch * args.new
+  results = {"date": today(), "device": machine(), "args": vars(args)}
+  for name, (sec, all_s) in times.items():
+    results[name] = {"median_s": sec, "all_s": all_s, "tokens_per_s": n_new / sec}
+    if name != "tregjax":
+      results[name]["threads"] = int(name.split("_")[1])
+  results["tregjax"]["first_call_s"] = first_s
   same = float((np.asarray(out.tokens) == ref[:, args.prompt:].numpy()).mean())
   results["tokens_equal_fraction"] = same
   names = ["tregjax"] + [k for k in results if k.startswith("torch_")]
@@ -85,8 +91,9 @@ def main() -> None:
          f"--batch {args.batch} --prompt {args.prompt} --new {args.new}"
          f" --torch-threads {args.torch_threads}")
   update_results("model_decode_cpu", (
-      f"### KV-cache decoding ({desc})\n\n`{cmd}` ({today()}, {machine()}; median of {args.repeats}, compile "
-      f"excluded: tregjax's first call took {first_s:.1f} s). Generated tokens identical: {same:.1%}.\n\n{text}\n"))
+      f"### KV-cache decoding ({desc})\n\n`{cmd}` ({today()}, {machine()}; median of {args.repeats}, round-robin; "
+      f"compile excluded: tregjax's first call took {first_s:.1f} s). Generated tokens identical: {same:.1%}."
+      f"\n\n{text}\n"))
 
 
 if __name__ == "__main__":

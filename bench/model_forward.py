@@ -14,7 +14,7 @@ import argparse
 import time
 
 import model_common
-from smollm2_common import machine, table, timed, today, update_results, write_json
+from smollm2_common import machine, table, timed_interleaved, today, update_results, write_json
 
 # Dense bf16 peak TFLOP/s (no sparsity) by device kind, for MFU.
 _PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "TPU v4": 275.0, "TPU v5 lite": 197.0,
@@ -67,23 +67,17 @@ def main() -> None:
   t0 = time.perf_counter()
   compiled = forward.lower(state, tokens).compile()
   compile_s = time.perf_counter() - t0
-  jax.block_until_ready(compiled(state, tokens))
-  tj_s, tj_all = timed(lambda: jax.block_until_ready(compiled(state, tokens)), args.repeats)
-  last_tj = np.asarray(compiled(state, tokens)[:, -1], np.float32)
+  last_tj = np.asarray(compiled(state, tokens)[:, -1], np.float32)  # also the warm-up
 
   n = args.matmul
   a = jnp.asarray(np.random.default_rng(1).normal(size=(n, n)), jdtype)
   mm = jax.jit(lambda x, y: x @ y)
   jax.block_until_ready(mm(a, a))
-  jmm_s, _ = timed(lambda: jax.block_until_ready(mm(a, a)), max(3, args.repeats))
-  results = {"date": today(), "device": device, "backend": backend, "args": vars(args), "model_flops": flops,
-             "tregjax": {"median_s": tj_s, "all_s": tj_all, "compile_s": compile_s, "tokens_per_s": n_tokens / tj_s,
-                         "flops_per_s": flops / tj_s, "matmul_flops_per_s": 2 * n**3 / jmm_s}}
-  results["tregjax"]["matmul_fraction"] = results["tregjax"]["flops_per_s"] / results["tregjax"]["matmul_flops_per_s"]
-  peak = args.peak_tflops or next((v for k, v in _PEAK_TFLOPS.items() if k in device), 0.0)
-  if backend != "cpu" and peak:
-    results["tregjax"]["mfu"] = flops / tj_s / (peak * 1e12)
-
+  # Every variant (model and reference matmul, each framework, each torch thread count) is timed round-robin so
+  # that all see the same load on this shared machine.
+  runners = {"tregjax": lambda: jax.block_until_ready(compiled(state, tokens)),
+             "tregjax/matmul": lambda: jax.block_until_ready(mm(a, a))}
+  thread_counts = []
   if run_torch:
     import torch  # pylint: disable=g-import-not-at-top
     tdtype = {"f32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -91,19 +85,36 @@ def main() -> None:
     ids = torch.from_numpy(tokens_np.astype(np.int64))
     ta = torch.from_numpy(np.asarray(a, np.float32)).to(tdtype)
     default_threads = torch.get_num_threads()
-    for threads in [int(t) or default_threads for t in args.torch_threads.split(",")]:
-      # On a shared, busy machine torch's OpenMP threads can spin against each other: time each setting.
-      torch.set_num_threads(threads)
-      with torch.inference_mode():
-        torch_model(ids)
-        th_s, th_all = timed(lambda: torch_model(ids).logits, args.repeats)
-        last_th = torch_model(ids).logits[:, -1].float().numpy()
-        ta @ ta
-        tmm_s, _ = timed(lambda: ta @ ta, max(3, args.repeats))
-      r = results[f"torch_{threads}"] = {"median_s": th_s, "all_s": th_all, "tokens_per_s": n_tokens / th_s,
-                                         "flops_per_s": flops / th_s, "matmul_flops_per_s": 2 * n**3 / tmm_s,
-                                         "threads": threads}
-      r["matmul_fraction"] = r["flops_per_s"] / r["matmul_flops_per_s"]
+    thread_counts = [int(t) or default_threads for t in args.torch_threads.split(",")]
+
+    def torch_call(fn, threads):
+      def run():
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+          return fn()
+      return run
+
+    for threads in thread_counts:
+      runners[f"torch_{threads}"] = torch_call(lambda: torch_model(ids).logits, threads)
+      runners[f"torch_{threads}/matmul"] = torch_call(lambda: ta @ ta, threads)
+    with torch.inference_mode():
+      last_th = torch_model(ids).logits[:, -1].float().numpy()  # warm-up
+      ta @ ta
+  times = timed_interleaved(runners, args.repeats)
+  results = {"date": today(), "device": device, "backend": backend, "args": vars(args), "model_flops": flops}
+  for name in ["tregjax"] + [f"torch_{t}" for t in thread_counts]:
+    sec, all_s = times[name]
+    r = results[name] = {"median_s": sec, "all_s": all_s, "tokens_per_s": n_tokens / sec, "flops_per_s": flops / sec,
+                         "matmul_flops_per_s": 2 * n**3 / times[name + "/matmul"][0]}
+    r["matmul_fraction"] = r["flops_per_s"] / r["matmul_flops_per_s"]
+    if name != "tregjax":
+      r["threads"] = int(name.split("_")[1])
+  results["tregjax"]["compile_s"] = compile_s
+  tj_s = results["tregjax"]["median_s"]
+  peak = args.peak_tflops or next((v for k, v in _PEAK_TFLOPS.items() if k in device), 0.0)
+  if backend != "cpu" and peak:
+    results["tregjax"]["mfu"] = flops / tj_s / (peak * 1e12)
+  if run_torch:
     results["max_abs_last_logits_diff"] = float(np.abs(last_tj - last_th).max())
 
   header = ["framework", "median s / forward", "tokens/s", "model GFLOP/s", f"matmul {n}^3 GFLOP/s",
@@ -136,7 +147,8 @@ def main() -> None:
          + (f" --torch-threads {args.torch_threads}" if run_torch else " --skip-torch"))
   update_results(key, (
       f"### Model forward ({desc}, {backend})\n\n`{cmd}` ({today()}, {device}; median of {args.repeats}; tregjax "
-      f"compile {compile_s:.1f} s; {flops / 1e9:.0f} GFLOP per forward; same weights and tokens).{extra} Equal work, "
+      f"compile {compile_s:.1f} s; {flops / 1e9:.0f} GFLOP per forward; same weights and tokens; all rows "
+      f"timed round-robin).{extra} Equal work, "
       f"so parity is the expectation; 'fraction of matmul' = model FLOP/s over the same framework's dense "
       f"{n}^3 matmul FLOP/s in the same run.\n\n{text}\n"))
 
