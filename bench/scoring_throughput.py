@@ -36,7 +36,7 @@ def make_units(n_pairs: int, vocab: int, seed: int = 0):
     for _side in range(2):
       response = list(rng.integers(3, vocab, int(np.clip(rng.lognormal(np.log(60), 0.7), 1, 256 - len(prompt)))))
       contexts = [prompt, better + prompt, worse + prompt]
-      units.append(score._Unit([c + response for c in contexts], [len(c) for c in contexts], len(response)))  # pylint: disable=protected-access
+      units.append(score.Unit([c + response for c in contexts], [len(c) for c in contexts], len(response)))
   return units
 
 

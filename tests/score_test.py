@@ -232,6 +232,9 @@ def test_stale_or_unfinished_cache_is_refused(world, tmp_path):
     score.check_cache(str(tmp_path / "cache"), score.cache_hash(cfg))
   cache = score.run(cfg)
   assert score.check_cache(cache, score.cache_hash(cfg))["records"] == {"train": N_PAIRS}
+  training = _config(world, tmp_path / "cache", source="none")
+  training.model.dtype = "bfloat16"  # training-only settings do not make the cache stale
+  assert score.check_cache(cache, score.cache_components(training))["dtype"] == "float32"
   other = _config(world, tmp_path / "cache", source="contrastive")
   with pytest.raises(score.StaleCacheError, match="changed inputs: prompts, source"):
     score.check_cache(cache, score.cache_components(other))

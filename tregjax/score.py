@@ -123,11 +123,24 @@ def _dataset_dir(config: ml_collections.ConfigDict) -> str:
   return tfds_builder.resolve(d.dataset_dir)
 
 
+def _data_hash(config: ml_collections.ConfigDict, dataset_dir: str | None) -> str:
+  """The tokenized dataset's hash, without building anything (a check must not have side effects)."""
+  if dataset_dir:
+    return tfds_builder.read_metadata(dataset_dir)["hash"]
+  d = data_build.data_section(config)
+  if d.train_files:
+    return data_build.dataset_hash(config)
+  return tfds_builder.read_metadata(tfds_builder.resolve(d.dataset_dir))["hash"]
+
+
 def cache_components(config: ml_collections.ConfigDict, dataset_dir: str | None = None) -> dict[str, str]:
-  """Hashes of each input the cache depends on: model, tokenizer, prompts, source, data, compute."""
+  """Hashes of each input the cache depends on: model, tokenizer, prompts, source, data.
+
+  The compute dtype is recorded in the cache metadata but not hashed: a cache scored in float32 serves a bfloat16
+  training run of the same reference.
+  """
   s = score_section(config)
   tr = s.token_reward
-  dataset_dir = dataset_dir or _dataset_dir(config)
   source: dict[str, Any] = dict(source=tr.source)
   if tr.source == "dpo_implicit":
     source.update(beta=float(tr.beta), dpo_checkpoint=hashing.hash_path(tr.dpo_checkpoint))
@@ -141,8 +154,7 @@ def cache_components(config: ml_collections.ConfigDict, dataset_dir: str | None 
       tokenizer=hashing.tokenizer_hash(data_build.tokenizer_path(config)),
       prompts=hashing.hash_json(prompts),
       source=hashing.hash_json(source),
-      data=tfds_builder.read_metadata(dataset_dir)["hash"],
-      compute=hashing.hash_json(dict(dtype=_compute_dtype(config, s))))
+      data=_data_hash(config, dataset_dir))
 
 
 def cache_hash(config: ml_collections.ConfigDict, dataset_dir: str | None = None) -> str:
@@ -233,7 +245,7 @@ def combine(source: str, beta: float, ref: jax.Array, mask: jax.Array, a: jax.Ar
 
 
 @dataclasses.dataclass
-class _Unit:
+class Unit:
   """One response to score: its context rows (plain first) and where its response starts in each."""
   rows: list[list[int]]
   prompt_lens: list[int]
@@ -271,13 +283,13 @@ def _text(value: Any) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def units_of(record: dict[str, Any], contexts: Contexts) -> list[_Unit]:
+def units_of(record: dict[str, Any], contexts: Contexts) -> list[Unit]:
   """The chosen and rejected units of one record: each context's prompt ids + the SAME response ids."""
   prompts = contexts.prompts(record)
   out = []
   for side in ("chosen", "rejected"):
     response = [int(x) for x in record[f"{side}_ids"]]
-    out.append(_Unit([p + response for p in prompts], [len(p) for p in prompts], len(response)))
+    out.append(Unit([p + response for p in prompts], [len(p) for p in prompts], len(response)))
   return out
 
 
@@ -372,7 +384,7 @@ class Scorer:
         on_tokens(sum(len(rows[i][0]) for i in chunk))
     return out
 
-  def score_units(self, units: list[_Unit], on_tokens: Callable[[int], None] | None = None
+  def score_units(self, units: list[Unit], on_tokens: Callable[[int], None] | None = None
                   ) -> list[tuple[np.ndarray, float, np.ndarray]]:
     """(ref token log-probs, ref sum, token rewards) per unit, in input order; response coordinates, cropped."""
     contexts = 3 if self.source == "contrastive" else 1
@@ -489,9 +501,10 @@ def run(config: ml_collections.ConfigDict) -> str:
   sources = {sp: tfds_builder.data_source(dataset_dir, sp) for sp in splits}
   shard_size = int(s.shard_size)
   pid, pcount = jax.process_index(), jax.process_count()
-  todo = [(sp, k) for sp in splits for k in range(-(-len(sources[sp]) // shard_size))
-          if _read_shard(_shard_path(cache_dir, sp, k), digest) is None]
-  mine = [job for n, job in enumerate(todo) if n % pcount == pid]
+  # Shard n of the global enumeration belongs to process n % pcount, whatever other processes have finished.
+  jobs = [(sp, k) for sp in splits for k in range(-(-len(sources[sp]) // shard_size))]
+  mine = [job for n, job in enumerate(jobs)
+          if n % pcount == pid and _read_shard(_shard_path(cache_dir, *job), digest) is None]
   if mine:
     scorer = Scorer(config, s, pad_id=int(data_meta.get("pad_id", tok.pad_id)))
     total_pairs = sum(min(shard_size, len(sources[sp]) - k * shard_size) for sp, k in mine)
@@ -514,7 +527,8 @@ def run(config: ml_collections.ConfigDict) -> str:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("tregjax.score shards")
   if pid == 0:
-    _assemble(cache_dir, dataset_dir, sources, shard_size, digest, components, s.token_reward.source)
+    _assemble(cache_dir, dataset_dir, sources, shard_size, digest, components, s.token_reward.source,
+              _compute_dtype(config, s))
   if pcount > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("tregjax.score assembled")
@@ -532,7 +546,7 @@ def _progress(total: int, enabled: bool):
 
 
 def _assemble(cache_dir: str, dataset_dir: str, sources: dict[str, Any], shard_size: int, digest: str,
-              components: dict[str, str], source_name: str) -> None:
+              components: dict[str, str], source_name: str, dtype: str) -> None:
   """Shards + tokenized records -> the scored TFDS dataset; then cache_meta.json (last: marks completion)."""
   counts = {}
 
@@ -557,7 +571,7 @@ def _assemble(cache_dir: str, dataset_dir: str, sources: dict[str, Any], shard_s
   out = tfds_builder.write("scored", cache_dir, "h" + digest[:16], {sp: gen_for(sp) for sp in sources}, meta)
   records = {sp: len(src) for sp, src in sources.items()}
   hashing.atomic_write_json(os.path.join(cache_dir, CACHE_META), dict(
-      hash=digest, components=components, records=records, token_reward_source=source_name,
+      hash=digest, components=components, records=records, token_reward_source=source_name, dtype=dtype,
       dataset=os.path.relpath(out, cache_dir), format_version=CACHE_FORMAT_VERSION))
 
 

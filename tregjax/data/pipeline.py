@@ -98,7 +98,7 @@ class BatchPlan:
     order = rng.permutation(len(self.units)) if self.shuffle else np.arange(len(self.units))
     batches = []
     for b in self.buckets:
-      members = [int(u) for u in order if self.unit_bucket[u] == b]
+      members = order[self.unit_bucket[order] == b].tolist()
       for start in range(0, len(members), g):
         chunk = members[start:start + g]
         if len(chunk) < g:
