@@ -177,7 +177,8 @@ def check_cache(cache_dir: str, expected_hash: str | dict[str, str]) -> dict[str
   if meta["hash"] != expected:
     changed = ""
     if isinstance(expected_hash, dict):
-      diff = sorted(k for k in expected_hash if meta["components"].get(k) != expected_hash[k])
+      keys = set(expected_hash) | set(meta.get("components", {}))
+      diff = sorted(k for k in keys if meta.get("components", {}).get(k) != expected_hash.get(k))
       changed = f"; changed inputs: {', '.join(diff)}"
     raise StaleCacheError(f"scored cache {cache_dir} was made from other inputs (cache hash {meta['hash'][:16]}, "
                           f"expected {expected[:16]}{changed}); rescore with `python -m tregjax.score` into a new "
