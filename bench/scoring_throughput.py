@@ -142,11 +142,12 @@ def main() -> None:
   update_results(section, f"""### Scoring throughput: tregjax.score vs transformers-torch (3 passes)
 
 `python bench/scoring_throughput.py --pairs {args.pairs} --width {args.width} --heads {args.heads} --kv-heads \
-{args.kv_heads} --layers {args.layers} --vocab {args.vocab} --batch {args.batch} --repeats {args.repeats}` ({today()}, {machine()}, shared with other jobs while
-measured; interleaved runs, median). {len(units)} responses x 3 contexts = {real_tokens:,} real tokens per pass;
+{args.kv_heads} --layers {args.layers} --vocab {args.vocab} --batch {args.batch} --repeats {args.repeats}`
+({today()}, {machine()}, shared with other jobs while measured; interleaved runs, median). {len(units)} responses x 3 contexts = {real_tokens:,} real tokens per pass;
 random {args.layers}-layer Llama, width {args.width}, {args.heads} heads ({args.kv_heads} kv), vocab {args.vocab}
 (the project's tiny_llama shape by default); lognormal lengths. tregjax: rows sorted by length, buckets every 32
-tokens, the default CPU token budget (1024 padded positions per call); torch: {args.batch} responses per batch, padded per context.
+tokens, the default CPU token budget (1024 padded positions per call); torch: {args.batch} responses per batch,
+padded per context.
 
 {md}
 """)

@@ -1,5 +1,6 @@
 """The scoring pass against independent goldens: HF transformers in torch, a naive per-prefix reward-model loop."""
 
+import json
 import os
 import signal
 import subprocess
@@ -157,7 +158,7 @@ def test_response_ids_identical_across_plain_better_worse_contexts(tmp_path, kin
     messages = [{"role": "user", "content": rec["prompt"]}]
     prompt = hf(hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
                 add_special_tokens=False)["input_ids"]
-    record = dict(prompt_ids=prompt, prompt_messages=__import__("json").dumps(messages),
+    record = dict(prompt_ids=prompt, prompt_messages=json.dumps(messages),
                   chosen_ids=hf(rec["chosen"], add_special_tokens=False)["input_ids"] + [eot],
                   rejected_ids=hf(rec["rejected"], add_special_tokens=False)["input_ids"] + [eot])
     for side, unit in zip(("chosen", "rejected"), score.units_of(record, contexts)):
@@ -196,7 +197,6 @@ def test_killed_scoring_resumes_to_byte_identical_output(world, tmp_path):
       import sys
       sys.path.insert(0, {os.path.dirname(__file__)!r})
       import score_test, pathlib
-      class _W(dict): pass
       def get_config():
         w = dict(root=pathlib.Path({str(root)!r}))
         cfg = score_test._config(w, {str(tmp_path / 'killed')!r}, shard_size=1, batch_size=8, buckets=(32, 64, 128))

@@ -14,10 +14,12 @@ A response's ids are the same in every context (never re-tokenized), so token t 
 
 Every context row of every response is sorted by length and cut into batches padded to a bucket (little padding, a
 bounded set of jit shapes), run data-parallel over the mesh with the chunked log-softmax (never [B, T, V] float32);
-per-response sums and rewards are then combined from the rows' response-coordinate arrays by one jitted function. Output is written in work shards (atomic,
-deterministic): a rerun skips finished shards and yields byte-identical output. When every shard exists the scored
-TFDS dataset (array_record) is assembled and `cache_meta.json`, holding the hash of (model, tokenizer, prompts,
-source, data), is written last; `check_cache` refuses a cache whose hash differs from the trainer's expectation.
+per-response sums and rewards are then combined from the rows' response-coordinate arrays by one jitted function.
+Output is written in work shards (atomic, deterministic): a rerun skips finished shards and yields byte-identical
+output. When every shard exists the scored TFDS dataset (array_record) is assembled and `cache_meta.json`, holding
+the hash of (model, tokenizer, prompts, source, data), is written last; `check_cache` refuses a cache whose hash
+differs from the trainer's expectation. Contrastive contexts are rendered from the full prompt messages even when the
+plain prompt was left-truncated (the instruction must survive); the reference log-probs use the stored plain ids.
 
 Config keys read: `model.hf_path`, `model.dtype`, `data.*` (the tokenized dataset, see tregjax.data.build),
 `data.cache_dir` (output), `mesh.{data,fsdp,tensor}` and the `score` section (`default_score_config()`).
