@@ -201,3 +201,15 @@ def test_dataset_roundtrips_through_tfds_array_record_with_splits_and_counts(tmp
   # A changed input lands in a new directory (the config name is the content hash).
   dc.write_jsonl(str(tmp_path / "a.jsonl"), records[:-2])
   assert data.build_dataset(cfg) != out
+
+
+def test_validation_fraction_splits_records_disjointly_and_deterministically(tmp_path, tokenizers):
+  records = dc.pair_records(40, seed=8)
+  f = dc.write_jsonl(str(tmp_path / "a.jsonl"), records)
+  cfg = _config(tmp_path, tokenizers["bpe"], [f], validation_fraction=0.25)
+  train, _ = _all(cfg, "train")
+  validation, _ = _all(cfg, "validation")
+  ids = lambda xs: [x["example_id"] for x in xs]  # noqa: E731
+  assert sorted(ids(train) + ids(validation), key=lambda w: int(w.rsplit(" ", 1)[1])) == \
+      [f"{f}:line {i}" for i in range(1, 41)]
+  assert 0 < len(validation) < 20 and ids(validation) == ids(_all(cfg, "validation")[0])
