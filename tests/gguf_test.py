@@ -101,6 +101,11 @@ def test_smollm2_tokenizer_ids_equal_transformers_gguf_tokenizer(tj_tokenizer, h
   for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
     assert getattr(ours, attr) == getattr(hf_gguf_tokenizer, attr), attr
   assert ours.eos_token == "<|im_end|>"
+  # Control tokens stay whole and are dropped by skip_special_tokens, as in transformers.
+  text = "<|im_start|>user\nhi <repo_name> there<|im_end|>\n<|endoftext|>"
+  ids = ours(text)["input_ids"]
+  assert ids == hf_gguf_tokenizer(text)["input_ids"] and ids[:3] == [1, 4093, 198]
+  assert ours.decode(ids, skip_special_tokens=True) == hf_gguf_tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def test_smollm2_chat_template_renders_identically(smollm2_path, tj_tokenizer, hf_gguf_tokenizer, tmp_path):
