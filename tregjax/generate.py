@@ -415,9 +415,12 @@ def _read_shard(path: str, digest: str) -> dict[str, Any] | None:
   """The shard, or None when it is absent or belongs to another config (then it is regenerated)."""
   if not os.path.exists(path):
     return None
-  with open(path, encoding="utf-8") as f:
-    shard = json.load(f)
-  return shard if shard.get("hash") == digest else None
+  try:
+    with open(path, encoding="utf-8") as f:
+      shard = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError):  # writes are atomic, but a damaged file is simply redone
+    return None
+  return shard if isinstance(shard, dict) and shard.get("hash") == digest else None
 
 
 def output_components(config: ml_collections.ConfigDict, g: ml_collections.ConfigDict, scorer_id: str,
