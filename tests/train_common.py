@@ -201,7 +201,7 @@ def worker_env(cache_dir: str | None = None, num_devices: int = 1) -> dict[str, 
 
 
 def worker_cmd(workdir: str, **overrides) -> list[str]:
-  args = [f"{k}={json.dumps(v) if not isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items()]
+  args = [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
   return [sys.executable, os.path.abspath(__file__), workdir, *args]
 
 

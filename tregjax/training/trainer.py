@@ -193,6 +193,32 @@ class _Stop:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+class _Throughput:
+  """Tokens/s and MFU over the steps since the last report; windows that include a compilation are dropped."""
+
+  def __init__(self, model_cfg, peak_flops: float | None):
+    self.model_cfg, self.peak = model_cfg, peak_flops
+    self.reset()
+
+  def reset(self) -> None:
+    self.t0, self.real, self.padded, self.seq = time.perf_counter(), 0, 0, 1
+
+  def add(self, real: int, padded: int, seq: int) -> None:
+    n = jax.process_count()  # every process feeds the same number of rows
+    self.real += real * n
+    self.padded += padded * n
+    self.seq = seq
+
+  def report(self) -> dict[str, float]:
+    dt = max(time.perf_counter() - self.t0, 1e-9)
+    out = {"throughput/tokens_per_s": self.real / dt, "throughput/padded_tokens_per_s": self.padded / dt}
+    if self.peak:  # MFU over padded positions: the model computes them all (formula: metrics.train_flops_per_token)
+      flops = metrics_lib.train_flops_per_token(self.model_cfg, self.seq) * self.padded
+      out["throughput/mfu"] = flops / dt / (self.peak * jax.device_count())
+    self.reset()
+    return out
+
+
 def _evaluate(eval_step, state, config, mesh, data_factory) -> dict[str, float]:
   it = data_factory(config, config.data.eval_split, jax.process_index(), jax.process_count())
   total_w, sums = 0.0, {}
@@ -209,9 +235,45 @@ def _evaluate(eval_step, state, config, mesh, data_factory) -> dict[str, float]:
   return {f"eval/{k}": v / total_w for k, v in sums.items()}
 
 
+def _initial_state(config: ml_collections.ConfigDict, mesh, ckpt: ckpt_lib.Checkpointer, train_iter,
+                   total_steps: int):
+  """(graphdef, tx, schedule, state, state shardings, checkpoint meta): resumed from the latest checkpoint (state and
+  data-iterator position), else a pretrained model or a random init, in both cases sharded over `mesh` from birth."""
+  latest = ckpt.latest_step() if config.checkpoint.enabled else None
+  # Random init is one jitted program straight into the sharded TrainState; a pretrained model streams in first.
+  pretrained = bool(config.model.hf_path) and latest is None
+  graphdef, params, extra = build_model_state(config, mesh, abstract=not pretrained)
+  tx, schedule = optimizer_lib.make_optimizer(config.optimizer, total_steps, params)
+  init_fn = lambda p, e: step_lib.init_state(p, e, tx, config.seed)
+  abstract_state = jax.eval_shape(init_fn, params, extra)
+  state_sh = step_lib.state_shardings(abstract_state, tx, mesh)
+  meta = {"model_config": dataclasses.asdict(model_config(config)), "objective": config.objective,
+          "total_steps": total_steps}
+  if latest is not None:
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sh)
+    saved_meta = ckpt.read_meta(latest)
+    if saved_meta.get("objective") != config.objective:
+      raise ckpt_lib.CheckpointMismatchError(
+          f"{ckpt.directory}/{latest} was written by objective={saved_meta.get('objective')!r}, this run is "
+          f"{config.objective!r}; use a fresh --workdir")
+    state, data_state, _ = ckpt.restore(latest, target)
+    train_iter.set_state(data_state)
+    log.info("resumed from %s/%d", ckpt.directory, latest)
+  elif pretrained:
+    state = jax.jit(init_fn, out_shardings=state_sh)(params, extra)
+  else:
+    state = jax.jit(lambda: init_fn(*random_init(config)), out_shardings=state_sh)()
+  return graphdef, tx, schedule, state, state_sh, meta
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFactory | None = None,
         max_steps: int | None = None) -> dict[str, Any]:
-  """Train (or resume) into `workdir`; returns a summary: final/eval metrics, paths, step, why it stopped.
+  """Train (or resume) into `workdir`; returns a summary.
+
+  Summary keys: step, start_step, total_steps, stopped ("completed" | "preempted" | "data_exhausted"),
+  final_metrics (last step's metrics), eval_metrics, memory_analysis (the compiled step's), workdir,
+  checkpoint_dir, metrics_file, tensorboard_dir, and state (the final TrainState) + graphdef, so that
+  `nnx.merge(graphdef, state.params, state.extra)` is the trained model (summary.json holds the JSON-able part).
 
   `data_factory` replaces the grain pipeline (tests, synthetic worlds); `max_steps` stops early at that step (the
   schedule still spans `train.steps`), which is how tests stop a run midway.
@@ -240,31 +302,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
 
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
                                keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-  latest = ckpt.latest_step() if config.checkpoint.enabled else None
-  # Random init is one jitted program straight into the sharded TrainState; a pretrained model streams in first.
-  pretrained = bool(config.model.hf_path) and latest is None
-  graphdef, params, extra = build_model_state(config, mesh, abstract=not pretrained)
-  tx, schedule = optimizer_lib.make_optimizer(config.optimizer, total_steps, params)
-  init_fn = lambda p, e: step_lib.init_state(p, e, tx, config.seed)
-  abstract_state = jax.eval_shape(init_fn, params, extra)
-  state_sh = step_lib.state_shardings(abstract_state, tx, mesh)
-  meta = {"model_config": dataclasses.asdict(model_config(config)), "objective": config.objective,
-          "total_steps": total_steps}
-  if latest is not None:
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sh)
-    saved_meta = ckpt.read_meta(latest)
-    if saved_meta.get("objective") != config.objective:
-      raise ckpt_lib.CheckpointMismatchError(
-          f"{ckpt.directory}/{latest} was written by objective={saved_meta.get('objective')!r}, this run is "
-          f"{config.objective!r}; use a fresh --workdir")
-    state, data_state, _ = ckpt.restore(latest, target)
-    train_iter.set_state(data_state)
-    log.info("resumed from %s/%d", ckpt.directory, latest)
-  elif pretrained:
-    state = jax.jit(init_fn, out_shardings=state_sh)(params, extra)
-  else:
-    state = jax.jit(lambda: init_fn(*random_init(config)), out_shardings=state_sh)()
-  del params, extra
+  graphdef, tx, schedule, state, state_sh, meta = _initial_state(config, mesh, ckpt, train_iter, total_steps)
 
   options = config_lib.objective_options(config) if config.objective == "preference" else None
   loss_fn = step_lib.make_loss_fn(config.objective, options, config.train.logits_chunk_size)
@@ -310,7 +348,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
       bar.set_postfix(loss=f"{record['loss/total']:.4f}", refresh=False)
 
   pending = None
-  window = {"t0": time.perf_counter(), "real": 0, "padded": 0, "seq": 1}
+  throughput = _Throughput(cfg, peak)
   with parallel.use_mesh(mesh), _Stop() as stop:
     try:
       while step < stop_at:
@@ -322,23 +360,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
           break
         real, padded = _tokens(host_batch, config.objective)
         seq_len = int(np.shape(host_batch.chosen.tokens)[1])
+        compiled_before = len(train_step.table)
         state, dev_metrics = train_step(state, _place(host_batch, mesh))
         step += 1
-        window["real"] += real * jax.process_count()
-        window["padded"] += padded * jax.process_count()
-        window["seq"] = seq_len
-        now = time.perf_counter()
         extra_host = {"data/fingerprint": float(_fingerprint(host_batch)), "data/seq_len": float(seq_len)}
+        if len(train_step.table) > compiled_before:  # this step compiled: time from its end
+          jax.block_until_ready(dev_metrics)
+          throughput.reset()
+        else:
+          throughput.add(real, padded, seq_len)
         if step % config.train.log_every == 0 or step == stop_at:
           jax.block_until_ready(dev_metrics)
-          now = time.perf_counter()
-          dt = max(now - window["t0"], 1e-9)
-          extra_host["throughput/tokens_per_s"] = window["real"] / dt
-          extra_host["throughput/padded_tokens_per_s"] = window["padded"] / dt
-          if peak:
-            flops = metrics_lib.train_flops_per_token(cfg, window["seq"]) * window["padded"]
-            extra_host["throughput/mfu"] = flops / dt / (peak * jax.device_count())
-          window.update(t0=now, real=0, padded=0)
+          extra_host.update(throughput.report())
         if pending is not None:
           log_step(host_metrics(pending), pending[0])
         pending = (step, dev_metrics, extra_host)
