@@ -87,7 +87,8 @@ def main() -> None:
 
   best_torch = max((results[k]["tokens_per_s"] for k in fns if k.startswith("torch")), default=float("nan"))
   rows = [[name, f"{results[name]['median_s']:.2f}", f"{results[name]['tokens_per_s']:.1f}",
-           f"{results[name]['tokens_per_s'] / best_torch:.2f}x"] for name in fns]
+           f"{results[name]['tokens_per_s'] / best_torch:.2f}x" if best_torch == best_torch else "-"]
+          for name in fns]
   text = table(["framework", "median s (prefill + decode)", "new tokens/s", "speed vs best torch"], rows)
   print(f"SmolLM2-135M greedy decode, batch {args.batch}, {args.new} new tokens, {args.dtype}, {device} "
         f"(tregjax first call incl. compile {first_s:.1f} s; prompt lengths {results['prompt_lengths']})")

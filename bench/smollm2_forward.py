@@ -120,7 +120,7 @@ def main() -> None:
     r = results[name]
     rows_out.append([name, f"{r['median_s']:.3f}", f"{r['tokens_per_s']:.0f}", f"{r['flops_per_s'] / 1e9:.1f}",
                      f"{r['matmul_flops_per_s'] / 1e9:.1f}", f"{r['matmul_fraction']:.2f}",
-                     f"{best_torch / r['median_s']:.2f}x"])
+                     f"{best_torch / r['median_s']:.2f}x" if best_torch == best_torch else "-"])
   text = table(header, rows_out)
   print(f"SmolLM2-135M forward, batch {args.batch} x {args.seq}, {args.dtype}, {device} "
         f"(tregjax compile {compile_s:.1f} s, {flops / 1e9:.0f} GFLOP per forward)")
