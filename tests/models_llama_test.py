@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -242,3 +244,20 @@ def test_bare_tokenizers_tokenizer_is_saved_and_checked(tmp_path):
   assert models.load_config(str(tmp_path / "m")).vocab_size == 320
   with pytest.raises(ValueError, match="tokenizer has 300 tokens"):
     models.check_tokenizer_vocab(tok, models.ModelConfig.tiny_llama())
+
+
+def test_attention_implementations_agree():
+  """The explicit-softmax fallback and a cuDNN request (falls back to XLA off-GPU) match the fused XLA path."""
+  cfg = models.ModelConfig.tiny_llama(model_type="mistral", sliding_window=5)
+  ref = _logits(models.from_config(cfg.replace(attention_impl="xla"), 0))
+  for impl in ("explicit", "cudnn"):
+    out = _logits(models.from_config(cfg.replace(attention_impl=impl), 0))
+    np.testing.assert_allclose(out[g.SEGMENTS.astype(bool)], ref[g.SEGMENTS.astype(bool)], atol=1e-5)
+
+
+def test_models_package_never_imports_torch():
+  code = ("import sys; from tregjax import models; from tregjax.models import hf_io, decoding, transformer; "
+          "models.ModelConfig.tiny_llama(); assert 'torch' not in sys.modules and 'tensorflow' not in sys.modules")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
