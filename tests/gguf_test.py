@@ -6,6 +6,8 @@ an untied output head and the bad-input errors. Both heavy goldens (transformers
 loaded once per session.
 """
 
+import math
+
 import numpy as np
 import pytest
 
@@ -183,7 +185,7 @@ def _tiny_tensors(rng, arch="llama"):
   return {k: w.astype(np.float32) for k, w in out.items()}
 
 
-def write_tiny_gguf(path, *, arch="llama", types=None):
+def write_tiny_gguf(path, *, arch="llama", types=None, rope_freqs=None):
   rng = np.random.default_rng(0)
   types = (TINY_TYPES if arch == "llama" else {"blk.0.attn_q.weight": T.Q8_0}) if types is None else types
   tensors = _tiny_tensors(rng, arch)
@@ -223,6 +225,8 @@ def write_tiny_gguf(path, *, arch="llama", types=None):
       writer.add_tensor(name, w)
     else:
       writer.add_tensor(name, gguf_quants.quantize(w, qtype), raw_dtype=qtype)
+  if rope_freqs is not None:
+    writer.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, np.float32))
   writer.write_header_to_file()
   writer.write_kv_data_to_file()
   writer.write_tensors_to_file()
@@ -284,6 +288,60 @@ def test_other_architectures_match_transformers_gguf_loader(arch, tmp_path):
   with torch.no_grad():
     expected = ref(torch.from_numpy(tokens)).logits.numpy()
   np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens, jnp.int32))), expected, rtol=0, atol=2e-4)
+
+
+def _llama_cpp_llama3_rope_freqs(head_dim, theta, factor=8.0, low=1.0, high=4.0, old_len=8192):
+  # convert_hf_to_gguf.py LlamaModel.generate_extra_tensors, written out as a loop as there.
+  factors = []
+  for freq in 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)):
+    wavelen = 2 * math.pi / freq
+    if wavelen < old_len / high:
+      factors.append(1.0)
+    elif wavelen > old_len / low:
+      factors.append(factor)
+    else:
+      smooth = (old_len / wavelen - low) / (high - low)
+      factors.append(1 / ((1 - smooth) / factor + smooth))
+  return np.asarray(factors, np.float32)
+
+
+def test_llama3_rope_scaling_is_recovered_from_rope_freqs(tmp_path):
+  """Llama 3.1/3.2 GGUFs keep "llama3" RoPE scaling only as rope_freqs.weight; the config must say llama3 again and
+  the logits must equal transformers' LlamaForCausalLM with that rope_parameters and the same weights."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from tregjax import models  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "llama31.gguf"
+  head_dim = TINY["hidden"] // TINY["heads"]
+  write_tiny_gguf(path, types={}, rope_freqs=_llama_cpp_llama3_rope_freqs(head_dim, 50000.0, factor=32.0))
+  # (transformers' own GGUF loader ignores rope_freqs.weight, so the golden is its Llama built from our config.)
+  src = tj_gguf.GGUFSource(path)
+  assert "rope_freqs.weight" not in src.keys()
+  assert src.config["rope_parameters"] == {"rope_type": "llama3", "rope_theta": 50000.0, "factor": 32.0,
+                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                           "original_max_position_embeddings": 8192}
+  ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(**src.config)).eval()
+  ref.load_state_dict({k: torch.from_numpy(np.array(src.get(k))) for k in src.keys()}, strict=True)
+  plain = transformers.LlamaForCausalLM(transformers.LlamaConfig(**(src.config | {
+      "rope_parameters": {"rope_type": "default", "rope_theta": 50000.0}}))).eval()
+  plain.load_state_dict(ref.state_dict())
+  tokens = np.random.default_rng(2).integers(0, TINY["vocab"], size=(1, 16))
+  positions = 6000 + np.arange(16)[None]  # far out, where the scaled low frequencies matter
+  with torch.no_grad():
+    expected = ref(torch.from_numpy(tokens), position_ids=torch.from_numpy(positions)).logits.numpy()
+    unscaled = plain(torch.from_numpy(tokens), position_ids=torch.from_numpy(positions)).logits.numpy()
+  model = models.from_pretrained(str(path), dtype=jnp.float32)
+  ours = np.asarray(model(jnp.asarray(tokens, jnp.int32), positions=jnp.asarray(positions, jnp.int32)))
+  np.testing.assert_allclose(ours, expected, rtol=0, atol=5e-5)
+  # The scaling is visible at these positions (small random weights: attention is nearly uniform).
+  assert np.abs(ours - unscaled).max() > 1e-3
+
+
+def test_rope_freqs_of_another_scaling_are_refused(tmp_path):
+  path = tmp_path / "odd.gguf"
+  head_dim = TINY["hidden"] // TINY["heads"]
+  write_tiny_gguf(path, types={}, rope_freqs=_llama_cpp_llama3_rope_freqs(head_dim, 50000.0, high=2.0))
+  with pytest.raises(tj_gguf.GGUFError, match=r"odd\.gguf: tensor 'rope_freqs\.weight' does not match Llama-3 RoPE"):
+    tj_gguf.GGUFSource(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------

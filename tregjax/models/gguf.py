@@ -7,7 +7,8 @@ float32 numpy array in HF layout (Linear weights [out, in]). It implements the `
 as safetensors. Architectures: llama (Llama 2/3, Mistral, SmolLM), qwen2, qwen3, gemma2. Dequantization
 is the `gguf` package's numpy code; the transforms undo what llama.cpp's converter did: the rotary row
 permutation of Llama's Q and K projections (it interleaves the two rotary halves of every head; HF keeps
-them as [first half | second half]) and Gemma's norms stored as w + 1.
+them as [first half | second half]) and Gemma's norms stored as w + 1; Llama 3.1/3.2's "llama3" RoPE
+scaling, which a GGUF keeps only as the `rope_freqs.weight` factors, is recovered (and verified) into the config.
 
 `tokenizer_from_gguf(path)` builds the byte-level BPE tokenizer and chat template the file carries into a
 `transformers.PreTrainedTokenizerFast` with the `tokenizers` library only (transformers' own GGUF
@@ -172,7 +173,51 @@ def unpermute_rotary_rows(w: np.ndarray, n_head: int) -> np.ndarray:
   return w.reshape(n_head, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _hf_config(path: str | os.PathLike, meta: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]:
+def llama3_rope_factors(head_dim: int, theta: float, factor: float, low_freq_factor: float = 1.0,
+                        high_freq_factor: float = 4.0, original_max_position: int = 8192) -> np.ndarray:
+  """The `rope_freqs.weight` llama.cpp writes for HF "llama3" RoPE scaling (LlamaModel.generate_extra_tensors):
+  per rotary pair, the divisor of its inverse frequency."""
+  inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+  wavelen = 2 * np.pi / inv_freq
+  low_wavelen, high_wavelen = original_max_position / low_freq_factor, original_max_position / high_freq_factor
+  smooth = (original_max_position / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+  out = np.where(wavelen < high_wavelen, 1.0, np.where(wavelen > low_wavelen, factor,
+                                                      1 / ((1 - smooth) / factor + smooth)))
+  return out.astype(np.float32)
+
+
+def _rope_parameters(path, arch: str, meta: dict[str, Any], theta: float, head_dim: int,
+                     rope_freqs: np.ndarray | None) -> dict[str, Any]:
+  """HF `rope_parameters` from `{arch}.rope.scaling.*` and llama.cpp's `rope_freqs.weight` tensor.
+
+  A GGUF keeps Llama 3.1/3.2's "llama3" scaling only as the per-pair factors; we take the released
+  settings (factor = the largest factor, low 1, high 4, original context 8192, which is also what
+  llama.cpp's converter assumes) and accept them only if they reproduce the stored factors exactly.
+  """
+  scaling = meta.get(f"{arch}.rope.scaling.type")
+  params: dict[str, Any] = {"rope_type": "default", "rope_theta": theta}
+  if scaling == "linear":
+    params = {"rope_type": "linear", "rope_theta": theta, "factor": float(meta[f"{arch}.rope.scaling.factor"])}
+  elif scaling not in (None, "none"):
+    raise GGUFError(f"{path}: {arch}.rope.scaling.type={scaling!r} is not supported (supported: linear, and "
+                    f"llama3 scaling through rope_freqs.weight)")
+  if rope_freqs is not None:
+    if scaling not in (None, "none"):
+      raise GGUFError(f"{path}: both {arch}.rope.scaling.type and rope_freqs.weight are set")
+    guess = dict(factor=float(rope_freqs.max()), low_freq_factor=1.0, high_freq_factor=4.0,
+                 original_max_position=8192)
+    expected = llama3_rope_factors(head_dim, theta, **guess)
+    if expected.shape != rope_freqs.shape or not np.allclose(expected, rope_freqs, rtol=1e-5, atol=1e-6):
+      raise GGUFError(f"{path}: tensor 'rope_freqs.weight' does not match Llama-3 RoPE scaling with factor "
+                      f"{guess['factor']}, low/high frequency factors 1/4 and original context 8192; other "
+                      f"RoPE scalings are not supported")
+    params = {"rope_type": "llama3", "rope_theta": theta, "factor": guess["factor"], "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+  return params
+
+
+def _hf_config(path: str | os.PathLike, meta: dict[str, Any], tensor_names: set[str],
+               rope_freqs: np.ndarray | None = None) -> dict[str, Any]:
   arch = meta.get("general.architecture")
   if arch not in _ARCHITECTURES:
     raise GGUFError(f"{path}: general.architecture={arch!r} is not supported (supported: {sorted(_ARCHITECTURES)})")
@@ -184,8 +229,6 @@ def _hf_config(path: str | os.PathLike, meta: dict[str, Any], tensor_names: set[
       raise GGUFError(f"{path}: metadata field {full!r} is missing")
     return meta[full]
 
-  if "rope_freqs.weight" in tensor_names or f"{arch}.rope.scaling.type" in meta:
-    raise GGUFError(f"{path}: rotary scaling (rope_freqs.weight / {arch}.rope.scaling.*) is not supported")
   n_heads = int(need("attention.head_count"))
   hidden = int(need("embedding_length"))
   n_kv = meta.get(f"{arch}.attention.head_count_kv", n_heads)
@@ -212,7 +255,7 @@ def _hf_config(path: str | os.PathLike, meta: dict[str, Any], tensor_names: set[
       "max_position_embeddings": int(meta.get(f"{arch}.context_length", 2048)),
       "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
       "rope_theta": rope_theta,
-      "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
+      "rope_parameters": _rope_parameters(path, arch, meta, rope_theta, head_dim, rope_freqs),
       "vocab_size": int(vocab),
       "tie_word_embeddings": "output.weight" not in tensor_names,
       "hidden_act": "silu",
@@ -267,7 +310,10 @@ class GGUFSource:
     if f"{self.metadata.get('general.architecture')}.vocab_size" not in self.metadata:
       self.metadata.update(read_metadata(self._reader, ("tokenizer.ggml.tokens",)))
     self._tensors = {t.name: t for t in self._reader.tensors}
-    self.config = _hf_config(self.path, self.metadata, set(self._tensors))
+    rope_freqs = self._tensors.pop("rope_freqs.weight", None)  # not a weight: llama3 RoPE scaling, in the config
+    if rope_freqs is not None:
+      rope_freqs = np.asarray(dequantize(rope_freqs.data, rope_freqs.tensor_type), np.float32).reshape(-1)
+    self.config = _hf_config(self.path, self.metadata, set(self._tensors), rope_freqs)
     self._arch = _ARCHITECTURES[self.metadata["general.architecture"]]
     self._names: dict[str, str] = {}  # HF name -> GGUF name
     for name in self._tensors:
