@@ -182,7 +182,7 @@ def _tree_bytes(root):
 
 
 def test_killed_scoring_resumes_to_byte_identical_output(world, tmp_path):
-  n_pairs = 12
+  n_pairs = 8
   root = world["root"]
   dc.write_jsonl(str(tmp_path / "big.jsonl"), dc.pair_records(n_pairs, seed=21))
 
