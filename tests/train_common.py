@@ -151,11 +151,12 @@ def _parse(value: str):
 
 
 def main(argv: list[str]) -> None:
-  """Worker: `train_common.py WORKDIR [key=value ...] [max_steps=N]`; prints the summary as JSON."""
+  """Worker: `train_common.py WORKDIR [key=value ...] [max_steps=N] [nan_refs=1]`; prints the summary as JSON."""
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   workdir, *pairs = argv
   overrides = dict(p.split("=", 1) for p in pairs)
   max_steps = overrides.pop("max_steps", None)
+  nan_refs = overrides.pop("nan_refs", None)  # corrupt every cached reference log-prob (non-finite loss)
   from tregjax.train import distributed_env
   kwargs = distributed_env()
   if kwargs is not None:  # started by launch/local_multiprocess.sh
@@ -168,7 +169,14 @@ def main(argv: list[str]) -> None:
     if k in overrides:
       overrides[k] = tuple(overrides[k])
   config = tiny_config(**overrides)
-  summary = training.run(config, workdir, data_factory=array_data,
+  def data(config, split, pi, pc):
+    source = array_data(config, split, pi, pc)
+    if nan_refs:
+      for pair in source.pairs:
+        pair["ref_chosen_logps"] = np.float32(np.nan)
+    return source
+
+  summary = training.run(config, workdir, data_factory=data,
                          max_steps=None if max_steps is None else int(max_steps))
   import jax
   params = jax.tree.map(np.asarray, jax.device_get(summary["state"].params))

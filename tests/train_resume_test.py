@@ -125,3 +125,12 @@ def test_checkpoint_of_another_model_shape_is_refused_by_name(tmp_path, cache_di
   assert proc.returncode != 0
   assert "CheckpointMismatchError" in proc.stderr
   assert "mlp/down_proj" in proc.stderr and "[2, 64, 32]" in proc.stderr and "[2, 96, 32]" in proc.stderr
+
+
+def test_run_stops_with_clear_message_after_n_consecutive_nonfinite_steps(tmp_path, cache_dir):
+  proc = subprocess.run(
+      tc.worker_cmd(str(tmp_path / "run"), **{**COMMON, "train.steps": 6, "train.max_consecutive_nonfinite": 2,
+                                              "nan_refs": 1}),
+      env=tc.worker_env(cache_dir), capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert "NonFiniteError: step 2: 2 consecutive steps had a non-finite loss or gradient" in proc.stderr
