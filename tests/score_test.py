@@ -262,3 +262,13 @@ def test_data_parallel_scoring_on_two_devices_matches_one(world, contrastive_cac
     for key in ("ref_chosen_token_logps", "chosen_token_rewards", "ref_rejected_token_logps", "rejected_token_rewards"):
       np.testing.assert_allclose(a[key], b[key], atol=1e-5, rtol=0)
     np.testing.assert_allclose(a["ref_chosen_logps"], b["ref_chosen_logps"], atol=1e-4, rtol=1e-6)
+
+
+def test_damaged_work_shard_is_recomputed(world, tmp_path):
+  cfg = _config(world, tmp_path / "cache", source="none")
+  want = _tree_bytes(score.run(cfg))
+  shard = tmp_path / "cache" / "work" / "train-00001.safetensors"
+  (tmp_path / "cache" / score.CACHE_META).unlink()
+  shard.write_bytes(shard.read_bytes()[:50])  # e.g. a disk that lost the tail of a file
+  score.run(cfg)
+  assert _tree_bytes(tmp_path / "cache") == want

@@ -447,14 +447,18 @@ def _write_shard(path: str, digest: str, indices: range, results: list[Any]) -> 
 
 
 def _read_shard(path: str, digest: str) -> dict[str, np.ndarray] | None:
-  """The shard's arrays, or None when it is absent or belongs to another config (then it is recomputed)."""
+  """The shard's arrays, or None when it is absent, damaged or of another config (then it is recomputed)."""
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   if not os.path.exists(path):
     return None
-  with safe_open(path, framework="numpy") as f:
-    if (f.metadata() or {}).get("hash") != digest:
-      return None
-    return {k: f.get_tensor(k) for k in f.keys()}
+  try:
+    with safe_open(path, framework="numpy") as f:
+      if (f.metadata() or {}).get("hash") != digest:
+        return None
+      return {k: f.get_tensor(k) for k in f.keys()}
+  except Exception as e:  # pylint: disable=broad-except  (a damaged file is recomputed, not fatal)
+    log.warning("work shard %s is unreadable (%s); it will be recomputed", path, e)
+    return None
 
 
 def _shard_records(arrays: dict[str, np.ndarray]) -> list[dict[str, Any]]:
