@@ -598,5 +598,7 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", None, "config file (configs/*.py with get_config())", lock_config=True)
+  flags.mark_flag_as_required("config")
   app.run(main)
