@@ -3,7 +3,7 @@
 Cache slot == token position: row b's prompt fills slots [0, len_b), and its n-th new token is written at slot
 len_b + n. Attention is causal in slot index, so every row can have its own prompt length inside one static-shape
 batch: slots a row has not written yet always lie in its future and are masked. The cache is donated to each call
-so XLA updates it in place instead of copying [L, B, S, K, H] per token.
+so XLA updates it in place instead of copying [L, B, K, S, H] per token.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from tregjax.models.transformer import CausalLM
 
 @flax.struct.dataclass
 class Cache:
-  k: jax.Array  # [L, B, S, K, H]
-  v: jax.Array  # [L, B, S, K, H]
+  k: jax.Array  # [L, B, K, S, H]
+  v: jax.Array  # [L, B, K, S, H]
   index: jax.Array  # i32[B]: next slot (== position) to write, per row
 
 
@@ -39,8 +39,8 @@ def init_cache(model: CausalLM, batch: int, max_len: int, *, dtype=None) -> Cach
   """Zeroed cache for `batch` rows of up to `max_len` positions (prompt + new tokens)."""
   cfg = model.config
   dtype = model.model.dtype if dtype is None else dtype
-  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-  axes = ("layers", "cache_batch", "cache_length", "kv_heads", "head_dim")
+  shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)  # see layers.cached_attention
+  axes = ("layers", "cache_batch", "kv_heads", "cache_length", "head_dim")
   mesh = parallel.active_mesh()
   sharding = None if mesh is None else parallel.sharding_for(axes, shape, mesh)
   zeros = jnp.zeros(shape, dtype, device=sharding)
@@ -51,7 +51,7 @@ def _forward_cached(model: CausalLM, tokens: jax.Array, cache: Cache) -> tuple[j
   """Run `tokens` [B, T] at positions cache.index + t; returns final-norm hidden [B, T, D] and the new cache."""
   backbone = model.model
   b, t = tokens.shape
-  s = cache.k.shape[2]
+  s = cache.k.shape[3]
   positions = cache.index[:, None] + jnp.arange(t, dtype=jnp.int32)
   kv_index = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
   ones_q, ones_kv = jnp.ones((b, t), jnp.int32), jnp.ones((b, s), jnp.int32)

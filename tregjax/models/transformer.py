@@ -56,7 +56,7 @@ class Backbone(nnx.Module):
   def run_layers(self, x: jax.Array, positions: jax.Array, mask: jax.Array, q_index: jax.Array,
                  kv_index: jax.Array, cache: tuple[jax.Array, jax.Array] | None = None,
                  cache_index: jax.Array | None = None):
-    """Apply all layers -> (x, cache); `cache` is (k, v) stacked [L, B, S, K, H], carried through the layer
+    """Apply all layers -> (x, cache); `cache` is (k, v) stacked [L, B, K, S, H], carried through the layer
     loop and returned with the new tokens written (None without a cache)."""
     cfg = self.cfg
     rope = layers.rope_angles(positions, layers.rope_inv_freq(cfg))
