@@ -50,7 +50,7 @@ def _flags(world, **extra):
 
 
 def _cli(module, *args, expect_ok=True):
-  env = tc.worker_env(None, 1)
+  env = tc.worker_env()
   proc = subprocess.run([sys.executable, "-m", module, *args], env=env, cwd=ROOT, capture_output=True, text=True,
                         timeout=600)
   if expect_ok:

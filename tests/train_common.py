@@ -193,8 +193,26 @@ if __name__ == "__main__":
   main(sys.argv[1:])
 
 
-def worker_env(cache_dir: str | None = None, num_devices: int = 1) -> dict[str, str]:
-  """Environment of a worker subprocess: CPU, N fake devices, a shared persistent compilation cache."""
+_SHARED_CACHE: list[str] = []
+
+
+def shared_cache_dir() -> str:
+  """One persistent XLA compilation cache for every worker of this test session (removed at exit): the trainer
+  tests run the same tiny step program in many subprocesses."""
+  if not _SHARED_CACHE:
+    import atexit
+    import shutil
+    import tempfile
+    _SHARED_CACHE.append(tempfile.mkdtemp(prefix="tregjax-train-tests-xla-cache-"))
+    atexit.register(shutil.rmtree, _SHARED_CACHE[0], True)
+  return _SHARED_CACHE[0]
+
+
+def worker_env(cache_dir: str | None = "", num_devices: int = 1) -> dict[str, str]:
+  """Environment of a worker subprocess: CPU, N fake devices, a persistent compilation cache (default: the
+  session's shared one; None: no cache)."""
+  if cache_dir == "":
+    cache_dir = shared_cache_dir()
   env = dict(os.environ)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   # The two LLVM flags halve CPU compile time of the tiny step (numerics unchanged: same ops, less LLVM optimisation).

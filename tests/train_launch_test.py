@@ -77,7 +77,7 @@ def test_distributed_env_detection():
 def test_two_local_processes_reproduce_the_single_process_run(tmp_path):
   """Tolerance rtol 1e-5 (losses, params): the 2-process mean over the batch is a cross-process float32 sum."""
   overrides = {"optimizer.schedule": "constant", "train.steps": 4}
-  env = tc.worker_env(None, 1)
+  env = tc.worker_env()
   single = subprocess.run(tc.worker_cmd(str(tmp_path / "single"), **overrides), env=env, capture_output=True,
                           text=True, timeout=600)
   assert single.returncode == 0, single.stderr[-3000:]

@@ -46,7 +46,7 @@ print("RESULT " + json.dumps(out))
 
 
 def _run(tmp_path, num_devices, runs):
-  env = tc.worker_env(None, num_devices)
+  env = tc.worker_env(num_devices=num_devices)
   env["PYTHONPATH"] = os.path.dirname(os.path.abspath(__file__)) + os.pathsep + env["PYTHONPATH"]
   proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), json.dumps(runs)], env=env,
                         capture_output=True, text=True, timeout=600)

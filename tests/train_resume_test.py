@@ -22,8 +22,8 @@ COMMON = {"optimizer.schedule": "constant", "checkpoint.every": 2, "checkpoint.a
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("jax_cache"))
+def cache_dir():
+  return tc.shared_cache_dir()
 
 
 def _run(workdir, cache_dir, timeout=300, **overrides):
