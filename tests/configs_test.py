@@ -67,6 +67,7 @@ def _bad(**changes):
     ({"optimizer.lr": -1.0}, r"optimizer.lr=-1.0: must be > 0"),
     ({"data.cache_dir": ""}, r"objective=preference needs config.data.cache_dir"),
     ({"data.buckets": (128, 64)}, r"strictly increasing"),
+    ({"data.buckets": (64, 128), "data.max_length": 256}, r"max_length=256 does not fit the largest bucket 128"),
     ({"optimizer.warmup_steps": 10, "optimizer.warmup_ratio": 0.1}, r"not both"),
 ])
 def test_inconsistent_config_is_refused_with_the_field_named(changes, message):

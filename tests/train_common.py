@@ -28,6 +28,7 @@ def tiny_config(**overrides):
   c.model.dtype = "float32"  # CPU tests compare trajectories: keep compute in f32
   c.data.batch_size = 8
   c.data.buckets = (16,)
+  c.data.max_prompt_length, c.data.max_length = 8, 16
   c.loss.beta = 0.1
   c.optimizer.lr = 1e-3
   c.optimizer.warmup_steps = 1

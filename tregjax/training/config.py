@@ -189,6 +189,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
     raise ConfigError(f"config.data.buckets={config.data.buckets!r}: must be a non-empty tuple of ints > 1")
   if list(config.data.buckets) != sorted(set(config.data.buckets)):
     raise ConfigError(f"config.data.buckets={config.data.buckets!r}: must be strictly increasing")
+  if config.data.max_length > max(config.data.buckets):
+    raise ConfigError(f"config.data.max_length={config.data.max_length} does not fit the largest bucket "
+                      f"{max(config.data.buckets)} (config.data.buckets={tuple(config.data.buckets)})")
   opt = config.optimizer
   if opt.lr <= 0:
     raise ConfigError(f"config.optimizer.lr={opt.lr}: must be > 0")
