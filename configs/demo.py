@@ -13,6 +13,7 @@ token rewards rank correct above erroneous tokens better (see README for the mea
 import ml_collections
 
 from tregjax.synthetic import demo
+from tregjax.synthetic import world
 from tregjax.training.config import base_config
 
 
@@ -40,6 +41,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.log_every = 20
   c.train.logits_chunk_size = 32
   c.checkpoint.every = 50
+  # The scoring pass: T-REG's contrastive prompts in this world's words, as a system message.
+  c.score.better_instruction = world.CAREFUL
+  c.score.worse_instruction = world.SLOPPY
+  c.score.instruction_role = "system"
+  c.score.buckets = (32,)
+  c.score.batch_size = 128
+  c.score.chunk_size = 32
+  c.score.token_reward.beta = c.loss.beta
   c.checkpoint.keep = 1
   if arg == "runlocal":  # a seconds-long smoke run (tests)
     c.demo.sft_examples, c.demo.sft_steps = 600, 30

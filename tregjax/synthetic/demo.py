@@ -42,8 +42,7 @@ def demo_section() -> ml_collections.ConfigDict:
       num_symbols=32, response_length=10, world_seed=0, max_plain_error=0.4,
       sft_examples=6000, sft_steps=600, sft_lr=3e-3, sft_batch_size=64,
       train_pairs=2048, eval_pairs=256, eval_prompts=256,
-      arms=("dpo", "dpo_reg", "dpo_reg_static", "dpo_sft"),
-      better_instruction=world_lib.CAREFUL, worse_instruction=world_lib.SLOPPY))
+      arms=("dpo", "dpo_reg", "dpo_reg_static", "dpo_sft")))
 
 
 def _stage_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -142,27 +141,21 @@ def score_pairs(config, demo, paths, reference: str, out: str) -> str:
   stage.model.dtype = "float32"
   data.build_dataset(stage)
   stage.data.cache_dir = os.path.join(out, "cache")
-  stage.score = score.default_score_config()
-  stage.score.better_instruction = demo.better_instruction
-  stage.score.worse_instruction = demo.worse_instruction
-  stage.score.instruction_role = "system"
-  stage.score.buckets = (32,)
-  stage.score.batch_size = 128
-  stage.score.chunk_size = 32
-  stage.score.token_reward.beta = config.loss.beta
   cache = score.run(stage)
   _mark_done(out)
   return cache
 
 
-def train_arm(config, paths, reference: str, cache: str, arm: str, out: str):
+def train_arm(config, paths, reference: str, scored: str, arm: str, out: str):
+  """One arm from the reference. Model, tokenizer, prompts and dataset are the scoring stage's, so the trainer's
+  stale-cache check (`tregjax.score.check_cache`) accepts the cache."""
   from tregjax.training import trainer  # pylint: disable=g-import-not-at-top
   stage = _stage_config(config)
   stage.objective = "preference"
-  _data_config(stage, paths["tokenizer"], paths["train"], paths["eval"], os.path.join(out, "unused"))
+  _data_config(stage, paths["tokenizer"], paths["train"], paths["eval"], os.path.join(scored, "dataset"))
   stage.model.hf_path = reference
   stage.model.overrides = ml_collections.ConfigDict()  # the architecture now comes from the reference's config.json
-  stage.data.cache_dir = cache
+  stage.data.cache_dir = os.path.join(scored, "cache")
   for key, value in ARMS[arm].items():
     stage.loss[key] = value
   summary = trainer.run(stage, out)
@@ -197,7 +190,8 @@ def token_logps(model, tokens, labels, segments) -> np.ndarray:
   return np.asarray(f(jnp.asarray(tokens), jnp.asarray(labels), jnp.asarray(segments)))
 
 
-def evaluate(models_by_name: dict[str, Any], tokenizer_dir: str, demo, eval_pairs_path: str, beta: float) -> dict:
+def evaluate(models_by_name: dict[str, Any], tokenizer_dir: str, demo, eval_pairs_path: str, beta: float,
+             better_instruction: str, worse_instruction: str) -> dict:
   """Oracle metrics of every policy, plus the quality of the reference's self-generated token rewards.
 
   error_mass: mean over held-out prompts and response positions of 1 − π(correct token | prompt, correct prefix).
@@ -245,14 +239,14 @@ def evaluate(models_by_name: dict[str, Any], tokenizer_dir: str, demo, eval_pair
   def instructed(instruction, prompt_list, responses):
     return _batch(tok, [with_instruction(p, instruction, "system") for p in prompt_list], responses)
 
-  better = instructed(demo.better_instruction, pair_prompts, pair_responses)
-  worse = instructed(demo.worse_instruction, pair_prompts, pair_responses)
+  better = instructed(better_instruction, pair_prompts, pair_responses)
+  worse = instructed(worse_instruction, pair_prompts, pair_responses)
   logp_better = token_logps(reference, better[0], better[1], better[3])[better[2]]
   logp_worse = token_logps(reference, worse[0], worse[1], worse[3])[worse[2]]
   self_rewards = np.asarray(losses.contrastive_token_rewards(logp_better[None], logp_worse[None],
                                                              np.ones((1, len(logp_better)), bool)))[0]
   results["reference"].update(
-      error_mass_with_better_instruction=error_mass(reference, instructed(demo.better_instruction, prompts, correct)),
+      error_mass_with_better_instruction=error_mass(reference, instructed(better_instruction, prompts, correct)),
       self_generated_reward_auc=world_lib.auc(self_rewards[~is_error], self_rewards[is_error]),
       self_generated_reward_mean_correct=float(self_rewards[~is_error].mean()),
       self_generated_reward_mean_error=float(self_rewards[is_error].mean()))
@@ -290,11 +284,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   policies = {"reference": models.from_pretrained(reference, dtype=jnp.float32)}
   summaries = {}
   for arm in demo.arms:
-    model, summary = train_arm(config, paths, reference, cache, arm, os.path.join(workdir, "arms", arm))
+    model, summary = train_arm(config, paths, reference, os.path.join(workdir, "scored"), arm,
+                               os.path.join(workdir, "arms", arm))
     policies[arm] = model
     summaries[arm] = {k: summary[k] for k in ("final_metrics", "eval_metrics", "step")}
     print(f"[demo] trained {arm} ({time.perf_counter() - t0:.0f}s)", flush=True)
-  results = evaluate(policies, paths["tokenizer"], demo, paths["eval"], beta=config.loss.beta)
+  results = evaluate(policies, paths["tokenizer"], demo, paths["eval"], beta=config.loss.beta,
+                     better_instruction=config.score.better_instruction,
+                     worse_instruction=config.score.worse_instruction)
   table = _table(results, summaries)
   ref = results["reference"]
   print("\nError mass = mean over held-out prompts and positions of 1 − π(correct token | correct prefix) (lower is "
