@@ -83,12 +83,9 @@ def build_model_state(config: ml_collections.ConfigDict, mesh, *, abstract: bool
     attach = lambda a, s: jax.tree.map(lambda x, y: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=y), a, s)
     return graphdef, attach(abs_params, shardings[0]), attach(abs_extra, shardings[1])
   if config.model.hf_path:
+    # A causal-LM checkpoint trained as a reward model gets a fresh `score` head (num_labels from model_config).
     model = models.from_pretrained(config.model.hf_path, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
-                                   config_overrides={"remat": config.model.remat})
-    if config.objective == "reward_model" and not model.config.num_labels:
-      raise config_lib.ConfigError(
-          f"objective=reward_model: {config.model.hf_path} is a causal LM; convert it to a sequence-classification "
-          "checkpoint (num_labels=1) first")
+                                   config_overrides={"remat": config.model.remat, "num_labels": cfg.num_labels})
     _, params, extra = nnx.split(model, nnx.Param, ...)
     return graphdef, params, extra
 
