@@ -74,7 +74,7 @@ def test_single_file_checkpoint_without_index_loads(tmp_path):
   np.testing.assert_allclose(_logits(_load(path))[valid], g.hf_logits(hf, g.TOKENS, g.SEGMENTS)[valid], atol=TOL)
 
 
-@pytest.mark.parametrize("name", ["llama3p2_tied", "biases"])
+@pytest.mark.parametrize("name", ["llama3p2_tied", "biases", "qwen2_qkv_bias"])
 def test_save_pretrained_round_trips_through_transformers(name, tmp_path):
   hf = g.build_hf(VARIANTS[name], seed=3)
   ours = _load(g.save_hf(hf, tmp_path / "hf"))

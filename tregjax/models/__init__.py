@@ -1,4 +1,4 @@
-"""Flax NNX decoders (Llama 2/3/3.1/3.2, Mistral, Qwen 2/3, Gemma 1/2), HF import/export and KV-cache decoding.
+"""Flax NNX decoders (Llama 2/3/3.1/3.2, Mistral, Qwen 2/3, Gemma 1/2/3-text), HF import/export, KV-cache decoding.
 
 Exports resolve lazily so `import tregjax.models` stays cheap (and never touches torch).
 """
