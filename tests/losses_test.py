@@ -105,7 +105,7 @@ def test_chunked_token_logps_equals_full_in_value_and_gradient(chunk_size, softc
 
 def test_chunked_token_logps_never_holds_full_logits():
   """XLA's own accounting: the chunked loss+grad needs ≤ 25% of the full path's temporary memory."""
-  b, t, d, v = 2, 512, 64, 32000
+  b, t, d, v = 2, 1024, 64, 32000
   hidden = jax.ShapeDtypeStruct((b, t, d), jnp.float32)
   w = jax.ShapeDtypeStruct((d, v), jnp.float32)
   labels = jax.ShapeDtypeStruct((b, t), jnp.int32)
