@@ -46,7 +46,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from tregjax import parallel
+from tregjax import cli, parallel
 from tregjax.data import build as data_build
 from tregjax.data import hashing, schema, sources
 from tregjax.data.tokenize import ChatTokenizer
@@ -164,18 +164,6 @@ def load_prompts(config: ml_collections.ConfigDict, tok: ChatTokenizer,
 # ----------------------------------------------------------------------------------------------- models
 
 
-def _model_path(config: ml_collections.ConfigDict) -> str:
-  model = config.get("model", None) or {}
-  path = model.get("hf_path", "") or model.get("path", "")
-  if not path:
-    raise ValueError("set model.hf_path to the policy's local directory (config.json + *.safetensors) or .gguf")
-  return path
-
-
-def _compute_dtype(config: ml_collections.ConfigDict, g: ml_collections.ConfigDict) -> str:
-  return g.dtype or (config.get("model", None) or {}).get("dtype", "bfloat16") or "bfloat16"
-
-
 def resolve_scorer(g: ml_collections.ConfigDict, scorer: Scorer | None) -> tuple[Scorer | None, str]:
   """(the Python scorer or None for the reward model, an identity string that goes into the output hash)."""
   if g.reward_model:
@@ -201,10 +189,11 @@ class Sampler:
   def __init__(self, config: ml_collections.ConfigDict, g: ml_collections.ConfigDict, mesh, tok: ChatTokenizer):
     from tregjax import models  # pylint: disable=g-import-not-at-top
     self.g, self.mesh, self.pad_id = g, mesh, tok.pad_id
-    dtype = jnp.dtype(_compute_dtype(config, g))
-    self.model = models.from_pretrained(_model_path(config), dtype=dtype, param_dtype=dtype, mesh=mesh)
+    dtype = jnp.dtype(cli.compute_dtype(config, g))
+    path = cli.model_path(config, "policy")
+    self.model = models.from_pretrained(path, dtype=dtype, param_dtype=dtype, mesh=mesh)
     if not isinstance(self.model, models.CausalLM):
-      raise ValueError(f"model.hf_path={_model_path(config)} is not a causal LM (it has a classification head)")
+      raise ValueError(f"model.hf_path={path} is not a causal LM (it has a classification head)")
     models.check_tokenizer_vocab(tok.vocab_size, self.model)
     eos = {tok.end_of_turn_id}
     if tok.tokenizer.eos_token_id is not None:
@@ -234,7 +223,7 @@ class RewardScorer:
   def __init__(self, config: ml_collections.ConfigDict, g: ml_collections.ConfigDict, mesh, tok: ChatTokenizer):
     from tregjax import models  # pylint: disable=g-import-not-at-top
     self.g, self.pad_id = g, tok.pad_id
-    dtype = jnp.dtype(_compute_dtype(config, g))
+    dtype = jnp.dtype(cli.compute_dtype(config, g))
     model = models.from_pretrained(g.reward_model, dtype=dtype, param_dtype=dtype, mesh=mesh)
     if not isinstance(model, models.RewardModel):
       raise ValueError(f"generate.reward_model={g.reward_model} is not a sequence reward model "
@@ -434,11 +423,11 @@ def output_components(config: ml_collections.ConfigDict, g: ml_collections.Confi
   sampling = dict(num_samples=int(g.num_samples), temperature=float(g.temperature), top_p=float(g.top_p),
                   top_k=int(g.top_k), max_new_tokens=int(g.max_new_tokens), seed=int(g.seed), batch_size=batch_size,
                   buckets=[int(b) for b in g.buckets], shard_size=int(g.shard_size))
-  return dict(format=str(OUTPUT_FORMAT_VERSION), model=hashing.hash_path(_model_path(config)),
+  return dict(format=str(OUTPUT_FORMAT_VERSION), model=hashing.hash_path(cli.model_path(config, "policy")),
               tokenizer=hashing.tokenizer_hash(data_build.tokenizer_path(config)),
               prompts=hashing.hash_paths(list(g.prompt_files)), prompt_config=hashing.hash_json(prompt_cfg),
               sampling=hashing.hash_json(sampling), scorer=hashing.hash_json(scorer_id),
-              compute=hashing.hash_json(dict(dtype=_compute_dtype(config, g))))
+              compute=hashing.hash_json(dict(dtype=cli.compute_dtype(config, g))))
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -547,7 +536,7 @@ def _assemble(output_dir: str, num_shards: int, digest: str, components: dict[st
 def main(argv: Sequence[str]) -> None:
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+  cli.setup_logging()
   try:
     out = run(flags.FLAGS.config)
   except (ValueError, FileNotFoundError) as e:  # bad input: a clear message and a non-zero exit, no traceback

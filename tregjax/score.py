@@ -103,18 +103,6 @@ class StaleCacheError(ValueError):
 # ----------------------------------------------------------------------------------------------- hashing
 
 
-def _model_path(config: ml_collections.ConfigDict) -> str:
-  model = config.get("model", None) or {}
-  path = model.get("hf_path", "") or model.get("path", "")
-  if not path:
-    raise ValueError("set model.hf_path to the reference model's local directory")
-  return path
-
-
-def _compute_dtype(config: ml_collections.ConfigDict, s: ml_collections.ConfigDict) -> str:
-  return s.dtype or (config.get("model", None) or {}).get("dtype", "bfloat16") or "bfloat16"
-
-
 def _dataset_dir(config: ml_collections.ConfigDict) -> str:
   """The tokenized dataset: built (or reused) from data.train_files, else the one under data.dataset_dir."""
   d = data_build.data_section(config)
@@ -152,7 +140,7 @@ def cache_components(config: ml_collections.ConfigDict, dataset_dir: str | None 
       if tr.source == "contrastive" else {}
   return dict(
       format=str(CACHE_FORMAT_VERSION),
-      model=hashing.hash_path(_model_path(config)),
+      model=hashing.hash_path(cli.model_path(config, "reference")),
       tokenizer=hashing.tokenizer_hash(data_build.tokenizer_path(config)),
       prompts=hashing.hash_json(prompts),
       source=hashing.hash_json(source),
@@ -310,8 +298,8 @@ class Scorer:
     mesh_cfg = config.get("mesh", None) or {}
     self.mesh = parallel.make_mesh(data=-1, fsdp=mesh_cfg.get("fsdp", 1), tensor=mesh_cfg.get("tensor", 1),
                                    devices=jax.local_devices())
-    dtype = jnp.dtype(_compute_dtype(config, s))
-    paths = [_model_path(config)]
+    dtype = jnp.dtype(cli.compute_dtype(config, s))
+    paths = [cli.model_path(config, "reference")]
     if self.source == "dpo_implicit":
       paths.append(s.token_reward.dpo_checkpoint or _raise("score.token_reward.dpo_checkpoint is not set"))
     if self.source == "r3hf":
@@ -535,7 +523,7 @@ def run(config: ml_collections.ConfigDict) -> str:
     multihost_utils.sync_global_devices("tregjax.score shards")
   if pid == 0:
     _assemble(cache_dir, dataset_dir, sources, shard_size, digest, components, s.token_reward.source,
-              _compute_dtype(config, s))
+              cli.compute_dtype(config, s))
   if pcount > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("tregjax.score assembled")

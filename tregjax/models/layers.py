@@ -143,21 +143,13 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   if impl == "xla" and not softcap:
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
   # Explicit softmax: needed for Gemma 2 logit soft-capping, which the fused kernels do not implement.
-  b, t, n, h = q.shape
-  kh = k.shape[2]
-  qg = q.reshape(b, t, kh, n // kh, h)
-  logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-  if softcap:
-    logits = softcap * jnp.tanh(logits / softcap)
-  logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
-  return out.reshape(b, t, n, h).astype(q.dtype)
+  return cached_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask, scale=scale, softcap=softcap)
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float,
                      softcap: float | None) -> jax.Array:
-  """q [B,T,N,H] over a KV cache in [B,K,S,H] layout, mask bool [B,1,T,S] -> [B,T,N,H].
+  """Explicit-softmax attention of q [B,T,N,H] over keys/values in [B,K,S,H] layout (a KV cache, or the
+  soft-capping path), mask bool [B,1,T,S] -> [B,T,N,H].
 
   With (batch, kv head) leading, the score and value contractions are plain batched matmuls; the [B,S,K,H] layout
   made XLA transpose the whole cache of every layer at every decode step (3x slower steps at S=1024 on CPU).
