@@ -136,8 +136,7 @@ def load_prompts(config: ml_collections.ConfigDict, tok: ChatTokenizer,
       if raw.error is not None:
         raise raw.error
       # The data pipeline's own prompt parsing (schema (a)/(c) `prompt`: a string or chat messages).
-      value = schema._get(raw.value, field, raw.where)  # pylint: disable=protected-access
-      messages = schema._messages(value, raw.where, field)  # pylint: disable=protected-access
+      messages = schema.prompt_messages(raw.value, field, raw.where)
       if d.system_prompt and messages[0]["role"] != "system":
         messages = ({"role": "system", "content": d.system_prompt},) + messages
       ids = tok.prompt_ids(messages)

@@ -69,6 +69,11 @@ def _messages(value: Any, where: str, field: str) -> tuple[dict[str, str], ...]:
                   "bad_prompt")
 
 
+def prompt_messages(record: dict[str, Any], field: str, where: str) -> tuple[dict[str, str], ...]:
+  """A record's prompt (string or chat messages) as chat messages; DataError names `where` and `field` if bad."""
+  return _messages(_get(record, field, where), where, field)
+
+
 def _split_conversation(value: Any, where: str, field: str) -> tuple[tuple[dict[str, str], ...], str]:
   if not isinstance(value, (list, tuple)) or not value:
     raise DataError(where, field, f"expected a non-empty list of chat messages, got {type(value).__name__}",
@@ -85,7 +90,7 @@ def to_example(record: dict[str, Any], where: str, schema: str, fields: dict[str
   """One raw record -> PreferenceExample; raises DataError (bad record) or Tie (ranked, equal best/worst)."""
   f = dict(DEFAULT_FIELDS, **(fields or {}))
   if schema == "pair":
-    prompt = _messages(_get(record, f["prompt"], where), where, f["prompt"])
+    prompt = prompt_messages(record, f["prompt"], where)
     chosen = _response_text(_get(record, f["chosen"], where), where, f["chosen"])
     rejected = _response_text(_get(record, f["rejected"], where), where, f["rejected"])
   elif schema == "chat":
@@ -95,9 +100,9 @@ def to_example(record: dict[str, Any], where: str, schema: str, fields: dict[str
       raise DataError(where, f["rejected"], "the rejected conversation's prompt differs from the chosen one's",
                       "bad_prompt")
     if not prompt:
-      prompt = _messages(_get(record, f["prompt"], where), where, f["prompt"])
+      prompt = prompt_messages(record, f["prompt"], where)
   elif schema == "ranked":
-    prompt = _messages(_get(record, f["prompt"], where), where, f["prompt"])
+    prompt = prompt_messages(record, f["prompt"], where)
     responses = _get(record, f["responses"], where)
     scores = _get(record, f["scores"], where)
     if not isinstance(responses, (list, tuple)) or len(responses) < 2:
