@@ -13,19 +13,13 @@ def get_config(arg: str | None = None):
   args = config_lib.parse_arg(arg, loss="dpo", regularizer="treg", steps=20)
   c = config_lib.base_config()
   c.objective = "preference"
-  c.model.preset = "tiny_llama"
-  c.model.dtype = "float32"
+  config_lib.shrink_for_cpu(c)  # 2-layer random Llama, rows of 64/128 tokens, batch 8
   c.loss.loss = args.loss
   c.loss.regularizer = args.regularizer
   c.loss.beta = 0.1
   c.loss.alpha = 0.25
-  c.data.batch_size = 8
-  c.data.buckets = (64, 128)
-  c.data.max_prompt_length = 64
-  c.data.max_length = 128
   c.optimizer.lr = 1e-4
   c.optimizer.warmup_ratio = 0.1
   c.train.steps = args.steps
-  c.train.log_every = 1
   c.checkpoint.every = 10
   return c
