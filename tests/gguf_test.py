@@ -290,6 +290,73 @@ def test_other_architectures_match_transformers_gguf_loader(arch, tmp_path):
   np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens, jnp.int32))), expected, rtol=0, atol=2e-4)
 
 
+GEMMA1 = dict(model_type="gemma", vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+              rms_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", pad_token_id=0, bos_token_id=2, eos_token_id=1)
+
+
+def test_gemma1_gguf_logits_match_the_hf_model_it_was_written_from(tmp_path):
+  """Gemma 1 (head_dim 32 x 4 heads != width 64, GeGLU-tanh, norms stored +1, tied, embeddings x sqrt(width)).
+
+  transformers' GGUF loader refuses architecture "gemma", so the golden is the HF GemmaForCausalLM the file is
+  written from, the way llama.cpp's GemmaModel converter writes it: llama.cpp's own tensor-name map, norms + 1,
+  lm_head dropped, head_dim as key/value_length, no rope_freq_base and no vocab_size (the token list gives it).
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import gguf  # pylint: disable=g-import-not-at-top
+  import models_golden  # pylint: disable=g-import-not-at-top
+  from tregjax import models  # pylint: disable=g-import-not-at-top
+  hf = models_golden.build_hf(GEMMA1, seed=3)
+  state = {k: v.numpy() for k, v in hf.state_dict().items()}
+  names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA, GEMMA1["num_hidden_layers"])
+  path = tmp_path / "gemma.gguf"
+  writer = GGUFWriter(str(path), "gemma")
+  for name, w in state.items():
+    if name != "lm_head.weight":
+      writer.add_tensor(names.get_name(name, try_suffixes=(".weight",)), w + 1 if name.endswith("norm.weight") else w)
+  writer.add_context_length(256)
+  writer.add_embedding_length(64)
+  writer.add_block_count(2)
+  writer.add_feed_forward_length(96)
+  writer.add_head_count(4)
+  writer.add_head_count_kv(2)
+  writer.add_layer_norm_rms_eps(1e-6)
+  writer.add_key_length(32)
+  writer.add_value_length(32)
+  writer.add_tokenizer_model("llama")
+  writer.add_token_list([f"t{i}" for i in range(256)])
+  writer.add_bos_token_id(2)
+  writer.add_eos_token_id(1)
+  writer.add_pad_token_id(0)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  src = tj_gguf.GGUFSource(path)
+  assert set(src.keys()) == set(state) - {"lm_head.weight"} and src.config["tie_word_embeddings"]
+  for name in src.keys():
+    np.testing.assert_allclose(src.get(name), state[name], rtol=0, atol=1e-6, err_msg=name)
+  hf_config = hf.config.to_dict()
+  for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "vocab_size", "hidden_act", "bos_token_id", "eos_token_id",
+              "pad_token_id"):
+    assert src.config[key] == hf_config[key], key
+  assert src.config["rms_norm_eps"] == pytest.approx(hf_config["rms_norm_eps"], rel=1e-6)  # stored as float32
+  assert src.config["rope_parameters"]["rope_theta"] == hf_config["rope_parameters"]["rope_theta"] == 10000.0
+  model = models.from_pretrained(str(path), dtype=jnp.float32)
+  tokens, segments = models_golden.TOKENS, models_golden.SEGMENTS
+  expected = models_golden.hf_logits(hf, tokens, segments)
+  ours = np.asarray(model(jnp.asarray(tokens), segment_ids=jnp.asarray(segments)))
+  valid = segments.astype(bool)
+  np.testing.assert_allclose(ours[valid], expected[valid], rtol=0, atol=2e-5)
+  # The model saved from the GGUF is a plain HF Gemma directory that transformers loads to the same logits.
+  models.save_pretrained(model, str(tmp_path / "hf"))
+  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+  assert type(back).__name__ == "GemmaForCausalLM"
+  np.testing.assert_allclose(models_golden.hf_logits(back, tokens, segments)[valid], expected[valid], rtol=0,
+                             atol=2e-5)
+
+
 def _llama_cpp_llama3_rope_freqs(head_dim, theta, factor=8.0, low=1.0, high=4.0, old_len=8192):
   # convert_hf_to_gguf.py LlamaModel.generate_extra_tensors, written out as a loop as there.
   factors = []

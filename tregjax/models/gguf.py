@@ -4,7 +4,7 @@
 `config.json` dict built from the GGUF metadata, `.keys()` are HF tensor names and `.get(name)` is a
 float32 numpy array in HF layout (Linear weights [out, in]). It implements the `TensorSource` protocol of
 `tregjax/models/hf_io.py`, so `models.from_pretrained("x.gguf")` loads through the same declarative table
-as safetensors. Architectures: llama (Llama 2/3, Mistral, SmolLM), qwen2, qwen3, gemma2. Dequantization
+as safetensors. Architectures: llama (Llama 2/3, Mistral, SmolLM), qwen2, qwen3, gemma (Gemma 1), gemma2. Dequantization
 is the `gguf` package's numpy code; the transforms undo what llama.cpp's converter did: the rotary row
 permutation of Llama's Q and K projections (it interleaves the two rotary halves of every head; HF keeps
 them as [first half | second half]) and Gemma's norms stored as w + 1; Llama 3.1/3.2's "llama3" RoPE
@@ -139,6 +139,8 @@ _ARCHITECTURES = {
         "attn_v.bias": "self_attn.v_proj.bias"}),
     "qwen3": _Arch("qwen3", "Qwen3ForCausalLM", _DENSE_BLOCK | {
         "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight"}),
+    # Gemma 1: GemmaModel writes head_dim as key_length, norms as w + 1, no output.weight (tied), no permute.
+    "gemma": _Arch("gemma", "GemmaForCausalLM", _DENSE_BLOCK, norm_plus_one=True),
     "gemma2": _Arch("gemma2", "Gemma2ForCausalLM", _DENSE_BLOCK | {
         "post_attention_norm.weight": "post_attention_layernorm.weight",
         "ffn_norm.weight": "pre_feedforward_layernorm.weight",
@@ -264,6 +266,8 @@ def _hf_config(path: str | os.PathLike, meta: dict[str, Any], tensor_names: set[
   }
   if arch == "qwen2":
     config["use_sliding_window"] = False  # llama.cpp runs Qwen2 with full attention in every layer
+  if arch == "gemma":  # llama.cpp runs Gemma's GeGLU with ggml_gelu, the tanh approximation
+    config["hidden_act"] = "gelu_pytorch_tanh"
   if arch == "gemma2":
     config |= _gemma2_config(meta, config)
   for hf_key, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
