@@ -63,12 +63,15 @@ def test_mixed_length_batch_equals_each_row_alone(model):
     assert np.asarray(alone.tokens[0]).tolist() == batch[row].tolist()
 
 
-def test_prefill_and_decode_step_logits_equal_full_forward(model):
+@pytest.mark.parametrize("per_layer", [False, True], ids=["stacked_weights", "per_layer_weights"])
+def test_prefill_and_decode_step_logits_equal_full_forward(model, per_layer):
   tokens, lengths = decoding.pad_prompts(PROMPTS)
   cache = decoding.init_cache(model, len(PROMPTS), tokens.shape[1] + 3)
-  logits, cache = decoding.prefill(model, cache, tokens, lengths)
+  layer_weights = decoding.per_layer_weights(model) if per_layer else None
+  assert (layer_weights is not None) == per_layer  # CPU: generate() takes the per-layer path
+  logits, cache = decoding.prefill(model, cache, tokens, lengths, layer_weights)
   nxt = np.array([4, 5, 6])
-  step_logits, cache = decoding.decode_step(model, cache, nxt)
+  step_logits, cache = decoding.decode_step(model, cache, nxt, layer_weights)
   for row, prompt in enumerate(PROMPTS):
     seq = prompt + [int(nxt[row])]
     full = np.asarray(_logits(model, jnp.asarray([seq + [0] * (12 - len(seq))])))[0]

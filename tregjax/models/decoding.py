@@ -47,7 +47,19 @@ def init_cache(model: CausalLM, batch: int, max_len: int, *, dtype=None) -> Cach
   return Cache(k=zeros, v=jnp.zeros(shape, dtype, device=sharding), index=jnp.zeros((batch,), jnp.int32))
 
 
-def _forward_cached(model: CausalLM, tokens: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+def per_layer_weights(model: CausalLM) -> list[nnx.State] | None:
+  """Per-layer weight copies for decoding on CPU (see `Backbone.run_layers`), None elsewhere.
+
+  A decode step streams every weight once; on XLA:CPU slicing a layer out of the stacked weights copies it first,
+  so separate buffers make the step ~1.5x faster at batch 8 for a transient second copy of the layer weights.
+  Accelerators keep the stacked weights (no extra memory; their slices feed the matmuls directly).
+  """
+  platforms = {d.platform for d in jax.tree.leaves(nnx.state(model.model.layers))[0].devices()}
+  return model.model.unstack_layers() if platforms == {"cpu"} else None
+
+
+def _forward_cached(model: CausalLM, tokens: jax.Array, cache: Cache,
+                    layer_weights: list[nnx.State] | None = None) -> tuple[jax.Array, Cache]:
   """Run `tokens` [B, T] at positions cache.index + t; returns final-norm hidden [B, T, D] and the new cache."""
   backbone = model.model
   b, t = tokens.shape
@@ -57,39 +69,43 @@ def _forward_cached(model: CausalLM, tokens: jax.Array, cache: Cache) -> tuple[j
   ones_q, ones_kv = jnp.ones((b, t), jnp.int32), jnp.ones((b, s), jnp.int32)
   mask = layers.attention_mask(ones_q, ones_kv, positions, kv_index)
   x, (k, v) = backbone.run_layers(backbone.embed(tokens), positions, mask, positions, kv_index,
-                                  cache=(cache.k, cache.v), cache_index=cache.index)
+                                  cache=(cache.k, cache.v), cache_index=cache.index, per_layer_state=layer_weights)
   return backbone.norm(x), Cache(k=k, v=v, index=cache.index + t)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _prefill(graphdef, state, cache: Cache, tokens: jax.Array, lengths: jax.Array):
+def _prefill(graphdef, state, cache: Cache, tokens: jax.Array, lengths: jax.Array, layer_weights=None):
   model = nnx.merge(graphdef, state)
-  hidden, cache = _forward_cached(model, tokens, cache)
+  hidden, cache = _forward_cached(model, tokens, cache, layer_weights)
   last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
   # Row b continues at its own length, not at the padded prompt width.
   return model.unembed(last), cache.replace(index=lengths.astype(jnp.int32))
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _decode_step(graphdef, state, cache: Cache, token: jax.Array):
+def _decode_step(graphdef, state, cache: Cache, token: jax.Array, layer_weights=None):
   model = nnx.merge(graphdef, state)
-  hidden, cache = _forward_cached(model, token[:, None], cache)
+  hidden, cache = _forward_cached(model, token[:, None], cache, layer_weights)
   return model.unembed(hidden[:, 0]), cache
 
 
-def prefill(model: CausalLM, cache: Cache, tokens: jax.Array, lengths: jax.Array) -> tuple[jax.Array, Cache]:
+def prefill(model: CausalLM, cache: Cache, tokens: jax.Array, lengths: jax.Array,
+            layer_weights: list[nnx.State] | None = None) -> tuple[jax.Array, Cache]:
   """Right-padded prompts [B, P] with true lengths [B] -> (f32 logits [B, V] at each row's last prompt token, cache).
 
-  The cache is donated: do not reuse the one passed in.
+  The cache is donated: do not reuse the one passed in. `layer_weights`: optional `per_layer_weights(model)`,
+  computed once and passed to every call.
   """
   graphdef, state = nnx.split(model)
-  return _prefill(graphdef, state, cache, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32))
+  return _prefill(graphdef, state, cache, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32),
+                  layer_weights)
 
 
-def decode_step(model: CausalLM, cache: Cache, token: jax.Array) -> tuple[jax.Array, Cache]:
+def decode_step(model: CausalLM, cache: Cache, token: jax.Array,
+                layer_weights: list[nnx.State] | None = None) -> tuple[jax.Array, Cache]:
   """One new token per row [B] -> (f32 logits [B, V] for the next token, cache). The cache is donated."""
   graphdef, state = nnx.split(model)
-  return _decode_step(graphdef, state, cache, jnp.asarray(token, jnp.int32))
+  return _decode_step(graphdef, state, cache, jnp.asarray(token, jnp.int32), layer_weights)
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0, top_k: int = 0,
@@ -129,7 +145,7 @@ def _nucleus(probs: jax.Array, top_p: float) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8, 9, 10), donate_argnums=2)
 def _generate_loop(graphdef, state, cache, first_logits, key, max_new_tokens, temperature, top_k, top_p,
-                   eos_ids, pad_id):
+                   eos_ids, pad_id, layer_weights):
   model = nnx.merge(graphdef, state)
   b = first_logits.shape[0]
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
@@ -146,7 +162,7 @@ def _generate_loop(graphdef, state, cache, first_logits, key, max_new_tokens, te
     out = out.at[:, step].set(token)
     lengths = lengths + (~done).astype(jnp.int32)
     done = done | jnp.isin(token, eos)
-    hidden, cache = _forward_cached(model, token[:, None], cache)
+    hidden, cache = _forward_cached(model, token[:, None], cache, layer_weights)
     return step + 1, model.unembed(hidden[:, 0]), cache, done, out, lengths
 
   out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
@@ -179,7 +195,9 @@ def generate(model: CausalLM, prompt_tokens: Sequence[Sequence[int]], *, max_new
   tokens, lengths = pad_prompts(prompt_tokens, pad_id, prompt_multiple)
   cache = init_cache(model, tokens.shape[0], tokens.shape[1] + max_new_tokens)
   graphdef, state = nnx.split(model)
-  logits, cache = _prefill(graphdef, state, cache, jnp.asarray(tokens), jnp.asarray(lengths))
+  layer_weights = per_layer_weights(model)
+  logits, cache = _prefill(graphdef, state, cache, jnp.asarray(tokens), jnp.asarray(lengths), layer_weights)
   out, out_lengths, _ = _generate_loop(graphdef, state, cache, logits, key, max_new_tokens, float(temperature),
-                                    int(top_k), float(top_p), tuple(int(e) for e in eos_ids), int(pad_id))
+                                    int(top_k), float(top_p), tuple(int(e) for e in eos_ids), int(pad_id),
+                                    layer_weights)
   return GenerateOutput(tokens=out, lengths=out_lengths)

@@ -162,8 +162,10 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
     logits = softcap * jnp.tanh(logits / softcap)
   logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bksh->btkgh", probs, v, preferred_element_type=jnp.float32)
-  return out.reshape(b, t, n, h).astype(q.dtype)
+  # Contract in (b, k, g, t, h) order, then move t: asking for "btkgh" directly let XLA:CPU pick an [.., h, g]
+  # output layout, a slow strided dot plus a transposing copy of o_proj in every layer of every decode step.
+  out = jnp.einsum("bkgts,bksh->bkgth", probs, v, preferred_element_type=jnp.float32)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
 
 
 class Attention(nnx.Module):
@@ -228,7 +230,9 @@ class Attention(nnx.Module):
       out = cached_attention(q, k, v, mask, scale=scale, softcap=cfg.attn_logit_softcapping)
     else:
       out = dot_product_attention(q, k, v, mask, scale=scale, softcap=cfg.attn_logit_softcapping, impl=impl)
-    out = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dt))
+    # dot_general, not einsum: jnp.einsum lists the contracting dims as (h, n), which makes XLA transpose both
+    # the activations and o_proj of every layer (a copy of the weight per call; seen on XLA:CPU).
+    out = jax.lax.dot_general(out, self.o_proj[...].astype(dt), (((2, 3), (0, 1)), ((), ())))
     if cfg.attention_out_bias:
       out = out + self.o_bias[...].astype(dt)
     return out, new_cache

@@ -8,7 +8,9 @@ policy around each layer.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -55,9 +57,13 @@ class Backbone(nnx.Module):
 
   def run_layers(self, x: jax.Array, positions: jax.Array, mask: jax.Array, q_index: jax.Array,
                  kv_index: jax.Array, cache: tuple[jax.Array, jax.Array] | None = None,
-                 cache_index: jax.Array | None = None):
+                 cache_index: jax.Array | None = None, per_layer_state: Sequence[nnx.State] | None = None):
     """Apply all layers -> (x, cache); `cache` is (k, v) stacked [L, B, K, S, H], carried through the layer
-    loop and returned with the new tokens written (None without a cache)."""
+    loop and returned with the new tokens written (None without a cache).
+
+    `per_layer_state` (from `unstack_layers`) runs an unrolled loop over separate per-layer weight buffers instead
+    of slicing the stacked ones: on XLA:CPU every slice of a stacked weight is a copy, which tripled the memory
+    traffic of a batch-8 decode step (weight-bandwidth bound)."""
     cfg = self.cfg
     rope = layers.rope_angles(positions, layers.rope_inv_freq(cfg))
     # Gemma 3: sliding-window layers rotate with their own base; pick per layer inside the scan.
@@ -86,12 +92,25 @@ class Backbone(nnx.Module):
       body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     carry = (x, cache)
     xs = (state, windows, jnp.arange(cfg.num_layers, dtype=jnp.int32))
-    if cfg.scan_layers:
+    if per_layer_state is not None:
+      for i, layer_state in enumerate(per_layer_state):
+        carry, _ = body(carry, (layer_state, windows[i], jnp.int32(i)))
+    elif cfg.scan_layers:
       carry, _ = jax.lax.scan(body, carry, xs)
     else:
       for i in range(cfg.num_layers):
         carry, _ = body(carry, jax.tree.map(lambda a, i=i: a[i], xs))
     return carry
+
+  def unstack_layers(self) -> list[nnx.State]:
+    """The stacked layer weights as L separate per-layer states (new buffers) for `run_layers(per_layer_state=)`."""
+    _, state = nnx.split(self.layers)
+    return _unstack(state, self.cfg.num_layers)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _unstack(state: nnx.State, num_layers: int) -> list[nnx.State]:
+  return [jax.tree.map(lambda a, i=i: a[i], state) for i in range(num_layers)]
 
 
 class CausalLM(nnx.Module):
