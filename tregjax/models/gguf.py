@@ -398,22 +398,31 @@ def _pre_tokenizer(pre: str | None, path):
                   f"(supported: default, gpt2, smollm, llama-bpe, llama3, qwen2)")
 
 
-def tokenizer_from_gguf(path: str | os.PathLike):
-  """The file's byte-level BPE tokenizer and chat template as a `transformers.PreTrainedTokenizerFast`."""
-  from tokenizers import AddedToken, Tokenizer, decoders, models, processors  # pylint: disable=g-import-not-at-top
-  from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
+# llama.cpp token types (tokenizer.ggml.token_type), SentencePiece's piece types.
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+# SentencePiece vocabularies that transformers rebuilds the Gemma way (see `_sentencepiece_bpe`).
+_GEMMA_SPM_ARCHS = frozenset({"gemma", "gemma2", "gemma3"})
+_METASPACE = "\u2581"
+
+
+def _parse_merges(path, merges: list[str]) -> list[tuple[str, str]]:
+  out = []
+  for line_no, merge in enumerate(merges):
+    pair = merge.split(" ")
+    if len(pair) != 2:
+      raise GGUFError(f"{path}: tokenizer.ggml.merges[{line_no}] = {merge!r} is not two space-separated tokens")
+    out.append((pair[0], pair[1]))
+  return out
+
+
+def _byte_level_bpe(path, meta: dict[str, Any], arch: str):
+  """GPT-2-style byte-level BPE ("gpt2"): vocabulary and merges as stored, the `tokenizer.ggml.pre` split."""
+  del arch
+  from tokenizers import Tokenizer, decoders, models  # pylint: disable=g-import-not-at-top
   from transformers.convert_slow_tokenizer import bytes_to_unicode  # pylint: disable=g-import-not-at-top
 
-  reader = _open(path)
-  meta = read_metadata(reader, tuple(k for k in reader.fields if k.startswith("tokenizer.")))
-  kind = meta.get("tokenizer.ggml.model")
-  if kind != "gpt2":
-    raise GGUFError(f"{path}: tokenizer.ggml.model={kind!r} is not supported (only byte-level BPE, 'gpt2')")
-  for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
-    if key not in meta:
-      raise GGUFError(f"{path}: metadata field {key!r} is missing")
-  tokens = meta["tokenizer.ggml.tokens"]
-  types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+  if "tokenizer.ggml.merges" not in meta:
+    raise GGUFError(f"{path}: metadata field 'tokenizer.ggml.merges' is missing")
   alphabet = set(bytes_to_unicode().values())
   byte_spelling = bytes_to_unicode()
 
@@ -421,30 +430,121 @@ def tokenizer_from_gguf(path: str | os.PathLike):
     # Byte-level vocabularies spell every token in the 256-character byte alphabet; respell any that is not.
     return token if set(token) <= alphabet else "".join(byte_spelling[b] for b in token.encode("utf-8"))
 
-  vocab = {spell(t): i for i, t in enumerate(tokens)}
-  merges = []
-  for line_no, merge in enumerate(meta["tokenizer.ggml.merges"]):
-    pair = merge.split(" ")
-    if len(pair) != 2:
-      raise GGUFError(f"{path}: tokenizer.ggml.merges[{line_no}] = {merge!r} is not two space-separated tokens")
-    merges.append(tuple(pair))
-  tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                             end_of_word_suffix="", fuse_unk=False))
+  tokens = [spell(t) for t in meta["tokenizer.ggml.tokens"]]
+  tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
+                             merges=_parse_merges(path, meta["tokenizer.ggml.merges"]), dropout=None,
+                             continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
   tok.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre"), path)
   tok.decoder = decoders.ByteLevel()
-  # Control tokens (type 3) match whole and are special; user-defined ones (type 4) match whole, not special.
-  control = [AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types)
-             if ty == 3 and set(t) <= alphabet]
-  user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types) if ty == 4]
-  tok.add_special_tokens(control)
-  tok.add_tokens(user)
+  # A control token spelled outside the byte alphabet is a llama.cpp mislabel, not a token (transformers agrees).
+  return tok, lambda t: set(t) <= alphabet, False
+
+
+def merges_from_scores(vocab: dict[str, int], priority: dict[str, float]) -> list[tuple[str, str]]:
+  """Ranked BPE merges equivalent to SentencePiece BPE over a vocabulary with piece priorities.
+
+  SentencePiece (and llama.cpp's SPM tokenizer) repeatedly joins the adjacent pair whose concatenation is the
+  vocabulary piece with the highest score. As ranked merges that is: every split of every piece into two pieces,
+  best piece first; equal pieces by longer left part, then longer right part, then (left id, right id), which is
+  the order transformers' GGUF converter (`generate_merges`) gives them, so ties resolve the same way.
+  """
+  ranked = []
+  for piece, score in priority.items():
+    splits = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+    splits.sort(key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+    ranked.extend((score, len(left), len(right), left, right) for left, right in splits)
+  ranked.sort(key=lambda m: m[:3], reverse=True)  # stable: the split order above survives among equal keys
+  return [(left, right) for _, _, _, left, right in ranked]
+
+
+def _sentencepiece_bpe(path, meta: dict[str, Any], arch: str):
+  """SentencePiece BPE with byte fallback ("llama": Llama 1/2, Mistral v0.1, Gemma 1/2/3 files).
+
+  The pieces spell a space as "\u2581"; characters outside the vocabulary become their UTF-8 byte pieces
+  <0xXX>. A GGUF has no merges for these, only piece scores, so the merges are derived from the scores
+  (`merges_from_scores`). Gemma files get transformers' two Gemma fixes: whitespace-only pieces stored with real
+  spaces are respelled with "\u2581", and the merge priority is the order of the pieces in the file (Gemma's
+  scores do not follow it). `tokenizer.ggml.add_space_prefix` (llama.cpp's default: on; Gemma files: off)
+  prepends "\u2581" the way llama.cpp and SentencePiece do: to every stretch of text, at the start of the input and
+  after each control or user-defined token, also when the text already starts with a space (" a" -> "\u2581\u2581a").
+  transformers' GGUF Llama tokenizer (Metaspace, prepend_scheme "first") differs there: it adds no prefix after a
+  special token, nor to text that starts with a space (which then does not survive decode(encode(x))).
+  """
+  from tokenizers import Tokenizer, decoders, models, normalizers  # pylint: disable=g-import-not-at-top
+
+  tokens = list(meta["tokenizer.ggml.tokens"])
+  gemma = arch in _GEMMA_SPM_ARCHS
+  if gemma:
+    tokens = [_METASPACE * len(t) if " " in t and not t.strip() else t for t in tokens]
+  vocab = {t: i for i, t in enumerate(tokens)}
+  if "tokenizer.ggml.merges" in meta:
+    merges = _parse_merges(path, meta["tokenizer.ggml.merges"])
+  elif gemma:
+    merges = merges_from_scores(vocab, {t: -float(i) for i, t in enumerate(tokens)})
+  else:
+    scores = meta.get("tokenizer.ggml.scores")
+    if scores is None:
+      raise GGUFError(f"{path}: metadata field 'tokenizer.ggml.scores' is missing (a SentencePiece vocabulary "
+                      f"without merges needs its piece scores)")
+    if len(scores) != len(tokens):
+      raise GGUFError(f"{path}: tokenizer.ggml.scores has {len(scores)} entries for {len(tokens)} tokens")
+    merges = merges_from_scores(vocab, dict(zip(tokens, (float(x) for x in scores))))
+  unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+  unk = tokens[int(unk_id)] if unk_id is not None and 0 <= int(unk_id) < len(tokens) else None
+  tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True,
+                             dropout=None))
+  prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", not gemma))
+  # Normalizers run on each stretch of text between added tokens, so the prefix lands where llama.cpp puts it.
+  replace = normalizers.Replace(" ", _METASPACE)
+  tok.normalizer = normalizers.Sequence([normalizers.Prepend(_METASPACE), replace]) if prefix else replace
+  steps = [decoders.Replace(_METASPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+  tok.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1, right=0)] if prefix else []))
+  return tok, lambda t: True, True
+
+
+# `tokenizer.ggml.model` -> builder(path, metadata, architecture) returning (tokenizers.Tokenizer, which control
+# tokens to keep, llama.cpp's add_bos default).
+_TOKENIZER_MODELS = {"gpt2": _byte_level_bpe, "llama": _sentencepiece_bpe}
+
+
+def tokenizer_from_gguf(path: str | os.PathLike):
+  """The file's tokenizer and chat template as a `transformers.PreTrainedTokenizerFast`.
+
+  Byte-level BPE (`tokenizer.ggml.model` "gpt2") and SentencePiece BPE with byte fallback ("llama"); other
+  tokenizer models (bert, t5, rwkv, ...) raise a GGUFError naming the file and the field.
+  """
+  from tokenizers import AddedToken, processors  # pylint: disable=g-import-not-at-top
+  from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
+
+  reader = _open(path)
+  meta = read_metadata(reader, tuple(k for k in reader.fields if k.startswith("tokenizer.")))
+  if "tokenizer.ggml.model" not in meta:
+    raise GGUFError(f"{path}: metadata field 'tokenizer.ggml.model' is missing (the file carries no tokenizer)")
+  kind = meta["tokenizer.ggml.model"]
+  if kind not in _TOKENIZER_MODELS:
+    raise GGUFError(f"{path}: tokenizer.ggml.model={kind!r} is not supported (supported: 'gpt2', byte-level BPE; "
+                    f"'llama', SentencePiece BPE)")
+  if "tokenizer.ggml.tokens" not in meta:
+    raise GGUFError(f"{path}: metadata field 'tokenizer.ggml.tokens' is missing")
+  tok, keep_control, add_bos_default = _TOKENIZER_MODELS[kind](path, meta, _arch(reader))
+  tokens = meta["tokenizer.ggml.tokens"]  # as the file spells them, like transformers' special/added tokens
+  types = meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
+  if len(types) != len(tokens):
+    raise GGUFError(f"{path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+  vocab = tok.get_vocab()
+  # Control tokens match whole and are special; user-defined ones match whole and are not special (those the
+  # vocabulary spells differently, e.g. Gemma's whitespace runs, are left to the merges, as in transformers).
+  tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types)
+                          if ty == _CONTROL and keep_control(t)])
+  tok.add_tokens([AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types)
+                  if ty == _USER_DEFINED and t in vocab])
 
   def special(key: str) -> str | None:
     idx = meta.get(f"tokenizer.ggml.{key}")
     return tokens[int(idx)] if idx is not None and 0 <= int(idx) < len(tokens) else None
 
   bos, eos = special("bos_token_id"), special("eos_token_id")
-  add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+  add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default))
   add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
   single = ([f"{bos}:0"] if add_bos and bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos and eos else [])
   pair = single + [s.replace("$A", "$B").replace(":0", ":1") for s in single]
@@ -474,5 +574,5 @@ def save_tokenizer_from_gguf(path: str | os.PathLike, out_dir: str | os.PathLike
   return out
 
 
-__all__ = ["GGUFError", "GGUFSource", "gguf_to_hf_name", "read_metadata", "save_tokenizer_from_gguf",
-           "tokenizer_from_gguf", "unpermute_rotary_rows", "DEQUANTIZABLE"]
+__all__ = ["GGUFError", "GGUFSource", "gguf_to_hf_name", "merges_from_scores", "read_metadata",
+           "save_tokenizer_from_gguf", "tokenizer_from_gguf", "unpermute_rotary_rows", "DEQUANTIZABLE"]
