@@ -39,10 +39,12 @@ def bucket_of(length: int, buckets: Sequence[int]) -> int:
                    f"dataset's max_length")
 
 
-def pack_rows(lengths: np.ndarray, capacity: int, order: np.ndarray, lookback: int = 64) -> list[list[int]]:
+def pack_rows(lengths: np.ndarray, capacity: int, order: np.ndarray, lookback: int = 64,
+              max_segments: int | None = None) -> list[list[int]]:
   """First-fit packing of pairs into rows: a pair fits when both its chosen and its rejected row fit.
 
-  Only the last `lookback` open rows are searched (linear time, near-optimal fill for shuffled lengths).
+  Only the last `lookback` open rows are searched (linear time, near-optimal fill for shuffled lengths). A row
+  holding `max_segments` pairs is full (the trainer's step has that many static segment slots).
   """
   rows: list[list[int]] = []
   room: list[list[int]] = []
@@ -51,7 +53,7 @@ def pack_rows(lengths: np.ndarray, capacity: int, order: np.ndarray, lookback: i
     if max(c, r) > capacity:
       raise ValueError(f"record {i} ({max(c, r)} tokens) does not fit a packed row of {capacity}")
     for k in range(max(0, len(rows) - lookback), len(rows)):
-      if room[k][0] >= c and room[k][1] >= r:
+      if room[k][0] >= c and room[k][1] >= r and (max_segments is None or len(rows[k]) < max_segments):
         rows[k].append(int(i))
         room[k][0] -= c
         room[k][1] -= r
@@ -66,7 +68,8 @@ class BatchPlan:
   """Which records form each process-local batch of each epoch (pure function of its arguments)."""
 
   def __init__(self, lengths: np.ndarray, *, global_batch_size: int, buckets: Sequence[int], seed: int, shuffle: bool,
-               packing: bool, drop_remainder: bool, process_index: int, process_count: int):
+               packing: bool, drop_remainder: bool, process_index: int, process_count: int,
+               max_segments: int | None = None):
     if global_batch_size % process_count:
       raise ValueError(f"global_batch_size={global_batch_size} is not divisible by process_count={process_count}")
     self.lengths = np.asarray(lengths, np.int32).reshape(-1, 2)
@@ -78,7 +81,7 @@ class BatchPlan:
     n = len(self.lengths)
     if packing:
       order = np.random.default_rng([seed, 1]).permutation(n) if shuffle else np.arange(n)
-      self.units = pack_rows(self.lengths, self.buckets[-1], order)
+      self.units = pack_rows(self.lengths, self.buckets[-1], order, max_segments=max_segments)
       self.unit_bucket = np.full(len(self.units), self.buckets[-1], np.int64)
     else:
       self.units = [[i] for i in range(n)]
@@ -214,7 +217,8 @@ def make_iterator(dataset: str | ml_collections.ConfigDict, split: str = "train"
                   global_batch_size: int | None = None, buckets: Sequence[int] | None = None, seed: int | None = None,
                   shuffle: bool | None = None, packing: bool | None = None, drop_remainder: bool | None = None,
                   num_epochs: int | None = None, process_index: int | None = None, process_count: int | None = None,
-                  num_workers: int | None = None, prefetch: int = 2, objective: str = "") -> PreferenceIterator:
+                  num_workers: int | None = None, prefetch: int = 2, objective: str = "",
+                  max_segments: int | None = None) -> PreferenceIterator:
   """Batches of a dataset written by `build_dataset` (unscored: ref/reward fields are zeros) or `tregjax.score`.
 
   Args:
@@ -222,12 +226,13 @@ def make_iterator(dataset: str | ml_collections.ConfigDict, split: str = "train"
       wrote into), or the trainer's `config.data` section: then the directory is `cache_dir` for
       objective="preference" (which must be scored) and `dataset_dir or cache_dir` otherwise, and every
       argument left None comes from the section (batch_size, buckets, seed, shuffle, packing, drop_remainder,
-      num_workers).
+      num_workers, max_segments).
     global_batch_size: pairs (packed: rows) per step over all processes; each process yields its 1/process_count.
     buckets: padded lengths T; a pair's rows must fit the largest. Packing packs into rows of the largest.
     num_epochs: None = forever.
     process_index, process_count: default to jax.process_index() / jax.process_count().
     num_workers: grain worker processes (0 = in this process, with a prefetch thread).
+    max_segments: with packing, at most this many pairs per row (None = as many as fit).
   """
   if isinstance(dataset, ml_collections.ConfigDict):
     d = dataset
@@ -240,6 +245,7 @@ def make_iterator(dataset: str | ml_collections.ConfigDict, split: str = "train"
     shuffle, packing = pick(shuffle, "shuffle", True), pick(packing, "packing", False)
     drop_remainder = pick(drop_remainder, "drop_remainder", True)
     num_workers = pick(num_workers, "num_workers", 0)
+    max_segments = pick(max_segments, "max_segments", None)
   else:
     dataset_dir = dataset
   if global_batch_size is None:
@@ -262,7 +268,7 @@ def make_iterator(dataset: str | ml_collections.ConfigDict, split: str = "train"
   lengths = tfds_builder.lengths(dataset_dir, split)
   plan = BatchPlan(lengths, global_batch_size=global_batch_size, buckets=buckets, seed=seed, shuffle=shuffle,
                    packing=packing, drop_remainder=drop_remainder, process_index=process_index,
-                   process_count=process_count)
+                   process_count=process_count, max_segments=max_segments)
   loader = BatchLoader(dataset_dir, split, plan, scored=meta.get("kind") == "scored", pad_id=int(meta.get("pad_id", 0)))
   # Elements are within-epoch indices; the loader reads the global index (epoch * batches_per_epoch + k).
   ds = grain.MapDataset.range(plan.batches_per_epoch).repeat(num_epochs).map_with_index(loader)

@@ -84,13 +84,16 @@ def preference_objective(policy_chosen_logps: jax.Array,
                          ref_chosen_token_logps: jax.Array | None = None,
                          ref_rejected_token_logps: jax.Array | None = None,
                          chosen_token_rewards: jax.Array | None = None,
-                         rejected_token_rewards: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                         rejected_token_rewards: jax.Array | None = None,
+                         pair_mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mean over the batch of [L_pref + regulariser]; returns (scalar loss, metrics).
 
   Inputs: the policy's per-token log-probs [B, T] of chosen and rejected responses with their masks [B, T]
   (T may differ between the two sides); the reference's summed log-probs [B] (or its per-token ones, summed here);
   per-token rewards [B, T] for T-REG / TGDPO. Each example weighs the same, so averaging equal-sized micro-batches
   (gradient accumulation) gives the full-batch value.
+  `pair_mask` [B] (bool/0-1) marks the rows that are real pairs: the loss and metrics are means over those only
+  (empty slots of packed rows expanded per segment, all-padding rows of a short final batch). None = every row.
   """
   pi_w_tok = _checks.as_float(policy_chosen_logps)
   pi_l_tok = _checks.as_float(policy_rejected_logps)
@@ -106,9 +109,16 @@ def preference_objective(policy_chosen_logps: jax.Array,
   for name, x in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
     if x is not None and jnp.shape(x) != pi_w_tok.shape[:1]:
       raise ValueError(f"{name} must have shape [B] = {list(pi_w_tok.shape[:1])}, got {list(jnp.shape(x))}")
+  if pair_mask is not None and jnp.shape(pair_mask) != pi_w_tok.shape[:1]:
+    raise ValueError(f"pair_mask must have shape [B] = {list(pi_w_tok.shape[:1])}, got {list(jnp.shape(pair_mask))}")
   chosen_mask = jnp.asarray(chosen_mask).astype(bool)
   rejected_mask = jnp.asarray(rejected_mask).astype(bool)
   o = options
+  if pair_mask is None:
+    mean = jnp.mean
+  else:
+    pairs = jnp.asarray(pair_mask).astype(bool)
+    mean = lambda x: jnp.sum(jnp.where(pairs, x, 0.0)) / jnp.maximum(jnp.sum(pairs), 1)  # noqa: E731
 
   def ref_sum(summed, per_token, mask, name):
     if summed is not None:
@@ -151,18 +161,18 @@ def preference_objective(policy_chosen_logps: jax.Array,
     regularizer = jnp.zeros_like(out.loss)
 
   per_example = out.loss + regularizer
-  loss = jnp.mean(per_example)
+  loss = mean(per_example)
   metrics = {
       "loss/total": loss,
-      "loss/preference": jnp.mean(out.loss),
-      "loss/regularizer": jnp.mean(regularizer),
-      "weight/mean": jnp.mean(weight),
-      "rewards/chosen": jnp.mean(out.chosen_rewards),
-      "rewards/rejected": jnp.mean(out.rejected_rewards),
-      "rewards/margin": jnp.mean(out.chosen_rewards - out.rejected_rewards),
-      "rewards/accuracy": jnp.mean((out.chosen_rewards > out.rejected_rewards).astype(jnp.float32)),
-      "logps/chosen": jnp.mean(pi_w),
-      "logps/rejected": jnp.mean(pi_l),
+      "loss/preference": mean(out.loss),
+      "loss/regularizer": mean(regularizer),
+      "weight/mean": mean(weight),
+      "rewards/chosen": mean(out.chosen_rewards),
+      "rewards/rejected": mean(out.rejected_rewards),
+      "rewards/margin": mean(out.chosen_rewards - out.rejected_rewards),
+      "rewards/accuracy": mean((out.chosen_rewards > out.rejected_rewards).astype(jnp.float32)),
+      "logps/chosen": mean(pi_w),
+      "logps/rejected": mean(pi_l),
   }
   if chosen_token_rewards is not None and rejected_token_rewards is not None:
     r_w = _checks.as_float(chosen_token_rewards)

@@ -43,6 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_split = ""  # "" disables evaluation
   c.data.eval_batches = 0  # 0 -> the whole eval split
   c.data.epochs = 1  # used when train.steps == -1
+  # With data.packing: at most this many pairs per packed row (the pipeline stops filling a row there). The step
+  # computes per-pair values over K static segment slots ([B, K, T] masked copies of the per-token arrays).
+  c.data.max_segments = 16
   # The scoring pass's keys (tregjax.score.default_score_config): one config file drives score and train, and the
   # trainer recomputes the cache hash from them to refuse a stale cache.
   from tregjax import score as score_lib  # pylint: disable=g-import-not-at-top
@@ -177,7 +180,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
       "data.batch_size": config.data.batch_size, "optimizer.grad_accum_steps": config.optimizer.grad_accum_steps,
       "train.log_every": config.train.log_every, "train.logits_chunk_size": config.train.logits_chunk_size,
       "train.max_consecutive_nonfinite": config.train.max_consecutive_nonfinite, "checkpoint.every":
-      config.checkpoint.every, "checkpoint.keep": config.checkpoint.keep, "data.epochs": config.data.epochs}
+      config.checkpoint.every, "checkpoint.keep": config.checkpoint.keep, "data.epochs": config.data.epochs,
+      "data.max_segments": config.data.max_segments}
   for name, v in positive.items():
     if v <= 0:
       raise ConfigError(f"config.{name}={v}: must be > 0")

@@ -15,6 +15,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
@@ -49,25 +50,68 @@ def _policy_token_logps(model: nnx.Module, chosen, rejected, chunk_size: int) ->
   return _unpair_rows(logps)
 
 
-def preference_loss(options: losses.ObjectiveOptions, chunk_size: int) -> LossFn:
-  """DPO / IPO / SimPO / TGDPO (+ T-REG) against the cached reference log-probs and token rewards."""
+def _segment_slots(segment_ids: jax.Array, max_segments: int) -> jax.Array:
+  """bool [B, K, T]: slot k of row b holds the positions of segment k + 1 (padding, id 0, belongs to none)."""
+  ids = jnp.arange(1, max_segments + 1, dtype=segment_ids.dtype)
+  return segment_ids[:, None, :] == ids[None, :, None]
+
+
+def _per_pair(x: jax.Array, slots: jax.Array) -> jax.Array:
+  """[B, T] → [B·K, T]: one row per segment slot, zero outside its segment.
+
+  Every per-pair quantity of a packed row (sums, length-normalised means, TGDPO's guided sums, the T-REG regulariser
+  and its per-pair weight) then comes out of the unchanged [B, T] loss functions as a per-row value, i.e. per pair.
+  Costs K copies of the [B, T] float arrays, the same as a one-hot [B, T, K] contraction.
+  """
+  b, k, t = slots.shape
+  return jnp.where(slots, x[:, None, :], jnp.zeros((), x.dtype)).reshape(b * k, t)
+
+
+def _pair_slots(batch, max_segments: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(chosen slots [B, K, T], rejected slots [B, K, T], real-pair mask [B·K]).
+
+  A slot is a real pair when both sides hold its segment; rows of padding (a short final batch) hold none.
+  """
+  slots_w = _segment_slots(batch.chosen.segment_ids, max_segments)
+  slots_l = _segment_slots(batch.rejected.segment_ids, max_segments)
+  real = jnp.any(slots_w, axis=-1) & jnp.any(slots_l, axis=-1)
+  return slots_w, slots_l, real.reshape(-1)
+
+
+def preference_loss(options: losses.ObjectiveOptions, chunk_size: int, max_segments: int = 1) -> LossFn:
+  """DPO / IPO / SimPO / TGDPO (+ T-REG) against the cached reference log-probs and token rewards.
+
+  Rows may be packed (`max_segments` > 1: up to that many pairs per row, `segment_ids` 1..k): the loss is computed
+  per pair (segment) and averaged over real pairs, exactly as if each pair had its own row.
+  """
 
   def loss_fn(model, batch):
     pi_w, pi_l = _policy_token_logps(model, batch.chosen, batch.rejected, chunk_size)
+    slots_w, slots_l, real = _pair_slots(batch, max_segments)
+    w = lambda x: _per_pair(x, slots_w)  # noqa: E731
+    l = lambda x: _per_pair(x, slots_l)  # noqa: E731
+    # Packed rows' [B] reference fields are row sums: take per-pair sums of the per-token ones instead.
+    one = max_segments == 1
     loss, metrics = losses.preference_objective(
-        pi_w, pi_l, batch.chosen.loss_mask, batch.rejected.loss_mask, options=options,
-        ref_chosen_logps=batch.ref_chosen_logps, ref_rejected_logps=batch.ref_rejected_logps,
-        ref_chosen_token_logps=batch.ref_chosen_token_logps,
-        ref_rejected_token_logps=batch.ref_rejected_token_logps,
-        chosen_token_rewards=batch.chosen_token_rewards, rejected_token_rewards=batch.rejected_token_rewards)
-    pairs = jnp.asarray(pi_w.shape[0], jnp.float32)
+        w(pi_w), l(pi_l), w(batch.chosen.loss_mask), l(batch.rejected.loss_mask), options=options,
+        ref_chosen_logps=batch.ref_chosen_logps if one else None,
+        ref_rejected_logps=batch.ref_rejected_logps if one else None,
+        ref_chosen_token_logps=w(batch.ref_chosen_token_logps),
+        ref_rejected_token_logps=l(batch.ref_rejected_token_logps),
+        chosen_token_rewards=w(batch.chosen_token_rewards), rejected_token_rewards=l(batch.rejected_token_rewards),
+        pair_mask=real)
+    pairs = jnp.sum(real.astype(jnp.float32))
     return loss * pairs, pairs, metrics
 
   return loss_fn
 
 
 def sft_loss(chunk_size: int) -> LossFn:
-  """Next-token negative log-likelihood of the chosen response, averaged over response tokens."""
+  """Next-token negative log-likelihood of the chosen response, averaged over response tokens.
+
+  Packing-agnostic: labels never cross a segment and attention is masked by `segment_ids`, so a packed row's
+  token sum is the sum over its sequences.
+  """
 
   def loss_fn(model, batch):
     seq = batch.chosen
@@ -82,33 +126,77 @@ def sft_loss(chunk_size: int) -> LossFn:
   return loss_fn
 
 
-def reward_model_loss() -> LossFn:
-  """Bradley-Terry: −log σ(r(x, y_w) − r(x, y_l)) on the sequence-classification head's last-token scores."""
+def reward_model_loss(max_segments: int = 1) -> LossFn:
+  """Bradley-Terry: −log σ(r(x, y_w) − r(x, y_l)) on the sequence-classification head's score at each sequence's
+  last token (per segment of a packed row), averaged over real pairs."""
 
   def loss_fn(model, batch):
     c, r = batch.chosen, batch.rejected
-    scores = model.sequence_scores(_pair_rows(c.tokens, r.tokens),
-                                   segment_ids=_pair_rows(c.segment_ids, r.segment_ids))
-    s_w, s_l = _unpair_rows(scores.astype(jnp.float32))
+    scores = model.scores(_pair_rows(c.tokens, r.tokens), positions=_pair_rows(c.positions, r.positions),
+                          segment_ids=_pair_rows(c.segment_ids, r.segment_ids))
+    if scores.ndim != 2:
+      raise ValueError(f"objective=reward_model needs a 1-label score head; scores have shape {list(scores.shape)}")
+    slots_w, slots_l, real = _pair_slots(batch, max_segments)
+
+    def at_last(s, slots):  # [B, T] scores → [B·K] at each segment's last position (0 for an empty slot)
+      last = jnp.max(jnp.where(slots, jnp.arange(slots.shape[-1]), 0), axis=-1)
+      return jnp.take_along_axis(s.astype(jnp.float32), last, axis=1).reshape(-1)
+
+    s_all_w, s_all_l = _unpair_rows(scores)
+    s_w, s_l = at_last(s_all_w, slots_w), at_last(s_all_l, slots_l)
     margin = s_w - s_l
+    pairs = jnp.sum(real.astype(jnp.float32))
+    total = lambda x: jnp.sum(jnp.where(real, x, 0.0))  # noqa: E731
+    mean = lambda x: total(x) / jnp.maximum(pairs, 1.0)  # noqa: E731
     per_example = -jax.nn.log_sigmoid(margin)
-    pairs = jnp.asarray(margin.shape[0], jnp.float32)
-    metrics = {"loss/total": jnp.mean(per_example), "rewards/chosen": jnp.mean(s_w),
-               "rewards/rejected": jnp.mean(s_l), "rewards/margin": jnp.mean(margin),
-               "rewards/accuracy": jnp.mean((margin > 0).astype(jnp.float32))}
-    return jnp.sum(per_example), pairs, metrics
+    metrics = {"loss/total": mean(per_example), "rewards/chosen": mean(s_w), "rewards/rejected": mean(s_l),
+               "rewards/margin": mean(margin), "rewards/accuracy": mean((margin > 0).astype(jnp.float32))}
+    return total(per_example), pairs, metrics
 
   return loss_fn
 
 
-def make_loss_fn(objective: str, options: losses.ObjectiveOptions | None, chunk_size: int) -> LossFn:
+def make_loss_fn(objective: str, options: losses.ObjectiveOptions | None, chunk_size: int,
+                 max_segments: int = 1) -> LossFn:
+  """The objective's loss; `max_segments` > 1 for packed rows (pairs per row at most; see `check_segments`)."""
+  if max_segments < 1:
+    raise ValueError(f"max_segments must be >= 1, got {max_segments}")
   if objective == "preference":
-    return preference_loss(options, chunk_size)
+    return preference_loss(options, chunk_size, max_segments)
   if objective == "sft":
     return sft_loss(chunk_size)
   if objective == "reward_model":
-    return reward_model_loss()
+    return reward_model_loss(max_segments)
   raise ValueError(f"unknown objective {objective!r}")
+
+
+def check_segments(batch, max_segments: int, where: str = "batch") -> None:
+  """Host-side check of a (numpy) batch before it reaches the jitted step, whose segment slots are static.
+
+  A row with more segments than `max_segments` would silently lose pairs, and chosen/rejected rows holding a
+  different number of segments would pair the wrong sequences: both are errors naming the row.
+  """
+  sides = {}
+  for side in ("chosen", "rejected"):
+    seg = np.asarray(getattr(batch, side).segment_ids)
+    sides[side] = seg.max(axis=1, initial=0) if seg.ndim == 2 else None
+    if sides[side] is None:
+      raise ValueError(f"{where}: {side}.segment_ids must be [B, T], got shape {list(seg.shape)}")
+  counts_w, counts_l = sides["chosen"], sides["rejected"]
+  if counts_w.shape != counts_l.shape:
+    raise ValueError(f"{where}: chosen has {counts_w.shape[0]} rows, rejected {counts_l.shape[0]}")
+  bad = np.flatnonzero(counts_w != counts_l)
+  if bad.size:
+    i = int(bad[0])
+    raise ValueError(f"{where}: row {i} holds {counts_w[i]} chosen but {counts_l[i]} rejected segments "
+                     "(packed chosen and rejected rows must hold the same pairs in the same order)")
+  over = np.flatnonzero(counts_w > max_segments)
+  if over.size:
+    i = int(over[0])
+    hint = ("raise config.data.max_segments" if max_segments > 1 else
+            "packed rows need config.data.packing=True (and config.data.max_segments)")
+    raise ValueError(f"{where}: row {i} holds {counts_w[i]} packed pairs (segment_ids up to {counts_w[i]}), more "
+                     f"than the step's static max_segments={max_segments}; {hint}")
 
 
 @flax.struct.dataclass
@@ -196,7 +284,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
         rng=jax.random.key_data(rng), nonfinite_run=run,
         nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
     metrics = dict(metrics)
-    metrics.update({"optim/grad_norm": grad_norm, "optim/lr": schedule(state.step),
+    # The step's denominator: real pairs (preference, reward_model; packed rows count every segment) or response
+    # tokens (sft), over all micro-batches and processes.
+    metrics.update({"data/loss_weight": weight, "optim/grad_norm": grad_norm, "optim/lr": schedule(state.step),
                     "optim/skipped": (~finite).astype(jnp.float32), "optim/nonfinite_run": run})
     return new_state, metrics
 

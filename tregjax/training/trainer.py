@@ -216,12 +216,13 @@ class _Throughput:
     return out
 
 
-def _evaluate(eval_step, state, config, mesh, data_factory) -> dict[str, float]:
+def _evaluate(eval_step, state, config, mesh, data_factory, max_segments: int) -> dict[str, float]:
   it = data_factory(config, config.data.eval_split, jax.process_index(), jax.process_count())
   total_w, sums = 0.0, {}
   for i, batch in enumerate(it):
     if config.data.eval_batches and i >= config.data.eval_batches:
       break
+    step_lib.check_segments(batch, max_segments, where=f"eval batch {i} of split {config.data.eval_split!r}")
     w, s = eval_step(state.params, state.extra, _place(batch, mesh))
     w, s = jax.device_get((w, s))
     total_w += float(w)
@@ -302,7 +303,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
   graphdef, tx, schedule, state, state_sh, meta = _initial_state(config, mesh, ckpt, train_iter, total_steps)
 
   options = config_lib.objective_options(config) if config.objective == "preference" else None
-  loss_fn = step_lib.make_loss_fn(config.objective, options, config.train.logits_chunk_size)
+  max_segments = config.data.max_segments if config.data.packing else 1
+  loss_fn = step_lib.make_loss_fn(config.objective, options, config.train.logits_chunk_size, max_segments)
   replicated = parallel.sharding_for(None, (), mesh)
   train_step = _Compiled(jax.jit(
       step_lib.make_train_step(graphdef, tx, schedule, loss_fn, config.optimizer.grad_accum_steps, mesh),
@@ -355,6 +357,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
           log.info("training data exhausted at step %d", step)
           summary["stopped"] = "data_exhausted"
           break
+        step_lib.check_segments(host_batch, max_segments, where=f"training batch of step {step + 1}")
         real, padded = _tokens(host_batch, config.objective)
         seq_len = int(np.shape(host_batch.chosen.tokens)[1])
         compiled_before = len(train_step.table)
@@ -377,7 +380,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
         if config.checkpoint.enabled:
           ckpt.save(step, state, train_iter.get_state(), meta)
         if config.data.eval_split and config.train.eval_every and step % config.train.eval_every == 0:
-          eval_metrics = _evaluate(eval_step, state, config, mesh, data_factory)
+          eval_metrics = _evaluate(eval_step, state, config, mesh, data_factory, max_segments)
           writer.write(step, eval_metrics)
         preempted = stop.requested or (config.checkpoint.enabled and ckpt.reached_preemption(step))
         if preempted and step < stop_at:
@@ -391,7 +394,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
         ckpt.save(step, state, train_iter.get_state(), meta, force=True)
       if summary["stopped"] != "preempted" and config.data.eval_split and step > 0:
         if not (config.train.eval_every and step % config.train.eval_every == 0 and eval_metrics):
-          eval_metrics = _evaluate(eval_step, state, config, mesh, data_factory)
+          eval_metrics = _evaluate(eval_step, state, config, mesh, data_factory, max_segments)
           writer.write(step, eval_metrics)
     finally:
       if bar is not None:
