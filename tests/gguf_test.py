@@ -290,13 +290,14 @@ def test_other_architectures_match_transformers_gguf_loader(arch, tmp_path):
   np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens, jnp.int32))), expected, rtol=0, atol=2e-4)
 
 
-GEMMA1 = dict(model_type="gemma", vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
-              rms_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", pad_token_id=0, bos_token_id=2, eos_token_id=1)
+GEMMA1 = dict(model_type="gemma", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=32, max_position_embeddings=256, rms_norm_eps=1e-6,
+              hidden_act="gelu_pytorch_tanh", pad_token_id=0, bos_token_id=2, eos_token_id=1)
 
 
-def test_gemma1_gguf_logits_match_the_hf_model_it_was_written_from(tmp_path):
-  """Gemma 1 (head_dim 32 x 4 heads != width 64, GeGLU-tanh, norms stored +1, tied, embeddings x sqrt(width)).
+def test_gemma1_gguf_with_sentencepiece_vocab_matches_the_hf_model_it_was_written_from(tmp_path):
+  """Gemma 1 (head_dim 32 x 4 heads != width 64, GeGLU-tanh, norms stored +1, tied, embeddings x sqrt(width)) with
+  a Gemma SentencePiece vocabulary, end to end: GGUF -> our model + tokenizer -> HF directory -> transformers.
 
   transformers' GGUF loader refuses architecture "gemma", so the golden is the HF GemmaForCausalLM the file is
   written from, the way llama.cpp's GemmaModel converter writes it: llama.cpp's own tensor-name map, norms + 1,
@@ -304,9 +305,11 @@ def test_gemma1_gguf_logits_match_the_hf_model_it_was_written_from(tmp_path):
   """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import gguf  # pylint: disable=g-import-not-at-top
+  import gguf_spm_test  # pylint: disable=g-import-not-at-top
   import models_golden  # pylint: disable=g-import-not-at-top
   from tregjax import models  # pylint: disable=g-import-not-at-top
-  hf = models_golden.build_hf(GEMMA1, seed=3)
+  tokens, scores, types = gguf_spm_test.spm_vocab(gguf_spm_test.GEMMA_HEAD)
+  hf = models_golden.build_hf(GEMMA1 | {"vocab_size": len(tokens)}, seed=3)
   state = {k: v.numpy() for k, v in hf.state_dict().items()}
   names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA, GEMMA1["num_hidden_layers"])
   path = tmp_path / "gemma.gguf"
@@ -324,10 +327,15 @@ def test_gemma1_gguf_logits_match_the_hf_model_it_was_written_from(tmp_path):
   writer.add_key_length(32)
   writer.add_value_length(32)
   writer.add_tokenizer_model("llama")
-  writer.add_token_list([f"t{i}" for i in range(256)])
+  writer.add_token_list(tokens)
+  writer.add_token_scores(scores)
+  writer.add_token_types(types)
   writer.add_bos_token_id(2)
   writer.add_eos_token_id(1)
+  writer.add_unk_token_id(3)
   writer.add_pad_token_id(0)
+  writer.add_add_space_prefix(False)
+  writer.add_chat_template(gguf_spm_test.GEMMA_TEMPLATE)
   writer.write_header_to_file()
   writer.write_kv_data_to_file()
   writer.write_tensors_to_file()
@@ -344,17 +352,29 @@ def test_gemma1_gguf_logits_match_the_hf_model_it_was_written_from(tmp_path):
   assert src.config["rms_norm_eps"] == pytest.approx(hf_config["rms_norm_eps"], rel=1e-6)  # stored as float32
   assert src.config["rope_parameters"]["rope_theta"] == hf_config["rope_parameters"]["rope_theta"] == 10000.0
   model = models.from_pretrained(str(path), dtype=jnp.float32)
-  tokens, segments = models_golden.TOKENS, models_golden.SEGMENTS
-  expected = models_golden.hf_logits(hf, tokens, segments)
-  ours = np.asarray(model(jnp.asarray(tokens), segment_ids=jnp.asarray(segments)))
+  tok = tj_gguf.tokenizer_from_gguf(path)
+  chat = [{"role": "user", "content": "Which answer is chosen?  東京"}]
+  rows = [tok(t)["input_ids"] for t in ("The reward model scores the chosen answer.", "two  spaces\nand 🙂")]
+  rows.append(tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)["input_ids"])
+  width = max(len(r) for r in rows)
+  tokens_np = np.asarray([r + [0] * (width - len(r)) for r in rows], np.int32)
+  segments = np.asarray([[1] * len(r) + [0] * (width - len(r)) for r in rows], np.int32)
+  expected = models_golden.hf_logits(hf, tokens_np, segments)
+  ours = np.asarray(model(jnp.asarray(tokens_np), segment_ids=jnp.asarray(segments)))
   valid = segments.astype(bool)
   np.testing.assert_allclose(ours[valid], expected[valid], rtol=0, atol=2e-5)
-  # The model saved from the GGUF is a plain HF Gemma directory that transformers loads to the same logits.
-  models.save_pretrained(model, str(tmp_path / "hf"))
-  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+  # Saved with its tokenizer: a plain HF Gemma directory that transformers loads to the same ids and logits.
+  out = tmp_path / "hf"
+  models.save_pretrained(model, str(out), tokenizer=tok)
+  back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
   assert type(back).__name__ == "GemmaForCausalLM"
-  np.testing.assert_allclose(models_golden.hf_logits(back, tokens, segments)[valid], expected[valid], rtol=0,
+  np.testing.assert_allclose(models_golden.hf_logits(back, tokens_np, segments)[valid], expected[valid], rtol=0,
                              atol=2e-5)
+  back_tok = transformers.AutoTokenizer.from_pretrained(out)
+  assert back_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)["input_ids"] == rows[2]
+  assert [back_tok(t)["input_ids"] for t in ("The reward model scores the chosen answer.", "two  spaces\nand 🙂")] \
+      == rows[:2]
+  assert back_tok.decode(rows[1], skip_special_tokens=True) == "two  spaces\nand 🙂"
 
 
 def _llama_cpp_llama3_rope_freqs(head_dim, theta, factor=8.0, low=1.0, high=4.0, old_len=8192):

@@ -4,15 +4,19 @@
 `config.json` dict built from the GGUF metadata, `.keys()` are HF tensor names and `.get(name)` is a
 float32 numpy array in HF layout (Linear weights [out, in]). It implements the `TensorSource` protocol of
 `tregjax/models/hf_io.py`, so `models.from_pretrained("x.gguf")` loads through the same declarative table
-as safetensors. Architectures: llama (Llama 2/3, Mistral, SmolLM), qwen2, qwen3, gemma (Gemma 1), gemma2. Dequantization
-is the `gguf` package's numpy code; the transforms undo what llama.cpp's converter did: the rotary row
-permutation of Llama's Q and K projections (it interleaves the two rotary halves of every head; HF keeps
-them as [first half | second half]) and Gemma's norms stored as w + 1; Llama 3.1/3.2's "llama3" RoPE
-scaling, which a GGUF keeps only as the `rope_freqs.weight` factors, is recovered (and verified) into the config.
+as safetensors. Architectures (`general.architecture`): llama (Llama 2/3, Mistral, SmolLM), qwen2, qwen3,
+gemma (Gemma 1) and gemma2. Dequantization is the `gguf` package's numpy code; the transforms undo what
+llama.cpp's converter did: the rotary row permutation of Llama's Q and K projections (it interleaves the two
+rotary halves of every head; HF keeps them as [first half | second half]) and Gemma's norms stored as w + 1;
+Llama 3.1/3.2's "llama3" RoPE scaling, which a GGUF keeps only as the `rope_freqs.weight` factors, is
+recovered (and verified) into the config.
 
-`tokenizer_from_gguf(path)` builds the byte-level BPE tokenizer and chat template the file carries into a
-`transformers.PreTrainedTokenizerFast` with the `tokenizers` library only (transformers' own GGUF
-tokenizer path goes through its model loader).
+`tokenizer_from_gguf(path)` builds the tokenizer and chat template the file carries into a
+`transformers.PreTrainedTokenizerFast` with the `tokenizers` library only (transformers' own GGUF tokenizer
+path goes through its model loader). Tokenizer kinds (`tokenizer.ggml.model`): "gpt2", byte-level BPE with
+the file's merges and `tokenizer.ggml.pre` split (SmolLM, Llama 3, Qwen); "llama", SentencePiece BPE with
+byte fallback, merges derived from the piece scores or, for Gemma, the piece order (Llama 1/2, Mistral v0.1,
+Gemma 1/2/3). Others (bert, t5, rwkv, ...) are refused with an error naming the file and the field.
 """
 
 from __future__ import annotations
