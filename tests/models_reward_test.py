@@ -69,3 +69,19 @@ def test_causal_lm_checkpoint_loads_as_reward_model_with_new_head(tmp_path):
   per_pos, _ = _scores(rm, jnp.asarray(g.TOKENS), jnp.asarray(g.SEGMENTS))
   valid = g.SEGMENTS.astype(bool)
   np.testing.assert_allclose(np.asarray(per_pos)[valid], (h @ score)[..., 0][valid], atol=TOL)
+
+
+def test_export_takes_pad_id_from_tokenizer_so_transformers_scores_padded_batches(tmp_path):
+  import data_common  # pylint: disable=import-outside-toplevel
+  tok = transformers.AutoTokenizer.from_pretrained(data_common.byte_level_bpe(str(tmp_path / "tok")))
+  cfg = models.ModelConfig.tiny_llama(num_labels=1, vocab_size=len(tok))  # a random-init preset: pad_token_id None
+  assert cfg.pad_token_id is None
+  rm = models.from_config(cfg, 2)
+  models.save_pretrained(rm, str(tmp_path / "rm"), tokenizer=tok)
+  hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm"), dtype="float32")
+  assert hf.config.pad_token_id == tok.pad_token_id
+  enc = tok(["What is two plus two?", "Be concise."], padding=True, return_tensors="np")
+  ids, mask = enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+  assert mask.min() == 0  # the batch really is padded
+  _, pooled = _scores(rm, jnp.asarray(ids), jnp.asarray(mask))
+  np.testing.assert_allclose(_hf_pooled(hf, ids, mask), np.asarray(pooled), atol=TOL)
