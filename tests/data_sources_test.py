@@ -179,12 +179,13 @@ def test_truncation_policies_cut_drop_and_count(tmp_path, tokenizers):
   assert len(examples) == 1 and counts["dropped_too_long"] == 1
 
 
-def test_dataset_roundtrips_through_tfds_array_record_with_splits_and_counts(tmp_path, tokenizers):
+def test_dataset_roundtrips_through_tfds_array_record_with_splits_and_counts(tmp_path, tokenizers, capsys):
   records = dc.pair_records(30, seed=3) + [{"prompt": "p", "chosen": "x", "rejected": "x"}]
   f = dc.write_jsonl(str(tmp_path / "a.jsonl"), records)
   v = dc.write_jsonl(str(tmp_path / "v.jsonl"), dc.pair_records(4, seed=4))
   cfg = _config(tmp_path, tokenizers["metaspace"], [f], validation_files=[v], on_bad_record="skip")
   out = data.build_dataset(cfg)
+  assert "Downloading" not in capsys.readouterr().out  # TFDS's banner: nothing is downloaded
   want, _ = _all(cfg)
   src = tfds_builder.data_source(out, "train")
   assert len(src) == 30 == len(want)

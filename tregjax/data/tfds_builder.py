@@ -12,7 +12,9 @@ hash, so a changed input or config lands in a new directory instead of silently 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -112,9 +114,14 @@ def write(kind: str, data_dir: str, config_name: str, split_generators: SplitGen
   builder = cls(data_dir=data_dir, config=builder_config, split_generators=gens, metadata=metadata)
   out_dir = os.fspath(builder.data_path)
   if not builder.is_prepared():
-    with _deterministic_serialization():
+    # TFDS prints a "Downloading and preparing dataset" banner to stdout; nothing is downloaded here, so it goes to
+    # the debug log instead of misleading the user.
+    banner = io.StringIO()
+    with _deterministic_serialization(), contextlib.redirect_stdout(banner):
       builder.download_and_prepare(download_config=tfds.download.DownloadConfig(), download_dir=os.path.join(
           data_dir, ".downloads"))
+    if banner.getvalue().strip():
+      logging.getLogger(__name__).debug("tfds: %s", banner.getvalue().strip())
     for split, rows in lengths.items():
       buf = _npy_bytes(np.asarray(rows, np.int32).reshape(-1, 2))
       hashing.atomic_write_bytes(os.path.join(out_dir, f"lengths-{split}.npy"), buf)
