@@ -126,6 +126,41 @@ def test_smollm2_chat_template_renders_identically(smollm2_path, tj_tokenizer, h
       CHATS[1], tokenize=False)
 
 
+def _byte_level_gguf(path, pre, extra_tokens, merges, **flags):
+  from transformers.convert_slow_tokenizer import bytes_to_unicode  # pylint: disable=g-import-not-at-top
+  tokens = [bytes_to_unicode()[b] for b in range(256)] + extra_tokens + ["<|begin_of_text|>"]
+  writer = GGUFWriter(str(path), "llama")
+  writer.add_tokenizer_model("gpt2")
+  writer.add_tokenizer_pre(pre)
+  writer.add_token_list(tokens)
+  writer.add_token_types([1] * (len(tokens) - 1) + [3])
+  writer.add_token_merges(merges)
+  writer.add_bos_token_id(len(tokens) - 1)
+  for key, value in flags.items():
+    getattr(writer, f"add_{key}")(value)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return tokens
+
+
+def test_llama3_pre_tokenizer_takes_whole_vocabulary_words_before_merges(tmp_path):
+  """llama.cpp's LLAMA3 pre-types (llama-bpe, llama3) set ignore_merges (llama-vocab.cpp): a split that is itself a
+  vocabulary token is emitted whole even when no merge builds it (Llama 3's tokenizer.json: "ignore_merges": true),
+  and BOS is added unless the file says otherwise. Other pre-types merge as usual."""
+  extra, merges = ["ab", "abc", "\u0120a"], ["\u0120 a", "a b"]
+  tokens = _byte_level_gguf(tmp_path / "l3.gguf", "llama-bpe", extra, merges)
+  ids = {t: i for i, t in enumerate(tokens)}
+  ours = tj_gguf.tokenizer_from_gguf(tmp_path / "l3.gguf")
+  # "abc" is a token no merge makes; " abc" is not a token, so it is merged: \u0120a, b, c.
+  assert ours("abc abc")["input_ids"] == [ids["<|begin_of_text|>"], ids["abc"], ids["\u0120a"], ids["b"], ids["c"]]
+  _byte_level_gguf(tmp_path / "plain.gguf", "llama-bpe", extra, merges, add_bos_token=False)
+  assert tj_gguf.tokenizer_from_gguf(tmp_path / "plain.gguf")("abc")["input_ids"] == [ids["abc"]]
+  _byte_level_gguf(tmp_path / "gpt2.gguf", "gpt2", extra, merges)
+  assert tj_gguf.tokenizer_from_gguf(tmp_path / "gpt2.gguf")("abc")["input_ids"] == [ids["ab"], ids["c"]]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # A tiny random Llama written as GGUF: every tensor type transformers can also read, untied head
 

@@ -384,6 +384,9 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
+_LLAMA3_PRE = frozenset({"llama-bpe", "llama3", "llama-v3"})
+
+
 def _pre_tokenizer(pre: str | None, path):
   from tokenizers import Regex, pre_tokenizers  # pylint: disable=g-import-not-at-top
 
@@ -393,13 +396,13 @@ def _pre_tokenizer(pre: str | None, path):
   if pre == "smollm":
     # llama.cpp: "\p{N}" (every digit alone), then the GPT-2 regex; HF SmolLM: Digits + ByteLevel.
     return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-  splits = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}
+  splits = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}
   if pre in splits:
     return pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(splits[pre]), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)])
   raise GGUFError(f"{path}: tokenizer.ggml.pre={pre!r} is not supported "
-                  f"(supported: default, gpt2, smollm, llama-bpe, llama3, qwen2)")
+                  f"(supported: default, gpt2, smollm, llama-bpe, llama3, llama-v3, qwen2)")
 
 
 # llama.cpp token types (tokenizer.ggml.token_type), SentencePiece's piece types.
@@ -435,13 +438,18 @@ def _byte_level_bpe(path, meta: dict[str, Any], arch: str):
     return token if set(token) <= alphabet else "".join(byte_spelling[b] for b in token.encode("utf-8"))
 
   tokens = [spell(t) for t in meta["tokenizer.ggml.tokens"]]
+  pre = meta.get("tokenizer.ggml.pre")
+  # llama.cpp's LLAMA3 pre-tokenizer types take a split that is a whole vocabulary token as it is, before any
+  # merge (as Llama 3's tokenizer.json says with "ignore_merges"), and add BOS unless the file says otherwise.
+  llama3 = pre in _LLAMA3_PRE
   tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
                              merges=_parse_merges(path, meta["tokenizer.ggml.merges"]), dropout=None,
-                             continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
-  tok.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre"), path)
+                             continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
+                             ignore_merges=llama3))
+  tok.pre_tokenizer = _pre_tokenizer(pre, path)
   tok.decoder = decoders.ByteLevel()
   # A control token spelled outside the byte alphabet is a llama.cpp mislabel, not a token (transformers agrees).
-  return tok, lambda t: set(t) <= alphabet, False
+  return tok, lambda t: set(t) <= alphabet, llama3
 
 
 def merges_from_scores(vocab: dict[str, int], priority: dict[str, float]) -> list[tuple[str, str]]:
