@@ -276,3 +276,17 @@ def test_rows_with_more_segments_than_the_static_max_are_an_error():
   bad = packed.replace(rejected=packed.rejected.replace(segment_ids=np.minimum(packed.rejected.segment_ids, 2)))
   with pytest.raises(ValueError, match=r"row 0 holds 3 chosen but 2 rejected segments"):
     step_lib.check_segments(bad, MAX_SEGMENTS)
+
+
+def test_pipeline_packing_stops_filling_a_row_at_max_segments():
+  from tregjax.data.pipeline import BatchPlan  # pylint: disable=g-import-not-at-top
+  lengths = np.random.default_rng(0).integers(3, 9, (50, 2))  # short pairs: ~10 would fit a row of 64
+  kwargs = dict(global_batch_size=2, buckets=(64,), seed=0, shuffle=True, packing=True, drop_remainder=False,
+                process_index=0, process_count=1)
+  free = BatchPlan(lengths, **kwargs)
+  capped = BatchPlan(lengths, max_segments=3, **kwargs)
+  assert max(len(u) for u in free.units) > 3
+  assert max(len(u) for u in capped.units) == 3
+  assert sorted(i for u in capped.units for i in u) == list(range(50))  # every pair once
+  for u in capped.units:  # and each row still fits
+    assert lengths[u, 0].sum() <= 64 and lengths[u, 1].sum() <= 64

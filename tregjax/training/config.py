@@ -81,6 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.every = 500
   c.checkpoint.keep = 3
   c.checkpoint.async_save = True
+  # Several processes without jax's preemption service: steps between the cross-process checks of a local SIGTERM
+  # (a host sync point). With the service (the default) every step is checked at no cost.
+  c.checkpoint.preemption_sync_every = 10
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000  # -1 -> data.epochs passes over the training split
@@ -181,6 +184,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
       "train.log_every": config.train.log_every, "train.logits_chunk_size": config.train.logits_chunk_size,
       "train.max_consecutive_nonfinite": config.train.max_consecutive_nonfinite, "checkpoint.every":
       config.checkpoint.every, "checkpoint.keep": config.checkpoint.keep, "data.epochs": config.data.epochs,
+      "checkpoint.preemption_sync_every": config.checkpoint.preemption_sync_every,
       "data.max_segments": config.data.max_segments}
   for name, v in positive.items():
     if v <= 0:

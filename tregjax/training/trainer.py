@@ -2,8 +2,8 @@
 
 The loop is the only stateful part; everything it calls is a pure function or a small object with one job
 (step.py, optimizer.py, checkpoint.py, metrics.py). Three effects set up here and nowhere else: the mesh
-(`parallel.use_mesh`), the SIGTERM handler (single process; multi-host preemption goes through orbax/jax's sync
-point), and the metric sinks (process 0).
+(`parallel.use_mesh`), the SIGTERM / preemption handling (`_Stop`: all processes stop after the same step), and the
+metric sinks (process 0).
 """
 
 from __future__ import annotations
@@ -170,20 +170,53 @@ class _Compiled:
     return fn(*args)
 
 
-class _Stop:
-  """SIGTERM → stop at the next step boundary (single process; installed for the duration of `run`)."""
+def _preemption_service_running() -> bool:
+  """Whether jax.distributed started jax's preemption sync manager (`jax_enable_preemption_service`, on by default).
 
-  def __init__(self):
+  It catches SIGTERM on any process and agrees a step with the coordinator; read by orbax's `reached_preemption`.
+  """
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
+
+
+class _Stop:
+  """SIGTERM / a preemption notice → every process stops (and saves) after the SAME step.
+
+  One process: a SIGTERM handler sets a flag, read at each step boundary. Several processes: jax's preemption sync
+  manager (its own SIGTERM handler notifies the coordinator, which picks a step that all processes reach), read
+  through `Checkpointer.reached_preemption` at every step. Where that service is off, a SIGTERM handler's flag is
+  combined across processes with a one-int allgather every `sync_every` steps (a host sync point, hence not every
+  step), so the processes still agree on the step.
+  """
+
+  def __init__(self, ckpt: ckpt_lib.Checkpointer, sync_every: int):
+    self.ckpt, self.sync_every = ckpt, sync_every
     self.requested = False
     self._previous = None
+    self.mode = "signal"
 
   def __enter__(self):
-    if jax.process_count() == 1:
+    if jax.process_count() > 1:
+      self.mode = "jax_service" if _preemption_service_running() else "allgather"
+    if self.mode != "jax_service":
       self._previous = signal.signal(signal.SIGTERM, self._handle)
+    log.info("preemption handling: %s", self.mode)
     return self
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
     self.requested = True
+
+  def should_stop(self, step: int) -> bool:
+    """Call after every step, on every process, with the same step number."""
+    if self.mode == "signal":
+      return self.requested
+    if self.mode == "jax_service":
+      return self.ckpt.reached_preemption(step)
+    if step % self.sync_every:
+      return False
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    flags = multihost_utils.process_allgather(np.asarray([int(self.requested)], np.int32))
+    return bool(np.any(np.asarray(flags)))
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -348,7 +381,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
 
   pending = None
   throughput = _Throughput(cfg, peak)
-  with parallel.use_mesh(mesh), _Stop() as stop:
+  with parallel.use_mesh(mesh), _Stop(ckpt, config.checkpoint.preemption_sync_every) as stop:
     try:
       while step < stop_at:
         try:
@@ -382,7 +415,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
         if config.data.eval_split and config.train.eval_every and step % config.train.eval_every == 0:
           eval_metrics = _evaluate(eval_step, state, config, mesh, data_factory, max_segments)
           writer.write(step, eval_metrics)
-        preempted = stop.requested or (config.checkpoint.enabled and ckpt.reached_preemption(step))
+        preempted = stop.should_stop(step)
         if preempted and step < stop_at:
           log.warning("preemption/SIGTERM: saving at step %d and exiting", step)
           summary["stopped"] = "preempted"
