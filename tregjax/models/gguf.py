@@ -382,8 +382,7 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
+# The pre-types llama.cpp runs as LLAMA3 (Llama 3 split, ignore_merges, BOS by default).
 _LLAMA3_PRE = frozenset({"llama-bpe", "llama3", "llama-v3"})
 
 
@@ -396,7 +395,7 @@ def _pre_tokenizer(pre: str | None, path):
   if pre == "smollm":
     # llama.cpp: "\p{N}" (every digit alone), then the GPT-2 regex; HF SmolLM: Digits + ByteLevel.
     return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-  splits = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}
+  splits = {**dict.fromkeys(_LLAMA3_PRE, _LLAMA3_SPLIT), "qwen2": _QWEN2_SPLIT}
   if pre in splits:
     return pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(splits[pre]), behavior="isolated"),
@@ -457,8 +456,9 @@ def merges_from_scores(vocab: dict[str, int], priority: dict[str, float]) -> lis
 
   SentencePiece (and llama.cpp's SPM tokenizer) repeatedly joins the adjacent pair whose concatenation is the
   vocabulary piece with the highest score. As ranked merges that is: every split of every piece into two pieces,
-  best piece first; equal pieces by longer left part, then longer right part, then (left id, right id), which is
-  the order transformers' GGUF converter (`generate_merges`) gives them, so ties resolve the same way.
+  best piece first. Equal scores rank the longer left part first, then the longer right part, then keep the order
+  of `priority` and of (left id, right id): the order transformers' GGUF converter (`generate_merges`) gives, so
+  ties resolve as there.
   """
   ranked = []
   for piece, score in priority.items():
