@@ -52,3 +52,30 @@ def test_demo_runs_end_to_end_and_its_error_mass_matches_torch(tmp_path):
     for i, token in enumerate(response):
       masses.append(1.0 - float(probs[len(prompt) - 1 + i, token]))
   np.testing.assert_allclose(ref["error_mass"], np.mean(masses), rtol=1e-4)
+
+  # The generated-error metric: the reference's greedy walks equal transformers' greedy `generate`, except where its
+  # top-2 logits are within 1e-4 (a float32 tie either side may break), and the oracle counts their errors.
+  eot = tok.convert_tokens_to_ids(w.EOS)
+  rng = np.random.default_rng(demo.world_seed + 99)
+  compared, errors = 0, []
+  for row in range(demo.eval_prompts):
+    task, start = w.TASKS[rng.integers(2)], int(rng.integers(world.num_symbols))
+    text = tok.apply_chat_template([{"role": "user", "content": w.prompt_text(task, start)}], tokenize=False,
+                                   add_generation_prompt=True)
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+      out = model.generate(ids, max_new_tokens=demo.response_length + 1, do_sample=False, eos_token_id=eot,
+                           pad_token_id=tok.pad_token_id, output_scores=True, return_dict_in_generate=True)
+    new = [int(t) for t in out.sequences[0, ids.shape[1]:] if int(t) != eot]
+    words = tok.convert_ids_to_tokens(new)
+    errors.append(world.generated_errors(task, start, words))
+    gaps = [float(np.diff(np.sort(s[0].numpy())[-2:])[0]) for s in out.scores]
+    if min(gaps) > 1e-4:
+      compared += 1
+      assert ref["greedy_walks"][row] == " ".join(words), row
+  assert compared >= demo.eval_prompts - 2
+  # a walk left out of the comparison can move the rate by at most 1 / eval_prompts
+  np.testing.assert_allclose(ref["greedy_error_rate"], np.mean(errors), rtol=0,
+                             atol=(demo.eval_prompts - compared) / demo.eval_prompts + 1e-12)
+  for arm in ("reference", "dpo", "dpo_reg"):
+    assert 0.0 <= results["results"][arm]["sampled_error_rate"] <= 1.0

@@ -190,11 +190,28 @@ def token_logps(model, tokens, labels, segments) -> np.ndarray:
   return np.asarray(f(jnp.asarray(tokens), jnp.asarray(labels), jnp.asarray(segments)))
 
 
+def generated_error_rate(model, tok, world, prompts: list[list[int]], tasks: list[tuple[str, int]],
+                         temperature: float, seed: int) -> tuple[float, list[list[str]]]:
+  """The oracle's fraction of wrong positions in the policy's own responses (KV-cache `generate`), and the walks."""
+  from tregjax.models import decoding  # pylint: disable=g-import-not-at-top
+  out = decoding.generate(model, prompts, max_new_tokens=world.response_length + 1, key=jax.random.key(seed),
+                          temperature=temperature, eos_ids=(tok.end_of_turn_id,), pad_id=tok.pad_id)
+  tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+  walks, errors = [], []
+  for row, (task, start) in enumerate(tasks):
+    ids = [int(i) for i in tokens[row, :lengths[row]] if i != tok.end_of_turn_id]
+    walks.append(tok.tokenizer.convert_ids_to_tokens(ids))
+    errors.append(world.generated_errors(task, start, walks[-1]))
+  return float(np.mean(errors)), walks
+
+
 def evaluate(models_by_name: dict[str, Any], tokenizer_dir: str, demo, eval_pairs_path: str, beta: float,
              better_instruction: str, worse_instruction: str) -> dict:
   """Oracle metrics of every policy, plus the quality of the reference's self-generated token rewards.
 
   error_mass: mean over held-out prompts and response positions of 1 − π(correct token | prompt, correct prefix).
+  greedy_error_rate / sampled_error_rate: the oracle's fraction of wrong positions in the policy's own responses to the
+    same prompts, greedy and sampled at temperature 1 (the reference also keeps its greedy walks, for verification).
   token_credit_auc: on held-out pairs (chosen and rejected responses), P(β·(log π − log π_ref) of a correct token >
     that of an erroneous token): how well the policy's implicit token rewards assign credit.
   The reference also gets its error mass under the "better" instruction (the headroom T-REG can draw on) and the AUC of
@@ -204,11 +221,13 @@ def evaluate(models_by_name: dict[str, Any], tokenizer_dir: str, demo, eval_pair
   world = world_lib.World(demo.num_symbols, demo.response_length, demo.world_seed)
   tok = ChatTokenizer(tokenizer_dir)
   rng = np.random.default_rng(demo.world_seed + 99)
-  prompts, correct = [], []
+  prompts, correct, tasks = [], [], []
   for _ in range(demo.eval_prompts):
     task, start = world_lib.TASKS[rng.integers(2)], int(rng.integers(world.num_symbols))
     prompts.append([{"role": "user", "content": world_lib.prompt_text(task, start)}])
     correct.append(world_lib.response_text(world.correct_response(task, start)))
+    tasks.append((task, start))
+  prompt_ids = [tok.prompt_ids(p) for p in prompts]
   tokens, labels, mask, segments = _batch(tok, prompts, correct)
 
   with open(eval_pairs_path) as f:
@@ -233,8 +252,13 @@ def evaluate(models_by_name: dict[str, Any], tokenizer_dir: str, demo, eval_pair
   results = {}
   for name, model in models_by_name.items():
     credit = beta * (token_logps(model, pair_batch[0], pair_batch[1], pair_batch[3])[p_mask] - reference_logps)
+    greedy, walks = generated_error_rate(model, tok, world, prompt_ids, tasks, 0.0, demo.world_seed)
+    sampled, _ = generated_error_rate(model, tok, world, prompt_ids, tasks, 1.0, demo.world_seed)
     results[name] = dict(error_mass=error_mass(model, (tokens, labels, mask, segments)),
+                         greedy_error_rate=greedy, sampled_error_rate=sampled,
                          token_credit_auc=world_lib.auc(credit[~is_error], credit[is_error]))
+    if name == "reference":
+      results[name]["greedy_walks"] = [" ".join(w) for w in walks]
 
   def instructed(instruction, prompt_list, responses):
     return _batch(tok, [with_instruction(p, instruction, "system") for p in prompt_list], responses)
@@ -254,15 +278,16 @@ def evaluate(models_by_name: dict[str, Any], tokenizer_dir: str, demo, eval_pair
 
 
 def _table(results: dict, summaries: dict) -> str:
-  lines = [f"{'policy':<16} {'error mass':>11} {'Δ vs ref':>9} {'credit AUC':>11} {'eval acc':>9} {'eval margin':>12}"]
+  lines = [f"{'policy':<16} {'error mass':>11} {'Δ vs ref':>9} {'greedy err':>11} {'sampled err':>12} "
+           f"{'credit AUC':>11} {'eval acc':>9} {'eval margin':>12}"]
   ref = results["reference"]["error_mass"]
   for name, r in results.items():
     ev = summaries.get(name, {}).get("eval_metrics", {}) if name != "reference" else {}
     acc = ev.get("eval/rewards/accuracy", float("nan"))
     margin = ev.get("eval/rewards/margin", float("nan"))
     auc = r["token_credit_auc"] if name != "reference" else float("nan")
-    lines.append(f"{name:<16} {r['error_mass']:>11.4f} {r['error_mass'] - ref:>+9.4f} {auc:>11.3f} {acc:>9.3f} "
-                 f"{margin:>12.3f}")
+    lines.append(f"{name:<16} {r['error_mass']:>11.4f} {r['error_mass'] - ref:>+9.4f} {r['greedy_error_rate']:>11.4f} "
+                 f"{r['sampled_error_rate']:>12.4f} {auc:>11.3f} {acc:>9.3f} {margin:>12.3f}")
   return "\n".join(lines)
 
 
@@ -295,8 +320,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   table = _table(results, summaries)
   ref = results["reference"]
   print("\nError mass = mean over held-out prompts and positions of 1 − π(correct token | correct prefix) (lower is "
-        "better);\ncredit AUC = P(implicit token reward β·(log π − log π_ref) of a correct token > that of an erroneous "
-        "one) on held-out pairs.\n" + table +
+        "better);\ngreedy / sampled err = the oracle's fraction of wrong positions in the policy's own greedy / "
+        "temperature-1 responses;\ncredit AUC = P(implicit token reward β·(log π − log π_ref) of a correct token > "
+        "that of an erroneous one) on held-out pairs.\n" + table +
         f"\n\nreference with the better instruction: error mass {ref['error_mass_with_better_instruction']:.4f}; "
         f"self-generated token rewards: AUC {ref['self_generated_reward_auc']:.3f}, mean r̂ on correct tokens "
         f"{ref['self_generated_reward_mean_correct']:+.3f}, on errors {ref['self_generated_reward_mean_error']:+.3f}",
@@ -305,7 +331,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     dpo, reg = results["dpo"]["error_mass"], results["dpo_reg"]["error_mass"]
     verdict = "helps" if reg < dpo else "does not help"
     print(f"\nToken-level regularisation {verdict} here: DPO-REG error mass {reg:.4f} vs DPO {dpo:.4f} "
-          f"({(reg - dpo) / max(dpo, 1e-12):+.0%}); results in {os.path.join(workdir, 'demo_results.json')}", flush=True)
+          f"({(reg - dpo) / max(dpo, 1e-12):+.0%}); in their own sampled responses {results['dpo_reg']['sampled_error_rate']:.4f} vs "
+          f"{results['dpo']['sampled_error_rate']:.4f}; results in {os.path.join(workdir, 'demo_results.json')}", flush=True)
   out = dict(results=results, arms=summaries, seconds=time.perf_counter() - t0)
   with open(os.path.join(workdir, "demo_results.json.tmp"), "w") as f:
     json.dump(out, f, indent=2)

@@ -13,9 +13,11 @@ So under the two contrastive prompts of T-REG ("careful" vs "sloppy") the refere
 ones, exactly the self-refinement ability T-REG exploits, while preference pairs drawn from the plain policy only say
 which whole response has fewer errors.
 
-Metric: the *error mass* of a policy, mean over positions of 1 − π(correct token | prompt, correct prefix), on held-out
-prompts (teacher-forced, deterministic, no sampling); and the *token credit AUC*: how well the implicit token reward
-β·(log π − log π_ref) ranks correct above erroneous tokens of held-out responses.
+Metrics: the *error mass* of a policy, mean over positions of 1 − π(correct token | prompt, correct prefix), on held-out
+prompts (teacher-forced, deterministic, no sampling); the *generated error rate*, the oracle's fraction of wrong
+positions in the policy's own responses to the same prompts (greedy, and sampled at temperature 1); and the *token
+credit AUC*: how well the implicit token reward β·(log π − log π_ref) ranks correct above erroneous tokens of
+held-out responses.
 """
 
 from __future__ import annotations
@@ -71,6 +73,20 @@ class World:
     table = self.successors[task]
     previous = np.concatenate([[start], response[:-1]])
     return response != table[previous]
+
+  def generated_errors(self, task: str, start: int, words: list[str]) -> np.ndarray:
+    """Boolean [response_length] for a *generated* response (words, end-of-turn excluded): position t is an error
+    unless it holds the successor of the symbol at t−1 (or of the start); a non-symbol word, a symbol after a
+    non-symbol, and a missing position (the response ended early) are errors."""
+    table = self.successors[task]
+    symbols = {str(i): i for i in range(self.num_symbols)}
+    errors = np.ones(self.response_length, bool)
+    previous = start
+    for t, word in enumerate(words[:self.response_length]):
+      current = symbols.get(word)
+      errors[t] = previous is None or current is None or current != table[previous]
+      previous = current
+    return errors
 
   def corrupt(self, task: str, start: int, error_rate: float, rng: np.random.Generator) -> np.ndarray:
     """A walk in which each step is replaced by a wrong symbol with probability `error_rate` (and continues from it)."""
