@@ -43,18 +43,23 @@ def main():
     per_seed[seed] = demo.run(config, os.path.join(args.workdir, f"seed{seed}"))["results"]
 
   names = ("reference",) + arms
-  print(f"\n{'policy':<16} {'error mass mean':>16} {'std':>8} {'credit AUC mean':>16}   per seed")
+  print(f"\n{'policy':<16} {'error mass mean':>16} {'std':>8} {'greedy err':>11} {'sampled err':>12} "
+        f"{'credit AUC mean':>16}   error mass per seed")
   summary = {}
   for name in names:
-    masses = np.array([per_seed[s][name]["error_mass"] for s in per_seed])
-    aucs = np.array([per_seed[s][name]["token_credit_auc"] for s in per_seed])
-    summary[name] = dict(error_mass=masses.tolist(), token_credit_auc=aucs.tolist())
-    print(f"{name:<16} {masses.mean():>16.4f} {masses.std():>8.4f} {np.nanmean(aucs) if name != 'reference' else float('nan'):>16.3f}"
-          f"   {' '.join(f'{m:.4f}' for m in masses)}")
+    get = lambda key: np.array([per_seed[s][name][key] for s in per_seed])  # noqa: E731
+    masses, aucs = get("error_mass"), get("token_credit_auc")
+    greedy, sampled = get("greedy_error_rate"), get("sampled_error_rate")
+    summary[name] = dict(error_mass=masses.tolist(), token_credit_auc=aucs.tolist(), greedy_error_rate=greedy.tolist(),
+                         sampled_error_rate=sampled.tolist())
+    auc = np.nanmean(aucs) if name != "reference" else float("nan")
+    print(f"{name:<16} {masses.mean():>16.4f} {masses.std():>8.4f} {greedy.mean():>11.4f} {sampled.mean():>12.4f} "
+          f"{auc:>16.3f}   {' '.join(f'{m:.4f}' for m in masses)}")
   if "dpo" in arms and "dpo_reg" in arms:
-    ratios = [per_seed[s]["dpo_reg"]["error_mass"] / per_seed[s]["dpo"]["error_mass"] for s in per_seed]
-    print(f"\nDPO-REG / DPO error mass per seed: {' '.join(f'{r:.2f}' for r in ratios)}")
-    summary["dpo_reg_over_dpo"] = ratios
+    for key in ("error_mass", "sampled_error_rate"):
+      ratios = [per_seed[s]["dpo_reg"][key] / per_seed[s]["dpo"][key] for s in per_seed]
+      print(f"DPO-REG / DPO {key} per seed: {' '.join(f'{r:.2f}' for r in ratios)}")
+      summary[f"dpo_reg_over_dpo_{key}"] = ratios
   os.makedirs(os.path.join(ROOT, "bench", "out"), exist_ok=True)
   with open(os.path.join(ROOT, "bench", "out", "demo_seeds.json"), "w") as f:
     json.dump(dict(seeds=list(per_seed), summary=summary, per_seed=per_seed), f, indent=1)
