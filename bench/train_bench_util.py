@@ -55,7 +55,8 @@ def trainer_step(config, steps: int = 100):
   with parallel.use_mesh(mesh):
     state = jax.jit(lambda: init_fn(*trainer.random_init(config)), out_shardings=state_sh)()
   options = config_lib.objective_options(config) if config.objective == "preference" else None
-  loss_fn = step_lib.make_loss_fn(config.objective, options, config.train.logits_chunk_size)
+  loss_fn = step_lib.make_loss_fn(config.objective, options, config.train.logits_chunk_size,
+                                  config.data.max_segments if config.data.packing else 1)
   jitted = jax.jit(step_lib.make_train_step(graphdef, tx, schedule, loss_fn, config.optimizer.grad_accum_steps, mesh),
                    in_shardings=(state_sh, None), out_shardings=(state_sh, parallel.sharding_for(None, (), mesh)),
                    donate_argnums=0)
