@@ -1,10 +1,15 @@
 """A training run on packed batches follows the run on the same pairs laid out one per row (same pairs per step),
-with gradient accumulation over micro-batches holding unequal numbers of pairs; too many segments stop the run.
+on a 4-device fsdp × tensor mesh with gradient accumulation over micro-batches holding unequal numbers of pairs;
+too many segments stop the run.
 
 Tolerance: losses rtol 1e-4 and parameters atol 2e-6 after 3 AdamW steps (float32; attention over rows of another
 length sums in another order). optimizer.eps = 1e-4 keeps float32 noise in near-zero gradients from becoming ±lr
 sign updates in Adam's first step.
 """
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -54,26 +59,46 @@ def _config(packed: bool, max_segments: int = tp.MAX_SEGMENTS):
       "data.packing": packed, "data.max_segments": max_segments, "data.batch_size": 4 if packed else 8})
 
 
-def _run(tmp_path, packed, **kw):
-  return training.run(_config(packed, **kw), str(tmp_path / f"packed{packed}"),
-                      data_factory=lambda c, split, pi, pc: Steps(packed))
+def _run(workdir, packed, **kw):
+  return training.run(_config(packed, **kw), workdir, data_factory=lambda c, split, pi, pc: Steps(packed))
 
 
-def test_packed_run_follows_the_unpacked_trajectory_with_accumulation(tmp_path):
-  padded, packed = _run(tmp_path, False), _run(tmp_path, True)
-  a = tc.metrics_by_step(padded["workdir"])
-  b = tc.metrics_by_step(packed["workdir"])
+def main(root: str) -> None:
+  """Worker (4 fake devices): both runs on an fsdp=2 × tensor=2 mesh; metrics.jsonl + final params under root."""
+  import jax  # pylint: disable=g-import-not-at-top
+  for packed in (False, True):
+    workdir = os.path.join(root, f"packed{packed}")
+    config = _config(packed)
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 2, 2
+    summary = training.run(config, workdir, data_factory=lambda c, split, pi, pc, p=packed: Steps(p))
+    params = jax.tree.map(np.asarray, jax.device_get(summary["state"].params))
+    np.savez(os.path.join(workdir, "params.npz"),
+             **{jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]})
+
+
+def test_packed_run_follows_the_unpacked_trajectory_on_a_mesh_with_accumulation(tmp_path):
+  """fsdp=2 × tensor=2 over 4 fake devices, 2 micro-batches per step: the packed micro-batches hold 6 and 2 pairs
+  (rows {0, 2} and {1, 3}), so a mean of micro-batch means would differ from the pair mean."""
+  proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(tmp_path)], env=tc.worker_env(num_devices=4),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  a = tc.metrics_by_step(str(tmp_path / "packedFalse"))
+  b = tc.metrics_by_step(str(tmp_path / "packedTrue"))
   assert [b[s]["data/loss_weight"] for s in range(1, STEPS + 1)] == [8.0] * STEPS  # pairs, not rows
   for key in ("loss/total", "loss/regularizer", "weight/mean", "rewards/margin", "optim/grad_norm"):
     np.testing.assert_allclose([b[s][key] for s in range(1, STEPS + 1)], [a[s][key] for s in range(1, STEPS + 1)],
                                rtol=1e-4, err_msg=key)
-  import jax  # pylint: disable=g-import-not-at-top
-  want = jax.tree_util.tree_flatten_with_path(jax.device_get(padded["state"].params))[0]
-  got = dict(jax.tree_util.tree_flatten_with_path(jax.device_get(packed["state"].params))[0])
-  for path, w in want:
-    np.testing.assert_allclose(got[path], w, rtol=1e-4, atol=2e-6, err_msg=jax.tree_util.keystr(path))
+  want = tc.load_params(str(tmp_path / "packedFalse" / "params.npz"))
+  got = tc.load_params(str(tmp_path / "packedTrue" / "params.npz"))
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=2e-6, err_msg=k)
 
 
 def test_packed_batch_over_the_static_max_segments_stops_the_run(tmp_path):
   with pytest.raises(ValueError, match=r"training batch of step 1: row 0 holds 3 packed pairs .* max_segments=2"):
-    _run(tmp_path, True, max_segments=2)
+    _run(str(tmp_path / "run"), True, max_segments=2)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1])
