@@ -290,3 +290,18 @@ def test_pipeline_packing_stops_filling_a_row_at_max_segments():
   assert sorted(i for u in capped.units for i in u) == list(range(50))  # every pair once
   for u in capped.units:  # and each row still fits
     assert lengths[u, 0].sum() <= 64 and lengths[u, 1].sum() <= 64
+
+
+def test_unpacked_padding_rows_weigh_nothing(toy):
+  """A short final batch (drop_remainder=False) ends in all-padding rows: they are not pairs (loss, grads, count)."""
+  pairs = _pairs()
+  options = losses.ObjectiveOptions(beta=0.1, loss="dpo", regularizer="treg", alpha=0.5)
+  want, _, want_grads = _grads(_golden_preference(options), toy, _collate([[i] for i in range(8)], pairs, UNPACKED_T))
+  padded = _collate([[i] for i in range(8)] + [[], []], pairs, UNPACKED_T)
+  for objective in ("preference", "reward_model"):
+    fn = _packed(step_lib.make_loss_fn(objective, options, CHUNK))
+    got, (count, _), grads = _grads(fn, toy, padded)
+    assert float(count) == 8.0
+    if objective == "preference":
+      np.testing.assert_allclose(float(got), float(want), rtol=2e-5)
+      _assert_grads_close(grads, want_grads)
