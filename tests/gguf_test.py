@@ -412,6 +412,129 @@ def test_gemma1_gguf_with_sentencepiece_vocab_matches_the_hf_model_it_was_writte
   assert back_tok.decode(rows[1], skip_special_tokens=True) == "two  spaces\nand 🙂"
 
 
+# Gemma 3 text, tiny: 6 layers so llama.cpp's fixed pattern gives 5 sliding layers and a global one; window 4 shorter
+# than the 12-token rows; head_dim 256 x 2 heads != width 64 (transformers' GGUF loader assumes query_pre_attn_scalar
+# 256, the default); linear RoPE scaling on the global layers (4B and larger), plain base 10000 on the sliding ones.
+GEMMA3 = dict(model_type="gemma3_text", vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
+              num_attention_heads=2, num_key_value_heads=1, head_dim=256, max_position_embeddings=256,
+              rms_norm_eps=1e-6, sliding_window=4, query_pre_attn_scalar=256, hidden_activation="gelu_pytorch_tanh",
+              pad_token_id=0, bos_token_id=2, eos_token_id=1,
+              rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                               "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0}})
+
+
+def _write_gemma3_gguf(path, state, *, rope_scaling=True):
+  """The file llama.cpp's Gemma3Model converter writes for a text-only Gemma 3: its tensor-name map, every norm
+  (q/k norms too) + 1, lm_head dropped, head_dim as key/value_length, sliding window, linear scaling if any."""
+  import gguf  # pylint: disable=g-import-not-at-top
+  names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, GEMMA3["num_hidden_layers"])
+  writer = GGUFWriter(str(path), "gemma3")
+  for name, w in state.items():
+    if name != "lm_head.weight":
+      writer.add_tensor(names.get_name(name, try_suffixes=(".weight",)), w + 1 if name.endswith("norm.weight") else w)
+  writer.add_context_length(GEMMA3["max_position_embeddings"])
+  writer.add_embedding_length(GEMMA3["hidden_size"])
+  writer.add_block_count(GEMMA3["num_hidden_layers"])
+  writer.add_feed_forward_length(GEMMA3["intermediate_size"])
+  writer.add_head_count(GEMMA3["num_attention_heads"])
+  writer.add_head_count_kv(GEMMA3["num_key_value_heads"])
+  writer.add_layer_norm_rms_eps(GEMMA3["rms_norm_eps"])
+  writer.add_key_length(GEMMA3["head_dim"])
+  writer.add_value_length(GEMMA3["head_dim"])
+  writer.add_rope_freq_base(1e6)
+  writer.add_sliding_window(GEMMA3["sliding_window"])
+  if rope_scaling:
+    writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    writer.add_rope_scaling_factor(8.0)
+  writer.add_vocab_size(GEMMA3["vocab_size"])
+  writer.add_bos_token_id(2)
+  writer.add_eos_token_id(1)
+  writer.add_pad_token_id(0)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+
+
+def test_gemma3_gguf_matches_the_hf_model_it_was_written_from_and_transformers_gguf_loader(tmp_path):
+  """Gemma 3 text (q/k norms, norms stored +1, 5:1 sliding/global layers with their own RoPE bases, linear scaling
+  on the global ones, tied): tensors and padded-batch logits equal the HF Gemma3ForCausalLM the file was written
+  from; tensors and config also equal transformers' own GGUF loader."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import models_golden  # pylint: disable=g-import-not-at-top
+  from tregjax import models  # pylint: disable=g-import-not-at-top
+  hf = models_golden.build_hf(GEMMA3, seed=5)
+  assert type(hf).__name__ == "Gemma3ForCausalLM"
+  assert hf.config.layer_types == ["sliding_attention"] * 5 + ["full_attention"]
+  state = {k: v.numpy() for k, v in hf.state_dict().items()}
+  path = tmp_path / "gemma3.gguf"
+  _write_gemma3_gguf(path, state)
+  src = tj_gguf.GGUFSource(path)
+  assert set(src.keys()) == set(state) - {"lm_head.weight"} and src.config["tie_word_embeddings"]
+  for name in src.keys():  # F32 tensors: the +1 is undone exactly up to float32 rounding
+    np.testing.assert_allclose(src.get(name), state[name], rtol=0, atol=1e-6, err_msg=name)
+  hf_config = hf.config.to_dict()
+  for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "vocab_size", "hidden_activation", "sliding_window", "layer_types",
+              "query_pre_attn_scalar", "rope_parameters", "attn_logit_softcapping", "final_logit_softcapping",
+              "bos_token_id", "eos_token_id", "pad_token_id"):
+    assert src.config[key] == hf_config[key], key
+  assert src.config["rms_norm_eps"] == pytest.approx(hf_config["rms_norm_eps"], rel=1e-6)  # stored as float32
+  # The config is a plain HF config: transformers builds the same Gemma 3 from it.
+  rebuilt = transformers.Gemma3TextConfig(**src.config)
+  assert rebuilt.layer_types == hf.config.layer_types and rebuilt.rope_parameters == hf.config.rope_parameters
+  model = models.from_pretrained(str(path), dtype=jnp.float32)
+  assert model.config.rope_local_theta == 10000.0 and model.config.rope_type == "linear"
+  expected = models_golden.hf_logits(hf, models_golden.TOKENS, models_golden.SEGMENTS)
+  ours = np.asarray(model(jnp.asarray(models_golden.TOKENS), segment_ids=jnp.asarray(models_golden.SEGMENTS)))
+  valid = models_golden.SEGMENTS.astype(bool)
+  np.testing.assert_allclose(ours[valid], expected[valid], rtol=0, atol=2e-5)
+  # transformers' GGUF loader: same tensors, head_dim, window and layer pattern (it reads no RoPE scaling, so its
+  # logits are compared on a file without scaling).
+  ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+  ref_state = ref.state_dict()
+  assert set(src.keys()) == set(ref_state) - {"lm_head.weight"}
+  for name in src.keys():
+    np.testing.assert_allclose(src.get(name), ref_state[name].numpy(), rtol=0, atol=1e-6, err_msg=name)
+  for key in ("head_dim", "sliding_window", "layer_types", "query_pre_attn_scalar"):
+    assert getattr(ref.config, key) == src.config[key], key
+  plain = tmp_path / "plain" / "gemma3.gguf"
+  plain.parent.mkdir()
+  _write_gemma3_gguf(plain, state, rope_scaling=False)
+  ref = transformers.AutoModelForCausalLM.from_pretrained(plain.parent, gguf_file=plain.name, dtype=torch.float32,
+                                                          attn_implementation="eager").eval()
+  ours = np.asarray(models.from_pretrained(str(plain), dtype=jnp.float32)(
+      jnp.asarray(models_golden.TOKENS), segment_ids=jnp.asarray(models_golden.SEGMENTS)))
+  expected_plain = models_golden.hf_logits(ref, models_golden.TOKENS, models_golden.SEGMENTS)
+  np.testing.assert_allclose(ours[valid], expected_plain[valid], rtol=0, atol=2e-5)
+  assert np.abs(expected_plain[valid] - expected[valid]).max() > 1e-3  # the scaling did matter above
+
+
+@pytest.mark.parametrize("layers,hidden,heads,head_dim,scalar", [(62, 5376, 32, 128, 168), (48, 3840, 16, 256, 256)])
+def test_gemma3_query_scale_follows_llama_cpp_per_size(layers, hidden, heads, head_dim, scalar, tmp_path):
+  """llama.cpp scales Gemma 3 queries by 1/sqrt(head_dim) except for the 27B (62 layers): 1/sqrt(hidden/heads).
+  Golden: query_pre_attn_scalar in the released google/gemma-3-27b and -12b config.json (168 and 256)."""
+  path = tmp_path / "meta.gguf"
+  writer = GGUFWriter(str(path), "gemma3")
+  writer.add_block_count(layers)
+  writer.add_embedding_length(hidden)
+  writer.add_feed_forward_length(4 * hidden)
+  writer.add_head_count(heads)
+  writer.add_head_count_kv(heads // 2)
+  writer.add_key_length(head_dim)
+  writer.add_value_length(head_dim)
+  writer.add_layer_norm_rms_eps(1e-6)
+  writer.add_vocab_size(262208)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  config = tj_gguf.GGUFSource(path).config
+  assert config["query_pre_attn_scalar"] == scalar
+  assert config["layer_types"].count("full_attention") == layers // 6 and config["layer_types"][5] == "full_attention"
+  assert config["rope_parameters"]["full_attention"]["rope_theta"] == 1e6  # Gemma3Model's default rope_theta
+
+
 def _llama_cpp_llama3_rope_freqs(head_dim, theta, factor=8.0, low=1.0, high=4.0, old_len=8192):
   # convert_hf_to_gguf.py LlamaModel.generate_extra_tensors, written out as a loop as there.
   factors = []

@@ -5,7 +5,7 @@
 float32 numpy array in HF layout (Linear weights [out, in]). It implements the `TensorSource` protocol of
 `tregjax/models/hf_io.py`, so `models.from_pretrained("x.gguf")` loads through the same declarative table
 as safetensors. Architectures (`general.architecture`): llama (Llama 2/3, Mistral, SmolLM), qwen2, qwen3,
-gemma (Gemma 1) and gemma2. Dequantization is the `gguf` package's numpy code; the transforms undo what
+gemma (Gemma 1), gemma2 and gemma3 (Gemma 3 text). Dequantization is the `gguf` package's numpy code; the transforms undo what
 llama.cpp's converter did: the rotary row permutation of Llama's Q and K projections (it interleaves the two
 rotary halves of every head; HF keeps them as [first half | second half]) and Gemma's norms stored as w + 1;
 Llama 3.1/3.2's "llama3" RoPE scaling, which a GGUF keeps only as the `rope_freqs.weight` factors, is
@@ -149,6 +149,13 @@ _ARCHITECTURES = {
         "post_attention_norm.weight": "post_attention_layernorm.weight",
         "ffn_norm.weight": "pre_feedforward_layernorm.weight",
         "post_ffw_norm.weight": "post_feedforward_layernorm.weight"}, norm_plus_one=True),
+    # Gemma 3 text: Gemma 2's blocks plus q/k norms (also stored as w + 1), no soft-capping.
+    "gemma3": _Arch("gemma3_text", "Gemma3ForCausalLM", _DENSE_BLOCK | {
+        "post_attention_norm.weight": "post_attention_layernorm.weight",
+        "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+        "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+        "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight"},
+        norm_plus_one=True),
 }
 
 # Types the gguf package dequantizes in numpy (checked up front so the error names the tensor).
@@ -248,7 +255,8 @@ def _hf_config(path: str | os.PathLike, meta: dict[str, Any], tensor_names: set[
     if "tokenizer.ggml.tokens" not in meta:
       raise GGUFError(f"{path}: neither {arch}.vocab_size nor tokenizer.ggml.tokens gives the vocabulary size")
     vocab = len(meta["tokenizer.ggml.tokens"])
-  rope_theta = float(meta.get(f"{arch}.rope.freq_base", 10000.0))
+  # Gemma3Model writes HF's rope_theta, whose default there is 1e6.
+  rope_theta = float(meta.get(f"{arch}.rope.freq_base", 1_000_000.0 if arch == "gemma3" else 10000.0))
   config = {
       "architectures": [spec.hf_class],
       "model_type": spec.model_type,
@@ -274,6 +282,8 @@ def _hf_config(path: str | os.PathLike, meta: dict[str, Any], tensor_names: set[
     config["hidden_act"] = "gelu_pytorch_tanh"
   if arch == "gemma2":
     config |= _gemma2_config(meta, config)
+  if arch == "gemma3":
+    config |= _gemma3_config(meta, config)
   for hf_key, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                            ("pad_token_id", "padding_token_id")):
     if f"tokenizer.ggml.{gguf_key}" in meta:
@@ -296,6 +306,29 @@ def _gemma2_config(meta: dict[str, Any], config: dict[str, Any]) -> dict[str, An
       "sliding_window": int(window),
       "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention"
                       for i in range(config["num_hidden_layers"])],
+  }
+
+
+def _gemma3_config(meta: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+  """What llama.cpp hard-codes for Gemma 3 (src/llama-model.cpp, src/models/gemma3*.cpp), in HF terms.
+
+  Every 6th layer is global ((i + 1) % 6 == 0, HF's sliding_window_pattern 6), the others attend within
+  `attention.sliding_window`; sliding layers use plain RoPE with base 10000, global ones `rope.freq_base` and
+  the file's scaling; queries are scaled by 1/sqrt(head_dim), except 27B (62 layers): 1/sqrt(hidden/heads),
+  HF's query_pre_attn_scalar for each released size. No soft-capping.
+  """
+  n_layers = config["num_hidden_layers"]
+  scalar = config["hidden_size"] // config["num_attention_heads"] if n_layers == 62 else config["head_dim"]
+  return {
+      "hidden_act": "gelu_pytorch_tanh",
+      "hidden_activation": "gelu_pytorch_tanh",
+      "query_pre_attn_scalar": scalar,
+      "sliding_window": int(meta.get("gemma3.attention.sliding_window", 4096)),
+      "layer_types": ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n_layers)],
+      "rope_parameters": {"full_attention": config["rope_parameters"],
+                          "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+      "attn_logit_softcapping": None,
+      "final_logit_softcapping": None,
   }
 
 
