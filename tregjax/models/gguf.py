@@ -5,9 +5,10 @@
 float32 numpy array in HF layout (Linear weights [out, in]). It implements the `TensorSource` protocol of
 `tregjax/models/hf_io.py`, so `models.from_pretrained("x.gguf")` loads through the same declarative table
 as safetensors. Architectures (`general.architecture`): llama (Llama 2/3, Mistral, SmolLM), qwen2, qwen3,
-gemma (Gemma 1), gemma2 and gemma3 (Gemma 3 text). Dequantization is the `gguf` package's numpy code; the transforms undo what
-llama.cpp's converter did: the rotary row permutation of Llama's Q and K projections (it interleaves the two
-rotary halves of every head; HF keeps them as [first half | second half]) and Gemma's norms stored as w + 1;
+gemma (Gemma 1), gemma2 and gemma3 (Gemma 3 text). Dequantization is the `gguf` package's numpy code; the
+transforms undo what llama.cpp's converter did: the rotary row permutation of Llama's Q and K projections (it
+interleaves the two rotary halves of every head; HF keeps them as [first half | second half]) and Gemma's norms
+stored as w + 1;
 Llama 3.1/3.2's "llama3" RoPE scaling, which a GGUF keeps only as the `rope_freqs.weight` factors, is
 recovered (and verified) into the config.
 

@@ -329,10 +329,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         flush=True)
   if "dpo" in results and "dpo_reg" in results:
     dpo, reg = results["dpo"]["error_mass"], results["dpo_reg"]["error_mass"]
+    sampled_dpo, sampled_reg = results["dpo"]["sampled_error_rate"], results["dpo_reg"]["sampled_error_rate"]
     verdict = "helps" if reg < dpo else "does not help"
     print(f"\nToken-level regularisation {verdict} here: DPO-REG error mass {reg:.4f} vs DPO {dpo:.4f} "
-          f"({(reg - dpo) / max(dpo, 1e-12):+.0%}); in their own sampled responses {results['dpo_reg']['sampled_error_rate']:.4f} vs "
-          f"{results['dpo']['sampled_error_rate']:.4f}; results in {os.path.join(workdir, 'demo_results.json')}", flush=True)
+          f"({(reg - dpo) / max(dpo, 1e-12):+.0%}); in their own sampled responses {sampled_reg:.4f} vs "
+          f"{sampled_dpo:.4f}; results in {os.path.join(workdir, 'demo_results.json')}", flush=True)
   out = dict(results=results, arms=summaries, seconds=time.perf_counter() - t0)
   with open(os.path.join(workdir, "demo_results.json.tmp"), "w") as f:
     json.dump(out, f, indent=2)
