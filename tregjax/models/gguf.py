@@ -485,31 +485,13 @@ def _byte_level_bpe(path, meta: dict[str, Any], arch: str):
   return tok, lambda t: set(t) <= alphabet, llama3
 
 
-def merges_from_scores(vocab: dict[str, int], priority: dict[str, float]) -> list[tuple[str, str]]:
-  """Ranked BPE merges equivalent to SentencePiece BPE over a vocabulary with piece priorities.
-
-  SentencePiece (and llama.cpp's SPM tokenizer) repeatedly joins the adjacent pair whose concatenation is the
-  vocabulary piece with the highest score. As ranked merges that is: every split of every piece into two pieces,
-  best piece first. Equal scores rank the longer left part first, then the longer right part, then keep the order
-  of `priority` and of (left id, right id): the order transformers' GGUF converter (`generate_merges`) gives, so
-  ties resolve as there.
-  """
-  ranked = []
-  for piece, score in priority.items():
-    splits = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
-    splits.sort(key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
-    ranked.extend((score, len(left), len(right), left, right) for left, right in splits)
-  ranked.sort(key=lambda m: m[:3], reverse=True)  # stable: the split order above survives among equal keys
-  return [(left, right) for _, _, _, left, right in ranked]
-
-
 def _sentencepiece_bpe(path, meta: dict[str, Any], arch: str):
   """SentencePiece BPE with byte fallback ("llama": Llama 1/2, Mistral v0.1, Gemma 1/2/3 files).
 
   The pieces spell a space as "\u2581"; characters outside the vocabulary become their UTF-8 byte pieces
   <0xXX>. A GGUF has no merges for these, only piece scores, so the merges are derived from the scores
-  (`merges_from_scores`). Gemma files get transformers' two Gemma fixes: whitespace-only pieces stored with real
-  spaces are respelled with "\u2581", and the merge priority is the order of the pieces in the file (Gemma's
+  (transformers' `generate_merges`, torch-free). Gemma files get transformers' two Gemma fixes: whitespace-only
+  pieces stored with real spaces are respelled with "\u2581", and the merge priority is the order of the pieces in the file (Gemma's
   scores do not follow it). `tokenizer.ggml.add_space_prefix` (llama.cpp's default: on; Gemma files: off)
   prepends "\u2581" the way llama.cpp and SentencePiece do: to every stretch of text, at the start of the input and
   after each control or user-defined token, also when the text already starts with a space (" a" -> "\u2581\u2581a").
@@ -517,6 +499,9 @@ def _sentencepiece_bpe(path, meta: dict[str, Any], arch: str):
   special token, nor to text that starts with a space (which then does not survive decode(encode(x))).
   """
   from tokenizers import Tokenizer, decoders, models, normalizers  # pylint: disable=g-import-not-at-top
+  # Every split of every piece into two pieces, ranked by the piece's priority (ties: longer left, longer right):
+  # SentencePiece BPE as ranked merges. transformers' converter module imports no torch.
+  from transformers.convert_slow_tokenizer import generate_merges  # pylint: disable=g-import-not-at-top
 
   tokens = list(meta["tokenizer.ggml.tokens"])
   gemma = arch in _GEMMA_SPM_ARCHS
@@ -526,7 +511,7 @@ def _sentencepiece_bpe(path, meta: dict[str, Any], arch: str):
   if "tokenizer.ggml.merges" in meta:
     merges = _parse_merges(path, meta["tokenizer.ggml.merges"])
   elif gemma:
-    merges = merges_from_scores(vocab, {t: -float(i) for i, t in enumerate(tokens)})
+    merges = generate_merges(vocab, {t: -float(i) for i, t in enumerate(tokens)})
   else:
     scores = meta.get("tokenizer.ggml.scores")
     if scores is None:
@@ -534,7 +519,7 @@ def _sentencepiece_bpe(path, meta: dict[str, Any], arch: str):
                       f"without merges needs its piece scores)")
     if len(scores) != len(tokens):
       raise GGUFError(f"{path}: tokenizer.ggml.scores has {len(scores)} entries for {len(tokens)} tokens")
-    merges = merges_from_scores(vocab, dict(zip(tokens, (float(x) for x in scores))))
+    merges = generate_merges(vocab, dict(zip(tokens, (float(x) for x in scores))))
   unk_id = meta.get("tokenizer.ggml.unknown_token_id")
   unk = tokens[int(unk_id)] if unk_id is not None and 0 <= int(unk_id) < len(tokens) else None
   tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True,
@@ -620,5 +605,5 @@ def save_tokenizer_from_gguf(path: str | os.PathLike, out_dir: str | os.PathLike
   return out
 
 
-__all__ = ["GGUFError", "GGUFSource", "gguf_to_hf_name", "merges_from_scores", "read_metadata",
+__all__ = ["GGUFError", "GGUFSource", "gguf_to_hf_name", "read_metadata",
            "save_tokenizer_from_gguf", "tokenizer_from_gguf", "unpermute_rotary_rows", "DEQUANTIZABLE"]
