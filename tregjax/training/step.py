@@ -176,13 +176,13 @@ def check_segments(batch, max_segments: int, where: str = "batch") -> None:
   A row with more segments than `max_segments` would silently lose pairs, and chosen/rejected rows holding a
   different number of segments would pair the wrong sequences: both are errors naming the row.
   """
-  sides = {}
+  counts = {}
   for side in ("chosen", "rejected"):
     seg = np.asarray(getattr(batch, side).segment_ids)
-    sides[side] = seg.max(axis=1, initial=0) if seg.ndim == 2 else None
-    if sides[side] is None:
+    if seg.ndim != 2:
       raise ValueError(f"{where}: {side}.segment_ids must be [B, T], got shape {list(seg.shape)}")
-  counts_w, counts_l = sides["chosen"], sides["rejected"]
+    counts[side] = seg.max(axis=1, initial=0)
+  counts_w, counts_l = counts["chosen"], counts["rejected"]
   if counts_w.shape != counts_l.shape:
     raise ValueError(f"{where}: chosen has {counts_w.shape[0]} rows, rejected {counts_l.shape[0]}")
   bad = np.flatnonzero(counts_w != counts_l)
