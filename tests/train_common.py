@@ -244,6 +244,14 @@ def load_params(path: str) -> dict[str, np.ndarray]:
     return {k: f[k] for k in f.files}
 
 
+def assert_params_bitwise_equal(path_a: str, path_b: str) -> None:
+  """Two saved parameter files hold the same names and bit-identical arrays (runs that must agree exactly on CPU)."""
+  a, b = load_params(path_a), load_params(path_b)
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
 def metrics_by_step(workdir: str) -> dict[int, dict]:
   """The last metrics.jsonl record of every step (a resumed run re-logs steps after its checkpoint)."""
   out = {}

@@ -13,7 +13,6 @@ import socket
 import subprocess
 import time
 
-import numpy as np
 import pytest
 
 import train_common as tc
@@ -119,11 +118,8 @@ def test_sigterm_to_one_then_to_both_processes_saves_the_same_step_and_resume_is
   straight_dir = str(tmp_path / "straight")
   straight = _run(straight_dir, str(tmp_path / "logs_straight"), max_steps=M)
   assert [(s["start_step"], s["step"]) for s in straight] == [(0, M)] * 2
-  a = tc.load_params(os.path.join(workdir, f"params_{M}.npz"))
-  b = tc.load_params(os.path.join(straight_dir, f"params_{M}.npz"))
-  assert a.keys() == b.keys()
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=k)  # bitwise on CPU
+  tc.assert_params_bitwise_equal(os.path.join(workdir, f"params_{M}.npz"),
+                                 os.path.join(straight_dir, f"params_{M}.npz"))
   fa, fb = tc.metrics_by_step(workdir), tc.metrics_by_step(straight_dir)
   assert [fa[s]["loss/total"] for s in range(1, M + 1)] == [fb[s]["loss/total"] for s in range(1, M + 1)]
 

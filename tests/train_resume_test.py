@@ -11,7 +11,6 @@ import signal
 import subprocess
 import time
 
-import numpy as np
 import pytest
 
 import train_common as tc
@@ -70,11 +69,8 @@ def test_sigkill_then_resume_gives_bitwise_identical_params_and_data_order(tmp_p
   straight = _run(straight_dir, cache_dir, **{"train.steps": total})
   assert straight["start_step"] == 0 and straight["step"] == total
 
-  a = tc.load_params(os.path.join(killed, f"params_{total}.npz"))
-  b = tc.load_params(os.path.join(straight_dir, f"params_{total}.npz"))
-  assert a.keys() == b.keys()
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=k)  # bitwise on CPU
+  tc.assert_params_bitwise_equal(os.path.join(killed, f"params_{total}.npz"),
+                                 os.path.join(straight_dir, f"params_{total}.npz"))
   fa, fb = tc.metrics_by_step(killed), tc.metrics_by_step(straight_dir)
   assert sorted(fb) == list(range(1, total + 1))
   assert [fa[s]["data/fingerprint"] for s in range(1, total + 1)] == [fb[s]["data/fingerprint"]
