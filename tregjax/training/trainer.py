@@ -59,7 +59,7 @@ def model_config(config: ml_collections.ConfigDict):
       cfg = preset(**config_lib.model_overrides(config))
     except TypeError as e:
       raise config_lib.ConfigError(f"config.model.overrides: {e}") from e
-  cfg = cfg.replace(remat=config.model.remat)
+  cfg = cfg.replace(remat=config.model.remat, scan_layers=config.model.scan_layers)
   if config.objective == "reward_model" and not cfg.num_labels:
     cfg = cfg.replace(num_labels=1)
   if config.objective != "reward_model" and cfg.num_labels:
@@ -85,7 +85,8 @@ def build_model_state(config: ml_collections.ConfigDict, mesh, *, abstract: bool
   if config.model.hf_path:
     # A causal-LM checkpoint trained as a reward model gets a fresh `score` head (num_labels from model_config).
     model = models.from_pretrained(config.model.hf_path, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
-                                   config_overrides={"remat": config.model.remat, "num_labels": cfg.num_labels})
+                                   config_overrides={"remat": config.model.remat, "scan_layers": cfg.scan_layers,
+                                                     "num_labels": cfg.num_labels})
     _, params, extra = nnx.split(model, nnx.Param, ...)
     return graphdef, params, extra
 
@@ -170,13 +171,20 @@ class _Compiled:
     return fn(*args)
 
 
-def _preemption_service_running() -> bool:
+def _preemption_service_running(step: int) -> bool:
   """Whether jax.distributed started jax's preemption sync manager (`jax_enable_preemption_service`, on by default).
 
   It catches SIGTERM on any process and agrees a step with the coordinator; read by orbax's `reached_preemption`.
+  Asked through the public `reached_preemption_sync_point`, which raises RuntimeError when the service is off (as
+  orbax's own `multihost.reached_preemption` does). The probe counts as the call for `step`, the step training
+  resumes from: the same on every process, and below the next step the loop reports.
   """
-  from jax._src import distributed  # pylint: disable=g-import-not-at-top
-  return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  try:
+    multihost_utils.reached_preemption_sync_point(step)
+  except RuntimeError:
+    return False
+  return jax.distributed.is_initialized()
 
 
 class _Stop:
@@ -189,15 +197,15 @@ class _Stop:
   step), so the processes still agree on the step.
   """
 
-  def __init__(self, ckpt: ckpt_lib.Checkpointer, sync_every: int):
-    self.ckpt, self.sync_every = ckpt, sync_every
+  def __init__(self, ckpt: ckpt_lib.Checkpointer, sync_every: int, start_step: int = 0):
+    self.ckpt, self.sync_every, self.start_step = ckpt, sync_every, start_step
     self.requested = False
     self._previous = None
     self.mode = "signal"
 
   def __enter__(self):
     if jax.process_count() > 1:
-      self.mode = "jax_service" if _preemption_service_running() else "allgather"
+      self.mode = "jax_service" if _preemption_service_running(self.start_step) else "allgather"
     if self.mode != "jax_service":
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     log.info("preemption handling: %s", self.mode)
@@ -381,7 +389,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
 
   pending = None
   throughput = _Throughput(cfg, peak)
-  with parallel.use_mesh(mesh), _Stop(ckpt, config.checkpoint.preemption_sync_every) as stop:
+  with parallel.use_mesh(mesh), _Stop(ckpt, config.checkpoint.preemption_sync_every, step) as stop:
     try:
       while step < stop_at:
         try:
