@@ -17,12 +17,12 @@ from tregjax.training import optimizer as optimizer_lib
 from tregjax.training import step as step_lib
 
 
-def _model(num_labels=0, seed=0):
-  cfg = models.ModelConfig.tiny_llama(**tc.tiny_config().model.overrides.to_dict(), num_labels=num_labels)
+def _model(num_labels=0, seed=0, cfg=None):
+  cfg = cfg or models.ModelConfig.tiny_llama(**tc.tiny_config().model.overrides.to_dict(), num_labels=num_labels)
   return models.from_config(cfg, nnx.Rngs(seed), dtype=jnp.float32, param_dtype=jnp.float32)
 
 
-def _setup(objective="preference", options=None, accum=1, num_labels=0):
+def _setup(objective="preference", options=None, accum=1, num_labels=0, cfg=None):
   """(model, state, jitted step) with SGD + momentum at lr 1e4.
 
   Loss metrics are computed before the update, so the optimizer does not matter to the goldens. SGD's first update
@@ -31,7 +31,7 @@ def _setup(objective="preference", options=None, accum=1, num_labels=0):
   float32 spacing, so subtracting them back out adds no rounding of note. Momentum gives the optimizer a state, so a
   skipped update is visible in it too.
   """
-  model = _model(num_labels)
+  model = _model(num_labels, cfg=cfg)
   graphdef, params, extra = nnx.split(model, nnx.Param, ...)
   tx = optax.sgd(1e4, momentum=0.9)
   state = step_lib.init_state(params, extra, tx, 0)
@@ -85,6 +85,26 @@ def test_preference_step_loss_equals_numpy_dpo_treg_from_full_logits(dpo_treg):
   np.testing.assert_allclose(float(metrics["loss/regularizer"]), np.mean(options.alpha * weight * (reg_w + reg_l)),
                              rtol=1e-4, atol=1e-7)
   np.testing.assert_allclose(float(metrics["rewards/accuracy"]), np.mean(z > 0), atol=0)
+
+
+def test_unrolled_layer_loop_from_the_config_gives_the_scanned_step(dpo_treg):
+  """`config.model.scan_layers=False` reaches the model, whose step (no layer scan left in it) has the loss and
+  the update of the scanned step (itself checked against numpy above). Tolerance: loss rtol 1e-5, update atol 1e-5·max|update| (the same
+  float32 sums fused differently)."""
+  from tregjax.training import trainer  # pylint: disable=g-import-not-at-top
+  options, _, state, step = dpo_treg
+  cfg = trainer.model_config(tc.tiny_config(**{"model.scan_layers": False}))
+  model, unrolled_state, unrolled_step = _setup("preference", options, cfg=cfg)
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  assert "scan" not in str(jax.make_jaxpr(lambda: model.hidden_states(tokens))())
+  assert "scan" in str(jax.make_jaxpr(lambda: _model().hidden_states(tokens))())
+  batch = _batch()
+  (s_scan, m_scan), (s_unrolled, m_unrolled) = step(state, batch), unrolled_step(unrolled_state, batch)
+  np.testing.assert_allclose(float(m_unrolled["loss/total"]), float(m_scan["loss/total"]), rtol=1e-5)
+  for p0, a, b in zip(*(jax.tree.leaves(s.params) for s in (state, s_scan, s_unrolled))):
+    update = np.asarray(a - p0)
+    assert np.abs(update).max() > 0
+    np.testing.assert_allclose(np.asarray(b - p0), update, rtol=0, atol=1e-5 * np.abs(update).max())
 
 
 def test_sft_step_loss_is_token_mean_nll_of_chosen(sft):

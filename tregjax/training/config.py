@@ -33,6 +33,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "bfloat16"  # compute dtype; master weights are `param_dtype`
   c.model.param_dtype = "float32"
   c.model.remat = "none"  # activation checkpointing policy passed to the model
+  # True: lax.scan over the stacked layers (compile time flat in depth; the choice for accelerators and deep models).
+  # False: an unrolled layer loop. On XLA:CPU that avoids the scan's per-layer weight copies and zero-filled residual
+  # stacks: 7-16% faster training steps for 2-16 layers, at a compile time that grows with depth
+  # (bench/train_layer_loop.py). The tiny CPU configs use it.
+  c.model.scan_layers = True
 
   # The data engineer's keys (sources, tokenization, pipeline: tregjax.data.build.default_data_config) plus the
   # trainer's own, so one locked section validates every data key.
