@@ -62,3 +62,22 @@ def trainer_step(config, steps: int = 100):
                    donate_argnums=0)
   place = lambda batch: trainer._place(batch, mesh)  # pylint: disable=protected-access
   return jitted, state, place, mesh
+
+
+def compiled_runner(config, batch):
+  """(run, compiled, compile seconds): `run()` does one donated step on `batch` and blocks; it has been run once."""
+  import time  # pylint: disable=g-import-not-at-top
+
+  import jax  # pylint: disable=g-import-not-at-top
+  step, state, place, _ = trainer_step(config)
+  t0 = time.perf_counter()
+  compiled = step.lower(state, place(batch)).compile()
+  compile_s = time.perf_counter() - t0
+  holder = [state]
+
+  def run():
+    holder[0], metrics = compiled(holder[0], place(batch))
+    jax.block_until_ready((holder[0], metrics))
+
+  run()  # warm-up
+  return run, compiled, compile_s

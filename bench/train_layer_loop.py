@@ -11,30 +11,20 @@ neither, but its program grows with depth (see also bench/model_compile.py).
 from __future__ import annotations
 
 import argparse
-import time
 
 import smollm2_common as sc
 import train_bench_util as tb
+import train_reg_overhead
 
 
 def config_for(layers: int, scan: bool, a):
-  from tregjax.training import config as config_lib  # pylint: disable=g-import-not-at-top
-  c = config_lib.base_config()
-  c.model.preset = "tiny_llama"
-  c.model.overrides = dict(vocab_size=a.vocab, hidden_size=a.width, intermediate_size=a.width * 8 // 3,
-                           num_layers=layers, num_heads=a.width // 64, num_kv_heads=max(1, a.width // 128),
-                           head_dim=64, max_position_embeddings=max(512, a.seq))
-  c.model.dtype = "float32"
+  """train_reg_overhead's model and DPO-REG step at this depth, with the chosen layer loop."""
+  c = train_reg_overhead.config_for("dpo", "treg", argparse.Namespace(**{**vars(a), "layers": layers}))
   c.model.scan_layers = scan
-  c.data.batch_size = a.batch
-  c.loss.loss, c.loss.regularizer = "dpo", "treg"
-  c.train.logits_chunk_size = min(a.seq, 256)
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
   return c
 
 
 def main() -> None:
-  import jax  # pylint: disable=g-import-not-at-top
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--repeats", type=int, default=10)
   ap.add_argument("--layers", default="2,4,16")
@@ -47,22 +37,10 @@ def main() -> None:
   batch = tb.preference_batch(a.batch, prompt, a.seq - prompt - 1, a.vocab)
   rows, payload = [], {}
   for layers in map(int, a.layers.split(",")):
-    runners, states, compile_s = {}, {}, {}
+    runners, compile_s = {}, {}
     for scan in (True, False):
       name = "scan" if scan else "unrolled"
-      step, state, place, _ = tb.trainer_step(config_for(layers, scan, a))
-      placed = place(batch)
-      t0 = time.perf_counter()
-      compiled = step.lower(state, placed).compile()
-      compile_s[name] = time.perf_counter() - t0
-      states[name] = state
-
-      def run(name=name, compiled=compiled, place=place):
-        states[name], m = compiled(states[name], place(batch))
-        jax.block_until_ready((states[name], m))
-
-      run()  # warm-up
-      runners[name] = run
+      runners[name], _, compile_s[name] = tb.compiled_runner(config_for(layers, scan, a), batch)
     times = sc.timed_interleaved(runners, a.repeats)
     ratio = times["unrolled"][0] / times["scan"][0]
     rows.append([layers, f"{times['scan'][0] * 1e3:.1f}", f"{times['unrolled'][0] * 1e3:.1f}", f"{ratio:.3f}",

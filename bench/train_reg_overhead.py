@@ -33,7 +33,6 @@ def config_for(loss: str, regularizer: str, a):
 
 
 def main() -> None:
-  import jax  # pylint: disable=g-import-not-at-top
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--repeats", type=int, default=15)
   ap.add_argument("--batch", type=int, default=8)
@@ -46,20 +45,10 @@ def main() -> None:
   batch = tb.preference_batch(a.batch, prompt, a.seq - prompt - 1, a.vocab)
   variants = {"dpo": ("dpo", "none"), "dpo_reg": ("dpo", "treg"), "simpo": ("simpo", "none"),
               "simpo_reg": ("simpo", "treg")}
-  runners, flops, states = {}, {}, {}
+  runners, flops = {}, {}
   for name, (loss, reg) in variants.items():
-    step, state, place, _ = tb.trainer_step(config_for(loss, reg, a))
-    placed = place(batch)
-    compiled = step.lower(state, placed).compile()
+    runners[name], compiled, _ = tb.compiled_runner(config_for(loss, reg, a), batch)
     flops[name] = float(compiled.cost_analysis().get("flops", float("nan")))
-    states[name] = state
-
-    def run(name=name, compiled=compiled, place=place):
-      states[name], m = compiled(states[name], place(batch))
-      jax.block_until_ready((states[name], m))
-
-    run()  # warm-up
-    runners[name] = run
   times = sc.timed_interleaved(runners, a.repeats)
   rows = []
   for base, reg in (("dpo", "dpo_reg"), ("simpo", "simpo_reg")):
