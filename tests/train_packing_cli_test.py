@@ -35,9 +35,10 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 CONFIG = os.path.join(ROOT, "configs", "tiny_dpo.py")
 BETA, ALPHA = 0.1, 0.25  # configs/tiny_dpo.py's DPO-REG
 ROWS = 2  # packed rows per global batch
-# One epoch over the 16 training pairs; the short last batch keeps its padding row (drop_remainder=False).
+# One epoch over the training pairs; the short last batch keeps its padding row (drop_remainder=False); evaluation
+# on the validation split (packed too) at the end.
 PACKED = {"data.packing": "True", "data.max_segments": "4", "data.batch_size": str(ROWS),
-          "data.drop_remainder": "False", "data.eval_split": "", "train.steps": "-1", "checkpoint.every": "2",
+          "data.drop_remainder": "False", "data.eval_split": "validation", "train.steps": "-1", "checkpoint.every": "2",
           "checkpoint.keep": "10", "optimizer.schedule": "constant", "optimizer.lr": "0.01",
           "optimizer.eps": "1e-4"}
 
@@ -60,9 +61,9 @@ def _run_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def _records(config) -> list[dict]:
+def _records(config, split: str = "train") -> list[dict]:
   from tregjax.data import tfds_builder
-  source = tfds_builder.data_source(config.data.cache_dir, config.data.train_split)
+  source = tfds_builder.data_source(config.data.cache_dir, split)
   return [source[i] for i in range(len(source))]
 
 
@@ -149,6 +150,39 @@ def test_packed_cli_epoch_trains_every_pair_once_and_step_one_equals_the_unpacke
   for k, v in want.items():  # float32 packed forward vs float64 log-softmax of transformers' float32 logits
     np.testing.assert_allclose(metrics[1][k], v, rtol=2e-5, atol=1e-6, err_msg=k)
   assert abs(want["loss/regularizer"]) > 1e-4  # T-REG is on (atol 1e-6 is under 1% of it)
+
+
+def test_packed_evaluation_covers_the_validation_split_and_equals_the_unpacked_loss(packed_run, tmp_path):
+  """The end-of-run evaluation (packed rows of the validation split) equals transformers on the exported trained
+  model, one pair per row, over every validation pair (rtol 2e-5: float32 vs float64 log-softmax)."""
+  config = _run_config(packed_run)
+  records = _records(config, "validation")
+  assert len(records) >= 4
+  with open(os.path.join(packed_run, "metrics.jsonl"), encoding="utf-8") as f:
+    evals = [r for r in map(json.loads, f) if "eval/loss/total" in r]
+  assert len(evals) == 1 and evals[0]["step"] == max(tc.metrics_by_step(packed_run))
+  from tregjax import export  # pylint: disable=g-import-not-at-top
+  trained = AutoModelForCausalLM.from_pretrained(export.export(packed_run, str(tmp_path / "hf")),
+                                                 dtype=torch.float32).eval()
+  want = _np_dpo_reg(trained, records)
+  assert abs(want["loss/total"] - np.log(2)) > 1e-3  # the policy moved away from the reference
+  for k, v in want.items():
+    np.testing.assert_allclose(evals[0][f"eval/{k}"], v, rtol=2e-5, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_evaluation_batches_keep_the_remainder_under_drop_remainder(packed_run, packing):
+  """drop_remainder is for training; an evaluation that dropped a short last batch would score a subset (or, with
+  fewer rows than a batch, nothing). Every validation pair is evaluated exactly once."""
+  from tregjax.training import trainer  # pylint: disable=g-import-not-at-top
+  config = _run_config(packed_run)
+  records = _records(config, "validation")
+  # Unpacked: a short last batch (5 pairs, batches of 4); packed: fewer rows (<= pairs) than one batch of 8.
+  config.data.drop_remainder, config.data.packing, config.data.batch_size = True, packing, 8 if packing else 4
+  assert len(records) % 4 and len(records) < 8
+  key_to_record = {_key(r): i for i, r in enumerate(records)}
+  batches = list(trainer.default_data(config, "validation", 0, 1))
+  assert sorted(i for b in batches for i in _pairs_of(b, key_to_record)) == list(range(len(records)))
 
 
 def test_packed_cli_run_resumed_mid_epoch_continues_with_the_same_packed_rows(world, packed_run, tmp_path):

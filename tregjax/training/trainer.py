@@ -103,12 +103,16 @@ def random_init(config: ml_collections.ConfigDict):
 
 
 def default_data(config: ml_collections.ConfigDict, split: str, process_index: int, process_count: int) -> Iterator:
-  """The grain pipeline over the scored cache (preference) or the tokenized dataset (sft / reward_model)."""
+  """The grain pipeline over the scored cache (preference) or the tokenized dataset (sft / reward_model).
+
+  An evaluation split is read once, in order, and whole: `data.drop_remainder` applies to training only (its short
+  last batch ends in all-padding rows, which the loss weighs out).
+  """
   from tregjax.data import pipeline  # pylint: disable=g-import-not-at-top
   train = split == config.data.train_split
   return pipeline.make_iterator(config.data, split=split, objective=config.objective, process_index=process_index,
                                 process_count=process_count, num_epochs=None if train else 1,
-                                shuffle=None if train else False)
+                                shuffle=None if train else False, drop_remainder=None if train else False)
 
 
 def check_scored_cache(config: ml_collections.ConfigDict) -> None:
