@@ -3,14 +3,15 @@
 
 Goldens: the training records read from the cache (every pair consumed once per epoch, as many pairs per step as the
 step reports); transformers' own forward of the step-1 pairs, one pair per row, with the cached reference log-probs
-and token rewards put through the DPO-REG formula in numpy (the step-1 loss; the policy starts from the reference);
+and token rewards put through the DPO-REG formula in numpy (the step-1 loss; the policy starts from the reference),
+and the same for the exported trained model over every validation pair (the packed end-of-run evaluation);
 the uninterrupted run (a run resumed mid-epoch logs the same steps bitwise); the single-process run (2 processes, same
 global batch of packed rows).
 
 Tolerance of 2 processes vs 1 (their batch means are cross-process float32 sums): losses and grad norms rtol 1e-5,
-reward margins atol 5e-6, the (3e-5 small) eval regulariser atol 1e-8, parameters atol 1e-6 after a 4-step epoch at lr 1e-2 (1e-4 of one step's size;
-optimizer.eps = 1e-4 keeps float32 noise in near-zero gradients from becoming ±lr sign updates in Adam's first steps).
-"""
+reward margins atol 5e-6, the (3e-5 small) eval regulariser atol 1e-8, parameters atol 1e-6 after a 4-step epoch at
+lr 1e-2 (1e-4 of one step's size; optimizer.eps = 1e-4 keeps float32 noise in near-zero gradients from becoming ±lr
+sign updates in Adam's first steps)."""
 
 import json
 import os
@@ -87,7 +88,7 @@ def _pairs_of(batch, key_to_record: dict) -> list[int]:
     chosen, rejected = _segments(batch.chosen, row), _segments(batch.rejected, row)
     assert len(chosen) == len(rejected), f"row {row}: {len(chosen)} chosen vs {len(rejected)} rejected segments"
     for c, r in zip(chosen, rejected):
-      assert (c, r) in key_to_record, f"row {row}: a packed segment pair that is no training record"
+      assert (c, r) in key_to_record, f"row {row}: a packed segment pair that is no record of the split"
       out.append(key_to_record[(c, r)])
   return out
 
