@@ -218,6 +218,9 @@ def test_two_processes_train_the_packed_single_process_run(world, packed_run, tm
                          sys.executable, "-m", "tregjax.train", *_train_args(world, multi)],
                         env=tc.worker_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-4000:]
+  # Both processes found jax's preemption service (on by default) through its public API.
+  assert sum(f"[p{i}] " in l and "preemption handling: jax_service" in l
+             for i in range(2) for l in proc.stdout.splitlines()) == 2, proc.stdout[-4000:]
   one, two = tc.metrics_by_step(packed_run), tc.metrics_by_step(multi)
   assert sorted(two) == sorted(one)
   steps = sorted(one)
