@@ -69,6 +69,7 @@ def _bad(**changes):
     ({"data.buckets": (128, 64)}, r"strictly increasing"),
     ({"data.buckets": (64, 128), "data.max_length": 256}, r"max_length=256 does not fit the largest bucket 128"),
     ({"optimizer.warmup_steps": 10, "optimizer.warmup_ratio": 0.1}, r"not both"),
+    ({"model.overrides": {"scan_layers": False}}, r"overrides.scan_layers is set by .*config.model.scan_layers"),
 ])
 def test_inconsistent_config_is_refused_with_the_field_named(changes, message):
   with pytest.raises(config_lib.ConfigError, match=message):

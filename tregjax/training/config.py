@@ -51,12 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
   # With data.packing: at most this many pairs per packed row (the pipeline stops filling a row there). The step
   # computes per-pair values over K static segment slots ([B, K, T] masked copies of the per-token arrays).
   c.data.max_segments = 16
-  # The scoring pass's keys (tregjax.score.default_score_config): one config file drives score and train, and the
-  # trainer recomputes the cache hash from them to refuse a stale cache.
-  from tregjax import score as score_lib  # pylint: disable=g-import-not-at-top
-  c.score = score_lib.default_score_config()
-
-  # The scoring pass's keys (contrastive prompts, token-reward source, buckets, shards): tregjax.score.
+  # The scoring pass's keys (contrastive prompts, token-reward source, buckets, shards: tregjax.score): one config
+  # file drives score and train, and the trainer recomputes the cache hash from them to refuse a stale cache.
   from tregjax import score as score_lib  # pylint: disable=g-import-not-at-top
   c.score = score_lib.default_score_config()
 
@@ -171,6 +167,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
     raise ConfigError("config.model: set hf_path (a local checkpoint) or preset (random init)")
   if config.model.overrides and config.model.hf_path:
     raise ConfigError("config.model.overrides applies to a preset only; it cannot change a pretrained checkpoint")
+  model_overrides(config)  # refuses overrides of fields the trainer's own keys set
 
   # The loss options are checked by their own dataclass (one place for their rules).
   from tregjax import losses  # pylint: disable=g-import-not-at-top
@@ -250,8 +247,16 @@ def objective_options(config: ml_collections.ConfigDict):
   return losses.ObjectiveOptions(**config.loss.to_dict())
 
 
+# ModelConfig fields the trainer sets from its own `model.*` keys; an override of them would be silently replaced.
+_TRAINER_SET_FIELDS = {"remat": "model.remat", "scan_layers": "model.scan_layers"}
+
+
 def model_overrides(config: ml_collections.ConfigDict) -> dict:
-  return dict(config.model.overrides.to_dict()) if config.model.overrides else {}
+  overrides = dict(config.model.overrides.to_dict()) if config.model.overrides else {}
+  for field, key in _TRAINER_SET_FIELDS.items():
+    if field in overrides:
+      raise ConfigError(f"config.model.overrides.{field} is set by the trainer key config.{key}; set that instead")
+  return overrides
 
 
 __all__ = ["base_config", "validate", "ConfigError", "resolved_mesh_shape", "objective_options", "model_overrides"]
