@@ -25,8 +25,25 @@ VARIANTS = {"dpo": dict(loss="dpo", regularizer="none"), "dpo_reg": dict(loss="d
             "tgdpo": dict(loss="tgdpo", regularizer="none")}
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def step_config(args: argparse.Namespace, variant: str):
+  """The trainer config of one variant: FSDP over every local device, one length bucket of `args.seq`."""
+  from tregjax.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.base_config()
+  config.model.preset = args.preset
+  config.model.overrides.update(json.loads(args.overrides))
+  config.model.dtype = args.dtype
+  config.model.remat = args.remat
+  config.model.scan_layers = not args.unrolled
+  config.loss.update(VARIANTS[variant])
+  config.data.batch_size = args.pairs
+  config.data.max_length = args.seq
+  config.data.buckets = (args.seq,)
+  config.train.logits_chunk_size = args.chunk
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
+  return config
+
+
+def add_step_args(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--preset", default="tiny_llama")
   parser.add_argument("--overrides", default="{}", help="JSON dict of ModelConfig overrides")
   parser.add_argument("--pairs", type=int, default=8)
@@ -34,28 +51,23 @@ def main():
   parser.add_argument("--dtype", default="float32")
   parser.add_argument("--remat", default="none")
   parser.add_argument("--chunk", type=int, default=512)
+  parser.add_argument("--unrolled", action="store_true", help="config.model.scan_layers=False")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  add_step_args(parser)
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--variants", default="dpo,dpo_reg")
   args = parser.parse_args()
 
   import jax
-  from tregjax.training import config as config_lib
   from tregjax.training import metrics as metrics_lib
   from tregjax.training import trainer
 
   rows = []
   for name in args.variants.split(","):
-    config = config_lib.base_config()
-    config.model.preset = args.preset
-    config.model.overrides.update(json.loads(args.overrides))
-    config.model.dtype = args.dtype
-    config.model.remat = args.remat
-    config.loss.update(VARIANTS[name])
-    config.data.batch_size = args.pairs
-    config.data.max_length = args.seq
-    config.data.buckets = (args.seq,)
-    config.train.logits_chunk_size = args.chunk
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1  # FSDP over every local device
+    config = step_config(args, name)
     cfg = trainer.model_config(config)
     prompt = args.seq // 4
     batch = tb.preference_batch(args.pairs, prompt, args.seq - prompt - 1, cfg.vocab_size)
