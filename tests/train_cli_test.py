@@ -94,3 +94,11 @@ def test_score_train_export_round_trip_matches_transformers(world, tmp_path):
                f"--workdir={tmp_path / 'stale'}", expect_ok=False)
   assert stale.returncode != 0
   assert "StaleCacheError" in stale.stderr and "changed inputs: prompts" in stale.stderr
+
+
+def test_library_modules_import_together_without_flag_clashes():
+  """`tregjax.export.export` is a library function: importing it next to `tregjax.train` (both CLIs take
+  --workdir) must not raise absl's DuplicateFlagError, as it did when export defined its flags at import."""
+  proc = subprocess.run([sys.executable, "-c", "import tregjax.train, tregjax.score, tregjax.generate, tregjax.export"],
+                        env=tc.worker_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]

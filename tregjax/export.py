@@ -13,11 +13,15 @@ import os
 from absl import app
 from absl import flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by `python -m tregjax.train`.")
-_OUT = flags.DEFINE_string("out", None, "Output Hugging Face directory.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Saved tensor dtype.")
-flags.mark_flags_as_required(["workdir", "out"])
+
+def _define_flags() -> None:
+  """CLI flags, defined only when run as a program: importing `export` next to `tregjax.train` (which owns
+  --workdir in that process) must not clash."""
+  flags.DEFINE_string("workdir", None, "Run directory written by `python -m tregjax.train`.")
+  flags.DEFINE_string("out", None, "Output Hugging Face directory.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Saved tensor dtype.")
+  flags.mark_flags_as_required(["workdir", "out"])
 
 
 def tokenizer_dir(config) -> str | None:
@@ -52,8 +56,10 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-  export(_WORKDIR.value, _OUT.value, step=_STEP.value, dtype=_DTYPE.value)
+  f = flags.FLAGS
+  export(f.workdir, f.out, step=f.step, dtype=f.dtype)
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
