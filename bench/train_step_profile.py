@@ -1,16 +1,18 @@
 """Where the trainer's step spends its time: device time per op category, from a profiler trace of the real step.
 
     python bench/train_step_profile.py                     # CPU: tiny Llama, f32
-    python bench/train_step_profile.py --preset llama3p2_1b --pairs 8 --seq 2048 --dtype bfloat16 --remat dots --chunk 512
+    python bench/train_step_profile.py --preset llama3p2_1b --pairs 8 --seq 2048 --dtype bfloat16 \
+        --remat dots --chunk 512   # GPU
 
 The step and its arguments are those of bench/train_step_mfu.py. Runs `--steps` steps under `jax.profiler.trace`,
 maps every traced op (the `hlo_op` of each trace event) to its instruction in the compiled module, and sums time per
 category: matmul (dots, GEMM custom calls, fusions around a dot), attention kernel (fused-attention custom calls),
 reductions (fusions holding a reduce: log-softmax, norms, softmax), copies/transposes (fusions whose result is a
-layout change), scan buffers (dynamic slices and updates, zero-filled stacks), collectives, other fusions. Control-flow ops (while, conditional, call) are left out:
-their bodies' ops are traced on their own. The matmul row also gives the dots' own FLOP/s (FLOPs from the HLO dot
-shapes), so the gap between matmul efficiency and the step's MFU (bench/train_step_mfu.py) is visible.
-On CPU several ops run at once on the thread pool, so shares are of summed op time, not of wall time.
+layout change), scan buffers (dynamic slices and updates, zero-filled stacks), collectives, other fusions.
+Control-flow ops (while, conditional, call) are left out: their bodies' ops are traced on their own. The matmul row
+also gives the dots' own FLOP/s (FLOPs from the HLO dot shapes), so the gap between matmul efficiency and the step's
+MFU (bench/train_step_mfu.py) is visible. On CPU several ops run at once on the thread pool, so shares are of summed
+op time, not of wall time.
 Writes bench/out/train_step_profile.json.
 """
 
@@ -159,7 +161,8 @@ def main() -> None:
   device = jax.devices()[0].device_kind
   md = (f"### Where the training step's time goes ({args.variant}, {args.preset}, {args.dtype}, {device})\n\n"
         f"`python bench/train_step_profile.py --preset {args.preset} --pairs {args.pairs} --seq {args.seq} --dtype "
-        f"{args.dtype} --remat {args.remat} --chunk {args.chunk}{' --unrolled' if args.unrolled else ''}` ({sc.today()}, {sc.machine()}). Median wall "
+        f"{args.dtype} --remat {args.remat} --chunk {args.chunk}{' --unrolled' if args.unrolled else ''}` "
+        f"({sc.today()}, {sc.machine()}). Median wall "
         f"{wall * 1e3:.1f} ms per step; summed op time {total * 1e3:.1f} ms per step; model FLOPs (PaLM formula) "
         f"{model_flops / 1e12:.3f} TFLOP per step, HLO dot FLOPs {matmul_flops / 1e12:.3f} TFLOP.\n\n"
         + sc.table(["category", "ms / step", "share of op time", "matmul TFLOP/s"], rows))

@@ -42,19 +42,15 @@ def tregjax_config(batch: int, seq: int, scan_layers: bool = True):
 
 
 def time_tregjax(config, batch, steps: int) -> tuple[float, float]:
-  """(median step seconds, compile seconds)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  step, state, place, _ = tb.trainer_step(config)
-  t0 = time.perf_counter()
-  compiled = step.lower(state, place(batch)).compile()
-  compile_s = time.perf_counter() - t0
+  """(median step seconds, compile seconds); a step = batch placement + jitted step + block_until_ready."""
+  run, _, compile_s = tb.compiled_runner(config, batch)
+  for _ in range(2):  # warm-up, with compiled_runner's own step: 3 before timing
+    run()
   times = []
-  for i in range(steps + 3):
+  for _ in range(steps):
     t0 = time.perf_counter()
-    state, metrics = compiled(state, place(batch))
-    jax.block_until_ready((state, metrics))
-    if i >= 3:
-      times.append(time.perf_counter() - t0)
+    run()
+    times.append(time.perf_counter() - t0)
   return statistics.median(times), compile_s
 
 

@@ -85,7 +85,7 @@ def build_model_state(config: ml_collections.ConfigDict, mesh, *, abstract: bool
   if config.model.hf_path:
     # A causal-LM checkpoint trained as a reward model gets a fresh `score` head (num_labels from model_config).
     model = models.from_pretrained(config.model.hf_path, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
-                                   config_overrides={"remat": config.model.remat, "scan_layers": cfg.scan_layers,
+                                   config_overrides={"remat": cfg.remat, "scan_layers": cfg.scan_layers,
                                                      "num_labels": cfg.num_labels})
     _, params, extra = nnx.split(model, nnx.Param, ...)
     return graphdef, params, extra
