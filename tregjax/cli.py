@@ -1,10 +1,88 @@
-"""What every command-line entry point shares: readable logging without third-party noise."""
+"""What every command-line entry point shares: readable logging without third-party noise, and a one-line error
+(not a traceback) when the environment lacks a runtime package.
+
+This module imports only the standard library, so that
+`install_command_hooks` can run before any third-party import of a command.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import re
+import sys
+from typing import TYPE_CHECKING
 
-import ml_collections
+if TYPE_CHECKING:
+  import ml_collections
+
+# Exit status of a command whose environment lacks a runtime package (2 is bad input, 1 is absl's usage error).
+EXIT_MISSING_PACKAGE = 3
+
+# Import name -> distribution name (the name requirements.txt lists) where the two differ. tests/requirements_test.py
+# derives tregjax's third-party imports from the source and checks each one's distribution is in requirements.txt.
+DISTRIBUTIONS: dict[str, str] = {
+    "absl": "absl-py",
+    "orbax": "orbax-checkpoint",
+    "tensorflow_datasets": "tensorflow-datasets",
+    "yaml": "pyyaml",
+    "google": "protobuf",
+}
+
+
+def distribution_of(import_name: str) -> str:
+  """The pip distribution that provides top-level module `import_name`."""
+  top = import_name.split(".")[0]
+  return DISTRIBUTIONS.get(top, top)
+
+
+def missing_package(error: ImportError) -> str | None:
+  """The distribution an ImportError says is missing: `error.name` for a failed import, else the package a library
+  names in its own message (transformers: "apply_chat_template requires jinja2 to be installed")."""
+  if error.name:
+    name = error.name
+  else:
+    found = re.search(r"requires (?:the )?([A-Za-z0-9_.\-]+)(?: library)? to be installed", str(error))
+    if not found:
+      return None
+    name = found.group(1)
+  if name.split(".")[0] == "tregjax":  # a bug in tregjax itself, not the environment: keep the traceback
+    return None
+  return distribution_of(name)
+
+
+def missing_package_message(prog: str, error: ImportError) -> str:
+  """One line: which package to install, and that requirements.txt provides it."""
+  return (f"{prog}: error: the Python package {missing_package(error)!r} is not installed; "
+          "`pip install -r requirements.txt` (in the tregjax checkout) installs it")
+
+
+class _DropTorchBanner(logging.Filter):
+  """transformers announces at import that PyTorch is missing; tregjax never uses torch, so for its own commands the
+  line is noise. Only that record is dropped: every other transformers warning still shows."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("PyTorch was not found")
+
+
+def install_command_hooks(prog: str) -> None:
+  """For tregjax's own commands (`python -m tregjax.X`): drop the torch banner, and turn an ImportError that escapes
+  the command (even one raised by a module-level import, before `main` runs) into one line and EXIT_MISSING_PACKAGE."""
+  transformers_logger = logging.getLogger("transformers")
+  if not any(isinstance(f, _DropTorchBanner) for f in transformers_logger.filters):
+    transformers_logger.addFilter(_DropTorchBanner())
+  previous = sys.excepthook
+
+  def hook(kind, error, tb):
+    if not isinstance(error, ImportError) or missing_package(error) is None:
+      previous(kind, error, tb)
+      return
+    print(missing_package_message(prog, error), file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_MISSING_PACKAGE)  # an excepthook cannot raise SystemExit; the process is ending anyway
+
+  sys.excepthook = hook
 
 
 def setup_logging(level: int = logging.INFO) -> None:

@@ -55,7 +55,8 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = "flo
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+  from tregjax import cli  # pylint: disable=g-import-not-at-top
+  cli.setup_logging()
   f = flags.FLAGS
   export(f.workdir, f.out, step=f.step, dtype=f.dtype)
 
