@@ -127,6 +127,42 @@ def test_dpo_implicit_rewards_equal_beta_times_logp_difference(world, tmp_path):
     np.testing.assert_allclose(out["chosen_token_rewards"], 0.5 * (dpo - ref), atol=1e-4, rtol=0)
 
 
+def _parity_oracle(prompt_messages, response_ids):
+  """A hand-checkable oracle: +0.5 on even token ids, -0.5 on odd ones, 0 on the end-of-turn token (the last)."""
+  assert prompt_messages[-1]["role"] == "user"
+  out = np.where(np.asarray(response_ids) % 2 == 0, 0.5, -0.5).astype(np.float32)
+  out[-1] = 0.0
+  return out
+
+
+def test_oracle_rewards_are_the_callables_and_ref_logps_equal_transformers(world, tmp_path):
+  cfg = _config(world, tmp_path / "cache", source="oracle")
+  cfg.score.token_reward.oracle_id = "parity-v1"
+  got = _cache_records(score.run(cfg, oracle=_parity_oracle))
+  for rec, out in zip(world["records"], got):
+    for side in ("chosen", "rejected"):
+      prompt, response = _golden_ids(world, rec, side)
+      want = [0.5 if t % 2 == 0 else -0.5 for t in response[:-1]] + [0.0]
+      np.testing.assert_array_equal(out[f"{side}_token_rewards"], np.asarray(want, np.float32))
+      plain = _torch_response_logps(world["models"]["ref"], prompt, response)
+      np.testing.assert_allclose(out[f"ref_{side}_token_logps"], plain, atol=1e-4, rtol=0)
+    assert out["token_reward_source"] == b"oracle"
+  # The oracle's identity is part of the cache hash; a CLI config names it as "pkg.module:function".
+  other = _config(world, tmp_path / "cache", source="oracle")
+  other.score.token_reward.oracle_id = "parity-v2"
+  assert score.cache_hash(other) != score.cache_hash(cfg)
+  cfg.score.token_reward.oracle = "score_test:_parity_oracle"
+  assert score.resolve_oracle(score.score_section(cfg), None) is _parity_oracle
+
+
+def test_oracle_of_the_wrong_length_is_a_clear_error(world, tmp_path):
+  cfg = _config(world, tmp_path / "cache", source="oracle")
+  with pytest.raises(ValueError, match=r"train record 0: field 'chosen_token_rewards': the oracle returned shape \(2,\)"):
+    score.run(cfg, oracle=lambda messages, ids: np.zeros(2, np.float32))
+  with pytest.raises(ValueError, match="score.token_reward.oracle='pkg.module:function'"):
+    score.run(_config(world, tmp_path / "cache2", source="oracle"))
+
+
 @torch.no_grad()
 def test_r3hf_one_pass_equals_per_prefix_reward_model_loop(world, tmp_path):
   got = _cache_records(score.run(_config(world, tmp_path / "cache", source="r3hf")))

@@ -9,6 +9,10 @@ log-probs and their sum, for DPO-style losses) and, by `score.token_reward.sourc
   dpo_implicit  β·(log π_dpo(y_t) − log π_ref(y_t)) from a DPO-trained checkpoint (`token_reward.dpo_checkpoint`);
   r3hf          r_t = RM(x, y≤t) − RM(x, y<t) from a sequence reward model read at every position of ONE forward
                 (`token_reward.reward_model`; RM(x, y<1) = the score at the last prompt token);
+  oracle        rewards given by a Python callable `oracle(prompt_messages, response_ids) -> float[len(ids)]`
+                (`run(config, oracle=)` or `token_reward.oracle="pkg.module:function"`): ground-truth token labels
+                where a task has them (e.g. +0.5 correct / −0.5 wrong / 0 unlabelled), the ceiling of token-level
+                regularisation when the token rewards are perfect;
   none          reference log-probs only (rewards are zeros).
 A response's ids are the same in every context (never re-tokenized), so token t is the same token under each prompt.
 
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import json
 import logging
 import os
@@ -50,7 +55,7 @@ from tregjax.data.tokenize import ChatTokenizer, with_instruction
 
 log = logging.getLogger("tregjax.score")
 
-SOURCES = ("contrastive", "dpo_implicit", "r3hf", "none")
+SOURCES = ("contrastive", "dpo_implicit", "r3hf", "oracle", "none")
 CACHE_FORMAT_VERSION = 1
 CACHE_META = "cache_meta.json"
 BETTER_INSTRUCTION = ("You are a helpful assistant. Your response must be helpful, correct, coherent, and concise.")
@@ -64,7 +69,9 @@ def default_score_config() -> ml_collections.ConfigDict:
       better_instruction=BETTER_INSTRUCTION,  # contrastive prompt texts (T-REG: the model judges its own tokens)
       worse_instruction=WORSE_INSTRUCTION,
       instruction_role="auto",  # "system" | "user" (prefix of the first user turn) | "auto" (system if supported)
-      token_reward=dict(source="contrastive", beta=0.1, dpo_checkpoint="", reward_model=""),
+      # oracle: "pkg.module:function" (source="oracle" without run(..., oracle=)); oracle_id: what names the oracle in
+      # the cache hash (code cannot be hashed: change it when the labels change)
+      token_reward=dict(source="contrastive", beta=0.1, dpo_checkpoint="", reward_model="", oracle="", oracle_id=""),
       batch_size=256,  # max rows per jitted call (a response has 3 rows for contrastive)
       # max padded positions per jitted call (rows = batch_tokens // T, at least the dp size); 0 = per data-parallel
       # device 1024 on CPU (the attention scores of a call then stay in cache: measured fastest) and 16384 elsewhere
@@ -136,6 +143,8 @@ def cache_components(config: ml_collections.ConfigDict, dataset_dir: str | None 
     source.update(beta=float(tr.beta), dpo_checkpoint=hashing.hash_path(tr.dpo_checkpoint))
   if tr.source == "r3hf":
     source.update(reward_model=hashing.hash_path(tr.reward_model))
+  if tr.source == "oracle":
+    source.update(oracle=tr.oracle, oracle_id=tr.oracle_id)
   prompts = dict(better=s.better_instruction, worse=s.worse_instruction, role=s.instruction_role) \
       if tr.source == "contrastive" else {}
   return dict(
@@ -463,12 +472,43 @@ def _shard_records(arrays: dict[str, np.ndarray]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------- driver
 
 
-def run(config: ml_collections.ConfigDict) -> str:
+Oracle = Callable[[list[dict[str, str]], list[int]], np.ndarray]
+
+
+def resolve_oracle(s: ml_collections.ConfigDict, oracle: Oracle | None) -> Oracle | None:
+  """The token-reward oracle of source="oracle": the `oracle` argument, else `score.token_reward.oracle`."""
+  if s.token_reward.source != "oracle":
+    if oracle is not None:
+      raise ValueError("an oracle was passed but score.token_reward.source is "
+                       f"{s.token_reward.source!r}, not 'oracle'")
+    return None
+  if oracle is None:
+    module, _, name = s.token_reward.oracle.partition(":")
+    if not name:
+      raise ValueError("score.token_reward.source='oracle' needs score.token_reward.oracle='pkg.module:function' "
+                       "(or run(config, oracle=...))")
+    oracle = getattr(importlib.import_module(module), name)
+  return oracle
+
+
+def oracle_rewards(oracle: Oracle, record: dict[str, Any], side: str, where: str) -> np.ndarray:
+  """The oracle's float32 rewards for one response, checked: one finite value per response id."""
+  ids = [int(x) for x in record[f"{side}_ids"]]
+  rewards = np.asarray(oracle(json.loads(_text(record["prompt_messages"])), ids), np.float32)
+  if rewards.shape != (len(ids),) or not np.all(np.isfinite(rewards)):
+    raise ValueError(f"{where}: field '{side}_token_rewards': the oracle returned shape {rewards.shape} (finite: "
+                     f"{bool(np.all(np.isfinite(rewards)))}) for a response of {len(ids)} tokens")
+  return rewards
+
+
+def run(config: ml_collections.ConfigDict, *, oracle: Oracle | None = None) -> str:
   """Score the tokenized dataset of `config` into `data.cache_dir`; returns that directory (resumable).
 
   The returned directory is what `data.cache_dir` should name for training (`pipeline.make_iterator` resolves it).
+  `oracle`: the token-reward callable of source="oracle" (else `score.token_reward.oracle` names one).
   """
   s = score_section(config)
+  oracle = resolve_oracle(s, oracle)
   cache_dir = data_build.data_section(config).get("cache_dir", "")
   if not cache_dir:
     raise ValueError("set data.cache_dir (where the scored cache is written)")
@@ -514,6 +554,10 @@ def run(config: ml_collections.ConfigDict) -> str:
       indices = range(k * shard_size, min((k + 1) * shard_size, len(sources[sp])))
       units = [u for i in indices for u in units_of(sources[sp][i], contexts)]
       results = scorer.score_units(units, on_tokens)
+      if oracle is not None:  # the reference's log-probs from the pass, the token rewards from the oracle
+        results = [(ref, total, oracle_rewards(oracle, sources[sp][indices[n // 2]], ("chosen", "rejected")[n % 2],
+                                               f"{sp} record {indices[n // 2]}"))
+                   for n, (ref, total, _) in enumerate(results)]
       _write_shard(_shard_path(cache_dir, sp, k), digest, indices, results)
       bar.update(len(indices))
     bar.close()
