@@ -15,16 +15,37 @@ def test_demo_runs_end_to_end_and_its_error_mass_matches_torch(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT)
   proc = subprocess.run(
       [sys.executable, "-m", "tregjax.train", "--config", "configs/demo.py:runlocal", "--workdir", str(workdir),
-       "--config.logging.progress_bar=False", "--config.demo.arms=('dpo','dpo_reg')"],
+       "--config.logging.progress_bar=False"],
       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-  assert "DPO-REG error mass" in proc.stdout
-  results = json.loads((workdir / "demo_results.json").read_text())
-  assert set(results["results"]) == {"reference", "dpo", "dpo_reg"}
-  for arm in ("dpo", "dpo_reg"):
+  assert "DPO-REG error mass" in proc.stdout and "token-reward source" in proc.stdout
+  results = json.loads((workdir / "results.json").read_text())
+  assert set(results["policies"]) == {"reference", "dpo", "dpo_reg", "dpo_reg_oracle"}
+  for arm in ("dpo", "dpo_reg", "dpo_reg_oracle"):
     assert results["arms"][arm]["step"] == 4
-    assert 0.0 <= results["results"][arm]["error_mass"] <= 1.0
-  ref = results["results"]["reference"]
+    assert 0.0 <= results["policies"][arm]["error_mass"] <= 1.0
+  # The token-credit table: the oracle's own rewards separate its truth perfectly (AUC 1 is an exact check that the
+  # runner pairs every cache's rewards with the right tokens); every source was scored on the same responses.
+  credit = results["token_credit"]["sources"]
+  assert set(credit) == {"contrastive", "dpo_implicit", "r3hf", "oracle", "chance"}
+  assert credit["oracle"]["auc"] == 1.0 and credit["oracle"]["low"] == 1.0
+  assert credit["oracle"]["mean_correct"] == 0.5 and credit["oracle"]["mean_error"] == -0.5
+  for source in credit.values():
+    assert source["low"] <= source["auc"] <= source["high"]
+  for artifact in ("plot.png", "heatmap.html"):
+    assert (workdir / artifact).stat().st_size > 1000
+  # A second run reuses every stage (no DONE marker rewritten: nothing retrained or rescored) and rebuilds the same
+  # report.
+  markers = {p: p.stat().st_mtime_ns for p in workdir.rglob("DONE")}
+  assert len(markers) >= 9  # world, reference, 5 scored caches, 3 arms, the reward model
+  again = subprocess.run(
+      [sys.executable, "-m", "tregjax.train", "--config", "configs/demo.py:runlocal", "--workdir", str(workdir),
+       "--config.logging.progress_bar=False"],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert {p: p.stat().st_mtime_ns for p in workdir.rglob("DONE")} == markers
+  assert json.loads((workdir / "results.json").read_text())["policies"] == results["policies"]
+  ref = results["policies"]["reference"]
   assert -0.5 <= ref["self_generated_reward_mean_error"] <= 0.5
 
   # Independent golden: the exported reference in transformers (torch) on the same held-out correct walks.
@@ -78,4 +99,4 @@ def test_demo_runs_end_to_end_and_its_error_mass_matches_torch(tmp_path):
   np.testing.assert_allclose(ref["greedy_error_rate"], np.mean(errors), rtol=0,
                              atol=(demo.eval_prompts - compared) / demo.eval_prompts + 1e-12)
   for arm in ("reference", "dpo", "dpo_reg"):
-    assert 0.0 <= results["results"][arm]["sampled_error_rate"] <= 1.0
+    assert 0.0 <= results["policies"][arm]["sampled_error_rate"] <= 1.0

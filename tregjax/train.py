@@ -56,9 +56,9 @@ def main(argv: list[str]) -> None:
       jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
     jax.distributed.initialize(**kwargs)
   workdir = _WORKDIR.value or default_workdir()
-  if "demo" in _CONFIG.value:  # the embedded synthetic world: several stages, each a training.run
-    from tregjax.synthetic import demo  # pylint: disable=g-import-not-at-top
-    demo.run(_CONFIG.value, workdir)
+  if "experiment" in _CONFIG.value:  # stages -> arms -> evaluation -> report (configs/demo.py, smollm2_arith.py)
+    from tregjax.experiments import runner  # pylint: disable=g-import-not-at-top
+    runner.run(_CONFIG.value, workdir)
     return
   from tregjax import training  # pylint: disable=g-import-not-at-top
   summary = training.run(_CONFIG.value, workdir)

@@ -1,8 +1,10 @@
-"""The embedded default run: build the synthetic world, SFT a reference, score pairs, train each arm, compare.
+"""The embedded default: the synthetic world as a task of the experiment runner (tregjax.experiments.runner).
 
 Every stage is the project's real machinery (tokenizer + chat template, TFDS dataset, the scoring pass with contrastive
-prompts, the trainer with Orbax checkpoints); only the data are synthetic. Stages are cached in the workdir, so a
-second run (or a run resumed after a kill) skips what is already complete.
+prompts, the trainer with Orbax checkpoints); only the data are synthetic. This module supplies what is particular to
+the world: writing it and SFT-training a reference that reacts to the `careful`/`sloppy` system prompts (`prepare`),
+the oracle's token truth (`token_labels`), and the oracle metrics of each policy (`evaluate`). The runner does the
+rest: scoring for every token-reward source, the arms, the token-credit AUC table, the report.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -20,47 +23,18 @@ import numpy as np
 from flax import nnx
 
 from tregjax import losses
+from tregjax.experiments import runner, stats
 from tregjax.synthetic import world as world_lib
 
 log = logging.getLogger("tregjax.demo")
 
-# Arms: name -> overrides of config.loss. "dpo_reg" is T-REG; the others are the paper's baselines and ablations.
-ARMS: dict[str, dict[str, Any]] = {
-    "dpo": dict(loss="dpo", regularizer="none"),
-    "dpo_reg": dict(loss="dpo", regularizer="treg", weighting="dynamic"),
-    "dpo_reg_static": dict(loss="dpo", regularizer="treg", weighting="static"),
-    "dpo_sft": dict(loss="dpo", regularizer="sft"),
-    "tgdpo": dict(loss="tgdpo", regularizer="none"),
-    "simpo": dict(loss="simpo", regularizer="none"),
-    "simpo_reg": dict(loss="simpo", regularizer="treg"),
-}
-
 
 def demo_section() -> ml_collections.ConfigDict:
-  """Keys of `config.demo` (configs/demo.py sets them); everything else in the config is the trainer's."""
+  """Keys of `config.demo` (configs/demo.py sets them): the world and its SFT reference."""
   return ml_collections.ConfigDict(dict(
       num_symbols=32, response_length=10, world_seed=0, max_plain_error=0.4,
       sft_examples=6000, sft_steps=600, sft_lr=3e-3, sft_batch_size=64,
-      train_pairs=2048, eval_pairs=256, eval_prompts=256,
-      arms=("dpo", "dpo_reg", "dpo_reg_static", "dpo_sft")))
-
-
-def _stage_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The trainer's part of the demo config (a fresh, unlocked copy without the `demo` section)."""
-  d = config.to_dict()
-  d.pop("demo", None)
-  return ml_collections.ConfigDict(d)
-
-
-def _done(path: str) -> bool:
-  return os.path.exists(os.path.join(path, "DONE"))
-
-
-def _mark_done(path: str, info: dict | None = None) -> None:
-  tmp = os.path.join(path, "DONE.tmp")
-  with open(tmp, "w") as f:
-    json.dump(info or {}, f)
-  os.replace(tmp, os.path.join(path, "DONE"))
+      train_pairs=2048, eval_pairs=256, eval_prompts=256))
 
 
 def write_world(demo: ml_collections.ConfigDict, out: str) -> dict[str, str]:
@@ -68,8 +42,6 @@ def write_world(demo: ml_collections.ConfigDict, out: str) -> dict[str, str]:
   world = world_lib.World(demo.num_symbols, demo.response_length, demo.world_seed)
   paths = dict(tokenizer=os.path.join(out, "tokenizer"), sft=os.path.join(out, "sft.jsonl"),
                train=os.path.join(out, "pairs_train.jsonl"), eval=os.path.join(out, "pairs_eval.jsonl"))
-  if _done(out):
-    return paths
   os.makedirs(out, exist_ok=True)
   world_lib.write_tokenizer(world, paths["tokenizer"])
   rng = np.random.default_rng(demo.world_seed + 1)
@@ -87,7 +59,6 @@ def write_world(demo: ml_collections.ConfigDict, out: str) -> dict[str, str]:
                                                      seed=demo.world_seed + 3), paths["train"])
   world_lib.write_jsonl(world_lib.preference_records(world, demo.eval_pairs, demo.max_plain_error,
                                                      seed=demo.world_seed + 4), paths["eval"])
-  _mark_done(out)
   return paths
 
 
@@ -108,9 +79,7 @@ def train_reference(config, demo, paths, out: str) -> str:
   from tregjax import data, models  # pylint: disable=g-import-not-at-top
   from tregjax.training import trainer  # pylint: disable=g-import-not-at-top
   hf_dir = os.path.join(out, "hf")
-  if _done(out):
-    return hf_dir
-  stage = _stage_config(config)
+  stage = runner.trainer_config(config, "demo")
   stage.objective = "sft"
   _data_config(stage, paths["tokenizer"], paths["sft"], paths["eval"], os.path.join(out, "dataset"))
   data.build_dataset(stage)
@@ -125,42 +94,7 @@ def train_reference(config, demo, paths, out: str) -> str:
   models.save_pretrained(model, hf_dir)
   from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
   AutoTokenizer.from_pretrained(paths["tokenizer"], local_files_only=True).save_pretrained(hf_dir)
-  _mark_done(out, {"final_metrics": summary["final_metrics"]})
   return hf_dir
-
-
-def score_pairs(config, demo, paths, reference: str, out: str) -> str:
-  """The scoring pass: reference log-probs and contrastive token rewards (careful vs sloppy) for every pair."""
-  from tregjax import data, score  # pylint: disable=g-import-not-at-top
-  if _done(out):
-    return os.path.join(out, "cache")
-  stage = _stage_config(config)
-  _data_config(stage, paths["tokenizer"], paths["train"], paths["eval"], os.path.join(out, "dataset"))
-  stage.model.hf_path = reference
-  stage.model.overrides = ml_collections.ConfigDict()
-  stage.model.dtype = "float32"
-  data.build_dataset(stage)
-  stage.data.cache_dir = os.path.join(out, "cache")
-  cache = score.run(stage)
-  _mark_done(out)
-  return cache
-
-
-def train_arm(config, paths, reference: str, scored: str, arm: str, out: str):
-  """One arm from the reference. Model, tokenizer, prompts and dataset are the scoring stage's, so the trainer's
-  stale-cache check (`tregjax.score.check_cache`) accepts the cache."""
-  from tregjax.training import trainer  # pylint: disable=g-import-not-at-top
-  stage = _stage_config(config)
-  stage.objective = "preference"
-  _data_config(stage, paths["tokenizer"], paths["train"], paths["eval"], os.path.join(scored, "dataset"))
-  stage.model.hf_path = reference
-  stage.model.overrides = ml_collections.ConfigDict()  # the architecture now comes from the reference's config.json
-  stage.data.cache_dir = os.path.join(scored, "cache")
-  for key, value in ARMS[arm].items():
-    stage.loss[key] = value
-  summary = trainer.run(stage, out)
-  model = nnx.merge(summary["graphdef"], summary["state"].params, summary["state"].extra)
-  return model, summary
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -247,6 +181,10 @@ def evaluate(models_by_name: dict[str, Any], tokenizer_dir: str, demo, eval_pair
     logps = token_logps(model, batch[0], batch[1], batch[3])
     return float(np.mean(1.0 - np.exp(logps[batch[2]])))
 
+  def error_mass_interval(model, batch):  # over prompts (every correct walk has the same length)
+    per_prompt = np.where(batch[2], 1.0 - np.exp(token_logps(model, batch[0], batch[1], batch[3])), 0.0)
+    return stats.mean_interval(per_prompt.sum(1) / batch[2].sum(1))
+
   reference = models_by_name["reference"]
   reference_logps = token_logps(reference, pair_batch[0], pair_batch[1], pair_batch[3])[p_mask]
   results = {}
@@ -254,9 +192,10 @@ def evaluate(models_by_name: dict[str, Any], tokenizer_dir: str, demo, eval_pair
     credit = beta * (token_logps(model, pair_batch[0], pair_batch[1], pair_batch[3])[p_mask] - reference_logps)
     greedy, walks = generated_error_rate(model, tok, world, prompt_ids, tasks, 0.0, demo.world_seed)
     sampled, _ = generated_error_rate(model, tok, world, prompt_ids, tasks, 1.0, demo.world_seed)
-    results[name] = dict(error_mass=error_mass(model, (tokens, labels, mask, segments)),
+    mass, low, high = error_mass_interval(model, (tokens, labels, mask, segments))
+    results[name] = dict(error_mass=mass, error_mass_low=low, error_mass_high=high,
                          greedy_error_rate=greedy, sampled_error_rate=sampled,
-                         token_credit_auc=world_lib.auc(credit[~is_error], credit[is_error]))
+                         token_credit_auc=stats.auc(credit[~is_error], credit[is_error]))
     if name == "reference":
       results[name]["greedy_walks"] = [" ".join(w) for w in walks]
 
@@ -271,71 +210,102 @@ def evaluate(models_by_name: dict[str, Any], tokenizer_dir: str, demo, eval_pair
                                                              np.ones((1, len(logp_better)), bool)))[0]
   results["reference"].update(
       error_mass_with_better_instruction=error_mass(reference, instructed(better_instruction, prompts, correct)),
-      self_generated_reward_auc=world_lib.auc(self_rewards[~is_error], self_rewards[is_error]),
+      self_generated_reward_auc=stats.auc(self_rewards[~is_error], self_rewards[is_error]),
       self_generated_reward_mean_correct=float(self_rewards[~is_error].mean()),
       self_generated_reward_mean_error=float(self_rewards[is_error].mean()))
   return results
 
 
-def _table(results: dict, summaries: dict) -> str:
-  lines = [f"{'policy':<16} {'error mass':>11} {'Δ vs ref':>9} {'greedy err':>11} {'sampled err':>12} "
-           f"{'credit AUC':>11} {'eval acc':>9} {'eval margin':>12}"]
-  ref = results["reference"]["error_mass"]
-  for name, r in results.items():
-    ev = summaries.get(name, {}).get("eval_metrics", {}) if name != "reference" else {}
-    acc = ev.get("eval/rewards/accuracy", float("nan"))
-    margin = ev.get("eval/rewards/margin", float("nan"))
-    auc = r["token_credit_auc"] if name != "reference" else float("nan")
-    lines.append(f"{name:<16} {r['error_mass']:>11.4f} {r['error_mass'] - ref:>+9.4f} {r['greedy_error_rate']:>11.4f} "
-                 f"{r['sampled_error_rate']:>12.4f} {auc:>11.3f} {acc:>9.3f} {margin:>12.3f}")
-  return "\n".join(lines)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """The whole demo; returns and writes (workdir/demo_results.json) the comparison of the arms."""
-  from tregjax import models  # pylint: disable=g-import-not-at-top
-  demo = config.demo
-  unknown = [a for a in demo.arms if a not in ARMS]
-  if unknown:
-    raise ValueError(f"config.demo.arms: unknown {unknown}; choose from {sorted(ARMS)}")
-  os.makedirs(workdir, exist_ok=True)
-  t0 = time.perf_counter()
-  paths = write_world(demo, os.path.join(workdir, "world"))
-  print(f"[demo] world written to {os.path.join(workdir, 'world')}", flush=True)
-  reference = train_reference(config, demo, paths, os.path.join(workdir, "reference"))
-  print(f"[demo] reference (SFT) exported to {reference} ({time.perf_counter() - t0:.0f}s)", flush=True)
-  cache = score_pairs(config, demo, paths, reference, os.path.join(workdir, "scored"))
-  print(f"[demo] scored cache at {cache} ({time.perf_counter() - t0:.0f}s)", flush=True)
-  policies = {"reference": models.from_pretrained(reference, dtype=jnp.float32)}
-  summaries = {}
-  for arm in demo.arms:
-    model, summary = train_arm(config, paths, reference, os.path.join(workdir, "scored"), arm,
-                               os.path.join(workdir, "arms", arm))
-    policies[arm] = model
-    summaries[arm] = {k: summary[k] for k in ("final_metrics", "eval_metrics", "step")}
-    print(f"[demo] trained {arm} ({time.perf_counter() - t0:.0f}s)", flush=True)
-  results = evaluate(policies, paths["tokenizer"], demo, paths["eval"], beta=config.loss.beta,
-                     better_instruction=config.score.better_instruction,
-                     worse_instruction=config.score.worse_instruction)
-  table = _table(results, summaries)
-  ref = results["reference"]
-  print("\nError mass = mean over held-out prompts and positions of 1 − π(correct token | correct prefix) (lower is "
-        "better);\ngreedy / sampled err = the oracle's fraction of wrong positions in the policy's own greedy / "
-        "temperature-1 responses;\ncredit AUC = P(implicit token reward β·(log π − log π_ref) of a correct token > "
-        "that of an erroneous one) on held-out pairs.\n" + table +
-        f"\n\nreference with the better instruction: error mass {ref['error_mass_with_better_instruction']:.4f}; "
-        f"self-generated token rewards: AUC {ref['self_generated_reward_auc']:.3f}, mean r̂ on correct tokens "
-        f"{ref['self_generated_reward_mean_correct']:+.3f}, on errors {ref['self_generated_reward_mean_error']:+.3f}",
-        flush=True)
-  if "dpo" in results and "dpo_reg" in results:
-    dpo, reg = results["dpo"]["error_mass"], results["dpo_reg"]["error_mass"]
-    sampled_dpo, sampled_reg = results["dpo"]["sampled_error_rate"], results["dpo_reg"]["sampled_error_rate"]
-    verdict = "helps" if reg < dpo else "does not help"
-    print(f"\nToken-level regularisation {verdict} here: DPO-REG error mass {reg:.4f} vs DPO {dpo:.4f} "
-          f"({(reg - dpo) / max(dpo, 1e-12):+.0%}); in their own sampled responses {sampled_reg:.4f} vs "
-          f"{sampled_dpo:.4f}; results in {os.path.join(workdir, 'demo_results.json')}", flush=True)
-  out = dict(results=results, arms=summaries, seconds=time.perf_counter() - t0)
-  with open(os.path.join(workdir, "demo_results.json.tmp"), "w") as f:
-    json.dump(out, f, indent=2)
-  os.replace(os.path.join(workdir, "demo_results.json.tmp"), os.path.join(workdir, "demo_results.json"))
-  return out
+# ----------------------------------------------------------------------------------------- the runner's task
+
+
+COLUMNS = (("error_mass", "error mass", ".4f"), ("greedy_error_rate", "greedy err", ".4f"),
+           ("sampled_error_rate", "sampled err", ".4f"), ("token_credit_auc", "credit AUC", ".3f"),
+           ("eval_accuracy", "eval acc", ".3f"))
+
+
+class SyntheticTask:
+  """The synthetic world (tregjax/synthetic/world.py) for `tregjax.experiments.runner`."""
+  name = "synthetic"
+  section = "demo"
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.demo = config.demo
+    self.world = world_lib.World(self.demo.num_symbols, self.demo.response_length, self.demo.world_seed)
+    self._tok = None
+    self.tokenizer_dir = ""  # set by prepare
+
+  def prepare(self, config: ml_collections.ConfigDict, stages: runner.Stages) -> runner.Prepared:
+    """Write the world, then SFT a reference that reacts to the careful / sloppy system prompts."""
+    out = stages.path("world")
+    world_key = self.demo.to_dict()
+    if stages.done("world", world_key):
+      paths = dict(tokenizer=os.path.join(out, "tokenizer"), sft=os.path.join(out, "sft.jsonl"),
+                   train=os.path.join(out, "pairs_train.jsonl"), eval=os.path.join(out, "pairs_eval.jsonl"))
+    else:
+      started = time.perf_counter()
+      paths = write_world(self.demo, out)
+      stages.finish("world", started, key=world_key)
+    self.tokenizer_dir = paths["tokenizer"]
+    reference = os.path.join(stages.path("reference"), "hf")
+    reference_key = dict(world=world_key, trainer=runner.stage_key(runner.trainer_config(config, "demo")))
+    if not stages.done("reference", reference_key):
+      started = time.perf_counter()
+      train_reference(config, self.demo, paths, stages.path("reference"))
+      stages.finish("reference", started, key=reference_key)
+    return runner.Prepared(reference=reference, tokenizer=paths["tokenizer"], train_pairs=paths["train"],
+                           eval_pairs=paths["eval"], data=dict(max_prompt_length=16, max_length=32, buckets=(32,)))
+
+  def token_labels(self, prompt_messages: list[dict[str, str]], response_ids: Sequence[int]) -> np.ndarray:
+    """+1 / −1 per number token by the world's rule; 0 for the end-of-turn token."""
+    from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+    if self._tok is None:
+      self._tok = AutoTokenizer.from_pretrained(self.tokenizer_dir, local_files_only=True)
+    task, start = prompt_messages[-1]["content"].split()
+    words = self._tok.convert_ids_to_tokens([int(i) for i in response_ids])
+    numbers = [w for w in words if w.isdigit()]
+    if len(numbers) != len(words) - 1 or not words[-1] == world_lib.EOS:
+      raise ValueError(f"not a walk of this world: {words}")
+    errors = self.world.token_errors(task, int(start), np.array(numbers, int))
+    return np.concatenate([np.where(errors, -1, 1), [0]]).astype(np.int8)
+
+  def evaluate(self, config: ml_collections.ConfigDict, stages: runner.Stages, prepared: runner.Prepared,
+               policies: dict[str, str]) -> dict[str, Any]:
+    """The oracle metrics of every policy (see `evaluate`), a table, and the error mass per policy for the plot."""
+    from tregjax import models  # pylint: disable=g-import-not-at-top
+    from tregjax.experiments import report  # pylint: disable=g-import-not-at-top
+    loaded = {name: models.from_pretrained(path, dtype=jnp.float32) for name, path in policies.items()}
+    results = evaluate(loaded, prepared.tokenizer, self.demo, prepared.eval_pairs, beta=config.loss.beta,
+                       better_instruction=config.score.better_instruction,
+                       worse_instruction=config.score.worse_instruction)
+    results["reference"]["token_credit_auc"] = float("nan")  # β·(log π_ref − log π_ref) = 0: no ranking to score
+    for name in policies:
+      if name != "reference":
+        info = stages.info(f"arms/{name}")
+        results[name]["eval_accuracy"] = (info.get("eval_metrics") or {}).get("eval/rewards/accuracy", float("nan"))
+    ref = results["reference"]
+    lines = [f"{'policy':<34} " + " ".join(f"{h:>11}" for _, h, _ in COLUMNS) + f" {'Δ mass vs ref':>14}"]
+    for name, r in results.items():
+      label = runner.ARMS[name].label if name in runner.ARMS else "reference (SFT)"
+      lines.append(f"{label:<34} " + " ".join(f"{runner.fmt(r.get(k), f):>11}" for k, _, f in COLUMNS) +
+                   f" {r['error_mass'] - ref['error_mass']:>+14.4f}")
+    notes = [f"reference with the better instruction: error mass {ref['error_mass_with_better_instruction']:.4f}; "
+             f"its self-generated token rewards: AUC {ref['self_generated_reward_auc']:.3f}, mean r̂ on correct "
+             f"tokens {ref['self_generated_reward_mean_correct']:+.3f}, on errors "
+             f"{ref['self_generated_reward_mean_error']:+.3f} (held-out pairs)"]
+    if "dpo" in results and "dpo_reg" in results:
+      dpo, reg = results["dpo"]["error_mass"], results["dpo_reg"]["error_mass"]
+      verdict = "helps" if reg < dpo else "does not help"
+      notes.append(f"Token-level regularisation {verdict} here: DPO-REG error mass {reg:.4f} vs DPO {dpo:.4f} "
+                   f"({(reg - dpo) / max(dpo, 1e-12):+.0%}); in their own sampled responses "
+                   f"{results['dpo_reg']['sampled_error_rate']:.4f} vs {results['dpo']['sampled_error_rate']:.4f}")
+    header = ("error mass = mean over held-out prompts and positions of 1 − π(correct token | correct prefix) (lower "
+              "is better); greedy / sampled err = the oracle's fraction of wrong positions in the policy's own greedy /"
+              " temperature-1 responses; credit AUC = P(implicit token reward β·(log π − log π_ref) of a correct token"
+              " > that of an erroneous one) on held-out pairs.")
+    plot = [report.Estimate(runner.ARMS[n].label if n in runner.ARMS else "reference (SFT)", r["error_mass"],
+                            r["error_mass_low"], r["error_mass_high"]) for n, r in results.items()]
+    return dict(policies=results, table=header + "\n" + "\n".join(lines), notes=notes, plot=plot,
+                plot_title="error mass (lower is better)", plot_reference=ref["error_mass"])

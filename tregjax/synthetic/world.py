@@ -186,24 +186,3 @@ def write_jsonl(records: list[dict], path: str) -> str:
     os.fsync(f.fileno())
   os.replace(tmp, path)
   return path
-
-
-def auc(positive: np.ndarray, negative: np.ndarray) -> float:
-  """P(score of a random positive > a random negative), ties counted half (Mann-Whitney U / (n_pos·n_neg))."""
-  positive, negative = np.asarray(positive, np.float64), np.asarray(negative, np.float64)
-  if len(positive) == 0 or len(negative) == 0:
-    return float("nan")
-  scores = np.concatenate([positive, negative])
-  order = scores.argsort(kind="mergesort")
-  ranks = np.empty(len(scores))
-  sorted_scores = scores[order]
-  # average ranks for ties
-  i = 0
-  while i < len(scores):
-    j = i
-    while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-      j += 1
-    ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
-    i = j + 1
-  rank_sum = ranks[:len(positive)].sum()
-  return float((rank_sum - len(positive) * (len(positive) + 1) / 2.0) / (len(positive) * len(negative)))

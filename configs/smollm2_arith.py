@@ -1,0 +1,85 @@
+"""T-REG on a real model: SmolLM2-135M-Instruct on arithmetic word problems, with token-level ground truth.
+
+  python -m tregjax.train --config configs/smollm2_arith.py            (default: CPU-sized, README states its time)
+  python -m tregjax.train --config configs/smollm2_arith.py:tiny       (CI smoke: every stage's artifact, minutes)
+  python -m tregjax.train --config configs/smollm2_arith.py:large      (an accelerator: more problems, more steps)
+
+The experiment runner (tregjax/experiments/runner.py) with the arithmetic task (tregjax/tasks/arith_experiment.py):
+problems -> on-policy samples from SmolLM2 (5 per problem, the oracle's final-answer reward, best/worst pairs) ->
+the scoring pass (reference log-probs; contrastive token rewards under a careful-tutor vs careless-helper system
+prompt) -> every arm trained from SmolLM2 on the same pairs and steps -> token-credit AUC of every token-reward source
+against the oracle's equation truth -> greedy accuracy of every policy on held-out problems -> results.json,
+plot.png, heatmap.html in the workdir (default runs/smollm2_arith). Stages are cached: a rerun resumes.
+Seeds: `--config.seed=N` (training and sampling) and `--config.arith.seed=N` (the problems).
+"""
+
+import ml_collections
+
+from tregjax.experiments import runner
+from tregjax.tasks import arith
+from tregjax.tasks import arith_experiment
+from tregjax.training.config import base_config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = base_config()
+  c.arith = arith_experiment.default_arith_config()
+  c.experiment = runner.default_experiment_config()
+  c.experiment.task = "arith"
+  c.experiment.arms = ("dpo", "dpo_reg", "simpo", "simpo_reg", "tgdpo", "dpo_sft", "dpo_reg_static",
+                       "dpo_reg_implicit", "dpo_reg_oracle")
+  c.experiment.credit_policies = ("dpo", "dpo_reg")
+  c.experiment.reward_model_steps = 0  # R3HF's reward model: set > 0 (costs one more training run; see README)
+  c.experiment.reward_model_lr = 1e-5
+  c.seed = 0
+  c.model.dtype = "float32"  # this CPU has no bfloat16 units
+  c.model.scan_layers = False  # unrolled layer loop: faster CPU steps (bench/train_layer_loop.py)
+  c.loss.loss = "dpo"
+  c.loss.beta = 0.1
+  c.loss.alpha = 0.25  # the paper searched 0.1 / 0.25 / 0.5 (bench/smollm2_arith_seeds.py sweeps them)
+  c.optimizer.lr = 5e-6
+  c.optimizer.warmup_ratio = 0.1
+  c.optimizer.schedule = "cosine"
+  c.optimizer.grad_clip = 1.0
+  c.data.batch_size = 8
+  c.data.max_prompt_length = 96
+  c.data.max_length = 192
+  c.data.buckets = (128, 192)
+  c.data.eval_split = ""
+  c.train.steps = -1  # one epoch over the pairs
+  c.data.epochs = 1
+  c.train.log_every = 5
+  c.train.logits_chunk_size = 128
+  c.checkpoint.every = 10
+  c.checkpoint.keep = 1
+  c.logging.progress_bar = True
+  # T-REG's contrastive prompts, written for this task (a system message replaces SmolLM2's default one).
+  c.score.better_instruction = arith.SYSTEM_CAREFUL
+  c.score.worse_instruction = arith.SYSTEM_CARELESS
+  c.score.instruction_role = "system"
+  c.score.buckets = (128, 192)
+  c.score.chunk_size = 128
+  c.score.token_reward.beta = c.loss.beta
+  if arg == "tiny":  # CI smoke: every stage and artifact, a handful of problems and steps
+    c.arith.train_prompts, c.arith.eval_prompts, c.arith.levels = 16, 8, (1,)
+    c.arith.num_samples, c.arith.max_new_tokens = 4, 64
+    c.arith.sample_batch_size, c.arith.eval_batch_size = 64, 8
+    c.experiment.arms = ("dpo", "dpo_reg", "dpo_reg_oracle")
+    c.experiment.credit_policies = ("dpo",)
+    c.experiment.heatmap_rows = 4
+    c.data.batch_size = 1  # a handful of pairs: every one of them makes a batch
+    c.train.steps = 2
+    c.train.log_every = 1
+  elif arg == "large":  # an accelerator: bfloat16, more problems, longer answers, 3 seeds via --config.seed
+    c.model.dtype = "bfloat16"
+    c.model.scan_layers = True
+    c.arith.train_prompts, c.arith.eval_prompts = 4000, 1000
+    c.arith.max_new_tokens = 160
+    c.data.max_length, c.data.buckets, c.score.buckets = 256, (128, 192, 256), (128, 192, 256)
+    c.arith.sample_batch_size, c.arith.eval_batch_size = 512, 512
+    c.experiment.reward_model_steps = 200
+    c.data.batch_size = 32
+    c.data.epochs = 2
+  elif arg:
+    raise ValueError(f"configs/smollm2_arith.py: unknown argument {arg!r}; use tiny or large (or nothing)")
+  return c

@@ -1,0 +1,1 @@
+"""Experiments: stages cached in a workdir -> arms -> evaluation -> report."""
