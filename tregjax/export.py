@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -58,7 +59,11 @@ def main(argv: list[str]) -> None:
   from tregjax import cli  # pylint: disable=g-import-not-at-top
   cli.setup_logging()
   f = flags.FLAGS
-  export(f.workdir, f.out, step=f.step, dtype=f.dtype)
+  try:
+    export(f.workdir, f.out, step=f.step, dtype=f.dtype)
+  except (ValueError, FileNotFoundError) as e:  # bad input: a clear message and a non-zero exit, no traceback
+    print(f"tregjax.export: error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ class Stages:
   """A workdir of stages: `path(name)`, `done(name)`, `finish(name, info)`; wall times kept for the report."""
 
   def __init__(self, root: str):
-    self.root = root
+    self.root = os.path.abspath(root)
     self.t0 = time.perf_counter()
     os.makedirs(root, exist_ok=True)
 
@@ -124,10 +124,8 @@ class Stages:
     if not os.path.exists(os.path.join(self.path(name), "DONE")):
       return False
     if key is not None:
-      from tregjax.data import hashing  # pylint: disable=g-import-not-at-top
       from tregjax.score import StaleCacheError  # pylint: disable=g-import-not-at-top
-      stored = self.info(name).get("key")
-      if stored != hashing.hash_json(key):
+      if self.info(name).get("key") != self.key_hash(key):
         raise StaleCacheError(f"stage {self.path(name)} was made from other inputs (another config); delete it or "
                               f"use another --workdir")
     return True
@@ -139,8 +137,7 @@ class Stages:
   def finish(self, name: str, started: float, info: dict | None = None, key: Any = None) -> dict:
     info = dict(info or {}, seconds=round(time.perf_counter() - started, 1))
     if key is not None:
-      from tregjax.data import hashing  # pylint: disable=g-import-not-at-top
-      info["key"] = hashing.hash_json(key)
+      info["key"] = self.key_hash(key)
     os.makedirs(self.path(name), exist_ok=True)
     tmp = os.path.join(self.path(name), "DONE.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -148,6 +145,12 @@ class Stages:
     os.replace(tmp, os.path.join(self.path(name), "DONE"))
     self.say(f"{name} done in {info['seconds']:.0f}s")
     return info
+
+  def key_hash(self, key: Any) -> str:
+    """Hash of a stage's inputs with this workdir's path written as <workdir>: a moved (or linked) workdir keeps its
+    stages."""
+    from tregjax.data import hashing  # pylint: disable=g-import-not-at-top
+    return hashing.hash_json(json.loads(json.dumps(key, default=str).replace(self.root, "<workdir>")))
 
   def say(self, message: str) -> None:
     print(f"[experiment {time.perf_counter() - self.t0:6.0f}s] {message}", flush=True)
