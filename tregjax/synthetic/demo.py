@@ -250,7 +250,10 @@ class SyntheticTask:
       stages.finish("world", started, key=world_key)
     self.tokenizer_dir = paths["tokenizer"]
     reference = os.path.join(stages.path("reference"), "hf")
-    reference_key = dict(world=world_key, trainer=runner.stage_key(runner.trainer_config(config, "demo")))
+    # The SFT stage reads neither the preference loss nor the scoring pass: an α sweep keeps the reference.
+    sft_inputs = {k: v for k, v in runner.stage_key(runner.trainer_config(config, "demo")).items()
+                  if k not in ("loss", "score")}
+    reference_key = dict(world=world_key, trainer=sft_inputs)
     if not stages.done("reference", reference_key):
       started = time.perf_counter()
       train_reference(config, self.demo, paths, stages.path("reference"))
