@@ -396,6 +396,17 @@ def credit_label(source: str) -> str:
   return CREDIT_LABELS.get(source, source)
 
 
+def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
+  """Each token's text as it appears in the decoded response (incremental decoding keeps the spaces a decoder puts
+  between word-level tokens, which decoding one id at a time drops)."""
+  out, previous = [], ""
+  for k in range(len(ids)):
+    text = tokenizer.decode([int(i) for i in ids[:k + 1]], clean_up_tokenization_spaces=False)
+    out.append(text[len(previous):] if text.startswith(previous) else tokenizer.decode([int(ids[k])]))
+    previous = text
+  return out
+
+
 def heatmap_rows(task_tokenizer, rows: list[dict[str, Any]], truth: dict[str, np.ndarray], rewards: np.ndarray,
                  count: int) -> list[Any]:
   """About `count` responses for the heatmap: those with the most oracle-labelled error tokens first, then others."""
@@ -410,7 +421,7 @@ def heatmap_rows(task_tokenizer, rows: list[dict[str, Any]], truth: dict[str, np
     a, b = spans[g]
     side = ("chosen", "rejected")[g % 2]
     question = json.loads(_text(rows[g // 2]["prompt_messages"]))[-1]["content"]
-    tokens = [task_tokenizer.decode([int(t)]) for t in truth["ids"][a:b]]
+    tokens = token_strings(task_tokenizer, truth["ids"][a:b])
     out.append(report.TokenRow(title=f"pair {g // 2} · {side} · {errors[g]} error tokens · {question[:100]}",
                                tokens=tokens, rewards=rewards[a:b].tolist(), labels=truth["labels"][a:b].tolist()))
   return out

@@ -1,0 +1,49 @@
+"""The runner's own rules, without models: config checks, stage keys, token strings for the heatmap."""
+
+import os
+
+import ml_collections
+import pytest
+from transformers import AutoTokenizer
+
+from tregjax.experiments import runner
+from tregjax.score import StaleCacheError
+
+
+def _config(**experiment):
+  return ml_collections.ConfigDict(dict(experiment=dict(runner.default_experiment_config().to_dict(), **experiment)))
+
+
+def test_experiment_section_names_the_bad_key_or_arm():
+  with pytest.raises(ValueError, match="unknown key experiment.armz"):
+    runner.experiment_section(_config(armz=("dpo",)))
+  with pytest.raises(ValueError, match=r"experiment.arms: unknown \['dpo_regg'\]"):
+    runner.experiment_section(_config(arms=("dpo", "dpo_regg")))
+  with pytest.raises(ValueError, match="experiment.credit_policies"):
+    runner.experiment_section(_config(arms=("dpo",), credit_policies=("dpo_reg",)))
+  with pytest.raises(ValueError, match="add 'dpo'"):
+    runner.experiment_section(_config(arms=("tgdpo",), credit_policies=()))
+  assert runner.experiment_section(_config(arms=("dpo", "tgdpo"))).arms == ("dpo", "tgdpo")
+
+
+def test_stage_keys_survive_a_moved_workdir_and_refuse_other_inputs(tmp_path):
+  first = runner.Stages(str(tmp_path / "a"))
+  key = {"data": {"cache_dir": os.path.join(first.root, "scored", "cache")}, "loss": {"alpha": 0.25}}
+  first.finish("arms/dpo", started=0.0, key=key)
+  os.rename(tmp_path / "a", tmp_path / "b")
+  moved = runner.Stages(str(tmp_path / "b"))
+  assert moved.done("arms/dpo", {"data": {"cache_dir": os.path.join(moved.root, "scored", "cache")},
+                                 "loss": {"alpha": 0.25}})
+  with pytest.raises(StaleCacheError, match="made from other inputs"):
+    moved.done("arms/dpo", {"data": {"cache_dir": os.path.join(moved.root, "scored", "cache")}, "loss": {"alpha": 0.5}})
+  assert not moved.done("arms/dpo_reg", key)
+
+
+def test_token_strings_join_to_the_decoded_response():
+  from tregjax import assets
+  tok = AutoTokenizer.from_pretrained(assets.fetch("smollm2").parent / "tokenizer")
+  text = "29 + 14 = 31.\nThe answer is 31."
+  ids = tok(text, add_special_tokens=False)["input_ids"]
+  pieces = runner.token_strings(tok, ids)
+  assert len(pieces) == len(ids) and "".join(pieces) == text
+  assert pieces[ids.index(tok.convert_tokens_to_ids("Ġanswer"))] == " answer"
