@@ -373,6 +373,15 @@ def token_credit(task: Task, caches: dict[str, str], seed: int) -> tuple[dict[st
     out[source] = dict(auc=auc, low=low, high=high,
                        mean_correct=float(scores[truth["labels"] > 0].mean()) if (truth["labels"] > 0).any() else None,
                        mean_error=float(scores[truth["labels"] < 0].mean()) if (truth["labels"] < 0).any() else None)
+  # The reference's own confidence log π_ref(y_t) (in every cache, free): not a T-REG source, but the floor any
+  # prompting trick must beat to be worth its two extra forward passes.
+  confidence = np.concatenate([np.asarray(row[f"ref_{side}_token_logps"], np.float32)
+                               for row in rows for side in ("chosen", "rejected")])
+  auc, low, high = stats.auc_interval(confidence, truth["labels"], truth["groups"], seed=seed)
+  out["confidence"] = dict(auc=auc, low=low, high=high, mean_correct=float(confidence[truth["labels"] > 0].mean())
+                           if (truth["labels"] > 0).any() else None,
+                           mean_error=float(confidence[truth["labels"] < 0].mean())
+                           if (truth["labels"] < 0).any() else None)
   chance = np.random.default_rng(seed).random(truth["labels"].shape)
   auc, low, high = stats.auc_interval(chance, truth["labels"], truth["groups"], seed=seed)
   out["chance"] = dict(auc=auc, low=low, high=high, mean_correct=None, mean_error=None)
@@ -386,6 +395,7 @@ CREDIT_LABELS = {
     "dpo_implicit": "DPO-implicit after DPO (= TGDPO's guidance)",
     "r3hf": "R3HF (sequence RM redistributed)",
     "oracle": "oracle token truth (sanity: 1.0)",
+    "confidence": "reference log-prob log π_ref(y_t) (no prompt)",
     "chance": "chance (random scores)",
 }
 
@@ -437,11 +447,11 @@ def fmt(value: Any, spec: str) -> str:
 
 
 def credit_table(credit: dict) -> str:
-  lines = [f"{'token-reward source':<46} {'AUC':>6} {'95% interval':>16} {'mean r̂ correct':>15} {'mean r̂ error':>13}"]
+  lines = [f"{'token-reward source':<46} {'AUC':>6} {'95% interval':>16} {'mean on correct':>15} {'mean on errors':>14}"]
   for source, r in credit["sources"].items():
     lines.append(f"{credit_label(source):<46} {fmt(r['auc'], '.3f'):>6} "
                  f"{'[' + fmt(r['low'], '.3f') + ', ' + fmt(r['high'], '.3f') + ']':>16} "
-                 f"{fmt(r['mean_correct'], '+.3f'):>15} {fmt(r['mean_error'], '+.3f'):>13}")
+                 f"{fmt(r['mean_correct'], '+.3f'):>15} {fmt(r['mean_error'], '+.3f'):>14}")
   c = credit["counts"]
   lines.append(f"(on {c['responses']} responses of the reference: {c['correct_tokens']} correct and "
                f"{c['error_tokens']} error tokens by the oracle; intervals: bootstrap over responses)")
