@@ -23,9 +23,16 @@ def test_wilson_matches_published_values():
 
 
 def test_paired_difference_by_hand():
-  # differences 1, 0, 1, 1: mean 0.75, sample sd 0.5, half width 1.96 * 0.5 / 2
+  # differences 1, 0, 1, 1: mean 0.75, sample sd 0.5, half width t(3 df) 3.182 * 0.5 / 2
   mean, low, high = stats.paired_difference([1, 1, 1, 1], [0, 1, 0, 0])
-  assert mean == 0.75 and abs(high - mean - stats.Z95 * 0.25) < 1e-12 and abs(mean - low - stats.Z95 * 0.25) < 1e-12
+  assert mean == 0.75 and abs(high - mean - 3.182 * 0.25) < 1e-12 and abs(mean - low - 3.182 * 0.25) < 1e-12
+  # 500 paired problems: t(499 df) is z to three decimals
+  rng = np.random.default_rng(0)
+  a, b = rng.integers(0, 2, 500), rng.integers(0, 2, 500)
+  mean, low, high = stats.paired_difference(a, b)
+  d = (a - b).astype(float)
+  assert abs((high - low) / 2 - 1.96 * d.std(ddof=1) / np.sqrt(500)) < 1e-4
+  assert stats.t975(2) == 4.303 and stats.t975(25) == 2.086
 
 
 def test_auc_interval_ignores_unlabelled_tokens_and_resamples_whole_responses():
