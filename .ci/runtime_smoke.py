@@ -78,12 +78,14 @@ def main(workdir: str) -> None:
           c.data.train_files, c.data.validation_files = [{os.path.join(world, 'pairs_train.jsonl')!r}], []
           c.data.tokenizer, c.data.schema = {os.path.join(world, 'tokenizer')!r}, "pair"
           c.data.max_prompt_length, c.data.max_length, c.data.buckets = 16, 32, (32,)
-          c.data.dataset_dir, c.data.cache_dir = {os.path.join(workdir, 'dataset')!r}, {os.path.join(workdir, 'cache')!r}
-          c.score.better_instruction, c.score.worse_instruction, c.score.instruction_role = "careful", "sloppy", "system"
+          c.data.dataset_dir = {os.path.join(workdir, 'dataset')!r}
+          c.data.cache_dir = {os.path.join(workdir, 'cache')!r}
+          c.score.better_instruction, c.score.worse_instruction = "careful", "sloppy"
+          c.score.instruction_role = "system"
           c.score.buckets, c.score.chunk_size = (32,), 32
-          c.generate = dict(prompt_files=[{os.path.join(world, 'pairs_eval.jsonl')!r}], num_samples=2, max_new_tokens=12,
-                            output_dir={os.path.join(workdir, 'generated')!r}, scorer="runtime_smoke:response_length",
-                            buckets=(16,), batch_size=16)
+          c.generate = dict(prompt_files=[{os.path.join(world, 'pairs_eval.jsonl')!r}], num_samples=2,
+                            max_new_tokens=12, output_dir={os.path.join(workdir, 'generated')!r},
+                            scorer="runtime_smoke:response_length", buckets=(16,), batch_size=16)
           return c
         """))
   run("score", ["-m", "tregjax.score", "--config", config_file], expect=["cache"])

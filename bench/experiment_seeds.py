@@ -123,8 +123,12 @@ def main() -> None:
   metric, lower_better = PRIMARY[task]
   seeds = list(per_seed)
   arms = ["reference"] + list(per_seed[seeds[0]]["arms"])
-  lines = [f"`python bench/experiment_seeds.py {' '.join(sys.argv[1:])}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-           f"{(time.perf_counter() - t0) / 60:.0f} min on this machine; task {task}; {metric}, "
+  # Stage wall times as first computed (a rerun reuses cached stages, so its own wall time says little).
+  computed = sum(sum(per_seed[s]["seconds"].values()) for s in seeds) / 60
+  when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+  lines = [f"`python bench/experiment_seeds.py {' '.join(sys.argv[1:])}` ({when}; "
+           f"stages {computed:.0f} min of 2-core CPU as first computed, this invocation "
+           f"{(time.perf_counter() - t0) / 60:.0f} min; task {task}; {metric}, "
            f"{'lower' if lower_better else 'higher'} is better; mean [95% interval over seeds])", "",
            f"| policy | {metric} per seed | mean [95%] | − DPO per seed | mean [95%] |", "|---|---|---|---|---|"]
   summary = {}

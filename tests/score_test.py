@@ -157,7 +157,8 @@ def test_oracle_rewards_are_the_callables_and_ref_logps_equal_transformers(world
 
 def test_oracle_of_the_wrong_length_is_a_clear_error(world, tmp_path):
   cfg = _config(world, tmp_path / "cache", source="oracle")
-  with pytest.raises(ValueError, match=r"train record 0: field 'chosen_token_rewards': the oracle returned shape \(2,\)"):
+  with pytest.raises(ValueError,
+                     match=r"train record 0: field 'chosen_token_rewards': the oracle returned shape \(2,\)"):
     score.run(cfg, oracle=lambda messages, ids: np.zeros(2, np.float32))
   with pytest.raises(ValueError, match="score.token_reward.oracle='pkg.module:function'"):
     score.run(_config(world, tmp_path / "cache2", source="oracle"))

@@ -447,7 +447,8 @@ def fmt(value: Any, spec: str) -> str:
 
 
 def credit_table(credit: dict) -> str:
-  lines = [f"{'token-reward source':<46} {'AUC':>6} {'95% interval':>16} {'mean on correct':>15} {'mean on errors':>14}"]
+  lines = [f"{'token-reward source':<46} {'AUC':>6} {'95% interval':>16} {'mean on correct':>15} "
+           f"{'mean on errors':>14}"]
   for source, r in credit["sources"].items():
     lines.append(f"{credit_label(source):<46} {fmt(r['auc'], '.3f'):>6} "
                  f"{'[' + fmt(r['low'], '.3f') + ', ' + fmt(r['high'], '.3f') + ']':>16} "

@@ -207,7 +207,8 @@ class ArithTask:
       label = runner.ARMS[name].label if name in runner.ARMS else "reference (SmolLM2-135M-Instruct)"
       c = comparisons.get(f"{name} - dpo")
       delta = f"{c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]" if c else ""
-      lines.append(f"{label:<38} {r['accuracy']:>9.3f} {'[' + format(r['accuracy_low'], '.3f') + ', ' + format(r['accuracy_high'], '.3f') + ']':>16} "
+      interval = f"[{r['accuracy_low']:.3f}, {r['accuracy_high']:.3f}]"
+      lines.append(f"{label:<38} {r['accuracy']:>9.3f} {interval:>16} "
                    f"{delta:>24} {runner.fmt(r['equation_error_rate'], '.3f'):>11} {r['unparseable']:>9} "
                    f"{r['mean_length']:>7.1f}")
     n = len(next(iter(correct.values()))) if correct else 0
