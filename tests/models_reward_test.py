@@ -2,6 +2,7 @@
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 import transformers
 from flax import nnx
@@ -55,8 +56,9 @@ def test_reward_model_round_trips_through_transformers(tmp_path):
   np.testing.assert_allclose(_hf_pooled(hf, g.TOKENS, g.SEGMENTS), np.asarray(pooled), atol=TOL)
 
 
-def test_causal_lm_checkpoint_loads_as_reward_model_with_new_head(tmp_path):
-  hf = g.build_hf(g.LLAMA)
+@pytest.mark.parametrize("tied", [False, True])  # tied: no lm_head tensor in the checkpoint (SmolLM2, Gemma)
+def test_causal_lm_checkpoint_loads_as_reward_model_with_new_head(tmp_path, tied):
+  hf = g.build_hf(dict(g.LLAMA, tie_word_embeddings=tied))
   path = g.save_hf(hf, tmp_path / "lm")
   rm = models.from_pretrained(path, dtype=jnp.float32, config_overrides={"num_labels": 1})
   assert isinstance(rm, models.RewardModel)

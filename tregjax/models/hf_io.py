@@ -298,7 +298,10 @@ def from_pretrained(path: str, *, dtype: Any = jnp.bfloat16, param_dtype: Any = 
 
   # Names first: report every missing/unexpected tensor before reading any data.
   keys = list(source.keys())
-  new_head = cfg.is_reward_model and "score.weight" not in keys and "lm_head.weight" in keys
+  # A causal LM loaded as a reward model gets a fresh `score` head; its unembedding is either its own lm_head or, with
+  # tied embeddings (SmolLM2, Gemma), the embedding itself (no lm_head tensor at all).
+  new_head = cfg.is_reward_model and "score.weight" not in keys and (
+      "lm_head.weight" in keys or cfg.tie_word_embeddings)
   if new_head:
     keys = [k for k in keys if k != "lm_head.weight"]
   unexpected = []
