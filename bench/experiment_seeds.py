@@ -115,6 +115,7 @@ def main() -> None:
       variant.loss.alpha = alpha
       variant.experiment.arms = ("dpo_reg",)  # DPO is the seed's own (its config does not depend on α)
       variant.experiment.credit_policies = ()
+      variant.experiment.reward_model_steps = 0  # R3HF's AUC is the seed's own; the variant only retrains DPO-REG
       variant.logging.progress_bar = False
       alpha_dir = os.path.join(workdir, f"seed{seed}_alpha{alpha:g}")
       link_shared(seed_dir, alpha_dir)
