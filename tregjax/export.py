@@ -46,7 +46,7 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = "flo
   tok_dir = tokenizer_dir(config)
   if tok_dir is not None:
     from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
   models.save_pretrained(model, out, tokenizer=tokenizer, dtype=jnp.dtype(dtype))
   logging.getLogger("tregjax.export").info("exported step %d of %s to %s%s", step, workdir, out,
                                            "" if tokenizer else " (no tokenizer in this run's config)")

@@ -138,11 +138,9 @@ class Stages:
     info = dict(info or {}, seconds=round(time.perf_counter() - started, 1))
     if key is not None:
       info["key"] = self.key_hash(key)
+    from tregjax.data import hashing  # pylint: disable=g-import-not-at-top
     os.makedirs(self.path(name), exist_ok=True)
-    tmp = os.path.join(self.path(name), "DONE.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(info, f, indent=1)
-    os.replace(tmp, os.path.join(self.path(name), "DONE"))
+    hashing.atomic_write_json(os.path.join(self.path(name), "DONE"), info)
     self.say(f"{name} done in {info['seconds']:.0f}s")
     return info
 
@@ -168,14 +166,6 @@ class Stages:
 def stage_key(stage: ml_collections.ConfigDict) -> dict[str, Any]:
   """What defines a training stage's result: its whole config but the logging section (progress bars, TensorBoard)."""
   return {k: v for k, v in stage.to_dict().items() if k != "logging"}
-
-
-def atomic_json(path: str, value: Any) -> str:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(value, f, indent=1, default=float)
-  os.replace(tmp, path)
-  return path
 
 
 # ---------------------------------------------------------------------------------------------------- tasks
@@ -509,7 +499,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
              policies=evaluation["policies"], comparisons=evaluation.get("comparisons", {}), token_credit=credit,
              seconds=seconds, total_seconds=round(time.perf_counter() - stages.t0, 1),
              artifacts=dict(plot=plot, heatmap=heatmap), notes=evaluation.get("notes", []))
-  atomic_json(os.path.join(workdir, "results.json"), out)
+  from tregjax.data import hashing  # pylint: disable=g-import-not-at-top
+  hashing.atomic_write_json(os.path.join(workdir, "results.json"), out)
   print("\n" + table, flush=True)
   for line in evaluation.get("notes", []):
     print(line, flush=True)

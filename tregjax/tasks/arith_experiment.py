@@ -51,12 +51,11 @@ class ArithScorer:
 
 
 def _write_problems(problems: Sequence[arith.Problem], path: str) -> str:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for p in problems:
-      f.write(json.dumps(dict(prompt=arith.prompt_messages(p), answer=p.answer, level=p.level,
-                              expression=p.expression)) + "\n")
-  os.replace(tmp, path)
+  """The problems as a prompt file for `tregjax.generate` (the answer travels beside the prompt, for the oracle)."""
+  from tregjax.data import hashing  # pylint: disable=g-import-not-at-top  (the data package pulls in TFDS)
+  lines = [json.dumps(dict(prompt=arith.prompt_messages(p), answer=p.answer, level=p.level, expression=p.expression))
+           for p in problems]
+  hashing.atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode("utf-8"))
   return path
 
 
@@ -143,7 +142,8 @@ class ArithTask:
     if path.endswith(".gguf"):
       from tregjax.models import gguf  # pylint: disable=g-import-not-at-top
       tok_dir = os.path.join(os.path.dirname(path), "tokenizer")
-      tok = AutoTokenizer.from_pretrained(tok_dir) if os.path.isdir(tok_dir) else gguf.tokenizer_from_gguf(path)
+      tok = (AutoTokenizer.from_pretrained(tok_dir, local_files_only=True) if os.path.isdir(tok_dir)
+             else gguf.tokenizer_from_gguf(path))
     else:
       tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = models.from_pretrained(path, dtype=jnp.float32)
@@ -187,13 +187,13 @@ class ArithTask:
       k = int(correct[name].sum())
       acc, low, high = stats.wilson(k, len(records))
       wrong, equations = arith.equation_error_rate(texts)
+      error_rate, error_low, error_high = stats.wilson(wrong, equations)  # nan when no equation was written
       lengths = [len(r["all_generated_ids"][0]) for r in records]
       per_policy[name] = dict(
           accuracy=acc, accuracy_low=low, accuracy_high=high, correct=k, problems=len(records),
           unparseable=sum(not ok for _, ok in rewards),
           equations=equations, wrong_equations=wrong,
-          equation_error_rate=wrong / equations if equations else float("nan"),
-          equation_error_low=stats.wilson(wrong, equations)[1], equation_error_high=stats.wilson(wrong, equations)[2],
+          equation_error_rate=error_rate, equation_error_low=error_low, equation_error_high=error_high,
           mean_length=float(np.mean(lengths)), unfinished=sum(not r["all_finished"][0] for r in records))
     comparisons = {}
     if "dpo" in correct:
