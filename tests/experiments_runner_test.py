@@ -47,3 +47,11 @@ def test_token_strings_join_to_the_decoded_response():
   pieces = runner.token_strings(tok, ids)
   assert len(pieces) == len(ids) and "".join(pieces) == text
   assert pieces[ids.index(tok.convert_tokens_to_ids("Ġanswer"))] == " answer"
+
+
+def test_a_preempted_stage_stops_the_experiment_instead_of_being_marked_done(tmp_path):
+  stages = runner.Stages(str(tmp_path))
+  with pytest.raises(SystemExit) as stop:
+    runner._exit_if_preempted({"stopped": "preempted", "step": 7}, stages, "arms/dpo")
+  assert stop.value.code == 0 and not stages.done("arms/dpo")
+  runner._exit_if_preempted({"stopped": "completed", "step": 12}, stages, "arms/dpo")  # no exit

@@ -268,6 +268,14 @@ def _export(model, out: str, tokenizer_dir: str) -> str:
   return out
 
 
+def _exit_if_preempted(summary: dict[str, Any], stages: Stages, name: str) -> None:
+  """A SIGTERM mid-training saved a checkpoint: stop the whole experiment (exit 0, as the trainer does) instead of
+  marking a half-trained stage done and evaluating it; a rerun resumes the stage from its checkpoint."""
+  if summary["stopped"] == "preempted":
+    stages.say(f"{name} preempted at step {summary['step']}; rerun the same command to resume")
+    raise SystemExit(0)
+
+
 def train_arm(config, task: Task, prepared: Prepared, stages: Stages, arm: str) -> dict[str, Any]:
   """One arm from the reference on its scored cache; exported to arms/<arm>/hf. Returns the trainer's summary."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -285,6 +293,7 @@ def train_arm(config, task: Task, prepared: Prepared, stages: Stages, arm: str) 
     return stages.info(name)
   score_stage(config, task, prepared, stages, ARMS[arm].rewards)
   summary = trainer.run(stage, os.path.join(stages.path(name), "run"))
+  _exit_if_preempted(summary, stages, name)
   model = nnx.merge(summary["graphdef"], summary["state"].params, summary["state"].extra)
   _export(model, os.path.join(stages.path(name), "hf"), prepared.tokenizer)
   return stages.finish(name, started, {k: summary[k] for k in ("final_metrics", "eval_metrics", "step")}, key=key)
@@ -308,6 +317,7 @@ def train_reward_model(config, task: Task, prepared: Prepared, stages: Stages, e
     return hf
   data.build_dataset(stage)
   summary = trainer.run(stage, os.path.join(stages.path(name), "run"))
+  _exit_if_preempted(summary, stages, name)
   model = nnx.merge(summary["graphdef"], summary["state"].params, summary["state"].extra)
   _export(model, hf, prepared.tokenizer)
   stages.finish(name, started, {"final_metrics": summary["final_metrics"]}, key=key)

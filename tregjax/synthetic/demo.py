@@ -90,6 +90,8 @@ def train_reference(config, demo, paths, out: str) -> str:
   stage.data.eval_split = ""
   stage.model.hf_path = ""
   summary = trainer.run(stage, os.path.join(out, "run"))
+  if summary["stopped"] == "preempted":  # SIGTERM saved a checkpoint: stop; a rerun resumes the SFT stage
+    raise SystemExit(0)
   model = nnx.merge(summary["graphdef"], summary["state"].params, summary["state"].extra)
   models.save_pretrained(model, hf_dir)
   from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
