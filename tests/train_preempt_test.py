@@ -20,7 +20,8 @@ import train_common as tc
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 COMMON = {"optimizer.schedule": "constant", "checkpoint.every": 1000, "train.steps": 1000}
-M = 60  # the resumed and the uninterrupted runs stop here; a preempted run must stop before
+M = 60  # the resumed and the uninterrupted runs stop here, or later when a preemption landed past it
+STEPS = COMMON["train.steps"]
 
 
 def _port() -> int:
@@ -99,29 +100,34 @@ def _preempt(workdir, logs, targets, env_extra=None, **overrides):
   assert [s["stopped"] for s in summaries] == ["preempted", "preempted"]
   steps = [s["step"] for s in summaries]
   assert steps[0] == steps[1], f"processes stopped at different steps {steps}"
-  assert steps[0] < M
+  assert steps[0] < STEPS
   assert _complete_steps(workdir) == before + [steps[0]]  # every=1000: saved only because of the preemption
   return steps[0]
 
 
 def test_sigterm_to_one_then_to_both_processes_saves_the_same_step_and_resume_is_exact(tmp_path):
-  """Run 1 gets SIGTERM on process 1 only; its resume (run 2) gets SIGTERM on both; run 3 resumes to M. The
-  result equals an uninterrupted 2-process run to M bitwise (CPU, same reduction order)."""
+  """Run 1 gets SIGTERM on process 1 only; its resume (run 2) gets SIGTERM on both; run 3 resumes to M (or past the
+  second stop). The result equals an uninterrupted 2-process run to the same step bitwise (CPU, same reduction
+  order)."""
   workdir = str(tmp_path / "run")
   first = _preempt(workdir, str(tmp_path / "logs1"), targets=[1])
   assert first >= 3
   second = _preempt(workdir, str(tmp_path / "logs2"), targets=[0, 1])
   assert second >= first + 3
-  resumed = _run(workdir, str(tmp_path / "logs3"), max_steps=M)
-  assert [(s["start_step"], s["step"]) for s in resumed] == [(second, M)] * 2
+  # The sync point lands some steps after the signal: the coordinator's notice reaches the workers while they keep
+  # stepping (a few ms each), so on busy cores the second run stopped at step 78 (CI, 2 cores). The resume target is
+  # past wherever it stopped.
+  target = max(M, second + 10)
+  resumed = _run(workdir, str(tmp_path / "logs3"), max_steps=target)
+  assert [(s["start_step"], s["step"]) for s in resumed] == [(second, target)] * 2
 
   straight_dir = str(tmp_path / "straight")
-  straight = _run(straight_dir, str(tmp_path / "logs_straight"), max_steps=M)
-  assert [(s["start_step"], s["step"]) for s in straight] == [(0, M)] * 2
-  tc.assert_params_bitwise_equal(os.path.join(workdir, f"params_{M}.npz"),
-                                 os.path.join(straight_dir, f"params_{M}.npz"))
+  straight = _run(straight_dir, str(tmp_path / "logs_straight"), max_steps=target)
+  assert [(s["start_step"], s["step"]) for s in straight] == [(0, target)] * 2
+  tc.assert_params_bitwise_equal(os.path.join(workdir, f"params_{target}.npz"),
+                                 os.path.join(straight_dir, f"params_{target}.npz"))
   fa, fb = tc.metrics_by_step(workdir), tc.metrics_by_step(straight_dir)
-  assert [fa[s]["loss/total"] for s in range(1, M + 1)] == [fb[s]["loss/total"] for s in range(1, M + 1)]
+  assert [fa[s]["loss/total"] for s in range(1, target + 1)] == [fb[s]["loss/total"] for s in range(1, target + 1)]
 
 
 def test_without_jax_preemption_service_the_allgather_fallback_agrees_on_the_step(tmp_path):
