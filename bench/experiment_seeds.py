@@ -84,12 +84,13 @@ def main() -> None:
   parser.add_argument("--arms", default="", help="comma-separated arms (default: the config's)")
   parser.add_argument("--set", action="append", default=[], help="config override key=value (JSON value)")
   parser.add_argument("--workdir", default="")
+  parser.add_argument("--tag", default="", help="suffix of the RESULTS.md section and JSON name (keeps another run's)")
   parser.add_argument("--results", default=os.path.join(ROOT, "bench", "RESULTS.md"))
   args = parser.parse_args()
   from tregjax import cli
   from tregjax.experiments import runner
   cli.setup_logging()
-  name = os.path.splitext(os.path.basename(args.config.partition(":")[0]))[0]
+  name = os.path.splitext(os.path.basename(args.config.partition(":")[0]))[0] + (f"_{args.tag}" if args.tag else "")
   workdir = args.workdir or os.path.join(ROOT, "bench", "out", f"experiment_seeds_{name}")
   t0 = time.perf_counter()
   per_seed, sweep = {}, {}
