@@ -315,6 +315,8 @@ def test_treg_gradient_is_minus_alpha_w_beta_rhat_on_response_tokens():
     dict(loss="dpo", regularizer="treg"),
     dict(loss="simpo", regularizer="treg"),
     dict(loss="tgdpo"),
+    dict(loss="tisdpo"),
+    dict(loss="confpo", beta=2.0, gamma=1.0),
 ])
 def test_values_off_the_mask_change_nothing(options):
   d = pair_inputs()
@@ -336,6 +338,8 @@ def test_values_off_the_mask_change_nothing(options):
     dict(loss="dpo", regularizer="treg", weighting="static"),
     dict(loss="dpo", regularizer="sft"),
     dict(loss="tgdpo"),
+    dict(loss="tisdpo"),
+    dict(loss="confpo", beta=2.0, gamma=1.0),
 ])
 def test_objective_gradient_matches_central_finite_differences(options):
   jax.config.update("jax_enable_x64", True)
@@ -390,6 +394,105 @@ def test_metrics_follow_trl_definitions():
   np.testing.assert_allclose(metrics["logps/chosen"], s(d["pi_w"], d["m_w"]).mean(), rtol=1e-5)
 
 
+def np_log_mean_prob(logps, mask):
+  return np.array([np.log(np.mean(np.exp(logps[i][mask[i]].astype(np.float64)))) for i in range(len(logps))])
+
+
+def test_confidence_token_rewards_match_numpy_centred_at_the_mean_probability():
+  d = pair_inputs()
+  threshold = np_log_mean_prob(d["ref_w"], d["m_w"])
+  expected = np.where(d["m_w"], np_sigmoid(d["ref_w"] - threshold[:, None]) - 0.5, 0.0)
+  out = losses.confidence_token_rewards(d["ref_w"], d["m_w"])
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+  # Hand-made: probabilities 0.5, 0.25, 0.25 -> mean 1/3; the first token is above it, the others below.
+  r = np.asarray(losses.confidence_token_rewards(np.log([[0.5, 0.25, 0.25, 1.0]]), np.array([[1, 1, 1, 0]], bool)))
+  np.testing.assert_allclose(r[0, :3], [np_sigmoid(np.log(1.5)) - 0.5] + [np_sigmoid(np.log(0.75)) - 0.5] * 2,
+                             rtol=1e-5)
+  assert r[0, 3] == 0.0
+  assert np.all(np.isfinite(losses.confidence_token_rewards(np.zeros((2, 3)), np.zeros((2, 3), bool))))
+
+
+def np_tis_weights(r, mask, chosen, mu=1.0, lower=-0.5, upper=1.5):
+  out = np.zeros(r.shape)
+  for i in range(len(r)):
+    p = r[i][mask[i]].astype(np.float64) + 0.5
+    delta = np.clip(np.log(p / (1 - p)), lower, upper)
+    w = np.exp((mu if chosen else -mu) * delta)
+    out[i][mask[i]] = w / w.mean()
+  return out
+
+
+def test_tisdpo_weights_invert_the_contrastive_reward_and_average_one():
+  d = pair_inputs()
+  for chosen, r, m in ((True, d["r_w"], d["m_w"]), (False, d["r_l"], d["m_l"])):
+    w = np.asarray(losses.tisdpo_token_weights(r, m, chosen=chosen))
+    np.testing.assert_allclose(w, np_tis_weights(r, m, chosen), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(w.sum(-1) / m.sum(-1), 1.0, rtol=1e-5)
+  # δ = 1 exactly: r̂ = σ(1) − 0.5; a saturated r̂ = +0.5 clamps to U rather than overflowing.
+  better, worse = np.log(np.array([[0.6, 0.3, 0.2]])), np.log(np.array([[0.6 / np.e, 0.3, 0.2]]))
+  r = np.asarray(losses.contrastive_token_rewards(better, worse, np.ones((1, 3), bool)))
+  w = np.asarray(losses.tisdpo_token_weights(np.concatenate([r, [[0.5, 0.0, 0.0]]]), np.ones((2, 3), bool),
+                                             chosen=True))
+  np.testing.assert_allclose(w[0], np.array([np.e, 1, 1]) / ((np.e + 2) / 3), rtol=1e-5)
+  np.testing.assert_allclose(w[1], np.array([np.exp(1.5), 1, 1]) / ((np.exp(1.5) + 2) / 3), rtol=1e-5)
+
+
+def test_tisdpo_loss_matches_numpy_and_flat_weights_give_dpo():
+  d = pair_inputs()
+  beta = 0.1
+  ww, wl = np_tis_weights(d["r_w"], d["m_w"], True), np_tis_weights(d["r_l"], d["m_l"], False)
+  zw = beta * np.sum(ww * (d["pi_w"] - d["ref_w"]) * d["m_w"], -1)
+  zl = beta * np.sum(wl * (d["pi_l"] - d["ref_l"]) * d["m_l"], -1)
+  loss, _ = objective(d, loss="tisdpo", beta=beta)
+  np.testing.assert_allclose(loss, np.mean(-np_log_sigmoid(zw - zl)), rtol=1e-5)
+  flat = dict(d, r_w=np.zeros_like(d["r_w"]), r_l=np.zeros_like(d["r_l"]))
+  np.testing.assert_allclose(objective(flat, loss="tisdpo")[0], objective(flat, loss="dpo")[0], rtol=1e-5)
+
+
+def np_confpo(d, beta, gamma):
+  losses_out = []
+  for i in range(len(d["pi_w"])):
+    avgs = []
+    for pi, m in ((d["pi_w"][i], d["m_w"][i]), (d["pi_l"][i], d["m_l"][i])):
+      x = pi[m].astype(np.float64)
+      sel = x[x < np.log(np.mean(np.exp(x)))]
+      avgs.append(sel.mean() if len(sel) else None)
+    if avgs[0] is None or avgs[1] is None:
+      losses_out.append(0.0)
+    else:
+      losses_out.append(-np_log_sigmoid(beta * (avgs[0] - avgs[1]) - gamma))
+  return np.mean(losses_out)
+
+
+def test_confpo_matches_numpy_selecting_below_mean_probability_tokens():
+  d = pair_inputs(b=6, t=11, seed=3)
+  loss, metrics = objective(d, loss="confpo", beta=2.0, gamma=1.0)
+  np.testing.assert_allclose(loss, np_confpo(d, 2.0, 1.0), rtol=1e-5)
+  assert 0.0 < float(metrics["confpo/selected_fraction"]) < 1.0
+  # A response of equal token probabilities selects nothing: that pair's loss is 0 (the release's rule).
+  flat = dict(d, pi_w=np.full_like(d["pi_w"], -1.0))
+  np.testing.assert_allclose(objective(flat, loss="confpo", beta=2.0, gamma=1.0)[0], 0.0)
+
+
+def test_confpo_gradient_flows_only_through_selected_tokens():
+  d = pair_inputs()
+  opts = losses.ObjectiveOptions(loss="confpo", beta=2.0, gamma=1.0)
+  g = jax.grad(lambda pw: losses.preference_objective(pw, d["pi_l"], d["m_w"], d["m_l"], options=opts)[0])(
+      jnp.asarray(d["pi_w"]))
+  def selected(x, m):
+    x = x.astype(np.float64)
+    return m & (x < np.log(np.mean(np.exp(x[m]))))
+
+  live = 0
+  for i in range(len(d["pi_w"])):
+    sel_w, sel_l = selected(d["pi_w"][i], d["m_w"][i]), selected(d["pi_l"][i], d["m_l"][i])
+    assert np.all(np.asarray(g[i])[~sel_w] == 0)
+    if sel_w.any() and sel_l.any():  # else the pair's loss is 0
+      assert np.all(np.asarray(g[i])[sel_w] != 0)
+      live += 1
+  assert live > 0
+
+
 # --- bad input ---------------------------------------------------------------------------------------------------
 
 
@@ -411,7 +514,9 @@ def test_bad_inputs_are_rejected_with_named_arguments():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(loss="kto"), "valid choices: dpo, ipo, simpo, tgdpo"),
+    (dict(loss="kto"), "valid choices: dpo, ipo, simpo, tgdpo, tisdpo, confpo"),
+    (dict(loss="tisdpo", regularizer="treg"), "tisdpo already uses the token rewards"),
+    (dict(tis_lower=1.0, tis_upper=0.5), "tis_lower must be < tis_upper"),
     (dict(regularizer="l2"), "valid choices: none, treg, sft"),
     (dict(beta=0.0), "beta must be > 0"),
     (dict(label_smoothing=0.5), r"label_smoothing must be in \[0, 0.5\)"),

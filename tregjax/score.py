@@ -9,6 +9,8 @@ log-probs and their sum, for DPO-style losses) and, by `score.token_reward.sourc
   dpo_implicit  β·(log π_dpo(y_t) − log π_ref(y_t)) from a DPO-trained checkpoint (`token_reward.dpo_checkpoint`);
   r3hf          r_t = RM(x, y≤t) − RM(x, y<t) from a sequence reward model read at every position of ONE forward
                 (`token_reward.reward_model`; RM(x, y<1) = the score at the last prompt token);
+  confidence    the reference's own confidence, from the plain forward alone (ConfPO-style, no extra cost):
+                r̂_t = σ(log π_ref(y_t) − log mean_s π_ref(y_s)) − 0.5 (`losses.confidence_token_rewards`);
   oracle        rewards given by a Python callable `oracle(prompt_messages, response_ids) -> float[len(ids)]`
                 (`run(config, oracle=)` or `token_reward.oracle="pkg.module:function"`): ground-truth token labels
                 where a task has them (e.g. +0.5 correct / −0.5 wrong / 0 unlabelled), the ceiling of token-level
@@ -55,7 +57,7 @@ from tregjax.data.tokenize import ChatTokenizer, with_instruction
 
 log = logging.getLogger("tregjax.score")
 
-SOURCES = ("contrastive", "dpo_implicit", "r3hf", "oracle", "none")
+SOURCES = ("contrastive", "dpo_implicit", "r3hf", "confidence", "oracle", "none")
 CACHE_FORMAT_VERSION = 1
 CACHE_META = "cache_meta.json"
 BETTER_INSTRUCTION = ("You are a helpful assistant. Your response must be helpful, correct, coherent, and concise.")
@@ -236,6 +238,8 @@ def combine(source: str, beta: float, ref: jax.Array, mask: jax.Array, a: jax.Ar
     rewards = losses.dpo_implicit_token_rewards(a, ref, mask, beta=beta)
   elif source == "r3hf":
     rewards = losses.r3hf_token_rewards(a, mask, initial)
+  elif source == "confidence":
+    rewards = losses.confidence_token_rewards(ref, mask)
   else:
     rewards = jnp.zeros_like(ref)
   return ref, losses.sequence_logps(ref, mask), rewards

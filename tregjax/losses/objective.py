@@ -10,9 +10,11 @@ import jax.numpy as jnp
 from tregjax.losses import _checks
 from tregjax.losses.logprobs import sequence_logps
 from tregjax.losses.preference import PREFERENCE_LOSSES, PreferenceOutput
-from tregjax.losses.token_reward import sequence_weight, tgdpo_loss, token_regularizer
+from tregjax.losses.token_reward import (confpo_loss, sequence_weight, tgdpo_loss, tisdpo_loss, tisdpo_token_weights,
+                                         token_regularizer)
 
-LOSSES = ("dpo", "ipo", "simpo", "tgdpo")
+LOSSES = ("dpo", "ipo", "simpo", "tgdpo", "tisdpo", "confpo")
+TOKEN_REWARD_LOSSES = ("tgdpo", "tisdpo")  # losses that consume the token rewards themselves
 REGULARIZERS = ("none", "treg", "sft")
 WEIGHTINGS = ("dynamic", "static")
 REG_NORMALIZATIONS = ("auto", "sum", "mean")
@@ -22,13 +24,16 @@ REG_NORMALIZATIONS = ("auto", "sum", "mean")
 class ObjectiveOptions:
   """What `preference_objective` computes. Validated on construction.
 
-  loss: dpo | ipo | simpo | tgdpo.
+  loss: dpo | ipo | simpo | tgdpo | tisdpo (token-importance-weighted DPO, weights from the contrastive rewards) |
+    confpo (SimPO on the policy's below-mean-probability tokens; β and γ as SimPO's).
   regularizer: none | treg (α·w·(L_REG(y_w) + L_REG(y_l))) | sft (ablation: α·(−Σ log π(y_w)), unweighted).
   weighting: dynamic (w = sg[σ(−z)], T-REG) | static (ablation: w ≡ 1).
   reg_normalization: auto (mean over response tokens for SimPO, sum otherwise: our reading of SimPO-REG, since the
     T-REG code was never released) | sum | mean.
   beta: β of the preference loss, also the β of L_REG. gamma: SimPO's absolute margin γ.
   alpha: T-REG's α (the paper searched 0.1 / 0.25 / 0.5). tgdpo_alpha: TGDPO's α (release default 0.5).
+  tis_mu, tis_lower, tis_upper: TIS-DPO's μ and clamp [L, U] of the weights exp(±μ·clamp(δ, L, U)) (the paper's
+    prompt-based setting as we read it: μ = 1, L = −0.5, U = 1.5).
   The DPO-implicit-reward ablation is not an option: pass β·(log π_dpo − log π_ref) as the token rewards.
   """
   loss: str = "dpo"
@@ -40,6 +45,9 @@ class ObjectiveOptions:
   weighting: str = "dynamic"
   reg_normalization: str = "auto"
   tgdpo_alpha: float = 0.5
+  tis_mu: float = 1.0
+  tis_lower: float = -0.5
+  tis_upper: float = 1.5
 
   def __post_init__(self):
     for field, choices in (("loss", LOSSES), ("regularizer", REGULARIZERS), ("weighting", WEIGHTINGS),
@@ -52,13 +60,15 @@ class ObjectiveOptions:
       raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
     if self.alpha < 0:
       raise ValueError(f"alpha must be >= 0, got {self.alpha}")
-    if self.loss == "tgdpo" and self.regularizer != "none":
-      raise ValueError("tgdpo already uses the token rewards; combine it with regularizer='none'")
+    if self.loss in TOKEN_REWARD_LOSSES and self.regularizer != "none":
+      raise ValueError(f"{self.loss} already uses the token rewards; combine it with regularizer='none'")
+    if not self.tis_lower < self.tis_upper:
+      raise ValueError(f"tis_lower must be < tis_upper, got {self.tis_lower} and {self.tis_upper}")
 
   @property
   def normalize_regularizer(self) -> bool:
     if self.reg_normalization == "auto":
-      return self.loss == "simpo"
+      return self.loss in ("simpo", "confpo")
     return self.reg_normalization == "mean"
 
 
@@ -137,6 +147,19 @@ def preference_objective(policy_chosen_logps: jax.Array,
     out = PREFERENCE_LOSSES["simpo"](sequence_logps(pi_w_tok, chosen_mask, average=True),
                                      sequence_logps(pi_l_tok, rejected_mask, average=True),
                                      beta=o.beta, gamma=o.gamma, label_smoothing=o.label_smoothing)
+  elif o.loss == "confpo":
+    out, selected_w, selected_l = confpo_loss(pi_w_tok, pi_l_tok, chosen_mask, rejected_mask, beta=o.beta,
+                                              gamma=o.gamma)
+  elif o.loss == "tisdpo":
+    why = "for loss='tisdpo'"
+    weights_w = tisdpo_token_weights(_require("chosen_token_rewards", chosen_token_rewards, why), chosen_mask,
+                                     chosen=True, mu=o.tis_mu, lower=o.tis_lower, upper=o.tis_upper)
+    weights_l = tisdpo_token_weights(_require("rejected_token_rewards", rejected_token_rewards, why), rejected_mask,
+                                     chosen=False, mu=o.tis_mu, lower=o.tis_lower, upper=o.tis_upper)
+    out = tisdpo_loss(pi_w_tok, pi_l_tok,
+                      _require("ref_chosen_token_logps", ref_chosen_token_logps, why),
+                      _require("ref_rejected_token_logps", ref_rejected_token_logps, why),
+                      weights_w, weights_l, chosen_mask, rejected_mask, beta=o.beta)
   else:  # tgdpo
     why = "for loss='tgdpo'"
     out = tgdpo_loss(pi_w_tok, pi_l_tok,
@@ -174,6 +197,9 @@ def preference_objective(policy_chosen_logps: jax.Array,
       "logps/chosen": mean(pi_w),
       "logps/rejected": mean(pi_l),
   }
+  if o.loss == "confpo":  # fraction of response tokens ConfPO trains on
+    metrics["confpo/selected_fraction"] = ((jnp.sum(selected_w) + jnp.sum(selected_l)) /
+                                           jnp.maximum(jnp.sum(chosen_mask) + jnp.sum(rejected_mask), 1))
   if chosen_token_rewards is not None and rejected_token_rewards is not None:
     r_w = _checks.as_float(chosen_token_rewards)
     r_l = _checks.as_float(rejected_token_rewards)

@@ -59,7 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Arguments of losses.ObjectiveOptions, verbatim.
   c.loss = ml_collections.ConfigDict(dict(
       loss="dpo", regularizer="none", beta=0.1, gamma=0.5, label_smoothing=0.0, alpha=0.25, weighting="dynamic",
-      reg_normalization="auto", tgdpo_alpha=0.5))
+      reg_normalization="auto", tgdpo_alpha=0.5, tis_mu=1.0, tis_lower=-0.5, tis_upper=1.5))
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 1e-6
