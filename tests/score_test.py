@@ -127,6 +127,19 @@ def test_dpo_implicit_rewards_equal_beta_times_logp_difference(world, tmp_path):
     np.testing.assert_allclose(out["chosen_token_rewards"], 0.5 * (dpo - ref), atol=1e-4, rtol=0)
 
 
+def test_confidence_rewards_come_from_the_plain_forward_of_transformers(world, tmp_path):
+  """source="confidence": r̂_t = σ(log π_ref(y_t) − log mean_s π_ref(y_s)) − 0.5, from transformers' log-probs."""
+  got = _cache_records(score.run(_config(world, tmp_path / "cache", source="confidence")))
+  for rec, out in zip(world["records"], got):
+    for side in ("chosen", "rejected"):
+      prompt, response = _golden_ids(world, rec, side)
+      plain = _torch_response_logps(world["models"]["ref"], prompt, response).astype(np.float64)
+      want = 1 / (1 + np.exp(-(plain - np.log(np.mean(np.exp(plain)))))) - 0.5
+      np.testing.assert_allclose(out[f"{side}_token_rewards"], want, atol=1e-4, rtol=0)
+      assert (want > 0).any() and (want < 0).any()
+    assert out["token_reward_source"] == b"confidence"
+
+
 def _parity_oracle(prompt_messages, response_ids):
   """A hand-checkable oracle: +0.5 on even token ids, -0.5 on odd ones, 0 on the end-of-turn token (the last)."""
   assert prompt_messages[-1]["role"] == "user"
