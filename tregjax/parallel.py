@@ -41,6 +41,7 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | str | None] = {
     "norm": None,
     "layers": None,
     "classes": None,
+    "lora_rank": None,  # LoRA adapters: the small rank axis replicates; their other axes are the weight's
     # KV cache
     "cache_batch": ("data", "fsdp"),
     "cache_length": None,

@@ -81,6 +81,10 @@ class ModelConfig:
   remat: str = "none"
   scan_layers: bool = True
   attention_impl: str = "auto"
+  # LoRA adapters (tregjax.models.lora): rank r, scale lora_alpha / r, the projections that carry one ("attn/q_proj").
+  lora_rank: int = 0
+  lora_alpha: float = 0.0
+  lora_targets: tuple[str, ...] = ()
 
   def __post_init__(self):
     if self.attention_out_bias is None:
@@ -98,6 +102,13 @@ class ModelConfig:
       raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
     if self.hidden_act not in ("silu", "gelu_pytorch_tanh"):
       raise UnsupportedModelError(f"unsupported hidden_act {self.hidden_act!r}; supported: silu, gelu_pytorch_tanh")
+    if self.lora_targets:
+      from tregjax.models import lora  # pylint: disable=import-outside-toplevel
+      object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+      unknown = sorted(set(self.lora_targets) - set(lora.TARGETS))
+      if unknown or self.lora_rank < 1:
+        raise ValueError(f"LoRA needs lora_rank >= 1 (got {self.lora_rank}) and targets among {lora.TARGETS}; "
+                         f"unknown: {unknown}")
     if self.layer_types is not None:
       if len(self.layer_types) != self.num_layers:
         raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from tregjax import parallel
+from tregjax.models import lora
 from tregjax.models.config import ModelConfig
 
 _INIT_STD = 0.02  # HF `initializer_range` default.
@@ -192,6 +193,7 @@ class Attention(nnx.Module):
       norm = dict(eps=cfg.rms_norm_eps, offset=cfg.norm_offset, param_dtype=param_dtype, num_stacked=s, rngs=rngs)
       self.q_norm = RMSNorm(h, **norm)
       self.k_norm = RMSNorm(h, **norm)
+    lora.attach(self, cfg, "attn", num_stacked=s, param_dtype=param_dtype)
     self.cfg = cfg
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, *, impl: str,
@@ -200,9 +202,9 @@ class Attention(nnx.Module):
     """x [B,T,D]; `cache` = (k [L,B,K,S,H], v, layer): new k/v go to layer `layer` at per-row slots
     cache_index[b] + t, and attention reads that layer's cache."""
     cfg, dt = self.cfg, x.dtype
-    q = jnp.einsum("btd,dnh->btnh", x, self.q_proj[...].astype(dt))
-    k = jnp.einsum("btd,dkh->btkh", x, self.k_proj[...].astype(dt))
-    v = jnp.einsum("btd,dkh->btkh", x, self.v_proj[...].astype(dt))
+    q = lora.apply(self, "q_proj", x, jnp.einsum("btd,dnh->btnh", x, self.q_proj[...].astype(dt)))
+    k = lora.apply(self, "k_proj", x, jnp.einsum("btd,dkh->btkh", x, self.k_proj[...].astype(dt)))
+    v = lora.apply(self, "v_proj", x, jnp.einsum("btd,dkh->btkh", x, self.v_proj[...].astype(dt)))
     if cfg.attention_bias:
       q = q + self.q_bias[...].astype(dt)
       k = k + self.k_bias[...].astype(dt)
@@ -232,7 +234,8 @@ class Attention(nnx.Module):
       out = dot_product_attention(q, k, v, mask, scale=scale, softcap=cfg.attn_logit_softcapping, impl=impl)
     # dot_general, not einsum: jnp.einsum lists the contracting dims as (h, n), which makes XLA transpose both
     # the activations and o_proj of every layer (a copy of the weight per call; seen on XLA:CPU).
-    out = jax.lax.dot_general(out, self.o_proj[...].astype(dt), (((2, 3), (0, 1)), ((), ())))
+    out = lora.apply(self, "o_proj", out, jax.lax.dot_general(out, self.o_proj[...].astype(dt),
+                                                              (((2, 3), (0, 1)), ((), ()))))
     if cfg.attention_out_bias:
       out = out + self.o_bias[...].astype(dt)
     return out, new_cache
@@ -250,12 +253,13 @@ class MLP(nnx.Module):
       self.gate_bias = param(rngs, *_stack(s, (f,), ("mlp",)), param_dtype, "zeros")
       self.up_bias = param(rngs, *_stack(s, (f,), ("mlp",)), param_dtype, "zeros")
       self.down_bias = param(rngs, *_stack(s, (d,), ("embed",)), param_dtype, "zeros")
+    lora.attach(self, cfg, "mlp", num_stacked=s, param_dtype=param_dtype)
     self.cfg = cfg
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = x.dtype
-    gate = x @ self.gate_proj[...].astype(dt)
-    up = x @ self.up_proj[...].astype(dt)
+    gate = lora.apply(self, "gate_proj", x, x @ self.gate_proj[...].astype(dt))
+    up = lora.apply(self, "up_proj", x, x @ self.up_proj[...].astype(dt))
     if self.cfg.mlp_bias:
       gate, up = gate + self.gate_bias[...].astype(dt), up + self.up_bias[...].astype(dt)
     if self.cfg.hidden_act == "silu":
@@ -263,7 +267,7 @@ class MLP(nnx.Module):
     else:
       act = jax.nn.gelu(gate, approximate=True)
     h = parallel.constrain(act * up, ("batch", "length", "act_mlp"))
-    out = h @ self.down_proj[...].astype(dt)
+    out = lora.apply(self, "down_proj", h, h @ self.down_proj[...].astype(dt))
     if self.cfg.mlp_bias:
       out = out + self.down_bias[...].astype(dt)
     return out
