@@ -25,7 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.experiment = runner.default_experiment_config()
   c.experiment.task = "synthetic"
   c.experiment.arms = ("dpo", "dpo_reg", "dpo_reg_static", "dpo_sft", "simpo", "simpo_reg", "tgdpo",
-                       "dpo_reg_implicit", "dpo_reg_oracle")
+                       "dpo_reg_implicit", "dpo_reg_oracle", "dpo_reg_conf", "confpo", "tisdpo")
   c.experiment.credit_policies = ("dpo", "dpo_reg")
   c.experiment.reward_model_steps = 60
   c.experiment.reward_model_lr = 1e-3

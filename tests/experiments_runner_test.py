@@ -39,6 +39,19 @@ def test_stage_keys_survive_a_moved_workdir_and_refuse_other_inputs(tmp_path):
   assert not moved.done("arms/dpo_reg", key)
 
 
+def test_a_config_key_added_since_at_its_default_keeps_the_stage_and_a_changed_one_is_named(tmp_path):
+  stages = runner.Stages(str(tmp_path))
+  stages.finish("arms/dpo", started=0.0, key={"loss": {"alpha": 0.25, "beta": 0.1}})
+  # loss.tis_mu did not exist when the stage was made; at its default (1.0) the stage was made with that value.
+  assert stages.done("arms/dpo", {"loss": {"alpha": 0.25, "beta": 0.1, "tis_mu": 1.0}})
+  with pytest.raises(StaleCacheError, match=r"loss.tis_mu: '\(absent\)' -> 2.0"):
+    stages.done("arms/dpo", {"loss": {"alpha": 0.25, "beta": 0.1, "tis_mu": 2.0}})
+  with pytest.raises(StaleCacheError, match=r"loss.alpha: 0.25 -> 0.5"):
+    stages.done("arms/dpo", {"loss": {"alpha": 0.5, "beta": 0.1}})
+  with pytest.raises(StaleCacheError, match=r"loss.beta: 0.1 -> '\(absent\)'"):
+    stages.done("arms/dpo", {"loss": {"alpha": 0.25}})
+
+
 def test_token_strings_join_to_the_decoded_response():
   from tregjax import assets
   tok = AutoTokenizer.from_pretrained(assets.fetch("smollm2").parent / "tokenizer")

@@ -66,8 +66,15 @@ ARMS: dict[str, Arm] = {
                             label="DPO-REG, DPO-implicit r̂ (ablation)"),
     "dpo_reg_oracle": Arm(dict(loss="dpo", regularizer="treg", weighting="dynamic"), rewards="oracle",
                           label="DPO-REG, oracle r̂ (ceiling)"),
+    # Token signals that need no prompt and no extra model: the reference's own confidence as T-REG's r̂ (ConfPO's
+    # threshold), ConfPO itself (SimPO's β and γ, on the policy's low-confidence tokens), and TIS-DPO's importance
+    # weights from the same contrastive log-prob differences T-REG squashes into r̂.
+    "dpo_reg_conf": Arm(dict(loss="dpo", regularizer="treg", weighting="dynamic"), rewards="confidence",
+                        label="DPO-REG, confidence r̂"),
+    "confpo": Arm(dict(loss="confpo", regularizer="none", beta=2.0, gamma=1.0), label="ConfPO"),
+    "tisdpo": Arm(dict(loss="tisdpo", regularizer="none"), label="TIS-DPO (prompt weights)"),
 }
-REWARD_SOURCES = ("contrastive", "dpo_implicit", "oracle", "r3hf")
+REWARD_SOURCES = ("contrastive", "dpo_implicit", "oracle", "r3hf", "confidence")
 
 
 def default_experiment_config() -> ml_collections.ConfigDict:
@@ -125,10 +132,30 @@ class Stages:
       return False
     if key is not None:
       from tregjax.score import StaleCacheError  # pylint: disable=g-import-not-at-top
-      if self.info(name).get("key") != self.key_hash(key):
-        raise StaleCacheError(f"stage {self.path(name)} was made from other inputs (another config); delete it or "
-                              f"use another --workdir")
+      info = self.info(name)
+      if info.get("key") != self.key_hash(key):
+        differences = self._differences(info.get("key_json"), key)
+        if differences is None or differences:
+          detail = "; ".join(differences[:5]) if differences else "another config"
+          raise StaleCacheError(f"stage {self.path(name)} was made from other inputs ({detail}); delete it or use "
+                                f"another --workdir")
     return True
+
+  def _differences(self, stored: dict | None, key: Any) -> list[str] | None:
+    """What differs between a stage's stored key and `key` ("path: old -> new"), ignoring config keys added since the
+    stage was made that still hold their default (the stage was made with that default); None if nothing is stored."""
+    if stored is None:
+      return None
+    old, new = _flatten(stored), _flatten(self.key_json(key))
+    defaults = _config_defaults()
+    out = []
+    for path in sorted(set(old) | set(new)):
+      if old.get(path, _MISSING) == new.get(path, _MISSING):
+        continue
+      if path not in old and path in defaults and defaults[path] == new[path]:
+        continue  # a key added since, at its default
+      out.append(f"{path}: {old.get(path, '(absent)')!r} -> {new.get(path, '(absent)')!r}")
+    return out
 
   def info(self, name: str) -> dict:
     with open(os.path.join(self.path(name), "DONE"), encoding="utf-8") as f:
@@ -137,18 +164,21 @@ class Stages:
   def finish(self, name: str, started: float, info: dict | None = None, key: Any = None) -> dict:
     info = dict(info or {}, seconds=round(time.perf_counter() - started, 1))
     if key is not None:
-      info["key"] = self.key_hash(key)
+      info["key"], info["key_json"] = self.key_hash(key), self.key_json(key)
     from tregjax.data import hashing  # pylint: disable=g-import-not-at-top
     os.makedirs(self.path(name), exist_ok=True)
     hashing.atomic_write_json(os.path.join(self.path(name), "DONE"), info)
     self.say(f"{name} done in {info['seconds']:.0f}s")
     return info
 
-  def key_hash(self, key: Any) -> str:
-    """Hash of a stage's inputs with this workdir's path written as <workdir>: a moved (or linked) workdir keeps its
+  def key_json(self, key: Any) -> Any:
+    """A stage's inputs as JSON with this workdir's path written as <workdir>: a moved (or linked) workdir keeps its
     stages."""
+    return json.loads(json.dumps(key, default=str).replace(self.root, "<workdir>"))
+
+  def key_hash(self, key: Any) -> str:
     from tregjax.data import hashing  # pylint: disable=g-import-not-at-top
-    return hashing.hash_json(json.loads(json.dumps(key, default=str).replace(self.root, "<workdir>")))
+    return hashing.hash_json(self.key_json(key))
 
   def say(self, message: str) -> None:
     print(f"[experiment {time.perf_counter() - self.t0:6.0f}s] {message}", flush=True)
@@ -161,6 +191,24 @@ class Stages:
         with open(os.path.join(dirpath, "DONE"), encoding="utf-8") as f:
           out[os.path.relpath(dirpath, self.root)] = json.load(f).get("seconds", float("nan"))
     return dict(sorted(out.items()))
+
+
+_MISSING = object()
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, Mapping):
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+      out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def _config_defaults() -> dict[str, Any]:
+  """Every trainer config key's default, flattened ("loss.alpha": 0.25), as JSON values."""
+  from tregjax.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  return _flatten(json.loads(json.dumps(config_lib.base_config().to_dict(), default=str)))
 
 
 def stage_key(stage: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -239,6 +287,8 @@ def _reward_settings(source: str, stages: Stages, task: Task) -> dict[str, Any]:
     return dict(source="r3hf", reward_model=stages.path("reward_model/hf"))
   if source == "oracle":
     return dict(source="oracle", oracle="", oracle_id=f"{task.name}:token_labels")
+  if source == "confidence":
+    return dict(source="confidence")
   if source.startswith("implicit:"):
     return dict(source="dpo_implicit", dpo_checkpoint=stages.path(f"arms/{source.split(':', 1)[1]}/hf"))
   return dict(source="contrastive")
@@ -373,12 +423,12 @@ def token_credit(task: Task, caches: dict[str, str], seed: int) -> tuple[dict[st
     out[source] = dict(auc=auc, low=low, high=high,
                        mean_correct=float(scores[truth["labels"] > 0].mean()) if (truth["labels"] > 0).any() else None,
                        mean_error=float(scores[truth["labels"] < 0].mean()) if (truth["labels"] < 0).any() else None)
-  # The reference's own confidence log π_ref(y_t) (in every cache, free): not a T-REG source, but the floor any
-  # prompting trick must beat to be worth its two extra forward passes.
+  # The reference's raw log π_ref(y_t) (in every cache, free; the "confidence" source centres it per response):
+  # the floor any prompting trick must beat to be worth its two extra forward passes.
   confidence = np.concatenate([np.asarray(row[f"ref_{side}_token_logps"], np.float32)
                                for row in rows for side in ("chosen", "rejected")])
   auc, low, high = stats.auc_interval(confidence, truth["labels"], truth["groups"], seed=seed)
-  out["confidence"] = dict(auc=auc, low=low, high=high, mean_correct=float(confidence[truth["labels"] > 0].mean())
+  out["ref_logprob"] = dict(auc=auc, low=low, high=high, mean_correct=float(confidence[truth["labels"] > 0].mean())
                            if (truth["labels"] > 0).any() else None,
                            mean_error=float(confidence[truth["labels"] < 0].mean())
                            if (truth["labels"] < 0).any() else None)
@@ -395,7 +445,8 @@ CREDIT_LABELS = {
     "dpo_implicit": "DPO-implicit after DPO (= TGDPO's guidance)",
     "r3hf": "R3HF (sequence RM redistributed)",
     "oracle": "oracle token truth (sanity: 1.0)",
-    "confidence": "reference log-prob log π_ref(y_t) (no prompt)",
+    "confidence": "reference confidence (ConfPO-style, no prompt)",
+    "ref_logprob": "raw log π_ref(y_t), uncentred (no prompt)",
     "chance": "chance (random scores)",
 }
 
@@ -483,6 +534,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if exp.reward_model_steps > 0:
     train_reward_model(config, task, prepared, stages, exp)
     caches["r3hf"] = score_stage(config, task, prepared, stages, "r3hf")
+  caches["confidence"] = score_stage(config, task, prepared, stages, "confidence")
   caches["oracle"] = score_stage(config, task, prepared, stages, "oracle")
   credit, truth, rows = token_credit(task, caches, seed=int(config.seed))
 
