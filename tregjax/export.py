@@ -21,6 +21,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Run directory written by `python -m tregjax.train`.")
   flags.DEFINE_string("out", None, "Output Hugging Face directory.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_string("adapter_out", None, "LoRA runs: also write the adapters as a PEFT directory "
+                      "(adapter_config.json + adapter_model.safetensors) for the base model.hf_path.")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Saved tensor dtype.")
   flags.mark_flags_as_required(["workdir", "out"])
 
@@ -33,8 +35,12 @@ def tokenizer_dir(config) -> str | None:
   return None
 
 
-def export(workdir: str, out: str, *, step: int | None = None, dtype: str = "float32") -> str:
-  """Write the checkpoint's model (and the run's tokenizer, when it has one) to `out`; returns `out`."""
+def export(workdir: str, out: str, *, step: int | None = None, dtype: str = "float32",
+           adapter_out: str | None = None) -> str:
+  """Write the checkpoint's model (and the run's tokenizer, when it has one) to `out`; returns `out`.
+
+  A LoRA run's model is written merged (W + (α/r)·A B); `adapter_out` also writes its adapters as a PEFT directory.
+  """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
 
@@ -57,6 +63,9 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from tregjax import cli  # pylint: disable=g-import-not-at-top
+  if adapter_out:
+    from tregjax.models import peft_io  # pylint: disable=g-import-not-at-top
+    peft_io.save_adapter(model, adapter_out, base_model_name_or_path=config.model.hf_path)
   cli.setup_logging()
   f = flags.FLAGS
   try:

@@ -148,6 +148,9 @@ def load_config(path: str) -> ModelConfig:
   if str(path).endswith(".gguf"):
     return ModelConfig.from_hf_config(open_source(path).config, source=str(path))
   config_path = os.path.join(str(path), "config.json")
+  if not os.path.exists(config_path) and os.path.exists(os.path.join(str(path), "adapter_config.json")):
+    from tregjax.models import peft_io  # pylint: disable=import-outside-toplevel
+    return peft_io.load_config(path)
   if not os.path.exists(config_path):
     raise FileNotFoundError(f"{path}: no config.json")
   with open(config_path) as f:
@@ -285,7 +288,14 @@ def from_pretrained(path: str, *, dtype: Any = jnp.bfloat16, param_dtype: Any = 
   `config_overrides={"num_labels": 1}` on a causal-LM checkpoint gives a RewardModel whose backbone is the
   checkpoint's and whose `score` head is freshly initialised (N(0, 0.02), seed `head_seed`), as HF does when a
   *ForSequenceClassification is made from a causal LM; the LM head is dropped.
+  A PEFT LoRA directory (adapter_config.json, no config.json) loads its base (`base_model_name_or_path`, a local
+  directory) with the adapter applied in the forward (`tregjax.models.peft_io`): score and generate take it as is.
   """
+  if source is None and os.path.exists(os.path.join(str(path), "adapter_config.json")) and not os.path.exists(
+      os.path.join(str(path), "config.json")):
+    from tregjax.models import peft_io  # pylint: disable=import-outside-toplevel
+    return peft_io.from_pretrained(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
+                                   config_overrides=config_overrides)
   source = open_source(path) if source is None else source
   label = str(path) if str(path).endswith(".gguf") else os.path.join(str(path), "config.json")
   cfg = ModelConfig.from_hf_config(source.config, source=label)
@@ -448,13 +458,15 @@ def save_pretrained(model: transformer.Model, path: str, *, tokenizer: Any = Non
   """Write config.json + safetensors shards (+ index when sharded) that `transformers` loads.
 
   `dtype` casts the saved tensors (default: the parameter dtype); tied embeddings write no lm_head (HF re-ties).
-  A config without pad_token_id takes the tokenizer's.
+  A config without pad_token_id takes the tokenizer's. A model with LoRA adapters is saved merged (W + (α/r)·A B).
   """
   cfg = model.config
   hf_config = cfg.to_hf_config()
   if hf_config.get("pad_token_id") is None and getattr(tokenizer, "pad_token_id", None) is not None:
     # transformers' *ForSequenceClassification finds each row's last token through pad_token_id; without it a
     # reward model refuses batches > 1. The tokenizer saved alongside knows the id.
+  from tregjax.models import lora  # pylint: disable=import-outside-toplevel
+  model = lora.merge(model)
     hf_config["pad_token_id"] = int(tokenizer.pad_token_id)
   if dtype is not None:
     hf_config["torch_dtype"] = {"bfloat16": "bfloat16", "float16": "float16"}.get(jnp.dtype(dtype).name, "float32")

@@ -174,7 +174,8 @@ def merge(model: nnx.Module) -> nnx.Module:
   for target in cfg.lora_targets:
     w = f"model/layers/{target}"
     a, b = values.pop(w + "_lora/lora_a"), values.pop(w + "_lora/lora_b")
-    values[w] = (values[w].astype(jnp.float32) + delta(a, b, scale, values[w].shape, True)).astype(values[w].dtype)
+    dt = jnp.promote_types(values[w].dtype, a.dtype)  # a bfloat16 frozen base merges into float32 weights
+    values[w] = (values[w].astype(jnp.float32) + delta(a, b, scale, values[w].shape, True)).astype(dt)
   return nnx.merge(graphdef, fill(abstract_state, values))
 
 

@@ -57,7 +57,7 @@ def save_adapter(model: nnx.Module, path: str, *, base_model_name_or_path: str =
   """Write `model`'s adapters as a PEFT LoRA directory (float32 tensors, one per layer and factor)."""
   cfg = model.config
   if not cfg.lora_targets:
-    raise ValueError("save_adapter: the model has no LoRA adapters (ModelConfig.lora_targets is empty)")
+    raise ValueError("save_adapter: the model has no LoRA adapters (trained without config.model.lora.rank > 0)")
   values = lora.flat_values(nnx.state(model, nnx.LoRAParam))
   items = []
   for template, ours, rule, _ in _tensor_plan(cfg):
@@ -193,5 +193,30 @@ def load_adapter(model: nnx.Module, path: str, *, mesh=None, param_dtype: Any = 
   return nnx.merge(graphdef, lora.fill(abstract_state, values))
 
 
-__all__ = ["save_adapter", "load_adapter", "adapter_values", "read_adapter_config", "config_with_adapter",
+def _base_path(path: str) -> str:
+  conf = read_adapter_config(path)
+  base = conf.get("base_model_name_or_path") or ""
+  candidates = [base, os.path.join(path, base)] if base and not os.path.isabs(base) else [base]
+  found = next((c for c in candidates if c and os.path.exists(c)), None)
+  if found is None:
+    raise FileNotFoundError(f"{os.path.join(path, CONFIG_NAME)}: base_model_name_or_path={base!r} is not a local "
+                            "model directory; load the base with from_pretrained and call load_adapter")
+  return found
+
+
+def load_config(path: str):
+  """The ModelConfig of a PEFT directory: its base's, with the adapter's rank, alpha and targets."""
+  return config_with_adapter(hf_io.load_config(_base_path(path)), path)
+
+
+def from_pretrained(path: str, *, dtype: Any = jnp.bfloat16, param_dtype: Any = jnp.float32, mesh=None,
+                    config_overrides: dict[str, Any] | None = None) -> nnx.Module:
+  """The base named by a PEFT directory's `base_model_name_or_path` (a local HF directory or .gguf; relative paths
+  are taken from the adapter directory) with the adapter applied in the forward."""
+  model = hf_io.from_pretrained(_base_path(path), dtype=dtype, param_dtype=param_dtype, mesh=mesh,
+                                config_overrides=config_overrides)
+  return load_adapter(model, path, mesh=mesh, param_dtype=jnp.float32)
+
+
+__all__ = ["from_pretrained", "load_config", "save_adapter", "load_adapter", "adapter_values", "read_adapter_config", "config_with_adapter",
            "adapter_config", "CONFIG_NAME", "WEIGHTS_NAME"]

@@ -40,6 +40,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.scan_layers = True
 
   # The data engineer's keys (sources, tokenization, pipeline: tregjax.data.build.default_data_config) plus the
+  # Parameter-efficient runs (tregjax.training.partition): LoRA adapters on a frozen base, the frozen weights' dtype.
+  from tregjax.training import partition  # pylint: disable=g-import-not-at-top
+  c.model.lora = partition.default_lora_config()
+  c.model.frozen_param_dtype = ""  # "" -> param_dtype; "bfloat16" halves a frozen base (adapters stay param_dtype)
   # trainer's own, so one locked section validates every data key.
   from tregjax.data import build as data_build  # pylint: disable=g-import-not-at-top
   c.data = data_build.default_data_config()
@@ -94,6 +98,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.logits_chunk_size = 512  # positions per chunk of the chunked log-softmax
 
   c.logging = ml_collections.ConfigDict()
+  # Regex over parameter paths ("model/embed_tokens", "model/layers/attn/q_proj", "lm_head") kept frozen: no gradient,
+  # no optimizer state, not in checkpoints. "" trains every parameter (or every adapter with model.lora).
+  c.train.freeze = ""
   c.logging.tensorboard = True
   c.logging.jsonl = True
   c.logging.progress_bar = True
@@ -170,6 +177,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   model_overrides(config)  # refuses overrides of fields the trainer's own keys set
 
   # The loss options are checked by their own dataclass (one place for their rules).
+  from tregjax.training import partition  # pylint: disable=g-import-not-at-top
+  partition.validate(config)
   from tregjax import losses  # pylint: disable=g-import-not-at-top
   try:
     losses.ObjectiveOptions(**config.loss.to_dict())
@@ -248,7 +257,8 @@ def objective_options(config: ml_collections.ConfigDict):
 
 
 # ModelConfig fields the trainer sets from its own `model.*` keys; an override of them would be silently replaced.
-_TRAINER_SET_FIELDS = {"remat": "model.remat", "scan_layers": "model.scan_layers"}
+_TRAINER_SET_FIELDS = {"remat": "model.remat", "scan_layers": "model.scan_layers", "lora_rank": "model.lora.rank",
+                       "lora_alpha": "model.lora.alpha", "lora_targets": "model.lora.targets"}
 
 
 def model_overrides(config: ml_collections.ConfigDict) -> dict:

@@ -29,6 +29,7 @@ from tregjax.training import checkpoint as ckpt_lib
 from tregjax.training import config as config_lib
 from tregjax.training import metrics as metrics_lib
 from tregjax.training import optimizer as optimizer_lib
+from tregjax.training import partition
 from tregjax.training import step as step_lib
 
 log = logging.getLogger("tregjax.train")
@@ -65,41 +66,76 @@ def model_config(config: ml_collections.ConfigDict):
   if config.objective != "reward_model" and cfg.num_labels:
     raise config_lib.ConfigError(f"objective={config.objective} needs a causal LM, but the model has a "
                                  f"{cfg.num_labels}-label classification head")
-  return cfg
+  return partition.with_lora(cfg, config)
 
 
 def build_model_state(config: ml_collections.ConfigDict, mesh, *, abstract: bool = False):
   """(graphdef, params, extra): sharded over `mesh` from birth (random init) or streamed (pretrained).
 
+  `params` is what trains, `extra` the rest incl. frozen weights (`partition`: LoRA base, `train.freeze`). A LoRA run
+  streams its base once (in `model.frozen_param_dtype`) and adds adapters: fresh (B = 0, the policy starts at the
+  base, which is the reference) or read from `model.lora.init_from`.
   With `abstract=True` returns ShapeDtypeStructs only (the restore target when resuming a random-init run).
   """
   from tregjax import models  # pylint: disable=g-import-not-at-top
+  from tregjax.models import lora  # pylint: disable=g-import-not-at-top
   cfg = model_config(config)
   dtype, param_dtype = _dtype(config.model.dtype), _dtype(config.model.param_dtype)
   abstract_model = models.abstract_model(cfg, dtype=dtype, param_dtype=param_dtype)
-  graphdef, abs_params, abs_extra = nnx.split(abstract_model, nnx.Param, ...)
+  graphdef, abs_params, abs_extra = partition.split(abstract_model, config)
+  abs_extra = partition.cast_frozen(abs_extra, partition.frozen_dtype(config))
   shardings = (parallel.state_shardings(abs_params, mesh), parallel.state_shardings(abs_extra, mesh))
   if abstract:
     attach = lambda a, s: jax.tree.map(lambda x, y: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=y), a, s)
     return graphdef, attach(abs_params, shardings[0]), attach(abs_extra, shardings[1])
   if config.model.hf_path:
     # A causal-LM checkpoint trained as a reward model gets a fresh `score` head (num_labels from model_config).
-    model = models.from_pretrained(config.model.hf_path, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
+    load_dtype = partition.frozen_dtype(config) if partition.lora_enabled(config) else param_dtype
+    model = models.from_pretrained(config.model.hf_path, dtype=dtype, param_dtype=load_dtype, mesh=mesh,
                                    config_overrides={"remat": cfg.remat, "scan_layers": cfg.scan_layers,
                                                      "num_labels": cfg.num_labels})
-    _, params, extra = nnx.split(model, nnx.Param, ...)
-    return graphdef, params, extra
+    values = lora.flat_values(nnx.state(model))
+    del model
+    if cfg.lora_targets:
+      values |= _adapter_values(config, cfg, nnx.merge_state(abs_params, abs_extra),
+                                nnx.merge_state(*shardings))
+    cast = lambda abs_state: lora.fill(abs_state, {k: v.astype(abs_v.dtype) for k, abs_v in  # noqa: E731
+                                                   lora.flat_values(abs_state).items() for v in [values[k]]})
+    return graphdef, cast(abs_params), cast(abs_extra)
 
   return graphdef, *jax.jit(lambda: random_init(config), out_shardings=shardings)()
+
+
+def _adapter_values(config: ml_collections.ConfigDict, cfg, abstract_state, shardings) -> dict[str, jax.Array]:
+  """Adapter arrays by path, placed on their shardings: from the PEFT directory `model.lora.init_from`, else fresh
+  (A Kaiming-uniform from the run's seed, B = 0)."""
+  from tregjax.models import lora  # pylint: disable=g-import-not-at-top
+  from tregjax.models import peft_io  # pylint: disable=g-import-not-at-top
+  sh = {k: v for k, v in lora.flat_values(shardings).items() if lora.is_adapter(k)}
+  param_dtype = _dtype(config.model.param_dtype)
+  if config.model.lora.init_from:
+    host = peft_io.adapter_values(cfg, config.model.lora.init_from, param_dtype=param_dtype)
+    return {k: jax.make_array_from_callback(x.shape, sh[k], lambda i, x=x: x[i]) for k, x in host.items()}
+  return jax.jit(lambda: lora.init_adapters(abstract_state, partition.adapter_key(config.seed)), out_shardings=sh)()
 
 
 def random_init(config: ml_collections.ConfigDict):
   """(params, extra) of a freshly initialised model (trace under jit with out_shardings to init sharded)."""
   from tregjax import models  # pylint: disable=g-import-not-at-top
-  model = models.from_config(model_config(config), nnx.Rngs(config.seed), dtype=_dtype(config.model.dtype),
+  from tregjax.models import lora  # pylint: disable=g-import-not-at-top
+  cfg = model_config(config)
+  model = models.from_config(cfg, nnx.Rngs(config.seed), dtype=_dtype(config.model.dtype),
                              param_dtype=_dtype(config.model.param_dtype))
-  _, params, extra = nnx.split(model, nnx.Param, ...)
-  return params, extra
+  if cfg.lora_targets:  # adapters from their own key: the base equals the full run's random init
+    if config.model.lora.init_from:
+      from tregjax.models import peft_io  # pylint: disable=g-import-not-at-top
+      fresh = peft_io.adapter_values(cfg, config.model.lora.init_from, param_dtype=_dtype(config.model.param_dtype))
+    else:
+      fresh = lora.init_adapters(nnx.state(model), partition.adapter_key(config.seed))
+    state = nnx.state(model)
+    nnx.update(model, lora.fill(state, lora.flat_values(state) | fresh))
+  _, params, extra = partition.split(model, config)
+  return params, partition.cast_frozen(extra, partition.frozen_dtype(config))
 
 
 def default_data(config: ml_collections.ConfigDict, split: str, process_index: int, process_count: int) -> Iterator:
@@ -299,7 +335,9 @@ def _initial_state(config: ml_collections.ConfigDict, mesh, ckpt: ckpt_lib.Check
       raise ckpt_lib.CheckpointMismatchError(
           f"{ckpt.directory}/{latest} was written by objective={saved_meta.get('objective')!r}, this run is "
           f"{config.objective!r}; use a fresh --workdir")
-    state, data_state, _ = ckpt.restore(latest, target)
+    state, data_state, _ = ckpt.restore(latest, partition.saved(target))
+    if partition.has_frozen(target.extra):  # checkpoints hold what trains: the frozen weights come from their source
+      state = partition.with_frozen(state, build_model_state(config, mesh)[2])
     train_iter.set_state(data_state)
     log.info("resumed from %s/%d", ckpt.directory, latest)
   elif pretrained:
@@ -423,7 +461,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
         if bar is not None:
           bar.update(1)
         if config.checkpoint.enabled:
-          ckpt.save(step, state, train_iter.get_state(), meta)
+          ckpt.save(step, partition.saved(state), train_iter.get_state(), meta)
         if config.data.eval_split and config.train.eval_every and step % config.train.eval_every == 0:
           eval_metrics = _evaluate(eval_step, state, config, mesh, data_factory, max_segments)
           writer.write(step, eval_metrics)
@@ -436,7 +474,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
         log_step(host_metrics(pending), pending[0])
         pending = None
       if config.checkpoint.enabled and step > summary["start_step"] and ckpt.latest_step() != step:
-        ckpt.save(step, state, train_iter.get_state(), meta, force=True)
+        ckpt.save(step, partition.saved(state), train_iter.get_state(), meta, force=True)
       if summary["stopped"] != "preempted" and config.data.eval_split and step > 0:
         if not (config.train.eval_every and step % config.train.eval_every == 0 and eval_metrics):
           eval_metrics = _evaluate(eval_step, state, config, mesh, data_factory, max_segments)
@@ -474,8 +512,12 @@ def load_model(workdir: str, step: int | None = None, *, config: ml_collections.
   abstract_state = jax.eval_shape(lambda p, e: step_lib.init_state(p, e, tx, config.seed), params, extra)
   state_sh = step_lib.state_shardings(abstract_state, tx, mesh)
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sh)
-  ckpt.check_compatible(step, target)
+  ckpt.check_compatible(step, partition.saved(target))
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(
+      partition.saved(target))))
   ckpt.close()
-  return nnx.merge(graphdef, restored.state.params, restored.state.extra), step
+  state = restored.state
+  if partition.has_frozen(target.extra):  # a LoRA / freeze run: the frozen weights come from their source
+    state = partition.with_frozen(state, build_model_state(config, mesh)[2])
+  return nnx.merge(graphdef, state.params, state.extra), step

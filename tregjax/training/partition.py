@@ -1,0 +1,160 @@
+"""What trains and what is frozen: `model.lora` adapters, the `train.freeze` regex, the frozen weights' dtype.
+
+The model is split into `params` (what trains: gradients, Adam moments, checkpoints) and `extra` (everything else).
+Frozen weights go to `extra`, so they get no gradient and no optimizer state by construction (the step
+differentiates `params` only) and need no optax masking. A LoRA run trains only the `nnx.LoRAParam` adapters; its
+base is frozen and may be stored in bfloat16 (`model.frozen_param_dtype`) while adapters and their moments stay
+float32. Frozen weights are rebuilt from `model.hf_path` (or the seed) on resume and export, so checkpoints hold only
+what trains.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from tregjax.training import config as config_lib
+
+DTYPES = ("", "float32", "bfloat16", "float16")
+_ADAPTER_KEY_SALT = 0x10AA  # the adapters' init key: fold_in(key(seed), salt), apart from the base's random init
+
+
+def default_lora_config() -> ml_collections.ConfigDict:
+  """config.model.lora: rank 0 = off (full-parameter training)."""
+  return ml_collections.ConfigDict(dict(
+      rank=0,  # r of every adapter; > 0 trains adapters only, on a frozen base
+      alpha=16.0,  # scale alpha / r (PEFT's lora_alpha)
+      dropout=0.0,  # PEFT's lora_dropout; only 0.0 is implemented (the step has no dropout key)
+      targets="all_linear",  # "attention", "all_linear", or a regex over "model/layers/attn/q_proj"-style paths
+      init_from="",  # a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) to start from
+  ))
+
+
+def lora_enabled(config: ml_collections.ConfigDict) -> bool:
+  return config.model.lora.rank > 0
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """ConfigError (naming the key) for LoRA / freeze settings that cannot run."""
+  lo = config.model.lora
+  err = config_lib.ConfigError
+  if lo.rank < 0:
+    raise err(f"config.model.lora.rank={lo.rank}: must be >= 0 (0 disables LoRA)")
+  if config.model.frozen_param_dtype not in DTYPES:
+    raise err(f"config.model.frozen_param_dtype={config.model.frozen_param_dtype!r}: must be one of {DTYPES}")
+  if config.train.freeze:
+    try:
+      re.compile(config.train.freeze)
+    except re.error as e:
+      raise err(f"config.train.freeze={config.train.freeze!r} is not a regex: {e}") from e
+  if not lora_enabled(config):
+    if lo.init_from:
+      raise err("config.model.lora.init_from needs config.model.lora.rank > 0 (the adapter's r)")
+    return
+  if lo.alpha <= 0:
+    raise err(f"config.model.lora.alpha={lo.alpha}: must be > 0")
+  if lo.dropout != 0.0:
+    raise err(f"config.model.lora.dropout={lo.dropout}: only 0.0 is supported (no dropout in the step)")
+  if config.objective == "reward_model":
+    raise err("config.model.lora: LoRA trains causal LMs (objective=preference or sft); the reward model's fresh "
+              "head would stay frozen")
+  from tregjax.models import lora  # pylint: disable=g-import-not-at-top
+  try:
+    targets = lora.resolve_targets(lo.targets)
+  except ValueError as e:
+    raise err(str(e)) from e
+  if lo.init_from:
+    from tregjax.models import peft_io  # pylint: disable=g-import-not-at-top
+    try:
+      conf = peft_io.read_adapter_config(lo.init_from)
+      theirs = peft_io.adapter_targets(conf, os.path.join(lo.init_from, peft_io.CONFIG_NAME))
+    except (ValueError, FileNotFoundError) as e:
+      raise err(f"config.model.lora.init_from: {e}") from e
+    for key, mine, other in (("rank", lo.rank, conf.get("r")), ("alpha", float(lo.alpha), float(conf.get(
+        "lora_alpha", conf.get("r")))), ("targets", targets, theirs)):
+      if mine != other:
+        raise err(f"config.model.lora.{key}={mine!r} but the adapter in config.model.lora.init_from has {other!r}")
+  if config.model.hf_path and os.path.exists(os.path.join(config.model.hf_path, "adapter_config.json")):
+    raise err("config.model.hf_path is a PEFT adapter directory: set hf_path to its base and "
+              "config.model.lora.init_from to the adapter")
+
+
+def with_lora(cfg, config: ml_collections.ConfigDict):
+  """The ModelConfig with this run's adapters (unchanged without LoRA)."""
+  if not lora_enabled(config):
+    return cfg
+  from tregjax.models import lora  # pylint: disable=g-import-not-at-top
+  lo = config.model.lora
+  return cfg.replace(lora_rank=lo.rank, lora_alpha=float(lo.alpha), lora_targets=lora.resolve_targets(lo.targets))
+
+
+def _path(path) -> str:
+  return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def trainable_filter(config: ml_collections.ConfigDict):
+  """nnx filter of the trained variables: the adapters (LoRA) or every Param, minus `train.freeze` matches."""
+  kind = nnx.LoRAParam if lora_enabled(config) else nnx.Param
+  if not config.train.freeze:
+    return kind
+  regex = re.compile(config.train.freeze)
+  return lambda path, x: isinstance(x, kind) and not regex.search(_path(path))
+
+
+def split(model: nnx.Module, config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+  """(graphdef, trained params, extra incl. frozen params); an empty trained set is a ConfigError."""
+  graphdef, params, extra = nnx.split(model, trainable_filter(config), ...)
+  if not jax.tree.leaves(params):
+    raise config_lib.ConfigError(f"config.train.freeze={config.train.freeze!r} freezes every parameter")
+  if config.train.freeze and not any(isinstance(v, nnx.Param) for _, v in nnx.to_flat_state(extra)):
+    raise config_lib.ConfigError(f"config.train.freeze={config.train.freeze!r} matches no parameter path "
+                                 "(paths look like model/layers/attn/q_proj, model/embed_tokens, lm_head)")
+  return graphdef, params, extra
+
+
+def frozen_dtype(config: ml_collections.ConfigDict) -> Any:
+  return jnp.dtype(config.model.frozen_param_dtype or config.model.param_dtype)
+
+
+def cast_frozen(extra: nnx.State, dtype: Any) -> nnx.State:
+  """Frozen Params (concrete or ShapeDtypeStruct) in `dtype`; other variables unchanged."""
+
+  def one(var):
+    if not isinstance(var, nnx.Param):
+      return var
+    v = var.get_value()
+    if isinstance(v, jax.ShapeDtypeStruct):
+      return var.replace(jax.ShapeDtypeStruct(v.shape, dtype, sharding=v.sharding))
+    return var.replace(v.astype(dtype))
+
+  return nnx.from_flat_state([(p, one(v)) for p, v in nnx.to_flat_state(extra)])
+
+
+def has_frozen(extra: nnx.State) -> bool:
+  return any(isinstance(v, nnx.Param) for _, v in nnx.to_flat_state(extra))
+
+
+def saved(state):
+  """The part of a TrainState that checkpoints hold: all but the frozen Params in `extra`."""
+  _, rest = nnx.split_state(state.extra, nnx.Param, ...)
+  return state.replace(extra=rest)
+
+
+def with_frozen(restored, extra: nnx.State):
+  """A restored (saved) TrainState with the frozen Params of `extra` put back."""
+  frozen, _ = nnx.split_state(extra, nnx.Param, ...)
+  return restored.replace(extra=nnx.merge_state(frozen, restored.extra))
+
+
+def adapter_key(seed: int) -> jax.Array:
+  return jax.random.fold_in(jax.random.key(seed), _ADAPTER_KEY_SALT)
+
+
+__all__ = ["default_lora_config", "validate", "with_lora", "trainable_filter", "split", "cast_frozen", "saved",
+           "with_frozen", "has_frozen", "frozen_dtype", "adapter_key", "lora_enabled"]
