@@ -21,9 +21,9 @@ def _define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Run directory written by `python -m tregjax.train`.")
   flags.DEFINE_string("out", None, "Output Hugging Face directory.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Saved tensor dtype.")
   flags.DEFINE_string("adapter_out", None, "LoRA runs: also write the adapters as a PEFT directory "
                       "(adapter_config.json + adapter_model.safetensors) for the base model.hf_path.")
-  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Saved tensor dtype.")
   flags.mark_flags_as_required(["workdir", "out"])
 
 
@@ -54,6 +54,9 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = "flo
     from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
     tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
   models.save_pretrained(model, out, tokenizer=tokenizer, dtype=jnp.dtype(dtype))
+  if adapter_out:
+    from tregjax.models import peft_io  # pylint: disable=g-import-not-at-top
+    peft_io.save_adapter(model, adapter_out, base_model_name_or_path=config.model.hf_path)
   logging.getLogger("tregjax.export").info("exported step %d of %s to %s%s", step, workdir, out,
                                            "" if tokenizer else " (no tokenizer in this run's config)")
   return out
@@ -63,9 +66,6 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from tregjax import cli  # pylint: disable=g-import-not-at-top
-  if adapter_out:
-    from tregjax.models import peft_io  # pylint: disable=g-import-not-at-top
-    peft_io.save_adapter(model, adapter_out, base_model_name_or_path=config.model.hf_path)
   cli.setup_logging()
   f = flags.FLAGS
   try:

@@ -460,13 +460,13 @@ def save_pretrained(model: transformer.Model, path: str, *, tokenizer: Any = Non
   `dtype` casts the saved tensors (default: the parameter dtype); tied embeddings write no lm_head (HF re-ties).
   A config without pad_token_id takes the tokenizer's. A model with LoRA adapters is saved merged (W + (α/r)·A B).
   """
+  from tregjax.models import lora  # pylint: disable=import-outside-toplevel
+  model = lora.merge(model)
   cfg = model.config
   hf_config = cfg.to_hf_config()
   if hf_config.get("pad_token_id") is None and getattr(tokenizer, "pad_token_id", None) is not None:
     # transformers' *ForSequenceClassification finds each row's last token through pad_token_id; without it a
     # reward model refuses batches > 1. The tokenizer saved alongside knows the id.
-  from tregjax.models import lora  # pylint: disable=import-outside-toplevel
-  model = lora.merge(model)
     hf_config["pad_token_id"] = int(tokenizer.pad_token_id)
   if dtype is not None:
     hf_config["torch_dtype"] = {"bfloat16": "bfloat16", "float16": "float16"}.get(jnp.dtype(dtype).name, "float32")

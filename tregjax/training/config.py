@@ -38,12 +38,12 @@ def base_config() -> ml_collections.ConfigDict:
   # stacks: 9-15% faster training steps at 2-4 layers, none at 16, at a compile time that grows with depth
   # (bench/train_layer_loop.py).
   c.model.scan_layers = True
-
-  # The data engineer's keys (sources, tokenization, pipeline: tregjax.data.build.default_data_config) plus the
   # Parameter-efficient runs (tregjax.training.partition): LoRA adapters on a frozen base, the frozen weights' dtype.
   from tregjax.training import partition  # pylint: disable=g-import-not-at-top
   c.model.lora = partition.default_lora_config()
   c.model.frozen_param_dtype = ""  # "" -> param_dtype; "bfloat16" halves a frozen base (adapters stay param_dtype)
+
+  # The data engineer's keys (sources, tokenization, pipeline: tregjax.data.build.default_data_config) plus the
   # trainer's own, so one locked section validates every data key.
   from tregjax.data import build as data_build  # pylint: disable=g-import-not-at-top
   c.data = data_build.default_data_config()
@@ -96,11 +96,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 0  # 0 -> evaluate only at the end (when data.eval_split is set)
   c.train.max_consecutive_nonfinite = 5
   c.train.logits_chunk_size = 512  # positions per chunk of the chunked log-softmax
-
-  c.logging = ml_collections.ConfigDict()
   # Regex over parameter paths ("model/embed_tokens", "model/layers/attn/q_proj", "lm_head") kept frozen: no gradient,
   # no optimizer state, not in checkpoints. "" trains every parameter (or every adapter with model.lora).
   c.train.freeze = ""
+
+  c.logging = ml_collections.ConfigDict()
   c.logging.tensorboard = True
   c.logging.jsonl = True
   c.logging.progress_bar = True
@@ -175,10 +175,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   if config.model.overrides and config.model.hf_path:
     raise ConfigError("config.model.overrides applies to a preset only; it cannot change a pretrained checkpoint")
   model_overrides(config)  # refuses overrides of fields the trainer's own keys set
-
-  # The loss options are checked by their own dataclass (one place for their rules).
   from tregjax.training import partition  # pylint: disable=g-import-not-at-top
   partition.validate(config)
+
+  # The loss options are checked by their own dataclass (one place for their rules).
   from tregjax import losses  # pylint: disable=g-import-not-at-top
   try:
     losses.ObjectiveOptions(**config.loss.to_dict())
