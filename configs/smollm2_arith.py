@@ -30,6 +30,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # min, so the default runs the six arms that answer the question (DPO vs DPO-REG, the oracle-r̂ ceiling, SimPO vs
   # SimPO-REG, TGDPO) within the 75-minute budget. The paper's ablations are one flag away:
   #   --config.experiment.arms="('dpo','dpo_reg','dpo_sft','dpo_reg_static','dpo_reg_implicit')"
+  # and so are the prompt-free token signals (the reference's confidence as r̂, ConfPO, TIS-DPO):
+  #   --config.experiment.arms="('dpo','dpo_reg','dpo_reg_conf','confpo','tisdpo')"
   # (every stage is cached, so adding arms to a finished workdir trains only the new ones).
   c.experiment.arms = ("dpo", "dpo_reg", "simpo", "simpo_reg", "tgdpo", "dpo_reg_oracle")
   c.experiment.credit_policies = ("dpo",)
@@ -79,7 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.log_every = 1
   elif arg == "large":  # an accelerator: bfloat16, more problems, longer answers, 3 seeds via --config.seed
     c.experiment.arms = ("dpo", "dpo_reg", "simpo", "simpo_reg", "tgdpo", "dpo_sft", "dpo_reg_static",
-                         "dpo_reg_implicit", "dpo_reg_oracle")
+                         "dpo_reg_implicit", "dpo_reg_oracle", "dpo_reg_conf", "confpo", "tisdpo")
     c.experiment.credit_policies = ("dpo", "dpo_reg")
     c.model.dtype = "bfloat16"
     c.model.scan_layers = True

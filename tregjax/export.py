@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 
 from absl import app
 from absl import flags
@@ -25,6 +24,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("adapter_out", None, "LoRA runs: also write the adapters as a PEFT directory "
                       "(adapter_config.json + adapter_model.safetensors) for the base model.hf_path.")
   flags.mark_flags_as_required(["workdir", "out"])
+  from tregjax import cli  # pylint: disable=g-import-not-at-top
+  cli.define_verbose_flag()
 
 
 def tokenizer_dir(config) -> str | None:
@@ -45,14 +46,22 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = "flo
   import ml_collections  # pylint: disable=g-import-not-at-top
 
   from tregjax import models, training  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"--workdir={workdir} is not a run directory of `python -m tregjax.train` (no "
+                            f"{config_path}); pass the --workdir the trainer wrote")
+  try:
+    with open(config_path, encoding="utf-8") as f:
+      config = ml_collections.ConfigDict(json.load(f))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{config_path}: not valid JSON ({e.msg} at line {e.lineno}); the run's config is damaged") from e
   model, step = training.load_model(workdir, step, config=config)
   tokenizer = None
   tok_dir = tokenizer_dir(config)
   if tok_dir is not None:
     from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
     tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    models.check_tokenizer_vocab(tokenizer, model, where=f"export of {workdir} with the tokenizer {tok_dir}")
   models.save_pretrained(model, out, tokenizer=tokenizer, dtype=jnp.dtype(dtype))
   if adapter_out:
     from tregjax.models import peft_io  # pylint: disable=g-import-not-at-top
@@ -68,11 +77,7 @@ def main(argv: list[str]) -> None:
   from tregjax import cli  # pylint: disable=g-import-not-at-top
   cli.setup_logging()
   f = flags.FLAGS
-  try:
-    export(f.workdir, f.out, step=f.step, dtype=f.dtype)
-  except (ValueError, FileNotFoundError) as e:  # bad input: a clear message and a non-zero exit, no traceback
-    print(f"tregjax.export: error: {e}", file=sys.stderr)
-    sys.exit(2)
+  cli.report_errors("tregjax.export", lambda: export(f.workdir, f.out, step=f.step, dtype=f.dtype))
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ from tregjax import cli, parallel
 from tregjax.data import build as data_build
 from tregjax.data import hashing, schema, sources
 from tregjax.data.tokenize import ChatTokenizer
-from tregjax.score import StaleCacheError, bucket_length
+from tregjax.score import StaleCacheError, bucket_length, command_mesh
 
 log = logging.getLogger("tregjax.generate")
 
@@ -128,7 +128,7 @@ def load_prompts(config: ml_collections.ConfigDict, tok: ChatTokenizer,
   field = dict(schema.DEFAULT_FIELDS, **dict(d.fields))["prompt"]
   limit = int(g.max_prompt_length or d.max_prompt_length)
   counts = counts if counts is not None else {}
-  counts.update(records=0, truncated_prompts=0, dropped_too_long=0, bad_records={})
+  counts.update(records=0, truncated_prompts=0, dropped_too_long=0, bad_records={}, bad_record_examples=[])
   out = []
   for raw in sources.read_all(list(g.prompt_files), d.format):
     counts["records"] += 1
@@ -152,12 +152,24 @@ def load_prompts(config: ml_collections.ConfigDict, tok: ChatTokenizer,
     except sources.DataError as err:
       if d.on_bad_record == "error":
         raise
-      counts["bad_records"][err.kind] = counts["bad_records"].get(err.kind, 0) + 1
+      data_build.count_bad(counts, err)
       continue
     out.append(Prompt(raw.where, messages, tuple(ids)))
-  if not out:
-    raise ValueError(f"no usable prompts in {list(g.prompt_files)} ({counts})")
+  counts["examples"] = len(out)
+  files = [str(f) for f in g.prompt_files]
+  data_build.report(f"prompts of {', '.join(files)}", counts)
+  data_build.check_usable("prompts", files, counts, float(d.max_bad_fraction))
   return out
+
+
+def check_lengths(prompts: Sequence[Prompt], max_new_tokens: int, limit: int, model_path: str) -> None:
+  """Refuse, before anything compiles, a prompt that with `max_new_tokens` would run past the policy's
+  max_position_embeddings (positions the model never saw), naming the longest prompt and the keys to lower."""
+  longest = max(prompts, key=lambda p: len(p.ids))
+  if len(longest.ids) + max_new_tokens > limit:
+    raise cli.ConfigError(f"{longest.where}: prompt of {len(longest.ids)} tokens + generate.max_new_tokens="
+                          f"{max_new_tokens} runs past max_position_embeddings={limit} of {model_path}; lower "
+                          f"generate.max_prompt_length (data.truncation='truncate' cuts) or generate.max_new_tokens")
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -441,9 +453,7 @@ def run(config: ml_collections.ConfigDict, *, scorer: Scorer | None = None) -> s
   if not g.output_dir:
     raise ValueError("set generate.output_dir (where records.jsonl, pairs.jsonl and summary.json are written)")
   py_scorer, scorer_id = resolve_scorer(g, scorer)
-  mesh_cfg = config.get("mesh", None) or {}
-  mesh = parallel.make_mesh(data=-1, fsdp=mesh_cfg.get("fsdp", 1), tensor=mesh_cfg.get("tensor", 1),
-                            devices=jax.local_devices())
+  mesh = command_mesh(config)  # a size that does not divide the devices is an error naming config.mesh.*
   components = output_components(config, g, scorer_id, round_to_mesh(g.batch_size, mesh))
   digest = hashing.hash_json(components)
   summary_path = os.path.join(g.output_dir, SUMMARY)
@@ -473,6 +483,8 @@ def run(config: ml_collections.ConfigDict, *, scorer: Scorer | None = None) -> s
   mine = [k for n, k in enumerate(todo) if n % pcount == pid]
   if mine:
     sampler = Sampler(config, g, mesh, tok)
+    check_lengths(prompts, int(g.max_new_tokens), sampler.model.config.max_position_embeddings,
+                  cli.model_path(config, "policy"))
     reward = RewardScorer(config, g, mesh, tok) if g.reward_model else None
     total = sum(min(shard_size, len(prompts) - k * shard_size) for k in mine)
     bar = _progress(total, g.progress_bar)
@@ -536,16 +548,12 @@ def main(argv: Sequence[str]) -> None:
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   cli.setup_logging()
-  try:
-    out = run(flags.FLAGS.config)
-  except (ValueError, FileNotFoundError) as e:  # bad input: a clear message and a non-zero exit, no traceback
-    print(f"tregjax.generate: error: {e}", file=sys.stderr)
-    sys.exit(2)
-  print(out)
+  print(cli.report_errors("tregjax.generate", lambda: run(flags.FLAGS.config)))  # bad input: one line, exit status
 
 
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", None, "config file (configs/*.py with get_config())", lock_config=True)
+  cli.define_verbose_flag()
   app.run(main)

@@ -24,8 +24,11 @@ per-response sums and rewards are then combined from the rows' response-coordina
 Output is written in work shards (atomic, deterministic): a rerun skips finished shards and yields byte-identical
 output. When every shard exists the scored TFDS dataset (array_record) is assembled and `cache_meta.json`, holding
 the hash of (model, tokenizer, prompts, source, data), is written last; `check_cache` refuses a cache whose hash
-differs from the trainer's expectation. Contrastive contexts are rendered from the full prompt messages even when the
-plain prompt was left-truncated (the instruction must survive); the reference log-probs use the stored plain ids.
+differs from the trainer's expectation. Contrastive contexts are rendered from the full prompt messages; when the
+plain prompt was left-truncated they are cut the same way (`cut_like_plain`: the instruction survives, the prompt's
+start goes); the reference log-probs use the stored plain ids. Bad input stops before anything is written: a tokenizer
+larger than a model's vocabulary, a row longer than its max_position_embeddings (checked before compiling), a mesh that
+does not divide the devices (naming config.mesh.*), and a shard holding a non-finite value (naming the record).
 
 Config keys read: `model.hf_path`, `model.dtype`, `data.*` (the tokenized dataset, see tregjax.data.build),
 `data.cache_dir` (output), `mesh.{data,fsdp,tensor}` and the `score` section (`default_score_config()`).
@@ -107,6 +110,10 @@ def score_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 
 class StaleCacheError(ValueError):
   """A scored cache made from other inputs than the ones the caller expects."""
+
+
+class NonFiniteScoreError(ValueError):
+  """A scored value (reference log-prob or token reward) that is NaN or infinite: the shard is not written."""
 
 
 # ----------------------------------------------------------------------------------------------- hashing
@@ -267,20 +274,41 @@ def bucket_length(length: int, buckets: Sequence[int]) -> int:
 class Contexts:
   """Prompt ids of each context of a record (plain = the stored ids; contrastive = re-rendered from messages)."""
 
-  def __init__(self, tok: ChatTokenizer, s: ml_collections.ConfigDict):
+  def __init__(self, tok: ChatTokenizer, s: ml_collections.ConfigDict, max_prompt_length: int = 0):
     self.tok, self.source = tok, s.token_reward.source
     role = s.instruction_role
     if role == "auto":
       role = "system" if tok.supports_system_role() else "user"
     self.role, self.better, self.worse = role, s.better_instruction, s.worse_instruction
+    self.max_prompt_length = max_prompt_length  # the tokenized dataset's: a plain prompt this long may be cut
+    self.truncated = 0  # contrastive contexts cut like their plain prompt
 
   def prompts(self, record: dict[str, Any]) -> list[list[int]]:
     plain = [int(x) for x in record["prompt_ids"]]
     if self.source != "contrastive":
       return [plain]
     messages = json.loads(_text(record["prompt_messages"]))
-    return [plain, self.tok.prompt_ids(with_instruction(messages, self.better, self.role)),
-            self.tok.prompt_ids(with_instruction(messages, self.worse, self.role))]
+    contrastive = [self.tok.prompt_ids(with_instruction(messages, self.better, self.role)),
+                   self.tok.prompt_ids(with_instruction(messages, self.worse, self.role))]
+    if self.max_prompt_length and len(plain) >= self.max_prompt_length:
+      full = self.tok.prompt_ids(messages)
+      if len(full) > len(plain):  # the plain prompt was left-truncated: cut the contrastive ones the same way
+        contrastive = [cut_like_plain(c, full, len(plain)) for c in contrastive]
+        self.truncated += 2
+    return [plain] + contrastive
+
+
+def cut_like_plain(context: list[int], full_plain: list[int], kept: int) -> list[int]:
+  """A contrastive prompt cut the way its plain prompt was: the instruction part (where the two renderings differ,
+  at the start) is kept, and of the part they share (their common suffix: the conversation's end and the generation
+  prompt) only the `kept` last tokens the plain prompt kept. So the better and worse rows hold the instruction and
+  exactly the plain row's prompt tokens, and are never longer than the instruction plus the plain prompt budget."""
+  shared = 0
+  while shared < min(len(context), len(full_plain)) and context[-1 - shared] == full_plain[-1 - shared]:
+    shared += 1
+  if kept >= shared:  # the plain cut fell in its own head only (before the shared part): nothing shared is lost
+    return context
+  return context[:len(context) - shared] + context[len(context) - kept:]
 
 
 def _text(value: Any) -> str:
@@ -305,12 +333,11 @@ class Scorer:
   quantities (sums, rewards) are then combined by `combine` from the rows' response-coordinate arrays.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, s: ml_collections.ConfigDict, pad_id: int):
+  def __init__(self, config: ml_collections.ConfigDict, s: ml_collections.ConfigDict, pad_id: int,
+               tokenizer: ChatTokenizer | None = None):
     from tregjax import models  # pylint: disable=g-import-not-at-top
     self.s, self.source, self.pad_id = s, s.token_reward.source, pad_id
-    mesh_cfg = config.get("mesh", None) or {}
-    self.mesh = parallel.make_mesh(data=-1, fsdp=mesh_cfg.get("fsdp", 1), tensor=mesh_cfg.get("tensor", 1),
-                                   devices=jax.local_devices())
+    self.mesh = command_mesh(config)
     dtype = jnp.dtype(cli.compute_dtype(config, s))
     paths = [cli.model_path(config, "reference")]
     if self.source == "dpo_implicit":
@@ -323,6 +350,13 @@ class Scorer:
                        f"(*ForSequenceClassification with num_labels=1)")
     if isinstance(loaded[0], models.RewardModel):
       raise ValueError(f"model.hf_path={paths[0]} is a reward model; the reference must be a causal LM")
+    if tokenizer is not None:  # every model reads the same ids: an id past one's embedding scores NaN, silently
+      for path, model in zip(paths, loaded):
+        models.check_tokenizer_vocab(tokenizer.vocab_size, model,
+                                     where=f"tregjax.score: tokenizer {tokenizer.path} with the model {path}")
+    # The longest row any of the models was made for (rows are checked against it before anything compiles).
+    self.max_positions = min(int(m.config.max_position_embeddings) for m in loaded)
+    self.max_positions_of = paths[min(range(len(loaded)), key=lambda k: loaded[k].config.max_position_embeddings)]
     self.ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     self.batch_tokens = s.batch_tokens or self.ways * (1024 if jax.default_backend() == "cpu" else 16384)
     rows_sh = parallel.batch_sharding(self.mesh, 2)
@@ -425,6 +459,49 @@ class Scorer:
 
 def _raise(message: str):
   raise ValueError(message)
+
+
+def command_mesh(config: ml_collections.ConfigDict):
+  """The mesh of score and generate over this process's devices: the model over fsdp × tensor, the data over the rest.
+
+  A size that does not divide the devices is an error naming the config keys (not the mesh's own arithmetic).
+  """
+  mesh_cfg = config.get("mesh", None) or {}
+  fsdp, tensor = mesh_cfg.get("fsdp", 1), mesh_cfg.get("tensor", 1)
+  devices = jax.local_devices()
+  try:
+    return parallel.make_mesh(data=-1, fsdp=fsdp, tensor=tensor, devices=devices)
+  except ValueError as e:
+    raise cli.ConfigError(f"config.mesh.tensor={tensor} x config.mesh.fsdp={fsdp} does not divide the {len(devices)} "
+                          f"local device(s) of this process (score and generate shard the model over fsdp x tensor "
+                          f"and the pairs over the rest); set config.mesh.tensor and config.mesh.fsdp to divisors "
+                          f"of {len(devices)} ({e})") from e
+
+
+def check_row_lengths(units: Sequence[Unit], where: Callable[[int], str], limit: int, model_path: str) -> None:
+  """Refuse a row longer than the model's max_position_embeddings before it is batched and compiled: positions past
+  the limit are not what the model was trained on, and one such row sets the padded length of its whole batch."""
+  names = ("plain", "better", "worse")
+  for n, unit in enumerate(units):
+    for c, row in enumerate(unit.rows):
+      if len(row) > limit:
+        raise ValueError(f"{where(n // 2)}: the {names[c]} context of the {('chosen', 'rejected')[n % 2]} response "
+                         f"is {len(row)} tokens, longer than max_position_embeddings={limit} of {model_path}; lower "
+                         f"data.max_length / data.max_prompt_length (truncation='truncate' cuts every context)")
+
+
+def check_finite(results: Sequence[tuple[np.ndarray, float, np.ndarray]], where: Callable[[int], str]) -> None:
+  """Refuse to write a shard holding a NaN/inf reference log-prob or token reward, naming the first such record."""
+  for n, (ref, total, rewards) in enumerate(results):
+    side = ("chosen", "rejected")[n % 2]
+    for field, values in ((f"ref_{side}_token_logps", ref), (f"ref_{side}_logps", np.asarray([total])),
+                          (f"{side}_token_rewards", rewards)):
+      bad = np.flatnonzero(~np.isfinite(values))
+      if bad.size:
+        raise NonFiniteScoreError(
+            f"{where(n // 2)}: field {field!r} has {bad.size} non-finite value(s) (first at response token "
+            f"{int(bad[0])}: {values[bad[0]]}); the shard is not written. Check that the tokenizer belongs to the "
+            f"model and that its weights are finite; score.dtype='float32' rules out bfloat16 overflow")
 
 
 # ------------------------------------------------------------------------------------------ work shards
@@ -535,7 +612,8 @@ def run(config: ml_collections.ConfigDict, *, oracle: Oracle | None = None) -> s
 
   data_meta = tfds_builder.read_metadata(dataset_dir)
   tok = ChatTokenizer(data_build.tokenizer_path(config), data_build.data_section(config).end_of_turn_token)
-  contexts = Contexts(tok, s)
+  contexts = Contexts(tok, s, int(data_meta.get("max_prompt_length", 0) or
+                                  data_build.data_section(config).max_prompt_length))
   splits = [sp for sp in s.splits if sp in _splits(dataset_dir)]
   sources = {sp: tfds_builder.data_source(dataset_dir, sp) for sp in splits}
   shard_size = int(s.shard_size)
@@ -545,7 +623,13 @@ def run(config: ml_collections.ConfigDict, *, oracle: Oracle | None = None) -> s
   mine = [job for n, job in enumerate(jobs)
           if n % pcount == pid and _read_shard(_shard_path(cache_dir, *job), digest) is None]
   if mine:
-    scorer = Scorer(config, s, pad_id=int(data_meta.get("pad_id", tok.pad_id)))
+    scorer = Scorer(config, s, pad_id=int(data_meta.get("pad_id", tok.pad_id)), tokenizer=tok)
+    for sp in splits:  # every plain row, from the lengths sidecar, before anything compiles
+      lengths = tfds_builder.lengths(dataset_dir, sp, sources[sp])
+      if lengths.size and int(lengths.max()) > scorer.max_positions:
+        i = int(np.argmax(lengths.max(axis=1)))
+        check_row_lengths(units_of(sources[sp][i], contexts), lambda _: _record_name(sources[sp], sp, i),
+                          scorer.max_positions, scorer.max_positions_of)
     total_pairs = sum(min(shard_size, len(sources[sp]) - k * shard_size) for sp, k in mine)
     bar = _progress(total_pairs, s.progress_bar)
     t0, tokens_seen = time.perf_counter(), [0]
@@ -557,15 +641,21 @@ def run(config: ml_collections.ConfigDict, *, oracle: Oracle | None = None) -> s
     for sp, k in mine:
       indices = range(k * shard_size, min((k + 1) * shard_size, len(sources[sp])))
       units = [u for i in indices for u in units_of(sources[sp][i], contexts)]
+      where = lambda n, sp=sp, indices=indices: _record_name(sources[sp], sp, indices[n])  # noqa: E731
+      check_row_lengths(units, where, scorer.max_positions, scorer.max_positions_of)
       results = scorer.score_units(units, on_tokens)
       if oracle is not None:  # the reference's log-probs from the pass, the token rewards from the oracle
         results = [(ref, total, oracle_rewards(oracle, sources[sp][indices[n // 2]], ("chosen", "rejected")[n % 2],
                                                f"{sp} record {indices[n // 2]}"))
                    for n, (ref, total, _) in enumerate(results)]
+      check_finite(results, where)
       _write_shard(_shard_path(cache_dir, sp, k), digest, indices, results)
       bar.update(len(indices))
     bar.close()
     log.info("scored %d pairs, %d tokens in %.1fs", total_pairs, tokens_seen[0], time.perf_counter() - t0)
+    if contexts.truncated:
+      log.warning("cut %d contrastive contexts like their truncated plain prompt (instruction kept, the prompt's "
+                  "start dropped; data.max_prompt_length=%d)", contexts.truncated, contexts.max_prompt_length)
   if pcount > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("tregjax.score shards")
@@ -576,6 +666,11 @@ def run(config: ml_collections.ConfigDict, *, oracle: Oracle | None = None) -> s
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("tregjax.score assembled")
   return cache_dir
+
+
+def _record_name(source: Any, split: str, index: int) -> str:
+  """`split record N (file:line M)`: where a person finds the record the error is about."""
+  return f"{split} record {index} ({_text(source[index]['example_id'])})"
 
 
 def _splits(dataset_dir: str) -> list[str]:
@@ -623,12 +718,7 @@ def main(argv: Sequence[str]) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   cli.setup_logging()
   config = flags.FLAGS.config
-  try:
-    out = run(config)
-  except (ValueError, FileNotFoundError) as e:  # bad input: a clear message and a non-zero exit, no traceback
-    print(f"tregjax.score: error: {e}", file=sys.stderr)
-    sys.exit(2)
-  print(out)
+  print(cli.report_errors("tregjax.score", lambda: run(config)))  # bad input: one line and its exit status
 
 
 if __name__ == "__main__":
@@ -637,4 +727,5 @@ if __name__ == "__main__":
   from absl import flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", None, "config file (configs/*.py with get_config())", lock_config=True)
   flags.mark_flag_as_required("config")
+  cli.define_verbose_flag()
   app.run(main)

@@ -20,6 +20,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Trainer config file (
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, tensorboard/ "
                                 "(default: runs/<config file name>).")
 flags.mark_flags_as_required(["config"])
+cli.define_verbose_flag()
 
 
 def default_workdir() -> str:
@@ -46,9 +47,14 @@ def distributed_env(env: dict[str, str] | None = None) -> dict | None:
 
 
 def main(argv: list[str]) -> None:
+  """Expected errors (config, stale cache, bad record, non-finite run) end in one line and their exit status."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.setup_logging()
+  cli.report_errors("tregjax.train", _train)
+
+
+def _train() -> None:
   import jax  # pylint: disable=g-import-not-at-top
   kwargs = distributed_env()
   if kwargs is not None:

@@ -10,7 +10,9 @@ Config keys (`config.data`, defaults in `default_data_config()`):
   tokenizer           local tokenizer directory ("" = `config.model.path`)
   end_of_turn_token   appended to every response ("" = the template's end-of-turn marker, else EOS)
   max_prompt_length, max_length, truncation ("truncate" | "drop" | "error")
-  on_bad_record       "error" (raise, naming file, line/record and field) | "skip" (count in the summary)
+  on_bad_record       "error" (raise, naming file, line/record and field) | "skip" (count, report on the console)
+  max_bad_fraction    with "skip": a split in which more than this fraction of the records read is bad is an error
+                      (a file that is 40% garbage is not a dataset); 1.0 never stops
   dataset_dir         where the TFDS dataset is written (its TFDS data_dir)
 """
 
@@ -18,7 +20,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import ml_collections
@@ -27,6 +30,9 @@ from tregjax.data import hashing, schema, sources, tfds_builder
 from tregjax.data.tokenize import ChatTokenizer, TruncationOptions
 
 DATASET_FORMAT_VERSION = 1
+REPORTED_EXAMPLES = 3  # bad records quoted on the console (metadata.json keeps up to 20)
+
+log = logging.getLogger("tregjax.data")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -34,7 +40,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       train_files=(), validation_files=(), validation_fraction=0.0, format="auto", schema="pair",
       fields=dict(schema.DEFAULT_FIELDS), system_prompt="", tokenizer="", end_of_turn_token="",
-      max_prompt_length=256, max_length=512, truncation="truncate", on_bad_record="error", dataset_dir="",
+      max_prompt_length=256, max_length=512, truncation="truncate", on_bad_record="error", max_bad_fraction=0.1,
+      dataset_dir="",
       # pipeline (tregjax.data.pipeline.make_iterator)
       batch_size=8, buckets=(64, 128, 256, 512), packing=False, seed=0, num_workers=0, drop_remainder=True))
 
@@ -59,21 +66,91 @@ def tokenizer_path(config: ml_collections.ConfigDict) -> str:
   return path
 
 
+def check_vocab(config: ml_collections.ConfigDict, model_or_config: Any, command: str) -> None:
+  """Refuse a run whose tokenizer (data.tokenizer / model.tokenizer_path / model.hf_path) has more tokens than the
+  model's embedding: an id past it reads garbage on an accelerator (NaN log-probs, silently) instead of failing.
+
+  Nothing to check when the config names no tokenizer directory (a random-init model on synthetic batches).
+  """
+  try:
+    path = tokenizer_path(config)
+  except ValueError:
+    return
+  if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "tokenizer_config.json")):
+    return
+  import transformers  # pylint: disable=g-import-not-at-top
+  from tregjax import models  # pylint: disable=g-import-not-at-top
+  tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+  model_path = (config.get("model", None) or {}).get("hf_path", "") or "the config's model preset"
+  models.check_tokenizer_vocab(tokenizer, model_or_config, where=f"{command}: tokenizer {path} with {model_path}")
+
+
 def _in_validation(index: int, fraction: float) -> bool:
   return fraction > 0 and ((index * 2654435761) % 2**32) / 2**32 < fraction
 
 
 class _Counts:
-  """Per-split counters reported in the dataset metadata and the log."""
+  """Per-split counters reported in the dataset metadata and on the console."""
 
   def __init__(self):
     self.c: dict[str, Any] = dict(records=0, examples=0, ties_skipped=0, dropped_too_long=0, truncated_prompts=0,
                                   truncated_responses=0, bad_records={}, bad_record_examples=[])
 
   def bad(self, err: sources.DataError) -> None:
-    self.c["bad_records"][err.kind] = self.c["bad_records"].get(err.kind, 0) + 1
-    if len(self.c["bad_record_examples"]) < 20:
-      self.c["bad_record_examples"].append(str(err))
+    count_bad(self.c, err)
+
+
+def count_bad(counts: dict[str, Any], err: sources.DataError) -> None:
+  """Count a skipped record by kind and keep its `file:line: field: reason` (the first 20) for the report."""
+  counts.setdefault("bad_records", {})
+  counts["bad_records"][err.kind] = counts["bad_records"].get(err.kind, 0) + 1
+  examples = counts.setdefault("bad_record_examples", [])
+  if len(examples) < 20:
+    examples.append(str(err))
+
+
+def _bad_summary(counts: dict[str, Any]) -> str:
+  bad = counts.get("bad_records", {})
+  kinds = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
+  first = "; ".join(counts.get("bad_record_examples", [])[:REPORTED_EXAMPLES])
+  return f"{sum(bad.values())} bad ({kinds}); first: {first}" if bad else "0 bad"
+
+
+def report(what: str, counts: dict[str, Any]) -> None:
+  """What a build did with the records of `what` (a split, a prompt file list), on the console: a WARNING with the
+  per-kind counts and the first few `file:line: field: reason` lines when records were skipped, else one INFO line."""
+  cut = {k: counts.get(k, 0) for k in ("truncated_prompts", "truncated_responses", "dropped_too_long",
+                                       "ties_skipped") if counts.get(k, 0)}
+  line = f"{what}: {counts.get('records', 0)} records read, {counts.get('examples', 0)} used" + \
+      "".join(f", {k.replace('_', ' ')} {v}" for k, v in cut.items())
+  if counts.get("bad_records"):
+    log.warning("%s; skipped %s", line, _bad_summary(counts))
+  else:
+    log.info("%s", line)
+
+
+def check_usable(what: str, files: Sequence[str], counts: dict[str, Any], max_bad_fraction: float,
+                 why_empty: str = "") -> None:
+  """Stop with an error naming the files when nothing is usable or too much was skipped: an empty or all-bad input
+  must not reach TFDS (whose error names no file), and a mostly-bad file must not pass as a smaller dataset."""
+  records, used = counts.get("records", 0), counts.get("examples", 0)
+  bad = sum(counts.get("bad_records", {}).values())
+  names = ", ".join(files) or "(no files)"
+  if used == 0:
+    if why_empty:
+      reason = why_empty
+    elif not records:
+      reason = "the files hold no records (empty, or blank lines only)"
+    elif bad:
+      reason = _bad_summary(counts)
+    else:
+      reason = "every record was skipped: " + ", ".join(f"{k.replace('_', ' ')} {counts[k]}" for k in (
+          "ties_skipped", "dropped_too_long") if counts.get(k))
+    raise sources.DataError(names, None, f"{what}: no usable records ({records} read; {reason})", "no_usable_records")
+  if bad and bad > max_bad_fraction * records:
+    raise sources.DataError(names, None, f"{what}: {bad} of {records} records are bad ({bad / records:.0%}), more "
+                            f"than data.max_bad_fraction={max_bad_fraction}: {_bad_summary(counts)}; fix the data "
+                            f"or raise data.max_bad_fraction", "too_many_bad_records")
 
 
 def tokenize_pair(ex: schema.PreferenceExample, tok: ChatTokenizer, trunc: TruncationOptions, where: str,
@@ -149,6 +226,11 @@ def iter_tokenized(config: ml_collections.ConfigDict, split: str, tok: ChatToken
     if out is not None:
       c["examples"] += 1
       yield out
+  why_empty = ""
+  if not c["records"] and split == "validation" and not d.validation_files:
+    why_empty = (f"data.validation_fraction={d.validation_fraction} picked none of the train records; raise it or "
+                 f"set data.validation_files")
+  check_usable(f"split {split!r}", files, c, float(d.max_bad_fraction), why_empty)
 
 
 def dataset_hash(config: ml_collections.ConfigDict) -> str:
@@ -183,7 +265,8 @@ def build_dataset(config: ml_collections.ConfigDict) -> str:
   digest = dataset_hash(config)
   metadata: dict[str, Any] = dict(kind="tokenized", format_version=DATASET_FORMAT_VERSION, hash=digest,
                                   tokenizer=tokenizer_path(config), pad_id=tok.pad_id,
-                                  end_of_turn_id=tok.end_of_turn_id, schema=d.schema, counts={})
+                                  end_of_turn_id=tok.end_of_turn_id, schema=d.schema, counts={},
+                                  max_prompt_length=d.max_prompt_length, vocab_size=tok.vocab_size)
 
   def gen_for(split):
     def gen():
@@ -195,6 +278,9 @@ def build_dataset(config: ml_collections.ConfigDict) -> str:
   out = tfds_builder.write("tokenized", d.dataset_dir, "h" + digest[:16], {s: gen_for(s) for s in splits_of(config)},
                            metadata)
   meta = tfds_builder.read_metadata(out)
-  for split, counts in meta.get("counts", {}).items():
-    logging.info("tokenized %s: %s", split, {k: v for k, v in counts.items() if k != "bad_record_examples"})
+  for split, counts in meta.get("counts", {}).items():  # on every build (a reused dataset reports its counts too)
+    files = list(d.validation_files if split == "validation" and d.validation_files else d.train_files)
+    report(f"tokenized {split} split of {', '.join(files)}", counts)
+    if d.on_bad_record == "skip":  # a reused dataset meets today's threshold too
+      check_usable(f"split {split!r}", files, counts, float(d.max_bad_fraction))
   return out

@@ -37,14 +37,19 @@ class Tie(Exception):
 
 
 def _get(record: dict[str, Any], name: str, where: str) -> Any:
-  if name not in record or record[name] is None:
+  """A field's value; a missing field and a null one are different mistakes, so they say different things."""
+  if name not in record:
     raise DataError(where, name, f"missing field (record has {sorted(record)})", "missing_field")
+  if record[name] is None:
+    raise DataError(where, name, "is null", "null_field")
   return record[name]
 
 
 def _response_text(value: Any, where: str, field: str) -> str:
   if isinstance(value, dict) and "content" in value:
     value = value["content"]
+  if value is None:
+    raise DataError(where, field, "response is null", "null_field")
   if not isinstance(value, str):
     raise DataError(where, field, f"response must be a string, got {type(value).__name__}", "bad_response")
   if not value.strip():
@@ -61,6 +66,8 @@ def _messages(value: Any, where: str, field: str) -> tuple[dict[str, str], ...]:
   if isinstance(value, (list, tuple)) and value:
     out = []
     for i, m in enumerate(value):
+      if isinstance(m, dict) and "content" in m and m["content"] is None:
+        raise DataError(where, f"{field}[{i}].content", "is null", "null_field")
       if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
         raise DataError(where, f"{field}[{i}]", "chat message must be {'role': str, 'content': str}", "bad_prompt")
       out.append({"role": m["role"], "content": m["content"]})

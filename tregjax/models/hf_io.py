@@ -376,8 +376,12 @@ def from_pretrained(path: str, *, dtype: Any = jnp.bfloat16, param_dtype: Any = 
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def check_tokenizer_vocab(tokenizer: Any, model_or_config: Any) -> None:
-  """Refuse a tokenizer whose ids would index past the embedding (a smaller tokenizer is fine: padded vocab)."""
+def check_tokenizer_vocab(tokenizer: Any, model_or_config: Any, *, where: str = "") -> None:
+  """Refuse a tokenizer whose ids would index past the embedding (a smaller tokenizer is fine: padded vocab).
+
+  Every path pairing a tokenizer with a model calls this: an out-of-range id does not crash on an accelerator, it
+  reads garbage (NaN scores, silently). `where` names the pairing in the message (command, paths).
+  """
   cfg = getattr(model_or_config, "config", model_or_config)
   if isinstance(tokenizer, int):
     size = tokenizer
@@ -387,7 +391,8 @@ def check_tokenizer_vocab(tokenizer: Any, model_or_config: Any) -> None:
     size = len(tokenizer)
   if size > cfg.vocab_size:
     raise ValueError(
-        f"tokenizer has {size} tokens but the model's embedding has only vocab_size={cfg.vocab_size} rows; "
+        f"{where + ': ' if where else ''}tokenizer has {size} tokens but the model's embedding has only "
+        f"vocab_size={cfg.vocab_size} rows; "
         "ids >= vocab_size would read out of range. Use the tokenizer that belongs to this checkpoint.")
 
 

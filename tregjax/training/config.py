@@ -11,6 +11,8 @@ import math
 
 import ml_collections
 
+from tregjax import cli
+
 OBJECTIVES = ("preference", "sft", "reward_model")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -108,8 +110,8 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-class ConfigError(ValueError):
-  """A configuration that cannot run, found before anything is built or compiled."""
+# A configuration that cannot run (one class for every command: tregjax.cli maps it to its exit status).
+ConfigError = cli.ConfigError
 
 
 def _keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, object]:

@@ -59,7 +59,10 @@ def train_flops_per_token(cfg: Any, seq_len: int) -> float:
 class MetricsWriter:
   """Append scalars to `<workdir>/metrics.jsonl` and TensorBoard event files; a no-op on processes other than 0."""
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True, jsonl: bool = True, enabled: bool | None = None):
+  def __init__(self, workdir: str, *, tensorboard: bool = True, jsonl: bool = True, enabled: bool | None = None,
+               resume_step: int | None = None):
+    """`resume_step`: the step the run restarts from (0 when fresh); lines of later steps, which a killed run wrote
+    after its last checkpoint and the resumed run writes again, are dropped first, so readers see one trajectory."""
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
     self.tensorboard_dir = os.path.join(workdir, "tensorboard")
@@ -68,6 +71,8 @@ class MetricsWriter:
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
+    if jsonl and resume_step is not None:
+      drop_after(self.jsonl_path, resume_step)
     if jsonl:
       self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
     if tensorboard:
@@ -94,6 +99,27 @@ class MetricsWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+
+
+def drop_after(path: str, step: int) -> int:
+  """Rewrite metrics.jsonl (atomically) without the lines of steps > `step` and any torn last line (a kill mid-write);
+  returns how many lines were dropped. A missing file is fine."""
+  if not os.path.exists(path):
+    return 0
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().splitlines(keepends=True)
+  keep = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if line.endswith("\n") and isinstance(record, dict) and int(record.get("step", 0)) <= step:
+      keep.append(line)
+  if len(keep) != len(lines):
+    from tregjax.data import hashing  # pylint: disable=g-import-not-at-top
+    hashing.atomic_write_bytes(path, "".join(keep).encode("utf-8"))
+  return len(lines) - len(keep)
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -370,6 +370,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
 
   if data_factory is default_data and config.objective == "preference":
     check_scored_cache(config)
+  if data_factory is default_data:  # the data's tokenizer must fit the model's embedding (else NaN, silently)
+    from tregjax.data import build as data_build  # pylint: disable=g-import-not-at-top
+    data_build.check_vocab(config, model_config(config), "tregjax.train")
   train_iter = data_factory(config, config.data.train_split, jax.process_index(), jax.process_count())
   if config.train.steps == -1:
     try:
@@ -395,10 +398,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
   eval_step = jax.jit(step_lib.make_eval_step(graphdef, loss_fn), in_shardings=(state_sh.params, state_sh.extra, None),
                       out_shardings=replicated)
 
-  writer = metrics_lib.MetricsWriter(workdir, tensorboard=config.logging.tensorboard, jsonl=config.logging.jsonl)
+  step = int(jax.device_get(state.step))
+  # From the restored step on, metrics.jsonl holds one line per step: those a killed run wrote past it are dropped.
+  writer = metrics_lib.MetricsWriter(workdir, tensorboard=config.logging.tensorboard, jsonl=config.logging.jsonl,
+                                     resume_step=step)
   cfg = model_config(config)
   peak = config.logging.peak_flops_per_device or metrics_lib.peak_flops_per_device()
-  step = int(jax.device_get(state.step))
   summary: dict[str, Any] = {"workdir": os.path.abspath(workdir), "checkpoint_dir": ckpt.directory,
                              "metrics_file": writer.jsonl_path, "tensorboard_dir": writer.tensorboard_dir,
                              "start_step": step, "total_steps": total_steps, "stopped": "completed"}
