@@ -162,3 +162,18 @@ def test_lora_export_merged_and_peft_reproduce_the_trained_logits_and_import_con
   bad = _config(base_dir, **{"model.lora.rank": 8, "model.lora.init_from": adapter_dir})
   with pytest.raises(config_lib.ConfigError, match=r"config.model.lora.rank=8 .* has 4"):
     config_lib.validate(bad, 1, check_data=False)
+
+
+def test_freeze_regex_over_layer_indices_keeps_those_layers_bitwise(tmp_path):
+  """Layers are stacked; `model/layers/0/...` freezes layer 0's slice: no gradient, no update, no weight decay."""
+  config = tc.tiny_config(**{"train.steps": 3, "train.freeze": r"model/layers/0/"})
+  summary = training.run(config, str(tmp_path / "run"), data_factory=tc.array_data)
+  params = _flat(summary["state"].params)
+  init_params, _ = jax.jit(lambda: trainer_lib.random_init(config))()
+  init = _flat(init_params)
+  for k, v in params.items():
+    if k.startswith("model/layers/"):
+      np.testing.assert_array_equal(v[0], init[k][0], err_msg=k)  # layer 0 frozen
+      assert not np.array_equal(v[1], init[k][1]), k  # layer 1 trained
+    else:
+      assert not np.array_equal(v, init[k]), k

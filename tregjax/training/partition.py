@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from tregjax.training import config as config_lib
@@ -98,13 +99,43 @@ def _path(path) -> str:
   return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
+def frozen_rows(config: ml_collections.ConfigDict, path: str, shape: tuple[int, ...]) -> list[bool]:
+  """Per layer of a stacked parameter (one entry otherwise): does `train.freeze` match it? Layer i of
+  "model/layers/attn/q_proj" is matched as "model/layers/i/attn/q_proj" (or the stacked path as a whole)."""
+  if not config.train.freeze:
+    return [False]
+  regex = re.compile(config.train.freeze)
+  whole = bool(regex.search(path))
+  if not path.startswith("model/layers/") or not shape:
+    return [whole]
+  rest = path[len("model/layers/"):]
+  return [whole or bool(regex.search(f"model/layers/{i}/{rest}")) for i in range(shape[0])]
+
+
 def trainable_filter(config: ml_collections.ConfigDict):
-  """nnx filter of the trained variables: the adapters (LoRA) or every Param, minus `train.freeze` matches."""
+  """nnx filter of the trained variables: the adapters (LoRA) or every Param, minus those `train.freeze` matches in
+  every layer (a parameter frozen in some layers only trains, its frozen layers masked: `update_mask`)."""
   kind = nnx.LoRAParam if lora_enabled(config) else nnx.Param
   if not config.train.freeze:
     return kind
-  regex = re.compile(config.train.freeze)
-  return lambda path, x: isinstance(x, kind) and not regex.search(_path(path))
+  return lambda path, x: isinstance(x, kind) and not all(frozen_rows(config, _path(path), np.shape(x.get_value())))
+
+
+def update_mask(config: ml_collections.ConfigDict, params: nnx.State) -> nnx.State | None:
+  """Per trained parameter, 0/1 float32 over its layer axis ([L, 1, ...]; 1.0 where nothing is frozen), or None when
+  no parameter is frozen in only some layers. The step multiplies gradients and updates by it, so those layers get
+  no gradient, no moments and no weight decay (their Adam moments still take memory: the array is stacked)."""
+  flat, partial = [], False
+  for p, v in nnx.to_flat_state(params):
+    shape = tuple(np.shape(v.get_value()))
+    rows = frozen_rows(config, _path(p), shape)
+    if len(rows) > 1 and any(rows):
+      partial = True
+      keep = np.asarray([0.0 if r else 1.0 for r in rows], np.float32).reshape((-1,) + (1,) * (len(shape) - 1))
+      flat.append((p, v.replace(jnp.asarray(keep))))
+    else:
+      flat.append((p, v.replace(jnp.ones((), jnp.float32))))
+  return nnx.from_flat_state(flat) if partial else None
 
 
 def split(model: nnx.Module, config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
@@ -112,9 +143,10 @@ def split(model: nnx.Module, config: ml_collections.ConfigDict) -> tuple[nnx.Gra
   graphdef, params, extra = nnx.split(model, trainable_filter(config), ...)
   if not jax.tree.leaves(params):
     raise config_lib.ConfigError(f"config.train.freeze={config.train.freeze!r} freezes every parameter")
-  if config.train.freeze and not any(isinstance(v, nnx.Param) for _, v in nnx.to_flat_state(extra)):
-    raise config_lib.ConfigError(f"config.train.freeze={config.train.freeze!r} matches no parameter path "
-                                 "(paths look like model/layers/attn/q_proj, model/embed_tokens, lm_head)")
+  if config.train.freeze and not has_frozen(extra) and update_mask(config, params) is None:
+    raise config_lib.ConfigError(f"config.train.freeze={config.train.freeze!r} matches no parameter path (paths look "
+                                 "like model/embed_tokens, lm_head, model/layers/attn/q_proj; one layer's: "
+                                 "model/layers/3/attn/q_proj)")
   return graphdef, params, extra
 
 
@@ -157,4 +189,4 @@ def adapter_key(seed: int) -> jax.Array:
 
 
 __all__ = ["default_lora_config", "validate", "with_lora", "trainable_filter", "split", "cast_frozen", "saved",
-           "with_frozen", "has_frozen", "frozen_dtype", "adapter_key", "lora_enabled"]
+           "with_frozen", "has_frozen", "update_mask", "frozen_rows", "frozen_dtype", "adapter_key", "lora_enabled"]

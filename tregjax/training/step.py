@@ -242,9 +242,14 @@ def _split_micro(x: jax.Array, accum: int, mesh: Mesh | None) -> jax.Array:
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    loss_fn: LossFn, accum_steps: int = 1,
-                    mesh: Mesh | None = None) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
-  """The pure step `(state, batch) -> (state, metrics)`; jit it with shardings (see `Trainer`)."""
+                    loss_fn: LossFn, accum_steps: int = 1, mesh: Mesh | None = None,
+                    update_mask: nnx.State | None = None) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+  """The pure step `(state, batch) -> (state, metrics)`; jit it with shardings (see `Trainer`).
+
+  `update_mask` (training.partition): 0/1 per layer of parameters frozen in some layers only; their gradients and
+  updates are multiplied by it.
+  """
+  masked = lambda tree: tree if update_mask is None else jax.tree.map(jnp.multiply, tree, update_mask)  # noqa: E731
 
   def grads_of(params, extra, micro):
     def f(p):
@@ -270,11 +275,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
       (grads, loss_sum, weight, metrics), _ = jax.lax.scan(body, zeros, micro)
       metrics = {k: v / weight for k, v in metrics.items()}
-    grads = jax.tree.map(lambda g: g / weight, grads)
+    grads = masked(jax.tree.map(lambda g: g / weight, grads))
     loss = loss_sum / weight
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    updates = masked(updates)  # weight decay too: a frozen layer does not move at all
     new_params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     rng, _ = jax.random.split(jax.random.wrap_key_data(state.rng))

@@ -393,7 +393,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
   loss_fn = step_lib.make_loss_fn(config.objective, options, config.train.logits_chunk_size, max_segments)
   replicated = parallel.sharding_for(None, (), mesh)
   train_step = _Compiled(jax.jit(
-      step_lib.make_train_step(graphdef, tx, schedule, loss_fn, config.optimizer.grad_accum_steps, mesh),
+      step_lib.make_train_step(graphdef, tx, schedule, loss_fn, config.optimizer.grad_accum_steps, mesh,
+                               partition.update_mask(config, state.params)),
       in_shardings=(state_sh, None), out_shardings=(state_sh, replicated), donate_argnums=0))
   eval_step = jax.jit(step_lib.make_eval_step(graphdef, loss_fn), in_shardings=(state_sh.params, state_sh.extra, None),
                       out_shardings=replicated)
