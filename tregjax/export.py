@@ -77,7 +77,8 @@ def main(argv: list[str]) -> None:
   from tregjax import cli  # pylint: disable=g-import-not-at-top
   cli.setup_logging()
   f = flags.FLAGS
-  cli.report_errors("tregjax.export", lambda: export(f.workdir, f.out, step=f.step, dtype=f.dtype))
+  cli.report_errors("tregjax.export", lambda: export(f.workdir, f.out, step=f.step, dtype=f.dtype,
+                                                     adapter_out=f.adapter_out))
 
 
 if __name__ == "__main__":

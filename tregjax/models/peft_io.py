@@ -64,7 +64,8 @@ def save_adapter(model: nnx.Module, path: str, *, base_model_name_or_path: str =
     arr = values[ours]
     for i in range(cfg.num_layers):
       per_layer = tuple(arr.shape[1:])
-      thunk = lambda arr=arr, i=i, rule=rule: rule.to_hf(hf_io._host(arr[i])).astype(np.float32)  # pylint: disable=protected-access
+      host = hf_io._host  # pylint: disable=protected-access
+      thunk = lambda arr=arr, i=i, rule=rule, host=host: rule.to_hf(host(arr[i])).astype(np.float32)  # noqa: E731
       items.append((template.format(i=i), rule.hf_shape(per_layer), np.dtype(np.float32), thunk))
   conf = adapter_config(cfg, base_model_name_or_path) | {"lora_dropout": float(lora_dropout)}
   if jax.process_index() != 0:
@@ -218,5 +219,6 @@ def from_pretrained(path: str, *, dtype: Any = jnp.bfloat16, param_dtype: Any = 
   return load_adapter(model, path, mesh=mesh, param_dtype=jnp.float32)
 
 
-__all__ = ["from_pretrained", "load_config", "save_adapter", "load_adapter", "adapter_values", "read_adapter_config", "config_with_adapter",
+__all__ = ["from_pretrained", "load_config", "save_adapter", "load_adapter", "adapter_values", "read_adapter_config",
+           "config_with_adapter",
            "adapter_config", "CONFIG_NAME", "WEIGHTS_NAME"]

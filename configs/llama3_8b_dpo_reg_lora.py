@@ -1,0 +1,42 @@
+"""Llama-3-8B-Instruct DPO-REG as a single-GPU LoRA run: configs/llama3_8b_dpo_reg.py with rank-16 adapters.
+
+  python -m tregjax.score ...   # reference log-probs + token rewards of the BASE model, once (the LoRA reference)
+  python -m tregjax.train --config configs/llama3_8b_dpo_reg_lora.py:model=/ckpt/Meta-Llama-3-8B-Instruct \
+      --config.data.cache_dir=CACHE --workdir /runs/llama3_8b_dpo_reg_lora
+  python -m tregjax.export --workdir /runs/llama3_8b_dpo_reg_lora --out MERGED_HF_DIR --adapter_out PEFT_DIR
+  python -m tregjax.train --config configs/llama3_8b_dpo_reg_lora.py:runlocal --config.data.cache_dir=TINY_CACHE ...
+
+Same data, loss (DPO β 0.01 + T-REG α 0.25), schedule and global batch 128 as the full recipe; only the parameters
+that train differ. LoRA rank 16, alpha 32 on all 7 linear projections of every layer (41.9M trainable of 8.03B), the
+base frozen in bfloat16 (no gradient, no Adam moments), adapters and their moments in float32. The reference is the
+base with adapters off, i.e. what the scoring pass already scored: no second copy of the base is ever loaded.
+lr 5e-6 is an assumption, not a tuned value: LoRA steps need a larger lr than full fine-tuning's 7e-7.
+Memory (bench/lora_memory.py, compiled step's memory_analysis, XLA:CPU buffer assignment, seq 2048, full remat):
+one micro-batch of 8 pairs (batch 128 / grad_accum_steps 16 on one device) needs the figure in bench/RESULTS.md's
+"lora" section; 1 pair needs 49.3 GiB (15.4 arguments + 33.9 temp) vs 168.5 GiB for full fine-tuning, so LoRA fits
+one 80 GB H100 and the full run fits neither 80 GB nor 141 GB.
+"""
+
+from tregjax.training import config as config_lib
+
+
+def get_config(arg: str | None = None):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      "llama3_8b_dpo_reg", os.path.join(os.path.dirname(os.path.abspath(__file__)), "llama3_8b_dpo_reg.py"))
+  full = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(full)
+  args = config_lib.parse_arg(arg, runlocal=False, model="/path/to/Meta-Llama-3-8B-Instruct")
+  c = full.get_config(f"model={args.model}")
+  c.model.lora.rank = 16
+  c.model.lora.alpha = 32.0
+  c.model.lora.targets = "all_linear"
+  c.model.frozen_param_dtype = "bfloat16"
+  c.optimizer.lr = 5e-6
+  c.optimizer.grad_accum_steps = 16  # 8 pairs per micro-batch on one GPU (1 per device on 8)
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, 1  # one GPU: plain data parallelism over what there is
+  if args.runlocal:
+    config_lib.shrink_for_cpu(c)
+    c.model.lora.rank = 4
+  return c
