@@ -11,10 +11,10 @@ that train differ. LoRA rank 16, alpha 32 on all 7 linear projections of every l
 base frozen in bfloat16 (no gradient, no Adam moments), adapters and their moments in float32. The reference is the
 base with adapters off, i.e. what the scoring pass already scored: no second copy of the base is ever loaded.
 lr 5e-6 is an assumption, not a tuned value: LoRA steps need a larger lr than full fine-tuning's 7e-7.
-Memory (bench/lora_memory.py, compiled step's memory_analysis, XLA:CPU buffer assignment, seq 2048, full remat):
-one micro-batch of 8 pairs (batch 128 / grad_accum_steps 16 on one device) needs the figure in bench/RESULTS.md's
-"lora" section; 1 pair needs 49.3 GiB (15.4 arguments + 33.9 temp) vs 168.5 GiB for full fine-tuning, so LoRA fits
-one 80 GB H100 and the full run fits neither 80 GB nor 141 GB.
+Memory (bench/lora_memory.py: the compiled step's memory_analysis, XLA:CPU buffer assignment, seq 2048, full remat):
+micro-batches of 8 pairs (batch 128 / grad_accum_steps 16 on one device) need 98.1 GiB (15.4 arguments + 82.6 temp):
+one 141 GB H200. On one 80 GB H100 pass --config.optimizer.grad_accum_steps=128 (1 pair: 49.3 GiB). Full
+fine-tuning needs 168.5 GiB for 1 pair: neither GPU.
 """
 
 from tregjax.training import config as config_lib

@@ -1,0 +1,131 @@
+"""What LoRA saves: compiled DPO-REG step memory (Llama 1.2B / 8B, seq 2048) and CPU step time (SmolLM2 shape).
+
+    python bench/lora_memory.py [--repeats 3] [--time_seq 64]
+
+Memory: the trainer's step is lowered and compiled from abstract shapes only (nothing allocated, nothing run) for
+one pair (2 rows x 2048 tokens), bf16 compute, full remat, and `compiled.memory_analysis()` gives argument + temp
+bytes: full fine-tuning (f32 weights, grads, Adam) vs LoRA rank 16 on all linear layers (bf16 frozen base, f32
+adapters and moments). XLA:CPU's buffer assignment, not a GPU's: a planning figure, not a measurement.
+Time: the trainer's jitted step on SmolLM2-135M's shape (random weights, f32), full vs LoRA r16 all-linear vs the
+top half of the layers frozen (`train.freeze`), interleaved round-robin, median; the CPU is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import smollm2_common as sc
+import train_bench_util as tb
+
+LLAMA = {
+    "llama3p2_1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
+                        num_kv_heads=8, head_dim=64, tie_word_embeddings=True),
+    "llama3_8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                      num_kv_heads=8, head_dim=128, tie_word_embeddings=False),
+}
+SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
+               head_dim=64, tie_word_embeddings=True)
+
+
+def config_for(shape: dict, variant: str, seq: int, dtype: str, remat: str):
+  from tregjax.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  c = config_lib.base_config()
+  c.model.preset = "tiny_llama"
+  c.model.overrides = dict(shape, max_position_embeddings=max(seq, 512), rope_theta=500000.0)
+  c.model.dtype = dtype
+  c.model.remat = remat
+  c.loss.loss, c.loss.regularizer = "dpo", "treg"
+  c.data.batch_size = 1
+  c.data.buckets = (seq,)
+  c.data.max_prompt_length, c.data.max_length = seq // 2, seq
+  c.train.logits_chunk_size = min(seq, 512)
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
+  if variant == "lora":
+    c.model.lora.rank, c.model.lora.alpha, c.model.lora.targets = 16, 32.0, "all_linear"
+    c.model.frozen_param_dtype = "bfloat16"
+  elif variant == "top_half_frozen":
+    half = shape["num_layers"] // 2
+    c.train.freeze = "model/layers/(" + "|".join(str(i) for i in range(half, shape["num_layers"])) + ")/"
+  return c
+
+
+def compiled_memory(config, seq: int, pairs: int = 1) -> dict[str, float]:
+  """argument / temp GiB of the compiled step, from abstract state and batch (no allocation)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from tregjax import parallel  # pylint: disable=g-import-not-at-top
+  from tregjax.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  from tregjax.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  from tregjax.training import step as step_lib  # pylint: disable=g-import-not-at-top
+  from tregjax.training import trainer  # pylint: disable=g-import-not-at-top
+  config_lib.validate(config, check_data=False)
+  mesh = parallel.make_mesh(1, 1, 1)
+  graphdef, params, extra = trainer.build_model_state(config, mesh, abstract=True)
+  tx, schedule = optimizer_lib.make_optimizer(config.optimizer, 100, params)
+  abstract = jax.eval_shape(lambda p, e: step_lib.init_state(p, e, tx, 0), params, extra)
+  state_sh = step_lib.state_shardings(abstract, tx, mesh)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sh)
+  loss_fn = step_lib.make_loss_fn("preference", config_lib.objective_options(config), config.train.logits_chunk_size)
+  batch = tb.preference_batch(pairs, seq // 2, seq - seq // 2 - 1, 1000)
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.batch_sharding(mesh, x.ndim)),
+                       batch)
+  step = jax.jit(step_lib.make_train_step(graphdef, tx, schedule, loss_fn, 1, mesh), in_shardings=(state_sh, None),
+                 out_shardings=(state_sh, parallel.sharding_for(None, (), mesh)), donate_argnums=0)
+  t0 = time.perf_counter()
+  with parallel.use_mesh(mesh):
+    mem = step.lower(abstract, batch).compile().memory_analysis()
+  gib = 2.0 ** 30
+  trainable = sum(x.size for x in jax.tree.leaves(params))
+  return {"argument_gib": mem.argument_size_in_bytes / gib, "temp_gib": mem.temp_size_in_bytes / gib,
+          "total_gib": (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / gib, "trainable": trainable,
+          "compile_s": time.perf_counter() - t0}
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--time_seq", type=int, default=64)
+  ap.add_argument("--skip_time", action="store_true")
+  a = ap.parse_args()
+  mem_rows, payload = [], {"memory": {}, "time": {}}
+  for name, shape in LLAMA.items():
+    for variant in ("full", "lora"):
+      m = compiled_memory(config_for(shape, variant, 2048, "bfloat16", "full"), 2048)
+      payload["memory"][f"{name}/{variant}"] = m
+      fits = ", ".join(f"{cap} GB: {'yes' if m['total_gib'] <= cap else 'no'}" for cap in (80, 141))
+      mem_rows.append([name, variant, f"{m['trainable'] / 1e6:,.1f}M", f"{m['argument_gib']:.1f}",
+                       f"{m['temp_gib']:.1f}", f"{m['total_gib']:.1f}", fits])
+      print(mem_rows[-1], flush=True)
+  # configs/llama3_8b_dpo_reg_lora.py on one GPU: micro-batches of 8 pairs (batch 128 / grad_accum_steps 16).
+  recipe = config_for(LLAMA["llama3_8b"], "lora", 2048, "bfloat16", "full")
+  recipe.data.batch_size = 8
+  m = compiled_memory(recipe, 2048, pairs=8)
+  payload["memory"]["llama3_8b/lora_recipe_8_pairs"] = m
+  mem_rows.append(["llama3_8b", "lora, 8 pairs (the recipe)", f"{m['trainable'] / 1e6:,.1f}M",
+                   f"{m['argument_gib']:.1f}", f"{m['temp_gib']:.1f}", f"{m['total_gib']:.1f}",
+                   ", ".join(f"{cap} GB: {'yes' if m['total_gib'] <= cap else 'no'}" for cap in (80, 141))])
+  print(mem_rows[-1], flush=True)
+  md = (f"### LoRA vs full fine-tuning: DPO-REG step memory and CPU step time ({sc.today()})\n\n"
+        "`python bench/lora_memory.py`. Memory: `compiled.memory_analysis()` of the trainer's step, lowered from "
+        "abstract shapes (nothing allocated or run), 1 pair = 2 rows x 2048 tokens, bf16 compute, full remat; full = "
+        "f32 weights + Adam; LoRA = rank 16 on all 7 linear projections, bf16 frozen base, f32 adapters + Adam. "
+        "XLA:CPU buffer assignment: a planning figure (GPU temp buffers differ).\n\n"
+        + sc.table(["model", "run", "trainable", "argument GiB", "temp GiB", "total GiB", "fits in"], mem_rows))
+  if not a.skip_time:
+    batch = tb.preference_batch(1, a.time_seq // 2, a.time_seq - a.time_seq // 2 - 1, SMOLLM2["vocab_size"])
+    runners = {}
+    for variant in ("full", "lora", "top_half_frozen"):
+      runners[variant], _, _ = tb.compiled_runner(config_for(SMOLLM2, variant, a.time_seq, "float32", "none"), batch)
+    times = sc.timed_interleaved(runners, a.repeats)
+    payload["time"] = {k: v[0] for k, v in times.items()}
+    rows = [[k, f"{times[k][0]:.2f}", f"{times[k][0] / times['full'][0]:.2f}"] for k in runners]
+    md += (f"\n\nCPU step time on SmolLM2-135M's shape (random weights, f32, 1 pair x {a.time_seq} tokens, median of "
+           f"{a.repeats} interleaved steps; run once, briefly, on a shared machine: {sc.machine()}):\n\n"
+           + sc.table(["run", "step s", "vs full"], rows))
+  print(md)
+  sc.write_json("lora_memory", payload)
+  sc.update_results("lora", md)
+
+
+if __name__ == "__main__":
+  main()
