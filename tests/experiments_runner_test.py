@@ -50,6 +50,11 @@ def test_a_config_key_added_since_at_its_default_keeps_the_stage_and_a_changed_o
     stages.done("arms/dpo", {"loss": {"alpha": 0.5, "beta": 0.1}})
   with pytest.raises(StaleCacheError, match=r"loss.beta: 0.1 -> '\(absent\)'"):
     stages.done("arms/dpo", {"loss": {"alpha": 0.25}})
+  # A stage key that nests the trainer's config (the demo's SFT reference) gets the same rule.
+  stages.finish("reference", started=0.0, key={"trainer": {"loss": {"alpha": 0.25}}, "steps": 30})
+  assert stages.done("reference", {"trainer": {"loss": {"alpha": 0.25, "tis_mu": 1.0}}, "steps": 30})
+  with pytest.raises(StaleCacheError, match=r"trainer.loss.tis_mu"):
+    stages.done("reference", {"trainer": {"loss": {"alpha": 0.25, "tis_mu": 3.0}}, "steps": 30})
 
 
 def test_token_strings_join_to_the_decoded_response():

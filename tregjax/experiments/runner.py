@@ -152,7 +152,7 @@ class Stages:
     for path in sorted(set(old) | set(new)):
       if old.get(path, _MISSING) == new.get(path, _MISSING):
         continue
-      if path not in old and path in defaults and defaults[path] == new[path]:
+      if path not in old and _default_of(path, defaults) == new[path]:
         continue  # a key added since, at its default
       out.append(f"{path}: {old.get(path, '(absent)')!r} -> {new.get(path, '(absent)')!r}")
     return out
@@ -203,6 +203,15 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
       out.update(_flatten(v, f"{prefix}{k}."))
     return out
   return {prefix[:-1]: tree}
+
+
+def _default_of(path: str, defaults: dict[str, Any]) -> Any:
+  """The default of a config key, also where a stage key nests the config ("trainer.loss.alpha" -> "loss.alpha")."""
+  parts = path.split(".")
+  for i in range(len(parts)):
+    if ".".join(parts[i:]) in defaults:
+      return defaults[".".join(parts[i:])]
+  return _MISSING
 
 
 def _config_defaults() -> dict[str, Any]:
