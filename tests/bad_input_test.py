@@ -268,6 +268,15 @@ def test_rows_longer_than_max_position_embeddings_are_refused_before_compiling(t
   assert not [n for n in os.listdir(tmp_path / "cache" / "work") if n.endswith(".safetensors")]
 
 
+def test_a_batch_that_would_not_fit_in_free_memory_is_refused_naming_bucket_and_record(tmp_path, world, monkeypatch):
+  f = dc.write_jsonl(str(tmp_path / "a.jsonl"), dc.pair_records(2))
+  monkeypatch.setattr(score, "free_device_bytes", lambda device: 4096)  # a device with 4 KiB free
+  with pytest.raises(ValueError, match=rf"train record \d \({f}:line \d\): a batch of \d+ rows in bucket T=\d+ would "
+                     r"allocate \d+\.\d\d GiB per device \(compiled memory analysis\) but 0\.00 GiB is free"):
+    score.run(_score_config(world, tmp_path, [f]))
+  assert not [n for n in os.listdir(tmp_path / "cache" / "work") if n.endswith(".safetensors")]
+
+
 def test_mesh_error_names_the_config_key(tmp_path, world):
   f = dc.write_jsonl(str(tmp_path / "a.jsonl"), dc.pair_records(2))
   cfg = _score_config(world, tmp_path, [f])

@@ -92,8 +92,10 @@ def test_score_train_export_round_trip_matches_transformers(world, tmp_path):
 
   stale = _cli("tregjax.train", f"--config={config}", *_flags(world, **{"score.better_instruction": "Be terse."}),
                f"--workdir={tmp_path / 'stale'}", expect_ok=False)
-  assert stale.returncode != 0
-  assert "StaleCacheError" in stale.stderr and "changed inputs: prompts" in stale.stderr
+  from tregjax import cli  # one line naming the cache and what changed, the stale-output exit status, no traceback
+  assert stale.returncode == cli.EXIT_STALE, stale.stderr[-3000:]
+  assert "tregjax.train: error: scored cache" in stale.stderr and "changed inputs: prompts" in stale.stderr
+  assert "Traceback" not in stale.stderr
 
 
 def test_library_modules_import_together_without_flag_clashes():

@@ -368,6 +368,7 @@ class Scorer:
       self._fns.append(jax.jit(fn, in_shardings=(parallel.state_shardings(state, self.mesh), rows_sh, rows_sh,
                                                  parallel.batch_sharding(self.mesh, 1))))
       self._states.append(state)
+    self._compiled: dict[tuple[int, ...], Any] = {}  # (model, rows, T) -> the compiled row function
     self._combine = jax.jit(functools.partial(combine, self.source, float(s.token_reward.beta)))
 
   def _chunks(self, lengths: list[int]) -> list[tuple[list[int], int, int]]:
@@ -401,9 +402,29 @@ class Scorer:
       chunks.append((current, t_chunk, padded_rows(len(current), t_chunk)))
     return chunks
 
-  def _rows(self, k: int, rows: list[tuple[list[int], int]], on_tokens: Callable[[int], None] | None
-            ) -> list[Any]:
-    """Model k over (ids, prompt_len) rows -> per row: response-coordinate values (+ initial score for "scores")."""
+  def _call(self, k: int, args: tuple[Any, ...], longest: Callable[[], str]) -> Any:
+    """Model k's row function on one batch, compiled once per shape. Before a shape first runs, its compiled memory
+    analysis is held against the memory the device has free: a batch that would not fit is refused, naming its
+    bucket and the record with its longest row, instead of being OOM-killed without a message."""
+    b, t = args[1].shape
+    key = (k, b, t)
+    if key not in self._compiled:
+      compiled = self._fns[k].lower(*args).compile()
+      need = batch_bytes(compiled)
+      if self.mesh.devices.flat[0].platform == "cpu":  # host memory is shared by every CPU device of the mesh
+        need = None if need is None else need * self.mesh.devices.size
+      free = free_device_bytes(self.mesh.devices.flat[0])
+      if need is not None and free is not None and need > free:
+        raise ValueError(f"{longest()}: a batch of {b} rows in bucket T={t} would allocate {need / 2**30:.2f} GiB "
+                         f"per device (compiled memory analysis) but {free / 2**30:.2f} GiB is free; lower "
+                         f"score.batch_tokens / score.batch_size, or data.max_length")
+      self._compiled[key] = compiled
+    return self._compiled[key](*args)
+
+  def _rows(self, k: int, rows: list[tuple[list[int], int]], on_tokens: Callable[[int], None] | None,
+            names: Callable[[int], str] | None = None) -> list[Any]:
+    """Model k over (ids, prompt_len) rows -> per row: response-coordinate values (+ initial score for "scores").
+    `names(row index)` names a row's record in errors."""
     out: list[Any] = [None] * len(rows)
     for chunk, t, b in self._chunks([len(r[0]) for r in rows]):
       tokens = np.full((b, t), self.pad_id, np.int32)
@@ -414,7 +435,8 @@ class Scorer:
         tokens[r, :len(ids)] = ids
         segs[r, :len(ids)] = 1
         prompt_len[r] = p
-      values = jax.device_get(self._fns[k](self._states[k], tokens, segs, prompt_len))
+      longest = lambda chunk=chunk: (names(chunk[-1]) if names else f"row {chunk[-1]}")  # noqa: E731
+      values = jax.device_get(self._call(k, (self._states[k], tokens, segs, prompt_len), longest))
       for r, i in enumerate(chunk):
         n = len(rows[i][0]) - rows[i][1]
         out[i] = (values[0][r, :n], values[1][r]) if isinstance(values, tuple) else values[r, :n]
@@ -422,14 +444,16 @@ class Scorer:
         on_tokens(sum(len(rows[i][0]) for i in chunk))
     return out
 
-  def score_units(self, units: list[Unit], on_tokens: Callable[[int], None] | None = None
-                  ) -> list[tuple[np.ndarray, float, np.ndarray]]:
-    """(ref token log-probs, ref sum, token rewards) per unit, in input order; response coordinates, cropped."""
+  def score_units(self, units: list[Unit], on_tokens: Callable[[int], None] | None = None,
+                  where: Callable[[int], str] | None = None) -> list[tuple[np.ndarray, float, np.ndarray]]:
+    """(ref token log-probs, ref sum, token rewards) per unit, in input order; response coordinates, cropped.
+    `where(pair index)` names a pair's record in errors (units come two per pair: chosen, rejected)."""
     contexts = 3 if self.source == "contrastive" else 1
     rows = [(u.rows[c], u.prompt_lens[c]) for u in units for c in range(contexts)]
-    first = self._rows(0, rows, on_tokens)
+    names = (lambda i: where(i // contexts // 2)) if where else None  # noqa: E731
+    first = self._rows(0, rows, on_tokens, names)
     per_context = [first[c::contexts] for c in range(contexts)]
-    extra = self._rows(1, rows, on_tokens) if len(self._fns) > 1 else None
+    extra = self._rows(1, rows, on_tokens, names) if len(self._fns) > 1 else None
     # Pad to [U, R] with U a multiple of 64 and R a bucket, so the combine step compiles a bounded set of shapes.
     n_units = -(-len(units) // 64) * 64
     width = bucket_length(max(u.resp_len for u in units), self.s.buckets)
@@ -476,6 +500,35 @@ def command_mesh(config: ml_collections.ConfigDict):
                           f"local device(s) of this process (score and generate shard the model over fsdp x tensor "
                           f"and the pairs over the rest); set config.mesh.tensor and config.mesh.fsdp to divisors "
                           f"of {len(devices)} ({e})") from e
+
+
+def batch_bytes(compiled: Any) -> int | None:
+  """What one call of a compiled function allocates per device (its temporaries and outputs), from XLA's memory
+  analysis; None where the backend does not say."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  (not every backend implements it)
+    return None
+  if m is None:
+    return None
+  return int(m.temp_size_in_bytes) + int(m.output_size_in_bytes)
+
+
+def free_device_bytes(device: Any) -> int | None:
+  """Memory free on `device`: its allocator's limit minus what is in use (GPU/TPU), the host's available physical
+  memory on CPU; None when unknown (then batches are not bounded)."""
+  try:
+    stats = device.memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    stats = None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+  if device.platform == "cpu" and hasattr(os, "sysconf"):
+    try:
+      return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+      return None
+  return None
 
 
 def check_row_lengths(units: Sequence[Unit], where: Callable[[int], str], limit: int, model_path: str) -> None:
@@ -643,7 +696,7 @@ def run(config: ml_collections.ConfigDict, *, oracle: Oracle | None = None) -> s
       units = [u for i in indices for u in units_of(sources[sp][i], contexts)]
       where = lambda n, sp=sp, indices=indices: _record_name(sources[sp], sp, indices[n])  # noqa: E731
       check_row_lengths(units, where, scorer.max_positions, scorer.max_positions_of)
-      results = scorer.score_units(units, on_tokens)
+      results = scorer.score_units(units, on_tokens, where)
       if oracle is not None:  # the reference's log-probs from the pass, the token rewards from the oracle
         results = [(ref, total, oracle_rewards(oracle, sources[sp][indices[n // 2]], ("chosen", "rejected")[n % 2],
                                                f"{sp} record {indices[n // 2]}"))
