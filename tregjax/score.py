@@ -45,7 +45,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +60,51 @@ from tregjax.data.tokenize import ChatTokenizer, with_instruction
 
 log = logging.getLogger("tregjax.score")
 
-SOURCES = ("contrastive", "dpo_implicit", "r3hf", "confidence", "oracle", "none")
+
+
+class RowValues(NamedTuple):
+  """What a token-reward source may read, per response in response coordinates [U, R] (initial: [U])."""
+  ref: jax.Array  # the reference's log-probs under the plain prompt (0 off the mask)
+  mask: jax.Array
+  beta: float
+  better: jax.Array | None = None  # the reference under the better / worse prompts (contrastive sources)
+  worse: jax.Array | None = None
+  second: jax.Array | None = None  # the second model's log-probs or prefix scores
+  initial: jax.Array | None = None  # a reward model's prompt-only score
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSource:
+  """One token-reward source of the scoring pass: what it needs and how its rewards are made. A new source (a new
+  signal from the same forwards, a second model, a host-side oracle) is one entry of `REWARD_SOURCES`.
+
+  rewards: RowValues -> token rewards [U, R] (jitted with the combine step); None: the rewards come from the host
+    (`run(oracle=)`) or are zeros.
+  contrastive: also score every response under the better and worse prompts (3 context rows instead of 1).
+  second_model: the `score.token_reward` key naming a second model scored over the plain row ("" = none), whose
+    output is `second`: "logps" (a causal LM's token log-probs) or "scores" (a sequence reward model read at every
+    position, with `initial`), by `second_kind`.
+  hashed: further `score.token_reward` keys that define the cache (the second model is hashed by content).
+  """
+  rewards: Callable[[RowValues], jax.Array] | None
+  contrastive: bool = False
+  second_model: str = ""
+  second_kind: str = "logps"
+  hashed: tuple[str, ...] = ()
+
+
+REWARD_SOURCES: dict[str, RewardSource] = {
+    "contrastive": RewardSource(lambda v: losses.contrastive_token_rewards(v.better, v.worse, v.mask),
+                                contrastive=True),
+    "dpo_implicit": RewardSource(lambda v: losses.dpo_implicit_token_rewards(v.second, v.ref, v.mask, beta=v.beta),
+                                 second_model="dpo_checkpoint", hashed=("beta",)),
+    "r3hf": RewardSource(lambda v: losses.r3hf_token_rewards(v.second, v.mask, v.initial), second_model="reward_model",
+                         second_kind="scores"),
+    "confidence": RewardSource(lambda v: losses.confidence_token_rewards(v.ref, v.mask)),
+    "oracle": RewardSource(None, hashed=("oracle", "oracle_id")),
+    "none": RewardSource(None),
+}
+SOURCES = tuple(REWARD_SOURCES)
 CACHE_FORMAT_VERSION = 1
 CACHE_META = "cache_meta.json"
 BETTER_INSTRUCTION = ("You are a helpful assistant. Your response must be helpful, correct, coherent, and concise.")
@@ -147,15 +191,13 @@ def cache_components(config: ml_collections.ConfigDict, dataset_dir: str | None 
   """
   s = score_section(config)
   tr = s.token_reward
+  spec = REWARD_SOURCES[tr.source]
   source: dict[str, Any] = dict(source=tr.source)
-  if tr.source == "dpo_implicit":
-    source.update(beta=float(tr.beta), dpo_checkpoint=hashing.hash_path(tr.dpo_checkpoint))
-  if tr.source == "r3hf":
-    source.update(reward_model=hashing.hash_path(tr.reward_model))
-  if tr.source == "oracle":
-    source.update(oracle=tr.oracle, oracle_id=tr.oracle_id)
+  source.update({k: float(tr[k]) if k == "beta" else tr[k] for k in spec.hashed})
+  if spec.second_model:
+    source[spec.second_model] = hashing.hash_path(tr[spec.second_model])
   prompts = dict(better=s.better_instruction, worse=s.worse_instruction, role=s.instruction_role) \
-      if tr.source == "contrastive" else {}
+      if spec.contrastive else {}
   return dict(
       format=str(CACHE_FORMAT_VERSION),
       model=hashing.hash_path(cli.model_path(config, "reference")),
@@ -231,24 +273,13 @@ def make_row_fn(kind: str, graphdef: Any, *, pad_id: int, chunk_size: int) -> Ca
   return fn
 
 
-def combine(source: str, beta: float, ref: jax.Array, mask: jax.Array, a: jax.Array | None = None,
-            b: jax.Array | None = None, initial: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(ref token log-probs, their sum, token rewards) from per-response arrays [U, R] in response coordinates.
-
-  contrastive: a = better, b = worse log-probs; dpo_implicit: a = DPO-model log-probs; r3hf: a = prefix scores,
-  initial = prompt-only score.
-  """
+def combine(source: str, beta: float, ref: jax.Array, mask: jax.Array, **arrays: jax.Array
+            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(ref token log-probs, their sum, token rewards) from per-response arrays [U, R] in response coordinates; the
+  `arrays` are the other `RowValues` fields the source reads (better/worse, second, initial)."""
   ref = jnp.where(mask, ref, 0.0)
-  if source == "contrastive":
-    rewards = losses.contrastive_token_rewards(a, b, mask)
-  elif source == "dpo_implicit":
-    rewards = losses.dpo_implicit_token_rewards(a, ref, mask, beta=beta)
-  elif source == "r3hf":
-    rewards = losses.r3hf_token_rewards(a, mask, initial)
-  elif source == "confidence":
-    rewards = losses.confidence_token_rewards(ref, mask)
-  else:
-    rewards = jnp.zeros_like(ref)
+  make = REWARD_SOURCES[source].rewards
+  rewards = make(RowValues(ref, mask, beta, **arrays)) if make else jnp.zeros_like(ref)
   return ref, losses.sequence_logps(ref, mask), rewards
 
 
@@ -285,7 +316,7 @@ class Contexts:
 
   def prompts(self, record: dict[str, Any]) -> list[list[int]]:
     plain = [int(x) for x in record["prompt_ids"]]
-    if self.source != "contrastive":
+    if not REWARD_SOURCES[self.source].contrastive:
       return [plain]
     messages = json.loads(_text(record["prompt_messages"]))
     contrastive = [self.tok.prompt_ids(with_instruction(messages, self.better, self.role)),
@@ -337,16 +368,17 @@ class Scorer:
                tokenizer: ChatTokenizer | None = None):
     from tregjax import models  # pylint: disable=g-import-not-at-top
     self.s, self.source, self.pad_id = s, s.token_reward.source, pad_id
+    self.spec = spec = REWARD_SOURCES[self.source]
     self.mesh = command_mesh(config)
     dtype = jnp.dtype(cli.compute_dtype(config, s))
     paths = [cli.model_path(config, "reference")]
-    if self.source == "dpo_implicit":
-      paths.append(s.token_reward.dpo_checkpoint or _raise("score.token_reward.dpo_checkpoint is not set"))
-    if self.source == "r3hf":
-      paths.append(s.token_reward.reward_model or _raise("score.token_reward.reward_model is not set"))
+    if spec.second_model:
+      paths.append(s.token_reward[spec.second_model] or
+                   _raise(f"score.token_reward.{spec.second_model} is not set (source={self.source!r})"))
     loaded = [models.from_pretrained(p, dtype=dtype, param_dtype=dtype, mesh=self.mesh) for p in paths]
-    if self.source == "r3hf" and not isinstance(loaded[1], models.RewardModel):
-      raise ValueError(f"score.token_reward.reward_model={paths[1]} is not a sequence reward model "
+    if spec.second_model and (spec.second_kind == "scores") != isinstance(loaded[1], models.RewardModel):
+      raise ValueError(f"score.token_reward.{spec.second_model}={paths[1]} is "
+                       f"{'not ' if spec.second_kind == 'scores' else ''}a sequence reward model "
                        f"(*ForSequenceClassification with num_labels=1)")
     if isinstance(loaded[0], models.RewardModel):
       raise ValueError(f"model.hf_path={paths[0]} is a reward model; the reference must be a causal LM")
@@ -363,7 +395,7 @@ class Scorer:
     self._fns, self._states = [], []
     for k, model in enumerate(loaded):
       graphdef, state = nnx.split(model)
-      kind = "scores" if (self.source == "r3hf" and k == 1) else "logps"
+      kind = spec.second_kind if k == 1 else "logps"
       fn = make_row_fn(kind, graphdef, pad_id=pad_id, chunk_size=s.chunk_size)
       self._fns.append(jax.jit(fn, in_shardings=(parallel.state_shardings(state, self.mesh), rows_sh, rows_sh,
                                                  parallel.batch_sharding(self.mesh, 1))))
@@ -448,7 +480,7 @@ class Scorer:
                   where: Callable[[int], str] | None = None) -> list[tuple[np.ndarray, float, np.ndarray]]:
     """(ref token log-probs, ref sum, token rewards) per unit, in input order; response coordinates, cropped.
     `where(pair index)` names a pair's record in errors (units come two per pair: chosen, rejected)."""
-    contexts = 3 if self.source == "contrastive" else 1
+    contexts = 3 if self.spec.contrastive else 1
     rows = [(u.rows[c], u.prompt_lens[c]) for u in units for c in range(contexts)]
     names = (lambda i: where(i // contexts // 2)) if where else None  # noqa: E731
     first = self._rows(0, rows, on_tokens, names)
@@ -468,14 +500,14 @@ class Scorer:
     for i, u in enumerate(units):
       mask[i, :u.resp_len] = True
     args: dict[str, Any] = {}
-    if self.source == "contrastive":
-      args.update(a=padded(per_context[1]), b=padded(per_context[2]))
-    elif self.source == "dpo_implicit":
-      args.update(a=padded(extra))
-    elif self.source == "r3hf":
+    if self.spec.contrastive:
+      args.update(better=padded(per_context[1]), worse=padded(per_context[2]))
+    if self.spec.second_kind == "scores" and extra is not None:
       initial = np.zeros((n_units,), np.float32)
       initial[:len(units)] = [e[1] for e in extra]
-      args.update(a=padded([e[0] for e in extra]), initial=initial)
+      args.update(second=padded([e[0] for e in extra]), initial=initial)
+    elif extra is not None:
+      args.update(second=padded(extra))
     ref, total, rewards = jax.device_get(self._combine(padded(per_context[0]), mask, **args))
     return [(np.asarray(ref[i, :u.resp_len], np.float32), float(total[i]),
              np.asarray(rewards[i, :u.resp_len], np.float32)) for i, u in enumerate(units)]
