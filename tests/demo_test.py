@@ -27,7 +27,8 @@ def test_demo_runs_end_to_end_and_its_error_mass_matches_torch(tmp_path):
   # The token-credit table: the oracle's own rewards separate its truth perfectly (AUC 1 is an exact check that the
   # runner pairs every cache's rewards with the right tokens); every source was scored on the same responses.
   credit = results["token_credit"]["sources"]
-  assert set(credit) == {"contrastive", "dpo_implicit", "r3hf", "oracle", "confidence", "chance"}
+  assert set(credit) == {"contrastive", "dpo_implicit", "r3hf", "oracle", "confidence", "tisdpo_weight", "ref_logprob",
+                         "chance"}
   assert credit["oracle"]["auc"] == 1.0 and credit["oracle"]["low"] == 1.0
   assert credit["oracle"]["mean_correct"] == 0.5 and credit["oracle"]["mean_error"] == -0.5
   for source in credit.values():

@@ -3,6 +3,7 @@
 import os
 
 import ml_collections
+import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
@@ -73,3 +74,18 @@ def test_a_preempted_stage_stops_the_experiment_instead_of_being_marked_done(tmp
     runner._exit_if_preempted({"stopped": "preempted", "step": 7}, stages, "arms/dpo")
   assert stop.value.code == 0 and not stages.done("arms/dpo")
   runner._exit_if_preempted({"stopped": "completed", "step": 12}, stages, "arms/dpo")  # no exit
+
+
+def test_tisdpo_weights_of_responses_of_different_lengths_equal_numpy_per_response():
+  rng = np.random.default_rng(0)
+  rows = [{"chosen_token_rewards": rng.uniform(-0.5, 0.5, n), "rejected_token_rewards": rng.uniform(-0.5, 0.5, m)}
+          for n, m in ((3, 7), (5, 1))]
+  got = runner.tisdpo_weights(rows)
+  want = []
+  for row in rows:
+    for side in ("chosen", "rejected"):
+      p = row[f"{side}_token_rewards"] + 0.5
+      w = np.exp(np.clip(np.log(p / (1 - p)), -0.5, 1.5))
+      want.append(w / w.mean())
+  np.testing.assert_allclose(got, np.concatenate(want), rtol=1e-5)
+

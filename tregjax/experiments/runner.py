@@ -416,6 +416,28 @@ def flat_rewards(rows: list[dict[str, Any]]) -> np.ndarray:
                          for row in rows for side in ("chosen", "rejected")])
 
 
+def _credit_row(scores: np.ndarray, truth: dict[str, np.ndarray], seed: int, means: bool = True) -> dict[str, Any]:
+  """AUC of `scores` at ranking the oracle's correct tokens above its error tokens, its bootstrap interval over
+  responses, and the scores' means on each class."""
+  labels = truth["labels"]
+  auc, low, high = stats.auc_interval(scores, labels, truth["groups"], seed=seed)
+  mean = lambda m: float(scores[m].mean()) if (means and m.any()) else None  # noqa: E731
+  return dict(auc=auc, low=low, high=high, mean_correct=mean(labels > 0), mean_error=mean(labels < 0))
+
+
+def tisdpo_weights(rows: list[dict[str, Any]]) -> np.ndarray:
+  """TIS-DPO's chosen-side importance weight of every response token (from the contrastive rewards), flattened like
+  `flat_rewards`: how much weight TIS-DPO would give each token if it were in a chosen response."""
+  from tregjax import losses  # pylint: disable=g-import-not-at-top
+  rewards = [np.asarray(row[f"{side}_token_rewards"], np.float32) for row in rows for side in ("chosen", "rejected")]
+  width = max(len(r) for r in rewards)
+  padded, mask = np.zeros((len(rewards), width), np.float32), np.zeros((len(rewards), width), bool)
+  for i, r in enumerate(rewards):
+    padded[i, :len(r)], mask[i, :len(r)] = r, True
+  weights = np.asarray(losses.tisdpo_token_weights(padded, mask, chosen=True))
+  return np.concatenate([weights[i, :len(r)] for i, r in enumerate(rewards)])
+
+
 def token_credit(task: Task, caches: dict[str, str], seed: int) -> tuple[dict[str, dict], dict[str, np.ndarray],
                                                                           list[dict[str, Any]]]:
   """AUC (with a bootstrap interval over responses) of every scored token-reward source against the oracle's truth,
@@ -427,23 +449,15 @@ def token_credit(task: Task, caches: dict[str, str], seed: int) -> tuple[dict[st
     source_rows = rows if source == "contrastive" else _cache_rows(cache)
     if [r["chosen_ids"].tolist() for r in source_rows] != [r["chosen_ids"].tolist() for r in rows]:
       raise RuntimeError(f"scored cache {cache} holds other responses than the contrastive cache")
-    scores = flat_rewards(source_rows)
-    auc, low, high = stats.auc_interval(scores, truth["labels"], truth["groups"], seed=seed)
-    out[source] = dict(auc=auc, low=low, high=high,
-                       mean_correct=float(scores[truth["labels"] > 0].mean()) if (truth["labels"] > 0).any() else None,
-                       mean_error=float(scores[truth["labels"] < 0].mean()) if (truth["labels"] < 0).any() else None)
+    out[source] = _credit_row(flat_rewards(source_rows), truth, seed)
+  # TIS-DPO's weights are a per-response normalised transform of the contrastive differences: the same signal, but
+  # the normalisation can reorder tokens across responses.
+  out["tisdpo_weight"] = _credit_row(tisdpo_weights(rows), truth, seed)
   # The reference's raw log π_ref(y_t) (in every cache, free; the "confidence" source centres it per response):
   # the floor any prompting trick must beat to be worth its two extra forward passes.
-  confidence = np.concatenate([np.asarray(row[f"ref_{side}_token_logps"], np.float32)
-                               for row in rows for side in ("chosen", "rejected")])
-  auc, low, high = stats.auc_interval(confidence, truth["labels"], truth["groups"], seed=seed)
-  out["ref_logprob"] = dict(auc=auc, low=low, high=high, mean_correct=float(confidence[truth["labels"] > 0].mean())
-                           if (truth["labels"] > 0).any() else None,
-                           mean_error=float(confidence[truth["labels"] < 0].mean())
-                           if (truth["labels"] < 0).any() else None)
-  chance = np.random.default_rng(seed).random(truth["labels"].shape)
-  auc, low, high = stats.auc_interval(chance, truth["labels"], truth["groups"], seed=seed)
-  out["chance"] = dict(auc=auc, low=low, high=high, mean_correct=None, mean_error=None)
+  out["ref_logprob"] = _credit_row(np.concatenate([np.asarray(row[f"ref_{side}_token_logps"], np.float32)
+                                                   for row in rows for side in ("chosen", "rejected")]), truth, seed)
+  out["chance"] = _credit_row(np.random.default_rng(seed).random(truth["labels"].shape), truth, seed, means=False)
   counts = dict(error_tokens=int((truth["labels"] < 0).sum()), correct_tokens=int((truth["labels"] > 0).sum()),
                 responses=int(len(rows) * 2))
   return dict(sources=out, counts=counts), truth, rows
@@ -456,6 +470,7 @@ CREDIT_LABELS = {
     "oracle": "oracle token truth (sanity: 1.0)",
     "confidence": "reference confidence (ConfPO-style, no prompt)",
     "ref_logprob": "raw log π_ref(y_t), uncentred (no prompt)",
+    "tisdpo_weight": "TIS-DPO weight w_t (from the contrastive δ_t)",
     "chance": "chance (random scores)",
 }
 
