@@ -55,27 +55,18 @@ def compiled_memory(config, seq: int, pairs: int = 1) -> dict[str, float]:
   import jax  # pylint: disable=g-import-not-at-top
   from tregjax import parallel  # pylint: disable=g-import-not-at-top
   from tregjax.training import config as config_lib  # pylint: disable=g-import-not-at-top
-  from tregjax.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
-  from tregjax.training import step as step_lib  # pylint: disable=g-import-not-at-top
   from tregjax.training import trainer  # pylint: disable=g-import-not-at-top
   config_lib.validate(config, check_data=False)
   mesh = parallel.make_mesh(1, 1, 1)
-  graphdef, params, extra = trainer.build_model_state(config, mesh, abstract=True)
-  tx, schedule = optimizer_lib.make_optimizer(config.optimizer, 100, params)
-  abstract = jax.eval_shape(lambda p, e: step_lib.init_state(p, e, tx, 0), params, extra)
-  state_sh = step_lib.state_shardings(abstract, tx, mesh)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sh)
-  loss_fn = step_lib.make_loss_fn("preference", config_lib.objective_options(config), config.train.logits_chunk_size)
+  program = trainer.build(config, mesh, total_steps=100)
   batch = tb.preference_batch(pairs, seq // 2, seq - seq // 2 - 1, 1000)
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.batch_sharding(mesh, x.ndim)),
                        batch)
-  step = jax.jit(step_lib.make_train_step(graphdef, tx, schedule, loss_fn, 1, mesh), in_shardings=(state_sh, None),
-                 out_shardings=(state_sh, parallel.sharding_for(None, (), mesh)), donate_argnums=0)
   t0 = time.perf_counter()
   with parallel.use_mesh(mesh):
-    mem = step.lower(abstract, batch).compile().memory_analysis()
+    mem = program.train_step.lower(program.target, batch).compile().memory_analysis()
   gib = 2.0 ** 30
-  trainable = sum(x.size for x in jax.tree.leaves(params))
+  trainable = sum(x.size for x in jax.tree.leaves(program.target.params))
   return {"argument_gib": mem.argument_size_in_bytes / gib, "temp_gib": mem.temp_size_in_bytes / gib,
           "total_gib": (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / gib, "trainable": trainable,
           "compile_s": time.perf_counter() - t0}

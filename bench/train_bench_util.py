@@ -1,7 +1,7 @@
 """Shared pieces of the trainer benchmarks: fixed-length preference batches and the trainer's jitted step.
 
-The step is built exactly as `tregjax.training.run` builds it (same loss function, optimizer, shardings, donation,
-batch placement), minus the loop's logging and checkpointing.
+The step is the trainer's own (`training.trainer.build`: same loss function, optimizer, shardings, donation, batch
+placement), minus the loop's hooks (logging, checkpointing, evaluation).
 """
 
 from __future__ import annotations
@@ -37,31 +37,18 @@ def preference_batch(num_pairs: int, prompt_len: int, response_len: int, vocab: 
 
 
 def trainer_step(config, steps: int = 100):
-  """(compiled step, initial state, place): `place(numpy batch)` puts a batch on the mesh as the trainer does."""
-  import jax  # pylint: disable=g-import-not-at-top
-
+  """(jitted step, initial state, place, mesh) of `training.trainer.build`: `place(numpy batch)` puts a batch on the
+  mesh as the trainer does. The state is a random init (as the trainer's without `model.hf_path`)."""
   from tregjax import parallel  # pylint: disable=g-import-not-at-top
   from tregjax.training import config as config_lib  # pylint: disable=g-import-not-at-top
-  from tregjax.training import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
-  from tregjax.training import step as step_lib  # pylint: disable=g-import-not-at-top
   from tregjax.training import trainer  # pylint: disable=g-import-not-at-top
 
   config_lib.validate(config, check_data=False)
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  graphdef, params, extra = trainer.build_model_state(config, mesh, abstract=True)
-  tx, schedule = optimizer_lib.make_optimizer(config.optimizer, steps, params)
-  init_fn = lambda p, e: step_lib.init_state(p, e, tx, config.seed)
-  state_sh = step_lib.state_shardings(jax.eval_shape(init_fn, params, extra), tx, mesh)
+  program = trainer.build(config, mesh, total_steps=steps)
   with parallel.use_mesh(mesh):
-    state = jax.jit(lambda: init_fn(*trainer.random_init(config)), out_shardings=state_sh)()
-  options = config_lib.objective_options(config) if config.objective == "preference" else None
-  loss_fn = step_lib.make_loss_fn(config.objective, options, config.train.logits_chunk_size,
-                                  config.data.max_segments if config.data.packing else 1)
-  jitted = jax.jit(step_lib.make_train_step(graphdef, tx, schedule, loss_fn, config.optimizer.grad_accum_steps, mesh),
-                   in_shardings=(state_sh, None), out_shardings=(state_sh, parallel.sharding_for(None, (), mesh)),
-                   donate_argnums=0)
-  place = lambda batch: trainer._place(batch, mesh)  # pylint: disable=protected-access
-  return jitted, state, place, mesh
+    state = program.init()
+  return program.train_step, state, program.place, mesh
 
 
 def compiled_runner(config, batch):

@@ -3,7 +3,7 @@
     python bench/train_step_mfu.py                                   # CPU: tiny Llama, f32 (the overhead ratio)
     python bench/train_step_mfu.py --preset llama3p2_1b --pairs 4 --seq 2048 --dtype bfloat16 --remat full   # GPU
 
-The step is built exactly as `tregjax.training.run` builds it (optimizer, sharded TrainState, chunked log-probs,
+The step is the one `tregjax.training.run` takes (`trainer.build`: optimizer, sharded TrainState, chunked logps,
 `preference_objective`, donation), on synthetic pairs; only the policy runs (reference log-probs and token rewards are
 cached inputs). T-REG's regulariser is the extra term α·w·(L_REG(y_w)+L_REG(y_l)) over per-token log-probs the DPO
 loss already needs, so its cost should be a few elementwise ops. MFU counts 6·N_matmul + 12·L·H·Dh·T FLOPs per token

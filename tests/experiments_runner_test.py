@@ -1,6 +1,7 @@
 """The runner's own rules, without models: config checks, stage keys, token strings for the heatmap."""
 
 import os
+import types
 
 import ml_collections
 import numpy as np
@@ -71,9 +72,9 @@ def test_token_strings_join_to_the_decoded_response():
 def test_a_preempted_stage_stops_the_experiment_instead_of_being_marked_done(tmp_path):
   stages = runner.Stages(str(tmp_path))
   with pytest.raises(SystemExit) as stop:
-    runner._exit_if_preempted({"stopped": "preempted", "step": 7}, stages, "arms/dpo")
+    runner._exit_if_preempted(types.SimpleNamespace(stopped="preempted", step=7), stages, "arms/dpo")
   assert stop.value.code == 0 and not stages.done("arms/dpo")
-  runner._exit_if_preempted({"stopped": "completed", "step": 12}, stages, "arms/dpo")  # no exit
+  runner._exit_if_preempted(types.SimpleNamespace(stopped="completed", step=12), stages, "arms/dpo")  # no exit
 
 
 def test_tisdpo_weights_of_responses_of_different_lengths_equal_numpy_per_response():

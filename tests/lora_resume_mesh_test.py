@@ -64,7 +64,7 @@ for name, mesh in json.loads(sys.argv[2]):
   workdir = os.path.join(sys.argv[1], name)
   summary = training.run(config, workdir, data_factory=tc.array_data)
   recs = tc.metrics_by_step(workdir)
-  flat = jax.tree_util.tree_flatten_with_path(summary["state"].params)[0]
+  flat = jax.tree_util.tree_flatten_with_path(summary.state.params)[0]
   out[name] = {"loss": [recs[s]["loss/total"] for s in sorted(recs)],
                "params": {jax.tree_util.keystr(p): np.asarray(jax.device_get(v)).tolist() for p, v in flat},
                "shards": {jax.tree_util.keystr(p): list(v.sharding.shard_shape(v.shape)) for p, v in flat}}

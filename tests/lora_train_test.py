@@ -55,7 +55,7 @@ def _config(hf_path: str, **overrides):
 def test_lora_run_moves_only_adapters_and_base_stays_bitwise_the_hf_files(tmp_path):
   base_dir = _hf_base(tmp_path)
   summary = training.run(_config(base_dir, **{"train.steps": 3}), str(tmp_path / "run"), data_factory=tc.array_data)
-  state = summary["state"]
+  state = summary.state
   params, extra = _flat(state.params), _flat(state.extra)
   assert params and all(re.search(r"_lora/lora_[ab]$", k) for k in params)  # 7 targets x 2 factors
   assert len(params) == 14
@@ -74,11 +74,11 @@ def test_lora_run_moves_only_adapters_and_base_stays_bitwise_the_hf_files(tmp_pa
 def test_lora_base_in_bfloat16_adapters_and_moments_in_float32(tmp_path):
   config = tc.tiny_config(**{**LORA, "train.steps": 2, "model.frozen_param_dtype": "bfloat16"})
   summary = training.run(config, str(tmp_path / "run"), data_factory=tc.array_data)
-  state = summary["state"]
+  state = summary.state
   assert {v.dtype for v in _flat(state.extra).values()} == {np.dtype(jnp.bfloat16)}
   assert {v.dtype for v in _flat(state.params).values()} == {np.dtype(np.float32)}
   assert {x.dtype for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0} == {np.dtype(np.float32)}
-  assert np.isfinite(summary["final_metrics"]["loss/total"])
+  assert np.isfinite(summary.final_metrics["loss/total"])
 
 
 def test_fresh_lora_policy_starts_at_the_base_same_first_loss_as_full_run(tmp_path):
@@ -87,13 +87,13 @@ def test_fresh_lora_policy_starts_at_the_base_same_first_loss_as_full_run(tmp_pa
   full = training.run(tc.tiny_config(**{"train.steps": 1}), str(tmp_path / "full"), data_factory=tc.array_data)
   lo = training.run(tc.tiny_config(**{**LORA, "train.steps": 1}), str(tmp_path / "lora"), data_factory=tc.array_data)
   for k in ("loss/total", "rewards/margin", "rewards/chosen"):
-    assert lo["final_metrics"][k] == full["final_metrics"][k], k
+    assert lo.final_metrics[k] == full.final_metrics[k], k
 
 
 def test_freeze_regex_keeps_matches_bitwise_and_gives_them_no_optimizer_state(tmp_path):
   config = tc.tiny_config(**{"train.steps": 3, "train.freeze": r"embed_tokens|model/layers/attn/"})
   summary = training.run(config, str(tmp_path / "run"), data_factory=tc.array_data)
-  params, extra = _flat(summary["state"].params), _flat(summary["state"].extra)
+  params, extra = _flat(summary.state.params), _flat(summary.state.extra)
   assert set(extra) == {"model/embed_tokens"} | {f"model/layers/attn/{n}_proj" for n in "qkvo"}
   # The initial values: the trainer's jitted random init (eager init differs from it in the last ulp).
   init_params, init_extra = jax.jit(lambda: trainer_lib.random_init(config))()
@@ -102,7 +102,7 @@ def test_freeze_regex_keeps_matches_bitwise_and_gives_them_no_optimizer_state(tm
     np.testing.assert_array_equal(v, init[k], err_msg=k)
   for k, v in params.items():  # everything else trained
     assert not np.array_equal(v, init[k]), k
-  moments = [x for x in jax.tree.leaves(summary["state"].opt_state) if np.ndim(x) > 0]
+  moments = [x for x in jax.tree.leaves(summary.state.opt_state) if np.ndim(x) > 0]
   assert len(moments) == 2 * len(params)
 
 
@@ -130,7 +130,7 @@ def test_lora_export_merged_and_peft_reproduce_the_trained_logits_and_import_con
   workdir = str(tmp_path / "run")
   summary = training.run(_config(base_dir, **{"train.steps": 3, "model.lora.targets": "attention"}), workdir,
                          data_factory=tc.array_data)
-  trained = nnx.merge(summary["graphdef"], summary["state"].params, summary["state"].extra)
+  trained = nnx.merge(summary.graphdef, summary.state.params, summary.state.extra)
   want = np.asarray(trained(jnp.asarray(g.TOKENS), segment_ids=jnp.asarray(g.SEGMENTS)))
   valid = g.SEGMENTS.astype(bool)
   # Only adapters (and optimizer state) in the checkpoint.
@@ -158,7 +158,7 @@ def test_lora_export_merged_and_peft_reproduce_the_trained_logits_and_import_con
   mesh = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   _, params, _ = trainer_lib.build_model_state(cont, mesh)
   for k, v in _flat(params).items():
-    np.testing.assert_array_equal(v, _flat(summary["state"].params)[k], err_msg=k)
+    np.testing.assert_array_equal(v, _flat(summary.state.params)[k], err_msg=k)
   bad = _config(base_dir, **{"model.lora.rank": 8, "model.lora.init_from": adapter_dir})
   with pytest.raises(config_lib.ConfigError, match=r"config.model.lora.rank=8 .* has 4"):
     config_lib.validate(bad, 1, check_data=False)
@@ -168,7 +168,7 @@ def test_freeze_regex_over_layer_indices_keeps_those_layers_bitwise(tmp_path):
   """Layers are stacked; `model/layers/0/...` freezes layer 0's slice: no gradient, no update, no weight decay."""
   config = tc.tiny_config(**{"train.steps": 3, "train.freeze": r"model/layers/0/"})
   summary = training.run(config, str(tmp_path / "run"), data_factory=tc.array_data)
-  params = _flat(summary["state"].params)
+  params = _flat(summary.state.params)
   init_params, _ = jax.jit(lambda: trainer_lib.random_init(config))()
   init = _flat(init_params)
   for k, v in params.items():

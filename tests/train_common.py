@@ -180,13 +180,13 @@ def main(argv: list[str]) -> None:
   summary = training.run(config, workdir, data_factory=data,
                          max_steps=None if max_steps is None else int(max_steps))
   import jax
-  params = jax.tree.map(np.asarray, jax.device_get(summary["state"].params))
+  params = jax.tree.map(np.asarray, jax.device_get(summary.state.params))
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-    np.savez(os.path.join(workdir, f"params_{summary['step']}.npz"), **flat)
+    np.savez(os.path.join(workdir, f"params_{summary.step}.npz"), **flat)
   keys = ("step", "start_step", "stopped", "final_metrics", "eval_metrics", "memory_analysis")
-  print("SUMMARY " + json.dumps({k: summary[k] for k in keys}), flush=True)
+  print("SUMMARY " + json.dumps({k: getattr(summary, k) for k in keys}), flush=True)
 
 
 if __name__ == "__main__":

@@ -34,12 +34,12 @@ for name, mesh, steps, src in json.loads(sys.argv[2]):
   workdir = os.path.join(root, src or name)
   summary = training.run(config, workdir, data_factory=tc.array_data)
   recs = tc.metrics_by_step(workdir)
-  params = jax.device_get(summary["state"].params)
+  params = jax.device_get(summary.state.params)
   flat = {jax.tree_util.keystr(p): np.asarray(v).tolist()
           for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
   shardings = {jax.tree_util.keystr(p): list(v.sharding.shard_shape(v.shape))
-               for p, v in jax.tree_util.tree_flatten_with_path(summary["state"].params)[0]}
-  out[name] = {"loss": [recs[s]["loss/total"] for s in sorted(recs)], "start": summary["start_step"],
+               for p, v in jax.tree_util.tree_flatten_with_path(summary.state.params)[0]}
+  out[name] = {"loss": [recs[s]["loss/total"] for s in sorted(recs)], "start": summary.start_step,
                "params": flat, "shardings": shardings, "devices": jax.device_count()}
 print("RESULT " + json.dumps(out))
 """

@@ -71,7 +71,7 @@ def main(root: str) -> None:
     config = _config(packed)
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 2, 2
     summary = training.run(config, workdir, data_factory=lambda c, split, pi, pc, p=packed: Steps(p))
-    params = jax.tree.map(np.asarray, jax.device_get(summary["state"].params))
+    params = jax.tree.map(np.asarray, jax.device_get(summary.state.params))
     np.savez(os.path.join(workdir, "params.npz"),
              **{jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]})
 

@@ -327,18 +327,16 @@ def _export(model, out: str, tokenizer_dir: str) -> str:
   return out
 
 
-def _exit_if_preempted(summary: dict[str, Any], stages: Stages, name: str) -> None:
+def _exit_if_preempted(summary: Any, stages: Stages, name: str) -> None:
   """A SIGTERM mid-training saved a checkpoint: stop the whole experiment (exit 0, as the trainer does) instead of
   marking a half-trained stage done and evaluating it; a rerun resumes the stage from its checkpoint."""
-  if summary["stopped"] == "preempted":
-    stages.say(f"{name} preempted at step {summary['step']}; rerun the same command to resume")
+  if summary.stopped == "preempted":
+    stages.say(f"{name} preempted at step {summary.step}; rerun the same command to resume")
     raise SystemExit(0)
 
 
 def train_arm(config, task: Task, prepared: Prepared, stages: Stages, arm: str) -> dict[str, Any]:
   """One arm from the reference on its scored cache; exported to arms/<arm>/hf. Returns the trainer's summary."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-
   from tregjax.training import trainer  # pylint: disable=g-import-not-at-top
   name = f"arms/{arm}"
   started = time.perf_counter()
@@ -353,15 +351,13 @@ def train_arm(config, task: Task, prepared: Prepared, stages: Stages, arm: str) 
   score_stage(config, task, prepared, stages, ARMS[arm].rewards)
   summary = trainer.run(stage, os.path.join(stages.path(name), "run"))
   _exit_if_preempted(summary, stages, name)
-  model = nnx.merge(summary["graphdef"], summary["state"].params, summary["state"].extra)
-  _export(model, os.path.join(stages.path(name), "hf"), prepared.tokenizer)
-  return stages.finish(name, started, {k: summary[k] for k in ("final_metrics", "eval_metrics", "step")}, key=key)
+  _export(summary.model(), os.path.join(stages.path(name), "hf"), prepared.tokenizer)
+  return stages.finish(name, started, {k: getattr(summary, k) for k in ("final_metrics", "eval_metrics", "step")},
+                       key=key)
 
 
 def train_reward_model(config, task: Task, prepared: Prepared, stages: Stages, exp) -> str:
   """A Bradley-Terry sequence reward model on the same pairs, from the reference (fresh head): R3HF's scorer."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-
   from tregjax import data  # pylint: disable=g-import-not-at-top
   from tregjax.training import trainer  # pylint: disable=g-import-not-at-top
   name = "reward_model"
@@ -377,9 +373,8 @@ def train_reward_model(config, task: Task, prepared: Prepared, stages: Stages, e
   data.build_dataset(stage)
   summary = trainer.run(stage, os.path.join(stages.path(name), "run"))
   _exit_if_preempted(summary, stages, name)
-  model = nnx.merge(summary["graphdef"], summary["state"].params, summary["state"].extra)
-  _export(model, hf, prepared.tokenizer)
-  stages.finish(name, started, {"final_metrics": summary["final_metrics"]}, key=key)
+  _export(summary.model(), hf, prepared.tokenizer)
+  stages.finish(name, started, {"final_metrics": summary.final_metrics}, key=key)
   return hf
 
 

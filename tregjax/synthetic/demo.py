@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from tregjax import losses
 from tregjax.experiments import runner, stats
@@ -90,10 +89,9 @@ def train_reference(config, demo, paths, out: str) -> str:
   stage.data.eval_split = ""
   stage.model.hf_path = ""
   summary = trainer.run(stage, os.path.join(out, "run"))
-  if summary["stopped"] == "preempted":  # SIGTERM saved a checkpoint: stop; a rerun resumes the SFT stage
+  if summary.stopped == "preempted":  # SIGTERM saved a checkpoint: stop; a rerun resumes the SFT stage
     raise SystemExit(0)
-  model = nnx.merge(summary["graphdef"], summary["state"].params, summary["state"].extra)
-  models.save_pretrained(model, hf_dir)
+  models.save_pretrained(summary.model(), hf_dir)
   from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
   AutoTokenizer.from_pretrained(paths["tokenizer"], local_files_only=True).save_pretrained(hf_dir)
   return hf_dir

@@ -1,9 +1,10 @@
-"""`run(config, workdir)`: build the mesh, model, optimizer and data, resume, train, evaluate, checkpoint.
+"""`build(config, mesh)`: the run's program (model, optimizer, shardings, jitted steps); `run(config, workdir)`: the loop.
 
-The loop is the only stateful part; everything it calls is a pure function or a small object with one job
-(step.py, optimizer.py, checkpoint.py, metrics.py). Three effects set up here and nowhere else: the mesh
-(`parallel.use_mesh`), the SIGTERM / preemption handling (`_Stop`: all processes stop after the same step), and the
-metric sinks (process 0).
+`build` is the one place the TrainState, its shardings and the jitted train / eval steps are made; `run`, `load_model`
+and the benches use it. The loop only steps and decides when to stop; its side jobs (metrics, progress bar,
+checkpoints, evaluation) are `hooks.Hook`s with an `every`. Three effects are set up in `run` and nowhere else: the
+mesh (`parallel.use_mesh`), the SIGTERM / preemption handling (`_Stop`: all processes stop after the same step), and
+the metric sinks (process 0).
 """
 
 from __future__ import annotations
@@ -14,33 +15,31 @@ import logging
 import os
 import signal
 import time
-import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from flax import nnx
 
 from tregjax import parallel
 from tregjax.training import checkpoint as ckpt_lib
 from tregjax.training import config as config_lib
+from tregjax.training import hooks as hooks_lib
 from tregjax.training import metrics as metrics_lib
 from tregjax.training import optimizer as optimizer_lib
 from tregjax.training import partition
 from tregjax.training import step as step_lib
+from tregjax.training.hooks import NonFiniteError  # noqa: F401  (raised by the metrics hook; part of this API)
 
 log = logging.getLogger("tregjax.train")
 
 # A data source: (config, split, process_index, process_count) -> iterator of PreferenceBatch (numpy, this
 # process's rows) with get_state()/set_state(); `len()` (batches per epoch) when the split is finite.
 DataFactory = Callable[[ml_collections.ConfigDict, str, int, int], Iterator]
-
-
-class NonFiniteError(RuntimeError):
-  """Too many consecutive steps with a non-finite loss or gradient."""
 
 
 def _dtype(name: str):
@@ -165,24 +164,73 @@ def check_scored_cache(config: ml_collections.ConfigDict) -> None:
   score.check_cache(config.data.cache_dir, score.cache_components(config))
 
 
-def _place(batch: Any, mesh) -> Any:
-  """Process-local numpy rows → global jax arrays sharded on the batch axis (multi-host safe)."""
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(parallel.batch_sharding(mesh, np.ndim(x)), np.asarray(x)),
-      batch)
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """What a run compiles, built once by `build` and shared by training, `load_model` and the benches.
+
+  `target` is the TrainState as ShapeDtypeStructs on `state_shardings` (the restore target, and what the benches
+  lower the step with). `train_step(state, batch) -> (state, metrics)` donates `state`; `eval_step(params, extra,
+  batch) -> (weight, metric sums)`. Both are `jax.jit`s: lowering and compiling happen at their first call.
+  """
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  model_cfg: Any
+  graphdef: nnx.GraphDef
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  state_shardings: step_lib.TrainState
+  target: step_lib.TrainState
+  train_step: Callable
+  eval_step: Callable
+  max_segments: int
+
+  def _init_state(self, params: nnx.State, extra: nnx.State) -> step_lib.TrainState:
+    return step_lib.init_state(params, extra, self.tx, self.config.seed)
+
+  def init(self) -> step_lib.TrainState:
+    """A fresh TrainState sharded over the mesh from birth: the pretrained model streamed in (`model.hf_path`), else
+    one jitted random init straight into the sharded state."""
+    if self.config.model.hf_path:
+      _, params, extra = build_model_state(self.config, self.mesh)
+      return jax.jit(self._init_state, out_shardings=self.state_shardings)(params, extra)
+    return jax.jit(lambda: self._init_state(*random_init(self.config)), out_shardings=self.state_shardings)()
+
+  def with_frozen(self, state: step_lib.TrainState) -> step_lib.TrainState:
+    """A restored state with its frozen weights (LoRA base, `train.freeze`): checkpoints hold only what trains, the
+    frozen part is rebuilt from its source."""
+    if not partition.has_frozen(self.target.extra):
+      return state
+    return partition.with_frozen(state, build_model_state(self.config, self.mesh)[2])
+
+  def place(self, batch: Any) -> Any:
+    """Process-local numpy rows → global jax arrays sharded on the batch axis (multi-host safe)."""
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+        parallel.batch_sharding(self.mesh, np.ndim(x)), np.asarray(x)), batch)
 
 
-def _fingerprint(batch: Any) -> int:
-  """crc32 of this process's chosen tokens: lets a test check that a resumed run reads the same data order."""
-  return zlib.crc32(np.ascontiguousarray(np.asarray(batch.chosen.tokens)).tobytes())
-
-
-def _tokens(batch: Any, objective: str) -> tuple[int, int]:
-  """(real tokens, padded positions) this process feeds the model in one step (all micro-batches)."""
-  sides = [batch.chosen] if objective == "sft" else [batch.chosen, batch.rejected]
-  real = sum(int(np.count_nonzero(np.asarray(s.segment_ids))) for s in sides)
-  padded = sum(int(np.size(np.asarray(s.tokens))) for s in sides)
-  return real, padded
+def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, total_steps: int | None = None) -> Program:
+  """The run's program over `mesh`, from abstract shapes only (nothing allocated): graphdef, optimizer over what
+  trains (`partition`), TrainState shardings, the jitted train and eval steps. `total_steps` sets the schedule's
+  length (default `train.steps`; it does not change any shape)."""
+  total_steps = max(config.train.steps, 1) if total_steps is None else total_steps
+  graphdef, params, extra = build_model_state(config, mesh, abstract=True)
+  tx, schedule = optimizer_lib.make_optimizer(config.optimizer, total_steps, params)
+  abstract_state = jax.eval_shape(lambda p, e: step_lib.init_state(p, e, tx, config.seed), params, extra)
+  state_sh = step_lib.state_shardings(abstract_state, tx, mesh)
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sh)
+  options = config_lib.objective_options(config) if config.objective == "preference" else None
+  max_segments = config.data.max_segments if config.data.packing else 1
+  loss_fn = step_lib.make_loss_fn(config.objective, options, config.train.logits_chunk_size, max_segments)
+  replicated = parallel.sharding_for(None, (), mesh)
+  train_step = jax.jit(
+      step_lib.make_train_step(graphdef, tx, schedule, loss_fn, config.optimizer.grad_accum_steps, mesh,
+                               partition.update_mask(config, params)),
+      in_shardings=(state_sh, None), out_shardings=(state_sh, replicated), donate_argnums=0)
+  eval_step = jax.jit(step_lib.make_eval_step(graphdef, loss_fn), in_shardings=(state_sh.params, state_sh.extra, None),
+                      out_shardings=replicated)
+  return Program(config=config, mesh=mesh, model_cfg=model_config(config), graphdef=graphdef, tx=tx,
+                 schedule=schedule, state_shardings=state_sh, target=target, train_step=train_step,
+                 eval_step=eval_step, max_segments=max_segments)
 
 
 @dataclasses.dataclass
@@ -271,40 +319,16 @@ class _Stop:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-class _Throughput:
-  """Tokens/s and MFU over the steps since the last report; windows that include a compilation are dropped."""
-
-  def __init__(self, model_cfg, peak_flops: float | None):
-    self.model_cfg, self.peak = model_cfg, peak_flops
-    self.reset()
-
-  def reset(self) -> None:
-    self.t0, self.real, self.padded, self.seq = time.perf_counter(), 0, 0, 1
-
-  def add(self, real: int, padded: int, seq: int) -> None:
-    n = jax.process_count()  # every process feeds the same number of rows
-    self.real += real * n
-    self.padded += padded * n
-    self.seq = seq
-
-  def report(self) -> dict[str, float]:
-    dt = max(time.perf_counter() - self.t0, 1e-9)
-    out = {"throughput/tokens_per_s": self.real / dt, "throughput/padded_tokens_per_s": self.padded / dt}
-    if self.peak:  # MFU over padded positions: the model computes them all (formula: metrics.train_flops_per_token)
-      flops = metrics_lib.train_flops_per_token(self.model_cfg, self.seq) * self.padded
-      out["throughput/mfu"] = flops / dt / (self.peak * jax.device_count())
-    self.reset()
-    return out
-
-
-def _evaluate(eval_step, state, config, mesh, data_factory, max_segments: int) -> dict[str, float]:
+def evaluate(program: Program, state: step_lib.TrainState, data_factory: DataFactory) -> dict[str, float]:
+  """Weighted mean of the eval step's metrics over `data.eval_split` (at most `data.eval_batches` batches)."""
+  config = program.config
   it = data_factory(config, config.data.eval_split, jax.process_index(), jax.process_count())
   total_w, sums = 0.0, {}
   for i, batch in enumerate(it):
     if config.data.eval_batches and i >= config.data.eval_batches:
       break
-    step_lib.check_segments(batch, max_segments, where=f"eval batch {i} of split {config.data.eval_split!r}")
-    w, s = eval_step(state.params, state.extra, _place(batch, mesh))
+    step_lib.check_segments(batch, program.max_segments, where=f"eval batch {i} of split {config.data.eval_split!r}")
+    w, s = program.eval_step(state.params, state.extra, program.place(batch))
     w, s = jax.device_get((w, s))
     total_w += float(w)
     for k, v in s.items():
@@ -314,50 +338,67 @@ def _evaluate(eval_step, state, config, mesh, data_factory, max_segments: int) -
   return {f"eval/{k}": v / total_w for k, v in sums.items()}
 
 
-def _initial_state(config: ml_collections.ConfigDict, mesh, ckpt: ckpt_lib.Checkpointer, train_iter,
-                   total_steps: int):
-  """(graphdef, tx, schedule, state, state shardings, checkpoint meta): resumed from the latest checkpoint (state and
-  data-iterator position), else a pretrained model or a random init, in both cases sharded over `mesh` from birth."""
+def _initial_state(program: Program, ckpt: ckpt_lib.Checkpointer, train_iter) -> step_lib.TrainState:
+  """Resumed from the latest checkpoint (state and data-iterator position), else `program.init()`."""
+  config = program.config
   latest = ckpt.latest_step() if config.checkpoint.enabled else None
-  # Random init is one jitted program straight into the sharded TrainState; a pretrained model streams in first.
-  pretrained = bool(config.model.hf_path) and latest is None
-  graphdef, params, extra = build_model_state(config, mesh, abstract=not pretrained)
-  tx, schedule = optimizer_lib.make_optimizer(config.optimizer, total_steps, params)
-  init_fn = lambda p, e: step_lib.init_state(p, e, tx, config.seed)
-  abstract_state = jax.eval_shape(init_fn, params, extra)
-  state_sh = step_lib.state_shardings(abstract_state, tx, mesh)
-  meta = {"model_config": dataclasses.asdict(model_config(config)), "objective": config.objective,
-          "total_steps": total_steps}
-  if latest is not None:
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sh)
-    saved_meta = ckpt.read_meta(latest)
-    if saved_meta.get("objective") != config.objective:
-      raise ckpt_lib.CheckpointMismatchError(
-          f"{ckpt.directory}/{latest} was written by objective={saved_meta.get('objective')!r}, this run is "
-          f"{config.objective!r}; use a fresh --workdir")
-    state, data_state, _ = ckpt.restore(latest, partition.saved(target))
-    if partition.has_frozen(target.extra):  # checkpoints hold what trains: the frozen weights come from their source
-      state = partition.with_frozen(state, build_model_state(config, mesh)[2])
-    train_iter.set_state(data_state)
-    log.info("resumed from %s/%d", ckpt.directory, latest)
-  elif pretrained:
-    state = jax.jit(init_fn, out_shardings=state_sh)(params, extra)
-  else:
-    state = jax.jit(lambda: init_fn(*random_init(config)), out_shardings=state_sh)()
-  return graphdef, tx, schedule, state, state_sh, meta
+  if latest is None:
+    return program.init()
+  saved_meta = ckpt.read_meta(latest)
+  if saved_meta.get("objective") != config.objective:
+    raise ckpt_lib.CheckpointMismatchError(
+        f"{ckpt.directory}/{latest} was written by objective={saved_meta.get('objective')!r}, this run is "
+        f"{config.objective!r}; use a fresh --workdir")
+  state, data_state, _ = ckpt.restore(latest, partition.saved(program.target))
+  state = program.with_frozen(state)
+  train_iter.set_state(data_state)
+  log.info("resumed from %s/%d", ckpt.directory, latest)
+  return state
+
+
+def _total_steps(config: ml_collections.ConfigDict, train_iter) -> int:
+  if config.train.steps != -1:
+    return config.train.steps
+  try:
+    per_epoch = len(train_iter)
+  except TypeError as e:
+    raise config_lib.ConfigError("train.steps=-1 needs a data source that knows its length") from e
+  return config.data.epochs * per_epoch
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+  """What `run` returns: the trained model (`model()`, from `graphdef` + the final `state`) and the JSON fields that
+  summary.json holds (`json()`). stopped: "completed" | "preempted" | "data_exhausted"; final_metrics: the last step's
+  metrics; memory_analysis: the compiled step's."""
+  graphdef: nnx.GraphDef
+  state: step_lib.TrainState
+  step: int
+  start_step: int
+  total_steps: int
+  stopped: str
+  final_metrics: dict[str, float]
+  eval_metrics: dict[str, float]
+  memory_analysis: dict[str, int]
+  workdir: str
+  checkpoint_dir: str
+  metrics_file: str
+  tensorboard_dir: str
+
+  def model(self) -> nnx.Module:
+    return nnx.merge(self.graphdef, self.state.params, self.state.extra)
+
+  def json(self) -> dict[str, Any]:
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("graphdef", "state")}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFactory | None = None,
-        max_steps: int | None = None) -> dict[str, Any]:
-  """Train (or resume) into `workdir`; returns a summary.
-
-  Summary keys: step, start_step, total_steps, stopped ("completed" | "preempted" | "data_exhausted"),
-  final_metrics (last step's metrics), eval_metrics, memory_analysis (the compiled step's), workdir,
-  checkpoint_dir, metrics_file, tensorboard_dir, and state (the final TrainState) + graphdef, so that
-  `nnx.merge(graphdef, state.params, state.extra)` is the trained model (summary.json holds the JSON-able part).
+        max_steps: int | None = None, hooks: Sequence[hooks_lib.Hook] = ()) -> RunResult:
+  """Train (or resume) into `workdir`; writes summary.json (`RunResult.json()`) and returns the RunResult.
 
   `data_factory` replaces the grain pipeline (tests, synthetic worlds); `max_steps` stops early at that step (the
-  schedule still spans `train.steps`), which is how tests stop a run midway.
+  schedule still spans `train.steps`), which is how tests stop a run midway. `hooks` run after the built-in ones
+  (metrics, progress bar, checkpoints, evaluation).
   """
   config_lib.validate(config, check_data=data_factory is None)
   data_factory = data_factory or default_data
@@ -374,69 +415,36 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
     from tregjax.data import build as data_build  # pylint: disable=g-import-not-at-top
     data_build.check_vocab(config, model_config(config), "tregjax.train")
   train_iter = data_factory(config, config.data.train_split, jax.process_index(), jax.process_count())
-  if config.train.steps == -1:
-    try:
-      per_epoch = len(train_iter)
-    except TypeError as e:
-      raise config_lib.ConfigError("train.steps=-1 needs a data source that knows its length") from e
-    total_steps = config.data.epochs * per_epoch
-  else:
-    total_steps = config.train.steps
+  total_steps = _total_steps(config, train_iter)
   stop_at = total_steps if max_steps is None else min(max_steps, total_steps)
 
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
                                keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-  graphdef, tx, schedule, state, state_sh, meta = _initial_state(config, mesh, ckpt, train_iter, total_steps)
-
-  options = config_lib.objective_options(config) if config.objective == "preference" else None
-  max_segments = config.data.max_segments if config.data.packing else 1
-  loss_fn = step_lib.make_loss_fn(config.objective, options, config.train.logits_chunk_size, max_segments)
-  replicated = parallel.sharding_for(None, (), mesh)
-  train_step = _Compiled(jax.jit(
-      step_lib.make_train_step(graphdef, tx, schedule, loss_fn, config.optimizer.grad_accum_steps, mesh,
-                               partition.update_mask(config, state.params)),
-      in_shardings=(state_sh, None), out_shardings=(state_sh, replicated), donate_argnums=0))
-  eval_step = jax.jit(step_lib.make_eval_step(graphdef, loss_fn), in_shardings=(state_sh.params, state_sh.extra, None),
-                      out_shardings=replicated)
-
-  step = int(jax.device_get(state.step))
+  program = build(config, mesh, total_steps=total_steps)
+  state = _initial_state(program, ckpt, train_iter)
+  train_step = _Compiled(program.train_step)
+  start_step = step = int(jax.device_get(state.step))
   # From the restored step on, metrics.jsonl holds one line per step: those a killed run wrote past it are dropped.
   writer = metrics_lib.MetricsWriter(workdir, tensorboard=config.logging.tensorboard, jsonl=config.logging.jsonl,
                                      resume_step=step)
-  cfg = model_config(config)
-  peak = config.logging.peak_flops_per_device or metrics_lib.peak_flops_per_device()
-  summary: dict[str, Any] = {"workdir": os.path.abspath(workdir), "checkpoint_dir": ckpt.directory,
-                             "metrics_file": writer.jsonl_path, "tensorboard_dir": writer.tensorboard_dir,
-                             "start_step": step, "total_steps": total_steps, "stopped": "completed"}
-  last_metrics: dict[str, float] = {}
-  eval_metrics: dict[str, float] = {}
-  bar = None
+  metrics = hooks_lib.MetricsHook(
+      writer, objective=config.objective, log_every=config.train.log_every, stop_at=stop_at,
+      max_nonfinite=config.train.max_consecutive_nonfinite, model_cfg=program.model_cfg,
+      peak_flops=config.logging.peak_flops_per_device or metrics_lib.peak_flops_per_device())
+  built_in: list[hooks_lib.Hook] = [metrics]
   if config.logging.progress_bar and jax.process_index() == 0:
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm(total=stop_at, initial=step, desc="train", dynamic_ncols=True)
+    built_in.append(hooks_lib.ProgressHook(stop_at, step, metrics))
+  if config.checkpoint.enabled:
+    meta = {"model_config": dataclasses.asdict(program.model_cfg), "objective": config.objective,
+            "total_steps": total_steps}
+    built_in.append(hooks_lib.CheckpointHook(ckpt, train_iter, meta, start_step))
+  evaluation = None
+  if config.data.eval_split:
+    evaluation = hooks_lib.EvalHook(lambda s: evaluate(program, s, data_factory), writer, config.train.eval_every)
+    built_in.append(evaluation)
+  side_jobs = hooks_lib.Hooks([*built_in, *hooks])
 
-  def host_metrics(pending) -> dict[str, float]:
-    """Read back one step's metrics (a step behind the device, so the host never stalls the pipeline)."""
-    s, dev, extra_host = pending
-    out = {k: float(v) for k, v in jax.device_get(dev).items()}
-    out.update(extra_host)
-    if out["optim/nonfinite_run"] >= config.train.max_consecutive_nonfinite:
-      raise NonFiniteError(
-          f"step {s}: {int(out['optim/nonfinite_run'])} consecutive steps had a non-finite loss or gradient "
-          f"(loss/total={out.get('loss/total')}, grad_norm={out.get('optim/grad_norm')}); updates were skipped. "
-          "Lower optimizer.lr, check the data (ref log-probs / token rewards) or raise train.max_consecutive_nonfinite")
-    return out
-
-  def log_step(record: dict[str, float], s: int) -> None:
-    nonlocal last_metrics
-    last_metrics = record
-    if s % config.train.log_every == 0 or s == stop_at:
-      writer.write(s, record)
-    if bar is not None:
-      bar.set_postfix(loss=f"{record['loss/total']:.4f}", refresh=False)
-
-  pending = None
-  throughput = _Throughput(cfg, peak)
+  stopped = "completed"
   with parallel.use_mesh(mesh), _Stop(ckpt, config.checkpoint.preemption_sync_every, step) as stop:
     try:
       while step < stop_at:
@@ -444,58 +452,33 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
           host_batch = next(train_iter)
         except StopIteration:
           log.info("training data exhausted at step %d", step)
-          summary["stopped"] = "data_exhausted"
+          stopped = "data_exhausted"
           break
-        step_lib.check_segments(host_batch, max_segments, where=f"training batch of step {step + 1}")
-        real, padded = _tokens(host_batch, config.objective)
-        seq_len = int(np.shape(host_batch.chosen.tokens)[1])
+        step_lib.check_segments(host_batch, program.max_segments, where=f"training batch of step {step + 1}")
         compiled_before = len(train_step.table)
-        state, dev_metrics = train_step(state, _place(host_batch, mesh))
+        state, dev_metrics = train_step(state, program.place(host_batch))
         step += 1
-        extra_host = {"data/fingerprint": float(_fingerprint(host_batch)), "data/seq_len": float(seq_len)}
-        if len(train_step.table) > compiled_before:  # this step compiled: time from its end
-          jax.block_until_ready(dev_metrics)
-          throughput.reset()
-        else:
-          throughput.add(real, padded, seq_len)
-        if step % config.train.log_every == 0 or step == stop_at:
-          jax.block_until_ready(dev_metrics)
-          extra_host.update(throughput.report())
-        if pending is not None:
-          log_step(host_metrics(pending), pending[0])
-        pending = (step, dev_metrics, extra_host)
-        if bar is not None:
-          bar.update(1)
-        if config.checkpoint.enabled:
-          ckpt.save(step, partition.saved(state), train_iter.get_state(), meta)
-        if config.data.eval_split and config.train.eval_every and step % config.train.eval_every == 0:
-          eval_metrics = _evaluate(eval_step, state, config, mesh, data_factory, max_segments)
-          writer.write(step, eval_metrics)
+        side_jobs.on_step(hooks_lib.StepInfo(step, state, host_batch, dev_metrics,
+                                             compiled=len(train_step.table) > compiled_before))
         preempted = stop.should_stop(step)
         if preempted and step < stop_at:
           log.warning("preemption/SIGTERM: saving at step %d and exiting", step)
-          summary["stopped"] = "preempted"
+          stopped = "preempted"
           break
-      if pending is not None:
-        log_step(host_metrics(pending), pending[0])
-        pending = None
-      if config.checkpoint.enabled and step > summary["start_step"] and ckpt.latest_step() != step:
-        ckpt.save(step, partition.saved(state), train_iter.get_state(), meta, force=True)
-      if summary["stopped"] != "preempted" and config.data.eval_split and step > 0:
-        if not (config.train.eval_every and step % config.train.eval_every == 0 and eval_metrics):
-          eval_metrics = _evaluate(eval_step, state, config, mesh, data_factory, max_segments)
-          writer.write(step, eval_metrics)
+      side_jobs.finish(hooks_lib.StepInfo(step, state), stopped)
     finally:
-      if bar is not None:
-        bar.close()
+      side_jobs.close()
       ckpt.close()
       writer.close()
-  summary.update(step=step, final_metrics=last_metrics, eval_metrics=eval_metrics,
-                 memory_analysis=train_step.memory, state=state, graphdef=graphdef)
+  result = RunResult(graphdef=program.graphdef, state=state, step=step, start_step=start_step,
+                     total_steps=total_steps, stopped=stopped, final_metrics=metrics.last,
+                     eval_metrics=evaluation.metrics if evaluation else {}, memory_analysis=train_step.memory,
+                     workdir=os.path.abspath(workdir), checkpoint_dir=ckpt.directory, metrics_file=writer.jsonl_path,
+                     tensorboard_dir=writer.tensorboard_dir)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-      json.dump({k: v for k, v in summary.items() if k not in ("state", "graphdef")}, f, indent=2)
-  return summary
+      json.dump(result.json(), f, indent=2)
+  return result
 
 
 def load_model(workdir: str, step: int | None = None, *, config: ml_collections.ConfigDict | None = None):
@@ -512,18 +495,11 @@ def load_model(workdir: str, step: int | None = None, *, config: ml_collections.
     raise FileNotFoundError(f"no checkpoint for step {step} under {ckpt.directory}; have {ckpt.all_steps()}")
   config = ml_collections.ConfigDict(config.to_dict())
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
-  mesh = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  graphdef, params, extra = build_model_state(config, mesh, abstract=True)
-  tx, _ = optimizer_lib.make_optimizer(config.optimizer, max(config.train.steps, 1), params)
-  abstract_state = jax.eval_shape(lambda p, e: step_lib.init_state(p, e, tx, config.seed), params, extra)
-  state_sh = step_lib.state_shardings(abstract_state, tx, mesh)
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sh)
-  ckpt.check_compatible(step, partition.saved(target))
+  program = build(config, parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  target = partition.saved(program.target)
+  ckpt.check_compatible(step, target)
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(
-      partition.saved(target))))
+  restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   ckpt.close()
-  state = restored.state
-  if partition.has_frozen(target.extra):  # a LoRA / freeze run: the frozen weights come from their source
-    state = partition.with_frozen(state, build_model_state(config, mesh)[2])
-  return nnx.merge(graphdef, state.params, state.extra), step
+  state = program.with_frozen(restored.state)
+  return nnx.merge(program.graphdef, state.params, state.extra), step
