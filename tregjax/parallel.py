@@ -8,6 +8,7 @@ data parallelism, FSDP and tensor parallelism are configuration, not code.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -16,6 +17,8 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger("tregjax.parallel")
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -48,25 +51,54 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | str | None] = {
 }
 
 
+def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) with the one -1 axis filled by the devices the others leave: the one place this rule lives
+  (meshes, the trainer's config check and the per-process meshes of score and generate all resolve sizes here)."""
+  shape = [data, fsdp, tensor]
+  named = f"data={data} x fsdp={fsdp} x tensor={tensor}"
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ValueError(f"mesh {named}: sizes must be positive, with at most one -1")
+  fixed = math.prod(s for s in shape if s != -1)
+  if num_devices % fixed or (-1 not in shape and fixed != num_devices):
+    raise ValueError(f"mesh {named} needs {fixed} devices{' (times the -1 axis)' if -1 in shape else ''}, but "
+                     f"{num_devices} are available")
+  if -1 in shape:
+    shape[shape.index(-1)] = num_devices // fixed
+  return shape[0], shape[1], shape[2]
+
+
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A ("data", "fsdp", "tensor") mesh; one axis may be -1 to take the remaining devices."""
   devices = list(jax.devices() if devices is None else devices)
-  shape = [data, fsdp, tensor]
-  if shape.count(-1) > 1:
-    raise ValueError(f"at most one mesh axis may be -1, got data={data}, fsdp={fsdp}, tensor={tensor}")
-  if any(s == 0 or s < -1 for s in shape):
-    raise ValueError(f"mesh axis sizes must be positive or -1, got data={data}, fsdp={fsdp}, tensor={tensor}")
-  if -1 in shape:
-    known = math.prod(s for s in shape if s != -1)
-    if len(devices) % known:
-      raise ValueError(f"{len(devices)} devices do not divide into a mesh with fixed axes of product {known}")
-    shape[shape.index(-1)] = len(devices) // known
-  if math.prod(shape) != len(devices):
-    raise ValueError(
-        f"mesh data={shape[0]} x fsdp={shape[1]} x tensor={shape[2]} = {math.prod(shape)} devices, "
-        f"but {len(devices)} are available")
-  device_array = np.asarray(devices).reshape(shape)
+  device_array = np.asarray(devices).reshape(mesh_shape(data, fsdp, tensor, len(devices)))
   return Mesh(device_array, MESH_AXES)
+
+
+def mesh_from_config(config: Any, *, per_process: bool = False) -> Mesh:
+  """The mesh `config.mesh` names (absent keys: data=-1, fsdp=1, tensor=1); a size that does not fit the devices is a
+  ConfigError naming the config keys. The one mesh constructor of every command.
+
+  per_process=False (train): every device of every process. per_process=True (score, generate): this process's own
+  devices, the model over mesh.fsdp x mesh.tensor and the rows over the rest; those commands split their work by
+  process first (shard n to process n % count), so no collective ever crosses hosts and `mesh.data`, sized for the
+  trainer's global mesh, does not apply.
+  """
+  from tregjax import cli  # pylint: disable=g-import-not-at-top
+  given = config.get("mesh", None) or {}
+  data, fsdp, tensor = (given.get(k, d) for k, d in (("data", -1), ("fsdp", 1), ("tensor", 1)))
+  if not per_process:
+    try:
+      return make_mesh(data, fsdp, tensor)
+    except ValueError as e:
+      raise cli.ConfigError(f"config.mesh: {e}") from e
+  devices = jax.local_devices()
+  try:
+    return make_mesh(-1, fsdp, tensor, devices=devices)
+  except ValueError as e:
+    raise cli.ConfigError(f"config.mesh.tensor={tensor} x config.mesh.fsdp={fsdp} does not divide the {len(devices)} "
+                          f"local device(s) of this process (score and generate shard the model over fsdp x tensor "
+                          f"and the rows over the rest); set config.mesh.tensor and config.mesh.fsdp to divisors "
+                          f"of {len(devices)} ({e})") from e
 
 
 def logical_to_spec(axes: Sequence[str | None] | None, rules: dict | None = None) -> PartitionSpec:
@@ -89,23 +121,60 @@ def logical_to_spec(axes: Sequence[str | None] | None, rules: dict | None = None
   return PartitionSpec(*out)
 
 
-def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
-  """Drop mesh axes that do not divide a dimension (e.g. 3 kv heads over tensor=2), so they replicate instead."""
+class IndivisibleShardingError(ValueError):
+  """Under `strict_sharding()`: a tensor dimension that a mesh axis does not divide (it would be replicated)."""
+
+
+_STRICT: list[bool] = []
+_REPLICATED_LOGGED: set[str] = set()
+
+
+@contextlib.contextmanager
+def strict_sharding(enabled: bool = True) -> Iterator[None]:
+  """Inside this block, a tensor that would replicate over a mesh axis because its dimension does not divide the
+  axis (`_fit_spec`) is an IndivisibleShardingError instead of a logged warning (MaxText's sufficiency check)."""
+  _STRICT.append(enabled)
+  try:
+    yield
+  finally:
+    _STRICT.pop()
+
+
+def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, name: str = "") -> PartitionSpec:
+  """Drop mesh axes that do not divide a dimension (e.g. 3 kv heads over tensor=2), so they replicate instead.
+
+  Replicating costs memory the config asked to save, so it is logged once per tensor `name` (its parameter path; the
+  logical axes when unnamed), and refused under `strict_sharding()`.
+  """
   fitted = []
-  for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+  for i, (dim, entry) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))):
     names = (entry,) if isinstance(entry, str) else tuple(entry or ())
     keep, size = [], 1
     for n in names:
       if dim % (size * mesh.shape[n]) == 0:
         keep.append(n)
         size *= mesh.shape[n]
+      else:
+        _replicated(name or f"tensor {tuple(shape)} with spec {spec}", i, dim, n, mesh.shape[n])
     fitted.append(tuple(keep) if len(keep) > 1 else (keep[0] if keep else None))
   return PartitionSpec(*fitted)
 
 
-def sharding_for(axes: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh) -> NamedSharding:
-  """NamedSharding of an array with these logical axes on `mesh` (axes that do not divide the shape replicate)."""
-  return NamedSharding(mesh, _fit_spec(logical_to_spec(axes), shape, mesh))
+def _replicated(name: str, dim_index: int, dim: int, axis: str, axis_size: int) -> None:
+  what = f"{name}: dimension {dim_index} (size {dim}) is not divisible by mesh axis {axis!r} (size {axis_size})"
+  if _STRICT and _STRICT[-1]:
+    raise IndivisibleShardingError(f"{what}; refused under parallel.strict_sharding() (choose mesh sizes that divide "
+                                   f"it, or leave strict mode to replicate it)")
+  if name not in _REPLICATED_LOGGED:
+    _REPLICATED_LOGGED.add(name)
+    log.warning("%s; replicated over %r instead", what, axis)
+
+
+def sharding_for(axes: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
+                 name: str = "") -> NamedSharding:
+  """NamedSharding of an array with these logical axes on `mesh` (axes that do not divide the shape replicate, logged
+  once per `name`)."""
+  return NamedSharding(mesh, _fit_spec(logical_to_spec(axes), shape, mesh, name))
 
 
 def state_shardings(state: Any, mesh: Mesh) -> Any:
@@ -114,14 +183,15 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
   Variables without `axes` (RNG counters, step counts, scalars) are replicated.
   """
 
-  def one(leaf):
+  def one(path, leaf):
     if isinstance(leaf, nnx.Variable):
       value = leaf.get_value() if hasattr(leaf, "get_value") else leaf.value
       axes = leaf.get_metadata().get("axes")
-      return leaf.replace(sharding_for(axes, np.shape(value), mesh))
+      name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+      return leaf.replace(sharding_for(axes, np.shape(value), mesh, name))
     return NamedSharding(mesh, PartitionSpec())
 
-  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
@@ -154,4 +224,4 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   mesh = active_mesh()
   if mesh is None or mesh.size == 1:
     return x
-  return jax.lax.with_sharding_constraint(x, sharding_for(axes, x.shape, mesh))
+  return jax.lax.with_sharding_constraint(x, sharding_for(axes, x.shape, mesh, f"activation {tuple(axes)}"))
