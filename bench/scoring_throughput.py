@@ -86,7 +86,7 @@ def main() -> None:
   args = parser.parse_args()
 
   import torch  # pylint: disable=g-import-not-at-top
-  from tregjax import score  # pylint: disable=g-import-not-at-top
+  from tregjax import parallel, score  # pylint: disable=g-import-not-at-top
   hf = llama_hf_config(args.layers, args.width, args.vocab, heads=args.heads, kv_heads=args.kv_heads)
   torch_model, path = save_random_hf_llama(hf, path=tempfile.mkdtemp(prefix="tregjax-score-bench-"))
   units = make_units(args.pairs, args.vocab)
@@ -97,7 +97,7 @@ def main() -> None:
     config = ml_collections.ConfigDict(dict(model=dict(hf_path=path, dtype=dtype), mesh=dict(fsdp=1, tensor=1)))
     s = score.default_score_config()
     s.update(buckets=tuple(range(32, 353, 32)), dtype=dtype, chunk_size=512)  # default token budget
-    scorer = score.Scorer(config, s, pad_id=0)
+    scorer = score.Scorer(config, s, pad_id=0, mesh=parallel.mesh_from_config(config, per_process=True))
     t0 = time.perf_counter()
     first = scorer.score_units(units)
     variants[f"tregjax {dtype}"] = dict(run=lambda sc=scorer: sc.score_units(units),

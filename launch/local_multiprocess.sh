@@ -5,8 +5,8 @@
 #
 # COMMAND defaults to `python -m tregjax.train`; everything after `--` replaces it, and arguments before `--` that
 # this script does not know are passed to it. Each process gets JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-# JAX_PROCESS_ID (read by tregjax.train, which switches CPU collectives to gloo) and D fake CPU devices. Logs go to
-# stdout with a [pK] prefix; the script exits non-zero if any process fails.
+# JAX_PROCESS_ID (read by every command's cli.init_distributed: train, score, generate; CPU collectives over gloo)
+# and D fake CPU devices. Logs go to stdout with a [pK] prefix; the script exits non-zero if any process fails.
 set -euo pipefail
 
 num=2
@@ -21,7 +21,7 @@ while [[ $# -gt 0 ]]; do
     --port) port="$2"; shift 2 ;;
     --devices-per-process) devices="$2"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
     --) shift; cmd=("$@"); break ;;
     *) extra+=("$1"); shift ;;
   esac

@@ -29,3 +29,40 @@ def run_with_devices(code: str, num_devices: int, timeout: int = 600) -> str:
 @pytest.fixture
 def devices_runner():
   return run_with_devices
+
+
+def free_port() -> int:
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def run_processes(args: list[str], num_processes: int, timeout: int = 600) -> list[subprocess.CompletedProcess]:
+  """`python *args` as `num_processes` processes of one job on this machine (one CPU device each, gloo collectives),
+  joined as launch/local_multiprocess.sh joins them: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  port = free_port()
+  procs, logs = [], []
+  for i in range(num_processes):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+               JAX_NUM_PROCESSES=str(num_processes), JAX_PROCESS_ID=str(i),
+               PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)
+    logs.append((tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")))  # files, not pipes: a full pipe blocks
+    procs.append(subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, env=env, stdout=logs[-1][0],
+                                  stderr=logs[-1][1], text=True))
+  out = []
+  try:
+    for p, (stdout, stderr) in zip(procs, logs):
+      p.wait(timeout=timeout)
+      stdout.seek(0)
+      stderr.seek(0)
+      out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout.read(), stderr.read()))
+  finally:
+    for p, files in zip(procs, logs):
+      if p.poll() is None:
+        p.kill()
+      for f in files:
+        f.close()
+  return out

@@ -3,6 +3,7 @@ torch, a naive binarization loop, 1 vs 4 fake devices, and an uninterrupted run 
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForS
 
 sys.path.insert(0, os.path.dirname(__file__))
 import data_common as dc  # noqa: E402
-from conftest import REPO_ROOT, run_with_devices  # noqa: E402
+from conftest import REPO_ROOT, run_processes, run_with_devices  # noqa: E402
 
 from tregjax import cli, data, generate  # noqa: E402
 from tregjax.data.sources import DataError  # noqa: E402
@@ -215,6 +216,64 @@ def test_bad_prompts_file_error_names_file_line_and_field(world, tmp_path):
                         text=True, cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=REPO_ROOT), timeout=300)
   assert proc.returncode == cli.EXIT_BAD_RECORD, proc.stderr[-2000:]
   assert f"{bad}:line 2: malformed JSON" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _tree_bytes(root):
+  out = {}
+  for dirpath, _, files in os.walk(root):
+    for name in files:
+      out[os.path.relpath(os.path.join(dirpath, name), root)] = _read(os.path.join(dirpath, name))
+  return out
+
+
+def test_two_processes_split_the_shards_and_write_the_bytes_of_one(world, tmp_path):
+  """`python -m tregjax.generate` as 2 processes of one job (gloo): each samples and scores its own shards (not all of
+  them, as a process that believes it is alone would), process 0 assembles, and the output is byte-identical to one
+  process's (a shard's samples depend on its index, never on which process ran it)."""
+  outputs = {}
+  for n in (1, 2):
+    cfg = _config(world, tmp_path / f"p{n}", reward_model=str(world["root"] / "rm"))  # 5 prompts: shards of 2, 2, 1
+    cfg_file = tmp_path / f"cfg{n}.py"
+    cfg_file.write_text(textwrap.dedent(f"""
+        import json, ml_collections
+        def get_config():
+          return ml_collections.ConfigDict(json.loads({cfg.to_json()!r}))
+        """))
+    args = ["-m", "tregjax.generate", f"--config={cfg_file}"]
+    if n == 1:
+      procs = [subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO_ROOT,
+                              env=dict(os.environ, PYTHONPATH=REPO_ROOT), timeout=600)]
+    else:
+      procs = run_processes(args, 2)
+    for i, proc in enumerate(procs):
+      assert proc.returncode == 0, f"{n} process(es), process {i}:\n{proc.stderr[-3000:]}"
+    done = sorted(int(m) for proc in procs for m in re.findall(r"generated (\d+) prompts x", proc.stderr))
+    assert done == {1: [5], 2: [2, 3]}[n], done  # shard k on process k % 2: shards 0 and 2 (3 prompts), shard 1 (2)
+    outputs[n] = _tree_bytes(tmp_path / f"p{n}")
+  assert sorted(outputs[1]) == sorted(outputs[2])
+  assert [k for k in outputs[1] if outputs[1][k] != outputs[2][k]] == []
+  assert len(_records(tmp_path / "p2")) == len(PROMPTS)
+
+
+def test_reward_model_applies_its_activation_sharding_inside_the_mesh(world, tmp_path):
+  """The reward model's activation constraints (`parallel.constrain`) reach XLA: the scorer traces inside its mesh."""
+  cfg = _config(world, tmp_path / "out", reward_model=str(world["root"] / "rm"))
+  run_with_devices(f"""
+      import json, jax, ml_collections
+      from tregjax import generate, parallel
+      from tregjax.data import build as data_build
+      from tregjax.data.tokenize import ChatTokenizer
+      assert jax.device_count() == 2
+      cfg = ml_collections.ConfigDict(json.loads({cfg.to_json()!r}))
+      constraints = []
+      plain = jax.lax.with_sharding_constraint
+      jax.lax.with_sharding_constraint = lambda x, s: constraints.append(s) or plain(x, s)
+      tok = ChatTokenizer(data_build.tokenizer_path(cfg), cfg.data.end_of_turn_token)
+      mesh = parallel.mesh_from_config(cfg, per_process=True)
+      scorer = generate.RewardScorer(cfg, generate.generate_section(cfg), mesh, tok)
+      scores = scorer([[5, 6, 7], [8, 9, 10, 11, 12]])
+      assert len(scores) == 2 and constraints and all(s.mesh.size == 2 for s in constraints), constraints
+      """, 2)
 
 
 class FlakyScorer:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForS
 
 sys.path.insert(0, os.path.dirname(__file__))
 import data_common as dc  # noqa: E402
+from conftest import run_processes  # noqa: E402
 
 from tregjax import data, score  # noqa: E402
 from tregjax.data import tfds_builder  # noqa: E402
@@ -304,14 +306,42 @@ def test_data_parallel_scoring_on_two_devices_matches_one(world, contrastive_cac
       import jax, score_test
       from tregjax import score
       assert jax.device_count() == 2
+      constraints = []  # the model's activation constraints reach XLA only inside the Scorer's mesh
+      plain = jax.lax.with_sharding_constraint
+      jax.lax.with_sharding_constraint = lambda x, s: constraints.append(s) or plain(x, s)
       cfg = score_test._config(dict(root=pathlib.Path({str(world['root'])!r})), {str(tmp_path / 'two')!r})
       score.run(cfg)
+      assert constraints and all(s.mesh.size == 2 for s in constraints), constraints
       """, num_devices=2)
   two = _cache_records(str(tmp_path / "two"))
   for a, b in zip(one, two):
     for key in ("ref_chosen_token_logps", "chosen_token_rewards", "ref_rejected_token_logps", "rejected_token_rewards"):
       np.testing.assert_allclose(a[key], b[key], atol=1e-5, rtol=0)
     np.testing.assert_allclose(a["ref_chosen_logps"], b["ref_chosen_logps"], atol=1e-4, rtol=1e-6)
+
+
+def test_two_processes_split_the_shards_and_write_the_bytes_of_one(world, tmp_path):
+  """`python -m tregjax.score` as 2 processes of one job (gloo): each scores its own shards (not all of them, as a
+  process that believes it is alone would), process 0 assembles, and the cache is byte-identical to one process's."""
+  config_file = tmp_path / "cfg.py"
+  config_file.write_text(textwrap.dedent(f"""
+      import sys, pathlib
+      sys.path.insert(0, {os.path.dirname(__file__)!r})
+      import score_test
+      def get_config():
+        return score_test._config(dict(root=pathlib.Path({str(world['root'])!r})), {str(tmp_path / 'two')!r},
+                                  shard_size=1)
+      """))
+  procs = run_processes(["-m", "tregjax.score", f"--config={config_file}"], 2)
+  for i, proc in enumerate(procs):
+    assert proc.returncode == 0, f"process {i}:\n{proc.stderr[-3000:]}"
+  scored = [int(m) for proc in procs for m in re.findall(r"scored (\d+) pairs", proc.stderr)]
+  assert sorted(scored) == [N_PAIRS // 2, N_PAIRS // 2], scored  # shard n on process n % 2: 3 pairs each
+  one = score.run(_config(world, tmp_path / "one", shard_size=1))
+  a, b = _tree_bytes(tmp_path / "two"), _tree_bytes(one)
+  assert sorted(a) == sorted(b)
+  assert all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]]
+  assert len(_cache_records(one)) == N_PAIRS
 
 
 def test_damaged_work_shard_is_recomputed(world, tmp_path):

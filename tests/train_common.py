@@ -158,12 +158,8 @@ def main(argv: list[str]) -> None:
   overrides = dict(p.split("=", 1) for p in pairs)
   max_steps = overrides.pop("max_steps", None)
   nan_refs = overrides.pop("nan_refs", None)  # corrupt every cached reference log-prob (non-finite loss)
-  from tregjax.train import distributed_env
-  kwargs = distributed_env()
-  if kwargs is not None:  # started by launch/local_multiprocess.sh
-    import jax
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(**kwargs)
+  from tregjax import cli
+  cli.init_distributed()  # one of several processes when started by launch/local_multiprocess.sh (gloo on CPU)
   from tregjax import training
   overrides = {k: _parse(v) for k, v in overrides.items()}
   for k in ("data.buckets",):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import train_common as tc
-from tregjax.train import distributed_env
+from tregjax.cli import distributed_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "launch", "*.sh")))

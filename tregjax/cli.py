@@ -1,5 +1,5 @@
-"""What every command-line entry point shares: readable logging without third-party noise, and a one-line error
-(not a traceback) when the environment lacks a runtime package.
+"""What every command-line entry point shares: readable logging without third-party noise, joining the other
+processes of a multi-host job (`init_distributed`), and a one-line error (not a traceback) on an expected error.
 
 This module imports only the standard library, so that
 `install_command_hooks` can run before any third-party import of a command.
@@ -12,7 +12,7 @@ import os
 import re
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
@@ -163,6 +163,61 @@ def report_errors(prog: str, body: Callable[[], T], *, verbose: bool | None = No
     print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
     sys.stderr.flush()
     raise SystemExit(status) from None
+
+
+def distributed_env(env: Mapping[str, str] | None = None) -> dict | None:
+  """kwargs for jax.distributed.initialize when this process is one of several, else None.
+
+  Explicit: JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID (launch/local_multiprocess.sh). SLURM
+  (srun with more than one task) and multi-host TPU VMs are detected by jax itself: initialize() with no arguments.
+  """
+  env = os.environ if env is None else env
+  if env.get("JAX_COORDINATOR_ADDRESS") and env.get("JAX_NUM_PROCESSES"):
+    return {"coordinator_address": env["JAX_COORDINATOR_ADDRESS"], "num_processes": int(env["JAX_NUM_PROCESSES"]),
+            "process_id": int(env.get("JAX_PROCESS_ID", "0"))}
+  if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+    return {}
+  if "," in env.get("TPU_WORKER_HOSTNAMES", "") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    return {}
+  return None
+
+
+def init_distributed(env: Mapping[str, str] | None = None) -> None:
+  """Join the other processes of this job when there are several (`distributed_env`); nothing for one process.
+
+  Every command's main calls it before anything touches a device: without it each process of an N-host job believes
+  it is process 0 of 1, does all the work and writes the outputs at the same time as the others. On CPU the
+  cross-process collectives go over gloo. Calling it again in the same process does nothing.
+  """
+  kwargs = distributed_env(env)
+  if kwargs is None:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.distributed.is_initialized():
+    return
+  if (os.environ if env is None else env).get("JAX_PLATFORMS", "") == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
+  jax.distributed.initialize(**kwargs)
+
+
+def barrier(name: str) -> None:
+  """Wait until every process of the job reaches the barrier `name`; nothing for a single process."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def process_zero_first(name: str, build: Callable[[], T]) -> T:
+  """`build()` on process 0, then on the others once it is done: for a build into shared storage that is reused when
+  already there (the others reuse it rather than race to write the same directory). One process: just `build()`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    out = build()
+    barrier(name)
+    return out
+  barrier(name)
+  return build()
 
 
 def setup_logging(level: int = logging.INFO) -> None:

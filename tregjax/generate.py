@@ -50,7 +50,7 @@ from tregjax import cli, parallel
 from tregjax.data import build as data_build
 from tregjax.data import hashing, schema, sources
 from tregjax.data.tokenize import ChatTokenizer
-from tregjax.score import StaleCacheError, bucket_length, command_mesh
+from tregjax.score import StaleCacheError, bucket_length
 
 log = logging.getLogger("tregjax.generate")
 
@@ -233,7 +233,7 @@ class RewardScorer:
 
   def __init__(self, config: ml_collections.ConfigDict, g: ml_collections.ConfigDict, mesh, tok: ChatTokenizer):
     from tregjax import models  # pylint: disable=g-import-not-at-top
-    self.g, self.pad_id = g, tok.pad_id
+    self.g, self.mesh, self.pad_id = g, mesh, tok.pad_id
     dtype = jnp.dtype(cli.compute_dtype(config, g))
     model = models.from_pretrained(g.reward_model, dtype=dtype, param_dtype=dtype, mesh=mesh)
     if not isinstance(model, models.RewardModel):
@@ -269,7 +269,8 @@ class RewardScorer:
       for row, i in enumerate(chunk):
         tokens[row, :lengths[i]] = sequences[i]
         segs[row, :lengths[i]] = 1
-      scores = np.asarray(jax.device_get(self._fn(self.state, tokens, segs)), np.float32)
+      with parallel.use_mesh(self.mesh):  # traced here: the model's activation sharding constraints need the mesh
+        scores = np.asarray(jax.device_get(self._fn(self.state, tokens, segs)), np.float32)
       for row, i in enumerate(chunk):
         out[i] = float(scores[row])
     return out
@@ -453,7 +454,7 @@ def run(config: ml_collections.ConfigDict, *, scorer: Scorer | None = None) -> s
   if not g.output_dir:
     raise ValueError("set generate.output_dir (where records.jsonl, pairs.jsonl and summary.json are written)")
   py_scorer, scorer_id = resolve_scorer(g, scorer)
-  mesh = command_mesh(config)  # a size that does not divide the devices is an error naming config.mesh.*
+  mesh = parallel.mesh_from_config(config, per_process=True)  # a size that does not fit: an error naming config.mesh.*
   components = output_components(config, g, scorer_id, round_to_mesh(g.batch_size, mesh))
   digest = hashing.hash_json(components)
   summary_path = os.path.join(g.output_dir, SUMMARY)
@@ -467,10 +468,12 @@ def run(config: ml_collections.ConfigDict, *, scorer: Scorer | None = None) -> s
                           f"{str(done.get('hash'))[:16]}, this config {digest[:16]}); choose another "
                           f"generate.output_dir or delete it")
   work = os.path.join(g.output_dir, "work")
+  pid, pcount = jax.process_index(), jax.process_count()
   os.makedirs(work, exist_ok=True)
-  for name in os.listdir(work):
+  for name in os.listdir(work) if pid == 0 else ():  # not another process's live write
     if ".tmp." in name:  # a write interrupted before its rename
       os.remove(os.path.join(work, name))
+  cli.barrier("tregjax.generate start")
 
   d = data_build.data_section(config)
   tok = ChatTokenizer(data_build.tokenizer_path(config), d.end_of_turn_token)
@@ -478,7 +481,6 @@ def run(config: ml_collections.ConfigDict, *, scorer: Scorer | None = None) -> s
   prompts = load_prompts(config, tok, prompt_counts)
   shard_size = int(g.shard_size)
   num_shards = -(-len(prompts) // shard_size)
-  pid, pcount = jax.process_index(), jax.process_count()
   todo = [k for k in range(num_shards) if _read_shard(_shard_path(g.output_dir, k), digest) is None]
   mine = [k for n, k in enumerate(todo) if n % pcount == pid]
   if mine:
@@ -504,14 +506,10 @@ def run(config: ml_collections.ConfigDict, *, scorer: Scorer | None = None) -> s
     elapsed = time.perf_counter() - t0
     log.info("generated %d prompts x %d samples, %d new tokens in %.1fs (%.1f prompts/s, %.0f tokens/s)", total,
              g.num_samples, new_tokens, elapsed, total / max(elapsed, 1e-9), new_tokens / max(elapsed, 1e-9))
-  if pcount > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices("tregjax.generate shards")
+  cli.barrier("tregjax.generate shards")
   if pid == 0:
     _assemble(g.output_dir, num_shards, digest, components, prompt_counts)
-  if pcount > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices("tregjax.generate assembled")
+  cli.barrier("tregjax.generate assembled")
   return g.output_dir
 
 
@@ -548,6 +546,7 @@ def main(argv: Sequence[str]) -> None:
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   cli.setup_logging()
+  cli.init_distributed()  # N hosts: each process generates its shards (n % count), process 0 assembles
   print(cli.report_errors("tregjax.generate", lambda: run(flags.FLAGS.config)))  # bad input: one line, exit status
 
 

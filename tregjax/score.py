@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from tregjax import cli, losses, parallel
 from tregjax.data import build as data_build
@@ -365,11 +366,11 @@ class Scorer:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, s: ml_collections.ConfigDict, pad_id: int,
-               tokenizer: ChatTokenizer | None = None):
+               tokenizer: ChatTokenizer | None = None, *, mesh: Mesh):
     from tregjax import models  # pylint: disable=g-import-not-at-top
     self.s, self.source, self.pad_id = s, s.token_reward.source, pad_id
     self.spec = spec = REWARD_SOURCES[self.source]
-    self.mesh = command_mesh(config)
+    self.mesh = mesh  # parallel.mesh_from_config(config, per_process=True) in `run`
     dtype = jnp.dtype(cli.compute_dtype(config, s))
     paths = [cli.model_path(config, "reference")]
     if spec.second_model:
@@ -441,7 +442,8 @@ class Scorer:
     b, t = args[1].shape
     key = (k, b, t)
     if key not in self._compiled:
-      compiled = self._fns[k].lower(*args).compile()
+      with parallel.use_mesh(self.mesh):  # traced here: the model's activation sharding constraints need the mesh
+        compiled = self._fns[k].lower(*args).compile()
       need = batch_bytes(compiled)
       if self.mesh.devices.flat[0].platform == "cpu":  # host memory is shared by every CPU device of the mesh
         need = None if need is None else need * self.mesh.devices.size
@@ -515,23 +517,6 @@ class Scorer:
 
 def _raise(message: str):
   raise ValueError(message)
-
-
-def command_mesh(config: ml_collections.ConfigDict):
-  """The mesh of score and generate over this process's devices: the model over fsdp × tensor, the data over the rest.
-
-  A size that does not divide the devices is an error naming the config keys (not the mesh's own arithmetic).
-  """
-  mesh_cfg = config.get("mesh", None) or {}
-  fsdp, tensor = mesh_cfg.get("fsdp", 1), mesh_cfg.get("tensor", 1)
-  devices = jax.local_devices()
-  try:
-    return parallel.make_mesh(data=-1, fsdp=fsdp, tensor=tensor, devices=devices)
-  except ValueError as e:
-    raise cli.ConfigError(f"config.mesh.tensor={tensor} x config.mesh.fsdp={fsdp} does not divide the {len(devices)} "
-                          f"local device(s) of this process (score and generate shard the model over fsdp x tensor "
-                          f"and the pairs over the rest); set config.mesh.tensor and config.mesh.fsdp to divisors "
-                          f"of {len(devices)} ({e})") from e
 
 
 def batch_bytes(compiled: Any) -> int | None:
@@ -678,7 +663,7 @@ def run(config: ml_collections.ConfigDict, *, oracle: Oracle | None = None) -> s
   cache_dir = data_build.data_section(config).get("cache_dir", "")
   if not cache_dir:
     raise ValueError("set data.cache_dir (where the scored cache is written)")
-  dataset_dir = _dataset_dir(config)
+  dataset_dir = cli.process_zero_first("tregjax.score dataset", lambda: _dataset_dir(config))
   components = cache_components(config, dataset_dir)
   digest = hashing.hash_json(components)
   meta_path = os.path.join(cache_dir, CACHE_META)
@@ -690,10 +675,12 @@ def run(config: ml_collections.ConfigDict, *, oracle: Oracle | None = None) -> s
       return cache_dir
     raise StaleCacheError(f"{cache_dir} already holds a scored cache of other inputs (hash {done['hash'][:16]}, "
                           f"this config {digest[:16]}); choose another data.cache_dir or delete it")
+  pid, pcount = jax.process_index(), jax.process_count()
   os.makedirs(os.path.join(cache_dir, "work"), exist_ok=True)
-  for name in os.listdir(os.path.join(cache_dir, "work")):
+  for name in os.listdir(os.path.join(cache_dir, "work")) if pid == 0 else ():  # not another process's live write
     if ".tmp." in name:  # a write interrupted before its rename
       os.remove(os.path.join(cache_dir, "work", name))
+  cli.barrier("tregjax.score start")
 
   data_meta = tfds_builder.read_metadata(dataset_dir)
   tok = ChatTokenizer(data_build.tokenizer_path(config), data_build.data_section(config).end_of_turn_token)
@@ -702,13 +689,13 @@ def run(config: ml_collections.ConfigDict, *, oracle: Oracle | None = None) -> s
   splits = [sp for sp in s.splits if sp in _splits(dataset_dir)]
   sources = {sp: tfds_builder.data_source(dataset_dir, sp) for sp in splits}
   shard_size = int(s.shard_size)
-  pid, pcount = jax.process_index(), jax.process_count()
   # Shard n of the global enumeration belongs to process n % pcount, whatever other processes have finished.
   jobs = [(sp, k) for sp in splits for k in range(-(-len(sources[sp]) // shard_size))]
   mine = [job for n, job in enumerate(jobs)
           if n % pcount == pid and _read_shard(_shard_path(cache_dir, *job), digest) is None]
   if mine:
-    scorer = Scorer(config, s, pad_id=int(data_meta.get("pad_id", tok.pad_id)), tokenizer=tok)
+    scorer = Scorer(config, s, pad_id=int(data_meta.get("pad_id", tok.pad_id)), tokenizer=tok,
+                    mesh=parallel.mesh_from_config(config, per_process=True))
     for sp in splits:  # every plain row, from the lengths sidecar, before anything compiles
       lengths = tfds_builder.lengths(dataset_dir, sp, sources[sp])
       if lengths.size and int(lengths.max()) > scorer.max_positions:
@@ -741,15 +728,11 @@ def run(config: ml_collections.ConfigDict, *, oracle: Oracle | None = None) -> s
     if contexts.truncated:
       log.warning("cut %d contrastive contexts like their truncated plain prompt (instruction kept, the prompt's "
                   "start dropped; data.max_prompt_length=%d)", contexts.truncated, contexts.max_prompt_length)
-  if pcount > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices("tregjax.score shards")
+  cli.barrier("tregjax.score shards")
   if pid == 0:
     _assemble(cache_dir, dataset_dir, sources, shard_size, digest, components, s.token_reward.source,
               cli.compute_dtype(config, s))
-  if pcount > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices("tregjax.score assembled")
+  cli.barrier("tregjax.score assembled")
   return cache_dir
 
 
@@ -802,6 +785,7 @@ def main(argv: Sequence[str]) -> None:
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   cli.setup_logging()
+  cli.init_distributed()  # N hosts: each process scores its shards (n % count), process 0 assembles
   config = flags.FLAGS.config
   print(cli.report_errors("tregjax.score", lambda: run(config)))  # bad input: one line and its exit status
 
