@@ -8,6 +8,7 @@ import sys
 import pytest
 import importlib.util
 
+from tregjax import cli
 from tregjax.training import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,13 +94,60 @@ def test_wrong_type_set_in_a_config_file_is_refused():
     config_lib.validate(c, num_devices=1, check_data=False)
 
 
-def test_foreign_top_level_section_is_allowed_but_not_a_stray_scalar():
+def test_misspelt_top_level_section_is_refused_naming_it_and_the_closest_known():
   c = config_lib.base_config()
-  c.demo = dict(arms="dpo")
-  config_lib.validate(c, num_devices=1, check_data=False)
-  c.learning_rate = 1e-6
-  with pytest.raises(config_lib.ConfigError, match="learning_rate"):
+  c.optimzer = dict(lr=1e-3)  # a config file's typo for `optimizer`: it would otherwise be silently ignored
+  with pytest.raises(config_lib.ConfigError, match=r"unknown config section or key 'optimzer' \(did you mean "
+                     r"'optimizer'\?\)"):
     config_lib.validate(c, num_devices=1, check_data=False)
+  c = config_lib.base_config()
+  c.learning_rate = 1e-6  # a stray top-level scalar
+  with pytest.raises(config_lib.ConfigError, match="unknown config section or key 'learning_rate'"):
+    config_lib.validate(c, num_devices=1, check_data=False)
+
+
+def test_sections_belong_to_the_program_the_config_names():
+  c = config_lib.base_config()
+  c.generate = dict(num_samples=2)  # a command section: any program's config may carry it
+  config_lib.validate(c, num_devices=1, check_data=False)
+  c.demo = dict(sft_steps=3)  # the experiment program's task section, on a config of the bare trainer
+  with pytest.raises(config_lib.ConfigError, match=r"config.demo is a section of program 'experiment', but "
+                     r"config.program='train'; set config.program='experiment'"):
+    config_lib.validate(c, num_devices=1, check_data=False)
+  c.program = "experiment"
+  config_lib.validate(c, num_devices=1, check_data=False)
+  c.program = "experimnt"
+  with pytest.raises(config_lib.ConfigError, match=r"config.program='experimnt': must be one of \('train', "
+                     r"'experiment'\) \(did you mean 'experiment'\?\)"):
+    config_lib.validate(c, num_devices=1, check_data=False)
+
+
+def test_every_program_entry_is_a_function_of_config_and_workdir():
+  import importlib
+  import inspect
+  assert set(config_lib.PROGRAMS) == {"train", "experiment"}
+  for name, program in config_lib.PROGRAMS.items():
+    module, _, function = program.entry.partition(":")
+    params = list(inspect.signature(getattr(importlib.import_module(module), function)).parameters)
+    assert params[:2] == ["config", "workdir"], (name, params)
+
+
+def test_cli_refuses_a_misspelt_section_in_a_config_file_with_one_line(tmp_path):
+  config_file = tmp_path / "typo.py"
+  config_file.write_text(
+      "from tregjax.training.config import base_config\n"
+      "def get_config():\n"
+      "  c = base_config()\n"
+      "  c.optimzer = dict(lr=1e-3)\n"
+      "  return c\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  proc = subprocess.run([sys.executable, "-m", "tregjax.train", "--config", str(config_file),
+                         f"--workdir={tmp_path / 'run'}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == cli.EXIT_CONFIG, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      "tregjax.train: error: unknown config section or key 'optimzer' (did you mean 'optimizer'?)"), proc.stderr
+  assert "Traceback" not in proc.stderr and not os.path.exists(tmp_path / "run")
 
 
 def test_parse_arg_types_values_from_defaults():

@@ -1,11 +1,14 @@
 """python -m tregjax.train --config configs/x.py [--config.key=value ...] --workdir DIR
 
-Wiring only: flags → jax.distributed (when several processes) → `tregjax.training.run(config, workdir)`.
-Rerunning with the same --workdir resumes from its latest checkpoint. SIGTERM saves a checkpoint and exits 0.
+Wiring only: flags → `cli.init_distributed()` (when several processes) → the whole config validated → the program
+`config.program` names in `tregjax.training.config.PROGRAMS` ("train": the trainer; "experiment": the experiment
+runner), run as `entry(config, workdir)`. Rerunning with the same --workdir resumes from its latest checkpoint.
+SIGTERM saves a checkpoint and exits 0.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 
@@ -29,23 +32,6 @@ def default_workdir() -> str:
   return os.path.join("runs", os.path.splitext(os.path.basename(config_file))[0])
 
 
-def distributed_env(env: dict[str, str] | None = None) -> dict | None:
-  """kwargs for jax.distributed.initialize when this process is one of several, else None.
-
-  Explicit: JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID (launch/local_multiprocess.sh). SLURM
-  (srun with more than one task) and multi-host TPU VMs are detected by jax itself: initialize() with no arguments.
-  """
-  env = os.environ if env is None else env
-  if env.get("JAX_COORDINATOR_ADDRESS") and env.get("JAX_NUM_PROCESSES"):
-    return {"coordinator_address": env["JAX_COORDINATOR_ADDRESS"], "num_processes": int(env["JAX_NUM_PROCESSES"]),
-            "process_id": int(env.get("JAX_PROCESS_ID", "0"))}
-  if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
-    return {}
-  if "," in env.get("TPU_WORKER_HOSTNAMES", "") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
-    return {}
-  return None
-
-
 def main(argv: list[str]) -> None:
   """Expected errors (config, stale cache, bad record, non-finite run) end in one line and their exit status."""
   if len(argv) > 1:
@@ -55,21 +41,15 @@ def main(argv: list[str]) -> None:
 
 
 def _train() -> None:
-  import jax  # pylint: disable=g-import-not-at-top
-  kwargs = distributed_env()
-  if kwargs is not None:
-    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
-    jax.distributed.initialize(**kwargs)
+  cli.init_distributed()
+  from tregjax.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = _CONFIG.value
+  config_lib.validate(config, check_data=False)  # the whole config (sections, keys, mesh) before anything is built
+  program = config_lib.PROGRAMS[config.program]
+  module, _, function = program.entry.partition(":")
   workdir = _WORKDIR.value or default_workdir()
-  if "experiment" in _CONFIG.value:  # stages -> arms -> evaluation -> report (configs/demo.py, smollm2_arith.py)
-    from tregjax.experiments import runner  # pylint: disable=g-import-not-at-top
-    runner.run(_CONFIG.value, workdir)
-    return
-  from tregjax import training  # pylint: disable=g-import-not-at-top
-  summary = training.run(_CONFIG.value, workdir)
-  logging.getLogger("tregjax.train").info("done: step %d (%s); metrics in %s", summary["step"], summary["stopped"],
-                                          summary["metrics_file"])
+  getattr(importlib.import_module(module), function)(config, workdir)
+  logging.getLogger("tregjax.train").info("done: program %r; outputs in %s", config.program, workdir)
 
 
 if __name__ == "__main__":

@@ -266,10 +266,12 @@ def oracle_rewards(task: Task) -> Callable[[list[dict[str, str]], list[int]], np
 
 
 def trainer_config(config: ml_collections.ConfigDict, task_section: str) -> ml_collections.ConfigDict:
-  """The trainer's part of an experiment config (a fresh, unlocked copy without experiment/task sections)."""
+  """The trainer's part of an experiment config (a fresh, unlocked copy without experiment/task sections): a config of
+  the "train" program (the default, so stage keys made before `config.program` existed still match)."""
   d = config.to_dict()
   for section in ("experiment", task_section):
     d.pop(section, None)
+  d["program"] = "train"
   return ml_collections.ConfigDict(d)
 
 

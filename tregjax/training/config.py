@@ -7,7 +7,8 @@ silently ignored key, and ml_collections refuses an override of the wrong type.
 
 from __future__ import annotations
 
-import math
+import dataclasses
+import difflib
 
 import ml_collections
 
@@ -19,9 +20,30 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots")  # models.ModelConfig.remat
 
 
+@dataclasses.dataclass(frozen=True)
+class ProgramEntry:
+  """What `python -m tregjax.train` runs for a config naming it: `entry(config, workdir)`, and the top-level sections
+  it reads beyond the trainer's own (a section of another program is an error, so a config cannot half-select a
+  program). Not the trainer's built `trainer.Program` (its jitted steps), which the "train" entry makes."""
+  entry: str  # "module:function", imported only when chosen (the experiment runner pulls in its tasks and plots)
+  sections: tuple[str, ...] = ()
+
+
+# config.program -> its ProgramEntry: the one table of what a config can run.
+PROGRAMS: dict[str, ProgramEntry] = {
+    "train": ProgramEntry("tregjax.training.trainer:run"),  # the trainer on config.data (scored cache, SFT/RM data)
+    # stages -> arms -> evaluation -> report (configs/demo.py, configs/smollm2_arith.py); a task's own section
+    # is named by its Task.section ("demo": the synthetic world, "arith": SmolLM2 arithmetic).
+    "experiment": ProgramEntry("tregjax.experiments.runner:run", ("experiment", "demo", "arith")),
+}
+# Sections read by the other commands, which any program's config may carry (one file drives score, generate, train).
+COMMAND_SECTIONS = ("generate",)
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every trainer key with its default (unlocked: config files override, then the CLI locks)."""
   c = ml_collections.ConfigDict()
+  c.program = "train"  # what `python -m tregjax.train` runs: a key of PROGRAMS
   c.seed = 0
   # "preference": DPO/IPO/SimPO/TGDPO (+ T-REG) on a scored cache; "sft": next-token loss on the chosen response;
   # "reward_model": Bradley-Terry on a sequence-classification head. Same step, optimizer, checkpoints, logging.
@@ -146,6 +168,35 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     raise ConfigError(f"config.{name}={value!r}: must be one of {choices}")
 
 
+def check_sections(config: ml_collections.ConfigDict, base: ml_collections.ConfigDict | None = None) -> set[str]:
+  """Every top-level key is the trainer's (base_config), a section of the chosen program, or a command section;
+  anything else is a ConfigError naming it and the closest known name (a misspelt `c.optimzer = ...` in a config
+  file would otherwise be silently ignored). Returns the extra sections present (validated by their owners)."""
+  base = base_config() if base is None else base
+  chosen = config.get("program", base.program)
+  if chosen not in PROGRAMS:
+    raise ConfigError(f"config.program={chosen!r}: must be one of {tuple(PROGRAMS)}{_closest(chosen, PROGRAMS)}")
+  other_programs = {s: name for name, p in PROGRAMS.items() if name != chosen for s in p.sections}
+  known = [*base.keys(), *PROGRAMS[chosen].sections, *COMMAND_SECTIONS]
+  extra = set()
+  for key in config.keys():
+    if key in base:
+      continue
+    if key in PROGRAMS[chosen].sections or key in COMMAND_SECTIONS:
+      extra.add(key)
+    elif key in other_programs:
+      raise ConfigError(f"config.{key} is a section of program {other_programs[key]!r}, but config.program="
+                        f"{chosen!r}; set config.program={other_programs[key]!r} (or remove config.{key})")
+    else:
+      raise ConfigError(f"unknown config section or key {key!r}{_closest(key, known)}; known: {sorted(known)}")
+  return extra
+
+
+def _closest(name: str, known) -> str:
+  match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+  return f" (did you mean {match[0]!r}?)" if match else ""
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, *, check_data: bool = True) -> None:
   """Raise ConfigError on unknown keys, wrong types and inconsistent settings.
 
@@ -153,11 +204,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   skips the data-location checks (for `run(..., data_factory=...)`, which brings its own batches).
   """
   base = base_config()
-  # Whole top-level sections the trainer does not know belong to other components (e.g. `demo`); a stray key inside
-  # a trainer section, or a stray top-level scalar, is a typo.
-  foreign = [k for k, v in config.items() if k not in base and isinstance(v, ml_collections.ConfigDict)]
+  extra = check_sections(config, base)
   defaults = _keys(base)
-  given = {k: v for k, v in _keys(config).items() if k.split(".")[0] not in foreign}
+  given = {k: v for k, v in _keys(config).items() if k.split(".")[0] not in extra}
   unknown = sorted(set(given) - set(defaults))
   if unknown:
     raise ConfigError(f"unknown config keys {unknown} (a typo? known keys: see tregjax.training.config.base_config)")
@@ -225,31 +274,20 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   if opt.warmup_steps and opt.warmup_ratio:
     raise ConfigError("config.optimizer: set warmup_steps or warmup_ratio, not both")
 
-  mesh = {k: config.mesh[k] for k in ("data", "fsdp", "tensor")}
-  if sum(v == -1 for v in mesh.values()) > 1 or any(v == 0 or v < -1 for v in mesh.values()):
-    raise ConfigError(f"config.mesh={mesh}: sizes must be positive, with at most one -1")
   if num_devices is None:
     import jax  # pylint: disable=g-import-not-at-top
     num_devices = jax.device_count()
-  fixed = math.prod(v for v in mesh.values() if v != -1)
-  if fixed > num_devices or (-1 not in mesh.values() and fixed != num_devices) or num_devices % fixed:
-    raise ConfigError(
-        f"config.mesh={mesh} needs {fixed} devices{' (times the -1 axis)' if -1 in mesh.values() else ''}, "
-        f"but {num_devices} are available")
-  resolved = {k: (num_devices // fixed if v == -1 else v) for k, v in mesh.items()}
-  data_ways = resolved["data"] * resolved["fsdp"]
+  from tregjax import parallel  # pylint: disable=g-import-not-at-top
+  try:
+    data, fsdp, _ = parallel.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, num_devices)
+  except ValueError as e:
+    raise ConfigError(f"config.mesh: {e}") from e
+  data_ways = data * fsdp
   per_step = data_ways * opt.grad_accum_steps
   if config.data.batch_size % per_step:
     raise ConfigError(
         f"config.data.batch_size={config.data.batch_size} is not divisible by mesh data×fsdp ({data_ways}) × "
         f"optimizer.grad_accum_steps ({opt.grad_accum_steps}) = {per_step}")
-
-
-def resolved_mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
-  """The mesh axis sizes with -1 filled in (after `validate`)."""
-  mesh = {k: config.mesh[k] for k in ("data", "fsdp", "tensor")}
-  fixed = math.prod(v for v in mesh.values() if v != -1)
-  return {k: (num_devices // fixed if v == -1 else v) for k, v in mesh.items()}
 
 
 def objective_options(config: ml_collections.ConfigDict):
@@ -271,7 +309,8 @@ def model_overrides(config: ml_collections.ConfigDict) -> dict:
   return overrides
 
 
-__all__ = ["base_config", "validate", "ConfigError", "resolved_mesh_shape", "objective_options", "model_overrides"]
+__all__ = ["base_config", "validate", "check_sections", "PROGRAMS", "ConfigError", "objective_options",
+           "model_overrides"]
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
