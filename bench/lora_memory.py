@@ -57,7 +57,7 @@ def compiled_memory(config, seq: int, pairs: int = 1) -> dict[str, float]:
   from tregjax.training import config as config_lib  # pylint: disable=g-import-not-at-top
   from tregjax.training import trainer  # pylint: disable=g-import-not-at-top
   config_lib.validate(config, check_data=False)
-  mesh = parallel.make_mesh(1, 1, 1)
+  mesh = parallel.mesh_from_config(config)
   program = trainer.build(config, mesh, total_steps=100)
   batch = tb.preference_batch(pairs, seq // 2, seq - seq // 2 - 1, 1000)
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.batch_sharding(mesh, x.ndim)),

@@ -44,7 +44,7 @@ def trainer_step(config, steps: int = 100):
   from tregjax.training import trainer  # pylint: disable=g-import-not-at-top
 
   config_lib.validate(config, check_data=False)
-  mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  mesh = parallel.mesh_from_config(config)
   program = trainer.build(config, mesh, total_steps=steps)
   with parallel.use_mesh(mesh):
     state = program.init()

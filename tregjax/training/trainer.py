@@ -403,7 +403,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
   config_lib.validate(config, check_data=data_factory is None)
   data_factory = data_factory or default_data
   os.makedirs(workdir, exist_ok=True)
-  mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  mesh = parallel.mesh_from_config(config)
   log.info("mesh %s on %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
