@@ -97,7 +97,15 @@ class _DropTorchBanner(logging.Filter):
 
 def install_command_hooks(prog: str) -> None:
   """For tregjax's own commands (`python -m tregjax.X`): drop the torch banner, and turn an ImportError that escapes
-  the command (even one raised by a module-level import, before `main` runs) into one line and EXIT_MISSING_PACKAGE."""
+  the command (even one raised by a module-level import, before `main` runs) into one line and EXIT_MISSING_PACKAGE;
+  and the host allocator setting (`host_memory`: XLA:CPU's per-step temporaries fault in 2 MiB, not 4 KiB, at a time;
+  this may re-execute the process once, which is why it comes first)."""
+  from tregjax import host_memory  # pylint: disable=g-import-not-at-top  (standard library only)
+  try:
+    host_memory.apply_for_command()
+  except ValueError as e:
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
   transformers_logger = logging.getLogger("transformers")
   if not any(isinstance(f, _DropTorchBanner) for f in transformers_logger.filters):
     transformers_logger.addFilter(_DropTorchBanner())

@@ -1,0 +1,100 @@
+"""Host allocator settings for XLA:CPU, whose per-step temporaries otherwise fault in anew every step.
+
+XLA:CPU allocates a step's temporaries as one block (3.7 GiB for a SmolLM2-135M DPO-REG step of 4 pairs x 168 tokens)
+with `posix_memalign` from a worker thread. glibc serves a block that large with `mmap` (a thread's arena always maps
+blocks above the mmap threshold) and `munmap`s it on free, so every step faults all its pages in again, 4 KiB at a
+time: about a million minor faults and 2-3 s of system CPU in a 9-11 s step (measured: bench/train_epoch.py). Modes
+(`TREGJAX_HOST_MALLOC`):
+
+  hugepages (default)  glibc's tunable glibc.malloc.hugetlb=1: malloc asks for transparent huge pages on the blocks it
+                       maps (madvise MADV_HUGEPAGE), so a step faults 2 MiB at a time (512x fewer faults). Memory is
+                       still returned on free. A tunable is read when the process starts, so a `python -m tregjax.X`
+                       command re-executes itself once, before any third-party import, with it added to
+                       GLIBC_TUNABLES. No effect where transparent huge pages are `never`.
+  system               glibc's defaults.
+
+Keeping freed memory instead (GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:
+glibc.malloc.trim_threshold=<bytes>, or the same through mallopt) removes the faults and the zeroing too, and
+bench/train_epoch.py measures it; it is not a mode because glibc cannot always reuse a freed 64-byte-aligned block
+(posix_memalign asks for the block plus its alignment), so a same-size block with a small allocation after it grows
+the heap by a block every step.
+
+Standard library only: `tregjax.cli.install_command_hooks` calls `apply_for_command()` before any third-party import.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import sys
+from collections.abc import Mapping, MutableMapping, Sequence
+
+ENV = "TREGJAX_HOST_MALLOC"
+MODES = ("hugepages", "system")
+HUGETLB_TUNABLE = "glibc.malloc.hugetlb=1"
+_THP = "/sys/kernel/mm/transparent_hugepage/enabled"
+APPLIED: str | None = None  # the mode apply_for_command put in effect in this process
+
+
+def mode_from_env(env: Mapping[str, str] | None = None) -> str:
+  """The requested mode; ValueError naming the variable for anything but hugepages / system."""
+  mode = (os.environ if env is None else env).get(ENV, MODES[0])
+  if mode not in MODES:
+    raise ValueError(f"{ENV}={mode!r}: must be one of {', '.join(MODES)} (see tregjax/host_memory.py)")
+  return mode
+
+
+def _glibc() -> ctypes.CDLL | None:
+  if platform.system() != "Linux":
+    return None
+  libc = ctypes.CDLL(None)
+  return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None  # not musl
+
+
+def transparent_hugepages() -> str:
+  """The kernel's THP mode (always / madvise / never), "" when unknown."""
+  try:
+    with open(_THP, encoding="ascii") as f:
+      text = f.read()
+  except OSError:
+    return ""
+  return text[text.find("[") + 1:text.find("]")] if "[" in text else ""
+
+
+def with_hugetlb(env: Mapping[str, str]) -> dict[str, str] | None:
+  """`env` with glibc.malloc.hugetlb=1 added to GLIBC_TUNABLES; None when it is there already or would do nothing."""
+  tunables = env.get("GLIBC_TUNABLES", "")
+  libc = _glibc()
+  if "glibc.malloc.hugetlb=" in tunables or libc is None or transparent_hugepages() not in ("madvise", "always"):
+    return None
+  libc.gnu_get_libc_version.restype = ctypes.c_char_p
+  if tuple(int(x) for x in libc.gnu_get_libc_version().decode().split(".")[:2]) < (2, 35):
+    return None  # the tunable arrived in glibc 2.35; older ones ignore it
+  return dict(env, GLIBC_TUNABLES=f"{tunables}:{HUGETLB_TUNABLE}" if tunables else HUGETLB_TUNABLE)
+
+
+def apply_for_command(argv: Sequence[str] | None = None, env: MutableMapping[str, str] | None = None) -> str:
+  """Applies the mode for a `python -m tregjax.X` process (re-executing it once for `hugepages`); returns the mode
+  now in effect ("system" where the mode can do nothing here)."""
+  global APPLIED
+  env = os.environ if env is None else env
+  mode = mode_from_env(env)
+  if mode == "hugepages" and "glibc.malloc.hugetlb=" in env.get("GLIBC_TUNABLES", ""):
+    APPLIED = "hugepages"
+  else:
+    new_env = with_hugetlb(env) if mode == "hugepages" else None
+    if argv is None:  # this process's own command line, re-executed only when it is a tregjax command (not pytest)
+      argv = list(getattr(sys, "orig_argv", []))
+      command = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else ""
+      argv = argv if command.startswith("tregjax.") else []
+    if new_env is not None and "-m" in argv and not env.get(f"{ENV}_REEXEC"):
+      new_env[f"{ENV}_REEXEC"] = "1"  # never twice, whatever the loader did with the variable
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os.execve(sys.executable, [sys.executable] + argv[1:], new_env)
+    APPLIED = "system"
+  return APPLIED
+
+
+__all__ = ["APPLIED", "ENV", "MODES", "apply_for_command", "mode_from_env", "transparent_hugepages", "with_hugetlb"]
