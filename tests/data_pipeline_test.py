@@ -121,6 +121,31 @@ def test_buckets_bound_the_shapes_and_fit_each_batch(dataset):
     assert longest <= t and (t == BUCKETS[0] or longest > BUCKETS[BUCKETS.index(t) - 1])
 
 
+def test_fitted_buckets_shrink_to_the_longest_row_they_hold():
+  """Hand-worked: pairs whose longer rows are 150, 170, 200 (bucket 256) and 60 (bucket 64), FIT_MULTIPLE 8."""
+  lengths = np.array([[130, 150], [160, 170], [40, 60], [200, 100]])
+  kwargs = dict(global_batch_size=1, buckets=(64, 128, 256, 512), seed=0, shuffle=False, packing=False,
+                drop_remainder=False, process_index=0, process_count=1)
+  plain, fitted = pipeline.BatchPlan(lengths, **kwargs), pipeline.BatchPlan(lengths, fit_buckets=True, **kwargs)
+  assert plain.unit_bucket.tolist() == [256, 256, 64, 256]
+  assert fitted.unit_bucket.tolist() == [200, 200, 64, 200] and fitted.buckets == (64, 200)
+  assert sorted(fitted.local(k)[0] for k in range(4)) == [64, 200, 200, 200]
+  odd = pipeline.BatchPlan(np.array([[130, 131]]), fit_buckets=True, **kwargs)
+  assert odd.buckets == (136,)  # 131 rounded up to a multiple of 8
+
+
+def test_fitted_batches_hold_the_same_pairs_with_less_padding(dataset):
+  out, _ = dataset
+  kw = dict(global_batch_size=2, buckets=BUCKETS, seed=0, num_epochs=1, process_index=0, process_count=1)
+  for a, b in zip(pipeline.make_iterator(out, **kw), pipeline.make_iterator(out, fit_buckets=True, **kw)):
+    ta, tb = a.chosen.tokens.shape[1], b.chosen.tokens.shape[1]
+    longest = max(b.chosen.segment_ids.sum(1).max(), b.rejected.segment_ids.sum(1).max())
+    assert longest <= tb <= ta and (tb % pipeline.FIT_MULTIPLE == 0 or tb == ta)
+    np.testing.assert_array_equal(a.chosen.tokens[:, :tb], b.chosen.tokens)
+    np.testing.assert_array_equal(a.rejected.loss_mask[:, :tb], b.rejected.loss_mask)
+    assert not a.chosen.segment_ids[:, tb:].any()  # only padding was cut
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_restored_state_continues_exactly(dataset, num_workers):
   out, _ = dataset
@@ -177,7 +202,7 @@ def test_trainer_config_section_selects_dataset_and_batch_settings(dataset):
   section.cache_dir = ""
   it = pipeline.make_iterator(section, "train", objective="sft", process_index=0, process_count=1)
   direct = pipeline.make_iterator(out, global_batch_size=4, buckets=BUCKETS, seed=11, process_index=0,
-                                  process_count=1)
+                                  process_count=1, fit_buckets=True)  # the section's default
   assert len(it) == len(direct) <= len(records) // 4  # batches per epoch (drop_remainder per bucket may lower it)
   np.testing.assert_array_equal(next(it).chosen.tokens, next(direct).chosen.tokens)
   with pytest.raises(ValueError, match="scored cache"):
