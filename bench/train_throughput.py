@@ -3,7 +3,8 @@
     pip install trl==1.16.0   # bench-only dependency (not in requirements-test.txt)
     python bench/train_throughput.py [--steps 20] [--batch 8] [--prompt 32] [--response 95]
 
-Both sides: float32, the same random Llama (2 layers, width 128, vocab 512), the same token ids (prompt + response +
+Both sides: float32 (TRL: bf16=False and gradient_checkpointing=False, overriding DPOConfig's defaults), the same
+random Llama (2 layers, width 128, vocab 512), the same token ids (prompt + response +
 EOS, no padding, T = prompt + response + 1), batch of B pairs, AdamW with grad clipping, DPO sigmoid loss with reference
 log-probs computed before training (TRL: precompute_ref_log_probs=True; tregjax: the scored cache). Step time = wall
 time between consecutive optimizer steps (TRL: on_step_end → on_step_end, its dataloader included; tregjax:
@@ -116,7 +117,10 @@ def time_trl(batch, steps: int, num_pairs: int, threads: int | None) -> float:
   args = DPOConfig(output_dir=tmp + "/out", per_device_train_batch_size=num_pairs, max_steps=steps + 4,
                    learning_rate=1e-6, beta=0.1, max_grad_norm=1.0, weight_decay=0.0, report_to="none",
                    logging_steps=10**6, save_strategy="no", use_cpu=True, precompute_ref_log_probs=True,
-                   dataloader_num_workers=0, seed=0, max_length=4096)
+                   dataloader_num_workers=0, seed=0, max_length=4096,
+                   # DPOConfig defaults to bf16=True and gradient_checkpointing=True; both sides here are float32
+                   # without recomputation (bench/train_epoch.py runs TRL's defaults too, on SmolLM2's weights).
+                   bf16=False, gradient_checkpointing=False)
   trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[Clock()])
   first = trainer.train_dataset[0]
   ours = {"prompt_ids": c.tokens[0, :p_len], "chosen_ids": c.tokens[0, p_len:], "rejected_ids": r.tokens[0, p_len:]}

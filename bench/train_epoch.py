@@ -1,0 +1,415 @@
+"""Training throughput on SmolLM2-135M's real weights: the DPO-REG step and a whole epoch, tregjax vs TRL 1.16.
+
+    python -m tregjax.train --config configs/smollm2_arith.py --workdir runs/smollm2_arith   # once: its sampling
+        # stage writes samples/pairs.jsonl (53 on-policy pairs) and reference/hf (the GGUF as float32 safetensors)
+    python bench/train_epoch.py --workdir runs/smollm2_arith [--parts step,epoch]
+
+Both frameworks load the same Hugging Face directory (`reference/hf`, exported once from the GGUF by tregjax) in
+float32. Every variant runs in its own process (peak RSS is the process's; the host allocator setting is per process).
+
+step: 4 pairs, both sides 168 tokens (prompt 40 + response 127 + EOS, random ids; TRL gets the very same ids through a
+  word-level tokenizer), AdamW, median of the timed steps after warm-up. tregjax: the trainer's jitted DPO-REG step
+  (cached reference log-probs and token rewards), under each host allocator setting (tregjax/host_memory.py), with
+  user / system CPU and minor page faults per step. TRL's DPOTrainer, plain DPO: (a) its defaults (DPOConfig:
+  bf16=True, gradient_checkpointing=True, the reference forward inside every step), (b) tregjax's numerics (float32,
+  no gradient checkpointing), (c) (b) with precompute_ref_log_probs=True (reference log-probs once, before training,
+  as tregjax's scoring pass). Settings that differ from DPOConfig's defaults in every TRL run: output_dir,
+  per_device_train_batch_size=4, max_steps, learning_rate=1e-6, beta=0.1, report_to="none", save_strategy="no",
+  logging_steps=10**6 (no logging work), use_cpu=True, dataloader_num_workers=0, seed=0, max_length=4096 (no
+  truncation of the 168-token rows).
+epoch: one epoch over the pairs at 4 pairs per step, counting what a user waits for: tokenization, the reference
+  pass (tregjax: `tregjax.score`, three forwards for T-REG: plain, better and worse prompt; TRL: its reference
+  forwards, inside the steps or precomputed) and the training steps, compile included. tregjax batching: the bucket
+  ladder (64, 128, 256, 512) as it was, the same ladder fitted to the data (`data.fit_buckets`, the default now), and
+  packing into 512-token rows. TRL pads each batch to its longest row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import smollm2_common as sc
+
+STEP_PAIRS, PROMPT, RESPONSE = 4, 40, 127
+RETAIN_TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+TRL_VARIANTS = {
+    "default": dict(),
+    "matched": dict(bf16=False, gradient_checkpointing=False),
+    "matched_precompute": dict(bf16=False, gradient_checkpointing=False, precompute_ref_log_probs=True),
+}
+TRL_LABELS = {"default": "TRL 1.16 DPOTrainer, its defaults (bf16, gradient checkpointing, ref forward per step)",
+              "matched": "TRL, float32, no gradient checkpointing (tregjax's numerics)",
+              "matched_precompute": "TRL, float32, no checkpointing, precompute_ref_log_probs=True"}
+BATCHING = {"ladder": dict(buckets=(64, 128, 256, 512), fit_buckets=False),
+            "fitted": dict(buckets=(64, 128, 256, 512), fit_buckets=True),
+            "packing": dict(buckets=(64, 128, 256, 512), packing=True)}
+BATCHING_LABELS = {"ladder": "buckets 64/128/256/512 (the old default)",
+                   "fitted": "buckets fitted to the data (data.fit_buckets, the default)",
+                   "packing": "packing into 512-token rows"}
+
+
+def _usage() -> dict:
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return dict(user=r.ru_utime, sys=r.ru_stime, minflt=r.ru_minflt)
+
+
+def _emit(payload: dict) -> None:
+  payload["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  print("RESULT " + json.dumps(payload), flush=True)
+
+
+# --------------------------------------------------------------------------------------------- the step, tregjax
+
+def _trainer_config(hf: str, batch: int):
+  from tregjax.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  c = config_lib.base_config()
+  c.model.hf_path, c.model.preset, c.model.dtype = hf, "", "float32"
+  c.data.batch_size = batch
+  c.loss.loss, c.loss.beta, c.loss.regularizer, c.loss.alpha = "dpo", 0.1, "treg", 0.25
+  c.optimizer.lr, c.optimizer.weight_decay, c.optimizer.grad_clip = 1e-6, 0.0, 1.0
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
+  return c
+
+
+def worker_step_tregjax(a) -> None:
+  import train_bench_util as tb  # pylint: disable=g-import-not-at-top
+  config = _trainer_config(a.hf, STEP_PAIRS)
+  batch = tb.preference_batch(STEP_PAIRS, PROMPT, RESPONSE, 49152)
+  run, compiled, compile_s = tb.compiled_runner(config, batch)
+  for _ in range(2):
+    run()
+  times, before = [], _usage()
+  for _ in range(a.steps):
+    t0 = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - t0)
+  after = _usage()
+  flops = compiled.cost_analysis()
+  flops = (flops[0] if isinstance(flops, list) else flops).get("flops", float("nan"))
+  _emit(dict(step_s=statistics.median(times), times=times, compile_s=compile_s, step_flops=flops,
+             **{k + "_per_step": (after[k] - before[k]) / a.steps for k in after}))
+
+
+def worker_split_tregjax(a) -> None:
+  """Forward (loss only), forward + backward (no optimizer) and the whole step, each with XLA's FLOP count."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import train_bench_util as tb  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  from tregjax import parallel  # pylint: disable=g-import-not-at-top
+  from tregjax.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  from tregjax.training import step as step_lib  # pylint: disable=g-import-not-at-top
+  from tregjax.training import trainer  # pylint: disable=g-import-not-at-top
+  config = _trainer_config(a.hf, STEP_PAIRS)
+  config_lib.validate(config, check_data=False)
+  mesh = parallel.mesh_from_config(config)
+  program = trainer.build(config, mesh, total_steps=100)
+  with parallel.use_mesh(mesh):
+    state = program.init()
+  placed = program.place(tb.preference_batch(STEP_PAIRS, PROMPT, RESPONSE, 49152))
+  loss_fn = step_lib.make_loss_fn("preference", config_lib.objective_options(config), config.train.logits_chunk_size)
+
+  def loss(params):
+    return loss_fn(nnx.merge(program.graphdef, params, state.extra), placed)[0]
+
+  from tregjax.training import metrics  # pylint: disable=g-import-not-at-top
+  t = PROMPT + RESPONSE + 1
+  out = {"model_train_flops": metrics.train_flops_per_token(program.model_cfg, t) * 2 * STEP_PAIRS * t}
+  for name, fn in {"forward": jax.jit(loss), "forward+backward": jax.jit(jax.grad(loss))}.items():
+    compiled = fn.lower(state.params).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    jax.block_until_ready(compiled(state.params))
+    times = []
+    for _ in range(a.steps):
+      t0 = time.perf_counter()
+      jax.block_until_ready(compiled(state.params))
+      times.append(time.perf_counter() - t0)
+    out[name] = dict(s=statistics.median(times), flops=cost.get("flops", float("nan")))
+  _emit(out)
+
+
+# --------------------------------------------------------------------------------------------- the step, TRL
+
+def _trl_trainer(a, rows: list[dict], tok, variant: str, max_steps: int, callbacks):
+  import torch  # pylint: disable=g-import-not-at-top
+  from datasets import Dataset  # pylint: disable=g-import-not-at-top
+  from transformers import AutoModelForCausalLM  # pylint: disable=g-import-not-at-top
+  from trl import DPOConfig, DPOTrainer  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  model = AutoModelForCausalLM.from_pretrained(a.hf, dtype=torch.float32)
+  args = DPOConfig(output_dir=tempfile.mkdtemp(prefix="trl-epoch-"), per_device_train_batch_size=STEP_PAIRS,
+                   max_steps=max_steps, learning_rate=1e-6, beta=0.1, report_to="none", save_strategy="no",
+                   logging_steps=10**6, use_cpu=True, dataloader_num_workers=0, seed=0, max_length=4096,
+                   **TRL_VARIANTS[variant])
+  return DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                    callbacks=callbacks)
+
+
+def _clock():
+  from transformers import TrainerCallback  # pylint: disable=g-import-not-at-top
+  stamps: list[tuple[float, dict]] = []
+
+  class Clock(TrainerCallback):
+
+    def on_step_end(self, args, state, control, **kwargs):  # pylint: disable=unused-argument
+      stamps.append((time.perf_counter(), _usage()))
+
+  return Clock(), stamps
+
+
+def worker_step_trl(a) -> None:
+  import train_bench_util as tb  # pylint: disable=g-import-not-at-top
+  import train_throughput as tt  # pylint: disable=g-import-not-at-top
+  tt.VOCAB = 49152  # the word-level tokenizer over SmolLM2's whole vocabulary: TRL trains on our exact ids
+  batch = tb.preference_batch(STEP_PAIRS, PROMPT, RESPONSE, 49152)
+  tok = tt.word_tokenizer(tempfile.mkdtemp(prefix="trl-tok-") + "/tok")
+  words = lambda ids: " ".join(f"w{i}" for i in ids)  # noqa: E731
+  c, r = batch.chosen, batch.rejected
+  rows = [{"prompt": words(c.tokens[i, :PROMPT]), "chosen": " " + words(c.tokens[i, PROMPT:-1]),
+           "rejected": " " + words(r.tokens[i, PROMPT:-1])} for i in range(STEP_PAIRS)]
+  clock, stamps = _clock()
+  trainer = _trl_trainer(a, rows * (a.steps + 4), tok, a.variant, a.steps + 3, [clock])
+  first = trainer.train_dataset[0]
+  assert list(first["prompt_ids"]) + list(first["chosen_ids"]) == c.tokens[0].tolist(), "TRL tokenized other ids"
+  trainer.train()
+  gaps = np.diff([t for t, _ in stamps])[2:]
+  u0, u1 = stamps[3][1], stamps[-1][1]
+  n = len(stamps) - 4
+  _emit(dict(step_s=float(np.median(gaps)), times=gaps.tolist(),
+             **{k + "_per_step": (u1[k] - u0[k]) / n for k in u0}))
+
+
+# --------------------------------------------------------------------------------------------- the epoch
+
+def _epoch_config(a, batching: str, cache: str):
+  c = _trainer_config(a.hf, STEP_PAIRS)
+  c.data.train_files = [a.pairs]
+  c.data.schema = "pair"
+  c.data.tokenizer = a.hf
+  c.data.dataset_dir = os.path.join(a.scratch, "dataset")
+  c.data.cache_dir = cache
+  c.data.max_prompt_length, c.data.max_length = 256, 512
+  c.data.update(BATCHING.get(batching, {}))
+  c.objective = "preference"
+  c.train.steps, c.data.epochs = -1, 1
+  c.optimizer.lr = 1e-5
+  c.train.log_every = 1
+  c.checkpoint.every = 10**6
+  c.logging.progress_bar = False
+  return c
+
+
+def worker_reference_tregjax(a) -> None:
+  """Tokenization (the TFDS build) and the scoring pass (plain + better + worse forwards)."""
+  from tregjax import data, score  # pylint: disable=g-import-not-at-top
+  c = _epoch_config(a, "fitted", os.path.join(a.scratch, "cache"))
+  t0 = time.perf_counter()
+  data.build_dataset(c)
+  t1 = time.perf_counter()
+  score.run(c)
+  t2 = time.perf_counter()
+  _emit(dict(tokenize_s=t1 - t0, score_s=t2 - t1))
+
+
+def worker_epoch_tregjax(a) -> None:
+  from tregjax.data import pipeline, tfds_builder  # pylint: disable=g-import-not-at-top
+  from tregjax.training import trainer  # pylint: disable=g-import-not-at-top
+  cache = os.path.join(a.scratch, "cache")
+  c = _epoch_config(a, a.variant, cache)
+  lengths = tfds_builder.lengths(tfds_builder.resolve(cache), "train")
+  plan = pipeline.BatchPlan(lengths, global_batch_size=STEP_PAIRS, buckets=c.data.buckets, seed=c.data.seed,
+                            shuffle=True, packing=c.data.packing, drop_remainder=True, process_index=0,
+                            process_count=1, max_segments=c.data.max_segments if c.data.packing else None,
+                            fit_buckets=c.data.get("fit_buckets", False))
+  batches = plan.epoch(0)
+  padded = sum(2 * len(units) * t for t, units in batches)
+  real = sum(int(lengths[i].sum()) for _, units in batches for u in units for i in plan.units[u])
+  t0 = time.perf_counter()
+  summary = trainer.run(c, os.path.join(a.scratch, f"run_{a.variant}"))
+  _emit(dict(train_s=time.perf_counter() - t0, steps=int(summary.step), shapes=sorted({t for t, _ in batches}),
+             padded_tokens=padded, real_tokens=real, pairs=sum(len(plan.units[u]) for _, us in batches for u in us)))
+
+
+def worker_epoch_trl(a) -> None:
+  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+  tok = AutoTokenizer.from_pretrained(a.hf, local_files_only=True)
+  rows = []
+  with open(a.pairs, encoding="utf-8") as f:
+    for line in f:
+      r = json.loads(line)
+      rows.append(dict(prompt=r["prompt"], chosen=[{"role": "assistant", "content": r["chosen"]}],
+                       rejected=[{"role": "assistant", "content": r["rejected"]}]))
+  steps = len(rows) // STEP_PAIRS  # one epoch, the last partial batch dropped as tregjax's drop_remainder does
+  clock, stamps = _clock()
+  t0 = time.perf_counter()
+  trainer = _trl_trainer(a, rows, tok, a.variant, steps, [clock])
+  t1 = time.perf_counter()
+  trainer.train()
+  t2 = time.perf_counter()
+  ds = trainer.train_dataset
+  real = sum(len(x["prompt_ids"]) * 2 + len(x["chosen_ids"]) + len(x["rejected_ids"]) for x in ds)
+  _emit(dict(tokenize_s=t1 - t0, train_s=t2 - t1, steps=len(stamps), real_tokens=real,
+             first_step_s=stamps[0][0] - t1 if stamps else float("nan")))
+
+
+WORKERS = {"step_tregjax": worker_step_tregjax, "split_tregjax": worker_split_tregjax, "step_trl": worker_step_trl,
+           "reference_tregjax": worker_reference_tregjax, "epoch_tregjax": worker_epoch_tregjax,
+           "epoch_trl": worker_epoch_trl}
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+def _host_env(mode: str) -> dict:
+  from tregjax import host_memory  # pylint: disable=g-import-not-at-top
+  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host_memory.ENV)}
+  if mode == "hugepages":
+    env = host_memory.with_hugetlb(env) or env  # what `python -m tregjax.X` re-executes itself with
+  elif mode == "retain":
+    env["GLIBC_TUNABLES"] = RETAIN_TUNABLES
+  return env
+
+
+def spawn(a, worker: str, variant: str = "", host: str = "hugepages") -> dict:
+  cmd = [sys.executable, __file__, "--worker", worker, "--variant", variant, "--hf", a.hf, "--pairs", a.pairs,
+         "--scratch", a.scratch, "--steps", str(a.steps)]
+  t0 = time.perf_counter()
+  out = subprocess.run(cmd, env=_host_env(host), capture_output=True, text=True, check=False)
+  line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+  if out.returncode or not line:
+    raise SystemExit(f"{worker} {variant} failed ({out.returncode}):\n{out.stderr[-4000:]}")
+  result = json.loads(line[-1][len("RESULT "):])
+  result["process_s"] = time.perf_counter() - t0
+  print(f"  {worker} {variant} {host}: {json.dumps({k: v for k, v in result.items() if k != 'times'})}",
+        flush=True)
+  return result
+
+
+def step_part(a) -> str:
+  hosts = {h: spawn(a, "step_tregjax", host=h) for h in ("system", "hugepages", "retain")}
+  trl = {v: spawn(a, "step_trl", v) for v in TRL_VARIANTS}
+  split = spawn(a, "split_tregjax")
+  payload = dict(hosts=hosts, trl=trl, split=split, steps=a.steps, machine=sc.machine(), date=sc.today())
+  sc.write_json("train_epoch_step", payload)
+  return render_step(payload)
+
+
+def render_step(p: dict) -> str:
+  tokens = 2 * STEP_PAIRS * (PROMPT + RESPONSE + 1)
+  hosts, trl, split = p["hosts"], p["trl"], p["split"]
+  rows = []
+  for h, label in (("hugepages", "tregjax DPO-REG (default: TREGJAX_HOST_MALLOC=hugepages)"),
+                   ("system", "tregjax DPO-REG, TREGJAX_HOST_MALLOC=system (glibc's defaults: before)"),
+                   ("retain", "tregjax DPO-REG, GLIBC_TUNABLES keeping freed memory (not a mode)")):
+    r = hosts[h]
+    rows.append([label, f"{r['step_s']:.2f}", f"{tokens / r['step_s']:,.0f}", f"{r['peak_rss_gib']:.2f}",
+                 f"{r['user_per_step']:.2f} / {r['sys_per_step']:.2f}", f"{r['minflt_per_step']:,.0f}",
+                 f"{trl['default']['step_s'] / r['step_s']:.2f}x"])
+  for v, r in trl.items():
+    rows.append([TRL_LABELS[v], f"{r['step_s']:.2f}", f"{tokens / r['step_s']:,.0f}", f"{r['peak_rss_gib']:.2f}",
+                 f"{r['user_per_step']:.2f} / {r['sys_per_step']:.2f}", f"{r['minflt_per_step']:,.0f}",
+                 f"{trl['default']['step_s'] / r['step_s']:.2f}x"])
+  fwd, fb = split["forward"], split["forward+backward"]
+  whole = hosts["hugepages"]
+  train_flops = split.get("model_train_flops")
+  rate = (lambda flops, s: f"{flops / s / 1e9:.0f} GFLOP/s") if train_flops else (lambda flops, s: "n/a")
+  return (f"### The DPO-REG step on SmolLM2-135M's real weights: tregjax vs TRL, and the host allocator\n\n"
+          f"`python bench/train_epoch.py --workdir W --parts step --steps {p.get('steps', 5)}` ({p['date']}, "
+          f"{p['machine']}). {STEP_PAIRS} pairs × {PROMPT + RESPONSE + 1} tokens per side ({tokens} tokens/step), "
+          f"float32 weights from the same HF directory, median of {p.get('steps', 5)} steps after warm-up; each row its own "
+          f"process (peak RSS is its own). TRL trains plain DPO (it has no T-REG); tregjax's DPO-REG costs what its "
+          f"DPO does (`train_reg_overhead`).\n\n"
+          + sc.table(["trainer", "s / step", "tokens/s", "peak RSS GiB", "user / sys CPU s per step",
+                      "minor faults / step", "speed vs TRL defaults"], rows)
+          + f"\n\nWhere tregjax's step goes (same run, default allocator; model FLOPs = 6·N + attention, PaLM's "
+          f"count, {(train_flops or 0) / 1e12:.2f} TFLOP per step): the loss forward {fwd['s']:.2f} s "
+          f"({rate((train_flops or 0) / 3, fwd['s'])}), forward + backward {fb['s']:.2f} s "
+          f"({rate(train_flops or 0, fb['s'])}, {fb['s'] / fwd['s']:.1f}× the forward), the whole step with AdamW "
+          f"{whole['step_s']:.2f} s ({rate(train_flops or 0, whole['step_s'])}). XLA:CPU's own cost analysis counts "
+          f"the scanned layer loop's body once ({whole['step_flops'] / 1e9:.0f} GFLOP for the step), so it cannot "
+          f"serve as the FLOP count of a scan_layers model.")
+
+
+def epoch_part(a) -> str:
+  ref = spawn(a, "reference_tregjax")
+  ours = {b: spawn(a, "epoch_tregjax", b) for b in BATCHING}
+  trl = {v: spawn(a, "epoch_trl", v) for v in ("default", "matched_precompute")}
+  payload = dict(reference=ref, ours=ours, trl=trl, pairs_file=sum(1 for _ in open(a.pairs, encoding="utf-8")),
+                 machine=sc.machine(), date=sc.today())
+  sc.write_json("train_epoch_epoch", payload)
+  return render_epoch(payload)
+
+
+def render_epoch(p: dict) -> str:
+  ref, ours, trl = p["reference"], p["ours"], p["trl"]
+  base = trl["default"]["tokenize_s"] + trl["default"]["train_s"]
+  rows = []
+  for b, r in ours.items():
+    total = ref["tokenize_s"] + ref["score_s"] + r["train_s"]
+    rows.append([f"tregjax DPO-REG, {BATCHING_LABELS[b]}", f"{ref['tokenize_s']:.0f}", f"{ref['score_s']:.0f}",
+                 f"{r['train_s']:.0f}", f"{total:.0f}", f"{1 - r['real_tokens'] / r['padded_tokens']:.1%}",
+                 " ".join(map(str, r["shapes"])), f"{r['real_tokens'] / total:,.0f}", f"{base / total:.2f}x"])
+  for v, r in trl.items():
+    total = r["tokenize_s"] + r["train_s"]
+    ref_note = "in the steps" if v == "default" else "in tokenize (precomputed)"
+    rows.append([TRL_LABELS[v], f"{r['tokenize_s']:.0f}", ref_note, f"{r['train_s']:.0f}", f"{total:.0f}",
+                 "to the batch's longest", "per batch", f"{r['real_tokens'] / total:,.0f}", f"{base / total:.2f}x"])
+  pairs = ours["fitted"]["pairs"]
+  return (f"### A whole epoch on SmolLM2's own pairs: tregjax vs TRL\n\n"
+          f"`python bench/train_epoch.py --workdir W --parts epoch` ({p['date']}, {p['machine']}). The real-model "
+          f"experiment's {p.get('pairs_file', 53)} on-policy pairs (`samples/pairs.jsonl`), one epoch at {STEP_PAIRS} "
+          f"pairs per step ({pairs} pairs trained; the last partial batch dropped on both sides), float32, "
+          f"SmolLM2's chat template on both sides. Seconds of wall time per stage, compile and model loading "
+          f"included (TRL's `precompute_ref_log_probs` runs in its constructor, so it lands in the tokenize "
+          f"column); tokens/s = real (unpadded) tokens of the epoch / all its seconds.\n\n"
+          + sc.table(["run", "tokenize s", "reference pass s", "train s", "epoch s", "padding", "jit shapes",
+                      "tokens/s", "vs TRL defaults"], rows))
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--workdir", default="runs/smollm2_arith", help="a smollm2_arith run past its sampling stage")
+  ap.add_argument("--parts", default="step,epoch")
+  ap.add_argument("--steps", type=int, default=5, help="timed steps per step variant")
+  ap.add_argument("--render", action="store_true", help="rewrite the RESULTS sections from bench/out/*.json")
+  ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
+  ap.add_argument("--variant", default="", help=argparse.SUPPRESS)
+  ap.add_argument("--hf", default="", help=argparse.SUPPRESS)
+  ap.add_argument("--pairs", default="", help=argparse.SUPPRESS)
+  ap.add_argument("--scratch", default="", help=argparse.SUPPRESS)
+  a = ap.parse_args()
+  if a.worker:
+    WORKERS[a.worker](a)
+    return
+  if a.render:
+    for part, render in (("epoch", render_epoch), ("step", render_step)):
+      if part in a.parts.split(","):
+        md = render(json.loads((sc.OUT_DIR / f"train_epoch_{part}.json").read_text()))
+        print(md)
+        sc.update_results(f"train_epoch_{part}", md)
+    return
+  a.hf = a.hf or os.path.join(a.workdir, "reference", "hf")
+  a.pairs = a.pairs or os.path.join(a.workdir, "samples", "pairs.jsonl")
+  for path in (a.hf, a.pairs):
+    if not os.path.exists(path):
+      raise SystemExit(f"{path} is missing: run `python -m tregjax.train --config configs/smollm2_arith.py "
+                       f"--workdir {a.workdir}` past its sampling stage first")
+  a.scratch = tempfile.mkdtemp(prefix="train-epoch-")
+  for part, fn in (("epoch", epoch_part), ("step", step_part)):
+    if part in a.parts.split(","):
+      md = fn(a)
+      print(md)
+      sc.update_results(f"train_epoch_{part}", md)
+
+
+if __name__ == "__main__":
+  main()
