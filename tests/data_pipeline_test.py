@@ -134,6 +134,11 @@ def test_fitted_buckets_shrink_to_the_longest_row_they_hold():
   assert odd.buckets == (136,)  # 131 rounded up to a multiple of 8
 
 
+def test_fitted_buckets_helper_by_hand():
+  assert pipeline.fitted_buckets([60, 150, 170, 200, 900], (64, 128, 256, 512)) == {64: 64, 256: 200}
+  assert pipeline.fitted_buckets([121], (64, 128)) == {128: 128}  # 121 -> 128: a multiple of 8, not past the bucket
+
+
 def test_fitted_batches_hold_the_same_pairs_with_less_padding(dataset):
   out, _ = dataset
   kw = dict(global_batch_size=2, buckets=BUCKETS, seed=0, num_epochs=1, process_index=0, process_count=1)

@@ -56,7 +56,7 @@ from jax.sharding import Mesh
 
 from tregjax import cli, losses, parallel
 from tregjax.data import build as data_build
-from tregjax.data import hashing, tfds_builder
+from tregjax.data import hashing, pipeline, tfds_builder
 from tregjax.data.tokenize import ChatTokenizer, with_instruction
 
 log = logging.getLogger("tregjax.score")
@@ -127,6 +127,7 @@ def default_score_config() -> ml_collections.ConfigDict:
       # device 1024 on CPU (the attention scores of a call then stay in cache: measured fastest) and 16384 elsewhere
       batch_tokens=0,
       buckets=(64, 128, 256, 512, 1024, 2048),  # padded row lengths (longer rows: multiples of the largest)
+      fit_buckets=True,  # each bucket shrinks to the longest row it holds in a shard (data.pipeline.fitted_buckets)
       dtype="",  # compute dtype; "" -> model.dtype ("float32" for exact goldens)
       chunk_size=512,  # positions per chunk of the chunked log-softmax
       shard_size=1024,  # pairs per output work shard (the resume granularity)
@@ -407,7 +408,8 @@ class Scorer:
   def _chunks(self, lengths: list[int]) -> list[tuple[list[int], int, int]]:
     """Row indices sorted by length, cut into (indices, T, padded row count) chunks under a token budget.
 
-    T is the smallest bucket holding the chunk's longest row; a chunk holds at most `batch_tokens // T` rows (and
+    T is the smallest bucket holding the chunk's longest row (fitted: shrunk to the longest of `lengths` in that
+    bucket, rounded up to 8, with score.fit_buckets); a chunk holds at most `batch_tokens // T` rows (and
     `batch_size`); its row count is padded to a power-of-two multiple of the data-parallel size, so shapes stay few.
     """
     ways, s = self.ways, self.s
@@ -421,17 +423,25 @@ class Scorer:
         size *= 2
       return min(size, capacity(t)) if n <= capacity(t) else n
 
+    # Each bucket shrinks to the longest row of these rows that it holds (data.pipeline.fitted_buckets, as the
+    # trainer's batches do): rows of 140-200 tokens pad to 200, not 256, with no more shapes than buckets.
+    fitted = pipeline.fitted_buckets(lengths, s.buckets) if s.fit_buckets else {}
+
+    def length_of(row):
+      t = bucket_length(lengths[row], s.buckets)
+      return fitted.get(t, t)
+
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     chunks, current = [], []
     for i in order:
-      t = bucket_length(lengths[i], s.buckets)
+      t = length_of(i)
       if current and len(current) + 1 > capacity(t):
-        t_chunk = bucket_length(lengths[current[-1]], s.buckets)
+        t_chunk = length_of(current[-1])
         chunks.append((current, t_chunk, padded_rows(len(current), t_chunk)))
         current = []
       current.append(i)
     if current:
-      t_chunk = bucket_length(lengths[current[-1]], s.buckets)
+      t_chunk = length_of(current[-1])
       chunks.append((current, t_chunk, padded_rows(len(current), t_chunk)))
     return chunks
 

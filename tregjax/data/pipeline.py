@@ -44,6 +44,20 @@ def bucket_of(length: int, buckets: Sequence[int]) -> int:
                    f"dataset's max_length")
 
 
+def fitted_buckets(longest: Sequence[int], buckets: Sequence[int]) -> dict[int, int]:
+  """Bucket -> the longest of `longest` that lands in it, rounded up to FIT_MULTIPLE (never above the bucket).
+
+  Only buckets that hold a row appear; rows longer than the largest bucket are left out (the caller's rule applies).
+  """
+  fitted: dict[int, int] = {}
+  top = max(buckets)
+  for m in longest:
+    if m <= top:
+      b = bucket_of(int(m), buckets)
+      fitted[b] = max(fitted.get(b, 0), min(b, -(-int(m) // FIT_MULTIPLE) * FIT_MULTIPLE))
+  return fitted
+
+
 def pack_rows(lengths: np.ndarray, capacity: int, order: np.ndarray, lookback: int = 64,
               max_segments: int | None = None) -> list[list[int]]:
   """First-fit packing of pairs into rows: a pair fits when both its chosen and its rejected row fit.
@@ -93,8 +107,7 @@ class BatchPlan:
       longest = self.lengths.max(axis=1) if n else np.zeros(0, np.int32)
       self.unit_bucket = np.array([bucket_of(int(m), self.buckets) for m in longest], np.int64)
       if fit_buckets and n:  # each bucket -> its longest row, rounded up (a pure function of the lengths)
-        fitted = {b: min(b, -(-int(longest[self.unit_bucket == b].max()) // FIT_MULTIPLE) * FIT_MULTIPLE)
-                  for b in np.unique(self.unit_bucket).tolist()}
+        fitted = fitted_buckets(longest.tolist(), self.buckets)
         self.unit_bucket = np.array([fitted[b] for b in self.unit_bucket.tolist()], np.int64)
         self.buckets = tuple(sorted(set(fitted.values())))
     counts = [int(np.sum(self.unit_bucket == b)) for b in self.buckets]
