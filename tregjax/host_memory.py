@@ -88,11 +88,14 @@ def apply_for_command(argv: Sequence[str] | None = None, env: MutableMapping[str
       argv = list(getattr(sys, "orig_argv", []))
       command = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else ""
       argv = argv if command.startswith("tregjax.") else []
-    if new_env is not None and "-m" in argv and not env.get(f"{ENV}_REEXEC"):
+    if new_env is not None and "-m" in argv and sys.executable and not env.get(f"{ENV}_REEXEC"):
       new_env[f"{ENV}_REEXEC"] = "1"  # never twice, whatever the loader did with the variable
       sys.stdout.flush()
       sys.stderr.flush()
-      os.execve(sys.executable, [sys.executable] + argv[1:], new_env)
+      try:
+        os.execve(sys.executable, [sys.executable] + argv[1:], new_env)
+      except OSError:  # an interpreter that cannot be executed again (embedded, sandboxed): run as is
+        pass
     APPLIED = "system"
   return APPLIED
 
