@@ -36,9 +36,9 @@ def preference_batch(num_pairs: int, prompt_len: int, response_len: int, vocab: 
                          rejected_token_rewards=0.1 * f(num_pairs, t) * r.loss_mask)
 
 
-def trainer_step(config, steps: int = 100):
-  """(jitted step, initial state, place, mesh) of `training.trainer.build`: `place(numpy batch)` puts a batch on the
-  mesh as the trainer does. The state is a random init (as the trainer's without `model.hf_path`)."""
+def trainer_program(config, steps: int = 100):
+  """(`training.trainer.build`'s Program, its initial state): the state is the trainer's init (the reference's
+  weights with `model.hf_path`, else a random init)."""
   from tregjax import parallel  # pylint: disable=g-import-not-at-top
   from tregjax.training import config as config_lib  # pylint: disable=g-import-not-at-top
   from tregjax.training import trainer  # pylint: disable=g-import-not-at-top
@@ -48,7 +48,14 @@ def trainer_step(config, steps: int = 100):
   program = trainer.build(config, mesh, total_steps=steps)
   with parallel.use_mesh(mesh):
     state = program.init()
-  return program.train_step, state, program.place, mesh
+  return program, state
+
+
+def trainer_step(config, steps: int = 100):
+  """(jitted step, initial state, place, mesh) of `training.trainer.build`: `place(numpy batch)` puts a batch on the
+  mesh as the trainer does."""
+  program, state = trainer_program(config, steps)
+  return program.train_step, state, program.place, program.mesh
 
 
 def compiled_runner(config, batch):

@@ -105,16 +105,10 @@ def worker_split_tregjax(a) -> None:
   import train_bench_util as tb  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
-  from tregjax import parallel  # pylint: disable=g-import-not-at-top
   from tregjax.training import config as config_lib  # pylint: disable=g-import-not-at-top
   from tregjax.training import step as step_lib  # pylint: disable=g-import-not-at-top
-  from tregjax.training import trainer  # pylint: disable=g-import-not-at-top
   config = _trainer_config(a.hf, STEP_PAIRS)
-  config_lib.validate(config, check_data=False)
-  mesh = parallel.mesh_from_config(config)
-  program = trainer.build(config, mesh, total_steps=100)
-  with parallel.use_mesh(mesh):
-    state = program.init()
+  program, state = tb.trainer_program(config)
   placed = program.place(tb.preference_batch(STEP_PAIRS, PROMPT, RESPONSE, 49152))
   loss_fn = step_lib.make_loss_fn("preference", config_lib.objective_options(config), config.train.logits_chunk_size)
 
@@ -170,9 +164,9 @@ def _clock():
 def worker_step_trl(a) -> None:
   import train_bench_util as tb  # pylint: disable=g-import-not-at-top
   import train_throughput as tt  # pylint: disable=g-import-not-at-top
-  tt.VOCAB = 49152  # the word-level tokenizer over SmolLM2's whole vocabulary: TRL trains on our exact ids
   batch = tb.preference_batch(STEP_PAIRS, PROMPT, RESPONSE, 49152)
-  tok = tt.word_tokenizer(tempfile.mkdtemp(prefix="trl-tok-") + "/tok")
+  # A word-level tokenizer over SmolLM2's whole vocabulary: TRL trains on our exact ids.
+  tok = tt.word_tokenizer(tempfile.mkdtemp(prefix="trl-tok-") + "/tok", vocab_size=49152)
   words = lambda ids: " ".join(f"w{i}" for i in ids)  # noqa: E731
   c, r = batch.chosen, batch.rejected
   rows = [{"prompt": words(c.tokens[i, :PROMPT]), "chosen": " " + words(c.tokens[i, PROMPT:-1]),

@@ -73,11 +73,11 @@ def backbone_split(config, batch, repeats: int = 8) -> tuple[float, float]:
   return times["fwd"][0], times["grad"][0]
 
 
-def word_tokenizer(path: str):
-  """A word-level tokenizer over 'w0'..'w{V-1}' (ids 3..): every id is one whitespace-separated word."""
+def word_tokenizer(path: str, vocab_size: int = VOCAB):
+  """A word-level tokenizer over 'w3'..'w{V-1}' (ids 3..): every id is one whitespace-separated word."""
   from tokenizers import Tokenizer, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
   from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
-  vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+  vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
   tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
   tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
   fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")

@@ -62,11 +62,15 @@ def transparent_hugepages() -> str:
   return text[text.find("[") + 1:text.find("]")] if "[" in text else ""
 
 
+def _has_hugetlb(env: Mapping[str, str]) -> bool:
+  return "glibc.malloc.hugetlb=" in env.get("GLIBC_TUNABLES", "")
+
+
 def with_hugetlb(env: Mapping[str, str]) -> dict[str, str] | None:
   """`env` with glibc.malloc.hugetlb=1 added to GLIBC_TUNABLES; None when it is there already or would do nothing."""
   tunables = env.get("GLIBC_TUNABLES", "")
   libc = _glibc()
-  if "glibc.malloc.hugetlb=" in tunables or libc is None or transparent_hugepages() not in ("madvise", "always"):
+  if _has_hugetlb(env) or libc is None or transparent_hugepages() not in ("madvise", "always"):
     return None
   libc.gnu_get_libc_version.restype = ctypes.c_char_p
   if tuple(int(x) for x in libc.gnu_get_libc_version().decode().split(".")[:2]) < (2, 35):
@@ -80,7 +84,7 @@ def apply_for_command(argv: Sequence[str] | None = None, env: MutableMapping[str
   global APPLIED
   env = os.environ if env is None else env
   mode = mode_from_env(env)
-  if mode == "hugepages" and "glibc.malloc.hugetlb=" in env.get("GLIBC_TUNABLES", ""):
+  if mode == "hugepages" and _has_hugetlb(env):
     APPLIED = "hugepages"
   else:
     new_env = with_hugetlb(env) if mode == "hugepages" else None
