@@ -137,6 +137,7 @@ def test_fitted_buckets_shrink_to_the_longest_row_they_hold():
 def test_fitted_buckets_helper_by_hand():
   assert pipeline.fitted_buckets([60, 150, 170, 200, 900], (64, 128, 256, 512)) == {64: 64, 256: 200}
   assert pipeline.fitted_buckets([121], (64, 128)) == {128: 128}  # 121 -> 128: a multiple of 8, not past the bucket
+  assert pipeline.fitted_buckets([60, 150, 201], (64, 128, 256), steps=8) == {64: 64, 256: 224}  # 256/8 = 32
 
 
 def test_fitted_batches_hold_the_same_pairs_with_less_padding(dataset):

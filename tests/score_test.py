@@ -356,11 +356,11 @@ def test_damaged_work_shard_is_recomputed(world, tmp_path):
 
 def test_score_chunks_pad_to_fitted_buckets():
   """Hand-worked, one row per chunk (batch_size 1): rows of 100, 150, 170 and 201 tokens under buckets (64, 128, 256):
-  100 -> 104 (bucket 128 fitted to its longest row, 100, rounded up to 8), the 256 bucket's rows -> 208 (its longest,
-  201, rounded up); unfitted, 128 and 256."""
+  100 -> 112 (bucket 128 fitted to its longest row, 100, rounded up to 128/8 = 16), the 256 bucket's rows -> 224 (its
+  longest, 201, rounded up to 32); unfitted, 128 and 256."""
   import types  # pylint: disable=g-import-not-at-top
   lengths = [150, 100, 201, 170]
-  for fit, want in ((True, {0: 208, 1: 104, 2: 208, 3: 208}), (False, {0: 256, 1: 128, 2: 256, 3: 256})):
+  for fit, want in ((True, {0: 224, 1: 112, 2: 224, 3: 224}), (False, {0: 256, 1: 128, 2: 256, 3: 256})):
     fake = types.SimpleNamespace(ways=1, batch_tokens=10**6,
                                  s=ml_collections.ConfigDict(dict(batch_size=1, buckets=(64, 128, 256),
                                                                   fit_buckets=fit)))

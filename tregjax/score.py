@@ -409,7 +409,7 @@ class Scorer:
     """Row indices sorted by length, cut into (indices, T, padded row count) chunks under a token budget.
 
     T is the smallest bucket holding the chunk's longest row (fitted: shrunk to the longest of `lengths` in that
-    bucket, rounded up to 8, with score.fit_buckets); a chunk holds at most `batch_tokens // T` rows (and
+    bucket, rounded up to a multiple of bucket/8, with score.fit_buckets); a chunk holds at most `batch_tokens // T` rows (and
     `batch_size`); its row count is padded to a power-of-two multiple of the data-parallel size, so shapes stay few.
     """
     ways, s = self.ways, self.s
@@ -424,8 +424,9 @@ class Scorer:
       return min(size, capacity(t)) if n <= capacity(t) else n
 
     # Each bucket shrinks to the longest row of these rows that it holds (data.pipeline.fitted_buckets, as the
-    # trainer's batches do): rows of 140-200 tokens pad to 200, not 256, with no more shapes than buckets.
-    fitted = pipeline.fitted_buckets(lengths, s.buckets) if s.fit_buckets else {}
+    # trainer's batches do): rows of 140-200 tokens pad to 224, not 256. These rows are one shard's, and every shard
+    # is fitted on its own, so lengths step by bucket/8: at most 8 compiled lengths per bucket over all shards.
+    fitted = pipeline.fitted_buckets(lengths, s.buckets, steps=8) if s.fit_buckets else {}
 
     def length_of(row):
       t = bucket_length(lengths[row], s.buckets)

@@ -44,17 +44,20 @@ def bucket_of(length: int, buckets: Sequence[int]) -> int:
                    f"dataset's max_length")
 
 
-def fitted_buckets(longest: Sequence[int], buckets: Sequence[int]) -> dict[int, int]:
+def fitted_buckets(longest: Sequence[int], buckets: Sequence[int], steps: int | None = None) -> dict[int, int]:
   """Bucket -> the longest of `longest` that lands in it, rounded up to FIT_MULTIPLE (never above the bucket).
 
-  Only buckets that hold a row appear; rows longer than the largest bucket are left out (the caller's rule applies).
+  `steps`: round up to max(FIT_MULTIPLE, bucket // steps) instead, so that callers fitting many small groups
+  separately (the scoring pass, shard by shard) see at most `steps` lengths per bucket, not one per group. Only
+  buckets that hold a row appear; rows longer than the largest bucket are left out (the caller's rule applies).
   """
   fitted: dict[int, int] = {}
   top = max(buckets)
   for m in longest:
     if m <= top:
       b = bucket_of(int(m), buckets)
-      fitted[b] = max(fitted.get(b, 0), min(b, -(-int(m) // FIT_MULTIPLE) * FIT_MULTIPLE))
+      quantum = max(FIT_MULTIPLE, b // steps) if steps else FIT_MULTIPLE
+      fitted[b] = max(fitted.get(b, 0), min(b, -(-int(m) // quantum) * quantum))
   return fitted
 
 
