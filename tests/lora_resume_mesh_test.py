@@ -1,4 +1,5 @@
-"""A LoRA run resumes bitwise after SIGKILL, and follows the 1-device trajectory on a 4-device fsdp=2 x tensor=2 mesh.
+"""A LoRA run (with adapter dropout, whose masks come from the step's key) resumes bitwise after SIGKILL, and follows
+the 1-device trajectory on a 4-device fsdp=2 x tensor=2 mesh.
 
 Subprocess workers (tests/train_common.py) as in train_resume_test / train_mesh_test. Mesh tolerance: rtol 1e-5 /
 atol 1e-6 on float32 losses and adapters, the full run's (sharded reductions reorder float32 sums by a few ulps).
@@ -18,7 +19,8 @@ from train_resume_test import _complete_steps, _wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 LORA = {"optimizer.schedule": "constant", "checkpoint.every": 2, "checkpoint.async_save": True,
-        "model.lora.rank": 4, "model.lora.alpha": 8.0, "model.frozen_param_dtype": "bfloat16"}
+        "model.lora.rank": 4, "model.lora.alpha": 8.0, "model.lora.dropout": 0.1,
+        "model.frozen_param_dtype": "bfloat16"}
 
 
 def _run(workdir, **overrides):
@@ -59,7 +61,7 @@ from tregjax import training
 out = {}
 for name, mesh in json.loads(sys.argv[2]):
   config = tc.tiny_config(**{"optimizer.schedule": "constant", "train.steps": 5, "model.lora.rank": 4,
-                             "model.lora.alpha": 8.0})
+                             "model.lora.alpha": 8.0, "model.lora.dropout": 0.1})
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh
   workdir = os.path.join(sys.argv[1], name)
   summary = training.run(config, workdir, data_factory=tc.array_data)

@@ -107,7 +107,7 @@ def test_freeze_regex_keeps_matches_bitwise_and_gives_them_no_optimizer_state(tm
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("model.lora.dropout", 0.1, "config.model.lora.dropout"),
+    ("model.lora.dropout", 1.0, "config.model.lora.dropout"),
     ("model.lora.targets", "embed_tokens", "config.model.lora.targets"),
     ("model.lora.rank", -1, "config.model.lora.rank"),
     ("model.frozen_param_dtype", "int8", "config.model.frozen_param_dtype"),

@@ -81,10 +81,12 @@ class ModelConfig:
   remat: str = "none"
   scan_layers: bool = True
   attention_impl: str = "auto"
-  # LoRA adapters (tregjax.models.lora): rank r, scale lora_alpha / r, the projections that carry one ("attn/q_proj").
+  # LoRA adapters (tregjax.models.lora): rank r, scale lora_alpha / r, the projections that carry one ("attn/q_proj"),
+  # and the dropout on each adapter's input (PEFT's lora_dropout; applied only when a forward is given a key).
   lora_rank: int = 0
   lora_alpha: float = 0.0
   lora_targets: tuple[str, ...] = ()
+  lora_dropout: float = 0.0
 
   def __post_init__(self):
     if self.attention_out_bias is None:
@@ -109,6 +111,8 @@ class ModelConfig:
       if unknown or self.lora_rank < 1:
         raise ValueError(f"LoRA needs lora_rank >= 1 (got {self.lora_rank}) and targets among {lora.TARGETS}; "
                          f"unknown: {unknown}")
+    if not 0.0 <= self.lora_dropout < 1.0:
+      raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
     if self.layer_types is not None:
       if len(self.layer_types) != self.num_layers:
         raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")

@@ -197,14 +197,14 @@ class Attention(nnx.Module):
     self.cfg = cfg
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, *, impl: str,
-               cache: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | None = None
-               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+               cache: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | None = None,
+               dropout_key: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """x [B,T,D]; `cache` = (k [L,B,K,S,H], v, layer): new k/v go to layer `layer` at per-row slots
-    cache_index[b] + t, and attention reads that layer's cache."""
-    cfg, dt = self.cfg, x.dtype
-    q = lora.apply(self, "q_proj", x, jnp.einsum("btd,dnh->btnh", x, self.q_proj[...].astype(dt)))
-    k = lora.apply(self, "k_proj", x, jnp.einsum("btd,dkh->btkh", x, self.k_proj[...].astype(dt)))
-    v = lora.apply(self, "v_proj", x, jnp.einsum("btd,dkh->btkh", x, self.v_proj[...].astype(dt)))
+    cache_index[b] + t, and attention reads that layer's cache. `dropout_key`: the layer's LoRA dropout key."""
+    cfg, dt, key = self.cfg, x.dtype, dropout_key
+    q = lora.apply(self, "q_proj", x, jnp.einsum("btd,dnh->btnh", x, self.q_proj[...].astype(dt)), key)
+    k = lora.apply(self, "k_proj", x, jnp.einsum("btd,dkh->btkh", x, self.k_proj[...].astype(dt)), key)
+    v = lora.apply(self, "v_proj", x, jnp.einsum("btd,dkh->btkh", x, self.v_proj[...].astype(dt)), key)
     if cfg.attention_bias:
       q = q + self.q_bias[...].astype(dt)
       k = k + self.k_bias[...].astype(dt)
@@ -235,7 +235,7 @@ class Attention(nnx.Module):
     # dot_general, not einsum: jnp.einsum lists the contracting dims as (h, n), which makes XLA transpose both
     # the activations and o_proj of every layer (a copy of the weight per call; seen on XLA:CPU).
     out = lora.apply(self, "o_proj", out, jax.lax.dot_general(out, self.o_proj[...].astype(dt),
-                                                              (((2, 3), (0, 1)), ((), ()))))
+                                                              (((2, 3), (0, 1)), ((), ()))), key)
     if cfg.attention_out_bias:
       out = out + self.o_bias[...].astype(dt)
     return out, new_cache
@@ -256,10 +256,10 @@ class MLP(nnx.Module):
     lora.attach(self, cfg, "mlp", num_stacked=s, param_dtype=param_dtype)
     self.cfg = cfg
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    dt = x.dtype
-    gate = lora.apply(self, "gate_proj", x, x @ self.gate_proj[...].astype(dt))
-    up = lora.apply(self, "up_proj", x, x @ self.up_proj[...].astype(dt))
+  def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+    dt, key = x.dtype, dropout_key
+    gate = lora.apply(self, "gate_proj", x, x @ self.gate_proj[...].astype(dt), key)
+    up = lora.apply(self, "up_proj", x, x @ self.up_proj[...].astype(dt), key)
     if self.cfg.mlp_bias:
       gate, up = gate + self.gate_bias[...].astype(dt), up + self.up_bias[...].astype(dt)
     if self.cfg.hidden_act == "silu":
@@ -267,7 +267,7 @@ class MLP(nnx.Module):
     else:
       act = jax.nn.gelu(gate, approximate=True)
     h = parallel.constrain(act * up, ("batch", "length", "act_mlp"))
-    out = lora.apply(self, "down_proj", h, h @ self.down_proj[...].astype(dt))
+    out = lora.apply(self, "down_proj", h, h @ self.down_proj[...].astype(dt), key)
     if self.cfg.mlp_bias:
       out = out + self.down_bias[...].astype(dt)
     return out
@@ -289,13 +289,14 @@ class DecoderLayer(nnx.Module):
     self.cfg = cfg
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, *, impl: str,
-               cache=None, cache_index=None):
+               cache=None, cache_index=None, dropout_key: jax.Array | None = None):
+    """`dropout_key`: this layer's LoRA dropout key (each adapter folds in its own projection index)."""
     h, new_cache = self.attn(self.input_layernorm(x), cos, sin, mask, impl=impl, cache=cache,
-                             cache_index=cache_index)
+                             cache_index=cache_index, dropout_key=dropout_key)
     if self.cfg.post_norms:
       x = x + self.post_attention_layernorm(h)
-      x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+      x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), dropout_key))
     else:
       x = x + h
-      x = x + self.mlp(self.post_attention_layernorm(x))
+      x = x + self.mlp(self.post_attention_layernorm(x), dropout_key)
     return parallel.constrain(x, ("batch", "length", "act_embed")), new_cache

@@ -73,16 +73,26 @@ class Adapter(nnx.Module):
   Kaiming-uniform draw from its own key, so attaching adapters never shifts the base model's random stream.
   """
 
-  def __init__(self, shape: Shape, *, rank: int, alpha: float, num_stacked: int | None, param_dtype):
+  def __init__(self, shape: Shape, *, rank: int, alpha: float, dropout: float, salt: int, num_stacked: int | None,
+               param_dtype):
     stack, stack_axes = ((num_stacked,), ("layers",)) if num_stacked is not None else ((), ())
     self.lora_a = nnx.LoRAParam(jnp.zeros(stack + shape.in_shape + (rank,), param_dtype),
                                 axes=stack_axes + shape.in_axes + ("lora_rank",))
     self.lora_b = nnx.LoRAParam(jnp.zeros(stack + (rank,) + shape.out_shape, param_dtype),
                                 axes=stack_axes + ("lora_rank",) + shape.out_axes)
     self.scale = alpha / rank
+    self.dropout = dropout
+    self.salt = salt  # this projection's index in TARGETS: its own dropout mask under a layer's key
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x [..., *in] -> (α/r)·B(A x) [..., *out], in x's dtype (the compute dtype, as the base projection)."""
+  def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+    """x [..., *in] -> (α/r)·B(A drop(x)) [..., *out], in x's dtype (the compute dtype, as the base projection).
+
+    drop is PEFT's `lora_dropout` (inverted dropout on the adapter's input only; the base projection sees x
+    whole); it applies only when a key is given, i.e. in training steps, never in evaluation, scoring or decoding.
+    """
+    if dropout_key is not None and self.dropout > 0.0:
+      keep = jax.random.bernoulli(jax.random.fold_in(dropout_key, self.salt), 1.0 - self.dropout, x.shape)
+      x = jnp.where(keep, x / jnp.asarray(1.0 - self.dropout, x.dtype), jnp.zeros((), x.dtype))
     a, b = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype)
     h = jnp.tensordot(x, a, axes=a.ndim - 1)
     return jnp.tensordot(h, b, axes=1) * jnp.asarray(self.scale, x.dtype)
@@ -95,13 +105,16 @@ def attach(module: nnx.Module, cfg, group: str, *, num_stacked: int | None, para
     g, name = target.split("/")
     if g == group:
       setattr(module, name + "_lora", Adapter(shapes[target], rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                                              dropout=cfg.lora_dropout, salt=TARGETS.index(target),
                                               num_stacked=num_stacked, param_dtype=param_dtype))
 
 
-def apply(module: nnx.Module, name: str, x: jax.Array, y: jax.Array) -> jax.Array:
-  """y + the adapter of projection `name` on its input x (y unchanged when it has none)."""
+def apply(module: nnx.Module, name: str, x: jax.Array, y: jax.Array, dropout_key: jax.Array | None = None
+          ) -> jax.Array:
+  """y + the adapter of projection `name` on its input x (y unchanged when it has none); `dropout_key` is the
+  layer's key in a training step (None: no dropout)."""
   adapter = getattr(module, name + "_lora", None)
-  return y if adapter is None else y + adapter(x)
+  return y if adapter is None else y + adapter(x, dropout_key)
 
 
 # ------------------------------------------------------------------ states
@@ -180,12 +193,12 @@ def merge(model: nnx.Module) -> nnx.Module:
 
 
 def add_adapters(model: nnx.Module, *, rank: int, alpha: float, targets: str | Sequence[str], seed: int = 0,
-                 param_dtype: Any = jnp.float32) -> nnx.Module:
+                 dropout: float = 0.0, param_dtype: Any = jnp.float32) -> nnx.Module:
   """A copy of `model` (same base arrays) with fresh adapters (B = 0: same logits) on `targets` (a preset, a
   regex, or target names)."""
   from tregjax.models import transformer  # pylint: disable=import-outside-toplevel
   names = resolve_targets(targets) if isinstance(targets, str) else tuple(targets)
-  cfg = model.config.replace(lora_rank=rank, lora_alpha=float(alpha), lora_targets=names)
+  cfg = model.config.replace(lora_rank=rank, lora_alpha=float(alpha), lora_targets=names, lora_dropout=dropout)
   graphdef, abstract_state = nnx.split(transformer.abstract_model(cfg, dtype=model.model.dtype,
                                                                   param_dtype=param_dtype))
   values = flat_values(nnx.state(model)) | init_adapters(abstract_state, jax.random.key(seed))

@@ -44,7 +44,7 @@ def adapter_config(cfg, base_model_name_or_path: str = "") -> dict[str, Any]:
   """The adapter_config.json PEFT writes for a plain LoRA on these modules."""
   return {
       "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path or None,
-      "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_dropout": 0.0, "bias": "none",
+      "r": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout, "bias": "none",
       "target_modules": sorted({t.split("/")[1] for t in cfg.lora_targets}), "fan_in_fan_out": False,
       "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
       "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
@@ -52,8 +52,7 @@ def adapter_config(cfg, base_model_name_or_path: str = "") -> dict[str, Any]:
   }
 
 
-def save_adapter(model: nnx.Module, path: str, *, base_model_name_or_path: str = "", lora_dropout: float = 0.0
-                 ) -> str:
+def save_adapter(model: nnx.Module, path: str, *, base_model_name_or_path: str = "") -> str:
   """Write `model`'s adapters as a PEFT LoRA directory (float32 tensors, one per layer and factor)."""
   cfg = model.config
   if not cfg.lora_targets:
@@ -67,7 +66,7 @@ def save_adapter(model: nnx.Module, path: str, *, base_model_name_or_path: str =
       host = hf_io._host  # pylint: disable=protected-access
       thunk = lambda arr=arr, i=i, rule=rule, host=host: rule.to_hf(host(arr[i])).astype(np.float32)  # noqa: E731
       items.append((template.format(i=i), rule.hf_shape(per_layer), np.dtype(np.float32), thunk))
-  conf = adapter_config(cfg, base_model_name_or_path) | {"lora_dropout": float(lora_dropout)}
+  conf = adapter_config(cfg, base_model_name_or_path)
   if jax.process_index() != 0:
     for *_, thunk in items:
       thunk()
@@ -171,11 +170,12 @@ def adapter_values(cfg, path: str, *, param_dtype: Any = jnp.float32) -> dict[st
 
 
 def config_with_adapter(base_cfg, path: str):
-  """base_cfg with the rank, alpha and targets of the PEFT directory at `path`."""
+  """base_cfg with the rank, alpha, targets and dropout (used only by training steps) of the PEFT directory at
+  `path`."""
   conf = read_adapter_config(path)
   targets = adapter_targets(conf, os.path.join(path, CONFIG_NAME))
   return base_cfg.replace(lora_rank=int(conf["r"]), lora_alpha=float(conf.get("lora_alpha", conf["r"])),
-                          lora_targets=targets)
+                          lora_targets=targets, lora_dropout=float(conf.get("lora_dropout") or 0.0))
 
 
 def load_adapter(model: nnx.Module, path: str, *, mesh=None, param_dtype: Any = jnp.float32) -> nnx.Module:

@@ -45,21 +45,23 @@ class Backbone(nnx.Module):
     return parallel.constrain(x, ("batch", "length", "act_embed"))
 
   def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None) -> jax.Array:
+               segment_ids: jax.Array | None = None, dropout_key: jax.Array | None = None) -> jax.Array:
     """Final-norm hidden states [B, T, D] in the compute dtype."""
     b, t = tokens.shape
     index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     positions = index if positions is None else positions
     segment_ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
     mask = layers.attention_mask(segment_ids, segment_ids, index, index)
-    x, _ = self.run_layers(self.embed(tokens), positions, mask, index, index)
+    x, _ = self.run_layers(self.embed(tokens), positions, mask, index, index, dropout_key=dropout_key)
     return self.norm(x)
 
   def run_layers(self, x: jax.Array, positions: jax.Array, mask: jax.Array, q_index: jax.Array,
                  kv_index: jax.Array, cache: tuple[jax.Array, jax.Array] | None = None,
-                 cache_index: jax.Array | None = None, per_layer_state: Sequence[nnx.State] | None = None):
+                 cache_index: jax.Array | None = None, per_layer_state: Sequence[nnx.State] | None = None,
+                 dropout_key: jax.Array | None = None):
     """Apply all layers -> (x, cache); `cache` is (k, v) stacked [L, B, K, S, H], carried through the layer
-    loop and returned with the new tokens written (None without a cache).
+    loop and returned with the new tokens written (None without a cache). `dropout_key` (training steps of a LoRA
+    run with dropout) gives layer i the key fold_in(dropout_key, i).
 
     `per_layer_state` (from `unstack_layers`) runs an unrolled loop over separate per-layer weight buffers instead
     of slicing the stacked ones: on XLA:CPU every slice of a stacked weight is a copy, which tripled the memory
@@ -85,7 +87,9 @@ class Backbone(nnx.Module):
       if local_rope is not None:
         cos, sin = (jnp.where(window > 0, a, b) for a, b in zip(local_rope, rope))
       layer_cache = None if kv is None else (*kv, index)
-      x, kv = layer(x, cos, sin, layer_mask, impl=impl, cache=layer_cache, cache_index=cache_index)
+      key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
+      x, kv = layer(x, cos, sin, layer_mask, impl=impl, cache=layer_cache, cache_index=cache_index,
+                    dropout_key=key)
       return (x, kv), None
 
     if cfg.remat != "none":
@@ -123,9 +127,9 @@ class CausalLM(nnx.Module):
       self.lm_head = layers.param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), param_dtype)
 
   def hidden_states(self, tokens: jax.Array, *, positions: jax.Array | None = None,
-                    segment_ids: jax.Array | None = None) -> jax.Array:
-    """[B, T, D] after the final norm, in the compute dtype."""
-    return self.model(tokens, positions=positions, segment_ids=segment_ids)
+                    segment_ids: jax.Array | None = None, dropout_key: jax.Array | None = None) -> jax.Array:
+    """[B, T, D] after the final norm, in the compute dtype; `dropout_key` turns on LoRA dropout (training)."""
+    return self.model(tokens, positions=positions, segment_ids=segment_ids, dropout_key=dropout_key)
 
   def unembed(self, hidden: jax.Array) -> jax.Array:
     """float32 logits [..., V] (tied or untied head, Gemma 2 final soft-capping)."""

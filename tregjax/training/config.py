@@ -298,7 +298,8 @@ def objective_options(config: ml_collections.ConfigDict):
 
 # ModelConfig fields the trainer sets from its own `model.*` keys; an override of them would be silently replaced.
 _TRAINER_SET_FIELDS = {"remat": "model.remat", "scan_layers": "model.scan_layers", "lora_rank": "model.lora.rank",
-                       "lora_alpha": "model.lora.alpha", "lora_targets": "model.lora.targets"}
+                       "lora_alpha": "model.lora.alpha", "lora_targets": "model.lora.targets",
+                       "lora_dropout": "model.lora.dropout"}
 
 
 def model_overrides(config: ml_collections.ConfigDict) -> dict:

@@ -31,7 +31,7 @@ def default_lora_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       rank=0,  # r of every adapter; > 0 trains adapters only, on a frozen base
       alpha=16.0,  # scale alpha / r (PEFT's lora_alpha)
-      dropout=0.0,  # PEFT's lora_dropout; only 0.0 is implemented (the step has no dropout key)
+      dropout=0.0,  # PEFT's lora_dropout: each adapter's input, in training steps only (not eval or scoring)
       targets="all_linear",  # "attention", "all_linear", or a regex over "model/layers/attn/q_proj"-style paths
       init_from="",  # a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) to start from
   ))
@@ -60,8 +60,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     return
   if lo.alpha <= 0:
     raise err(f"config.model.lora.alpha={lo.alpha}: must be > 0")
-  if lo.dropout != 0.0:
-    raise err(f"config.model.lora.dropout={lo.dropout}: only 0.0 is supported (no dropout in the step)")
+  if not 0.0 <= lo.dropout < 1.0:
+    raise err(f"config.model.lora.dropout={lo.dropout}: must be in [0, 1)")
   if config.objective == "reward_model":
     raise err("config.model.lora: LoRA trains causal LMs (objective=preference or sft); the reward model's fresh "
               "head would stay frozen")
@@ -92,7 +92,8 @@ def with_lora(cfg, config: ml_collections.ConfigDict):
     return cfg
   from tregjax.models import lora  # pylint: disable=g-import-not-at-top
   lo = config.model.lora
-  return cfg.replace(lora_rank=lo.rank, lora_alpha=float(lo.alpha), lora_targets=lora.resolve_targets(lo.targets))
+  return cfg.replace(lora_rank=lo.rank, lora_alpha=float(lo.alpha), lora_targets=lora.resolve_targets(lo.targets),
+                     lora_dropout=float(lo.dropout))
 
 
 def _path(path) -> str:

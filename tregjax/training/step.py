@@ -23,7 +23,9 @@ from jax.sharding import Mesh
 from tregjax import losses
 from tregjax import parallel
 
-LossFn = Callable[[nnx.Module, Any], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
+# (model, batch, dropout_key=None) -> (loss_sum, weight, metrics); the train step passes a fresh key per micro-batch
+# (LoRA dropout), evaluation none.
+LossFn = Callable[..., tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
 
 
 def _pair_rows(chosen: jax.Array, rejected: jax.Array) -> jax.Array:
@@ -40,11 +42,13 @@ def _unpair_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return x[:, 0], x[:, 1]
 
 
-def _policy_token_logps(model: nnx.Module, chosen, rejected, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+def _policy_token_logps(model: nnx.Module, chosen, rejected, chunk_size: int, dropout_key: jax.Array | None = None
+                        ) -> tuple[jax.Array, jax.Array]:
   """One forward over chosen and rejected together; chunked log-softmax (never a [2B, T, V] float32 array)."""
   tokens = _pair_rows(chosen.tokens, rejected.tokens)
   hidden = model.hidden_states(tokens, positions=_pair_rows(chosen.positions, rejected.positions),
-                               segment_ids=_pair_rows(chosen.segment_ids, rejected.segment_ids))
+                               segment_ids=_pair_rows(chosen.segment_ids, rejected.segment_ids),
+                               dropout_key=dropout_key)
   logps = losses.chunked_token_logps(hidden, _pair_rows(chosen.labels, rejected.labels), model.unembed,
                                      chunk_size=chunk_size)
   return _unpair_rows(logps)
@@ -85,8 +89,8 @@ def preference_loss(options: losses.ObjectiveOptions, chunk_size: int, max_segme
   per pair (segment) and averaged over real pairs, exactly as if each pair had its own row.
   """
 
-  def loss_fn(model, batch):
-    pi_w, pi_l = _policy_token_logps(model, batch.chosen, batch.rejected, chunk_size)
+  def loss_fn(model, batch, dropout_key=None):
+    pi_w, pi_l = _policy_token_logps(model, batch.chosen, batch.rejected, chunk_size, dropout_key)
     slots_w, slots_l, real = _pair_slots(batch, max_segments)
     w = lambda x: _per_pair(x, slots_w)  # noqa: E731
     l = lambda x: _per_pair(x, slots_l)  # noqa: E731
@@ -113,9 +117,10 @@ def sft_loss(chunk_size: int) -> LossFn:
   token sum is the sum over its sequences.
   """
 
-  def loss_fn(model, batch):
+  def loss_fn(model, batch, dropout_key=None):
     seq = batch.chosen
-    hidden = model.hidden_states(seq.tokens, positions=seq.positions, segment_ids=seq.segment_ids)
+    hidden = model.hidden_states(seq.tokens, positions=seq.positions, segment_ids=seq.segment_ids,
+                                 dropout_key=dropout_key)
     logps = losses.chunked_token_logps(hidden, seq.labels, model.unembed, chunk_size=chunk_size)
     mask = seq.loss_mask.astype(jnp.float32)
     nll_sum = -jnp.sum(logps * mask)
@@ -130,7 +135,7 @@ def reward_model_loss(max_segments: int = 1) -> LossFn:
   """Bradley-Terry: −log σ(r(x, y_w) − r(x, y_l)) on the sequence-classification head's score at each sequence's
   last token (per segment of a packed row), averaged over real pairs."""
 
-  def loss_fn(model, batch):
+  def loss_fn(model, batch, dropout_key=None):  # no dropout: LoRA, its only user, is refused for this head
     c, r = batch.chosen, batch.rejected
     scores = model.scores(_pair_rows(c.tokens, r.tokens), positions=_pair_rows(c.positions, r.positions),
                           segment_ids=_pair_rows(c.segment_ids, r.segment_ids))
@@ -251,29 +256,33 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
   """
   masked = lambda tree: tree if update_mask is None else jax.tree.map(jnp.multiply, tree, update_mask)  # noqa: E731
 
-  def grads_of(params, extra, micro):
+  def grads_of(params, extra, micro, dropout_key):
     def f(p):
-      loss_sum, weight, metrics = loss_fn(nnx.merge(graphdef, p, extra), micro)
+      loss_sum, weight, metrics = loss_fn(nnx.merge(graphdef, p, extra), micro, dropout_key)
       return loss_sum, (weight, metrics)
 
     (loss_sum, (weight, metrics)), grads = jax.value_and_grad(f, has_aux=True)(params)
     return grads, loss_sum, weight, metrics
 
   def step(state: TrainState, batch) -> tuple[TrainState, dict]:
+    # The carried key advances as before; the split's other half is this step's dropout key (micro-batch a folds
+    # in a), so a resumed run draws the same masks and the stream does not depend on the mesh.
+    rng, dropout_key = jax.random.split(jax.random.wrap_key_data(state.rng))
     if accum_steps == 1:
-      grads, loss_sum, weight, metrics = grads_of(state.params, state.extra, batch)
+      grads, loss_sum, weight, metrics = grads_of(state.params, state.extra, batch, dropout_key)
     else:
       micro = jax.tree.map(lambda x: _split_micro(x, accum_steps, mesh), batch)
 
-      def body(carry, mb):
-        g, ls, w, m = grads_of(state.params, state.extra, mb)
+      def body(carry, xs):
+        mb, a = xs
+        g, ls, w, m = grads_of(state.params, state.extra, mb, jax.random.fold_in(dropout_key, a))
         m = {k: v * w for k, v in m.items()}  # metrics are micro-batch means: re-weight to sums
         return jax.tree.map(jnp.add, carry, (g, ls, w, m)), None
 
       first = jax.tree.map(lambda x: x[0], micro)
-      shapes = jax.eval_shape(grads_of, state.params, state.extra, first)
+      shapes = jax.eval_shape(grads_of, state.params, state.extra, first, dropout_key)
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
-      (grads, loss_sum, weight, metrics), _ = jax.lax.scan(body, zeros, micro)
+      (grads, loss_sum, weight, metrics), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum_steps)))
       metrics = {k: v / weight for k, v in metrics.items()}
     grads = masked(jax.tree.map(lambda g: g / weight, grads))
     loss = loss_sum / weight
@@ -283,7 +292,6 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
     updates = masked(updates)  # weight decay too: a frozen layer does not move at all
     new_params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    rng, _ = jax.random.split(jax.random.wrap_key_data(state.rng))
     run = jnp.where(finite, 0, state.nonfinite_run + 1)
     new_state = state.replace(
         step=state.step + 1, params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state),
