@@ -51,13 +51,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.log_every = 20
   c.train.logits_chunk_size = 32
   c.checkpoint.every = 50
-  # The scoring pass: T-REG's contrastive prompts in this world's words, as a system message.
+  # The scoring pass: T-REG's contrastive prompts in this world's words, as a system message. Its buckets and chunk
+  # size are data.buckets (the world's (32,), set by the task) and train.logits_chunk_size (tregjax.config_schema).
   c.score.better_instruction = world.CAREFUL
   c.score.worse_instruction = world.SLOPPY
   c.score.instruction_role = "system"
-  c.score.buckets = (32,)
   c.score.batch_size = 128
-  c.score.chunk_size = 32
   c.score.token_reward.beta = c.loss.beta
   c.checkpoint.keep = 1
   if arg == "runlocal":  # a seconds-long smoke run (tests, CI's fresh-venv check)

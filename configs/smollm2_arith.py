@@ -67,9 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # T-REG's contrastive prompts, written for this task (a system message replaces SmolLM2's default one).
   c.score.better_instruction = arith.SYSTEM_CAREFUL
   c.score.worse_instruction = arith.SYSTEM_CARELESS
-  c.score.instruction_role = "system"
-  c.score.buckets = (128, 192)
-  c.score.chunk_size = 128
+  c.score.instruction_role = "system"  # score.buckets, score.chunk_size: data.buckets, train.logits_chunk_size
   c.score.token_reward.beta = c.loss.beta
   if arg == "tiny":  # CI smoke: every stage and artifact, a handful of problems and steps
     c.arith.train_prompts, c.arith.eval_prompts, c.arith.levels = 16, 8, (1,)
@@ -88,7 +86,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.scan_layers = True
     c.arith.train_prompts, c.arith.eval_prompts = 4000, 1000
     c.arith.max_new_tokens = 160
-    c.data.max_length, c.data.buckets, c.score.buckets = 256, (128, 192, 256), (128, 192, 256)
+    c.data.max_length, c.data.buckets = 256, (128, 192, 256)
     c.arith.sample_batch_size, c.arith.eval_batch_size = 512, 512
     c.experiment.reward_model_steps = 200
     c.data.batch_size = 32

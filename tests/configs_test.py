@@ -1,6 +1,7 @@
 """Every config file loads and validates; bad configs fail with a clear message before anything is built."""
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -79,9 +80,66 @@ def test_inconsistent_config_is_refused_with_the_field_named(changes, message):
 
 def test_unknown_key_in_a_trainer_section_is_refused():
   c = config_lib.base_config()
-  c.optimizer.learning_rate = 1e-6  # a typo for optimizer.lr, added before locking (as a config file could)
-  with pytest.raises(config_lib.ConfigError, match=r"unknown config keys \['optimizer.learning_rate'\]"):
+  c.optimizer.learning_rate = 1e-6  # a key optimizer does not have, added before locking (as a config file could)
+  with pytest.raises(config_lib.ConfigError, match=r"^unknown key config.optimizer.learning_rate; known keys of "
+                     r"config.optimizer: b1, b2, "):
     config_lib.validate(c, num_devices=1, check_data=False)
+  c = config_lib.base_config()
+  c.optimizer.l = 1e-6  # a typo: the closest key is named
+  with pytest.raises(config_lib.ConfigError, match=r"^unknown key config.optimizer.l \(did you mean "
+                     r"config.optimizer.lr\?\)"):
+    config_lib.validate(c, num_devices=1, check_data=False)
+
+
+@pytest.mark.parametrize("section, typo, closest", [
+    ("score", "bukets", "buckets"),  # the scoring pass's section, embedded in every trainer config
+    ("score.token_reward", "sorce", "source"),
+    ("data", "max_lenght", "max_length"),
+])
+def test_a_typo_in_a_section_is_one_line_naming_the_key_and_the_closest(section, typo, closest):
+  c = config_lib.base_config()
+  node = c
+  for part in section.split("."):
+    node = node[part]
+  node[typo] = node[closest]
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(c, num_devices=1, check_data=False)
+  assert str(e.value).startswith(f"unknown key config.{section}.{typo} (did you mean config.{section}.{closest}?)")
+  assert "\n" not in str(e.value)
+
+
+def test_a_command_section_of_a_trainer_config_is_checked_before_training():
+  c = config_lib.base_config()
+  c.generate = dict(num_sampels=2)  # read by `python -m tregjax.generate` on the same config file
+  with pytest.raises(config_lib.ConfigError, match=r"unknown key config.generate.num_sampels \(did you mean "
+                     r"config.generate.num_samples\?\)"):
+    config_lib.validate(c, num_devices=1, check_data=False)
+  c.generate = dict(num_samples=0)
+  with pytest.raises(config_lib.ConfigError, match=r"config.generate.num_samples=0 is out of range"):
+    config_lib.validate(c, num_devices=1, check_data=False)
+
+
+def test_loading_any_config_file_imports_no_data_builder_scorer_or_transformers():
+  """Config files import tregjax.config_schema (keys and defaults) only: not TFDS, transformers, the data builder or a
+  command module, so a config loads (and `--help`, validation, the experiment runner's stage keys work) without them."""
+  script = (
+      "import importlib.util, json, sys\n"
+      "loaded = {}\n"
+      "for path in sys.argv[1:]:\n"
+      "  spec = importlib.util.spec_from_file_location('cfg', path)\n"
+      "  module = importlib.util.module_from_spec(spec)\n"
+      "  spec.loader.exec_module(module)\n"
+      "  module.get_config()\n"
+      "  loaded[path] = sorted(m for m in ('tensorflow_datasets', 'transformers', 'tregjax.score', 'tregjax.generate',\n"
+      "                                    'tregjax.data.build', 'tregjax.data') if m in sys.modules)\n"
+      "print(json.dumps(loaded))\n")
+  demo = os.path.join(ROOT, "configs", "demo.py")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  proc = subprocess.run([sys.executable, "-c", script, demo, *[p for p in CONFIGS if p != demo]], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert loaded == {path: [] for path in loaded} and len(loaded) == len(CONFIGS), loaded
 
 
 def test_wrong_type_set_in_a_config_file_is_refused():

@@ -17,7 +17,7 @@ def _config(**experiment):
 
 
 def test_experiment_section_names_the_bad_key_or_arm():
-  with pytest.raises(ValueError, match="unknown key experiment.armz"):
+  with pytest.raises(ValueError, match=r"unknown key config.experiment.armz \(did you mean config.experiment.arms\?\)"):
     runner.experiment_section(_config(armz=("dpo",)))
   with pytest.raises(ValueError, match=r"experiment.arms: unknown \['dpo_regg'\]"):
     runner.experiment_section(_config(arms=("dpo", "dpo_regg")))

@@ -46,7 +46,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from tregjax import cli, parallel
+from tregjax import cli, config_schema, parallel
 from tregjax.data import build as data_build
 from tregjax.data import hashing, schema, sources
 from tregjax.data.tokenize import ChatTokenizer
@@ -60,46 +60,16 @@ Scorer = Callable[[list[dict[str, str]], str], float]
 
 
 def default_generate_config() -> ml_collections.ConfigDict:
-  """The `generate` section: every key this module reads, with its default (a trainer config may embed it)."""
-  return ml_collections.ConfigDict(dict(
-      prompt_files=[],  # local prompt files; the prompt field is data.fields.prompt, the format data.format
-      output_dir="",  # records.jsonl, pairs.jsonl, summary.json and work/ (the resumable shards)
-      num_samples=5,  # responses per prompt
-      temperature=0.8,  # 0 -> greedy (then every sample of a prompt is the same)
-      top_p=0.95,
-      top_k=0,  # 0 -> no top-k cut
-      max_new_tokens=512,
-      seed=0,
-      max_prompt_length=0,  # 0 -> data.max_prompt_length; longer prompts follow data.truncation (keep the end)
-      batch_size=32,  # sampled rows per jitted call, rounded up to a multiple of the data-parallel size
-      buckets=(32, 64, 128, 256, 512, 1024, 2048),  # padded prompt widths (longer: multiples of the largest)
-      reward_model="",  # local HF *ForSequenceClassification dir (num_labels=1); "" -> a Python scorer
-      scorer="",  # "pkg.module:function" -> scorer(prompt_messages, response_text) -> float (when no reward_model)
-      reward_batch_size=32,  # sequences per reward-model call (rounded like batch_size)
-      dtype="",  # compute dtype; "" -> model.dtype ("float32" for exact goldens)
-      shard_size=64,  # prompts per work shard (the resume granularity)
-      progress_bar=True,
-  ))
+  """The `generate` section: every key this module reads, with its default (config_schema.generate_defaults; any
+  config may carry it)."""
+  return config_schema.generate_defaults()
 
 
 def generate_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """`config.generate` over the defaults, validated (a bad value fails before any model is loaded)."""
-  merged = default_generate_config()
-  given = config.get("generate", None) or {}
-  for key in given.keys():
-    if key not in merged:
-      raise ValueError(f"unknown key generate.{key}; known: {sorted(merged.keys())}")
-    merged[key] = given[key]
-  checks = [("num_samples", merged.num_samples >= 1), ("max_new_tokens", merged.max_new_tokens >= 1),
-            ("temperature", merged.temperature >= 0), ("top_p", 0 < merged.top_p <= 1), ("top_k", merged.top_k >= 0),
-            ("batch_size", merged.batch_size >= 1), ("reward_batch_size", merged.reward_batch_size >= 1),
-            ("shard_size", merged.shard_size >= 1), ("buckets", len(merged.buckets) > 0 and min(merged.buckets) > 0)]
-  for name, ok in checks:
-    if not ok:
-      raise ValueError(f"generate.{name}={merged[name]!r} is out of range")
-  if merged.reward_model and merged.scorer:
-    raise ValueError("set only one of generate.reward_model and generate.scorer")
-  return merged
+  """`config.generate` over the defaults, validated (a bad value fails before any model is loaded), with every key a
+  command section shares resolved (config_schema.INHERITED: buckets, seed, dtype, progress_bar); an unknown key is a
+  ConfigError naming it and the closest known one."""
+  return config_schema.section(config, "generate")
 
 
 # ------------------------------------------------------------------------------------------------ prompts

@@ -54,7 +54,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from tregjax import cli, losses, parallel
+from tregjax import cli, config_schema, losses, parallel
 from tregjax.data import build as data_build
 from tregjax.data import hashing, pipeline, tfds_builder
 from tregjax.data.tokenize import ChatTokenizer, with_instruction
@@ -108,49 +108,25 @@ REWARD_SOURCES: dict[str, RewardSource] = {
 SOURCES = tuple(REWARD_SOURCES)
 CACHE_FORMAT_VERSION = 1
 CACHE_META = "cache_meta.json"
-BETTER_INSTRUCTION = ("You are a helpful assistant. Your response must be helpful, correct, coherent, and concise.")
-WORSE_INSTRUCTION = ("You are an unhelpful assistant. Your response must be unhelpful, incorrect, incoherent, and "
-                     "verbose.")
+BETTER_INSTRUCTION = config_schema.BETTER_INSTRUCTION  # T-REG's contrastive prompts (score.*_instruction defaults)
+WORSE_INSTRUCTION = config_schema.WORSE_INSTRUCTION
 
 
 def default_score_config() -> ml_collections.ConfigDict:
-  """The `score` section: every key the scoring pass reads, with its default (the trainer's config embeds it)."""
-  return ml_collections.ConfigDict(dict(
-      better_instruction=BETTER_INSTRUCTION,  # contrastive prompt texts (T-REG: the model judges its own tokens)
-      worse_instruction=WORSE_INSTRUCTION,
-      instruction_role="auto",  # "system" | "user" (prefix of the first user turn) | "auto" (system if supported)
-      # oracle: "pkg.module:function" (source="oracle" without run(..., oracle=)); oracle_id: what names the oracle in
-      # the cache hash (code cannot be hashed: change it when the labels change)
-      token_reward=dict(source="contrastive", beta=0.1, dpo_checkpoint="", reward_model="", oracle="", oracle_id=""),
-      batch_size=256,  # max rows per jitted call (a response has 3 rows for contrastive)
-      # max padded positions per jitted call (rows = batch_tokens // T, at least the dp size); 0 = per data-parallel
-      # device 1024 on CPU (the attention scores of a call then stay in cache: measured fastest) and 16384 elsewhere
-      batch_tokens=0,
-      buckets=(64, 128, 256, 512, 1024, 2048),  # padded row lengths (longer rows: multiples of the largest)
-      fit_buckets=True,  # each bucket shrinks to the longest row it holds in a shard (data.pipeline.fitted_buckets)
-      dtype="",  # compute dtype; "" -> model.dtype ("float32" for exact goldens)
-      chunk_size=512,  # positions per chunk of the chunked log-softmax
-      shard_size=1024,  # pairs per output work shard (the resume granularity)
-      splits=("train", "validation"),  # splits of the tokenized dataset to score (missing ones are skipped)
-      progress_bar=True,
-  ))
+  """The `score` section: every key the scoring pass reads, with its default (config_schema.score_defaults; the
+  trainer's config embeds it)."""
+  return config_schema.score_defaults()
 
 
 def score_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """`config.score` over the defaults (so a config without some keys still runs)."""
-  merged = default_score_config()
-  given = config.get("score", None) or {}
-  for key in given.keys():
-    value = given[key]
-    if key == "token_reward":
-      for k in value.keys():
-        merged.token_reward[k] = value[k]
-    else:
-      merged[key] = value
-  if merged.token_reward.source not in SOURCES:
-    raise ValueError(f"score.token_reward.source={merged.token_reward.source!r}: must be one of {SOURCES}")
-  if merged.instruction_role not in ("auto", "system", "user"):
-    raise ValueError(f"score.instruction_role={merged.instruction_role!r}: must be auto, system or user")
+  """`config.score` over the defaults (so a config without some keys still runs), with every key a command section
+  shares resolved (config_schema.INHERITED: buckets, chunk_size, dtype, progress_bar); an unknown key or source is a
+  ConfigError naming it and the closest known one."""
+  merged = config_schema.section(config, "score")
+  source = merged.token_reward.source
+  if source not in SOURCES:
+    raise cli.ConfigError(f"config.score.token_reward.source={source!r}: must be one of {SOURCES}"
+                          f"{config_schema.suggestion(source, SOURCES)}")
   return merged
 
 

@@ -1,6 +1,6 @@
 """Local preference files -> tokenized TFDS dataset (array_record): `build_dataset(config) -> dataset dir`.
 
-Config keys (`config.data`, defaults in `default_data_config()`):
+Config keys (`config.data`, defaults in `default_data_config()` = `tregjax.config_schema.data_defaults()`):
   train_files         list of local paths (JSONL, parquet, or `save_to_disk` directories of one split)
   validation_files    list of local paths; if empty, `validation_fraction` of the train records (chosen by a
                       deterministic hash of the record index) go to the validation split
@@ -26,6 +26,7 @@ from typing import Any
 
 import ml_collections
 
+from tregjax import config_schema
 from tregjax.data import hashing, schema, sources, tfds_builder
 from tregjax.data.tokenize import ChatTokenizer, TruncationOptions
 
@@ -36,17 +37,8 @@ log = logging.getLogger("tregjax.data")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-  """The `data` section with every key this module and the pipeline read (the trainer's config embeds it)."""
-  return ml_collections.ConfigDict(dict(
-      train_files=(), validation_files=(), validation_fraction=0.0, format="auto", schema="pair",
-      fields=dict(schema.DEFAULT_FIELDS), system_prompt="", tokenizer="", end_of_turn_token="",
-      max_prompt_length=256, max_length=512, truncation="truncate", on_bad_record="error", max_bad_fraction=0.1,
-      dataset_dir="",
-      # pipeline (tregjax.data.pipeline.make_iterator)
-      # fit_buckets: each bucket shrinks to the longest row it holds (pipeline.BatchPlan), so a batch is not padded
-      # far past its longest row; bench/train_epoch.py measures what it saves on SmolLM2's own pairs.
-      batch_size=8, buckets=(64, 128, 256, 512), fit_buckets=True, packing=False, seed=0, num_workers=0,
-      drop_remainder=True))
+  """The `data` section with every key this module and the pipeline read (config_schema.data_defaults)."""
+  return config_schema.data_defaults()
 
 
 def data_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

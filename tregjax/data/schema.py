@@ -16,11 +16,10 @@ import dataclasses
 import math
 from typing import Any
 
+from tregjax.config_schema import DATA_FIELDS as DEFAULT_FIELDS  # the data.fields defaults
 from tregjax.data.sources import DataError
 
 SCHEMAS = ("pair", "chat", "ranked")
-DEFAULT_FIELDS = dict(prompt="prompt", chosen="chosen", rejected="rejected", responses="all_generated_responses",
-                      scores="all_rm_scores", id="")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -92,13 +92,10 @@ def default_experiment_config() -> ml_collections.ConfigDict:
 
 
 def experiment_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """`config.experiment` over the defaults; unknown keys and arms are errors naming the key."""
-  merged = default_experiment_config()
-  given = config.get("experiment", None) or {}
-  for key in given.keys():
-    if key not in merged:
-      raise ValueError(f"unknown key experiment.{key}; known: {sorted(merged.keys())}")
-    merged[key] = given[key]
+  """`config.experiment` over the defaults; unknown keys (config_schema.merge: the rule of every section) and arms are
+  errors naming the key."""
+  from tregjax import config_schema  # pylint: disable=g-import-not-at-top
+  merged = config_schema.merge("experiment", default_experiment_config(), config.get("experiment", None))
   unknown = [a for a in merged.arms if a not in ARMS]
   if unknown:
     raise ValueError(f"experiment.arms: unknown {unknown}; choose from {sorted(ARMS)}")

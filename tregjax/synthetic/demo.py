@@ -232,7 +232,8 @@ class SyntheticTask:
   section = "demo"
 
   def __init__(self, config: ml_collections.ConfigDict):
-    self.demo = config.demo
+    from tregjax import config_schema  # pylint: disable=g-import-not-at-top
+    self.demo = config_schema.merge("demo", demo_section(), config.get("demo", None))
     self.world = world_lib.World(self.demo.num_symbols, self.demo.response_length, self.demo.world_seed)
     self._tok = None
     self.tokenizer_dir = ""  # set by prepare

@@ -70,8 +70,8 @@ class ArithTask:
   section = "arith"
 
   def __init__(self, config: ml_collections.ConfigDict):
-    self.a = default_arith_config()
-    self.a.update(dict(config.get("arith", None) or {}))
+    from tregjax import config_schema  # pylint: disable=g-import-not-at-top
+    self.a = config_schema.merge("arith", default_arith_config(), config.get("arith", None))
     self.answers: dict[str, int] = {}
     self.tokenizer_dir = ""
     self._tok = None
@@ -84,11 +84,11 @@ class ArithTask:
     stage.model.hf_path = prepared_reference
     stage.data.tokenizer = tokenizer
     stage.data.max_prompt_length = int(config.data.max_prompt_length)
+    # seed, dtype and progress_bar are the stage's config.seed, model.dtype and logging.progress_bar (their owners).
     stage.generate = ml_collections.ConfigDict(dict(
         prompt_files=[prompts], output_dir=out, num_samples=num_samples, temperature=temperature,
-        top_p=float(self.a.top_p), max_new_tokens=int(self.a.max_new_tokens), seed=int(config.seed),
-        batch_size=batch_size, buckets=(64, 128, 256), shard_size=max(batch_size // max(num_samples, 1), 1) * 4,
-        dtype=str(config.model.dtype), progress_bar=bool(config.logging.progress_bar)))
+        top_p=float(self.a.top_p), max_new_tokens=int(self.a.max_new_tokens),
+        batch_size=batch_size, buckets=(64, 128, 256), shard_size=max(batch_size // max(num_samples, 1), 1) * 4))
     return stage
 
   def prepare(self, config: ml_collections.ConfigDict, stages: runner.Stages) -> runner.Prepared:

@@ -1,4 +1,5 @@
-"""The trainer's configuration: every key with its default, and `validate` to fail before anything compiles.
+"""The trainer's configuration: `base_config()` (every key with its default, from tregjax.config_schema), the programs a
+config can run, and `validate` to fail before anything compiles.
 
 Config files under configs/ start from `base_config()` and override; the CLI locks the result
 (`config_flags.DEFINE_config_file(lock_config=True)`), so a typo in `--config.optimizer.lr=...` is an error instead of a
@@ -8,11 +9,10 @@ silently ignored key, and ml_collections refuses an override of the wrong type.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 
 import ml_collections
 
-from tregjax import cli
+from tregjax import cli, config_schema
 
 OBJECTIVES = ("preference", "sft", "reward_model")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -41,95 +41,9 @@ COMMAND_SECTIONS = ("generate",)
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Every trainer key with its default (unlocked: config files override, then the CLI locks)."""
-  c = ml_collections.ConfigDict()
-  c.program = "train"  # what `python -m tregjax.train` runs: a key of PROGRAMS
-  c.seed = 0
-  # "preference": DPO/IPO/SimPO/TGDPO (+ T-REG) on a scored cache; "sft": next-token loss on the chosen response;
-  # "reward_model": Bradley-Terry on a sequence-classification head. Same step, optimizer, checkpoints, logging.
-  c.objective = "preference"
-
-  c.model = ml_collections.ConfigDict()
-  c.model.hf_path = ""  # local HF dir (config.json + *.safetensors) or a .gguf file; "" -> random init from `preset`
-  c.model.preset = "tiny_llama"  # a models.ModelConfig classmethod, used when hf_path is ""
-  c.model.overrides = ml_collections.ConfigDict()  # ModelConfig fields replaced on the preset (config files only)
-  c.model.tokenizer_path = ""  # copied next to exported weights; "" -> hf_path when that is a directory
-  c.model.dtype = "bfloat16"  # compute dtype; master weights are `param_dtype`
-  c.model.param_dtype = "float32"
-  c.model.remat = "none"  # activation checkpointing policy passed to the model
-  # True: lax.scan over the stacked layers (compile time flat in depth; the choice for accelerators and deep models).
-  # False: an unrolled layer loop. On XLA:CPU that avoids the scan's per-layer weight copies and zero-filled residual
-  # stacks: 9-15% faster training steps at 2-4 layers, none at 16, at a compile time that grows with depth
-  # (bench/train_layer_loop.py).
-  c.model.scan_layers = True
-  # Parameter-efficient runs (tregjax.training.partition): LoRA adapters on a frozen base, the frozen weights' dtype.
-  from tregjax.training import partition  # pylint: disable=g-import-not-at-top
-  c.model.lora = partition.default_lora_config()
-  c.model.frozen_param_dtype = ""  # "" -> param_dtype; "bfloat16" halves a frozen base (adapters stay param_dtype)
-
-  # The data engineer's keys (sources, tokenization, pipeline: tregjax.data.build.default_data_config) plus the
-  # trainer's own, so one locked section validates every data key.
-  from tregjax.data import build as data_build  # pylint: disable=g-import-not-at-top
-  c.data = data_build.default_data_config()
-  c.data.cache_dir = ""  # scored cache written by `python -m tregjax.score` (objective=preference)
-  c.data.train_split = "train"
-  c.data.eval_split = ""  # "" disables evaluation
-  c.data.eval_batches = 0  # 0 -> the whole eval split
-  c.data.epochs = 1  # used when train.steps == -1
-  # With data.packing: at most this many pairs per packed row (the pipeline stops filling a row there). The step
-  # computes per-pair values over K static segment slots ([B, K, T] masked copies of the per-token arrays).
-  c.data.max_segments = 16
-  # The scoring pass's keys (contrastive prompts, token-reward source, buckets, shards: tregjax.score): one config
-  # file drives score and train, and the trainer recomputes the cache hash from them to refuse a stale cache.
-  from tregjax import score as score_lib  # pylint: disable=g-import-not-at-top
-  c.score = score_lib.default_score_config()
-
-  # Arguments of losses.ObjectiveOptions, verbatim.
-  c.loss = ml_collections.ConfigDict(dict(
-      loss="dpo", regularizer="none", beta=0.1, gamma=0.5, label_smoothing=0.0, alpha=0.25, weighting="dynamic",
-      reg_normalization="auto", tgdpo_alpha=0.5, tis_mu=1.0, tis_lower=-0.5, tis_upper=1.5))
-
-  c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.lr = 1e-6
-  c.optimizer.b1 = 0.9
-  c.optimizer.b2 = 0.999
-  c.optimizer.eps = 1e-8
-  c.optimizer.weight_decay = 0.0
-  c.optimizer.decay_embeddings = False  # norms and biases (rank <= 1) are never decayed
-  c.optimizer.warmup_steps = 0
-  c.optimizer.warmup_ratio = 0.0  # of total steps; used when warmup_steps == 0
-  c.optimizer.schedule = "cosine"
-  c.optimizer.min_lr_ratio = 0.0  # final lr / peak lr for cosine and linear decay
-  c.optimizer.grad_clip = 1.0  # global-norm clip; 0 disables
-  c.optimizer.grad_accum_steps = 1  # micro-batches per optimizer step, scanned inside the jitted step
-
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # one axis may be -1 (the rest of the devices)
-
-  c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.enabled = True
-  c.checkpoint.every = 500
-  c.checkpoint.keep = 3
-  c.checkpoint.async_save = True
-  # Several processes without jax's preemption service: steps between the cross-process checks of a local SIGTERM
-  # (a host sync point). With the service (the default) every step is checked at no cost.
-  c.checkpoint.preemption_sync_every = 10
-
-  c.train = ml_collections.ConfigDict()
-  c.train.steps = 1000  # -1 -> data.epochs passes over the training split
-  c.train.log_every = 10
-  c.train.eval_every = 0  # 0 -> evaluate only at the end (when data.eval_split is set)
-  c.train.max_consecutive_nonfinite = 5
-  c.train.logits_chunk_size = 512  # positions per chunk of the chunked log-softmax
-  # Regex over parameter paths ("model/embed_tokens", "model/layers/attn/q_proj", "lm_head") kept frozen: no gradient,
-  # no optimizer state, not in checkpoints. "" trains every parameter (or every adapter with model.lora).
-  c.train.freeze = ""
-
-  c.logging = ml_collections.ConfigDict()
-  c.logging.tensorboard = True
-  c.logging.jsonl = True
-  c.logging.progress_bar = True
-  c.logging.peak_flops_per_device = 0.0  # 0 -> look the device kind up (MFU is omitted when unknown)
-  return c
+  """Every trainer key with its default (unlocked: config files override, then the CLI locks). The keys and their
+  defaults are tregjax.config_schema's (no third-party import: loading a config file builds no data or model code)."""
+  return config_schema.defaults()
 
 
 # A configuration that cannot run (one class for every command: tregjax.cli maps it to its exit status).
@@ -146,23 +60,6 @@ def _keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, object]
   return out
 
 
-def _check_type(name: str, value: object, default: object) -> None:
-  if isinstance(default, bool):
-    ok = isinstance(value, bool)
-  elif isinstance(default, int):
-    ok = isinstance(value, int) and not isinstance(value, bool)
-  elif isinstance(default, float):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-  elif isinstance(default, str):
-    ok = isinstance(value, str)
-  elif isinstance(default, (tuple, list)):
-    ok = isinstance(value, (tuple, list))
-  else:
-    ok = True
-  if not ok:
-    raise ConfigError(f"config.{name}: expected {type(default).__name__}, got {value!r} ({type(value).__name__})")
-
-
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
   if value not in choices:
     raise ConfigError(f"config.{name}={value!r}: must be one of {choices}")
@@ -175,7 +72,8 @@ def check_sections(config: ml_collections.ConfigDict, base: ml_collections.Confi
   base = base_config() if base is None else base
   chosen = config.get("program", base.program)
   if chosen not in PROGRAMS:
-    raise ConfigError(f"config.program={chosen!r}: must be one of {tuple(PROGRAMS)}{_closest(chosen, PROGRAMS)}")
+    raise ConfigError(f"config.program={chosen!r}: must be one of {tuple(PROGRAMS)}"
+                      f"{config_schema.suggestion(chosen, PROGRAMS)}")
   other_programs = {s: name for name, p in PROGRAMS.items() if name != chosen for s in p.sections}
   known = [*base.keys(), *PROGRAMS[chosen].sections, *COMMAND_SECTIONS]
   extra = set()
@@ -188,13 +86,21 @@ def check_sections(config: ml_collections.ConfigDict, base: ml_collections.Confi
       raise ConfigError(f"config.{key} is a section of program {other_programs[key]!r}, but config.program="
                         f"{chosen!r}; set config.program={other_programs[key]!r} (or remove config.{key})")
     else:
-      raise ConfigError(f"unknown config section or key {key!r}{_closest(key, known)}; known: {sorted(known)}")
+      raise ConfigError(f"unknown config section or key {key!r}{config_schema.suggestion(key, known)}; known: "
+                        f"{sorted(known)}")
   return extra
 
 
-def _closest(name: str, known) -> str:
-  match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
-  return f" (did you mean {match[0]!r}?)" if match else ""
+def _unknown_key(path: str, defaults: dict[str, object]) -> ConfigError:
+  """The error of every section (config_schema.unknown_key) for the first part of `path` that no section has."""
+  parts = path.split(".")
+  for i in range(1, len(parts) + 1):
+    prefix = ".".join(parts[:i])
+    if not any(k == prefix or k.startswith(prefix + ".") for k in defaults):
+      break
+  parent = ".".join(parts[:i - 1])
+  return config_schema.unknown_key(prefix, {k[len(parent) + 1:].split(".")[0] for k in defaults
+                                            if k.startswith(parent + ".")})
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, *, check_data: bool = True) -> None:
@@ -209,12 +115,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   given = {k: v for k, v in _keys(config).items() if k.split(".")[0] not in extra}
   unknown = sorted(set(given) - set(defaults))
   if unknown:
-    raise ConfigError(f"unknown config keys {unknown} (a typo? known keys: see tregjax.training.config.base_config)")
+    raise _unknown_key(unknown[0], defaults)
   missing = sorted(set(defaults) - set(given))
   if missing:
     raise ConfigError(f"config is missing keys {missing}; start config files from base_config()")
   for name, default in defaults.items():
-    _check_type(name, given[name], default)
+    config_schema.check_type(name, given[name], config_schema.type_default(name, default))
+  # The command sections' own rules (the score section's values; a generate section's keys and values), so that a
+  # config that drives score, generate and train fails here, before training, rather than in the later command.
+  for name in ("score", *sorted(extra & set(config_schema.SECTIONS))):
+    config_schema.section(config, name)
 
   _choice("objective", config.objective, OBJECTIVES)
   _choice("model.dtype", config.model.dtype, DTYPES)

@@ -27,14 +27,9 @@ _ADAPTER_KEY_SALT = 0x10AA  # the adapters' init key: fold_in(key(seed), salt), 
 
 
 def default_lora_config() -> ml_collections.ConfigDict:
-  """config.model.lora: rank 0 = off (full-parameter training)."""
-  return ml_collections.ConfigDict(dict(
-      rank=0,  # r of every adapter; > 0 trains adapters only, on a frozen base
-      alpha=16.0,  # scale alpha / r (PEFT's lora_alpha)
-      dropout=0.0,  # PEFT's lora_dropout: each adapter's input, in training steps only (not eval or scoring)
-      targets="all_linear",  # "attention", "all_linear", or a regex over "model/layers/attn/q_proj"-style paths
-      init_from="",  # a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) to start from
-  ))
+  """config.model.lora: rank 0 = off (full-parameter training). Keys and defaults: config_schema.lora_defaults."""
+  from tregjax import config_schema  # pylint: disable=g-import-not-at-top
+  return config_schema.lora_defaults()
 
 
 def lora_enabled(config: ml_collections.ConfigDict) -> bool:
