@@ -1,6 +1,7 @@
 """tregjax.config_schema: one rule for unknown keys in every section, one owner per formerly repeated key, and one
 tokenizer lookup for the data builder, scoring, generation and export."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -156,3 +157,72 @@ def test_inherited_keys_still_take_command_line_overrides(tmp_path):
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.strip().splitlines()[-1] == "(64, 128) 32 False float32 3 (64, 128, 256, 512)"
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+
+
+def _layout(tmp_path):
+  """A hand-built layout: a data tokenizer, a model tokenizer, an HF checkpoint directory, a .gguf file."""
+  paths = {name: tmp_path / name for name in ("data_tok", "model_tok", "hf")}
+  for p in paths.values():
+    p.mkdir()
+    (p / "tokenizer_config.json").write_text("{}")
+  gguf = tmp_path / "model.gguf"
+  gguf.write_bytes(b"GGUF")
+  return {k: str(v) for k, v in paths.items()} | {"gguf": str(gguf), "gone": str(tmp_path / "gone")}
+
+
+def _tok_config(data="", model_tok="", hf=""):
+  c = config_lib.base_config()
+  c.data.tokenizer, c.model.tokenizer_path, c.model.hf_path = data, model_tok, hf
+  return c
+
+
+def test_tokenizer_resolution_order_is_one_for_every_command(tmp_path):
+  """data.tokenizer (the data's ids), then model.tokenizer_path, then model.hf_path when it is a directory; the data
+  builder (and through it score and generate) and export resolve the same directory. Export used to prefer
+  model.tokenizer_path over data.tokenizer, the builder the other way round."""
+  from tregjax import export  # pylint: disable=g-import-not-at-top
+  from tregjax.data import build  # pylint: disable=g-import-not-at-top
+  p = _layout(tmp_path)
+  cases = [
+      (dict(data=p["data_tok"], model_tok=p["model_tok"], hf=p["hf"]), p["data_tok"]),
+      (dict(model_tok=p["model_tok"], hf=p["hf"]), p["model_tok"]),
+      (dict(hf=p["hf"]), p["hf"]),
+      (dict(model_tok=p["model_tok"], hf=p["gguf"]), p["model_tok"]),
+      (dict(hf=p["gguf"]), ""),  # a .gguf file is no tokenizer directory
+      (dict(), ""),
+  ]
+  for keys, expected in cases:
+    c = _tok_config(**keys)
+    assert config_schema.tokenizer_dir(c) == expected, keys
+    assert export.tokenizer_dir(c) == (expected or None), keys
+    if expected:
+      assert build.tokenizer_path(c) == expected, keys
+    else:
+      with pytest.raises(ValueError, match="set data.tokenizer"):
+        build.tokenizer_path(c)
+
+
+def test_a_tokenizer_key_that_names_a_missing_directory_does_not_fall_through(tmp_path, caplog):
+  """A set key wins even when its directory is gone: falling through to hf_path would tokenize with another
+  vocabulary. The builder then fails naming it; export writes the model without a tokenizer and says so."""
+  from tregjax import export  # pylint: disable=g-import-not-at-top
+  from tregjax.data import build  # pylint: disable=g-import-not-at-top
+  p = _layout(tmp_path)
+  c = _tok_config(data=p["gone"], hf=p["hf"])
+  assert build.tokenizer_path(c) == p["gone"]
+  with caplog.at_level(logging.WARNING, logger="tregjax.export"):
+    assert export.tokenizer_dir(c) is None
+  assert p["gone"] in caplog.text
+
+
+def test_model_path_is_not_a_key():
+  """`model.path` was read as a fallback of model.hf_path by the tokenizer lookup: no config can hold it."""
+  c = config_lib.base_config()
+  c.model.path = "/somewhere"
+  with pytest.raises(config_lib.ConfigError, match=r"unknown key config.model.path"):
+    config_lib.validate(c, num_devices=1, check_data=False)
+  bare = ml_collections.ConfigDict(dict(model=dict(path="/somewhere")))
+  assert config_schema.tokenizer_dir(bare) == ""

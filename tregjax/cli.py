@@ -246,7 +246,7 @@ def setup_logging(level: int = logging.INFO) -> None:
 def model_path(config: ml_collections.ConfigDict, role: str) -> str:
   """`model.hf_path` (a local HF directory or .gguf file); `role` names the model in the error (reference, policy)."""
   model = config.get("model", None) or {}
-  path = model.get("hf_path", "") or model.get("path", "")
+  path = model.get("hf_path", "")
   if not path:
     raise ValueError(f"set model.hf_path to the {role} model's local directory (config.json + *.safetensors) or .gguf")
   return path

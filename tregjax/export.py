@@ -29,11 +29,16 @@ def _define_flags() -> None:
 
 
 def tokenizer_dir(config) -> str | None:
-  """The run's tokenizer directory: model.tokenizer_path, data.tokenizer, else hf_path when it is a directory."""
-  for path in (config.model.tokenizer_path, config.data.get("tokenizer", ""), config.model.hf_path):
-    if path and os.path.isdir(path):
-      return path
-  return None
+  """The run's tokenizer directory by the lookup every command uses (`config_schema.tokenizer_dir`: data.tokenizer,
+  model.tokenizer_path, model.hf_path when a directory); None when the config names none, or names one that is gone
+  (then the model is exported without it, with a warning naming it)."""
+  from tregjax import config_schema  # pylint: disable=g-import-not-at-top
+  path = config_schema.tokenizer_dir(config)
+  if path and not os.path.isdir(path):
+    logging.getLogger("tregjax.export").warning("the run's tokenizer %s is not a directory (any more); exporting the "
+                                                "model without a tokenizer", path)
+    return None
+  return path or None
 
 
 def export(workdir: str, out: str, *, step: int | None = None, dtype: str = "float32",

@@ -7,7 +7,8 @@ Config keys (`config.data`, defaults in `default_data_config()` = `tregjax.confi
   format              "auto" | "jsonl" | "parquet" | "hf_disk"
   schema              "pair" | "chat" | "ranked" (see tregjax.data.schema), with `fields` mapping names
   system_prompt       optional system message put before every prompt ("" = none)
-  tokenizer           local tokenizer directory ("" = `config.model.path`)
+  tokenizer           local tokenizer directory ("" = model.tokenizer_path, else model.hf_path when a directory:
+                      `config_schema.tokenizer_dir`, the one lookup of every command)
   end_of_turn_token   appended to every response ("" = the template's end-of-turn marker, else EOS)
   max_prompt_length, max_length, truncation ("truncate" | "drop" | "error")
   on_bad_record       "error" (raise, naming file, line/record and field) | "skip" (count, report on the console)
@@ -52,10 +53,9 @@ def data_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
 
 
 def tokenizer_path(config: ml_collections.ConfigDict) -> str:
-  """data.tokenizer, else model.tokenizer_path, else model.hf_path (the trainer's keys)."""
-  model = config.get("model", None) or {}
-  path = (data_section(config).tokenizer or model.get("tokenizer_path", "") or model.get("hf_path", "")
-          or model.get("path", ""))
+  """The tokenizer directory (`config_schema.tokenizer_dir`: data.tokenizer, model.tokenizer_path, model.hf_path when
+  a directory), or a ValueError when the config names none."""
+  path = config_schema.tokenizer_dir(config)
   if not path:
     raise ValueError("set data.tokenizer (or model.tokenizer_path / model.hf_path) to a local tokenizer directory")
   return path
