@@ -101,3 +101,25 @@ def test_demo_runs_end_to_end_and_its_error_mass_matches_torch(tmp_path):
                              atol=(demo.eval_prompts - compared) / demo.eval_prompts + 1e-12)
   for arm in ("reference", "dpo", "dpo_reg"):
     assert 0.0 <= results["policies"][arm]["sampled_error_rate"] <= 1.0
+
+
+def test_demo_token_logps_compile_once_per_shape_and_equal_full_logits():
+  """The evaluation's token log-probs take the weights as an argument: two models of one shape share one compile (a
+  closure over the model would compile per call), and the values are log_softmax(logits)[labels]."""
+  import jax
+  from flax import nnx
+  from tregjax import models
+  from tregjax.models.config import ModelConfig
+  from tregjax.synthetic import demo
+  cfg = ModelConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                    head_dim=8)
+  a, b = (models.CausalLM(cfg, rngs=nnx.Rngs(seed), dtype=np.float32) for seed in (0, 1))
+  tokens = np.random.default_rng(0).integers(1, 50, (2, 10)).astype(np.int32)
+  labels = np.concatenate([tokens[:, 1:], np.zeros((2, 1), np.int32)], axis=1)
+  segments = np.ones_like(tokens)
+  before = demo._token_logps._cache_size()  # pylint: disable=protected-access
+  got = [demo.token_logps(m, tokens, labels, segments) for m in (a, b, a)]
+  assert demo._token_logps._cache_size() == before + 1  # pylint: disable=protected-access
+  assert not np.allclose(got[0], got[1]) and np.array_equal(got[0], got[2])
+  full = np.asarray(jax.nn.log_softmax(np.asarray(a(tokens, segment_ids=segments), np.float32), axis=-1))
+  np.testing.assert_allclose(got[0], np.take_along_axis(full, labels[..., None], axis=-1)[..., 0], atol=1e-5)

@@ -6,6 +6,7 @@ The token -> sequence reduction (sum for DPO-style losses, mean for SimPO) lives
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +70,20 @@ def chunked_token_logps(hidden: jax.Array,
 
   _, logps = jax.lax.scan(body, None, (hidden_chunks, label_chunks))
   return logps.swapaxes(0, 1).reshape(batch, num_chunks * chunk_size)[:, :length]
+
+
+def model_token_logps(model: Any, tokens: jax.Array, labels: jax.Array, *, chunk_size: int,
+                      **forward: jax.Array | None) -> jax.Array:
+  """log π(labels | tokens) of a model with `hidden_states` and `unembed` (tregjax.models' causal LMs); float32
+  [B, T], through `chunked_token_logps`. `forward`: keyword arguments of `model.hidden_states` (positions,
+  segment_ids, ...). The one place the training step, the scoring pass and the demo get their token log-probs."""
+  hidden = model.hidden_states(tokens, **forward)
+  return chunked_token_logps(hidden, labels, model.unembed, chunk_size=chunk_size)
+
+
+def next_token_labels(tokens: jax.Array, pad_id: int) -> jax.Array:
+  """labels[:, t] = tokens[:, t + 1], the last position `pad_id` (mask it)."""
+  return jnp.concatenate([tokens[:, 1:], jnp.full_like(tokens[:, :1], pad_id)], axis=1)
 
 
 def sequence_logps(token_logps: jax.Array, mask: jax.Array, *, average: bool = False) -> jax.Array:

@@ -9,6 +9,7 @@ rest: scoring for every token-reward source, the arms, the token-credit AUC tabl
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from tregjax import losses
 from tregjax.experiments import runner, stats
@@ -115,13 +117,16 @@ def _batch(tok, prompts: list[list[dict]], responses: list[str]):
   return tokens, labels, mask, segments
 
 
-def token_logps(model, tokens, labels, segments) -> np.ndarray:
-  @jax.jit
-  def f(tokens, labels, segments):
-    hidden = model.hidden_states(tokens, segment_ids=segments)
-    return losses.chunked_token_logps(hidden, labels, model.unembed, chunk_size=32)
+@functools.partial(jax.jit, static_argnums=0)
+def _token_logps(graphdef, state, tokens, labels, segments):
+  return losses.model_token_logps(nnx.merge(graphdef, state), tokens, labels, chunk_size=32, segment_ids=segments)
 
-  return np.asarray(f(jnp.asarray(tokens), jnp.asarray(labels), jnp.asarray(segments)))
+
+def token_logps(model, tokens, labels, segments) -> np.ndarray:
+  """The model's weights are an argument, not constants of a fresh closure: one compile per model shape and batch
+  shape, whichever of the (reference, policy) models of that shape is evaluated."""
+  graphdef, state = nnx.split(model)
+  return np.asarray(_token_logps(graphdef, state, jnp.asarray(tokens), jnp.asarray(labels), jnp.asarray(segments)))
 
 
 def generated_error_rate(model, tok, world, prompts: list[list[int]], tasks: list[tuple[str, int]],

@@ -45,12 +45,11 @@ def _unpair_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 def _policy_token_logps(model: nnx.Module, chosen, rejected, chunk_size: int, dropout_key: jax.Array | None = None
                         ) -> tuple[jax.Array, jax.Array]:
   """One forward over chosen and rejected together; chunked log-softmax (never a [2B, T, V] float32 array)."""
-  tokens = _pair_rows(chosen.tokens, rejected.tokens)
-  hidden = model.hidden_states(tokens, positions=_pair_rows(chosen.positions, rejected.positions),
-                               segment_ids=_pair_rows(chosen.segment_ids, rejected.segment_ids),
-                               dropout_key=dropout_key)
-  logps = losses.chunked_token_logps(hidden, _pair_rows(chosen.labels, rejected.labels), model.unembed,
-                                     chunk_size=chunk_size)
+  logps = losses.model_token_logps(model, _pair_rows(chosen.tokens, rejected.tokens),
+                                   _pair_rows(chosen.labels, rejected.labels), chunk_size=chunk_size,
+                                   positions=_pair_rows(chosen.positions, rejected.positions),
+                                   segment_ids=_pair_rows(chosen.segment_ids, rejected.segment_ids),
+                                   dropout_key=dropout_key)
   return _unpair_rows(logps)
 
 
