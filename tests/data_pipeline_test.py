@@ -134,6 +134,27 @@ def test_fitted_buckets_shrink_to_the_longest_row_they_hold():
   assert odd.buckets == (136,)  # 131 rounded up to a multiple of 8
 
 
+@pytest.mark.parametrize("length, buckets, extend, want", [
+    (1, (64, 128, 256), False, 64),
+    (64, (64, 128, 256), False, 64),  # a bucket holds rows of exactly its length
+    (65, (64, 128, 256), False, 128),
+    (256, (64, 128, 256), False, 256),
+    (65, (256, 64, 128), False, 128),  # the smallest that fits, not the first listed that fits (256)
+    (300, (64, 128, 256), True, 512),  # past the largest: the next multiple of it (score, generate)
+    (512, (64, 128, 256), True, 512),
+    (513, (256, 64, 128), True, 768),
+    (40, (32,), True, 64),
+    (10, (64, 128, 256), True, 64),  # `extend` changes nothing below the largest bucket
+])
+def test_bucket_of_by_hand(length, buckets, extend, want):
+  assert pipeline.bucket_of(length, buckets, extend=extend) == want
+
+
+def test_bucket_of_refuses_a_row_past_the_largest_bucket_unless_extended():
+  with pytest.raises(ValueError, match="a row of 257 tokens exceeds the largest bucket 256"):
+    pipeline.bucket_of(257, (128, 256, 64))
+
+
 def test_fitted_buckets_helper_by_hand():
   assert pipeline.fitted_buckets([60, 150, 170, 200, 900], (64, 128, 256, 512)) == {64: 64, 256: 200}
   assert pipeline.fitted_buckets([121], (64, 128)) == {128: 128}  # 121 -> 128: a multiple of 8, not past the bucket

@@ -36,11 +36,20 @@ _PER_TOKEN = {"chosen": ("ref_chosen_token_logps", "chosen_token_rewards"),
 FIT_MULTIPLE = 8  # a fitted bucket's length is a multiple of this (whole 8-lane f32 vectors on AVX2 and most TPUs)
 
 
-def bucket_of(length: int, buckets: Sequence[int]) -> int:
-  for b in buckets:
-    if length <= b:
-      return b
-  raise ValueError(f"a row of {length} tokens exceeds the largest bucket {max(buckets)}; add a bucket >= the "
+def bucket_of(length: int, buckets: Sequence[int], *, extend: bool = False) -> int:
+  """The smallest bucket >= `length`, whatever the order of `buckets`.
+
+  A length past the largest bucket is an error by default (the trainer's batches: every shape is a bucket, so such
+  a row means the buckets do not cover data.max_length); with `extend` it gets the next multiple of the largest
+  bucket (the scoring pass and generation, whose rows may be longer, with shapes still bounded).
+  """
+  fits = [b for b in buckets if length <= b]
+  if fits:
+    return min(fits)
+  top = max(buckets)
+  if extend:
+    return -(-length // top) * top
+  raise ValueError(f"a row of {length} tokens exceeds the largest bucket {top}; add a bucket >= the "
                    f"dataset's max_length")
 
 
