@@ -22,6 +22,7 @@ import train_common as tc  # noqa: E402
 from conftest import REPO_ROOT  # noqa: E402
 
 from tregjax import cli, data, export, score  # noqa: E402
+from tregjax.data import scored_cache  # noqa: E402
 from tregjax.data.sources import DataError  # noqa: E402
 from tregjax.data.tokenize import ChatTokenizer  # noqa: E402
 from tregjax.training import metrics as metrics_lib  # noqa: E402
@@ -92,7 +93,7 @@ def test_expected_errors_are_one_line_with_distinct_exit_statuses(capsys):
   from tregjax.training import checkpoint, trainer
   cases = [(cli.ConfigError("config.optimizer.lr=-1: must be > 0"), cli.EXIT_CONFIG),
            (DataError("a.jsonl:line 3", "chosen", "is null", "null_field"), cli.EXIT_BAD_RECORD),
-           (score.StaleCacheError("cache of other inputs"), cli.EXIT_STALE),
+           (scored_cache.StaleCacheError("cache of other inputs"), cli.EXIT_STALE),
            (checkpoint.CheckpointMismatchError("another model"), cli.EXIT_STALE),
            (trainer.NonFiniteError("loss is nan\nfor 5 steps"), cli.EXIT_NON_FINITE),
            (score.NonFiniteScoreError("nan"), cli.EXIT_NON_FINITE),

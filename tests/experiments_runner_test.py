@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from tregjax.experiments import runner
-from tregjax.score import StaleCacheError
+from tregjax.data.scored_cache import StaleCacheError
 
 
 def _config(**experiment):

@@ -22,7 +22,7 @@ import data_common as dc  # noqa: E402
 from conftest import run_processes  # noqa: E402
 
 from tregjax import data, score  # noqa: E402
-from tregjax.data import tfds_builder  # noqa: E402
+from tregjax.data import scored_cache, tfds_builder  # noqa: E402
 from tregjax.data.tokenize import ChatTokenizer  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,7 +165,7 @@ def test_oracle_rewards_are_the_callables_and_ref_logps_equal_transformers(world
   # The oracle's identity is part of the cache hash; a CLI config names it as "pkg.module:function".
   other = _config(world, tmp_path / "cache", source="oracle")
   other.score.token_reward.oracle_id = "parity-v2"
-  assert score.cache_hash(other) != score.cache_hash(cfg)
+  assert scored_cache.cache_hash(other) != scored_cache.cache_hash(cfg)
   cfg.score.token_reward.oracle = "score_test:_parity_oracle"
   assert score.resolve_oracle(score.score_section(cfg), None) is _parity_oracle
 
@@ -268,7 +268,8 @@ def test_killed_scoring_resumes_to_byte_identical_output(world, tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   done = [n for n in os.listdir(work) if n.endswith(".safetensors")]
-  assert 1 <= len(done) < n_pairs and not (tmp_path / "killed" / score.CACHE_META).exists()  # really interrupted
+  assert 1 <= len(done) < n_pairs  # really interrupted
+  assert not (tmp_path / "killed" / scored_cache.CACHE_META).exists()
   rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   straight = score.run(config(tmp_path / "straight"))
@@ -280,22 +281,22 @@ def test_killed_scoring_resumes_to_byte_identical_output(world, tmp_path):
 
 def test_stale_or_unfinished_cache_is_refused(world, tmp_path):
   cfg = _config(world, tmp_path / "cache", source="none")
-  with pytest.raises(score.StaleCacheError, match="not a finished scored cache"):
-    score.check_cache(str(tmp_path / "cache"), score.cache_hash(cfg))
+  with pytest.raises(scored_cache.StaleCacheError, match="not a finished scored cache"):
+    scored_cache.check_cache(str(tmp_path / "cache"), scored_cache.cache_hash(cfg))
   cache = score.run(cfg)
-  assert score.check_cache(cache, score.cache_hash(cfg))["records"] == {"train": N_PAIRS}
+  assert scored_cache.check_cache(cache, scored_cache.cache_hash(cfg))["records"] == {"train": N_PAIRS}
   training = _config(world, tmp_path / "cache", source="none")
   training.model.dtype = "bfloat16"  # training-only settings do not make the cache stale
-  assert score.check_cache(cache, score.cache_components(training))["dtype"] == "float32"
+  assert scored_cache.check_cache(cache, scored_cache.cache_components(training))["dtype"] == "float32"
   other = _config(world, tmp_path / "cache", source="contrastive")
-  with pytest.raises(score.StaleCacheError, match="changed inputs: prompts, source"):
-    score.check_cache(cache, score.cache_components(other))
-  with pytest.raises(score.StaleCacheError, match="already holds a scored cache of other inputs"):
+  with pytest.raises(scored_cache.StaleCacheError, match="changed inputs: prompts, source"):
+    scored_cache.check_cache(cache, scored_cache.cache_components(other))
+  with pytest.raises(scored_cache.StaleCacheError, match="already holds a scored cache of other inputs"):
     score.run(other)
   other_model = _config(world, tmp_path / "cache", source="none")
   other_model.model.hf_path = str(world["root"] / "dpo")
-  with pytest.raises(score.StaleCacheError, match="changed inputs: model"):
-    score.check_cache(cache, score.cache_components(other_model))
+  with pytest.raises(scored_cache.StaleCacheError, match="changed inputs: model"):
+    scored_cache.check_cache(cache, scored_cache.cache_components(other_model))
 
 
 def test_data_parallel_scoring_on_two_devices_matches_one(world, contrastive_cache, tmp_path, devices_runner):
@@ -348,7 +349,7 @@ def test_damaged_work_shard_is_recomputed(world, tmp_path):
   cfg = _config(world, tmp_path / "cache", source="none")
   want = _tree_bytes(score.run(cfg))
   shard = tmp_path / "cache" / "work" / "train-00001.safetensors"
-  (tmp_path / "cache" / score.CACHE_META).unlink()
+  (tmp_path / "cache" / scored_cache.CACHE_META).unlink()
   shard.write_bytes(shard.read_bytes()[:50])  # e.g. a disk that lost the tail of a file
   score.run(cfg)
   assert _tree_bytes(tmp_path / "cache") == want

@@ -22,20 +22,19 @@ and the worst kept as the pair). This module runs that pipeline on the same mesh
                skipped), ready for `tregjax.data.build_dataset` + `python -m tregjax.score`;
                `summary.json`: counts (ties, all-equal groups, unfinished samples, ...), written last.
 
-Resumable like the scoring pass: prompts are cut into work shards (`generate.shard_size` prompts each, one atomic
-file per shard); a rerun skips finished shards. Each batch's sampling key is derived from (seed, shard, batch), and a
-shard's batches are a pure function of its prompts and the config, so a resumed run writes byte-identical output.
+Resumable like the scoring pass (`tregjax.jobs`): prompts are cut into work shards (`generate.shard_size` prompts
+each, one atomic file per shard); a rerun skips finished shards. Each batch's sampling key is derived from (seed,
+shard, batch), and a shard's batches are a pure function of its prompts and the config, so a resumed run writes
+byte-identical output.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -46,11 +45,11 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from tregjax import cli, config_schema, parallel
+from tregjax import cli, config_schema, jobs, parallel
 from tregjax.data import build as data_build
 from tregjax.data import hashing, schema, sources
+from tregjax.data.pipeline import bucket_of
 from tregjax.data.tokenize import ChatTokenizer
-from tregjax.score import StaleCacheError, bucket_length
 
 log = logging.getLogger("tregjax.generate")
 
@@ -185,7 +184,7 @@ class Sampler:
   def sample(self, rows: Sequence[Sequence[int]], key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
     """Prompt rows (at most batch_size, all in one bucket) -> (tokens i32[n, max_new_tokens], lengths i32[n])."""
     from tregjax.models import decoding  # pylint: disable=g-import-not-at-top
-    width = bucket_length(max(len(r) for r in rows), self.g.buckets)
+    width = bucket_of(max(len(r) for r in rows), self.g.buckets, extend=True)
     # Filler rows keep one batch shape; copies of real rows (not e.g. a lone pad id, which would rarely sample an
     # EOS) let the loop stop when the real rows are done.
     padded = [rows[i % len(rows)] for i in range(self.batch_size)]
@@ -222,16 +221,17 @@ class RewardScorer:
 
     self._fn = jax.jit(fn, in_shardings=(parallel.state_shardings(self.state, mesh), parallel.batch_sharding(mesh),
                                          parallel.batch_sharding(mesh)))
-    self._buckets = tuple(sorted({bucket_length(b + g.max_new_tokens, g.buckets) for b in g.buckets}))
+    self._buckets = tuple(sorted({bucket_of(b + g.max_new_tokens, g.buckets, extend=True) for b in g.buckets}))
 
   def __call__(self, sequences: Sequence[Sequence[int]]) -> list[float]:
     lengths = [len(s) for s in sequences]
-    order = sorted(range(len(sequences)), key=lambda i: (bucket_length(lengths[i], self._buckets), i))
+    order = sorted(range(len(sequences)), key=lambda i: (bucket_of(lengths[i], self._buckets, extend=True), i))
     out = [0.0] * len(sequences)
     start = 0
     while start < len(order):
-      t = bucket_length(lengths[order[start]], self._buckets)
-      chunk = [i for i in order[start:start + self.batch_size] if bucket_length(lengths[i], self._buckets) == t]
+      t = bucket_of(lengths[order[start]], self._buckets, extend=True)
+      chunk = [i for i in order[start:start + self.batch_size]
+               if bucket_of(lengths[i], self._buckets, extend=True) == t]
       start += len(chunk)
       tokens = np.full((self.batch_size, t), self.pad_id, np.int32)
       segs = np.zeros((self.batch_size, t), np.int32)
@@ -280,7 +280,7 @@ def generate_shard(sampler: Sampler, prompts: Sequence[Prompt], shard: int, g: m
   """
   n = int(g.num_samples)
   rows = [(p, j) for p in range(len(prompts)) for j in range(n)]
-  width = [bucket_length(len(prompts[p].ids), g.buckets) for p, _ in rows]
+  width = [bucket_of(len(prompts[p].ids), g.buckets, extend=True) for p, _ in rows]
   order = sorted(range(len(rows)), key=lambda r: (width[r], r))
   out: list[list[Any]] = [[None] * n for _ in prompts]
   start, batch = 0, 0
@@ -374,26 +374,6 @@ def binarize(records: Sequence[dict[str, Any]], where: Callable[[int], str]
 # ------------------------------------------------------------------------------------------ work shards
 
 
-def _shard_path(output_dir: str, index: int) -> str:
-  return os.path.join(output_dir, "work", f"shard-{index:05d}.json")
-
-
-def _dumps(value: Any) -> str:
-  return json.dumps(value, ensure_ascii=False, sort_keys=True)
-
-
-def _read_shard(path: str, digest: str) -> dict[str, Any] | None:
-  """The shard, or None when it is absent or belongs to another config (then it is regenerated)."""
-  if not os.path.exists(path):
-    return None
-  try:
-    with open(path, encoding="utf-8") as f:
-      shard = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError):  # writes are atomic, but a damaged file is simply redone
-    return None
-  return shard if isinstance(shard, dict) and shard.get("hash") == digest else None
-
-
 def output_components(config: ml_collections.ConfigDict, g: ml_collections.ConfigDict, scorer_id: str,
                       batch_size: int) -> dict[str, str]:
   """Hashes of every input the output depends on (the effective batch size too: it decides the batches' keys)."""
@@ -425,85 +405,58 @@ def run(config: ml_collections.ConfigDict, *, scorer: Scorer | None = None) -> s
     raise ValueError("set generate.output_dir (where records.jsonl, pairs.jsonl and summary.json are written)")
   py_scorer, scorer_id = resolve_scorer(g, scorer)
   mesh = parallel.mesh_from_config(config, per_process=True)  # a size that does not fit: an error naming config.mesh.*
-  components = output_components(config, g, scorer_id, round_to_mesh(g.batch_size, mesh))
-  digest = hashing.hash_json(components)
-  summary_path = os.path.join(g.output_dir, SUMMARY)
-  if os.path.exists(summary_path):
-    with open(summary_path) as f:
-      done = json.load(f)
-    if done.get("hash") == digest:
-      log.info("generated output %s is complete and current", g.output_dir)
-      return g.output_dir
-    raise StaleCacheError(f"{g.output_dir} already holds generated pairs of other inputs (hash "
-                          f"{str(done.get('hash'))[:16]}, this config {digest[:16]}); choose another "
-                          f"generate.output_dir or delete it")
-  work = os.path.join(g.output_dir, "work")
-  pid, pcount = jax.process_index(), jax.process_count()
-  os.makedirs(work, exist_ok=True)
-  for name in os.listdir(work) if pid == 0 else ():  # not another process's live write
-    if ".tmp." in name:  # a write interrupted before its rename
-      os.remove(os.path.join(work, name))
-  cli.barrier("tregjax.generate start")
+  job = jobs.Job("tregjax.generate", g.output_dir,
+                 output_components(config, g, scorer_id, round_to_mesh(g.batch_size, mesh)), SUMMARY, jobs.JSON,
+                 what="generated pairs", dir_key="generate.output_dir")
+  if job.done():
+    return g.output_dir
+  job.start()
 
   d = data_build.data_section(config)
   tok = ChatTokenizer(data_build.tokenizer_path(config), d.end_of_turn_token)
   prompt_counts: dict[str, Any] = {}
   prompts = load_prompts(config, tok, prompt_counts)
-  shard_size = int(g.shard_size)
-  num_shards = -(-len(prompts) // shard_size)
-  todo = [k for k in range(num_shards) if _read_shard(_shard_path(g.output_dir, k), digest) is None]
-  mine = [k for n, k in enumerate(todo) if n % pcount == pid]
+  ranges = jobs.item_ranges(len(prompts), int(g.shard_size))
+  keys = [("shard", k) for k in range(len(ranges))]
+  mine = job.mine(keys)
   if mine:
     sampler = Sampler(config, g, mesh, tok)
     check_lengths(prompts, int(g.max_new_tokens), sampler.model.config.max_position_embeddings,
                   cli.model_path(config, "policy"))
     reward = RewardScorer(config, g, mesh, tok) if g.reward_model else None
-    total = sum(min(shard_size, len(prompts) - k * shard_size) for k in mine)
-    bar = _progress(total, g.progress_bar)
+    total = sum(len(ranges[k]) for _, k in mine)
+    bar = jobs.progress(total, g.progress_bar, "prompt", "generating")
     t0, new_tokens = time.perf_counter(), 0
-    for k in mine:
-      part = prompts[k * shard_size:(k + 1) * shard_size]
+    for key in mine:
+      k = key[1]
+      part = [prompts[i] for i in ranges[k]]
       responses = generate_shard(sampler, part, k, g, sampler.eos_ids)
       new_tokens += sum(len(ids) for resp in responses for ids, _ in resp)
       texts = [[response_text(tok, ids, sampler.eos_ids) for ids, _ in resp] for resp in responses]
       scores = score_shard(part, texts, responses, reward, py_scorer)
       records = shard_records(part, responses, scores, tok, sampler.eos_ids)
-      hashing.atomic_write_bytes(_shard_path(g.output_dir, k),
-                                 _dumps(dict(hash=digest, shard=k, records=records)).encode("utf-8"))
+      job.write(key, dict(shard=k, records=records))
       bar.update(len(part))
       bar.set_postfix(tok_s=f"{new_tokens / max(time.perf_counter() - t0, 1e-9):.0f}", refresh=False)
     bar.close()
     elapsed = time.perf_counter() - t0
     log.info("generated %d prompts x %d samples, %d new tokens in %.1fs (%.1f prompts/s, %.0f tokens/s)", total,
              g.num_samples, new_tokens, elapsed, total / max(elapsed, 1e-9), new_tokens / max(elapsed, 1e-9))
-  cli.barrier("tregjax.generate shards")
-  if pid == 0:
-    _assemble(g.output_dir, num_shards, digest, components, prompt_counts)
-  cli.barrier("tregjax.generate assembled")
+  job.finish(lambda: _assemble(job, keys, prompt_counts))
   return g.output_dir
 
 
-def _progress(total: int, enabled: bool):
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm(total=total, unit="prompt", desc="generating", disable=not enabled, file=sys.stderr)
-
-
-def _assemble(output_dir: str, num_shards: int, digest: str, components: dict[str, str],
-              prompt_counts: dict[str, Any]) -> None:
+def _assemble(job: jobs.Job, keys: list[jobs.Key], prompt_counts: dict[str, Any]) -> None:
   """Shards -> records.jsonl and pairs.jsonl (atomic), then summary.json (last: it marks completion)."""
-  records: list[dict[str, Any]] = []
-  for k in range(num_shards):
-    shard = _read_shard(_shard_path(output_dir, k), digest)
-    if shard is None:
-      raise RuntimeError(f"work shard {_shard_path(output_dir, k)} is missing after generation")
-    records.extend(shard["records"])
+  output_dir = job.out_dir
+  records = [record for shard in job.shards(keys) for record in shard["records"]]
   records_path = os.path.join(output_dir, RECORDS)
   pairs, pair_counts = binarize(records, lambda i: f"{records_path}:line {i + 1}")
-  hashing.atomic_write_bytes(records_path, "".join(_dumps(r) + "\n" for r in records).encode("utf-8"))
-  hashing.atomic_write_bytes(os.path.join(output_dir, PAIRS), "".join(_dumps(p) + "\n" for p in pairs).encode("utf-8"))
+  for path, lines in ((records_path, records), (os.path.join(output_dir, PAIRS), pairs)):
+    hashing.atomic_write_bytes(path, "".join(jobs.canonical_json(v) + "\n" for v in lines).encode("utf-8"))
   samples = [fin for r in records for fin in r["all_finished"]]
-  summary = dict(hash=digest, components=components, format_version=OUTPUT_FORMAT_VERSION, prompts=prompt_counts,
-                 samples=len(samples), unfinished_samples=samples.count(False),
+  summary = dict(hash=job.digest, components=job.components, format_version=OUTPUT_FORMAT_VERSION,
+                 prompts=prompt_counts, samples=len(samples), unfinished_samples=samples.count(False),
                  empty_responses=sum(not t.strip() for r in records for t in r["all_generated_responses"]),
                  new_tokens=sum(len(ids) for r in records for ids in r["all_generated_ids"]), **pair_counts)
   hashing.atomic_write_json(os.path.join(output_dir, SUMMARY), summary)
@@ -514,15 +467,8 @@ def _assemble(output_dir: str, num_shards: int, digest: str, components: dict[st
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  cli.setup_logging()
-  cli.init_distributed()  # N hosts: each process generates its shards (n % count), process 0 assembles
-  print(cli.report_errors("tregjax.generate", lambda: run(flags.FLAGS.config)))  # bad input: one line, exit status
+  jobs.main("tregjax.generate", run)
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, "config file (configs/*.py with get_config())", lock_config=True)
-  cli.define_verbose_flag()
-  app.run(main)
+  jobs.app_main(main)

@@ -3,7 +3,8 @@
     python -m tregjax.score --config configs/x.py [--config.score.batch_size=32 ...]
 
 For each pair and each of chosen/rejected, the reference model scores the response under the plain prompt (per-token
-log-probs and their sum, for DPO-style losses) and, by `score.token_reward.source`:
+log-probs and their sum, for DPO-style losses) and, by `score.token_reward.source` (an entry of
+`tregjax.data.scored_cache.REWARD_SOURCES`: its contexts, second model, hashed keys and rewards):
   contrastive   two more forwards under the contrastive prompts (T-REG): r̂_t = σ(log π(y_t|x_better) −
                 log π(y_t|x_worse)) − 0.5 (`losses.contrastive_token_rewards`);
   dpo_implicit  β·(log π_dpo(y_t) − log π_ref(y_t)) from a DPO-trained checkpoint (`token_reward.dpo_checkpoint`);
@@ -21,14 +22,15 @@ A response's ids are the same in every context (never re-tokenized), so token t 
 Every context row of every response is sorted by length and cut into batches padded to a bucket (little padding, a
 bounded set of jit shapes), run data-parallel over the mesh with the chunked log-softmax (never [B, T, V] float32);
 per-response sums and rewards are then combined from the rows' response-coordinate arrays by one jitted function.
-Output is written in work shards (atomic, deterministic): a rerun skips finished shards and yields byte-identical
-output. When every shard exists the scored TFDS dataset (array_record) is assembled and `cache_meta.json`, holding
-the hash of (model, tokenizer, prompts, source, data), is written last; `check_cache` refuses a cache whose hash
-differs from the trainer's expectation. Contrastive contexts are rendered from the full prompt messages; when the
-plain prompt was left-truncated they are cut the same way (`cut_like_plain`: the instruction survives, the prompt's
-start goes); the reference log-probs use the stored plain ids. Bad input stops before anything is written: a tokenizer
-larger than a model's vocabulary, a row longer than its max_position_embeddings (checked before compiling), a mesh that
-does not divide the devices (naming config.mesh.*), and a shard holding a non-finite value (naming the record).
+Output is written in work shards (`tregjax.jobs`: atomic, deterministic): a rerun skips finished shards and yields
+byte-identical output. When every shard exists the scored TFDS dataset (array_record) is assembled and
+`cache_meta.json`, holding the hash of (model, tokenizer, prompts, source, data), is written last;
+`tregjax.data.scored_cache.check_cache` refuses a cache whose hash differs from the trainer's expectation. Contrastive
+contexts are rendered from the full prompt messages; when the plain prompt was left-truncated they are cut the same
+way (`cut_like_plain`: the instruction survives, the prompt's start goes); the reference log-probs use the stored
+plain ids. Bad input stops before anything is written: a tokenizer larger than a model's vocabulary, a row longer than
+its max_position_embeddings (checked before compiling), a mesh that does not divide the devices (naming
+config.mesh.*), and a shard holding a non-finite value (naming the record).
 
 Config keys read: `model.hf_path`, `model.dtype`, `data.*` (the tokenized dataset, see tregjax.data.build),
 `data.cache_dir` (output), `mesh.{data,fsdp,tensor}` and the `score` section (`default_score_config()`).
@@ -42,10 +44,9 @@ import importlib
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -54,60 +55,15 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from tregjax import cli, config_schema, losses, parallel
+from tregjax import cli, config_schema, jobs, losses, parallel
 from tregjax.data import build as data_build
 from tregjax.data import hashing, pipeline, tfds_builder
+from tregjax.data.scored_cache import (CACHE_FORMAT_VERSION, CACHE_META, REWARD_SOURCES, SOURCES, RowValues,
+                                       cache_components)
 from tregjax.data.tokenize import ChatTokenizer, with_instruction
 
 log = logging.getLogger("tregjax.score")
 
-
-
-class RowValues(NamedTuple):
-  """What a token-reward source may read, per response in response coordinates [U, R] (initial: [U])."""
-  ref: jax.Array  # the reference's log-probs under the plain prompt (0 off the mask)
-  mask: jax.Array
-  beta: float
-  better: jax.Array | None = None  # the reference under the better / worse prompts (contrastive sources)
-  worse: jax.Array | None = None
-  second: jax.Array | None = None  # the second model's log-probs or prefix scores
-  initial: jax.Array | None = None  # a reward model's prompt-only score
-
-
-@dataclasses.dataclass(frozen=True)
-class RewardSource:
-  """One token-reward source of the scoring pass: what it needs and how its rewards are made. A new source (a new
-  signal from the same forwards, a second model, a host-side oracle) is one entry of `REWARD_SOURCES`.
-
-  rewards: RowValues -> token rewards [U, R] (jitted with the combine step); None: the rewards come from the host
-    (`run(oracle=)`) or are zeros.
-  contrastive: also score every response under the better and worse prompts (3 context rows instead of 1).
-  second_model: the `score.token_reward` key naming a second model scored over the plain row ("" = none), whose
-    output is `second`: "logps" (a causal LM's token log-probs) or "scores" (a sequence reward model read at every
-    position, with `initial`), by `second_kind`.
-  hashed: further `score.token_reward` keys that define the cache (the second model is hashed by content).
-  """
-  rewards: Callable[[RowValues], jax.Array] | None
-  contrastive: bool = False
-  second_model: str = ""
-  second_kind: str = "logps"
-  hashed: tuple[str, ...] = ()
-
-
-REWARD_SOURCES: dict[str, RewardSource] = {
-    "contrastive": RewardSource(lambda v: losses.contrastive_token_rewards(v.better, v.worse, v.mask),
-                                contrastive=True),
-    "dpo_implicit": RewardSource(lambda v: losses.dpo_implicit_token_rewards(v.second, v.ref, v.mask, beta=v.beta),
-                                 second_model="dpo_checkpoint", hashed=("beta",)),
-    "r3hf": RewardSource(lambda v: losses.r3hf_token_rewards(v.second, v.mask, v.initial), second_model="reward_model",
-                         second_kind="scores"),
-    "confidence": RewardSource(lambda v: losses.confidence_token_rewards(v.ref, v.mask)),
-    "oracle": RewardSource(None, hashed=("oracle", "oracle_id")),
-    "none": RewardSource(None),
-}
-SOURCES = tuple(REWARD_SOURCES)
-CACHE_FORMAT_VERSION = 1
-CACHE_META = "cache_meta.json"
 BETTER_INSTRUCTION = config_schema.BETTER_INSTRUCTION  # T-REG's contrastive prompts (score.*_instruction defaults)
 WORSE_INSTRUCTION = config_schema.WORSE_INSTRUCTION
 
@@ -130,15 +86,11 @@ def score_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   return merged
 
 
-class StaleCacheError(ValueError):
-  """A scored cache made from other inputs than the ones the caller expects."""
-
-
 class NonFiniteScoreError(ValueError):
   """A scored value (reference log-prob or token reward) that is NaN or infinite: the shard is not written."""
 
 
-# ----------------------------------------------------------------------------------------------- hashing
+# ---------------------------------------------------------------------------------------------- dataset
 
 
 def _dataset_dir(config: ml_collections.ConfigDict) -> str:
@@ -151,85 +103,13 @@ def _dataset_dir(config: ml_collections.ConfigDict) -> str:
   return tfds_builder.resolve(d.dataset_dir)
 
 
-def _data_hash(config: ml_collections.ConfigDict, dataset_dir: str | None) -> str:
-  """The tokenized dataset's hash, without building anything (a check must not have side effects)."""
-  if dataset_dir:
-    return tfds_builder.read_metadata(dataset_dir)["hash"]
-  d = data_build.data_section(config)
-  if d.train_files:
-    return data_build.dataset_hash(config)
-  return tfds_builder.read_metadata(tfds_builder.resolve(d.dataset_dir))["hash"]
-
-
-def cache_components(config: ml_collections.ConfigDict, dataset_dir: str | None = None) -> dict[str, str]:
-  """Hashes of each input the cache depends on: model, tokenizer, prompts, source, data.
-
-  The compute dtype is recorded in the cache metadata but not hashed: a cache scored in float32 serves a bfloat16
-  training run of the same reference.
-  """
-  s = score_section(config)
-  tr = s.token_reward
-  spec = REWARD_SOURCES[tr.source]
-  source: dict[str, Any] = dict(source=tr.source)
-  source.update({k: float(tr[k]) if k == "beta" else tr[k] for k in spec.hashed})
-  if spec.second_model:
-    source[spec.second_model] = hashing.hash_path(tr[spec.second_model])
-  prompts = dict(better=s.better_instruction, worse=s.worse_instruction, role=s.instruction_role) \
-      if spec.contrastive else {}
-  return dict(
-      format=str(CACHE_FORMAT_VERSION),
-      model=hashing.hash_path(cli.model_path(config, "reference")),
-      tokenizer=hashing.tokenizer_hash(data_build.tokenizer_path(config)),
-      prompts=hashing.hash_json(prompts),
-      source=hashing.hash_json(source),
-      data=_data_hash(config, dataset_dir))
-
-
-def cache_hash(config: ml_collections.ConfigDict, dataset_dir: str | None = None) -> str:
-  """The hash a cache scored with `config` carries (what the trainer passes to `check_cache`)."""
-  return hashing.hash_json(cache_components(config, dataset_dir))
-
-
-def check_cache(cache_dir: str, expected_hash: str | dict[str, str]) -> dict[str, Any]:
-  """Refuse a missing, incomplete or stale cache with a clear message; returns its metadata.
-
-  `expected_hash` is `cache_hash(config)` or `cache_components(config)` (then the message names what changed).
-  """
-  path = os.path.join(cache_dir, CACHE_META)
-  if not os.path.exists(path):
-    raise StaleCacheError(f"{cache_dir} is not a finished scored cache (no {CACHE_META}); run "
-                          f"`python -m tregjax.score` with this config (it resumes an interrupted run)")
-  with open(path) as f:
-    meta = json.load(f)
-  expected = expected_hash if isinstance(expected_hash, str) else hashing.hash_json(expected_hash)
-  if meta["hash"] != expected:
-    changed = ""
-    if isinstance(expected_hash, dict):
-      keys = set(expected_hash) | set(meta.get("components", {}))
-      diff = sorted(k for k in keys if meta.get("components", {}).get(k) != expected_hash.get(k))
-      changed = f"; changed inputs: {', '.join(diff)}"
-    raise StaleCacheError(f"scored cache {cache_dir} was made from other inputs (cache hash {meta['hash'][:16]}, "
-                          f"expected {expected[:16]}{changed}); rescore with `python -m tregjax.score` into a new "
-                          f"data.cache_dir")
-  return meta
-
-
 # ----------------------------------------------------------------------------------------- jitted scoring
-
-
-def _labels(tokens: jax.Array, pad_id: int) -> jax.Array:
-  return jnp.concatenate([tokens[:, 1:], jnp.full_like(tokens[:, :1], pad_id)], axis=1)
 
 
 def _response_coords(per_position: jax.Array, start: jax.Array, length: int) -> jax.Array:
   """values[b, start[b] + j] for j < length (clipped at the row end; callers mask beyond the response)."""
   idx = jnp.clip(start[:, None] + jnp.arange(length)[None, :], 0, per_position.shape[1] - 1)
   return jnp.take_along_axis(per_position, idx, axis=1)
-
-
-def _token_logps(model, tokens, segment_ids, pad_id, chunk_size):
-  hidden = model.hidden_states(tokens, segment_ids=segment_ids)
-  return losses.chunked_token_logps(hidden, _labels(tokens, pad_id), model.unembed, chunk_size=chunk_size)
 
 
 def make_row_fn(kind: str, graphdef: Any, *, pad_id: int, chunk_size: int) -> Callable:
@@ -246,7 +126,9 @@ def make_row_fn(kind: str, graphdef: Any, *, pad_id: int, chunk_size: int) -> Ca
       scores = model.scores(tokens, segment_ids=segment_ids)
       initial = jnp.take_along_axis(scores, (prompt_len - 1)[:, None], axis=1)[:, 0]
       return _response_coords(scores, prompt_len, t), initial  # R(x, y<=j) is read where token j is
-    return _response_coords(_token_logps(model, tokens, segment_ids, pad_id, chunk_size), prompt_len - 1, t)
+    logps = losses.model_token_logps(model, tokens, losses.next_token_labels(tokens, pad_id), chunk_size=chunk_size,
+                                     segment_ids=segment_ids)
+    return _response_coords(logps, prompt_len - 1, t)
 
   return fn
 
@@ -270,14 +152,6 @@ class Unit:
   rows: list[list[int]]
   prompt_lens: list[int]
   resp_len: int
-
-
-def bucket_length(length: int, buckets: Sequence[int]) -> int:
-  for b in sorted(buckets):
-    if length <= b:
-      return b
-  top = max(buckets)
-  return -(-length // top) * top
 
 
 class Contexts:
@@ -405,7 +279,7 @@ class Scorer:
     fitted = pipeline.fitted_buckets(lengths, s.buckets, steps=8) if s.fit_buckets else {}
 
     def length_of(row):
-      t = bucket_length(lengths[row], s.buckets)
+      t = pipeline.bucket_of(lengths[row], s.buckets, extend=True)
       return fitted.get(t, t)
 
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
@@ -477,7 +351,7 @@ class Scorer:
     extra = self._rows(1, rows, on_tokens, names) if len(self._fns) > 1 else None
     # Pad to [U, R] with U a multiple of 64 and R a bucket, so the combine step compiles a bounded set of shapes.
     n_units = -(-len(units) // 64) * 64
-    width = bucket_length(max(u.resp_len for u in units), self.s.buckets)
+    width = pipeline.bucket_of(max(u.resp_len for u in units), self.s.buckets, extend=True)
 
     def padded(values):
       out = np.zeros((n_units, width), np.float32)
@@ -564,13 +438,8 @@ def check_finite(results: Sequence[tuple[np.ndarray, float, np.ndarray]], where:
 # ------------------------------------------------------------------------------------------ work shards
 
 
-def _shard_path(cache_dir: str, split: str, index: int) -> str:
-  return os.path.join(cache_dir, "work", f"{split}-{index:05d}.safetensors")
-
-
-def _write_shard(path: str, digest: str, indices: range, results: list[Any]) -> None:
-  """Flat arrays per side (concatenated per-token values + lengths); deterministic bytes, atomic."""
-  from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
+def _shard_arrays(indices: range, results: list[Any]) -> dict[str, np.ndarray]:
+  """One work shard: flat arrays per side (concatenated per-token values + lengths)."""
   arrays: dict[str, np.ndarray] = {"indices": np.asarray(list(indices), np.int64)}
   for k, side in enumerate(("chosen", "rejected")):
     side_results = results[k::2]
@@ -578,22 +447,7 @@ def _write_shard(path: str, digest: str, indices: range, results: list[Any]) -> 
     arrays[f"{side}_logps"] = np.asarray([r[1] for r in side_results], np.float32)
     arrays[f"{side}_token_logps"] = np.concatenate([r[0] for r in side_results]).astype(np.float32)
     arrays[f"{side}_token_rewards"] = np.concatenate([r[2] for r in side_results]).astype(np.float32)
-  hashing.atomic_write_bytes(path, save(arrays, metadata={"hash": digest}))
-
-
-def _read_shard(path: str, digest: str) -> dict[str, np.ndarray] | None:
-  """The shard's arrays, or None when it is absent, damaged or of another config (then it is recomputed)."""
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-  if not os.path.exists(path):
-    return None
-  try:
-    with safe_open(path, framework="numpy") as f:
-      if (f.metadata() or {}).get("hash") != digest:
-        return None
-      return {k: f.get_tensor(k) for k in f.keys()}
-  except Exception as e:  # pylint: disable=broad-except  (a damaged file is recomputed, not fatal)
-    log.warning("work shard %s is unreadable (%s); it will be recomputed", path, e)
-    return None
+  return arrays
 
 
 def _shard_records(arrays: dict[str, np.ndarray]) -> list[dict[str, Any]]:
@@ -614,16 +468,18 @@ Oracle = Callable[[list[dict[str, str]], list[int]], np.ndarray]
 
 
 def resolve_oracle(s: ml_collections.ConfigDict, oracle: Oracle | None) -> Oracle | None:
-  """The token-reward oracle of source="oracle": the `oracle` argument, else `score.token_reward.oracle`."""
-  if s.token_reward.source != "oracle":
+  """The host-side token-reward callable of a `host` source (oracle): the `oracle` argument, else
+  `score.token_reward.oracle`; None for the other sources."""
+  source = s.token_reward.source
+  if not REWARD_SOURCES[source].host:
     if oracle is not None:
-      raise ValueError("an oracle was passed but score.token_reward.source is "
-                       f"{s.token_reward.source!r}, not 'oracle'")
+      raise ValueError(f"an oracle was passed but score.token_reward.source is {source!r}, which takes no host "
+                       f"rewards (oracle does)")
     return None
   if oracle is None:
     module, _, name = s.token_reward.oracle.partition(":")
     if not name:
-      raise ValueError("score.token_reward.source='oracle' needs score.token_reward.oracle='pkg.module:function' "
+      raise ValueError(f"score.token_reward.source={source!r} needs score.token_reward.oracle='pkg.module:function' "
                        "(or run(config, oracle=...))")
     oracle = getattr(importlib.import_module(module), name)
   return oracle
@@ -651,23 +507,11 @@ def run(config: ml_collections.ConfigDict, *, oracle: Oracle | None = None) -> s
   if not cache_dir:
     raise ValueError("set data.cache_dir (where the scored cache is written)")
   dataset_dir = cli.process_zero_first("tregjax.score dataset", lambda: _dataset_dir(config))
-  components = cache_components(config, dataset_dir)
-  digest = hashing.hash_json(components)
-  meta_path = os.path.join(cache_dir, CACHE_META)
-  if os.path.exists(meta_path):
-    with open(meta_path) as f:
-      done = json.load(f)
-    if done["hash"] == digest:
-      log.info("scored cache %s is complete and current", cache_dir)
-      return cache_dir
-    raise StaleCacheError(f"{cache_dir} already holds a scored cache of other inputs (hash {done['hash'][:16]}, "
-                          f"this config {digest[:16]}); choose another data.cache_dir or delete it")
-  pid, pcount = jax.process_index(), jax.process_count()
-  os.makedirs(os.path.join(cache_dir, "work"), exist_ok=True)
-  for name in os.listdir(os.path.join(cache_dir, "work")) if pid == 0 else ():  # not another process's live write
-    if ".tmp." in name:  # a write interrupted before its rename
-      os.remove(os.path.join(cache_dir, "work", name))
-  cli.barrier("tregjax.score start")
+  job = jobs.Job("tregjax.score", cache_dir, cache_components(config, dataset_dir), CACHE_META, jobs.ARRAYS,
+                 what="a scored cache", dir_key="data.cache_dir")
+  if job.done():
+    return cache_dir
+  job.start()
 
   data_meta = tfds_builder.read_metadata(dataset_dir)
   tok = ChatTokenizer(data_build.tokenizer_path(config), data_build.data_section(config).end_of_turn_token)
@@ -675,11 +519,9 @@ def run(config: ml_collections.ConfigDict, *, oracle: Oracle | None = None) -> s
                                   data_build.data_section(config).max_prompt_length))
   splits = [sp for sp in s.splits if sp in _splits(dataset_dir)]
   sources = {sp: tfds_builder.data_source(dataset_dir, sp) for sp in splits}
-  shard_size = int(s.shard_size)
-  # Shard n of the global enumeration belongs to process n % pcount, whatever other processes have finished.
-  jobs = [(sp, k) for sp in splits for k in range(-(-len(sources[sp]) // shard_size))]
-  mine = [job for n, job in enumerate(jobs)
-          if n % pcount == pid and _read_shard(_shard_path(cache_dir, *job), digest) is None]
+  ranges = {sp: jobs.item_ranges(len(sources[sp]), int(s.shard_size)) for sp in splits}
+  keys = [(sp, k) for sp in splits for k in range(len(ranges[sp]))]
+  mine = job.mine(keys)
   if mine:
     scorer = Scorer(config, s, pad_id=int(data_meta.get("pad_id", tok.pad_id)), tokenizer=tok,
                     mesh=parallel.mesh_from_config(config, per_process=True))
@@ -689,8 +531,8 @@ def run(config: ml_collections.ConfigDict, *, oracle: Oracle | None = None) -> s
         i = int(np.argmax(lengths.max(axis=1)))
         check_row_lengths(units_of(sources[sp][i], contexts), lambda _: _record_name(sources[sp], sp, i),
                           scorer.max_positions, scorer.max_positions_of)
-    total_pairs = sum(min(shard_size, len(sources[sp]) - k * shard_size) for sp, k in mine)
-    bar = _progress(total_pairs, s.progress_bar)
+    total_pairs = sum(len(ranges[sp][k]) for sp, k in mine)
+    bar = jobs.progress(total_pairs, s.progress_bar, "pair", "scoring")
     t0, tokens_seen = time.perf_counter(), [0]
 
     def on_tokens(n):
@@ -698,7 +540,7 @@ def run(config: ml_collections.ConfigDict, *, oracle: Oracle | None = None) -> s
       bar.set_postfix(tok_s=f"{tokens_seen[0] / max(time.perf_counter() - t0, 1e-9):.0f}", refresh=False)
 
     for sp, k in mine:
-      indices = range(k * shard_size, min((k + 1) * shard_size, len(sources[sp])))
+      indices = ranges[sp][k]
       units = [u for i in indices for u in units_of(sources[sp][i], contexts)]
       where = lambda n, sp=sp, indices=indices: _record_name(sources[sp], sp, indices[n])  # noqa: E731
       check_row_lengths(units, where, scorer.max_positions, scorer.max_positions_of)
@@ -708,18 +550,14 @@ def run(config: ml_collections.ConfigDict, *, oracle: Oracle | None = None) -> s
                                                f"{sp} record {indices[n // 2]}"))
                    for n, (ref, total, _) in enumerate(results)]
       check_finite(results, where)
-      _write_shard(_shard_path(cache_dir, sp, k), digest, indices, results)
+      job.write((sp, k), _shard_arrays(indices, results))
       bar.update(len(indices))
     bar.close()
     log.info("scored %d pairs, %d tokens in %.1fs", total_pairs, tokens_seen[0], time.perf_counter() - t0)
     if contexts.truncated:
       log.warning("cut %d contrastive contexts like their truncated plain prompt (instruction kept, the prompt's "
                   "start dropped; data.max_prompt_length=%d)", contexts.truncated, contexts.max_prompt_length)
-  cli.barrier("tregjax.score shards")
-  if pid == 0:
-    _assemble(cache_dir, dataset_dir, sources, shard_size, digest, components, s.token_reward.source,
-              cli.compute_dtype(config, s))
-  cli.barrier("tregjax.score assembled")
+  job.finish(lambda: _assemble(job, dataset_dir, sources, keys, s.token_reward.source, cli.compute_dtype(config, s)))
   return cache_dir
 
 
@@ -733,55 +571,36 @@ def _splits(dataset_dir: str) -> list[str]:
   return list(tfds.builder_from_directory(dataset_dir).info.splits)
 
 
-def _progress(total: int, enabled: bool):
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm(total=total, unit="pair", desc="scoring", disable=not enabled, file=sys.stderr)
-
-
-def _assemble(cache_dir: str, dataset_dir: str, sources: dict[str, Any], shard_size: int, digest: str,
-              components: dict[str, str], source_name: str, dtype: str) -> None:
+def _assemble(job: jobs.Job, dataset_dir: str, sources: dict[str, Any], keys: list[jobs.Key], source_name: str,
+              dtype: str) -> None:
   """Shards + tokenized records -> the scored TFDS dataset; then cache_meta.json (last: marks completion)."""
-  counts = {}
+  digest, components = job.digest, job.components
 
   def gen_for(split):
     def gen():
       src = sources[split]
-      for k in range(-(-len(src) // shard_size)):
-        arrays = _read_shard(_shard_path(cache_dir, split, k), digest)
-        if arrays is None:
-          raise RuntimeError(f"work shard {_shard_path(cache_dir, split, k)} is missing after scoring")
+      for arrays in job.shards([key for key in keys if key[0] == split]):
         for i, scored in zip(arrays["indices"], _shard_records(arrays)):
           rec = src[int(i)]
-          out = {key: rec[key] for key in tfds_builder.TOKENIZED_FEATURES}
+          out = {name: rec[name] for name in tfds_builder.TOKENIZED_FEATURES}
           out.update(scored, token_reward_source=source_name)
           yield out
-      counts[split] = len(src)
     return gen
 
   meta = dict(kind="scored", format_version=CACHE_FORMAT_VERSION, hash=digest, components=components,
               token_reward_source=source_name, pad_id=tfds_builder.read_metadata(dataset_dir).get("pad_id", 0),
               end_of_turn_id=tfds_builder.read_metadata(dataset_dir).get("end_of_turn_id"))
-  out = tfds_builder.write("scored", cache_dir, "h" + digest[:16], {sp: gen_for(sp) for sp in sources}, meta)
+  out = tfds_builder.write("scored", job.out_dir, "h" + digest[:16], {sp: gen_for(sp) for sp in sources}, meta)
   records = {sp: len(src) for sp, src in sources.items()}
-  hashing.atomic_write_json(os.path.join(cache_dir, CACHE_META), dict(
+  hashing.atomic_write_json(os.path.join(job.out_dir, CACHE_META), dict(
       hash=digest, components=components, records=records, token_reward_source=source_name, dtype=dtype,
-      dataset=os.path.relpath(out, cache_dir), format_version=CACHE_FORMAT_VERSION))
+      dataset=os.path.relpath(out, job.out_dir), format_version=CACHE_FORMAT_VERSION))
 
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  cli.setup_logging()
-  cli.init_distributed()  # N hosts: each process scores its shards (n % count), process 0 assembles
-  config = flags.FLAGS.config
-  print(cli.report_errors("tregjax.score", lambda: run(config)))  # bad input: one line and its exit status
+  jobs.main("tregjax.score", run)
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, "config file (configs/*.py with get_config())", lock_config=True)
-  flags.mark_flag_as_required("config")
-  cli.define_verbose_flag()
-  app.run(main)
+  jobs.app_main(main)

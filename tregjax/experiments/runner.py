@@ -128,7 +128,7 @@ class Stages:
     if not os.path.exists(os.path.join(self.path(name), "DONE")):
       return False
     if key is not None:
-      from tregjax.score import StaleCacheError  # pylint: disable=g-import-not-at-top
+      from tregjax.data.scored_cache import StaleCacheError  # pylint: disable=g-import-not-at-top
       info = self.info(name)
       if info.get("key") != self.key_hash(key):
         differences = self._differences(info.get("key_json"), key)

@@ -156,12 +156,12 @@ def check_scored_cache(config: ml_collections.ConfigDict) -> None:
   The policy starts from the reference (`model.hf_path`), so the cache must have been scored with that model; a
   random-init run (no hf_path) has no reference to compare with and is only warned about.
   """
-  from tregjax import score  # pylint: disable=g-import-not-at-top
+  from tregjax.data import scored_cache  # pylint: disable=g-import-not-at-top
   if not config.model.hf_path:
     log.warning("model.hf_path is empty (random init): cannot check that %s was scored with this model",
                 config.data.cache_dir)
     return
-  score.check_cache(config.data.cache_dir, score.cache_components(config))
+  scored_cache.check_cache(config.data.cache_dir, scored_cache.cache_components(config))
 
 
 @dataclasses.dataclass(frozen=True)

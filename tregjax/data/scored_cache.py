@@ -1,0 +1,153 @@
+"""The scored cache's contract: which token-reward sources exist, what inputs a cache depends on, and the check.
+
+`tregjax.score` writes a cache and, last, `cache_meta.json` holding the hash of (model, tokenizer, prompts, source,
+data); the trainer recomputes that hash from its own config and refuses a cache whose hash differs. Both read it
+here, not in the scoring CLI, and a new token-reward source is one `REWARD_SOURCES` entry: its inputs (hashed here)
+and its rewards (computed by the scoring pass). The module imports only the hashing helpers at the top; the config
+schema, the losses and the data builder where they are used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from tregjax.data import hashing
+
+CACHE_FORMAT_VERSION = 1
+CACHE_META = "cache_meta.json"
+
+
+class StaleCacheError(ValueError):
+  """Outputs (a scored cache, generated pairs, a stage) made from other inputs than the ones the caller expects."""
+
+
+class RowValues(NamedTuple):
+  """What a token-reward source may read, per response in response coordinates [U, R] (initial: [U])."""
+  ref: Any  # the reference's log-probs under the plain prompt (0 off the mask)
+  mask: Any
+  beta: float
+  better: Any = None  # the reference under the better / worse prompts (contrastive sources)
+  worse: Any = None
+  second: Any = None  # the second model's log-probs or prefix scores
+  initial: Any = None  # a reward model's prompt-only score
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSource:
+  """One token-reward source of the scoring pass: what it needs and how its rewards are made.
+
+  rewards: RowValues -> token rewards [U, R] (jitted with the scoring pass's combine step); None: zeros, or the
+    host's rewards when `host` is set.
+  host: the rewards come from a Python callable on the host (`score.run(oracle=)` or `score.token_reward.oracle`).
+  contrastive: also score every response under the better and worse prompts (3 context rows instead of 1).
+  second_model: the `score.token_reward` key naming a second model scored over the plain row ("" = none), whose
+    output is `second`: "logps" (a causal LM's token log-probs) or "scores" (a sequence reward model read at every
+    position, with `initial`), by `second_kind`.
+  hashed: further `score.token_reward` keys that define the cache (the second model is hashed by content).
+  """
+  rewards: Callable[[RowValues], Any] | None
+  host: bool = False
+  contrastive: bool = False
+  second_model: str = ""
+  second_kind: str = "logps"
+  hashed: tuple[str, ...] = ()
+
+
+def _losses():
+  from tregjax import losses  # pylint: disable=g-import-not-at-top  (jax only where rewards are computed)
+  return losses
+
+
+REWARD_SOURCES: dict[str, RewardSource] = {
+    "contrastive": RewardSource(lambda v: _losses().contrastive_token_rewards(v.better, v.worse, v.mask),
+                                contrastive=True),
+    "dpo_implicit": RewardSource(
+        lambda v: _losses().dpo_implicit_token_rewards(v.second, v.ref, v.mask, beta=v.beta),
+        second_model="dpo_checkpoint", hashed=("beta",)),
+    "r3hf": RewardSource(lambda v: _losses().r3hf_token_rewards(v.second, v.mask, v.initial),
+                         second_model="reward_model", second_kind="scores"),
+    "confidence": RewardSource(lambda v: _losses().confidence_token_rewards(v.ref, v.mask)),
+    "oracle": RewardSource(None, host=True, hashed=("oracle", "oracle_id")),
+    "none": RewardSource(None),
+}
+SOURCES = tuple(REWARD_SOURCES)
+
+
+def source_spec(name: str) -> RewardSource:
+  """The registry entry of `score.token_reward.source`; an unknown name is a ConfigError naming the closest one."""
+  if name not in REWARD_SOURCES:
+    from tregjax import config_schema  # pylint: disable=g-import-not-at-top
+    raise config_schema.ConfigError(f"config.score.token_reward.source={name!r}: must be one of {SOURCES}"
+                                    f"{config_schema.suggestion(name, SOURCES)}")
+  return REWARD_SOURCES[name]
+
+
+def _data_hash(config, dataset_dir: str | None) -> str:
+  """The tokenized dataset's hash, without building anything (a check must not have side effects)."""
+  from tregjax.data import build as data_build  # pylint: disable=g-import-not-at-top
+  from tregjax.data import tfds_builder  # pylint: disable=g-import-not-at-top
+  if dataset_dir:
+    return tfds_builder.read_metadata(dataset_dir)["hash"]
+  d = data_build.data_section(config)
+  if d.train_files:
+    return data_build.dataset_hash(config)
+  return tfds_builder.read_metadata(tfds_builder.resolve(d.dataset_dir))["hash"]
+
+
+def cache_components(config, dataset_dir: str | None = None) -> dict[str, str]:
+  """Hashes of each input the cache depends on: model, tokenizer, prompts, source, data.
+
+  The compute dtype is recorded in the cache metadata but not hashed: a cache scored in float32 serves a bfloat16
+  training run of the same reference.
+  """
+  from tregjax import cli, config_schema  # pylint: disable=g-import-not-at-top
+  from tregjax.data import build as data_build  # pylint: disable=g-import-not-at-top
+  s = config_schema.section(config, "score")
+  tr = s.token_reward
+  spec = source_spec(tr.source)
+  source: dict[str, Any] = dict(source=tr.source)
+  source.update({k: float(tr[k]) if k == "beta" else tr[k] for k in spec.hashed})
+  if spec.second_model:
+    source[spec.second_model] = hashing.hash_path(tr[spec.second_model])
+  prompts = dict(better=s.better_instruction, worse=s.worse_instruction, role=s.instruction_role) \
+      if spec.contrastive else {}
+  return dict(
+      format=str(CACHE_FORMAT_VERSION),
+      model=hashing.hash_path(cli.model_path(config, "reference")),
+      tokenizer=hashing.tokenizer_hash(data_build.tokenizer_path(config)),
+      prompts=hashing.hash_json(prompts),
+      source=hashing.hash_json(source),
+      data=_data_hash(config, dataset_dir))
+
+
+def cache_hash(config, dataset_dir: str | None = None) -> str:
+  """The hash a cache scored with `config` carries (what the trainer passes to `check_cache`)."""
+  return hashing.hash_json(cache_components(config, dataset_dir))
+
+
+def check_cache(cache_dir: str, expected_hash: str | dict[str, str]) -> dict[str, Any]:
+  """Refuse a missing, incomplete or stale cache with a clear message; returns its metadata.
+
+  `expected_hash` is `cache_hash(config)` or `cache_components(config)` (then the message names what changed).
+  """
+  path = os.path.join(cache_dir, CACHE_META)
+  if not os.path.exists(path):
+    raise StaleCacheError(f"{cache_dir} is not a finished scored cache (no {CACHE_META}); run "
+                          f"`python -m tregjax.score` with this config (it resumes an interrupted run)")
+  with open(path) as f:
+    meta = json.load(f)
+  expected = expected_hash if isinstance(expected_hash, str) else hashing.hash_json(expected_hash)
+  if meta["hash"] != expected:
+    changed = ""
+    if isinstance(expected_hash, dict):
+      keys = set(expected_hash) | set(meta.get("components", {}))
+      diff = sorted(k for k in keys if meta.get("components", {}).get(k) != expected_hash.get(k))
+      changed = f"; changed inputs: {', '.join(diff)}"
+    raise StaleCacheError(f"scored cache {cache_dir} was made from other inputs (cache hash {meta['hash'][:16]}, "
+                          f"expected {expected[:16]}{changed}); rescore with `python -m tregjax.score` into a new "
+                          f"data.cache_dir")
+  return meta
