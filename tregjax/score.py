@@ -57,9 +57,8 @@ from jax.sharding import Mesh
 
 from tregjax import cli, config_schema, jobs, losses, parallel
 from tregjax.data import build as data_build
-from tregjax.data import hashing, pipeline, tfds_builder
-from tregjax.data.scored_cache import (CACHE_FORMAT_VERSION, CACHE_META, REWARD_SOURCES, SOURCES, RowValues,
-                                       cache_components)
+from tregjax.data import hashing, pipeline, scored_cache, tfds_builder
+from tregjax.data.scored_cache import CACHE_FORMAT_VERSION, CACHE_META, REWARD_SOURCES, RowValues, cache_components
 from tregjax.data.tokenize import ChatTokenizer, with_instruction
 
 log = logging.getLogger("tregjax.score")
@@ -79,10 +78,7 @@ def score_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   shares resolved (config_schema.INHERITED: buckets, chunk_size, dtype, progress_bar); an unknown key or source is a
   ConfigError naming it and the closest known one."""
   merged = config_schema.section(config, "score")
-  source = merged.token_reward.source
-  if source not in SOURCES:
-    raise cli.ConfigError(f"config.score.token_reward.source={source!r}: must be one of {SOURCES}"
-                          f"{config_schema.suggestion(source, SOURCES)}")
+  scored_cache.source_spec(merged.token_reward.source)
   return merged
 
 

@@ -118,9 +118,8 @@ def sft_loss(chunk_size: int) -> LossFn:
 
   def loss_fn(model, batch, dropout_key=None):
     seq = batch.chosen
-    hidden = model.hidden_states(seq.tokens, positions=seq.positions, segment_ids=seq.segment_ids,
-                                 dropout_key=dropout_key)
-    logps = losses.chunked_token_logps(hidden, seq.labels, model.unembed, chunk_size=chunk_size)
+    logps = losses.model_token_logps(model, seq.tokens, seq.labels, chunk_size=chunk_size, positions=seq.positions,
+                                     segment_ids=seq.segment_ids, dropout_key=dropout_key)
     mask = seq.loss_mask.astype(jnp.float32)
     nll_sum = -jnp.sum(logps * mask)
     tokens = jnp.sum(mask)
