@@ -9,7 +9,8 @@ from typing import Any
 
 import jax
 
-# Dense bf16 peak FLOP/s per device (vendor datasheets; no sparsity). Matched as substrings of `device.device_kind`.
+# Dense bf16 peak FLOP/s per device (vendor datasheets; no sparsity): the one table behind MFU (the trainer's and the
+# benches'). Matched as case-insensitive substrings of `device.device_kind` (e.g. "TPU v6" matches "TPU v6 lite").
 PEAK_BF16_FLOPS = (
     ("H200", 989e12),
     ("H100", 989e12),  # SXM; the PCIe part is 756e12
@@ -44,16 +45,27 @@ def matmul_params(cfg: Any) -> int:
   return cfg.num_layers * (attn + mlp) + head
 
 
+def forward_flops_per_token(cfg: Any, seq_len: int) -> float:
+  """Model FLOPs of one token's forward at sequence length `seq_len`:
+
+    2 · N_matmul + 4 · L · n_heads · head_dim · T
+
+  2 FLOPs per multiply-add of every matmul weight (`matmul_params`), plus the QKᵀ and AV matmuls over the full T×T
+  score matrix (not halved for causality, as in PaLM/MaxText). The one count behind forward MFU (bench/forward.py)
+  and, ×3, training MFU.
+  """
+  return 2.0 * matmul_params(cfg) + 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+
+
 def train_flops_per_token(cfg: Any, seq_len: int) -> float:
   """Model FLOPs of one training token (forward + backward), PaLM appendix B:
 
-    6 · N_matmul + 12 · L · n_heads · head_dim · T
+    6 · N_matmul + 12 · L · n_heads · head_dim · T  =  3 · forward_flops_per_token
 
-  6N: 2 FLOPs per multiply-add, ×3 for forward + backward (activation and weight gradients). The second term is the
-  QKᵀ and AV matmuls over the full T×T score matrix (not halved for causality, as in PaLM/MaxText). Recomputation
-  under remat is not counted: this is MFU, not hardware FLOPs utilisation.
+  ×3 for forward + backward (activation and weight gradients). Recomputation under remat is not counted: this is
+  MFU, not hardware FLOPs utilisation.
   """
-  return 6.0 * matmul_params(cfg) + 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+  return 3.0 * forward_flops_per_token(cfg, seq_len)
 
 
 class MetricsWriter:
