@@ -20,10 +20,10 @@ import os
 import sys
 import time
 
+import common
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = str(common.REPO)
 
 # The primary metric of each task (what `results.json["policies"][p]` holds) and whether lower is better.
 PRIMARY = {"synthetic": ("error_mass", True), "smollm2-arith": ("accuracy", False)}
@@ -85,7 +85,7 @@ def main() -> None:
   parser.add_argument("--set", action="append", default=[], help="config override key=value (JSON value)")
   parser.add_argument("--workdir", default="")
   parser.add_argument("--tag", default="", help="suffix of the RESULTS.md section and JSON name (keeps another run's)")
-  parser.add_argument("--results", default=os.path.join(ROOT, "bench", "RESULTS.md"))
+  parser.add_argument("--results", default=str(common.RESULTS), help="'' -> print only")
   args = parser.parse_args()
   from tregjax import cli
   from tregjax.experiments import runner
@@ -127,7 +127,7 @@ def main() -> None:
   arms = ["reference"] + list(per_seed[seeds[0]]["arms"])
   # Stage wall times as first computed (a rerun reuses cached stages, so its own wall time says little).
   computed = sum(sum(per_seed[s]["seconds"].values()) for s in seeds) / 60
-  when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+  when = common.today()
   lines = [f"`python bench/experiment_seeds.py {' '.join(sys.argv[1:])}` ({when}; "
            f"stages {computed:.0f} min of 2-core CPU as first computed, this invocation "
            f"{(time.perf_counter() - t0) / 60:.0f} min; task {task}; {metric}, "
@@ -159,26 +159,11 @@ def main() -> None:
                    f"{' '.join(f'{d:+.4f}' for d in diffs)} | {interval(diffs)} |")
   table = "\n".join(lines)
   print("\n" + table)
-  os.makedirs(os.path.join(ROOT, "bench", "out"), exist_ok=True)
-  with open(os.path.join(ROOT, "bench", "out", f"experiment_seeds_{name}.json"), "w") as f:
-    json.dump(dict(seeds=seeds, summary=summary, per_seed={s: per_seed[s]["policies"] for s in seeds},
-                   token_credit={s: per_seed[s]["token_credit"] for s in seeds}), f, indent=1, default=float)
+  common.write_json(f"experiment_seeds_{name}", dict(
+      seeds=seeds, summary=summary, per_seed={s: per_seed[s]["policies"] for s in seeds},
+      token_credit={s: per_seed[s]["token_credit"] for s in seeds}))
   if args.results:
-    write_results(args.results, f"experiment_seeds_{name}", table)
-
-
-def write_results(path: str, key: str, body: str) -> None:
-  """Replace (or append) the section between <!-- BEGIN key --> and <!-- END key --> of bench/RESULTS.md."""
-  begin, end = f"<!-- BEGIN {key} -->", f"<!-- END {key} -->"
-  text = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
-  block = f"{begin}\n{body}\n{end}"
-  if begin in text and end in text:
-    text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
-  else:
-    text = text.rstrip() + "\n\n" + block + "\n"
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)
+    common.update_results(f"experiment_seeds_{name}", table, args.results)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,9 @@ Prints a table and writes bench/out/logprob_memory.json.
 """
 
 import argparse
-import json
-import os
 import platform
-import statistics
-import time
 
+import common
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,12 +19,7 @@ def measure(fn, args, repeats):
   compiled = jax.jit(jax.value_and_grad(fn, (0, 1))).lower(*args).compile()
   temp = compiled.memory_analysis().temp_size_in_bytes
   jax.block_until_ready(compiled(*args))  # warm-up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
-  return temp, statistics.median(times)
+  return temp, common.timed(lambda: jax.block_until_ready(compiled(*args)), repeats)[0]
 
 
 def main():
@@ -64,10 +56,8 @@ def main():
   for r in rows:
     print(f"{r['T']:>6} {r['full_temp_mib']:>10.1f} {r['chunked_temp_mib']:>12.1f} {r['memory_ratio']:>10.3f} "
           f"{r['full_s']:>8.3f} {r['chunked_s']:>10.3f} {r['time_ratio']:>10.2f}")
-  os.makedirs(os.path.join(os.path.dirname(__file__), "out"), exist_ok=True)
-  with open(os.path.join(os.path.dirname(__file__), "out", "logprob_memory.json"), "w") as f:
-    json.dump(dict(args=vars(args), device=jax.devices()[0].device_kind, machine=platform.machine(), rows=rows), f,
-              indent=1)
+  common.write_json("logprob_memory", dict(args=vars(args), device=jax.devices()[0].device_kind,
+                                           machine=platform.machine(), rows=rows))
 
 
 if __name__ == "__main__":

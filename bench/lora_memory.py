@@ -15,8 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 
-import smollm2_common as sc
-import train_bench_util as tb
+import common
 
 LLAMA = {
     "llama3p2_1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
@@ -24,8 +23,7 @@ LLAMA = {
     "llama3_8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
                       num_kv_heads=8, head_dim=128, tie_word_embeddings=False),
 }
-SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
-               head_dim=64, tie_word_embeddings=True)
+SMOLLM2 = common.SMOLLM2_SHAPE
 
 
 def config_for(shape: dict, variant: str, seq: int, dtype: str, remat: str):
@@ -54,12 +52,9 @@ def compiled_memory(config, seq: int, pairs: int = 1) -> dict[str, float]:
   """argument / temp GiB of the compiled step, from abstract state and batch (no allocation)."""
   import jax  # pylint: disable=g-import-not-at-top
   from tregjax import parallel  # pylint: disable=g-import-not-at-top
-  from tregjax.training import config as config_lib  # pylint: disable=g-import-not-at-top
-  from tregjax.training import trainer  # pylint: disable=g-import-not-at-top
-  config_lib.validate(config, check_data=False)
-  mesh = parallel.mesh_from_config(config)
-  program = trainer.build(config, mesh, total_steps=100)
-  batch = tb.preference_batch(pairs, seq // 2, seq - seq // 2 - 1, 1000)
+  program, _ = common.trainer_program(config, init=False)
+  mesh = program.mesh
+  batch = common.preference_batch(pairs, seq // 2, seq - seq // 2 - 1, 1000)
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.batch_sharding(mesh, x.ndim)),
                        batch)
   t0 = time.perf_counter()
@@ -96,26 +91,27 @@ def main() -> None:
                    f"{m['argument_gib']:.1f}", f"{m['temp_gib']:.1f}", f"{m['total_gib']:.1f}",
                    ", ".join(f"{cap} GB: {'yes' if m['total_gib'] <= cap else 'no'}" for cap in (80, 141))])
   print(mem_rows[-1], flush=True)
-  md = (f"### LoRA vs full fine-tuning: DPO-REG step memory and CPU step time ({sc.today()})\n\n"
+  md = (f"### LoRA vs full fine-tuning: DPO-REG step memory and CPU step time ({common.today()})\n\n"
         "`python bench/lora_memory.py`. Memory: `compiled.memory_analysis()` of the trainer's step, lowered from "
         "abstract shapes (nothing allocated or run), 1 pair = 2 rows x 2048 tokens, bf16 compute, full remat; full = "
         "f32 weights + Adam; LoRA = rank 16 on all 7 linear projections, bf16 frozen base, f32 adapters + Adam. "
         "XLA:CPU buffer assignment: a planning figure (GPU temp buffers differ).\n\n"
-        + sc.table(["model", "run", "trainable", "argument GiB", "temp GiB", "total GiB", "fits in"], mem_rows))
+        + common.table(["model", "run", "trainable", "argument GiB", "temp GiB", "total GiB", "fits in"], mem_rows))
   if not a.skip_time:
-    batch = tb.preference_batch(1, a.time_seq // 2, a.time_seq - a.time_seq // 2 - 1, SMOLLM2["vocab_size"])
+    batch = common.preference_batch(1, a.time_seq // 2, a.time_seq - a.time_seq // 2 - 1, SMOLLM2["vocab_size"])
     runners = {}
     for variant in ("full", "lora", "top_half_frozen"):
-      runners[variant], _, _ = tb.compiled_runner(config_for(SMOLLM2, variant, a.time_seq, "float32", "none"), batch)
-    times = sc.timed_interleaved(runners, a.repeats)
+      config = config_for(SMOLLM2, variant, a.time_seq, "float32", "none")
+      runners[variant], _, _ = common.compiled_runner(config, batch)
+    times = common.timed_interleaved(runners, a.repeats)
     payload["time"] = {k: v[0] for k, v in times.items()}
     rows = [[k, f"{times[k][0]:.2f}", f"{times[k][0] / times['full'][0]:.2f}"] for k in runners]
     md += (f"\n\nCPU step time on SmolLM2-135M's shape (random weights, f32, 1 pair x {a.time_seq} tokens, median of "
-           f"{a.repeats} interleaved steps; run once, briefly, on a shared machine: {sc.machine()}):\n\n"
-           + sc.table(["run", "step s", "vs full"], rows))
+           f"{a.repeats} interleaved steps; run once, briefly, on a shared machine: {common.machine()}):\n\n"
+           + common.table(["run", "step s", "vs full"], rows))
   print(md)
-  sc.write_json("lora_memory", payload)
-  sc.update_results("lora", md)
+  common.write_json("lora_memory", payload)
+  common.update_results("lora", md)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
     python bench/model_compile.py [--layers 32] [--width 64] [--grad]
 
 Times `jit(...).lower(...).compile()` of the forward (and, with --grad, of a value_and_grad step) for both
-variants; the scanned one should stay roughly flat in depth while the unrolled one grows linearly.
+variants; the scanned one should stay roughly flat in depth while the unrolled one grows linearly. The step time of
+both layer loops, per depth: bench/train_step.py --loops scan,unrolled.
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-import model_common  # noqa: F401  (repo on sys.path)
-from smollm2_common import machine, table, today, update_results, write_json
+from common import machine, table, today, update_results, write_json
 
 
 def main() -> None:

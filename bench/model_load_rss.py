@@ -13,12 +13,9 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 
-import model_common
-from smollm2_common import REPO, machine, table, today, update_results, write_json
+from common import REPO, llama_hf_config, machine, run_python, table, today, update_results, write_json
 
 _MAKE = """
 import sys, jax.numpy as jnp
@@ -62,15 +59,6 @@ print("RESULT" + json.dumps({"baseline_mib": base, "peak_mib": peak, "after_mib"
 """
 
 
-def _run(code: str, *argv: str) -> dict:
-  proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=False,
-                        cwd=str(REPO))
-  if proc.returncode:
-    raise RuntimeError(proc.stderr[-3000:])
-  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")]
-  return json.loads(line[-1][len("RESULT"):]) if line else {}
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--layers", type=int, default=16)
@@ -80,15 +68,15 @@ def main() -> None:
   parser.add_argument("--skip-transformers", action="store_true")
   args = parser.parse_args()
 
-  hf_config = model_common.llama_hf_config(args.layers, args.width, args.vocab)
+  hf_config = llama_hf_config(args.layers, args.width, args.vocab)
   path = args.keep or tempfile.mkdtemp(prefix="tregjax-rss-")
   if not os.path.exists(os.path.join(path, "config.json")):
-    _run(_PRELUDE.format(repo=str(REPO)) + _MAKE, path, json.dumps(hf_config))
+    run_python(_PRELUDE.format(repo=str(REPO)) + _MAKE, path, json.dumps(hf_config))
   size_mib = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors")) / 2**20
   results = {"date": today(), "device": machine(), "args": vars(args), "checkpoint_mib": size_mib}
   loaders = ["tregjax"] + ([] if args.skip_transformers else ["transformers"])
   for name in loaders:
-    results[name] = _run(_PRELUDE.format(repo=str(REPO)) + _LOAD[name] + _EPILOGUE, path)
+    results[name] = run_python(_PRELUDE.format(repo=str(REPO)) + _LOAD[name] + _EPILOGUE, path)
   if not args.keep:
     shutil.rmtree(path)
   rows = []

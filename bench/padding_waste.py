@@ -14,20 +14,18 @@ import argparse
 import time
 
 import numpy as np
-from smollm2_common import machine, table, today, update_results, write_json
+from common import lognormal_lengths, machine, table, today, update_results, write_json
 
 from tregjax.data.pipeline import BatchPlan
 
 MAX_PROMPT, MAX_LENGTH = 512, 1024
 
 
-def lognormal_lengths(n: int, seed: int = 0) -> np.ndarray:
-  rng = np.random.default_rng(seed)
-  prompt = np.clip(np.round(rng.lognormal(np.log(100), 0.8, n)), 4, MAX_PROMPT).astype(np.int64)
-  budget = MAX_LENGTH - prompt
-  chosen = np.minimum(np.clip(np.round(rng.lognormal(np.log(250), 0.8, n)), 1, None), budget)
-  rejected = np.minimum(np.clip(np.round(rng.lognormal(np.log(250), 0.8, n)), 1, None), budget)
-  return np.stack([prompt + chosen, prompt + rejected], axis=1).astype(np.int32)
+def pair_lengths(n: int, seed: int = 0) -> np.ndarray:
+  """[n, 2] lengths of the chosen and rejected rows (prompt + response)."""
+  p, c, r = lognormal_lengths(n, prompt_median=100, response_median=250, min_prompt=4, max_prompt=MAX_PROMPT,
+                              max_length=MAX_LENGTH, seed=seed).T
+  return np.stack([p + c, p + r], axis=1)
 
 
 def waste_of(plan: BatchPlan, lengths: np.ndarray) -> tuple[float, int, int]:
@@ -62,7 +60,7 @@ def main() -> None:
   parser.add_argument("--pairs", type=int, default=20000)
   parser.add_argument("--batch", type=int, default=32)
   args = parser.parse_args()
-  lengths = lognormal_lengths(args.pairs)
+  lengths = pair_lengths(args.pairs)
   variants = {
       "pad to max_length (1024)": dict(buckets=(MAX_LENGTH,), packing=False),
       "buckets 256/512/1024": dict(buckets=(256, 512, MAX_LENGTH), packing=False),

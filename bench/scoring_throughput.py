@@ -19,8 +19,8 @@ import tempfile
 import time
 
 import numpy as np
-from model_common import llama_hf_config, save_random_hf_llama
-from smollm2_common import machine, table, today, update_results, write_json
+from common import (llama_hf_config, machine, save_random_hf_llama, table, timed_interleaved, today, update_results,
+                    write_json)
 
 import ml_collections  # noqa: E402
 
@@ -112,12 +112,9 @@ def main() -> None:
     variants[name]["first_s"] = time.perf_counter() - t0
   torch_names = [n for n in variants if n.startswith("transformers")]
 
-  times = {name: [] for name in variants}
-  for _ in range(args.repeats):  # interleaved: load from other jobs hits every variant alike
-    for name, v in variants.items():
-      t0 = time.perf_counter()
-      v["run"]()
-      times[name].append(time.perf_counter() - t0)
+  # interleaved: load from other jobs hits every variant alike
+  times = {name: ts for name, (_, ts) in timed_interleaved({n: v["run"] for n, v in variants.items()},
+                                                           args.repeats).items()}
 
   ref = variants[torch_names[0]]["result"]
   # The ratio is against the FASTEST torch setting measured (thread oversubscription can slow torch down a lot).

@@ -10,12 +10,9 @@ device) and the peak host RSS of the whole process (ru_maxrss). The tokenizer is
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
 
-from smollm2_common import REPO, gguf_path, machine, table, today, update_results, write_json
+from common import gguf_path, machine, run_python, table, today, update_results, write_json
 
 _TREGJAX = r"""
 import json, resource, sys, time
@@ -26,7 +23,7 @@ t1 = time.perf_counter()
 m = models.from_pretrained(sys.argv[1], dtype={dtype}, param_dtype=jnp.float32)
 jax.block_until_ready(jax.tree.leaves(m))
 t2 = time.perf_counter()
-print(json.dumps({{"import_s": t1 - t0, "load_s": t2 - t1, "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+print("RESULT" + json.dumps({{"import_s": t1 - t0, "load_s": t2 - t1, "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 """
 
 _TRANSFORMERS = r"""
@@ -37,16 +34,8 @@ t1 = time.perf_counter()
 p = sys.argv[1]
 m = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(p), gguf_file=os.path.basename(p), dtype={dtype})
 t2 = time.perf_counter()
-print(json.dumps({{"import_s": t1 - t0, "load_s": t2 - t1, "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+print("RESULT" + json.dumps({{"import_s": t1 - t0, "load_s": t2 - t1, "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 """
-
-
-def run(code: str, path: str) -> dict:
-  proc = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, cwd=REPO,
-                        env=None)
-  if proc.returncode != 0:
-    raise RuntimeError(proc.stderr[-3000:])
-  return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -62,7 +51,7 @@ def main() -> None:
   }
   results = {"date": today(), "machine": machine(), "dtype": args.dtype, "variants": {}}
   for name, code in variants.items():
-    runs = [run(code, path) for _ in range(args.repeats)]
+    runs = [run_python(code, path) for _ in range(args.repeats)]
     results["variants"][name] = {
         "runs": runs, **{k: statistics.median(r[k] for r in runs) for k in ("import_s", "load_s", "rss_mib")}}
   base = results["variants"]["transformers GGUF loader"]

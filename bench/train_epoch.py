@@ -30,14 +30,13 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+import common
 import numpy as np
-import smollm2_common as sc
 
 STEP_PAIRS, PROMPT, RESPONSE = 4, 40, 127
 RETAIN_TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
@@ -55,11 +54,6 @@ BATCHING = {"ladder": dict(buckets=(64, 128, 256, 512), fit_buckets=False),
 BATCHING_LABELS = {"ladder": "buckets 64/128/256/512 (the old default)",
                    "fitted": "buckets fitted to the data (data.fit_buckets, the default)",
                    "packing": "packing into 512-token rows"}
-
-
-def _usage() -> dict:
-  r = resource.getrusage(resource.RUSAGE_SELF)
-  return dict(user=r.ru_utime, sys=r.ru_stime, minflt=r.ru_minflt)
 
 
 def _emit(payload: dict) -> None:
@@ -81,35 +75,29 @@ def _trainer_config(hf: str, batch: int):
 
 
 def worker_step_tregjax(a) -> None:
-  import train_bench_util as tb  # pylint: disable=g-import-not-at-top
   config = _trainer_config(a.hf, STEP_PAIRS)
-  batch = tb.preference_batch(STEP_PAIRS, PROMPT, RESPONSE, 49152)
-  run, compiled, compile_s = tb.compiled_runner(config, batch)
+  batch = common.preference_batch(STEP_PAIRS, PROMPT, RESPONSE, 49152)
+  run, compiled, compile_s = common.compiled_runner(config, batch)
   for _ in range(2):
     run()
-  times, before = [], _usage()
-  for _ in range(a.steps):
-    t0 = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - t0)
-  after = _usage()
-  flops = compiled.cost_analysis()
-  flops = (flops[0] if isinstance(flops, list) else flops).get("flops", float("nan"))
-  _emit(dict(step_s=statistics.median(times), times=times, compile_s=compile_s, step_flops=flops,
+  before = common.usage()
+  step_s, times = common.timed(run, a.steps)
+  after = common.usage()
+  _emit(dict(step_s=step_s, times=times, compile_s=compile_s,
+             step_flops=common.xla_flops(compiled),
              **{k + "_per_step": (after[k] - before[k]) / a.steps for k in after}))
 
 
 def worker_split_tregjax(a) -> None:
   """Forward (loss only), forward + backward (no optimizer) and the whole step, each with XLA's FLOP count."""
   import jax  # pylint: disable=g-import-not-at-top
-  import train_bench_util as tb  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
   from tregjax.training import config as config_lib  # pylint: disable=g-import-not-at-top
   from tregjax.training import step as step_lib  # pylint: disable=g-import-not-at-top
   config = _trainer_config(a.hf, STEP_PAIRS)
-  program, state = tb.trainer_program(config)
-  placed = program.place(tb.preference_batch(STEP_PAIRS, PROMPT, RESPONSE, 49152))
+  program, state = common.trainer_program(config)
+  placed = program.place(common.preference_batch(STEP_PAIRS, PROMPT, RESPONSE, 49152))
   loss_fn = step_lib.make_loss_fn("preference", config_lib.objective_options(config), config.train.logits_chunk_size)
 
   def loss(params):
@@ -120,58 +108,30 @@ def worker_split_tregjax(a) -> None:
   out = {"model_train_flops": metrics.train_flops_per_token(program.model_cfg, t) * 2 * STEP_PAIRS * t}
   for name, fn in {"forward": jax.jit(loss), "forward+backward": jax.jit(jax.grad(loss))}.items():
     compiled = fn.lower(state.params).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
     jax.block_until_ready(compiled(state.params))
-    times = []
-    for _ in range(a.steps):
-      t0 = time.perf_counter()
-      jax.block_until_ready(compiled(state.params))
-      times.append(time.perf_counter() - t0)
-    out[name] = dict(s=statistics.median(times), flops=cost.get("flops", float("nan")))
+    out[name] = dict(s=common.timed(lambda: jax.block_until_ready(compiled(state.params)), a.steps)[0],  # noqa: B023
+                     flops=common.xla_flops(compiled))
   _emit(out)
 
 
 # --------------------------------------------------------------------------------------------- the step, TRL
 
 def _trl_trainer(a, rows: list[dict], tok, variant: str, max_steps: int, callbacks):
+  """TRL's DPOTrainer on the float32 HF directory, `STEP_PAIRS` pairs per step, in the TRL variant's settings."""
   import torch  # pylint: disable=g-import-not-at-top
-  from datasets import Dataset  # pylint: disable=g-import-not-at-top
   from transformers import AutoModelForCausalLM  # pylint: disable=g-import-not-at-top
-  from trl import DPOConfig, DPOTrainer  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
   model = AutoModelForCausalLM.from_pretrained(a.hf, dtype=torch.float32)
-  args = DPOConfig(output_dir=tempfile.mkdtemp(prefix="trl-epoch-"), per_device_train_batch_size=STEP_PAIRS,
-                   max_steps=max_steps, learning_rate=1e-6, beta=0.1, report_to="none", save_strategy="no",
-                   logging_steps=10**6, use_cpu=True, dataloader_num_workers=0, seed=0, max_length=4096,
-                   **TRL_VARIANTS[variant])
-  return DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                    callbacks=callbacks)
-
-
-def _clock():
-  from transformers import TrainerCallback  # pylint: disable=g-import-not-at-top
-  stamps: list[tuple[float, dict]] = []
-
-  class Clock(TrainerCallback):
-
-    def on_step_end(self, args, state, control, **kwargs):  # pylint: disable=unused-argument
-      stamps.append((time.perf_counter(), _usage()))
-
-  return Clock(), stamps
+  return common.trl_dpo_trainer(model, rows, tok, STEP_PAIRS, max_steps, callbacks, **TRL_VARIANTS[variant])
 
 
 def worker_step_trl(a) -> None:
-  import train_bench_util as tb  # pylint: disable=g-import-not-at-top
-  import train_throughput as tt  # pylint: disable=g-import-not-at-top
-  batch = tb.preference_batch(STEP_PAIRS, PROMPT, RESPONSE, 49152)
+  batch = common.preference_batch(STEP_PAIRS, PROMPT, RESPONSE, 49152)
   # A word-level tokenizer over SmolLM2's whole vocabulary: TRL trains on our exact ids.
-  tok = tt.word_tokenizer(tempfile.mkdtemp(prefix="trl-tok-") + "/tok", vocab_size=49152)
-  words = lambda ids: " ".join(f"w{i}" for i in ids)  # noqa: E731
-  c, r = batch.chosen, batch.rejected
-  rows = [{"prompt": words(c.tokens[i, :PROMPT]), "chosen": " " + words(c.tokens[i, PROMPT:-1]),
-           "rejected": " " + words(r.tokens[i, PROMPT:-1])} for i in range(STEP_PAIRS)]
-  clock, stamps = _clock()
+  tok = common.word_tokenizer(tempfile.mkdtemp(prefix="trl-tok-") + "/tok", vocab_size=49152)
+  c = batch.chosen
+  rows = common.trl_rows(batch, PROMPT)
+  clock, stamps = common.step_clock()
   trainer = _trl_trainer(a, rows * (a.steps + 4), tok, a.variant, a.steps + 3, [clock])
   first = trainer.train_dataset[0]
   assert list(first["prompt_ids"]) + list(first["chosen_ids"]) == c.tokens[0].tolist(), "TRL tokenized other ids"
@@ -244,7 +204,7 @@ def worker_epoch_trl(a) -> None:
       rows.append(dict(prompt=r["prompt"], chosen=[{"role": "assistant", "content": r["chosen"]}],
                        rejected=[{"role": "assistant", "content": r["rejected"]}]))
   steps = len(rows) // STEP_PAIRS  # one epoch, the last partial batch dropped as tregjax's drop_remainder does
-  clock, stamps = _clock()
+  clock, stamps = common.step_clock()
   t0 = time.perf_counter()
   trainer = _trl_trainer(a, rows, tok, a.variant, steps, [clock])
   t1 = time.perf_counter()
@@ -292,8 +252,8 @@ def step_part(a) -> str:
   hosts = {h: spawn(a, "step_tregjax", host=h) for h in ("system", "hugepages", "retain")}
   trl = {v: spawn(a, "step_trl", v) for v in TRL_VARIANTS}
   split = spawn(a, "split_tregjax")
-  payload = dict(hosts=hosts, trl=trl, split=split, steps=a.steps, machine=sc.machine(), date=sc.today())
-  sc.write_json("train_epoch_step", payload)
+  payload = dict(hosts=hosts, trl=trl, split=split, steps=a.steps, machine=common.machine(), date=common.today())
+  common.write_json("train_epoch_step", payload)
   return render_step(payload)
 
 
@@ -322,7 +282,7 @@ def render_step(p: dict) -> str:
           f"float32 weights from the same HF directory, median of {p.get('steps', 5)} steps after warm-up; each row its own "
           f"process (peak RSS is its own). TRL trains plain DPO (it has no T-REG); tregjax's DPO-REG costs what its "
           f"DPO does (`train_reg_overhead`).\n\n"
-          + sc.table(["trainer", "s / step", "tokens/s", "peak RSS GiB", "user / sys CPU s per step",
+          + common.table(["trainer", "s / step", "tokens/s", "peak RSS GiB", "user / sys CPU s per step",
                       "minor faults / step", "speed vs TRL defaults"], rows)
           + f"\n\nWhere tregjax's step goes (same run, default allocator; model FLOPs = 6·N + attention, PaLM's "
           f"count, {(train_flops or 0) / 1e12:.2f} TFLOP per step): the loss forward {fwd['s']:.2f} s "
@@ -338,8 +298,8 @@ def epoch_part(a) -> str:
   ours = {b: spawn(a, "epoch_tregjax", b) for b in BATCHING}
   trl = {v: spawn(a, "epoch_trl", v) for v in ("default", "matched_precompute")}
   payload = dict(reference=ref, ours=ours, trl=trl, pairs_file=sum(1 for _ in open(a.pairs, encoding="utf-8")),
-                 machine=sc.machine(), date=sc.today())
-  sc.write_json("train_epoch_epoch", payload)
+                 machine=common.machine(), date=common.today())
+  common.write_json("train_epoch_epoch", payload)
   return render_epoch(payload)
 
 
@@ -365,7 +325,7 @@ def render_epoch(p: dict) -> str:
           f"SmolLM2's chat template on both sides. Seconds of wall time per stage, compile and model loading "
           f"included (TRL's `precompute_ref_log_probs` runs in its constructor, so it lands in the tokenize "
           f"column); tokens/s = real (unpadded) tokens of the epoch / all its seconds.\n\n"
-          + sc.table(["run", "tokenize s", "reference pass s", "train s", "epoch s", "padding", "jit shapes",
+          + common.table(["run", "tokenize s", "reference pass s", "train s", "epoch s", "padding", "jit shapes",
                       "tokens/s", "vs TRL defaults"], rows))
 
 
@@ -387,9 +347,9 @@ def main() -> None:
   if a.render:
     for part, render in (("epoch", render_epoch), ("step", render_step)):
       if part in a.parts.split(","):
-        md = render(json.loads((sc.OUT_DIR / f"train_epoch_{part}.json").read_text()))
+        md = render(json.loads((common.OUT_DIR / f"train_epoch_{part}.json").read_text()))
         print(md)
-        sc.update_results(f"train_epoch_{part}", md)
+        common.update_results(f"train_epoch_{part}", md)
     return
   a.hf = a.hf or os.path.join(a.workdir, "reference", "hf")
   a.pairs = a.pairs or os.path.join(a.workdir, "samples", "pairs.jsonl")
@@ -402,7 +362,7 @@ def main() -> None:
     if part in a.parts.split(","):
       md = fn(a)
       print(md)
-      sc.update_results(f"train_epoch_{part}", md)
+      common.update_results(f"train_epoch_{part}", md)
 
 
 if __name__ == "__main__":

@@ -18,18 +18,9 @@ import argparse
 import time
 
 import numpy as np
-import train_bench_util as tb
 import train_throughput as tt
-from smollm2_common import machine, table, timed_interleaved, today, update_results, write_json
-
-
-def lengths_of(n: int, max_length: int, seed: int = 0) -> np.ndarray:
-  """[n, 3] prompt, chosen and rejected response lengths (padding_waste.py's lognormals, scaled by 0.24)."""
-  rng = np.random.default_rng(seed)
-  prompt = np.clip(np.round(rng.lognormal(np.log(24), 0.8, n)), 2, max_length // 2).astype(np.int64)
-  budget = max_length - prompt
-  resp = [np.minimum(np.clip(np.round(rng.lognormal(np.log(60), 0.8, n)), 1, None), budget) for _ in range(2)]
-  return np.stack([prompt, *resp], axis=1).astype(np.int32)
+from common import (lognormal_lengths, machine, table, timed_interleaved, today, trainer_step, update_results,
+                    write_json)
 
 
 def records_of(lengths: np.ndarray, vocab: int, seed: int = 0) -> dict[int, dict]:
@@ -56,7 +47,7 @@ class Variant:
     config.loss.regularizer, config.loss.alpha = "treg", 0.25
     config.data.packing, config.data.max_segments = slots > 1, max(slots, 1)
     config.data.buckets, config.data.max_length = tuple(plan.buckets), max_length
-    step, self.state, self.place, _ = tb.trainer_step(config)
+    step, self.state, self.place, _ = trainer_step(config)
     self.name = name
     self.batches = [(length, [plan.units[u] if u >= 0 else [] for u in units]) for length, units in plan.epoch(0)]
     by_shape: dict[int, list] = {}
@@ -100,7 +91,9 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()
   from tregjax.data.pipeline import BatchPlan  # pylint: disable=g-import-not-at-top
-  lengths = lengths_of(args.pairs, args.max_length)
+  # padding_waste.py's lognormals scaled by 0.24 (prompt median 24, responses 60)
+  lengths = lognormal_lengths(args.pairs, prompt_median=24, response_median=60, min_prompt=2,
+                              max_prompt=args.max_length // 2, max_length=args.max_length)
   rows = np.stack([lengths[:, 0] + lengths[:, 1], lengths[:, 0] + lengths[:, 2]], axis=1)
   records = records_of(lengths, tt.VOCAB)
   m = args.max_length

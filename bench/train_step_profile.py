@@ -4,14 +4,14 @@
     python bench/train_step_profile.py --preset llama3p2_1b --pairs 8 --seq 2048 --dtype bfloat16 \
         --remat dots --chunk 512   # GPU
 
-The step and its arguments are those of bench/train_step_mfu.py. Runs `--steps` steps under `jax.profiler.trace`,
-maps every traced op (the `hlo_op` of each trace event) to its instruction in the compiled module, and sums time per
-category: matmul (dots, GEMM custom calls, fusions around a dot), attention kernel (fused-attention custom calls),
+The step and its arguments are those of bench/train_step.py (one variant: `--variant`, `--loop`). Runs `--steps` steps
+under `jax.profiler.trace`, maps every traced op (the `hlo_op` of each trace event) to its instruction in the compiled
+module, and sums time per category: matmul (dots, GEMM custom calls, fusions around a dot), attention kernel (fused-attention custom calls),
 reductions (fusions holding a reduce: log-softmax, norms, softmax), copies/transposes (fusions whose result is a
 layout change), scan buffers (dynamic slices and updates, zero-filled stacks), collectives, other fusions.
 Control-flow ops (while, conditional, call) are left out: their bodies' ops are traced on their own. The matmul row
 also gives the dots' own FLOP/s (FLOPs from the HLO dot shapes), so the gap between matmul efficiency and the step's
-MFU (bench/train_step_mfu.py) is visible. On CPU several ops run at once on the thread pool, so shares are of summed
+MFU (bench/train_step.py) is visible. On CPU several ops run at once on the thread pool, so shares are of summed
 op time, not of wall time.
 Writes bench/out/train_step_profile.json.
 """
@@ -25,13 +25,10 @@ import gzip
 import json
 import math
 import re
-import statistics
 import tempfile
-import time
 
-import smollm2_common as sc
-import train_bench_util as tb
-import train_step_mfu
+import common
+import train_step
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+?(?:\{[^}]*\})?) ([\w\-$]+)\((.*)$")
 _SHAPE = re.compile(r"\w+\[([\d,]*)\]")
@@ -120,28 +117,24 @@ def trace_op_times(trace_dir: str, module_ops: set) -> tuple[collections.Counter
 def main() -> None:
   import jax  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  train_step_mfu.add_step_args(parser)
-  parser.add_argument("--variant", default="dpo_reg", choices=sorted(train_step_mfu.VARIANTS))
+  train_step.add_step_args(parser)
+  parser.add_argument("--variant", default="dpo_reg", choices=sorted(train_step.VARIANTS))
+  parser.add_argument("--loop", default="scan", choices=["scan", "unrolled"], help="model.scan_layers")
   parser.add_argument("--steps", type=int, default=5)
   args = parser.parse_args()
 
   from tregjax.training import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   from tregjax.training import trainer  # pylint: disable=g-import-not-at-top
-  config = train_step_mfu.step_config(args, args.variant)
+  config = train_step.step_config(args, args.variant, args.loop, int(args.layers) if args.layers else None)
   cfg = trainer.model_config(config)
-  prompt = args.seq // 4
-  batch = tb.preference_batch(args.pairs, prompt, args.seq - prompt - 1, cfg.vocab_size)
-  run, compiled, _ = tb.compiled_runner(config, batch)
+  batch = train_step.step_batch(args, cfg.vocab_size)
+  run, compiled, _ = common.compiled_runner(config, batch)
   instructions, computations = parse_module(compiled.as_text())
   for _ in range(2):  # the first steps after compiling run slower (allocation, thread-pool start)
     run()
-  walls = []
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir):
-      for _ in range(args.steps):
-        t0 = time.perf_counter()
-        run()
-        walls.append(time.perf_counter() - t0)
+      wall, walls = common.timed(run, args.steps)
     times, counts = trace_op_times(trace_dir, set(instructions))
 
   per_category, matmul_flops = collections.Counter(), 0.0
@@ -151,7 +144,6 @@ def main() -> None:
       per_category[category] += us / 1e6 / args.steps
       matmul_flops += op_flops * counts[op] / args.steps
   total = sum(per_category.values())
-  wall = statistics.median(walls)
   tokens = 2 * args.pairs * args.seq
   model_flops = metrics_lib.train_flops_per_token(cfg, args.seq) * tokens
   rows = []
@@ -160,16 +152,16 @@ def main() -> None:
     rows.append([category, f"{seconds * 1e3:.1f}", f"{seconds / total:.1%}", rate])
   device = jax.devices()[0].device_kind
   md = (f"### Where the training step's time goes ({args.variant}, {args.preset}, {args.dtype}, {device})\n\n"
-        f"`python bench/train_step_profile.py --preset {args.preset} --pairs {args.pairs} --seq {args.seq} --dtype "
-        f"{args.dtype} --remat {args.remat} --chunk {args.chunk}{' --unrolled' if args.unrolled else ''}` "
-        f"({sc.today()}, {sc.machine()}). Median wall "
+        f"`python bench/train_step_profile.py {train_step.step_flags(args)} --variant {args.variant} "
+        f"--loop {args.loop}` "
+        f"({common.today()}, {common.machine()}). Median wall "
         f"{wall * 1e3:.1f} ms per step; summed op time {total * 1e3:.1f} ms per step; model FLOPs (PaLM formula) "
         f"{model_flops / 1e12:.3f} TFLOP per step, HLO dot FLOPs {matmul_flops / 1e12:.3f} TFLOP.\n\n"
-        + sc.table(["category", "ms / step", "share of op time", "matmul TFLOP/s"], rows))
+        + common.table(["category", "ms / step", "share of op time", "matmul TFLOP/s"], rows))
   print(md)
-  sc.write_json("train_step_profile", dict(args=vars(args), device=device, wall_s=walls, categories=per_category,
-                                           matmul_flops=matmul_flops, model_flops=model_flops, date=sc.today()))
-  sc.update_results(f"train_step_profile_{jax.default_backend()}", md)
+  common.write_json("train_step_profile", dict(args=vars(args), device=device, wall_s=walls, categories=per_category,
+                                               matmul_flops=matmul_flops, model_flops=model_flops, date=common.today()))
+  common.update_results(f"train_step_profile_{jax.default_backend()}", md)
 
 
 if __name__ == "__main__":

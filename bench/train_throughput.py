@@ -14,13 +14,10 @@ batch placement + jitted step + block_until_ready), median after warm-up; tokens
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 
+import common
 import numpy as np
-import smollm2_common as sc
-import train_bench_util as tb
 
 VOCAB, WIDTH, LAYERS, HEADS, KV_HEADS, FFN = 512, 128, 2, 4, 2, 256
 
@@ -44,15 +41,10 @@ def tregjax_config(batch: int, seq: int, scan_layers: bool = True):
 
 def time_tregjax(config, batch, steps: int) -> tuple[float, float]:
   """(median step seconds, compile seconds); a step = batch placement + jitted step + block_until_ready."""
-  run, _, compile_s = tb.compiled_runner(config, batch)
+  run, _, compile_s = common.compiled_runner(config, batch)
   for _ in range(2):  # warm-up, with compiled_runner's own step: 3 before timing
     run()
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), compile_s
+  return common.timed(run, steps)[0], compile_s
 
 
 def backbone_split(config, batch, repeats: int = 8) -> tuple[float, float]:
@@ -68,66 +60,38 @@ def backbone_split(config, batch, repeats: int = 8) -> tuple[float, float]:
   body = lambda p: nnx.merge(graphdef, p, extra).hidden_states(tokens).astype(jnp.float32).sum()
   fwd, grad = jax.jit(body), jax.jit(jax.grad(body))
   jax.block_until_ready((fwd(params), grad(params)))
-  times = sc.timed_interleaved({"fwd": lambda: jax.block_until_ready(fwd(params)),
+  times = common.timed_interleaved({"fwd": lambda: jax.block_until_ready(fwd(params)),
                                 "grad": lambda: jax.block_until_ready(grad(params))}, repeats)
   return times["fwd"][0], times["grad"][0]
-
-
-def word_tokenizer(path: str, vocab_size: int = VOCAB):
-  """A word-level tokenizer over 'w3'..'w{V-1}' (ids 3..): every id is one whitespace-separated word."""
-  from tokenizers import Tokenizer, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
-  from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
-  vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
-  tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-  fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-  fast.save_pretrained(path)
-  return fast
 
 
 def time_trl(batch, steps: int, num_pairs: int, threads: int | None) -> float:
   import torch  # pylint: disable=g-import-not-at-top
   if threads:
     torch.set_num_threads(threads)
-  from datasets import Dataset  # pylint: disable=g-import-not-at-top
-  from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback  # pylint: disable=g-import-not-at-top
-  from trl import DPOConfig, DPOTrainer  # pylint: disable=g-import-not-at-top
+  from transformers import LlamaConfig, LlamaForCausalLM  # pylint: disable=g-import-not-at-top
 
-  tmp = tempfile.mkdtemp(prefix="trl-bench-")
-  tok = word_tokenizer(tmp + "/tok")
+  tok = common.word_tokenizer(tempfile.mkdtemp(prefix="trl-tok-") + "/tok", VOCAB)
   torch.manual_seed(0)
   model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=FFN,
                                        num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                                        num_key_value_heads=KV_HEADS, max_position_embeddings=1024, pad_token_id=0,
                                        eos_token_id=2, bos_token_id=None))
-  words = lambda ids: " ".join(f"w{i}" for i in ids)
   c, r = batch.chosen, batch.rejected
   p_len = int(np.argmax(c.loss_mask[0] > 0)) + 1
-  rows = [{"prompt": words(c.tokens[i, :p_len]), "chosen": " " + words(c.tokens[i, p_len:-1]),
-           "rejected": " " + words(r.tokens[i, p_len:-1])} for i in range(len(c.tokens))]
-  data = Dataset.from_list(rows * ((num_pairs * (steps + 5)) // len(rows) + 1))
-
-  stamps = []
-
-  class Clock(TrainerCallback):
-
-    def on_step_end(self, args, state, control, **kwargs):  # pylint: disable=unused-argument
-      stamps.append(time.perf_counter())
-
-  args = DPOConfig(output_dir=tmp + "/out", per_device_train_batch_size=num_pairs, max_steps=steps + 4,
-                   learning_rate=1e-6, beta=0.1, max_grad_norm=1.0, weight_decay=0.0, report_to="none",
-                   logging_steps=10**6, save_strategy="no", use_cpu=True, precompute_ref_log_probs=True,
-                   dataloader_num_workers=0, seed=0, max_length=4096,
-                   # DPOConfig defaults to bf16=True and gradient_checkpointing=True; both sides here are float32
-                   # without recomputation (bench/train_epoch.py runs TRL's defaults too, on SmolLM2's weights).
-                   bf16=False, gradient_checkpointing=False)
-  trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[Clock()])
+  rows = common.trl_rows(batch, p_len)
+  clock, stamps = common.step_clock()
+  # DPOConfig defaults to bf16=True and gradient_checkpointing=True; both sides here are float32 without
+  # recomputation (bench/train_epoch.py runs TRL's defaults too, on SmolLM2's weights).
+  trainer = common.trl_dpo_trainer(model, rows * ((num_pairs * (steps + 5)) // len(rows) + 1), tok, num_pairs,
+                                   steps + 4, [clock], max_grad_norm=1.0, weight_decay=0.0,
+                                   precompute_ref_log_probs=True, bf16=False, gradient_checkpointing=False)
   first = trainer.train_dataset[0]
   ours = {"prompt_ids": c.tokens[0, :p_len], "chosen_ids": c.tokens[0, p_len:], "rejected_ids": r.tokens[0, p_len:]}
   for k, v in ours.items():  # TRL tokenized exactly our ids (so both sides train on the same tokens)
     assert list(first[k]) == v.tolist(), (k, first[k], v)
   trainer.train()
-  gaps = np.diff(stamps)[3:]
+  gaps = np.diff([t for t, _ in stamps])[3:]
   return float(np.median(gaps))
 
 
@@ -139,7 +103,7 @@ def main() -> None:
   ap.add_argument("--response", type=int, default=95)
   a = ap.parse_args()
   seq = a.prompt + a.response + 1
-  batch = tb.preference_batch(a.batch, a.prompt, a.response, VOCAB)
+  batch = common.preference_batch(a.batch, a.prompt, a.response, VOCAB)
   config = tregjax_config(a.batch, seq)
   unrolled = tregjax_config(a.batch, seq, scan_layers=False)
   tj1, compile_s = time_tregjax(config, batch, a.steps)
@@ -163,11 +127,11 @@ def main() -> None:
            f"{trl_s / trl_one:.2f}x"]]
   md = (f"### Training step throughput: tregjax vs TRL DPOTrainer (CPU, float32)\n\n"
         f"`python bench/train_throughput.py --steps {a.steps} --batch {a.batch} --prompt {a.prompt} "
-        f"--response {a.response}` ({sc.today()}, {sc.machine()}). Llama {LAYERS} layers, width {WIDTH}, vocab "
+        f"--response {a.response}` ({common.today()}, {common.machine()}). Llama {LAYERS} layers, width {WIDTH}, vocab "
         f"{VOCAB}; {a.batch} pairs × T={seq} (chosen + rejected = {tokens} tokens/step); median step after 3 warm-up "
         f"steps; tregjax compile {compile_s:.1f} s / {compile_u:.1f} s unrolled (excluded); tregjax timed before and "
         f"after TRL ({tj1:.4f} / {tj2:.4f} s; unrolled {tu1:.4f} / {tu2:.4f} s), the faster kept.\n\n"
-        + sc.table(["trainer", "median s / step", "tokens/s", "speed vs best TRL"], rows)
+        + common.table(["trainer", "median s / step", "tokens/s", "speed vs best TRL"], rows)
         + f"\n\nGoal ≥ 1.5×: {'met' if trl_s / tj >= 1.5 else 'NOT met'} ({trl_s / tj:.2f}× with the default "
         f"config; {trl_s / tu:.2f}× with the layer loop unrolled). Where tregjax's "
         f"step goes (same run): the decoder body's forward takes {body_fwd:.3f} s and its forward + backward "
@@ -175,10 +139,11 @@ def main() -> None:
         f"{body_grad / tj:.0%} of tregjax's step time (the rest: unembedding + chunked log-softmax, loss, AdamW, "
         f"batch placement; timed at another moment of a shared CPU).")
   print(md)
-  sc.write_json("train_throughput", dict(tregjax_s=[tj1, tj2], tregjax_unrolled_s=[tu1, tu2], body_fwd_s=body_fwd,
-                                         body_grad_s=body_grad, trl_s=[trl_default, trl_one], compile_s=compile_s,
-                                         tokens=tokens, args=vars(a), machine=sc.machine(), date=sc.today()))
-  sc.update_results("train_throughput", md)
+  common.write_json("train_throughput", dict(
+      tregjax_s=[tj1, tj2], tregjax_unrolled_s=[tu1, tu2], body_fwd_s=body_fwd, body_grad_s=body_grad,
+      trl_s=[trl_default, trl_one], compile_s=compile_s, tokens=tokens, args=vars(a), machine=common.machine(),
+      date=common.today()))
+  common.update_results("train_throughput", md)
 
 
 if __name__ == "__main__":
