@@ -68,3 +68,12 @@ def test_build_gives_the_step_the_run_takes(tmp_path):
   assert float(metrics["loss/total"]) == result.final_metrics["loss/total"]
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(result.state.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("device_kind,peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA L4", 121e12), ("NVIDIA L40S", 362e12), ("TPU v6 lite", 918e12),
+    ("TPU v5 lite", 197e12), ("cpu", None)])
+def test_peak_flops_by_device_kind_from_the_datasheets(device_kind, peak):
+  """Dense bf16 datasheet peaks; a device kind containing another's name (L40S contains L4) gets its own."""
+  from tregjax.training import metrics  # pylint: disable=import-outside-toplevel
+  assert metrics.peak_flops_per_device(device_kind) == peak

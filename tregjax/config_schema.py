@@ -162,7 +162,7 @@ def defaults() -> ml_collections.ConfigDict:
   # True: lax.scan over the stacked layers (compile time flat in depth; the choice for accelerators and deep models).
   # False: an unrolled layer loop. On XLA:CPU that avoids the scan's per-layer weight copies and zero-filled residual
   # stacks: 9-15% faster training steps at 2-4 layers, none at 16, at a compile time that grows with depth
-  # (bench/train_layer_loop.py).
+  # (bench/train_step.py --loops scan,unrolled).
   c.model.scan_layers = True
   # Parameter-efficient runs (tregjax.training.partition): LoRA adapters on a frozen base, the frozen weights' dtype.
   c.model.lora = lora_defaults()

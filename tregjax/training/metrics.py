@@ -15,6 +15,7 @@ PEAK_BF16_FLOPS = (
     ("H200", 989e12),
     ("H100", 989e12),  # SXM; the PCIe part is 756e12
     ("A100", 312e12),
+    ("L40S", 362e12),  # before "L4", which it contains
     ("L4", 121e12),
     ("TPU v6", 918e12),
     ("TPU v5p", 459e12),
