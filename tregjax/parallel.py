@@ -177,6 +177,17 @@ def sharding_for(axes: Sequence[str | None] | None, shape: Sequence[int], mesh: 
   return NamedSharding(mesh, _fit_spec(logical_to_spec(axes), shape, mesh, name))
 
 
+def path_str(path: Sequence[Any]) -> str:
+  """A pytree or nnx path as "model/layers/attn/q_proj": dict keys, attribute names and indices alike (jax key
+  objects or nnx's plain names), without the Variable's trailing "value" (the same name for a TrainState, an nnx
+  State and orbax's saved-metadata dicts)."""
+  names = []
+  for k in path:
+    attr = next((a for a in ("key", "name", "idx") if hasattr(k, a)), None)
+    names.append(str(getattr(k, attr)) if attr else str(k))
+  return "/".join(n for n in names if n != "value")
+
+
 def state_shardings(state: Any, mesh: Mesh) -> Any:
   """NamedShardings for an nnx State (or abstract state) from each Variable's `axes` metadata.
 
@@ -187,8 +198,7 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
     if isinstance(leaf, nnx.Variable):
       value = leaf.get_value() if hasattr(leaf, "get_value") else leaf.value
       axes = leaf.get_metadata().get("axes")
-      name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-      return leaf.replace(sharding_for(axes, np.shape(value), mesh, name))
+      return leaf.replace(sharding_for(axes, np.shape(value), mesh, path_str(path)))
     return NamedSharding(mesh, PartitionSpec())
 
   return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

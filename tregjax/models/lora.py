@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tregjax import parallel
+
 # Every projection an adapter can attach to, as "<module>/<weight>" under model/layers (PEFT's module names are
 # the last component). The LM head and embeddings are not targets (PEFT's "all-linear" leaves the output layer out).
 TARGETS = ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "mlp/gate_proj", "mlp/up_proj",
@@ -120,10 +122,6 @@ def apply(module: nnx.Module, name: str, x: jax.Array, y: jax.Array, dropout_key
 # ------------------------------------------------------------------ states
 
 
-def _path(path) -> str:
-  return "/".join(str(getattr(k, "key", k)) for k in path)
-
-
 def is_adapter(path: str) -> bool:
   return path.endswith("_lora/lora_a") or path.endswith("_lora/lora_b")
 
@@ -132,7 +130,7 @@ def init_adapters(abstract_state: nnx.State, key: jax.Array) -> dict[str, jax.Ar
   """Fresh adapter values by path: A ~ U(±1/sqrt(fan_in)) (PEFT: kaiming_uniform(a=√5)), B = 0, so the adapted
   model starts exactly at the base. Each A has its own key (fold_in of its index in path order)."""
   out = {}
-  flat = sorted((_path(p), v) for p, v in nnx.to_flat_state(abstract_state) if is_adapter(_path(p)))
+  flat = sorted((parallel.path_str(p), v) for p, v in nnx.to_flat_state(abstract_state) if is_adapter(parallel.path_str(p)))
   for i, (path, var) in enumerate(flat):
     shape, dtype = var.get_value().shape, var.get_value().dtype
     if path.endswith("lora_b"):
@@ -149,7 +147,7 @@ def fill(abstract_state: nnx.State, values: dict[str, jax.Array]) -> nnx.State:
   """The abstract state with every variable's value taken from `values` (by "a/b/c" path); a missing one is an error."""
   flat = []
   for p, var in nnx.to_flat_state(abstract_state):
-    name = _path(p)
+    name = parallel.path_str(p)
     if name not in values:
       raise KeyError(f"no value for parameter {name}")
     flat.append((p, var.replace(values[name])))
@@ -158,7 +156,7 @@ def fill(abstract_state: nnx.State, values: dict[str, jax.Array]) -> nnx.State:
 
 def flat_values(state: nnx.State) -> dict[str, jax.Array]:
   """{"a/b/c": array} of an nnx State."""
-  return {_path(p): v.get_value() for p, v in nnx.to_flat_state(state)}
+  return {parallel.path_str(p): v.get_value() for p, v in nnx.to_flat_state(state)}
 
 
 def delta(a: jax.Array, b: jax.Array, scale: float, weight_shape: Sequence[int], stacked: bool) -> jax.Array:

@@ -186,7 +186,7 @@ def load_adapter(model: nnx.Module, path: str, *, mesh=None, param_dtype: Any = 
   graphdef, abstract_state = nnx.split(transformer.abstract_model(cfg, dtype=model.model.dtype,
                                                                   param_dtype=param_dtype))
   values = lora.flat_values(nnx.state(model))
-  axes = {lora._path(p): v.get_metadata().get("axes")  # pylint: disable=protected-access
+  axes = {parallel.path_str(p): v.get_metadata().get("axes")
           for p, v in nnx.to_flat_state(abstract_state)}
   for name, x in adapter_values(cfg, path, param_dtype=param_dtype).items():
     sharding = parallel.sharding_for(axes[name], x.shape, mesh) if mesh is not None else None

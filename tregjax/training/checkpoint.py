@@ -17,6 +17,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from tregjax import parallel
+
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint that does not fit this run (another model shape, objective or process count)."""
@@ -47,20 +49,9 @@ def _gather_strings(text: str) -> list[str]:
   return [bytes(row[:n]).decode("utf-8") for row, n in zip(rows, lengths)]
 
 
-def _path(path) -> str:
-  """A tree path as "a/b/0/c", the same for a TrainState and for orbax's saved-metadata dicts."""
-  names = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        names.append(str(getattr(k, attr)))
-        break
-  return "/".join(n for n in names if n != "value")
-
-
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {_path(p): tuple(leaf.shape) for p, leaf in flat if getattr(leaf, "shape", None) is not None}
+  return {parallel.path_str(p): tuple(leaf.shape) for p, leaf in flat if getattr(leaf, "shape", None) is not None}
 
 
 class Checkpointer:

@@ -10,6 +10,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from tregjax import parallel
+
 
 def warmup_steps(opt: ml_collections.ConfigDict, total_steps: int) -> int:
   return int(opt.warmup_steps) if opt.warmup_steps else int(round(opt.warmup_ratio * total_steps))
@@ -31,16 +33,6 @@ def make_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Sch
   return optax.join_schedules([optax.linear_schedule(0.0, opt.lr, warm), after], [warm])
 
 
-def _path_names(path) -> list[str]:
-  names = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        names.append(str(getattr(k, attr)))
-        break
-  return names
-
-
 def decay_mask(params: Any, decay_embeddings: bool) -> Any:
   """True where weight decay applies: weight matrices, never norm scales or biases, embeddings only if asked.
 
@@ -50,7 +42,7 @@ def decay_mask(params: Any, decay_embeddings: bool) -> Any:
   """
 
   def one(path, leaf):
-    names = [n.lower() for n in _path_names(path)]
+    names = parallel.path_str(path).lower().split("/")
     axes = leaf.get_metadata().get("axes") or () if isinstance(leaf, nnx.Variable) else ()
     value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
     if "norm" in axes or any("norm" in n for n in names) or (names and "bias" in names[-1]) or np.ndim(value) <= 1:

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from tregjax import parallel
 from tregjax.training import config as config_lib
 
 DTYPES = ("", "float32", "bfloat16", "float16")
@@ -91,10 +92,6 @@ def with_lora(cfg, config: ml_collections.ConfigDict):
                      lora_dropout=float(lo.dropout))
 
 
-def _path(path) -> str:
-  return "/".join(str(getattr(k, "key", k)) for k in path)
-
-
 def frozen_rows(config: ml_collections.ConfigDict, path: str, shape: tuple[int, ...]) -> list[bool]:
   """Per layer of a stacked parameter (one entry otherwise): does `train.freeze` match it? Layer i of
   "model/layers/attn/q_proj" is matched as "model/layers/i/attn/q_proj" (or the stacked path as a whole)."""
@@ -114,7 +111,7 @@ def trainable_filter(config: ml_collections.ConfigDict):
   kind = nnx.LoRAParam if lora_enabled(config) else nnx.Param
   if not config.train.freeze:
     return kind
-  return lambda path, x: isinstance(x, kind) and not all(frozen_rows(config, _path(path), np.shape(x.get_value())))
+  return lambda path, x: isinstance(x, kind) and not all(frozen_rows(config, parallel.path_str(path), np.shape(x.get_value())))
 
 
 def update_mask(config: ml_collections.ConfigDict, params: nnx.State) -> nnx.State | None:
@@ -124,7 +121,7 @@ def update_mask(config: ml_collections.ConfigDict, params: nnx.State) -> nnx.Sta
   flat, partial = [], False
   for p, v in nnx.to_flat_state(params):
     shape = tuple(np.shape(v.get_value()))
-    rows = frozen_rows(config, _path(p), shape)
+    rows = frozen_rows(config, parallel.path_str(p), shape)
     if len(rows) > 1 and any(rows):
       partial = True
       keep = np.asarray([0.0 if r else 1.0 for r in rows], np.float32).reshape((-1,) + (1,) * (len(shape) - 1))
