@@ -23,8 +23,9 @@ from jax.sharding import Mesh
 from tregjax import losses
 from tregjax import parallel
 
-# (model, batch, dropout_key=None) -> (loss_sum, weight, metrics); the train step passes a fresh key per micro-batch
-# (LoRA dropout), evaluation none.
+# (model, batch, dropout_key=None) -> (loss_sum, weight, metrics); the train step of a model that draws dropout masks
+# (LoRA dropout) passes a fresh key per micro-batch, evaluation never. The models get the key only when there is one,
+# so a model without dropout needs no `dropout_key` argument.
 LossFn = Callable[..., tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
 
 
@@ -49,8 +50,12 @@ def _policy_token_logps(model: nnx.Module, chosen, rejected, chunk_size: int, dr
                                    _pair_rows(chosen.labels, rejected.labels), chunk_size=chunk_size,
                                    positions=_pair_rows(chosen.positions, rejected.positions),
                                    segment_ids=_pair_rows(chosen.segment_ids, rejected.segment_ids),
-                                   dropout_key=dropout_key)
+                                   **_dropout(dropout_key))
   return _unpair_rows(logps)
+
+
+def _dropout(key: jax.Array | None) -> dict[str, jax.Array]:
+  return {} if key is None else {"dropout_key": key}
 
 
 def _segment_slots(segment_ids: jax.Array, max_segments: int) -> jax.Array:
@@ -119,7 +124,7 @@ def sft_loss(chunk_size: int) -> LossFn:
   def loss_fn(model, batch, dropout_key=None):
     seq = batch.chosen
     logps = losses.model_token_logps(model, seq.tokens, seq.labels, chunk_size=chunk_size, positions=seq.positions,
-                                     segment_ids=seq.segment_ids, dropout_key=dropout_key)
+                                     segment_ids=seq.segment_ids, **_dropout(dropout_key))
     mask = seq.loss_mask.astype(jnp.float32)
     nll_sum = -jnp.sum(logps * mask)
     tokens = jnp.sum(mask)
@@ -246,11 +251,12 @@ def _split_micro(x: jax.Array, accum: int, mesh: Mesh | None) -> jax.Array:
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     loss_fn: LossFn, accum_steps: int = 1, mesh: Mesh | None = None,
-                    update_mask: nnx.State | None = None) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+                    update_mask: nnx.State | None = None, dropout: bool = False
+                    ) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
   """The pure step `(state, batch) -> (state, metrics)`; jit it with shardings (see `Trainer`).
 
   `update_mask` (training.partition): 0/1 per layer of parameters frozen in some layers only; their gradients and
-  updates are multiplied by it.
+  updates are multiplied by it. `dropout`: the model draws dropout masks (LoRA dropout > 0), so the loss gets a key.
   """
   masked = lambda tree: tree if update_mask is None else jax.tree.map(jnp.multiply, tree, update_mask)  # noqa: E731
 
@@ -266,6 +272,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
     # The carried key advances as before; the split's other half is this step's dropout key (micro-batch a folds
     # in a), so a resumed run draws the same masks and the stream does not depend on the mesh.
     rng, dropout_key = jax.random.split(jax.random.wrap_key_data(state.rng))
+    dropout_key = dropout_key if dropout else None
     if accum_steps == 1:
       grads, loss_sum, weight, metrics = grads_of(state.params, state.extra, batch, dropout_key)
     else:
@@ -273,7 +280,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sc
 
       def body(carry, xs):
         mb, a = xs
-        g, ls, w, m = grads_of(state.params, state.extra, mb, jax.random.fold_in(dropout_key, a))
+        key = None if dropout_key is None else jax.random.fold_in(dropout_key, a)
+        g, ls, w, m = grads_of(state.params, state.extra, mb, key)
         m = {k: v * w for k, v in m.items()}  # metrics are micro-batch means: re-weight to sums
         return jax.tree.map(jnp.add, carry, (g, ls, w, m)), None
 

@@ -221,14 +221,15 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, total_s
   options = config_lib.objective_options(config) if config.objective == "preference" else None
   max_segments = config.data.max_segments if config.data.packing else 1
   loss_fn = step_lib.make_loss_fn(config.objective, options, config.train.logits_chunk_size, max_segments)
+  model_cfg = model_config(config)
   replicated = parallel.sharding_for(None, (), mesh)
   train_step = jax.jit(
       step_lib.make_train_step(graphdef, tx, schedule, loss_fn, config.optimizer.grad_accum_steps, mesh,
-                               partition.update_mask(config, params)),
+                               partition.update_mask(config, params), dropout=model_cfg.lora_dropout > 0),
       in_shardings=(state_sh, None), out_shardings=(state_sh, replicated), donate_argnums=0)
   eval_step = jax.jit(step_lib.make_eval_step(graphdef, loss_fn), in_shardings=(state_sh.params, state_sh.extra, None),
                       out_shardings=replicated)
-  return Program(config=config, mesh=mesh, model_cfg=model_config(config), graphdef=graphdef, tx=tx,
+  return Program(config=config, mesh=mesh, model_cfg=model_cfg, graphdef=graphdef, tx=tx,
                  schedule=schedule, state_shardings=state_sh, target=target, train_step=train_step,
                  eval_step=eval_step, max_segments=max_segments)
 
