@@ -103,6 +103,24 @@ def test_chunked_token_logps_equals_full_in_value_and_gradient(chunk_size, softc
     np.testing.assert_allclose(g_chunked, g_full, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("length,chunk_size,chunk", [(168, 128, 84), (13, 4, 4), (13, 7, 7), (12, 5, 4),
+                                                     (5, 64, 5)])
+def test_chunked_token_logps_balances_its_chunks(length, chunk_size, chunk):
+  """ceil(T / chunk_size) chunks of equal size (hand-computed): at chunk_size 128 a 168-token row is 2 chunks of 84,
+  not 2 of 128 (256 positions through the LM head for 168)."""
+  seen = set()
+
+  def unembed(h):
+    seen.add(h.shape)
+    return h @ jnp.ones((3, 11), jnp.float32)
+
+  hidden = jnp.ones((2, length, 3), jnp.float32)
+  labels = jnp.zeros((2, length), jnp.int32)
+  out = jax.grad(lambda h: losses.chunked_token_logps(h, labels, unembed, chunk_size=chunk_size).sum())(hidden)
+  assert out.shape == hidden.shape
+  assert seen == {(2, chunk, 3)}
+
+
 def test_chunked_token_logps_never_holds_full_logits():
   """XLA's own accounting: the chunked loss+grad needs ≤ 25% of the full path's temporary memory."""
   b, t, d, v = 2, 1024, 64, 32000
