@@ -13,6 +13,8 @@ Control-flow ops (while, conditional, call) are left out: their bodies' ops are 
 also gives the dots' own FLOP/s (FLOPs from the HLO dot shapes), so the gap between matmul efficiency and the step's
 MFU (bench/train_step.py) is visible. On CPU several ops run at once on the thread pool, so shares are of summed
 op time, not of wall time.
+A second table splits the same time by phase, read from each instruction's `op_name` metadata: jax names the
+backward's ops `transpose(jvp(...))` and the forward's `jvp(...)`; the rest (AdamW, the skip logic) is "update".
 Writes bench/out/train_step_profile.json.
 """
 
@@ -55,6 +57,15 @@ def parse_module(text: str) -> tuple[dict, dict]:
 def _dims(shape: str) -> list[int]:
   m = _SHAPE.search(shape)
   return [int(d) for d in m.group(1).split(",") if d] if m else []
+
+
+def phase(name: str, instructions: dict) -> str:
+  """forward | backward | update, from the instruction's op_name (jax's autodiff names)."""
+  m = re.search(r'op_name="([^"]*)"', instructions[name][2])
+  op_name = m.group(1) if m else ""
+  if "transpose(" in op_name:
+    return "backward"
+  return "forward" if "jvp(" in op_name else "update"
 
 
 def dot_flops(name: str, instructions: dict) -> float:
@@ -121,6 +132,7 @@ def main() -> None:
   parser.add_argument("--variant", default="dpo_reg", choices=sorted(train_step.VARIANTS))
   parser.add_argument("--loop", default="scan", choices=["scan", "unrolled"], help="model.scan_layers")
   parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--section", default="", help="bench/RESULTS.md section (default train_step_profile_<backend>)")
   args = parser.parse_args()
 
   from tregjax.training import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
@@ -138,11 +150,15 @@ def main() -> None:
     times, counts = trace_op_times(trace_dir, set(instructions))
 
   per_category, matmul_flops = collections.Counter(), 0.0
+  per_phase, phase_flops = collections.Counter(), collections.Counter()
   for op, us in times.items():
     category, op_flops = classify(op, instructions, computations)
     if category:
       per_category[category] += us / 1e6 / args.steps
       matmul_flops += op_flops * counts[op] / args.steps
+      key = (phase(op, instructions), category)
+      per_phase[key] += us / 1e6 / args.steps
+      phase_flops[key] += op_flops * counts[op] / args.steps
   total = sum(per_category.values())
   tokens = 2 * args.pairs * args.seq
   model_flops = metrics_lib.train_flops_per_token(cfg, args.seq) * tokens
@@ -150,18 +166,34 @@ def main() -> None:
   for category, seconds in per_category.most_common():
     rate = f"{matmul_flops / seconds / 1e12:.2f}" if category == "matmul" and seconds else ""
     rows.append([category, f"{seconds * 1e3:.1f}", f"{seconds / total:.1%}", rate])
+  phase_rows = []
+  for name in ("forward", "backward", "update"):
+    for category in per_category:
+      seconds = per_phase.get((name, category), 0.0)
+      if seconds >= 0.005 * total:
+        flops = phase_flops.get((name, category), 0.0)
+        rate = f"{flops / seconds / 1e9:.0f}" if flops else ""
+        phase_rows.append([name, category, f"{seconds * 1e3:.1f}", f"{seconds / total:.1%}",
+                           f"{flops / 1e9:.1f}" if flops else "", rate])
   device = jax.devices()[0].device_kind
-  md = (f"### Where the training step's time goes ({args.variant}, {args.preset}, {args.dtype}, {device})\n\n"
+  section = args.section or f"train_step_profile_{jax.default_backend()}"
+  model = args.preset + (" with the overrides below" if args.overrides != "{}" else "")
+  md = (f"### Where the training step's time goes ({args.variant}, {model}, {args.dtype}, {device})\n\n"
         f"`python bench/train_step_profile.py {train_step.step_flags(args)} --variant {args.variant} "
-        f"--loop {args.loop}` "
+        f"--loop {args.loop} --steps {args.steps}" + (f" --section {args.section}" if args.section else "") + "` "
         f"({common.today()}, {common.machine()}). Median wall "
         f"{wall * 1e3:.1f} ms per step; summed op time {total * 1e3:.1f} ms per step; model FLOPs (PaLM formula) "
         f"{model_flops / 1e12:.3f} TFLOP per step, HLO dot FLOPs {matmul_flops / 1e12:.3f} TFLOP.\n\n"
-        + common.table(["category", "ms / step", "share of op time", "matmul TFLOP/s"], rows))
+        + common.table(["category", "ms / step", "share of op time", "matmul TFLOP/s"], rows)
+        + "\n\nBy phase (rows under 0.5% of op time left out):\n\n"
+        + common.table(["phase", "category", "ms / step", "share of op time", "dot GFLOP", "dot GFLOP/s"],
+                       phase_rows))
   print(md)
-  common.write_json("train_step_profile", dict(args=vars(args), device=device, wall_s=walls, categories=per_category,
-                                               matmul_flops=matmul_flops, model_flops=model_flops, date=common.today()))
-  common.update_results(f"train_step_profile_{jax.default_backend()}", md)
+  common.write_json(section, dict(args=vars(args), device=device, wall_s=walls, categories=per_category,
+                                  phases={f"{k[0]}/{k[1]}": v for k, v in per_phase.items()},
+                                  phase_flops={f"{k[0]}/{k[1]}": v for k, v in phase_flops.items()},
+                                  matmul_flops=matmul_flops, model_flops=model_flops, date=common.today()))
+  common.update_results(section, md)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.experiment.reward_model_lr = 1e-5
   c.seed = 0
   c.model.dtype = "float32"  # this CPU has no bfloat16 units
-  c.model.scan_layers = False  # unrolled layer loop: faster CPU steps (bench/train_step.py --loops scan,unrolled)
+  # The unrolled layer loop was the faster CPU step before 0138a17; since then the two loops step equally fast on this
+  # shape (bench/RESULTS.md train_step_smollm2_loops; scan compiles 2.3x faster). Kept so the cached arms reproduce.
+  c.model.scan_layers = False
   c.loss.loss = "dpo"
   c.loss.beta = 0.1
   c.loss.alpha = 0.25  # the paper searched 0.1 / 0.25 / 0.5 (bench/experiment_seeds.py sweeps them)
