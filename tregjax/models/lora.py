@@ -130,7 +130,8 @@ def init_adapters(abstract_state: nnx.State, key: jax.Array) -> dict[str, jax.Ar
   """Fresh adapter values by path: A ~ U(±1/sqrt(fan_in)) (PEFT: kaiming_uniform(a=√5)), B = 0, so the adapted
   model starts exactly at the base. Each A has its own key (fold_in of its index in path order)."""
   out = {}
-  flat = sorted((parallel.path_str(p), v) for p, v in nnx.to_flat_state(abstract_state) if is_adapter(parallel.path_str(p)))
+  named = ((parallel.path_str(p), v) for p, v in nnx.to_flat_state(abstract_state))
+  flat = sorted((path, v) for path, v in named if is_adapter(path))
   for i, (path, var) in enumerate(flat):
     shape, dtype = var.get_value().shape, var.get_value().dtype
     if path.endswith("lora_b"):

@@ -8,7 +8,6 @@ policy around each layer.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -117,16 +116,14 @@ def _split_layers(tree: Any, num_layers: int) -> list[Any]:
 
   Not `a[i]`: the transpose of L slices is L zero-padded [L, ...] gradients summed, which XLA:CPU fused into one
   pass that evaluates all L pads per element (0.76 s of a 10.3 s SmolLM2 training step, bench/RESULTS.md
-  `train_step_profile_smollm2_cpu`); the transpose of a split is one concatenate.
+  `train_step_profile_smollm2_cpu_before`); the transpose of a split is one concatenate.
   """
   leaves, treedef = jax.tree.flatten(tree)
   pieces = [jax.lax.split(a, (1,) * num_layers, axis=0) for a in leaves]
   return [treedef.unflatten([jnp.squeeze(p[i], 0) for p in pieces]) for i in range(num_layers)]
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _unstack(state: nnx.State, num_layers: int) -> list[nnx.State]:
-  return [jax.tree.map(lambda a, i=i: a[i], state) for i in range(num_layers)]
+_unstack = jax.jit(_split_layers, static_argnums=1)  # one dispatch for the decoder's per-layer copies
 
 
 class CausalLM(nnx.Module):
