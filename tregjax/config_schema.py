@@ -48,6 +48,23 @@ WORSE_INSTRUCTION = ("You are an unhelpful assistant. Your response must be unhe
 DATA_FIELDS = dict(prompt="prompt", chosen="chosen", rejected="rejected", responses="all_generated_responses",
                    scores="all_rm_scores", id="")
 
+# The splits the dataset builder writes (tregjax.data.build.splits_of): "validation" only from data.validation_files or
+# data.validation_fraction > 0. data.train_split and data.eval_split must name one of them.
+SPLITS = ("train", "validation")
+
+# Keys that name an input the run will read later: config key -> what it must be ("dir", "file" or "path": either).
+# Checked at start-up (tregjax.training.config.check_inputs), not when the run first opens them hours in.
+INPUT_PATHS: dict[str, str] = {
+    "model.hf_path": "path",  # a Hugging Face directory or a .gguf file
+    "model.tokenizer_path": "dir",
+    "model.lora.init_from": "dir",
+    "data.tokenizer": "dir",
+    "data.train_files": "path",  # a list: each JSONL/parquet file or save_to_disk directory
+    "data.validation_files": "path",
+    "score.token_reward.dpo_checkpoint": "dir",
+    "score.token_reward.reward_model": "dir",
+}
+
 # A key of another section that defaults to its owner's value: key -> owner (dotted paths from the config's root).
 INHERITED: dict[str, str] = {
     "score.buckets": "data.buckets",

@@ -93,7 +93,7 @@ def mesh_from_config(config: Any, *, per_process: bool = False) -> Mesh:
       raise cli.ConfigError(f"config.mesh: {e}") from e
   devices = jax.local_devices()
   try:
-    return make_mesh(-1, fsdp, tensor, devices=devices)
+    return make_mesh(1 if -1 in (fsdp, tensor) else -1, fsdp, tensor, devices=devices)
   except ValueError as e:
     raise cli.ConfigError(f"config.mesh.tensor={tensor} x config.mesh.fsdp={fsdp} does not divide the {len(devices)} "
                           f"local device(s) of this process (score and generate shard the model over fsdp x tensor "
