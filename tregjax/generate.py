@@ -150,7 +150,7 @@ def resolve_scorer(g: ml_collections.ConfigDict, scorer: Scorer | None) -> tuple
   if g.reward_model:
     if scorer is not None:
       raise ValueError("pass either a scorer or generate.reward_model, not both")
-    return None, "reward_model:" + hashing.hash_path(g.reward_model)
+    return None, "reward_model:" + hashing.model_hash(g.reward_model)
   if scorer is None and g.scorer:
     module, _, name = g.scorer.partition(":")
     if not name:
@@ -388,7 +388,7 @@ def output_components(config: ml_collections.ConfigDict, g: ml_collections.Confi
   sampling = dict(num_samples=int(g.num_samples), temperature=float(g.temperature), top_p=float(g.top_p),
                   top_k=int(g.top_k), max_new_tokens=int(g.max_new_tokens), seed=int(g.seed), batch_size=batch_size,
                   buckets=[int(b) for b in g.buckets], shard_size=int(g.shard_size))
-  return dict(format=str(OUTPUT_FORMAT_VERSION), model=hashing.hash_path(cli.model_path(config, "policy")),
+  return dict(format=str(OUTPUT_FORMAT_VERSION), model=hashing.model_hash(cli.model_path(config, "policy")),
               tokenizer=hashing.tokenizer_hash(data_build.tokenizer_path(config)),
               prompts=hashing.hash_paths(list(g.prompt_files)), prompt_config=hashing.hash_json(prompt_cfg),
               sampling=hashing.hash_json(sampling), scorer=hashing.hash_json(scorer_id),
