@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Run any tregjax command on a Cloud TPU VM (one host or a pod slice), detached: create the VM if missing, copy this
-# checkout to every worker, install Python >= 3.11 and jax[tpu] into a venv, then start the command under nohup on
-# every worker (export: worker 0 only). A dropped ssh session does not stop it; each worker logs to its own file.
+# checkout to every worker, install Python >= 3.11, requirements.txt and requirements-tpu.txt (jax[tpu]) into a
+# venv, then start the command under nohup on every worker (export: worker 0 only). A dropped ssh session does not
+# stop it; each worker logs to its own file.
 #
 #   launch/tpu_pod.sh --name NAME --zone ZONE [--accelerator v5p-16] [--version tpu-ubuntu2204-base] [--project P]
-#                     [--spot] [--jax 'jax[tpu]'] [--skip-setup] [--dry-run] COMMAND -- ARGS...
+#                     [--spot] [--skip-setup] [--dry-run] COMMAND -- ARGS...
 #   launch/tpu_pod.sh --name NAME --zone ZONE --status | --tail [N] | --stop
 #
 # COMMAND: score | train | generate | export | assets (python -m tregjax.COMMAND ARGS on the workers; `train` when
@@ -22,7 +23,6 @@ project=""
 spot=0
 dry_run=0
 setup=1
-jax_spec="jax[tpu]"
 action="run"
 tail_lines=50
 command=""
@@ -36,7 +36,6 @@ while [[ $# -gt 0 ]]; do
     --version) version="$2"; shift 2 ;;
     --project) project="$2"; shift 2 ;;
     --spot) spot=1; shift ;;
-    --jax) jax_spec="$2"; shift 2 ;;
     --skip-setup) setup=0; shift ;;
     --dry-run) dry_run=1; shift ;;
     --status) action="status"; shift ;;
@@ -45,7 +44,7 @@ while [[ $# -gt 0 ]]; do
       action="tail"
       if [[ $# -gt 1 && "$2" =~ ^[0-9]+$ ]]; then tail_lines="$2"; shift; fi
       shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     --) shift; args=("$@"); break ;;
     *)
       if [[ -z "$command" && "$commands" == *" $1 "* ]]; then command="$1"; shift
@@ -114,12 +113,12 @@ if [[ $setup -eq 1 ]]; then
       -czf "$archive" .
   run gcloud compute tpus tpu-vm scp "$archive" "${name}:~/tregjax.tar.gz" "${common[@]}" --worker=all
 
-  # 3. A venv with Python >= 3.11 (the image's python3 when new enough, else uv's 3.11), tregjax and jax[tpu].
-  printf -v jax_q '%q' "$jax_spec"
+  # 3. A venv with Python >= 3.11 (the image's python3 when new enough, else uv's 3.11), tregjax's requirements and
+  #    jax[tpu] at the version requirements-tpu.txt pins (with its libtpu).
   install="set -e; mkdir -p ~/tregjax && tar -xzf ~/tregjax.tar.gz -C ~/tregjax && cd ~/tregjax"
   install+="; if python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then python3 -m venv ~/tregjax-venv"
   install+="; else python3 -m pip install -q --user uv && ~/.local/bin/uv venv --seed --python 3.11 ~/tregjax-venv; fi"
-  install+="; ~/tregjax-venv/bin/python -m pip install -q -r requirements.txt $jax_q"
+  install+="; ~/tregjax-venv/bin/python -m pip install -q -r requirements.txt -r requirements-tpu.txt"
   on_workers all "$install"
 fi
 

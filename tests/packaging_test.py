@@ -19,7 +19,7 @@ import pytest
 
 from conftest import REPO_ROOT
 
-SOURCES = ("pyproject.toml", "README.md", "requirements.txt", "packaging", "tregjax")
+SOURCES = ("pyproject.toml", "README.md", "requirements.txt", "requirements-tpu.txt", "packaging", "tregjax")
 
 
 def _name(requirement: str) -> str:
@@ -78,7 +78,8 @@ def test_wheel_requires_jax_and_numpy_and_names_the_extras(wheel):
   with open(os.path.join(REPO_ROOT, "requirements.txt"), encoding="utf-8") as f:
     wanted = [l.split("#", 1)[0].strip() for l in f if l.split("#", 1)[0].strip()]
   assert extras["train"] == wanted  # [train] is what README command 1 installs
-  assert extras["tpu"] == ["jax[tpu]>=0.10.2"] and extras["cuda"] == ["jax[cuda12]>=0.10.2"]
+  assert extras["tpu"] == extras["compile"] == ["jax[tpu]==0.10.2"]  # libtpu 0.0.42.*, the compile helper's pin
+  assert extras["cuda"] == ["jax[cuda12]>=0.10.2"]
   for command in ("train", "score", "generate", "export", "assets"):
     assert f"tregjax-{command} = tregjax.scripts:{command}" in scripts
 

@@ -76,6 +76,23 @@ def _read_safetensors_header(path: str) -> tuple[dict[str, Any], int]:
   return header, 8 + n
 
 
+def weight_files(path: str) -> list[str]:
+  """The safetensors shards an HF directory's weights are read from: those its model.safetensors.index.json names,
+  else every top-level *.safetensors (what the model's cache key hashes, `data.hashing.model_files`)."""
+  index_path = os.path.join(path, "model.safetensors.index.json")
+  if os.path.exists(index_path):
+    with open(index_path) as f:
+      files = sorted(set(json.load(f)["weight_map"].values()))
+    files = [os.path.join(path, name) for name in files]
+  else:
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+  if not files:
+    pickles = [n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+    hint = f" (found {pickles}: pickle checkpoints are refused; convert them to safetensors)" if pickles else ""
+    raise FileNotFoundError(f"{path}: no *.safetensors files{hint}")
+  return files
+
+
 class SafetensorsSource:
   """A local HF model directory: config.json + one or many *.safetensors (index.json optional)."""
 
@@ -88,17 +105,7 @@ class SafetensorsSource:
       raise FileNotFoundError(f"{path}: no config.json")
     with open(config_path) as f:
       self._config = json.load(f)
-    index_path = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index_path):
-      with open(index_path) as f:
-        files = sorted(set(json.load(f)["weight_map"].values()))
-      files = [os.path.join(path, name) for name in files]
-    else:
-      files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not files:
-      pickles = [n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
-      hint = f" (found {pickles}: pickle checkpoints are refused; convert them to safetensors)" if pickles else ""
-      raise FileNotFoundError(f"{path}: no *.safetensors files{hint}")
+    files = weight_files(path)
     self._entries: dict[str, tuple[str, dict[str, Any], int]] = {}
     for file in files:
       header, offset = _read_safetensors_header(file)
