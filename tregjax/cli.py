@@ -29,6 +29,7 @@ EXIT_CONFIG = 4  # a config key that cannot run (ConfigError)
 EXIT_BAD_RECORD = 5  # a bad data record (DataError), or too many skipped ones
 EXIT_STALE = 6  # outputs of other inputs are in the way (StaleCacheError, CheckpointMismatchError)
 EXIT_NON_FINITE = 7  # a run or a scored value went non-finite (NonFiniteError)
+EXIT_DOES_NOT_FIT = 8  # tregjax.compile: a compiled program needs more memory than the chip has (DoesNotFitError)
 
 # Expected errors by class name (tregjax.errors and the modules that define the others; this module imports no
 # tregjax module) -> exit status; the most specific base wins.
@@ -39,6 +40,8 @@ EXPECTED_ERRORS: dict[str, int] = {
     "CheckpointMismatchError": EXIT_STALE,
     "NonFiniteError": EXIT_NON_FINITE,
     "NonFiniteScoreError": EXIT_NON_FINITE,
+    "DoesNotFitError": EXIT_DOES_NOT_FIT,
+    "MissingLibtpuError": EXIT_MISSING_PACKAGE,
     "AssetError": EXIT_BAD_INPUT,
     "FileNotFoundError": EXIT_BAD_INPUT,
     "PermissionError": EXIT_BAD_INPUT,

@@ -109,12 +109,12 @@ def cache_components(config, dataset_dir: str | None = None) -> dict[str, str]:
   source: dict[str, Any] = dict(source=tr.source)
   source.update({k: float(tr[k]) if k == "beta" else tr[k] for k in spec.hashed})
   if spec.second_model:
-    source[spec.second_model] = hashing.hash_path(tr[spec.second_model])
+    source[spec.second_model] = hashing.model_hash(tr[spec.second_model])
   prompts = dict(better=s.better_instruction, worse=s.worse_instruction, role=s.instruction_role) \
       if spec.contrastive else {}
   return dict(
       format=str(CACHE_FORMAT_VERSION),
-      model=hashing.hash_path(config_schema.model_path(config, "reference")),
+      model=hashing.model_hash(config_schema.model_path(config, "reference")),
       tokenizer=hashing.tokenizer_hash(data_build.tokenizer_path(config)),
       prompts=hashing.hash_json(prompts),
       source=hashing.hash_json(source),

@@ -55,6 +55,23 @@ class TensorSource(Protocol):
     ...
 
 
+def weight_files(path: str) -> list[str]:
+  """The safetensors shards an HF directory's weights are read from: those its model.safetensors.index.json names,
+  else every top-level *.safetensors (what the model's cache key hashes, `data.hashing.model_files`)."""
+  index_path = os.path.join(path, "model.safetensors.index.json")
+  if os.path.exists(index_path):
+    with open(index_path) as f:
+      files = sorted(set(json.load(f)["weight_map"].values()))
+    files = [os.path.join(path, name) for name in files]
+  else:
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+  if not files:
+    pickles = [n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+    hint = f" (found {pickles}: pickle checkpoints are refused; convert them to safetensors)" if pickles else ""
+    raise FileNotFoundError(f"{path}: no *.safetensors files{hint}")
+  return files
+
+
 class SafetensorsSource:
   """A local HF model directory: config.json + one or many *.safetensors (index.json optional)."""
 
@@ -67,17 +84,7 @@ class SafetensorsSource:
       raise FileNotFoundError(f"{path}: no config.json")
     with open(config_path) as f:
       self._config = json.load(f)
-    index_path = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index_path):
-      with open(index_path) as f:
-        files = sorted(set(json.load(f)["weight_map"].values()))
-      files = [os.path.join(path, name) for name in files]
-    else:
-      files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not files:
-      pickles = [n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
-      hint = f" (found {pickles}: pickle checkpoints are refused; convert them to safetensors)" if pickles else ""
-      raise FileNotFoundError(f"{path}: no *.safetensors files{hint}")
+    files = weight_files(path)
     self._entries: dict[str, safetensors.Entry] = {}
     for file in files:
       for name, entry in safetensors.entries(file).items():
