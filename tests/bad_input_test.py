@@ -22,7 +22,6 @@ import train_common as tc  # noqa: E402
 from conftest import REPO_ROOT  # noqa: E402
 
 from tregjax import cli, data, errors, export, score  # noqa: E402
-from tregjax.data import scored_cache  # noqa: E402
 from tregjax.data.sources import DataError  # noqa: E402
 from tregjax.data.tokenize import ChatTokenizer  # noqa: E402
 from tregjax.training import metrics as metrics_lib  # noqa: E402

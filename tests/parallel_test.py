@@ -7,7 +7,7 @@ import ml_collections
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 
-from tregjax import cli, errors, parallel
+from tregjax import errors, parallel
 
 
 @pytest.mark.parametrize("sizes, devices, want", [
