@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import data_common as dc  # noqa: E402
 import train_common as tc  # noqa: E402
 
-from tregjax import cli  # noqa: E402
+from tregjax import cli, errors  # noqa: E402
 from tregjax.training import config as config_lib  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,5 +126,5 @@ def test_recipes_name_splits_the_builder_writes():
     c = module.get_config()
     assert c.data.eval_split == "validation" and c.data.validation_files or c.data.validation_fraction > 0, name
     c.data.eval_split = "test"  # what both 8B recipes named: refused at validation, not at step 400
-    with pytest.raises(config_lib.ConfigError, match="config.data.eval_split='test'"):
+    with pytest.raises(errors.ConfigError, match="config.data.eval_split='test'"):
       config_lib.validate(c, num_devices=8, check_data=False)
