@@ -42,6 +42,7 @@ EXPECTED_ERRORS: dict[str, int] = {
     "NonFiniteError": EXIT_NON_FINITE,
     "NonFiniteScoreError": EXIT_NON_FINITE,
     "AssetError": EXIT_BAD_INPUT,
+    "MissingBackendError": EXIT_MISSING_PACKAGE,  # a storage URI scheme without its package (tregjax.storage)
     "FileNotFoundError": EXIT_BAD_INPUT,
     "PermissionError": EXIT_BAD_INPUT,
     "NotADirectoryError": EXIT_BAD_INPUT,
