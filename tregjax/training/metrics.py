@@ -10,29 +10,44 @@ import jax
 
 from tregjax import storage
 
-# Dense bf16 peak FLOP/s per device (vendor datasheets; no sparsity): the one table behind MFU (the trainer's and the
-# benches'). Matched as case-insensitive substrings of `device.device_kind` (e.g. "TPU v6" matches "TPU v6 lite").
-PEAK_BF16_FLOPS = (
-    ("H200", 989e12),
-    ("H100", 989e12),  # SXM; the PCIe part is 756e12
-    ("A100", 312e12),
-    ("L40S", 362e12),  # before "L4", which it contains
-    ("L4", 121e12),
-    ("TPU v6", 918e12),
-    ("TPU v5p", 459e12),
-    ("TPU v5 lite", 197e12),
-    ("TPU v5e", 197e12),
-    ("TPU v4", 275e12),
+GiB = 2 ** 30
+
+# Per device kind, matched as case-insensitive substrings of `device.device_kind` (first match wins: "TPU v6" matches
+# "TPU v6 lite", "L40S" comes before "L4" which it contains): the dense bf16 peak FLOP/s per device (vendor datasheets;
+# no sparsity), the one table behind MFU (the trainer's and the benches'), and the memory of one chip (HBM; GPUs in
+# datasheet GB, TPUs in the GiB Cloud TPU's docs list), which `tregjax.compile` holds a compiled step against.
+ACCELERATORS = (
+    # device kind   bf16 FLOP/s  memory bytes per chip
+    ("H200", 989e12, 141e9),
+    ("H100", 989e12, 80e9),  # SXM; the PCIe part is 756e12
+    ("A100", 312e12, 80e9),  # the 40 GB part too
+    ("L40S", 362e12, 48e9),
+    ("L4", 121e12, 24e9),
+    ("TPU v6", 918e12, 32 * GiB),  # v6e (Trillium)
+    ("TPU v5p", 459e12, 95 * GiB),
+    ("TPU v5 lite", 197e12, 16 * GiB),  # v5e's device_kind
+    ("TPU v5e", 197e12, 16 * GiB),
+    ("TPU v5", 459e12, 95 * GiB),  # v5p's device_kind (after the "TPU v5 lite" rows it would also match)
+    ("TPU v4", 275e12, 32 * GiB),
 )
+
+
+def _lookup(device_kind: str | None, column: int) -> float | None:
+  kind = jax.devices()[0].device_kind if device_kind is None else device_kind
+  for row in ACCELERATORS:
+    if row[0].lower() in kind.lower():
+      return row[column]
+  return None
 
 
 def peak_flops_per_device(device_kind: str | None = None) -> float | None:
   """The bf16 peak of this device kind, or None when unknown (then MFU is not reported)."""
-  kind = jax.devices()[0].device_kind if device_kind is None else device_kind
-  for name, flops in PEAK_BF16_FLOPS:
-    if name.lower() in kind.lower():
-      return flops
-  return None
+  return _lookup(device_kind, 1)
+
+
+def chip_memory_bytes(device_kind: str | None = None) -> float | None:
+  """The HBM of one chip of this device kind (`ACCELERATORS`), or None when unknown."""
+  return _lookup(device_kind, 2)
 
 
 def matmul_params(cfg: Any) -> int:
