@@ -276,14 +276,14 @@ def compile_score(config, topology: str, devices: Sequence[Any], hbm_bytes: floa
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from tregjax import models, parallel, score  # pylint: disable=g-import-not-at-top
+  from tregjax import config_schema, models, parallel, score  # pylint: disable=g-import-not-at-top
   from tregjax.data import pipeline  # pylint: disable=g-import-not-at-top
   from tregjax.training import metrics  # pylint: disable=g-import-not-at-top
   s = score.score_section(config)
   host = host_devices(topology, devices)
   mesh = parallel.mesh_from_config(config, per_process=True, devices=host)
   dtype = jnp.dtype(cli.compute_dtype(config, s))
-  cfg = models.load_config(cli.model_path(config, "reference"))
+  cfg = models.load_config(config_schema.model_path(config, "reference"))
   graphdef, state = nnx.split(models.abstract_model(cfg, dtype=dtype, param_dtype=dtype))
   state_sh = parallel.state_shardings(state, mesh)
   ways = mesh.shape["data"] * mesh.shape["fsdp"]

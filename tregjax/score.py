@@ -63,9 +63,6 @@ from tregjax.data.tokenize import ChatTokenizer, with_instruction
 
 log = logging.getLogger("tregjax.score")
 
-BETTER_INSTRUCTION = config_schema.BETTER_INSTRUCTION  # T-REG's contrastive prompts (score.*_instruction defaults)
-WORSE_INSTRUCTION = config_schema.WORSE_INSTRUCTION
-
 
 def default_score_config() -> ml_collections.ConfigDict:
   """The `score` section: every key the scoring pass reads, with its default (config_schema.score_defaults; the
@@ -219,7 +216,7 @@ class Scorer:
     self.spec = spec = REWARD_SOURCES[self.source]
     self.mesh = mesh  # parallel.mesh_from_config(config, per_process=True) in `run`
     dtype = jnp.dtype(cli.compute_dtype(config, s))
-    paths = [cli.model_path(config, "reference")]
+    paths = [config_schema.model_path(config, "reference")]
     if spec.second_model:
       paths.append(s.token_reward[spec.second_model] or
                    _raise(f"score.token_reward.{spec.second_model} is not set (source={self.source!r})"))

@@ -25,7 +25,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tregjax import parallel
+from tregjax import errors, parallel
+from tregjax.models import adapters  # TEMPORARY (#29 slice 2 moves this to training/model_init.py)
+from tregjax.models import state as state_lib
 from tregjax.training import checkpoint as ckpt_lib
 from tregjax.training import config as config_lib
 from tregjax.training import hooks as hooks_lib
@@ -54,16 +56,16 @@ def model_config(config: ml_collections.ConfigDict):
   else:
     preset = getattr(models.ModelConfig, config.model.preset, None)
     if preset is None:
-      raise config_lib.ConfigError(f"config.model.preset={config.model.preset!r} is not a models.ModelConfig preset")
+      raise errors.ConfigError(f"config.model.preset={config.model.preset!r} is not a models.ModelConfig preset")
     try:
       cfg = preset(**config_lib.model_overrides(config))
     except TypeError as e:
-      raise config_lib.ConfigError(f"config.model.overrides: {e}") from e
+      raise errors.ConfigError(f"config.model.overrides: {e}") from e
   cfg = cfg.replace(remat=config.model.remat, scan_layers=config.model.scan_layers)
   if config.objective == "reward_model" and not cfg.num_labels:
     cfg = cfg.replace(num_labels=1)
   if config.objective != "reward_model" and cfg.num_labels:
-    raise config_lib.ConfigError(f"objective={config.objective} needs a causal LM, but the model has a "
+    raise errors.ConfigError(f"objective={config.objective} needs a causal LM, but the model has a "
                                  f"{cfg.num_labels}-label classification head")
   return partition.with_lora(cfg, config)
 
@@ -77,7 +79,6 @@ def build_model_state(config: ml_collections.ConfigDict, mesh, *, abstract: bool
   With `abstract=True` returns ShapeDtypeStructs only (the restore target when resuming a random-init run).
   """
   from tregjax import models  # pylint: disable=g-import-not-at-top
-  from tregjax.models import lora  # pylint: disable=g-import-not-at-top
   cfg = model_config(config)
   dtype, param_dtype = _dtype(config.model.dtype), _dtype(config.model.param_dtype)
   abstract_model = models.abstract_model(cfg, dtype=dtype, param_dtype=param_dtype)
@@ -93,13 +94,13 @@ def build_model_state(config: ml_collections.ConfigDict, mesh, *, abstract: bool
     model = models.from_pretrained(config.model.hf_path, dtype=dtype, param_dtype=load_dtype, mesh=mesh,
                                    config_overrides={"remat": cfg.remat, "scan_layers": cfg.scan_layers,
                                                      "num_labels": cfg.num_labels})
-    values = lora.flat_values(nnx.state(model))
+    values = state_lib.flat_values(nnx.state(model))
     del model
     if cfg.lora_targets:
       values |= _adapter_values(config, cfg, nnx.merge_state(abs_params, abs_extra),
                                 nnx.merge_state(*shardings))
-    cast = lambda abs_state: lora.fill(abs_state, {k: v.astype(abs_v.dtype) for k, abs_v in  # noqa: E731
-                                                   lora.flat_values(abs_state).items() for v in [values[k]]})
+    cast = lambda abs_state: state_lib.fill(abs_state, {k: v.astype(abs_v.dtype) for k, abs_v in  # noqa: E731
+                                                        state_lib.flat_values(abs_state).items() for v in [values[k]]})
     return graphdef, cast(abs_params), cast(abs_extra)
 
   return graphdef, *jax.jit(lambda: random_init(config), out_shardings=shardings)()
@@ -108,31 +109,27 @@ def build_model_state(config: ml_collections.ConfigDict, mesh, *, abstract: bool
 def _adapter_values(config: ml_collections.ConfigDict, cfg, abstract_state, shardings) -> dict[str, jax.Array]:
   """Adapter arrays by path, placed on their shardings: from the PEFT directory `model.lora.init_from`, else fresh
   (A Kaiming-uniform from the run's seed, B = 0)."""
-  from tregjax.models import lora  # pylint: disable=g-import-not-at-top
-  from tregjax.models import peft_io  # pylint: disable=g-import-not-at-top
-  sh = {k: v for k, v in lora.flat_values(shardings).items() if lora.is_adapter(k)}
+  sh = {k: v for k, v in state_lib.flat_values(shardings).items() if adapters.is_adapter(k)}
   param_dtype = _dtype(config.model.param_dtype)
   if config.model.lora.init_from:
-    host = peft_io.adapter_values(cfg, config.model.lora.init_from, param_dtype=param_dtype)
+    host = adapters.adapter_values(cfg, config.model.lora.init_from, param_dtype=param_dtype)
     return {k: jax.make_array_from_callback(x.shape, sh[k], lambda i, x=x: x[i]) for k, x in host.items()}
-  return jax.jit(lambda: lora.init_adapters(abstract_state, partition.adapter_key(config.seed)), out_shardings=sh)()
+  return jax.jit(lambda: adapters.init_adapters(abstract_state, partition.adapter_key(config.seed)), out_shardings=sh)()
 
 
 def random_init(config: ml_collections.ConfigDict):
   """(params, extra) of a freshly initialised model (trace under jit with out_shardings to init sharded)."""
   from tregjax import models  # pylint: disable=g-import-not-at-top
-  from tregjax.models import lora  # pylint: disable=g-import-not-at-top
   cfg = model_config(config)
   model = models.from_config(cfg, nnx.Rngs(config.seed), dtype=_dtype(config.model.dtype),
                              param_dtype=_dtype(config.model.param_dtype))
   if cfg.lora_targets:  # adapters from their own key: the base equals the full run's random init
     if config.model.lora.init_from:
-      from tregjax.models import peft_io  # pylint: disable=g-import-not-at-top
-      fresh = peft_io.adapter_values(cfg, config.model.lora.init_from, param_dtype=_dtype(config.model.param_dtype))
+      fresh = adapters.adapter_values(cfg, config.model.lora.init_from, param_dtype=_dtype(config.model.param_dtype))
     else:
-      fresh = lora.init_adapters(nnx.state(model), partition.adapter_key(config.seed))
+      fresh = adapters.init_adapters(nnx.state(model), partition.adapter_key(config.seed))
     state = nnx.state(model)
-    nnx.update(model, lora.fill(state, lora.flat_values(state) | fresh))
+    nnx.update(model, state_lib.fill(state, state_lib.flat_values(state) | fresh))
   _, params, extra = partition.split(model, config)
   return params, partition.cast_frozen(extra, partition.frozen_dtype(config))
 
@@ -363,7 +360,7 @@ def _total_steps(config: ml_collections.ConfigDict, train_iter) -> int:
   try:
     per_epoch = len(train_iter)
   except TypeError as e:
-    raise config_lib.ConfigError("train.steps=-1 needs a data source that knows its length") from e
+    raise errors.ConfigError("train.steps=-1 needs a data source that knows its length") from e
   return config.data.epochs * per_epoch
 
 
