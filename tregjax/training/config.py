@@ -35,6 +35,8 @@ PROGRAMS: dict[str, ProgramEntry] = {
     # stages -> arms -> evaluation -> report (configs/demo.py, configs/smollm2_arith.py); a task's own section
     # is named by its Task.section ("demo": the synthetic world, "arith": SmolLM2 arithmetic).
     "experiment": ProgramEntry("tregjax.experiments.runner:run", ("experiment", "demo", "arith")),
+    # token credit across model sizes (configs/credit_scaling.py): the arithmetic task's stages per model, no training
+    "credit": ProgramEntry("tregjax.tasks.credit:run", ("credit", "arith")),
 }
 # Sections read by the other commands, which any program's config may carry (one file drives score, generate, train).
 COMMAND_SECTIONS = ("generate",)
