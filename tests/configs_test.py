@@ -176,14 +176,14 @@ def test_sections_belong_to_the_program_the_config_names():
   config_lib.validate(c, num_devices=1, check_data=False)
   c.program = "experimnt"
   with pytest.raises(errors.ConfigError, match=r"config.program='experimnt': must be one of \('train', "
-                     r"'experiment'\) \(did you mean 'experiment'\?\)"):
+                     r"'experiment', 'credit'\) \(did you mean 'experiment'\?\)"):
     config_lib.validate(c, num_devices=1, check_data=False)
 
 
 def test_every_program_entry_is_a_function_of_config_and_workdir():
   import importlib
   import inspect
-  assert set(config_lib.PROGRAMS) == {"train", "experiment"}
+  assert set(config_lib.PROGRAMS) == {"train", "experiment", "credit"}
   for name, program in config_lib.PROGRAMS.items():
     module, _, function = program.entry.partition(":")
     params = list(inspect.signature(getattr(importlib.import_module(module), function)).parameters)

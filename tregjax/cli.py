@@ -43,6 +43,7 @@ EXPECTED_ERRORS: dict[str, int] = {
     "DoesNotFitError": EXIT_DOES_NOT_FIT,
     "MissingLibtpuError": EXIT_MISSING_PACKAGE,
     "AssetError": EXIT_BAD_INPUT,
+    "MissingBackendError": EXIT_MISSING_PACKAGE,  # a storage URI scheme without its package (tregjax.storage)
     "FileNotFoundError": EXIT_BAD_INPUT,
     "PermissionError": EXIT_BAD_INPUT,
     "NotADirectoryError": EXIT_BAD_INPUT,

@@ -67,6 +67,8 @@ def _train() -> None:
   program = config_lib.PROGRAMS[config.program]
   module, _, function = program.entry.partition(":")
   workdir = _WORKDIR.value or default_workdir()
+  from tregjax import storage  # pylint: disable=g-import-not-at-top
+  storage.check_writable(workdir, "--workdir")  # a gs:// bucket that is missing or read-only: one line, before work
   if config.program == "train":
     prepare_data(config)
   getattr(importlib.import_module(module), function)(config, workdir)

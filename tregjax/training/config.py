@@ -14,7 +14,7 @@ import os
 
 import ml_collections
 
-from tregjax import config_schema, errors
+from tregjax import config_schema, errors, storage
 
 OBJECTIVES = ("preference", "sft", "reward_model")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -37,6 +37,8 @@ PROGRAMS: dict[str, ProgramEntry] = {
     # stages -> arms -> evaluation -> report (configs/demo.py, configs/smollm2_arith.py); a task's own section
     # is named by its Task.section ("demo": the synthetic world, "arith": SmolLM2 arithmetic).
     "experiment": ProgramEntry("tregjax.experiments.runner:run", ("experiment", "demo", "arith")),
+    # token credit across model sizes (configs/credit_scaling.py): the arithmetic task's stages per model, no training
+    "credit": ProgramEntry("tregjax.tasks.credit:run", ("credit", "arith")),
 }
 # Sections read by the other commands, which any program's config may carry (one file drives score, generate, train).
 COMMAND_SECTIONS = ("generate",)
@@ -206,11 +208,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
     check_inputs(config)
 
 
-def is_uri(path: str) -> bool:
-  """A remote location (gs://, s3://, ...): its existence is the storage layer's to check, not os.path's."""
-  return "://" in str(path)
-
-
 def _paths(value) -> list[str]:
   return [str(v) for v in value] if isinstance(value, (tuple, list)) else ([str(value)] if value else [])
 
@@ -222,7 +219,7 @@ def written_splits(config: ml_collections.ConfigDict) -> tuple[str, ...] | None:
   if d.train_files:
     return config_schema.SPLITS if (d.validation_files or d.validation_fraction > 0) else config_schema.SPLITS[:1]
   meta = os.path.join(str(d.cache_dir), "cache_meta.json")
-  if d.cache_dir and not is_uri(d.cache_dir) and os.path.exists(meta):
+  if d.cache_dir and not storage.is_uri(d.cache_dir) and os.path.exists(meta):
     with open(meta, encoding="utf-8") as f:
       return tuple(json.load(f).get("records", {}))
   return None
@@ -235,7 +232,7 @@ def check_inputs(config: ml_collections.ConfigDict) -> None:
   for key, kind in config_schema.INPUT_PATHS.items():
     value = config_schema.value(config, key)
     for i, path in enumerate(_paths(value)):
-      if is_uri(path):
+      if storage.is_uri(path):
         continue
       name = f"config.{key}" + (f"[{i}]" if isinstance(value, (tuple, list)) else "")
       ok = os.path.isdir(path) if kind == "dir" else (os.path.isfile(path) if kind == "file" else os.path.exists(path))
@@ -258,7 +255,7 @@ def check_inputs(config: ml_collections.ConfigDict) -> None:
     raise errors.ConfigError("config.data.train_files are scored with the reference model, which is the policy's start: "
                       "set config.model.hf_path")
   has_source = d.train_files or d.dataset_dir
-  if config.objective == "preference" and d.cache_dir and not has_source and not is_uri(d.cache_dir) and \
+  if config.objective == "preference" and d.cache_dir and not has_source and not storage.is_uri(d.cache_dir) and \
       not os.path.exists(os.path.join(str(d.cache_dir), "cache_meta.json")):
     raise errors.ConfigError(f"config.data.cache_dir={d.cache_dir!r} holds no finished scored cache, and there is no "
                       f"data.train_files to score: set data.train_files (tregjax.train then scores them) or run "
