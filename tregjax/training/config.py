@@ -9,6 +9,7 @@ silently ignored key, and ml_collections refuses an override of the wrong type.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 
@@ -147,6 +148,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   except (TypeError, ValueError) as e:
     raise errors.ConfigError(f"config.loss: {e}") from e
 
+  if config.logging.wandb.project and importlib.util.find_spec("wandb") is None:
+    raise errors.ConfigError(config_schema.WANDB_MISSING)
   for key in ("train_split", "eval_split"):  # the builder writes only config_schema.SPLITS
     split = config.data[key]
     if split and split not in config_schema.SPLITS:

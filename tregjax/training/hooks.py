@@ -237,5 +237,43 @@ class EvalHook(Hook):
       self.on_step(info)
 
 
+class WandbHook(Hook):
+  """Weights & Biases, as TRL's `report_to="wandb"` and Levanter's tracker: every scalar the writer writes (train and
+  eval, at their steps), the run's config at start and a summary at the end (`stopped`, the last step). Process 0 only
+  (the writer writes nothing elsewhere). The run id is a hash of the workdir, so a resumed run continues its W&B run.
+  `WANDB_MODE=offline` keeps everything in <workdir>/wandb (`wandb sync` uploads it later)."""
+  every = None  # fed by the writer, not by the loop
+
+  def __init__(self, writer: metrics_lib.MetricsWriter, config: Any, workdir: str):
+    import hashlib  # pylint: disable=g-import-not-at-top
+    import os  # pylint: disable=g-import-not-at-top
+    wandb = import_wandb()
+    w = config.logging.wandb
+    workdir = os.path.abspath(workdir)
+    self.run = wandb.init(project=w.project, name=w.name or os.path.basename(workdir), tags=list(w.tags) or None,
+                          entity=w.entity or None, dir=workdir, config=config.to_dict(), resume="allow",
+                          id="tregjax-" + hashlib.sha256(workdir.encode()).hexdigest()[:16])
+    writer.listeners.append(self.log)
+
+  def log(self, step: int, scalars: dict[str, float]) -> None:
+    self.run.log(scalars, step=step)
+
+  def finish(self, info: StepInfo, stopped: str) -> None:
+    self.run.summary.update({"stopped": stopped, "step": info.step})
+
+  def close(self) -> None:
+    self.run.finish()
+
+
+def import_wandb():
+  """wandb, or a ConfigError naming the extra that installs it (it is not in requirements.txt)."""
+  try:
+    import wandb  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    from tregjax import config_schema, errors  # pylint: disable=g-import-not-at-top
+    raise errors.ConfigError(config_schema.WANDB_MISSING) from e
+  return wandb
+
+
 __all__ = ["CheckpointHook", "EvalHook", "Every", "Hook", "Hooks", "MetricsHook", "NonFiniteError", "ProgressHook",
-           "StepInfo"]
+           "StepInfo", "WandbHook"]

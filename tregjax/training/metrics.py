@@ -97,6 +97,7 @@ class MetricsWriter:
     self.tensorboard_dir = storage.join(workdir, "tensorboard")
     self._jsonl = None
     self._tb = None
+    self.listeners: list[Any] = []  # fn(step, scalars) for every write (hooks.WandbHook): one path for every scalar
     if not self.enabled:
       return
     storage.makedirs(workdir)
@@ -122,6 +123,8 @@ class MetricsWriter:
     if self._jsonl is not None:
       self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
       self._jsonl.flush()
+    for listener in self.listeners:
+      listener(step, {k: float(v) for k, v in scalars.items()})
 
   def close(self) -> None:
     if self._jsonl is not None:

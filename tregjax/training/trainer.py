@@ -440,6 +440,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
   if config.data.eval_split:
     evaluation = hooks_lib.EvalHook(lambda s: evaluate(program, s, data_factory), writer, config.train.eval_every)
     built_in.append(evaluation)
+  if config.logging.wandb.project and jax.process_index() == 0:  # last: its summary follows the final metrics
+    built_in.append(hooks_lib.WandbHook(writer, config, workdir))
   side_jobs = hooks_lib.Hooks([*built_in, *hooks])
 
   stopped = "completed"
