@@ -50,8 +50,13 @@ def run(name: str, args: list[str], *, expect: list[str], status: int = 0, timeo
 
 
 def readme_snippets() -> list[str]:
-  with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
-    return re.findall(r"```python\n(.*?)```", f.read(), re.S)
+  """The Python snippets of the README and of the docs pages that carry runnable ones (the SmolLM2 completion moved
+  to docs/models.md with the rest of the models section)."""
+  out = []
+  for page in ("README.md", os.path.join("docs", "models.md")):
+    with open(os.path.join(REPO, page), encoding="utf-8") as f:
+      out += re.findall(r"```python\n(.*?)```", f.read(), re.S)
+  return out
 
 
 def main(workdir: str) -> None:

@@ -50,6 +50,10 @@ DATA_FIELDS = dict(prompt="prompt", chosen="chosen", rejected="rejected", respon
 # data.validation_fraction > 0. data.train_split and data.eval_split must name one of them.
 SPLITS = ("train", "validation")
 
+# The one message for a run that asks for W&B without the package (validate at start-up, the hook when it starts).
+WANDB_MISSING = ("config.logging.wandb.project is set, but the wandb package is not installed: "
+                 "`pip install 'tregjax[wandb]'` (or `pip install wandb`)")
+
 # Keys that name an input the run will read later: config key -> what it must be ("dir", "file" or "path": either).
 # Checked at start-up (tregjax.training.config.check_inputs), not when the run first opens them hours in.
 INPUT_PATHS: dict[str, str] = {
@@ -242,6 +246,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.logging.jsonl = True
   c.logging.progress_bar = True  # every command's bar (score.progress_bar, generate.progress_bar default to it)
   c.logging.peak_flops_per_device = 0.0  # 0 -> look the device kind up (MFU is omitted when unknown)
+  # Weights & Biases (training/hooks.py WandbHook; the optional [wandb] extra): every scalar the run writes to
+  # metrics.jsonl, the config and a summary. project "" = off; WANDB_MODE=offline keeps it in <workdir>/wandb.
+  c.logging.wandb = ml_collections.ConfigDict(dict(project="", name="", tags=(), entity=""))
   return c
 
 
@@ -411,3 +418,80 @@ def tokenizer_dir(config: ml_collections.ConfigDict | Mapping[str, Any]) -> str:
       return str(path)
   hf_path = model.get("hf_path", "")
   return str(hf_path) if hf_path and os.path.isdir(hf_path) else ""
+
+
+# ------------------------------------------------------------------------------------------- reference
+
+
+_SECTION_OF_FUNCTION = {"data_defaults": "data", "score_defaults": "score", "generate_defaults": "generate",
+                        "lora_defaults": "model.lora", "defaults": ""}
+
+
+def _comments() -> dict[str, str]:
+  """Each key's comment in this file (the comment lines above its assignment and the one after it), by dotted path."""
+  import inspect  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  out: dict[str, str] = {}
+  for function, section in _SECTION_OF_FUNCTION.items():
+    pending: list[str] = []
+    nested = ""
+    for line in inspect.getsource(globals()[function]).splitlines()[1:]:
+      code, _, comment = line.partition("  # ") if "  # " in line else (line, "", "")
+      stripped = code.strip()
+      if stripped.startswith("#"):
+        pending.append(stripped.lstrip("# ").strip())
+        continue
+      if stripped.startswith('"""') or not stripped:
+        continue
+      attr = re.match(r"c\.([\w.]+)\s*=", stripped)
+      keys = [attr.group(1)] if attr else re.findall(r"(?<![=!<>\w])(\w+)=(?!=)", stripped)
+      inner = re.match(r"(\w+)=dict\($", stripped)
+      if inner:
+        nested = inner.group(1) + "."
+      elif stripped.startswith(")"):
+        nested = ""
+      text = " ".join(pending + ([comment.strip()] if comment else []))
+      pending = []
+      if keys and text:
+        prefix = f"{section}." if section else ""
+        key = prefix + (nested if not inner and keys[0] != nested.rstrip(".") else "") + keys[0]
+        out.setdefault(key, text)
+  return out
+
+
+def reference_markdown() -> str:
+  """docs/configuration.md: every key, its default and its comment in this file (`python -m tregjax.config_schema`
+  writes it; tests/readme_test.py checks that the file is current)."""
+  tree = defaults()
+  tree.generate = generate_defaults()
+  comments = _comments()
+
+  def flat(node, prefix=""):
+    for k, v in node.items():
+      if isinstance(v, ml_collections.ConfigDict) and len(v) and not (prefix + k).endswith("overrides"):
+        yield from flat(v, f"{prefix}{k}.")
+      else:
+        yield prefix + k, v
+
+  lines = ["# Configuration reference", "",
+           "Generated from `tregjax/config_schema.py` by `python -m tregjax.config_schema > docs/configuration.md`",
+           "(tests/readme_test.py checks it is current). Every config file starts from these defaults",
+           "(`tregjax.training.config.base_config()`); `--config.KEY=VALUE` overrides one on the command line. An",
+           "unknown key is an error naming the closest known one. `generate` is a section any config may carry",
+           "(read by `tregjax.generate`). None means the owner's value (see the first column's note).", ""]
+  section = None
+  for key, value in flat(tree):
+    top = key.split(".")[0]
+    if top != section:
+      section = top
+      lines += ["", f"## {top}" if "." in key else "## top level", "", "| key | default | meaning |", "|---|---|---|"]
+    shown = repr(value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value)
+    note = comments.get(key, "")
+    if key in INHERITED:
+      note = (note + " " if note else "") + f"(None: `{INHERITED[key]}`)"
+    lines.append(f"| `{key}` | `{shown}` | {note.replace('|', '/')} |")
+  return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+  print(reference_markdown(), end="")
