@@ -61,6 +61,7 @@ def test_your_data_quickstart_runs_as_written_and_export_gives_a_trained_model(t
   tok = AutoTokenizer.from_pretrained(dc.byte_level_bpe(str(tmp_path / "tok")))
   model_dir = my_data_test.hf_llama(str(tmp_path / "model"), tok, len(tok))
   dc.write_jsonl(str(tmp_path / "pairs.jsonl"), [record] + dc.pair_records(19, seed=5))
+  os.symlink(os.path.join(REPO_ROOT, "configs"), tmp_path / "configs")  # the commands run as from a checkout
   for command in commands:
     command = command.replace("MODEL_DIR", model_dir)
     args = shlex.split(command)
