@@ -41,7 +41,7 @@ def main(argv: list[str]) -> None:
 
 
 def _train() -> None:
-  cli.init_distributed()
+  cli.init_distributed(config=_CONFIG.value)
   from tregjax.training import config as config_lib  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   config_lib.validate(config, check_data=False)  # the whole config (sections, keys, mesh) before anything is built

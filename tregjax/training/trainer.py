@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tregjax import parallel
+from tregjax import parallel, peers
 from tregjax.training import checkpoint as ckpt_lib
 from tregjax.training import config as config_lib
 from tregjax.training import hooks as hooks_lib
@@ -421,6 +421,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
 
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
                                keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+  peers.keep_checkpoints(ckpt.directory)  # what a lost peer's one line reports as kept
   program = build(config, mesh, total_steps=total_steps)
   state = _initial_state(program, ckpt, train_iter)
   train_step = _Compiled(program.train_step)
@@ -445,7 +446,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
     built_in.append(evaluation)
   side_jobs = hooks_lib.Hooks([*built_in, *hooks])
 
-  stopped = "completed"
+  stopped, lost = "completed", False
   with parallel.use_mesh(mesh), _Stop(ckpt, config.checkpoint.preemption_sync_every, step) as stop:
     try:
       while step < stop_at:
@@ -467,9 +468,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
           stopped = "preempted"
           break
       side_jobs.finish(hooks_lib.StepInfo(step, state), stopped)
+    except Exception as e:
+      lost = peers.loss_cause(e) is not None
+      raise
     finally:
-      side_jobs.close()
-      ckpt.close()
+      if not lost:  # a process is gone: closing would wait for its part of a pending save, which never comes
+        side_jobs.close()
+        ckpt.close()
       writer.close()
   result = RunResult(graphdef=program.graphdef, state=state, step=step, start_step=start_step,
                      total_steps=total_steps, stopped=stopped, final_metrics=metrics.last,
