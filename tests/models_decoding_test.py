@@ -115,3 +115,89 @@ def test_top_k_and_top_p_only_sample_allowed_tokens():
     assert 1 < len(nucleus) < 50
     assert set(top_p[:, row]) <= set(nucleus.tolist())
     assert len(set(top_p[:, row])) > 1 and len(set(top_k[:, row])) > 1  # it samples, not just argmax
+
+
+def _allowed_probs(logits, temperature, top_k=0, top_p=1.0):
+  """numpy golden: softmax(logits / T) cut to the top-k logits and to the smallest sorted top-p prefix (ties at
+  either boundary kept)."""
+  x = np.asarray(logits, np.float64) / temperature
+  p = np.exp(x - x.max())
+  if top_k:
+    p = np.where(x >= np.sort(x)[::-1][top_k - 1], p, 0.0)
+  p /= p.sum()
+  if top_p < 1.0:
+    order = np.argsort(-p, kind="stable")
+    k = int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1
+    p = np.where(p >= p[order[k - 1]], p, 0.0)
+    p /= p.sum()
+  return p
+
+
+def _assert_frequencies(samples, probs, what):
+  """Pearson chi-square at the 1e-4 level over cells with >= 5 expected counts (the rest pooled), and nothing
+  sampled where the golden probability is 0."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  n = len(samples)
+  counts = np.bincount(samples, minlength=len(probs))
+  assert counts[probs == 0].sum() == 0, f"{what}: sampled a token outside the allowed set"
+  big = probs * n >= 5
+  obs = np.append(counts[big], counts[~big].sum())
+  exp = np.append(probs[big] * n, probs[~big].sum() * n)
+  obs, exp = obs[exp > 0], exp[exp > 0]
+  chi2 = float(((obs - exp) ** 2 / exp).sum())
+  assert chi2 < stats.chi2.ppf(1 - 1e-4, len(obs) - 1), f"{what}: chi2 {chi2:.1f} over {len(obs) - 1} dof"
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0.8), dict(temperature=0.8, top_p=0.9),
+                                dict(temperature=1.0, top_k=7), dict(temperature=1.3, top_k=40, top_p=0.6)],
+                         ids=["full", "top_p", "top_k", "top_k_top_p"])
+def test_sampled_frequencies_equal_exact_probabilities(kw):
+  """sample_logits' fast (top-k candidates) and fallback (full vocabulary) paths and the two-level inverse CDF
+  against exact numpy probabilities: a flat row (nucleus far beyond the 64 candidates: fallback), a peaked row
+  (fast path), and a row with a 90-way tie at its top (ties beyond the candidates: fallback)."""
+  rng = np.random.default_rng(0)
+  v, n = 700, 6000
+  logits = np.stack([rng.normal(size=v) * 0.3, rng.normal(size=v) * 4.0,
+                     np.where(np.arange(v) < 90, 2.0, rng.normal(size=v))]).astype(np.float32)
+  keys = decoding.row_keys(jax.random.key(5), jnp.arange(n))
+  rows = jnp.arange(3)
+  draw = jax.jit(jax.vmap(lambda k: decoding.sample_logits(
+      jnp.asarray(logits), jax.vmap(lambda r: jax.random.fold_in(k, r))(rows), **kw)))
+  samples = np.asarray(draw(keys))
+  for row in range(3):
+    _assert_frequencies(samples[:, row], _allowed_probs(logits[row], **kw), f"{kw} row {row}")
+
+
+def test_first_sampled_token_frequencies_equal_full_forward_probabilities(global_model):
+  """One prompt x 3000 sample rows through generate (prefix sharing: one prefill, cache copied to every row): the
+  first tokens' frequencies against softmax / nucleus of the full (uncached) forward's logits."""
+  prompt, n = [5, 9, 13, 2], 3000
+  model = _make()
+  nnx.update(model, jax.tree.map(lambda x: x / 12.0 * 1.5, nnx.state(model, nnx.Param)))  # a spread distribution
+  out = decoding.generate(model, [prompt] * n, max_new_tokens=1, key=jax.random.key(11), temperature=0.9, top_p=0.8)
+  full = np.asarray(_logits(model, jnp.asarray([prompt])))[0, -1]
+  probs = _allowed_probs(full, 0.9, top_p=0.8)
+  assert (probs > 0).sum() > 5  # a real distribution, not nearly greedy
+  _assert_frequencies(np.asarray(out.tokens)[:, 0], probs, "generate's first token")
+
+
+def test_rows_are_independent_of_batch_and_compaction(model):
+  """Per-row keys: a row's samples are the same alone (with its row id), in a bigger batch with fillers, and with
+  finished-row compaction on or off; compaction compiles at most one loop per size of batch_buckets."""
+  prompts = [PROMPTS[i % 3] for i in range(12)]
+  kw = dict(max_new_tokens=NEW, key=jax.random.key(4), temperature=1.0, pad_id=-1)
+  free = np.asarray(decoding.generate(model, prompts, **kw).tokens)
+  eos = int(np.bincount(free[:, :4][free[:, :4] >= 0]).argmax())  # a token many rows sample early
+  kw["eos_ids"] = (eos,)
+  before = decoding._generate_loop._cache_size()  # pylint: disable=protected-access
+  compacted = decoding.generate(model, prompts, batch_size=32, **kw)
+  compiled = decoding._generate_loop._cache_size() - before  # pylint: disable=protected-access
+  plain = decoding.generate(model, prompts, batch_size=32, compact=False, **kw)
+  np.testing.assert_array_equal(np.asarray(compacted.tokens), np.asarray(plain.tokens))
+  np.testing.assert_array_equal(np.asarray(compacted.lengths), np.asarray(plain.lengths))
+  lengths = np.asarray(plain.lengths)
+  assert lengths.min() < NEW and lengths.max() == NEW  # some rows stopped early, so compaction had work to do
+  assert 1 <= compiled <= len(decoding.batch_buckets(32))
+  for row in (0, 7, 11):
+    alone = decoding.generate(model, [prompts[row]], row_ids=[row], **kw)
+    assert np.asarray(alone.tokens)[0].tolist() == np.asarray(plain.tokens)[row].tolist()

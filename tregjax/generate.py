@@ -10,7 +10,8 @@ and the worst kept as the pair). This module runs that pipeline on the same mesh
                tokenizer's chat template and the generation prompt (`tregjax.data.tokenize.ChatTokenizer`).
   sampling     the KV-cache sampler of `tregjax.models.decoding` (temperature / top-p / top-k, `max_new_tokens`, one
                seed); rows = (prompt, sample) pairs in fixed-size batches sharded data-parallel over the mesh, prompts
-               padded to a few bucket widths so jit compiles a bounded number of shapes; each row stops at its EOS.
+               padded to a few bucket widths so jit compiles a bounded number of shapes; each row stops at its EOS;
+               a prompt's n samples share one prefill, and finished rows leave the batch (`decoding.generate`).
   scoring      a sequence reward model (`generate.reward_model`, an HF *ForSequenceClassification directory loaded
                with `tregjax.models.from_pretrained`) read at the last token of prompt ids + response ids, or a Python
                callable `scorer(prompt_messages, response_text) -> float` (`run(..., scorer=)` or
@@ -23,9 +24,9 @@ and the worst kept as the pair). This module runs that pipeline on the same mesh
                `summary.json`: counts (ties, all-equal groups, unfinished samples, ...), written last.
 
 Resumable like the scoring pass (`tregjax.jobs`): prompts are cut into work shards (`generate.shard_size` prompts
-each, one atomic file per shard); a rerun skips finished shards. Each batch's sampling key is derived from (seed,
-shard, batch), and a shard's batches are a pure function of its prompts and the config, so a resumed run writes
-byte-identical output.
+each, one atomic file per shard); a rerun skips finished shards. Each row's sampling key is derived from (seed,
+shard, its index in the shard), and a shard's batches are a pure function of its prompts and the config, so a resumed
+run writes byte-identical output.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from tregjax import cli, config_schema, jobs, parallel
+from tregjax import cli, config_schema, errors, jobs, parallel
 from tregjax.data import build as data_build
 from tregjax.data import hashing, schema, sources
 from tregjax.data.pipeline import bucket_of
@@ -53,7 +54,7 @@ from tregjax.data.tokenize import ChatTokenizer
 
 log = logging.getLogger("tregjax.generate")
 
-OUTPUT_FORMAT_VERSION = 1
+OUTPUT_FORMAT_VERSION = 2  # 2: per-row sampling keys (#30)
 RECORDS, PAIRS, SUMMARY = "records.jsonl", "pairs.jsonl", "summary.json"
 Scorer = Callable[[list[dict[str, str]], str], float]
 
@@ -136,7 +137,7 @@ def check_lengths(prompts: Sequence[Prompt], max_new_tokens: int, limit: int, mo
   max_position_embeddings (positions the model never saw), naming the longest prompt and the keys to lower."""
   longest = max(prompts, key=lambda p: len(p.ids))
   if len(longest.ids) + max_new_tokens > limit:
-    raise cli.ConfigError(f"{longest.where}: prompt of {len(longest.ids)} tokens + generate.max_new_tokens="
+    raise errors.ConfigError(f"{longest.where}: prompt of {len(longest.ids)} tokens + generate.max_new_tokens="
                           f"{max_new_tokens} runs past max_position_embeddings={limit} of {model_path}; lower "
                           f"generate.max_prompt_length (data.truncation='truncate' cuts) or generate.max_new_tokens")
 
@@ -149,7 +150,7 @@ def resolve_scorer(g: ml_collections.ConfigDict, scorer: Scorer | None) -> tuple
   if g.reward_model:
     if scorer is not None:
       raise ValueError("pass either a scorer or generate.reward_model, not both")
-    return None, "reward_model:" + hashing.hash_path(g.reward_model)
+    return None, "reward_model:" + hashing.model_hash(g.reward_model)
   if scorer is None and g.scorer:
     module, _, name = g.scorer.partition(":")
     if not name:
@@ -170,7 +171,7 @@ class Sampler:
     from tregjax import models  # pylint: disable=g-import-not-at-top
     self.g, self.mesh, self.pad_id = g, mesh, tok.pad_id
     dtype = jnp.dtype(cli.compute_dtype(config, g))
-    path = cli.model_path(config, "policy")
+    path = config_schema.model_path(config, "policy")
     self.model = models.from_pretrained(path, dtype=dtype, param_dtype=dtype, mesh=mesh)
     if not isinstance(self.model, models.CausalLM):
       raise ValueError(f"model.hf_path={path} is not a causal LM (it has a classification head)")
@@ -181,20 +182,22 @@ class Sampler:
     self.eos_ids = tuple(sorted(eos))
     self.batch_size = round_to_mesh(g.batch_size, mesh)
 
-  def sample(self, rows: Sequence[Sequence[int]], key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Prompt rows (at most batch_size, all in one bucket) -> (tokens i32[n, max_new_tokens], lengths i32[n])."""
+  def sample(self, rows: Sequence[Sequence[int]], key: jax.Array, row_ids: Sequence[int]
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Prompt rows (at most batch_size, all in one bucket) -> (tokens i32[n, max_new_tokens], lengths i32[n]).
+
+    Row i samples with fold_in(key, row_ids[i]) (its samples do not depend on its batch); equal prompts are
+    prefilled once, and finished rows leave the batch (`decoding.generate`)."""
     from tregjax.models import decoding  # pylint: disable=g-import-not-at-top
     width = bucket_of(max(len(r) for r in rows), self.g.buckets, extend=True)
-    # Filler rows keep one batch shape; copies of real rows (not e.g. a lone pad id, which would rarely sample an
-    # EOS) let the loop stop when the real rows are done.
-    padded = [rows[i % len(rows)] for i in range(self.batch_size)]
     with parallel.use_mesh(self.mesh):
-      out = decoding.generate(self.model, padded, max_new_tokens=int(self.g.max_new_tokens), key=key,
+      out = decoding.generate(self.model, rows, max_new_tokens=int(self.g.max_new_tokens), key=key,
                               temperature=float(self.g.temperature), top_p=float(self.g.top_p),
                               top_k=int(self.g.top_k), eos_ids=self.eos_ids, pad_id=self.pad_id,
-                              prompt_multiple=width)
+                              prompt_multiple=width, row_ids=row_ids, batch_size=self.batch_size,
+                              batch_multiple=self.mesh.shape["data"] * self.mesh.shape["fsdp"])
     tokens, lengths = jax.device_get((out.tokens, out.lengths))
-    return np.asarray(tokens)[:len(rows)], np.asarray(lengths)[:len(rows)]
+    return np.asarray(tokens), np.asarray(lengths)
 
 
 class RewardScorer:
@@ -267,28 +270,28 @@ def round_to_mesh(size: int, mesh) -> int:
 # ------------------------------------------------------------------------------------------ one shard
 
 
-def _shard_key(seed: int, shard: int, batch: int) -> jax.Array:
-  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), shard), batch)
+def _shard_key(seed: int, shard: int) -> jax.Array:
+  """The shard's sampling key; row r of the shard samples with fold_in(it, r) (decoding.row_keys)."""
+  return jax.random.fold_in(jax.random.key(seed), shard)
 
 
 def generate_shard(sampler: Sampler, prompts: Sequence[Prompt], shard: int, g: ml_collections.ConfigDict,
                    eos_ids: Sequence[int]) -> list[list[tuple[list[int], bool]]]:
   """Responses [prompt][sample] = (generated ids incl. EOS, ended with EOS) for one shard.
 
-  Rows (prompt, sample) are ordered by prompt bucket, then row index, and cut into batches of one bucket each, so the
-  batches (and hence the per-batch sampling keys) depend only on the shard's prompts and the config.
+  Rows (prompt, sample) are ordered by prompt bucket, then row index, and cut into batches of one bucket each; row r
+  (= prompt * n + sample) samples with key fold_in(_shard_key(seed, shard), r), whatever batch it lands in.
   """
   n = int(g.num_samples)
   rows = [(p, j) for p in range(len(prompts)) for j in range(n)]
   width = [bucket_of(len(prompts[p].ids), g.buckets, extend=True) for p, _ in rows]
   order = sorted(range(len(rows)), key=lambda r: (width[r], r))
   out: list[list[Any]] = [[None] * n for _ in prompts]
-  start, batch = 0, 0
+  start = 0
   while start < len(order):
     chunk = [r for r in order[start:start + sampler.batch_size] if width[r] == width[order[start]]]
     start += len(chunk)
-    tokens, lengths = sampler.sample([prompts[rows[r][0]].ids for r in chunk], _shard_key(int(g.seed), shard, batch))
-    batch += 1
+    tokens, lengths = sampler.sample([prompts[rows[r][0]].ids for r in chunk], _shard_key(int(g.seed), shard), chunk)
     for k, r in enumerate(chunk):
       ids = tokens[k, :lengths[k]].tolist()
       p, j = rows[r]
@@ -385,7 +388,7 @@ def output_components(config: ml_collections.ConfigDict, g: ml_collections.Confi
   sampling = dict(num_samples=int(g.num_samples), temperature=float(g.temperature), top_p=float(g.top_p),
                   top_k=int(g.top_k), max_new_tokens=int(g.max_new_tokens), seed=int(g.seed), batch_size=batch_size,
                   buckets=[int(b) for b in g.buckets], shard_size=int(g.shard_size))
-  return dict(format=str(OUTPUT_FORMAT_VERSION), model=hashing.hash_path(cli.model_path(config, "policy")),
+  return dict(format=str(OUTPUT_FORMAT_VERSION), model=hashing.model_hash(config_schema.model_path(config, "policy")),
               tokenizer=hashing.tokenizer_hash(data_build.tokenizer_path(config)),
               prompts=hashing.hash_paths(list(g.prompt_files)), prompt_config=hashing.hash_json(prompt_cfg),
               sampling=hashing.hash_json(sampling), scorer=hashing.hash_json(scorer_id),
@@ -422,7 +425,7 @@ def run(config: ml_collections.ConfigDict, *, scorer: Scorer | None = None) -> s
   if mine:
     sampler = Sampler(config, g, mesh, tok)
     check_lengths(prompts, int(g.max_new_tokens), sampler.model.config.max_position_embeddings,
-                  cli.model_path(config, "policy"))
+                  config_schema.model_path(config, "policy"))
     reward = RewardScorer(config, g, mesh, tok) if g.reward_model else None
     total = sum(len(ranges[k]) for _, k in mine)
     bar = jobs.progress(total, g.progress_bar, "prompt", "generating")

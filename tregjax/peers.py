@@ -77,7 +77,7 @@ def joined(coordinator: str | None, num_processes: int, process_id: int) -> None
 
 def keep_checkpoints(directory: str) -> None:
   """A training run: what it keeps is its last complete checkpoint under `directory`."""
-  _STATE["checkpoints"] = os.path.abspath(directory)
+  _STATE["checkpoints"] = directory if "://" in directory else os.path.abspath(directory)
   _publish()
 
 
@@ -114,6 +114,8 @@ def kept(state: dict[str, Any] | None = None) -> str:
   state = _STATE if state is None else state
   if state.get("checkpoints"):
     directory = state["checkpoints"]
+    if "://" in directory:  # object storage: not listed from here (standard library only)
+      return f"kept: the complete checkpoints under {directory} (rerun the same command on every process to resume)"
     steps = complete_checkpoint_steps(directory)
     if steps:
       return (f"kept: checkpoint step {steps[-1]} in {directory} (rerun the same command on every process to resume "

@@ -3,7 +3,8 @@
 Wiring only: flags → `cli.init_distributed()` (when several processes) → the whole config validated → the program
 `config.program` names in `tregjax.training.config.PROGRAMS` ("train": the trainer; "experiment": the experiment
 runner), run as `entry(config, workdir)`. Rerunning with the same --workdir resumes from its latest checkpoint.
-SIGTERM saves a checkpoint and exits 0.
+SIGTERM saves a checkpoint and exits 0. `--compile_only --topology v5e:16x16` trains nothing: it compiles the training
+step and scoring forward for that TPU topology on this host (`tregjax.compile`, docs/compile.md).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Trainer config file (
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, tensorboard/ "
                                 "(default: runs/<config file name>).")
+_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Do not train: AOT-compile the training step and the scoring "
+                                  "forward for --topology (a TPU pod dress rehearsal on a CPU host; tregjax.compile).")
 flags.mark_flags_as_required(["config"])
 cli.define_verbose_flag()
 
@@ -37,6 +40,12 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.setup_logging()
+  if _COMPILE_ONLY.value:
+    from tregjax import compile as compile_lib  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.topology:
+      raise app.UsageError("--compile_only needs --topology (e.g. v5e:16x16)")
+    compile_lib.main(argv, prog="tregjax.train")
+    return
   cli.report_errors("tregjax.train", _train)
 
 
@@ -48,9 +57,18 @@ def _train() -> None:
   program = config_lib.PROGRAMS[config.program]
   module, _, function = program.entry.partition(":")
   workdir = _WORKDIR.value or default_workdir()
+  from tregjax import storage  # pylint: disable=g-import-not-at-top
+  storage.check_writable(workdir, "--workdir")  # a gs:// bucket that is missing or read-only: one line, before work
   getattr(importlib.import_module(module), function)(config, workdir)
   logging.getLogger("tregjax.train").info("done: program %r; outputs in %s", config.program, workdir)
 
+
+def _define_compile_flags() -> None:
+  from tregjax import compile as compile_lib  # pylint: disable=g-import-not-at-top  (standard library + cli at import)
+  compile_lib.define_flags(with_config=False)
+
+
+_define_compile_flags()
 
 if __name__ == "__main__":
   app.run(main)

@@ -108,19 +108,98 @@ def decode_step(model: CausalLM, cache: Cache, token: jax.Array,
   return _decode_step(graphdef, state, cache, jnp.asarray(token, jnp.int32), layer_weights)
 
 
+CANDIDATES = 64  # top-p candidate set: lax.top_k of this many logits per row (see sample_logits)
+_BLOCK = 256  # two-level inverse CDF: vocabulary blocks of this many entries
+
+
+def row_keys(key: jax.Array, row_ids: jax.Array) -> jax.Array:
+  """Per-row keys fold_in(key, row_id): a row's samples depend on its id and the key only, not on its batch."""
+  return jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.asarray(row_ids, jnp.int32))
+
+
 def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0, top_k: int = 0,
-                  top_p: float = 1.0) -> jax.Array:
-  """Next tokens [B] from f32 logits [B, V]: greedy when temperature == 0, else top-k / top-p sampling."""
+                  top_p: float = 1.0, candidates: int = CANDIDATES) -> jax.Array:
+  """Next tokens [B] from f32 logits [B, V]: greedy when temperature == 0, else top-k / top-p sampling.
+
+  `key`: one key per row [B] (`row_keys`), or a single key (split per row). Each row draws ONE uniform u and takes
+  the token whose interval of the allowed distribution's CDF holds u (inverse CDF): no [B, V] Gumbel noise, and a
+  row's token depends on its own key only. The allowed distribution is softmax(logits / temperature) restricted to the
+  top-k logits (ties at the k-th kept) and then to the nucleus (`_nucleus`: the smallest top-p set, ties kept).
+
+  Fast path (top_k or top_p set): lax.top_k of `candidates` logits; a row is exact when its allowed set provably
+  lies inside them (the candidate mass reaches top_p, and the last candidate is strictly below the threshold / the
+  k-th logit, so no token outside ties with one inside); it samples among the candidates. Only when some row is
+  not exact does the batch also run the full-vocabulary path (the bisection nucleus, 31 passes over [B, V]), for
+  those rows. top_p == 1 without top_k samples the whole softmax by a two-level inverse CDF (block sums, then
+  one block). Both paths sample the same distribution; tests/models_decoding_test.py checks frequencies.
+  """
   if temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits.astype(jnp.float32) / temperature
-  neg = jnp.finfo(jnp.float32).min
+  b, v = logits.shape
+  x = logits.astype(jnp.float32) / temperature
+  typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+  keys = key if key.ndim == (1 if typed else 2) else row_keys(key, jnp.arange(b))
+  u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)  # [B] in [0, 1)
+  top_k = top_k if 0 < top_k < v else 0
+  if not top_k and top_p >= 1.0:
+    w = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
+    return _inverse_cdf(w, u)
+
+  c = min(v, max(candidates, top_k + 1))
+  vals, idx = jax.lax.top_k(x, c)  # [B, C], descending
+  keep = jnp.ones(vals.shape, bool)
+  exact = jnp.ones((b,), bool)
   if top_k:
-    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-    logits = jnp.where(logits < kth, neg, logits)
+    kth = vals[:, top_k - 1:top_k]
+    keep = vals >= kth
+    exact = (vals[:, -1] < kth[:, 0]) | (c == v)  # no token outside the candidates ties with the k-th
+    z = jnp.sum(jnp.where(keep, jnp.exp(vals - vals[:, :1]), 0.0), axis=-1, keepdims=True)
+  else:
+    z = jnp.sum(jnp.exp(x - vals[:, :1]), axis=-1, keepdims=True)  # the full softmax's normalizer: one pass
+  p = jnp.where(keep, jnp.exp(vals - vals[:, :1]) / z, 0.0)  # [B, C] probabilities, descending
   if top_p < 1.0:
-    logits = jnp.where(_nucleus(jax.nn.softmax(logits, axis=-1), top_p), logits, neg)
-  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    reach = jnp.cumsum(p, axis=-1) >= top_p
+    t = jnp.take_along_axis(p, jnp.argmax(reach, axis=-1)[:, None], axis=-1)  # nucleus threshold
+    keep = keep & (p >= t)
+    exact = exact & jnp.any(reach, axis=-1) & ((p[:, -1] < t[:, 0]) | (c == v))
+  fast = jnp.take_along_axis(idx, _inverse_cdf(jnp.where(keep, p, 0.0), u)[:, None], axis=-1)[:, 0]
+
+  def full(_):
+    allowed = jnp.ones(x.shape, bool)
+    if top_k:
+      allowed = x >= jax.lax.top_k(x, top_k)[0][:, -1:]
+    w = jnp.where(allowed, jnp.exp(x - jnp.max(x, axis=-1, keepdims=True)), 0.0)
+    if top_p < 1.0:
+      allowed = allowed & _nucleus(w / jnp.sum(w, axis=-1, keepdims=True), top_p)
+    return jnp.where(exact, fast, _inverse_cdf(jnp.where(allowed, w, 0.0), u))
+
+  return jax.lax.cond(jnp.all(exact), lambda _: fast, full, None).astype(jnp.int32)
+
+
+def _inverse_cdf(w: jax.Array, u: jax.Array) -> jax.Array:
+  """Index [B] of the entry whose interval of cumsum(w) [B, N] (w >= 0, unnormalized) holds u [B] * sum(w).
+
+  Two levels (block sums, then one block) keep it O(N) without a length-N scan. The first entry whose running sum
+  exceeds the target always has w > 0; float rounding past the end falls back to the last positive entry.
+  """
+  b, n = w.shape
+  blk = min(_BLOCK, n)
+  nb = -(-n // blk)
+  if nb * blk != n:
+    w = jnp.pad(w, ((0, 0), (0, nb * blk - n)))
+  blocks = w.reshape(b, nb, blk)
+  cum_blocks = jnp.cumsum(jnp.sum(blocks, axis=-1), axis=-1)  # [B, nb]
+  target = u * cum_blocks[:, -1]
+  last_block = nb - 1 - jnp.argmax(jnp.flip(cum_blocks > jnp.concatenate(
+      [jnp.zeros((b, 1)), cum_blocks[:, :-1]], axis=-1), axis=-1), axis=-1)  # last block with mass
+  blk_i = jnp.minimum(jnp.sum(cum_blocks <= target[:, None], axis=-1), last_block)
+  inner = jnp.take_along_axis(blocks, blk_i[:, None, None], axis=1)[:, 0]  # [B, blk]
+  before = jnp.where(blk_i > 0, jnp.take_along_axis(cum_blocks, jnp.maximum(blk_i - 1, 0)[:, None], axis=-1)[:, 0],
+                     0.0)
+  cum = jnp.cumsum(inner, axis=-1)
+  last = blk - 1 - jnp.argmax(jnp.flip(inner > 0, axis=-1), axis=-1)
+  j = jnp.minimum(jnp.sum(cum <= (target - before)[:, None], axis=-1), last)
+  return (blk_i * blk + j).astype(jnp.int32)
 
 
 def _nucleus(probs: jax.Array, top_p: float) -> jax.Array:
@@ -128,7 +207,7 @@ def _nucleus(probs: jax.Array, top_p: float) -> jax.Array:
   top_p (the smallest top-p set; ties at t are all kept).
 
   t is found by bisection over the float32 bit patterns (monotone for p >= 0): 31 exact O(V) passes per row instead
-  of an O(V log V) sort, which dominated a sampled decode step on CPU (e.g. 70 of 100 ms at V = 8k).
+  of an O(V log V) sort. sample_logits only needs it for rows whose nucleus is not inside the top-k candidates.
   """
   bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
 
@@ -143,21 +222,24 @@ def _nucleus(probs: jax.Array, top_p: float) -> jax.Array:
   return (bits >= lo[:, None]) & (probs > 0)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8, 9, 10), donate_argnums=2)
-def _generate_loop(graphdef, state, cache, first_logits, key, max_new_tokens, temperature, top_k, top_p,
-                   eos_ids, pad_id, layer_weights):
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9, 10, 11, 12), donate_argnums=2)
+def _generate_loop(graphdef, state, cache, carry, key, layer_weights, max_new_tokens, temperature, top_k, top_p,
+                   eos_ids, pad_id, stop_at):
+  """Decode until every row is done, `max_new_tokens` steps, or at most `stop_at` rows are still running (then the
+  caller compacts the batch). carry = (step, logits [B, V], done [B], out [B, N], lengths [B], row_ids [B])."""
   model = nnx.merge(graphdef, state)
-  b = first_logits.shape[0]
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+  rows = carry[-1]
+  keys = row_keys(key, rows)
 
-  def cond(carry):
-    step, _, _, done, *_ = carry
-    return (step < max_new_tokens) & ~jnp.all(done)
+  def cond(c):
+    step, _, _, done, *_ = c
+    return (step < max_new_tokens) & (jnp.sum(~done) > stop_at)
 
-  def body(carry):
-    step, logits, cache, done, out, lengths = carry
-    token = sample_logits(logits, jax.random.fold_in(key, step), temperature=temperature, top_k=top_k,
-                          top_p=top_p)
+  def body(c):
+    step, logits, cache, done, out, lengths = c
+    token = sample_logits(logits, jax.vmap(jax.random.fold_in, (0, None))(keys, step), temperature=temperature,
+                          top_k=top_k, top_p=top_p)
     token = jnp.where(done, pad_id, token)
     out = out.at[:, step].set(token)
     lengths = lengths + (~done).astype(jnp.int32)
@@ -165,10 +247,19 @@ def _generate_loop(graphdef, state, cache, first_logits, key, max_new_tokens, te
     hidden, cache = _forward_cached(model, token[:, None], cache, layer_weights)
     return step + 1, model.unembed(hidden[:, 0]), cache, done, out, lengths
 
-  out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
-  carry = (jnp.int32(0), first_logits, cache, jnp.zeros((b,), bool), out, jnp.zeros((b,), jnp.int32))
-  _, _, cache, _, out, lengths = jax.lax.while_loop(cond, body, carry)
-  return out, lengths, cache  # returning the cache lets XLA alias the donated buffer through the loop
+  step, logits, done, out, lengths, _ = carry
+  step, logits, cache, done, out, lengths = jax.lax.while_loop(cond, body, (step, logits, cache, done, out, lengths))
+  return (step, logits, done, out, lengths, rows), cache  # returning the cache lets XLA alias the donated buffer
+
+
+@jax.jit
+def _take_rows(cache: Cache, carry, idx: jax.Array):
+  """Rows `idx` of the cache and the loop carry (prefix sharing: a prompt's cache to its sample rows; compaction:
+  the running rows into a smaller batch)."""
+  step, *rest = carry
+  take = lambda a, axis=0: jnp.take(a, idx, axis=axis)
+  return (Cache(k=take(cache.k, 1), v=take(cache.v, 1), index=take(cache.index)),
+          (step, *(take(a) for a in rest)))
 
 
 def pad_prompts(prompt_tokens: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1
@@ -184,20 +275,84 @@ def pad_prompts(prompt_tokens: Sequence[Sequence[int]], pad_id: int = 0, multipl
   return tokens, lengths
 
 
+def batch_buckets(batch: int, multiple: int = 1, smallest: int = 8) -> tuple[int, ...]:
+  """The compiled batch sizes of one generate call: `batch`, then halves (multiples of `multiple`) down to about
+  `smallest`. Each size compiles one decode loop, so a call compiles at most len(...) loops."""
+  sizes = [batch]
+  while True:
+    half = -(-(sizes[-1] // 2) // multiple) * multiple
+    if half >= sizes[-1] or half < max(smallest, multiple):
+      return tuple(sizes)
+    sizes.append(half)
+
+
 def generate(model: CausalLM, prompt_tokens: Sequence[Sequence[int]], *, max_new_tokens: int, key: jax.Array,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, eos_ids: Sequence[int] = (),
-             pad_id: int = 0, prompt_multiple: int = 8) -> GenerateOutput:
-  """Sample up to `max_new_tokens` per prompt (rows may differ in prompt length); stops each row at an EOS id."""
+             pad_id: int = 0, prompt_multiple: int = 8, row_ids: Sequence[int] | None = None,
+             batch_size: int | None = None, batch_multiple: int = 1, compact: bool = True) -> GenerateOutput:
+  """Sample up to `max_new_tokens` per prompt (rows may differ in prompt length); stops each row at an EOS id.
+
+  Prefix sharing: equal prompt rows (e.g. n samples of one prompt) are prefilled once and their KV cache copied
+  to each row. Row r samples with key fold_in(key, row_ids[r]) (default r), so its tokens do not depend on which
+  rows share its batch. `batch_size` (>= the rows; default the rows rounded up to `batch_multiple`) is the compiled
+  batch; with `compact`, when at most half the rows still run, the running rows move into the next smaller size
+  of `batch_buckets` (finished rows stop costing compute, and at most len(batch_buckets) loops compile).
+  """
   if not isinstance(model, CausalLM):
     raise TypeError(f"generate needs a CausalLM, got {type(model).__name__}")
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   tokens, lengths = pad_prompts(prompt_tokens, pad_id, prompt_multiple)
-  cache = init_cache(model, tokens.shape[0], tokens.shape[1] + max_new_tokens)
+  n = len(lengths)
+  batch = batch_size or -(-n // batch_multiple) * batch_multiple
+  if batch < n or batch % batch_multiple:
+    raise ValueError(f"batch_size={batch} must be >= the {n} rows and a multiple of batch_multiple={batch_multiple}")
+  rows = np.arange(n, dtype=np.int32) if row_ids is None else np.asarray(row_ids, np.int32)
+  if rows.shape != (n,):
+    raise ValueError(f"row_ids needs one id per prompt row ({n}), got shape {rows.shape}")
+  sizes = batch_buckets(batch, batch_multiple) if compact else (batch,)
+
+  # Prefix sharing: prefill each distinct prompt once (in a size of `sizes`, so its shapes repeat).
+  first: dict[bytes, int] = {}
+  src = np.array([first.setdefault(tokens[i].tobytes() + lengths[i].tobytes(), len(first)) for i in range(n)],
+                 np.int32)  # row -> its distinct prompt
+  uniq_rows = np.zeros(len(first), np.int32)
+  uniq_rows[src] = np.arange(n, dtype=np.int32)  # distinct prompt -> a row holding it
+  u_size = min((s for s in sizes if s >= len(first)), default=sizes[0])
+  pick = np.concatenate([uniq_rows, np.full(u_size - len(first), uniq_rows[0], np.int32)])
   graphdef, state = nnx.split(model)
   layer_weights = per_layer_weights(model)
-  logits, cache = _prefill(graphdef, state, cache, jnp.asarray(tokens), jnp.asarray(lengths), layer_weights)
-  out, out_lengths, _ = _generate_loop(graphdef, state, cache, logits, key, max_new_tokens, float(temperature),
-                                    int(top_k), float(top_p), tuple(int(e) for e in eos_ids), int(pad_id),
-                                    layer_weights)
-  return GenerateOutput(tokens=out, lengths=out_lengths)
+  cache = init_cache(model, u_size, tokens.shape[1] + max_new_tokens)
+  logits, cache = _prefill(graphdef, state, cache, jnp.asarray(tokens[pick]), jnp.asarray(lengths[pick]),
+                           layer_weights)
+  size = min(s for s in sizes if s >= n)
+  cache, (_, logits) = _take_rows(cache, (jnp.int32(0), logits), jnp.asarray(np.pad(src, (0, size - n))))
+  done = np.arange(size) >= n  # filler rows (copies of row 0) are done from the start: compaction drops them
+  carry = (jnp.int32(0), logits, jnp.asarray(done), jnp.full((size, max_new_tokens), pad_id, jnp.int32),
+           jnp.zeros((size,), jnp.int32), jnp.asarray(np.pad(rows, (0, size - n))))
+  where = np.where(done, -1, np.arange(size))  # batch slot -> prompt row (-1: filler or already written)
+  out_tokens = np.full((n, max_new_tokens), pad_id, np.int32)
+  out_lengths = np.zeros((n,), np.int32)
+  static = (int(max_new_tokens), float(temperature), int(top_k), float(top_p), tuple(int(e) for e in eos_ids),
+            int(pad_id))
+  while True:
+    smaller = [s for s in sizes if s < size]
+    carry, cache = _generate_loop(graphdef, state, cache, carry, key, layer_weights, *static,
+                                  smaller[0] if smaller else 0)
+    step, _, done_d, out_d, len_d, _ = carry
+    done_h = np.asarray(done_d)
+    live = np.flatnonzero(~done_h)
+    if int(step) >= max_new_tokens or not live.size:
+      real = where >= 0
+      out_tokens[where[real]] = np.asarray(out_d)[real]
+      out_lengths[where[real]] = np.asarray(len_d)[real]
+      break
+    finished = done_h & (where >= 0)  # rows that leave the batch now: their output is final
+    out_tokens[where[finished]] = np.asarray(out_d)[finished]
+    out_lengths[where[finished]] = np.asarray(len_d)[finished]
+    size = min(s for s in sizes if s >= live.size)
+    spare = np.flatnonzero(done_h)[:size - live.size]  # keep shape with already-finished rows (done stays true)
+    keep = np.concatenate([live, spare])
+    cache, carry = _take_rows(cache, carry, jnp.asarray(keep))
+    where = np.where(np.arange(len(keep)) < live.size, where[keep], -1)
+  return GenerateOutput(tokens=jnp.asarray(out_tokens), lengths=jnp.asarray(out_lengths))
