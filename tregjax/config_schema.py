@@ -5,7 +5,7 @@ builder or command module.
 Layout:
   defaults()            the tree `tregjax.training.config.base_config()` returns (the trainer validates all of it):
                         top-level keys and the model, data, score, loss, optimizer, mesh, checkpoint, train, logging
-                        sections; built from the section functions below.
+                        and distributed sections; built from the section functions below.
   data_defaults(), score_defaults(), generate_defaults(), lora_defaults()
                         one section each (tregjax.data.build, tregjax.score, tregjax.generate, model.lora);
                         `generate` is a command section that any config may carry, so it is not in defaults().

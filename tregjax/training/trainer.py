@@ -335,6 +335,25 @@ def evaluate(program: Program, state: step_lib.TrainState, data_factory: DataFac
   return {f"eval/{k}": v / total_w for k, v in sums.items()}
 
 
+# ModelConfig's LoRA fields -> the config key that sets them. A resume must keep them: alpha changes no array shape,
+# so only this check stops a run from going on with another adapter scale (dropout may change, like the lr).
+_LORA_KEYS = {"lora_rank": "model.lora.rank", "lora_alpha": "model.lora.alpha", "lora_targets": "model.lora.targets"}
+
+
+def _check_lora_resume(where: str, saved: dict[str, Any], cfg) -> None:
+  """CheckpointMismatchError naming the config key whose LoRA setting differs from the checkpoint's."""
+  for field, key in _LORA_KEYS.items():
+    if field not in saved:
+      continue
+    theirs, mine = saved[field], getattr(cfg, field)
+    if isinstance(mine, tuple):
+      theirs = tuple(theirs or ())
+    if theirs != mine:
+      raise ckpt_lib.CheckpointMismatchError(
+          f"checkpoint {where} was trained with config.{key}={theirs!r}, this run has {mine!r}; resume with the "
+          "checkpoint's LoRA settings, or use a fresh --workdir")
+
+
 def _initial_state(program: Program, ckpt: ckpt_lib.Checkpointer, train_iter) -> step_lib.TrainState:
   """Resumed from the latest checkpoint (state and data-iterator position), else `program.init()`."""
   config = program.config
@@ -346,6 +365,7 @@ def _initial_state(program: Program, ckpt: ckpt_lib.Checkpointer, train_iter) ->
     raise ckpt_lib.CheckpointMismatchError(
         f"{ckpt.directory}/{latest} was written by objective={saved_meta.get('objective')!r}, this run is "
         f"{config.objective!r}; use a fresh --workdir")
+  _check_lora_resume(f"{ckpt.directory}/{latest}", saved_meta.get("model_config") or {}, program.model_cfg)
   state, data_state, _ = ckpt.restore(latest, partition.saved(program.target))
   state = program.with_frozen(state)
   train_iter.set_state(data_state)
