@@ -150,17 +150,19 @@ def _assert_frequencies(samples, probs, what):
 
 @pytest.mark.parametrize("kw", [dict(temperature=0.8), dict(temperature=0.8, top_p=0.9),
                                 dict(temperature=1.0, top_k=7), dict(temperature=1.3, top_k=40, top_p=0.6),
-                                dict(temperature=0.8, top_p=0.9, candidates=64),
-                                dict(temperature=1.3, top_k=40, top_p=0.6, candidates=64)],
-                         ids=["full", "top_p", "top_k", "top_k_top_p", "candidates_top_p", "candidates_top_k_top_p"])
+                                dict(temperature=0.8, top_p=0.9, candidate_blocks=0)],
+                         ids=["full", "top_p", "top_k", "top_k_top_p", "top_p_full_path"])
 def test_sampled_frequencies_equal_exact_probabilities(kw):
-  """sample_logits' full-vocabulary path (snapping-bisection nucleus, two-level inverse CDF) and its optional top-k
-  candidate path against exact numpy probabilities: a flat row (nucleus far beyond 64 candidates: fallback), a
-  peaked row (candidates suffice), and a row with a 90-way tie at its top (ties beyond the candidates)."""
+  """sample_logits' top-p candidate-block path and its full-vocabulary path (snapping-bisection nucleus, two-level
+  inverse CDF) against exact numpy probabilities: a flat row (nucleus far beyond 2 candidate blocks: fallback), a
+  peaked row (the candidates suffice), and a row with a 90-way tie at its top spread over blocks (fallback)."""
   rng = np.random.default_rng(0)
-  v, n = 700, 6000
-  logits = np.stack([rng.normal(size=v) * 0.3, rng.normal(size=v) * 4.0,
-                     np.where(np.arange(v) < 90, 2.0, rng.normal(size=v))]).astype(np.float32)
+  v, n = 2900, 6000  # 12 blocks of 256 (the last one partial), 2 candidate blocks
+  kw = dict(kw, candidate_blocks=kw.get("candidate_blocks", 2))
+  peaked = rng.normal(size=v)
+  peaked[3:9] += 6.0  # six likely tokens, all in block 0: the nucleus lies in the candidates
+  logits = np.stack([rng.normal(size=v) * 0.3, peaked,
+                     np.where(np.arange(v) % 32 == 0, 2.0, rng.normal(size=v))]).astype(np.float32)
   keys = decoding.row_keys(jax.random.key(5), jnp.arange(n))
   rows = jnp.arange(3)
   draw = jax.jit(jax.vmap(lambda k: decoding.sample_logits(

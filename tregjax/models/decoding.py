@@ -110,8 +110,8 @@ def decode_step(model: CausalLM, cache: Cache, token: jax.Array,
   return _decode_step(graphdef, state, cache, jnp.asarray(token, jnp.int32), layer_weights)
 
 
-CANDIDATES = 64  # optional top-p candidate set: lax.top_k of this many logits per row (see sample_logits)
-_BLOCK = 256  # two-level inverse CDF: vocabulary blocks of this many entries
+CANDIDATE_BLOCKS = 8  # top-p fast path: the nucleus is looked for in the 8 vocabulary blocks with the largest logits
+_BLOCK = 256  # vocabulary block size (two-level inverse CDF, candidate blocks)
 
 
 def row_keys(key: jax.Array, row_ids: jax.Array) -> jax.Array:
@@ -120,7 +120,7 @@ def row_keys(key: jax.Array, row_ids: jax.Array) -> jax.Array:
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0, top_k: int = 0,
-                  top_p: float = 1.0, candidates: int = 0) -> jax.Array:
+                  top_p: float = 1.0, candidate_blocks: int = CANDIDATE_BLOCKS) -> jax.Array:
   """Next tokens [B] from f32 logits [B, V]: greedy when temperature == 0, else top-k / top-p sampling.
 
   `key`: one key per row [B] (`row_keys`), or a single key (split per row). Each row draws ONE uniform u and takes
@@ -128,14 +128,13 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0
   row's token depends on its own key only. The allowed distribution is softmax(logits / temperature) restricted to the
   top-k logits (ties at the k-th kept) and then to the nucleus (`_nucleus`: the smallest top-p set, ties kept).
 
-  The allowed set is found over the whole vocabulary: the k-th logit by lax.top_k(top_k) (only with top_k), the
-  nucleus by `_nucleus` (a snapping bisection, no sort); the token by a two-level inverse CDF (block sums, then one
-  block). With `candidates` > 0, lax.top_k of that many logits is tried first: a row is exact when its allowed set
-  provably lies inside them (their mass reaches top_p and the last candidate is strictly below the threshold and
-  the k-th logit, so no token outside ties with one inside) and samples among them; only when some row is not exact
-  does the batch run the full path too, for those rows. On XLA:CPU lax.top_k over 49,152 entries costs more than
-  the full path, so candidates default to 0 (bench/sample_step.py). Every path samples the same distribution;
-  tests/models_decoding_test.py checks frequencies against exact probabilities.
+  Full path: the k-th logit by lax.top_k(top_k) (only with top_k), the nucleus by `_nucleus` over [B, V] (a snapping
+  bisection, no sort: XLA:CPU sorts [64, 49152] in ~0.8 s), the token by a two-level inverse CDF (block sums, then
+  one block). Top-p fast path (no top_k, `candidate_blocks` > 0): the vocabulary in blocks of 256, the nucleus
+  searched only in the `candidate_blocks` blocks with the largest maxima; a row is exact when every token outside
+  them is strictly below the candidates' nucleus threshold (the next block maximum is < t), and then samples among
+  the candidates. Only when some row is not exact does the batch run the full path too, for those rows. Every path
+  samples the same distribution; tests/models_decoding_test.py checks frequencies against exact probabilities.
   """
   if temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -145,36 +144,28 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0
   keys = key if key.ndim == (1 if typed else 2) else row_keys(key, jnp.arange(b))
   u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)  # [B] in [0, 1)
   top_k = top_k if 0 < top_k < v else 0
+  w = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))  # unnormalized probabilities, max 1
 
   def full(_=None):
-    allowed = x >= jax.lax.top_k(x, top_k)[0][:, -1:] if top_k else None
-    w = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
-    if allowed is not None:
-      w = jnp.where(allowed, w, 0.0)
+    ww = jnp.where(x >= jax.lax.top_k(x, top_k)[0][:, -1:], w, 0.0) if top_k else w
     if top_p < 1.0:
-      w = jnp.where(_nucleus(w / jnp.sum(w, axis=-1, keepdims=True), top_p), w, 0.0)
-    return _inverse_cdf(w, u)
+      ww = jnp.where(_nucleus(ww / jnp.sum(ww, axis=-1, keepdims=True), top_p), ww, 0.0)
+    return _inverse_cdf(ww, u)
 
-  if not candidates or (not top_k and top_p >= 1.0):
+  blk = min(_BLOCK, v)
+  nb = -(-v // blk)
+  g = candidate_blocks
+  if top_k or top_p >= 1.0 or not g or nb <= g:
     return full()
-  c = min(v, max(candidates, top_k + 1))
-  vals, idx = jax.lax.top_k(x, c)  # [B, C], descending
-  keep = jnp.ones(vals.shape, bool)
-  exact = jnp.ones((b,), bool)
-  if top_k:
-    kth = vals[:, top_k - 1:top_k]
-    keep = vals >= kth
-    exact = (vals[:, -1] < kth[:, 0]) | (c == v)  # no token outside the candidates ties with the k-th
-    z = jnp.sum(jnp.where(keep, jnp.exp(vals - vals[:, :1]), 0.0), axis=-1, keepdims=True)
-  else:
-    z = jnp.sum(jnp.exp(x - vals[:, :1]), axis=-1, keepdims=True)  # the full softmax's normalizer: one pass
-  p = jnp.where(keep, jnp.exp(vals - vals[:, :1]) / z, 0.0)  # [B, C] probabilities, descending
-  if top_p < 1.0:
-    reach = jnp.cumsum(p, axis=-1) >= top_p
-    t = jnp.take_along_axis(p, jnp.argmax(reach, axis=-1)[:, None], axis=-1)  # nucleus threshold
-    keep = keep & (p >= t)
-    exact = exact & jnp.any(reach, axis=-1) & ((p[:, -1] < t[:, 0]) | (c == v))
-  fast = jnp.take_along_axis(idx, _inverse_cdf(jnp.where(keep, p, 0.0), u)[:, None], axis=-1)[:, 0]
+  z = jnp.sum(w, axis=-1, keepdims=True)
+  blocks = (jnp.pad(w, ((0, 0), (0, nb * blk - v))) if nb * blk != v else w).reshape(b, nb, blk)
+  block_max, block_i = jax.lax.top_k(jnp.max(blocks, axis=-1), g + 1)  # [B, g + 1]
+  cand = jnp.take_along_axis(blocks, block_i[:, :g, None], axis=1).reshape(b, g * blk)
+  keep = _nucleus(cand / z, top_p, vocab=v)
+  t = jnp.min(jnp.where(keep, cand, jnp.inf), axis=-1)  # the candidates' nucleus threshold (unnormalized)
+  exact = (jnp.sum(jnp.where(keep, cand, 0.0), axis=-1) >= top_p * z[:, 0]) & (block_max[:, g] < t)
+  j = _inverse_cdf(jnp.where(keep, cand, 0.0), u)
+  fast = jnp.take_along_axis(block_i, (j // blk)[:, None], axis=-1)[:, 0] * blk + j % blk
   return jax.lax.cond(jnp.all(exact), lambda _: fast, lambda _: jnp.where(exact, fast, full()), None
                       ).astype(jnp.int32)
 
@@ -205,7 +196,7 @@ def _inverse_cdf(w: jax.Array, u: jax.Array) -> jax.Array:
   return (blk_i * blk + j).astype(jnp.int32)
 
 
-def _nucleus(probs: jax.Array, top_p: float) -> jax.Array:
+def _nucleus(probs: jax.Array, top_p: float, vocab: int | None = None) -> jax.Array:
   """bool[B, V]: the tokens at least as likely as t, the largest probability whose at-least-as-likely mass reaches
   top_p (the smallest top-p set; ties at t are all kept). No sort (XLA:CPU sorts [64, 49152] in seconds).
 
@@ -213,7 +204,8 @@ def _nucleus(probs: jax.Array, top_p: float) -> jax.Array:
   mass(>= hi): each pass halves the bracket, then snaps lo up to the smallest probability >= lo and hi down to just
   above the largest one < hi (neither changes a mass), and a row is done once one distinct probability is left in
   [lo, hi) -- that one is t. About a third of the 31 passes of a plain bisection on LM logits (bench/sample_step.py).
-  The start lo = (1 - top_p) / V is valid: the tokens below it hold less than 1 - top_p.
+  The start lo = (1 - top_p) / V is valid: the tokens below it hold less than 1 - top_p (`vocab`: V when `probs`
+  is a subset of the vocabulary; a subset that cannot reach top_p returns a set whose mass is < top_p).
   """
   b, v = probs.shape
   bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
@@ -235,7 +227,7 @@ def _nucleus(probs: jax.Array, top_p: float) -> jax.Array:
     lo2, hi2, fin = snap(jnp.where(ok, mid, lo), jnp.where(ok, hi, mid))
     return i + 1, jnp.where(done, lo, lo2), jnp.where(done, hi, hi2), done | fin
 
-  start = jax.lax.bitcast_convert_type(jnp.float32((1.0 - top_p) / v), jnp.int32)
+  start = jax.lax.bitcast_convert_type(jnp.float32((1.0 - top_p) / (vocab or v)), jnp.int32)
   lo, hi, done = snap(jnp.full((b,), start, jnp.int32), jnp.max(bits, axis=-1) + 1)
   _, lo, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), lo, hi, done))
   return (bits >= lo[:, None]) & (probs > 0)
