@@ -12,7 +12,7 @@ tokens. Both compute the full forward including [B, T, V] logits. With equal wor
 therefore also gives each framework's FLOP/s as a fraction of its own dense matmul FLOP/s measured in the same run.
 All variants (each framework, each torch thread count, each reference matmul) are timed round-robin. On an
 accelerator (jax's default backend is not CPU) the torch CPU column is skipped and MFU (= model FLOP/s / peak, the
-peak from `tregjax.training.metrics.PEAK_BF16_FLOPS` unless --peak-tflops) is reported for the device. Model FLOPs:
+peak from `tregjax.training.metrics.ACCELERATORS` unless --peak-tflops) is reported for the device. Model FLOPs:
 `tregjax.training.metrics.forward_flops_per_token` (matmuls, attention counted dense).
 """
 

@@ -24,7 +24,7 @@ Columns: 'vs no reg' = step time over the same objective without T-REG's regular
 over the same step with the layers under lax.scan. T-REG's regulariser is the extra term α·w·(L_REG(y_w)+L_REG(y_l))
 over per-token log-probs the preference loss already needs, so its cost should be a few elementwise ops (goal:
 DPO-REG / DPO ≤ 1.03). MFU counts `tregjax.training.metrics.train_flops_per_token` (6·N_matmul + 12·L·H·Dh·T, PaLM
-appendix B) over all 2·B·T tokens of chosen and rejected rows, against `metrics.PEAK_BF16_FLOPS`; XLA GFLOP is the
+appendix B) over all 2·B·T tokens of chosen and rejected rows, against `metrics.ACCELERATORS`; XLA GFLOP is the
 compiled step's own cost analysis (XLA:CPU counts a scanned layer loop's body once). Writes bench/out/<section or
 train_step>.json, and the section `--section` of bench/RESULTS.md when given.
 """

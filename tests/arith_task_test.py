@@ -100,7 +100,7 @@ def test_make_problems_levels_subset():
   assert all(len(_nodes(p.expression)[1]) == 2 for p in problems)
   assert [p.level for p in arith.make_problems(4, seed=1, levels=(3, 1))] == [3, 1, 3, 1]
   with pytest.raises(ValueError):
-    arith.make_problems(3, seed=1, levels=(4,))
+    arith.make_problems(3, seed=1, levels=(5,))
 
 
 def test_max_operand():

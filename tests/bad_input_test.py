@@ -21,8 +21,7 @@ import data_common as dc  # noqa: E402
 import train_common as tc  # noqa: E402
 from conftest import REPO_ROOT  # noqa: E402
 
-from tregjax import cli, data, export, score  # noqa: E402
-from tregjax.data import scored_cache  # noqa: E402
+from tregjax import cli, data, errors, export, score  # noqa: E402
 from tregjax.data.sources import DataError  # noqa: E402
 from tregjax.data.tokenize import ChatTokenizer  # noqa: E402
 from tregjax.training import metrics as metrics_lib  # noqa: E402
@@ -91,9 +90,9 @@ def _command(module, *args):
 
 def test_expected_errors_are_one_line_with_distinct_exit_statuses(capsys):
   from tregjax.training import checkpoint, trainer
-  cases = [(cli.ConfigError("config.optimizer.lr=-1: must be > 0"), cli.EXIT_CONFIG),
+  cases = [(errors.ConfigError("config.optimizer.lr=-1: must be > 0"), cli.EXIT_CONFIG),
            (DataError("a.jsonl:line 3", "chosen", "is null", "null_field"), cli.EXIT_BAD_RECORD),
-           (scored_cache.StaleCacheError("cache of other inputs"), cli.EXIT_STALE),
+           (errors.StaleCacheError("cache of other inputs"), cli.EXIT_STALE),
            (checkpoint.CheckpointMismatchError("another model"), cli.EXIT_STALE),
            (trainer.NonFiniteError("loss is nan\nfor 5 steps"), cli.EXIT_NON_FINITE),
            (score.NonFiniteScoreError("nan"), cli.EXIT_NON_FINITE),
@@ -282,7 +281,7 @@ def test_mesh_error_names_the_config_key(tmp_path, world):
   f = dc.write_jsonl(str(tmp_path / "a.jsonl"), dc.pair_records(2))
   cfg = _score_config(world, tmp_path, [f])
   cfg.mesh.tensor = 3
-  with pytest.raises(cli.ConfigError, match=r"config\.mesh\.tensor=3 x config\.mesh\.fsdp=1 does not divide the 1 "):
+  with pytest.raises(errors.ConfigError, match=r"config\.mesh\.tensor=3 x config\.mesh\.fsdp=1 does not divide the 1 "):
     score.run(cfg)
 
 
@@ -327,7 +326,7 @@ def test_generate_prompt_files_empty_null_and_too_long(tmp_path, world, caplog):
     assert len(generate.load_prompts(cfg, tok)) == 11
   assert [r.levelno for r in caplog.records if "skipped" in r.getMessage()] == [logging.WARNING]
   assert f"{prompts}:line 12: field 'prompt': is null" in caplog.text
-  with pytest.raises(cli.ConfigError, match=r"line 1: prompt of \d+ tokens \+ generate\.max_new_tokens=500 runs past "
+  with pytest.raises(errors.ConfigError, match=r"line 1: prompt of \d+ tokens \+ generate\.max_new_tokens=500 runs past "
                      r"max_position_embeddings=512"):
     generate.run(cfg, scorer=lambda messages, text: 0.0)
 

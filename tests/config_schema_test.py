@@ -9,7 +9,7 @@ import sys
 import ml_collections
 import pytest
 
-from tregjax import config_schema
+from tregjax import config_schema, errors
 from tregjax.training import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,19 +24,19 @@ def test_a_typo_in_the_score_section_is_refused_by_the_scoring_pass():
   from tregjax import score  # pylint: disable=g-import-not-at-top
   c = config_lib.base_config()
   c.score.bukets = (32, 64)
-  with pytest.raises(config_lib.ConfigError) as e:
+  with pytest.raises(errors.ConfigError) as e:
     score.score_section(c)
   message = str(e.value)
   assert message.startswith("unknown key config.score.bukets (did you mean config.score.buckets?)"), message
   assert "\n" not in message
   c = config_lib.base_config()
   c.score.token_reward.sorce = "confidence"
-  with pytest.raises(config_lib.ConfigError, match=r"^unknown key config.score.token_reward.sorce \(did you mean "
+  with pytest.raises(errors.ConfigError, match=r"^unknown key config.score.token_reward.sorce \(did you mean "
                      r"config.score.token_reward.source\?\)"):
     score.score_section(c)
   c = config_lib.base_config()
   c.score.token_reward.source = "contrastiv"
-  with pytest.raises(config_lib.ConfigError, match=r"config.score.token_reward.source='contrastiv': must be one of "
+  with pytest.raises(errors.ConfigError, match=r"config.score.token_reward.source='contrastiv': must be one of "
                      r".* \(did you mean 'contrastive'\?\)"):
     score.score_section(c)
 
@@ -46,26 +46,26 @@ def test_score_and_generate_sections_refuse_unknown_keys_by_the_same_rule():
   for name, section_fn, typo, closest in (("score", score.score_section, "shard_sise", "shard_size"),
                                           ("generate", generate.generate_section, "shard_sise", "shard_size")):
     c = ml_collections.ConfigDict({name: {typo: 4}})
-    with pytest.raises(config_lib.ConfigError) as e:
+    with pytest.raises(errors.ConfigError) as e:
       section_fn(c)
     assert str(e.value).startswith(f"unknown key config.{name}.{typo} (did you mean config.{name}.{closest}?); "
                                    f"known keys of config.{name}: "), str(e.value)
     c = ml_collections.ConfigDict({name: {"shard_size": "4"}})
-    with pytest.raises(config_lib.ConfigError, match=rf"config.{name}.shard_size: expected int, got '4'"):
+    with pytest.raises(errors.ConfigError, match=rf"config.{name}.shard_size: expected int, got '4'"):
       section_fn(c)
     c = ml_collections.ConfigDict({name: {"xyz": 1}})  # nothing close: the key and the known keys only
-    with pytest.raises(config_lib.ConfigError, match=rf"^unknown key config.{name}.xyz; known keys of config.{name}: "):
+    with pytest.raises(errors.ConfigError, match=rf"^unknown key config.{name}.xyz; known keys of config.{name}: "):
       section_fn(c)
 
 
 def test_experiment_program_sections_follow_the_same_rule():
   c = ml_collections.ConfigDict(dict(experiment=dict(armz=("dpo",))))
   from tregjax.experiments import runner  # pylint: disable=g-import-not-at-top
-  with pytest.raises(config_lib.ConfigError, match=r"^unknown key config.experiment.armz \(did you mean "
+  with pytest.raises(errors.ConfigError, match=r"^unknown key config.experiment.armz \(did you mean "
                      r"config.experiment.arms\?\)"):
     runner.experiment_section(c)
   from tregjax.tasks import arith_experiment  # pylint: disable=g-import-not-at-top
-  with pytest.raises(config_lib.ConfigError, match=r"^unknown key config.arith.train_prompt \(did you mean "
+  with pytest.raises(errors.ConfigError, match=r"^unknown key config.arith.train_prompt \(did you mean "
                      r"config.arith.train_prompts\?\)"):
     arith_experiment.ArithTask(ml_collections.ConfigDict(dict(arith=dict(train_prompt=3))))
 
@@ -126,7 +126,7 @@ def test_a_wrong_type_for_an_inherited_key_names_it():
   c.unlock()
   del c.score["chunk_size"]
   c.score.chunk_size = "32"  # replaced, not overridden, so ml_collections' own type check does not fire
-  with pytest.raises(config_lib.ConfigError, match=r"config.score.chunk_size: expected int, got '32'"):
+  with pytest.raises(errors.ConfigError, match=r"config.score.chunk_size: expected int, got '32'"):
     config_lib.validate(c, num_devices=1, check_data=False)
 
 
@@ -222,7 +222,7 @@ def test_model_path_is_not_a_key():
   """`model.path` was read as a fallback of model.hf_path by the tokenizer lookup: no config can hold it."""
   c = config_lib.base_config()
   c.model.path = "/somewhere"
-  with pytest.raises(config_lib.ConfigError, match=r"unknown key config.model.path"):
+  with pytest.raises(errors.ConfigError, match=r"unknown key config.model.path"):
     config_lib.validate(c, num_devices=1, check_data=False)
   bare = ml_collections.ConfigDict(dict(model=dict(path="/somewhere")))
   assert config_schema.tokenizer_dir(bare) == ""

@@ -9,7 +9,7 @@ import sys
 import pytest
 import importlib.util
 
-from tregjax import cli
+from tregjax import cli, errors
 from tregjax.training import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,19 +74,19 @@ def _bad(**changes):
     ({"model.overrides": {"scan_layers": False}}, r"overrides.scan_layers is set by .*config.model.scan_layers"),
 ])
 def test_inconsistent_config_is_refused_with_the_field_named(changes, message):
-  with pytest.raises(config_lib.ConfigError, match=message):
+  with pytest.raises(errors.ConfigError, match=message):
     config_lib.validate(_bad(**changes), num_devices=8)
 
 
 def test_unknown_key_in_a_trainer_section_is_refused():
   c = config_lib.base_config()
   c.optimizer.learning_rate = 1e-6  # a key optimizer does not have, added before locking (as a config file could)
-  with pytest.raises(config_lib.ConfigError, match=r"^unknown key config.optimizer.learning_rate; known keys of "
+  with pytest.raises(errors.ConfigError, match=r"^unknown key config.optimizer.learning_rate; known keys of "
                      r"config.optimizer: b1, b2, "):
     config_lib.validate(c, num_devices=1, check_data=False)
   c = config_lib.base_config()
   c.optimizer.l = 1e-6  # a typo: the closest key is named
-  with pytest.raises(config_lib.ConfigError, match=r"^unknown key config.optimizer.l \(did you mean "
+  with pytest.raises(errors.ConfigError, match=r"^unknown key config.optimizer.l \(did you mean "
                      r"config.optimizer.lr\?\)"):
     config_lib.validate(c, num_devices=1, check_data=False)
 
@@ -102,7 +102,7 @@ def test_a_typo_in_a_section_is_one_line_naming_the_key_and_the_closest(section,
   for part in section.split("."):
     node = node[part]
   node[typo] = node[closest]
-  with pytest.raises(config_lib.ConfigError) as e:
+  with pytest.raises(errors.ConfigError) as e:
     config_lib.validate(c, num_devices=1, check_data=False)
   assert str(e.value).startswith(f"unknown key config.{section}.{typo} (did you mean config.{section}.{closest}?)")
   assert "\n" not in str(e.value)
@@ -111,11 +111,11 @@ def test_a_typo_in_a_section_is_one_line_naming_the_key_and_the_closest(section,
 def test_a_command_section_of_a_trainer_config_is_checked_before_training():
   c = config_lib.base_config()
   c.generate = dict(num_sampels=2)  # read by `python -m tregjax.generate` on the same config file
-  with pytest.raises(config_lib.ConfigError, match=r"unknown key config.generate.num_sampels \(did you mean "
+  with pytest.raises(errors.ConfigError, match=r"unknown key config.generate.num_sampels \(did you mean "
                      r"config.generate.num_samples\?\)"):
     config_lib.validate(c, num_devices=1, check_data=False)
   c.generate = dict(num_samples=0)
-  with pytest.raises(config_lib.ConfigError, match=r"config.generate.num_samples=0 is out of range"):
+  with pytest.raises(errors.ConfigError, match=r"config.generate.num_samples=0 is out of range"):
     config_lib.validate(c, num_devices=1, check_data=False)
 
 
@@ -148,19 +148,19 @@ def test_wrong_type_set_in_a_config_file_is_refused():
   c.unlock()
   del c.train["steps"]
   c.train.steps = "10"  # replaced, not overridden, so ml_collections' own type check does not fire
-  with pytest.raises(config_lib.ConfigError, match=r"config.train.steps: expected int, got '10'"):
+  with pytest.raises(errors.ConfigError, match=r"config.train.steps: expected int, got '10'"):
     config_lib.validate(c, num_devices=1, check_data=False)
 
 
 def test_misspelt_top_level_section_is_refused_naming_it_and_the_closest_known():
   c = config_lib.base_config()
   c.optimzer = dict(lr=1e-3)  # a config file's typo for `optimizer`: it would otherwise be silently ignored
-  with pytest.raises(config_lib.ConfigError, match=r"unknown config section or key 'optimzer' \(did you mean "
+  with pytest.raises(errors.ConfigError, match=r"unknown config section or key 'optimzer' \(did you mean "
                      r"'optimizer'\?\)"):
     config_lib.validate(c, num_devices=1, check_data=False)
   c = config_lib.base_config()
   c.learning_rate = 1e-6  # a stray top-level scalar
-  with pytest.raises(config_lib.ConfigError, match="unknown config section or key 'learning_rate'"):
+  with pytest.raises(errors.ConfigError, match="unknown config section or key 'learning_rate'"):
     config_lib.validate(c, num_devices=1, check_data=False)
 
 
@@ -169,21 +169,21 @@ def test_sections_belong_to_the_program_the_config_names():
   c.generate = dict(num_samples=2)  # a command section: any program's config may carry it
   config_lib.validate(c, num_devices=1, check_data=False)
   c.demo = dict(sft_steps=3)  # the experiment program's task section, on a config of the bare trainer
-  with pytest.raises(config_lib.ConfigError, match=r"config.demo is a section of program 'experiment', but "
+  with pytest.raises(errors.ConfigError, match=r"config.demo is a section of program 'experiment', but "
                      r"config.program='train'; set config.program='experiment'"):
     config_lib.validate(c, num_devices=1, check_data=False)
   c.program = "experiment"
   config_lib.validate(c, num_devices=1, check_data=False)
   c.program = "experimnt"
-  with pytest.raises(config_lib.ConfigError, match=r"config.program='experimnt': must be one of \('train', "
-                     r"'experiment'\) \(did you mean 'experiment'\?\)"):
+  with pytest.raises(errors.ConfigError, match=r"config.program='experimnt': must be one of \('train', "
+                     r"'experiment', 'credit'\) \(did you mean 'experiment'\?\)"):
     config_lib.validate(c, num_devices=1, check_data=False)
 
 
 def test_every_program_entry_is_a_function_of_config_and_workdir():
   import importlib
   import inspect
-  assert set(config_lib.PROGRAMS) == {"train", "experiment"}
+  assert set(config_lib.PROGRAMS) == {"train", "experiment", "credit"}
   for name, program in config_lib.PROGRAMS.items():
     module, _, function = program.entry.partition(":")
     params = list(inspect.signature(getattr(importlib.import_module(module), function)).parameters)

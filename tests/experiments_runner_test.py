@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+from tregjax import errors
 from tregjax.experiments import runner
-from tregjax.data.scored_cache import StaleCacheError
 
 
 def _config(**experiment):
@@ -36,7 +36,7 @@ def test_stage_keys_survive_a_moved_workdir_and_refuse_other_inputs(tmp_path):
   moved = runner.Stages(str(tmp_path / "b"))
   assert moved.done("arms/dpo", {"data": {"cache_dir": os.path.join(moved.root, "scored", "cache")},
                                  "loss": {"alpha": 0.25}})
-  with pytest.raises(StaleCacheError, match="made from other inputs"):
+  with pytest.raises(errors.StaleCacheError, match="made from other inputs"):
     moved.done("arms/dpo", {"data": {"cache_dir": os.path.join(moved.root, "scored", "cache")}, "loss": {"alpha": 0.5}})
   assert not moved.done("arms/dpo_reg", key)
 
@@ -46,16 +46,16 @@ def test_a_config_key_added_since_at_its_default_keeps_the_stage_and_a_changed_o
   stages.finish("arms/dpo", started=0.0, key={"loss": {"alpha": 0.25, "beta": 0.1}})
   # loss.tis_mu did not exist when the stage was made; at its default (1.0) the stage was made with that value.
   assert stages.done("arms/dpo", {"loss": {"alpha": 0.25, "beta": 0.1, "tis_mu": 1.0}})
-  with pytest.raises(StaleCacheError, match=r"loss.tis_mu: '\(absent\)' -> 2.0"):
+  with pytest.raises(errors.StaleCacheError, match=r"loss.tis_mu: '\(absent\)' -> 2.0"):
     stages.done("arms/dpo", {"loss": {"alpha": 0.25, "beta": 0.1, "tis_mu": 2.0}})
-  with pytest.raises(StaleCacheError, match=r"loss.alpha: 0.25 -> 0.5"):
+  with pytest.raises(errors.StaleCacheError, match=r"loss.alpha: 0.25 -> 0.5"):
     stages.done("arms/dpo", {"loss": {"alpha": 0.5, "beta": 0.1}})
-  with pytest.raises(StaleCacheError, match=r"loss.beta: 0.1 -> '\(absent\)'"):
+  with pytest.raises(errors.StaleCacheError, match=r"loss.beta: 0.1 -> '\(absent\)'"):
     stages.done("arms/dpo", {"loss": {"alpha": 0.25}})
   # A stage key that nests the trainer's config (the demo's SFT reference) gets the same rule.
   stages.finish("reference", started=0.0, key={"trainer": {"loss": {"alpha": 0.25}}, "steps": 30})
   assert stages.done("reference", {"trainer": {"loss": {"alpha": 0.25, "tis_mu": 1.0}}, "steps": 30})
-  with pytest.raises(StaleCacheError, match=r"trainer.loss.tis_mu"):
+  with pytest.raises(errors.StaleCacheError, match=r"trainer.loss.tis_mu"):
     stages.done("reference", {"trainer": {"loss": {"alpha": 0.25, "tis_mu": 3.0}}, "steps": 30})
 
 

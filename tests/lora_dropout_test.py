@@ -18,10 +18,10 @@ import models_golden as g
 import train_common as tc
 from lora_peft_test import TARGET_SETS, VALID
 from lora_train_test import _config, _flat, _hf_base
-from tregjax import training
-from tregjax.models import hf_io
+from tregjax import models, training
+from tregjax.models import adapters
 from tregjax.models import lora
-from tregjax.models import peft_io
+from tregjax.models.config import LORA_TARGETS
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 P = 0.3
@@ -29,8 +29,7 @@ P = 0.3
 
 def _identity_adapter(d: int, salt: int, dropout: float = P) -> lora.Adapter:
   """An adapter on a [d] -> [d] projection with A = B = I and α = r = d: its output is drop(x) itself."""
-  shape = lora.Shape((d,), ("embed",), (d,), ("embed",))
-  adapter = lora.Adapter(shape, rank=d, alpha=float(d), dropout=dropout, salt=salt, num_stacked=None,
+  adapter = lora.Adapter((d, d), ("embed", "embed"), in_ndim=1, rank=d, alpha=float(d), dropout=dropout, salt=salt,
                          param_dtype=jnp.float32)
   adapter.lora_a[...] = jnp.eye(d)
   adapter.lora_b[...] = jnp.eye(d)
@@ -60,10 +59,10 @@ def test_each_projection_draws_its_own_mask_under_one_layer_key():
   d = 64
   x = jnp.ones((50, d))
   key = jax.random.key(3)
-  masks = [np.asarray(_identity_adapter(d, salt=s)(x, key)) != 0 for s in range(len(lora.TARGETS))]
+  masks = [np.asarray(_identity_adapter(d, salt=s)(x, key)) != 0 for s in range(len(LORA_TARGETS))]
   for i in range(len(masks)):
     for j in range(i):
-      assert (masks[i] != masks[j]).any(), (lora.TARGETS[i], lora.TARGETS[j])
+      assert (masks[i] != masks[j]).any(), (LORA_TARGETS[i], LORA_TARGETS[j])
 
 
 def _adapted(tmp_path, dropout: float):
@@ -80,8 +79,8 @@ def _adapted(tmp_path, dropout: float):
         p.copy_(0.1 * torch.randn(p.shape, generator=gen))
   pm.eval()
   pm.save_pretrained(tmp_path / "adapter")
-  base = hf_io.from_pretrained(base_dir, dtype=jnp.float32)
-  return pm, peft_io.load_adapter(base, str(tmp_path / "adapter")), base_dir
+  base = models.from_pretrained(base_dir, dtype=jnp.float32)
+  return pm, adapters.load_adapter(base, str(tmp_path / "adapter")), base_dir
 
 
 def test_keyless_forward_is_peft_eval_and_only_adapters_see_the_key(tmp_path):
@@ -99,14 +98,14 @@ def test_keyless_forward_is_peft_eval_and_only_adapters_see_the_key(tmp_path):
   assert np.abs(h1 - h3)[VALID].max() > 1e-3
   # The base projections see their input whole: with fresh adapters (B = 0) a key changes nothing, and the
   # reference of a LoRA run (the base, adapters off) has nothing to drop.
-  base = hf_io.from_pretrained(base_dir, dtype=jnp.float32)
-  fresh = lora.add_adapters(base, rank=4, alpha=8.0, targets="all_linear", dropout=0.5)
+  base = models.from_pretrained(base_dir, dtype=jnp.float32)
+  fresh = adapters.add_adapters(base, rank=4, alpha=8.0, targets="all_linear", dropout=0.5)
   for model in (base, fresh):
     np.testing.assert_array_equal(np.asarray(model.hidden_states(tokens, segment_ids=segments)),
                                   np.asarray(model.hidden_states(tokens, segment_ids=segments, dropout_key=key)))
   # Exported adapters say how they were trained.
-  peft_io.save_adapter(ours, str(tmp_path / "out"))
-  assert peft_io.read_adapter_config(str(tmp_path / "out"))["lora_dropout"] == P
+  adapters.save_adapter(ours, str(tmp_path / "out"))
+  assert adapters.read_adapter_config(str(tmp_path / "out"))["lora_dropout"] == P
 
 
 def test_a_dropout_run_trains_other_adapters_than_a_plain_one_and_keeps_the_base(tmp_path):

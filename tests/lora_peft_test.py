@@ -17,8 +17,7 @@ from flax import nnx
 
 import models_golden as g
 from tregjax import models
-from tregjax.models import lora
-from tregjax.models import peft_io
+from tregjax.models import adapters
 
 TOL = 1e-4
 GEMMA2 = dict(model_type="gemma2", vocab_size=256, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
@@ -66,7 +65,7 @@ def test_peft_adapter_loads_and_forward_matches_peft_logits(base_name, tmp_path)
   adapter_dir = str(tmp_path / "adapter")
   peft_model.save_pretrained(adapter_dir)
   ref = _peft_logits(peft_model)
-  ours = peft_io.load_adapter(models.from_pretrained(base_dir, dtype=jnp.float32), adapter_dir)
+  ours = adapters.load_adapter(models.from_pretrained(base_dir, dtype=jnp.float32), adapter_dir)
   assert ours.config.lora_rank == 4 and ours.config.lora_alpha == 12.0 and len(ours.config.lora_targets) == 7
   out = _logits(ours)
   np.testing.assert_allclose(out[VALID], ref[VALID], atol=TOL, rtol=0)
@@ -80,7 +79,7 @@ def test_peft_adapter_loads_and_forward_matches_peft_logits(base_name, tmp_path)
 def test_fresh_adapter_leaves_logits_unchanged(base_name, tmp_path):
   hf = g.build_hf(BASES[base_name], seed=2)
   base = models.from_pretrained(g.save_hf(hf, tmp_path / "base"), dtype=jnp.float32)
-  adapted = lora.add_adapters(base, rank=8, alpha=16, targets="all_linear", seed=3)
+  adapted = adapters.add_adapters(base, rank=8, alpha=16, targets="all_linear", seed=3)
   a = nnx.state(adapted, nnx.LoRAParam)["model"]["layers"]["attn"]["q_proj_lora"]["lora_a"][...]
   assert float(jnp.abs(a).max()) > 0  # A is random, B is zero
   out = _logits(adapted)
@@ -104,11 +103,11 @@ def test_peft_export_loads_in_peft_and_merged_export_in_transformers(base_name, 
   import transformers
   hf = g.build_hf(BASES[base_name], seed=4)
   base_dir = g.save_hf(hf, tmp_path / "base")
-  ours = _random_adapters(lora.add_adapters(models.from_pretrained(base_dir, dtype=jnp.float32), rank=3,
+  ours = _random_adapters(adapters.add_adapters(models.from_pretrained(base_dir, dtype=jnp.float32), rank=3,
                                             alpha=7, targets=targets, seed=5), seed=6)
   want = _logits(ours)
 
-  adapter_dir = peft_io.save_adapter(ours, str(tmp_path / "adapter"), base_model_name_or_path=base_dir)
+  adapter_dir = adapters.save_adapter(ours, str(tmp_path / "adapter"), base_model_name_or_path=base_dir)
   with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
     assert sorted(json.load(f)["target_modules"]) == sorted(TARGET_SETS[targets])
   loaded = peft.PeftModel.from_pretrained(g.build_hf(BASES[base_name], seed=4), adapter_dir)
@@ -116,7 +115,7 @@ def test_peft_export_loads_in_peft_and_merged_export_in_transformers(base_name, 
   np.testing.assert_allclose(_peft_logits(loaded)[VALID], want[VALID], atol=TOL, rtol=0)
 
   merged_dir = str(tmp_path / "merged")
-  models.save_pretrained(lora.merge(ours), merged_dir)
+  models.save_pretrained(adapters.merge(ours), merged_dir)
   hf_merged = transformers.AutoModelForCausalLM.from_pretrained(merged_dir, attn_implementation="eager")
   np.testing.assert_allclose(g.hf_logits(hf_merged, g.TOKENS, g.SEGMENTS)[VALID], want[VALID], atol=TOL, rtol=0)
 
@@ -130,12 +129,12 @@ def test_adapted_model_generates_what_peft_generates(tmp_path):
   with torch.no_grad():
     ref = peft_model.generate(input_ids=torch.tensor(prompt, dtype=torch.long), max_new_tokens=6, do_sample=False,
                               pad_token_id=0, eos_token_id=None)[0, prompt.shape[1]:].numpy()
-  ours = peft_io.load_adapter(models.from_pretrained(base_dir, dtype=jnp.float32), adapter_dir)
+  ours = adapters.load_adapter(models.from_pretrained(base_dir, dtype=jnp.float32), adapter_dir)
   from tregjax.models import decoding
   import jax
   out = decoding.generate(ours, prompt.tolist(), max_new_tokens=6, key=jax.random.key(0))
   np.testing.assert_array_equal(np.asarray(out.tokens)[0, :6], ref)
-  merged = decoding.generate(lora.merge(ours), prompt.tolist(), max_new_tokens=6, key=jax.random.key(0))
+  merged = decoding.generate(adapters.merge(ours), prompt.tolist(), max_new_tokens=6, key=jax.random.key(0))
   np.testing.assert_array_equal(np.asarray(merged.tokens)[0, :6], ref)
 
 
@@ -149,12 +148,12 @@ def test_adapter_config_that_is_not_plain_lora_is_refused_by_field(tmp_path):
   with open(path, "w") as f:
     json.dump(conf | {"use_dora": True}, f)
   with pytest.raises(ValueError, match="use_dora"):
-    peft_io.load_adapter(models.from_pretrained(base_dir, dtype=jnp.float32), adapter_dir)
+    adapters.load_adapter(models.from_pretrained(base_dir, dtype=jnp.float32), adapter_dir)
 
 
 def test_target_presets_and_regex_resolve_to_projections():
-  assert lora.resolve_targets("attention") == ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj")
-  assert len(lora.resolve_targets("all_linear")) == 7
-  assert lora.resolve_targets(r"mlp/(up|down)_proj") == ("mlp/up_proj", "mlp/down_proj")
+  assert adapters.resolve_targets("attention") == ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj")
+  assert len(adapters.resolve_targets("all_linear")) == 7
+  assert adapters.resolve_targets(r"mlp/(up|down)_proj") == ("mlp/up_proj", "mlp/down_proj")
   with pytest.raises(ValueError, match="config.model.lora.targets"):
-    lora.resolve_targets("embed_tokens")
+    adapters.resolve_targets("embed_tokens")

@@ -18,13 +18,12 @@ from flax import nnx
 
 import models_golden as g
 import train_common as tc
-from tregjax import export as export_lib
+from tregjax import errors, export as export_lib
 from tregjax import models
 from tregjax import parallel
 from tregjax import training
 from tregjax.training import checkpoint as ckpt_lib
 from tregjax.training import trainer as trainer_lib
-from tregjax.models import peft_io
 from tregjax.training import config as config_lib
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -115,13 +114,13 @@ def test_freeze_regex_keeps_matches_bitwise_and_gives_them_no_optimizer_state(tm
 ])
 def test_bad_lora_and_freeze_settings_are_config_errors_naming_the_key(key, value, message):
   config = tc.tiny_config(**{**LORA, key: value})
-  with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
+  with pytest.raises(errors.ConfigError, match=re.escape(message)):
     config_lib.validate(config, 1, check_data=False)
 
 
 def test_freeze_matching_nothing_or_everything_is_an_error(tmp_path):
   for regex, message in (("no_such_param", "matches no parameter"), (".", "freezes every parameter")):
-    with pytest.raises(config_lib.ConfigError, match=message):
+    with pytest.raises(errors.ConfigError, match=message):
       training.run(tc.tiny_config(**{"train.freeze": regex}), str(tmp_path / regex), data_factory=tc.array_data)
 
 
@@ -160,7 +159,7 @@ def test_lora_export_merged_and_peft_reproduce_the_trained_logits_and_import_con
   for k, v in _flat(params).items():
     np.testing.assert_array_equal(v, _flat(summary.state.params)[k], err_msg=k)
   bad = _config(base_dir, **{"model.lora.rank": 8, "model.lora.init_from": adapter_dir})
-  with pytest.raises(config_lib.ConfigError, match=r"config.model.lora.rank=8 .* has 4"):
+  with pytest.raises(errors.ConfigError, match=r"config.model.lora.rank=8 .* has 4"):
     config_lib.validate(bad, 1, check_data=False)
 
 

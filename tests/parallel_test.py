@@ -7,7 +7,7 @@ import ml_collections
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 
-from tregjax import cli, parallel
+from tregjax import errors, parallel
 
 
 @pytest.mark.parametrize("sizes, devices, want", [
@@ -33,9 +33,9 @@ def test_mesh_shape_refuses_sizes_that_do_not_fit(sizes, devices, message):
 
 def test_mesh_from_config_names_the_config_keys():
   config = ml_collections.ConfigDict(dict(mesh=dict(data=-1, fsdp=1, tensor=3)))
-  with pytest.raises(cli.ConfigError, match=r"config\.mesh: mesh data=-1 x fsdp=1 x tensor=3 needs 3 devices"):
+  with pytest.raises(errors.ConfigError, match=r"config\.mesh: mesh data=-1 x fsdp=1 x tensor=3 needs 3 devices"):
     parallel.mesh_from_config(config)
-  with pytest.raises(cli.ConfigError, match=r"config\.mesh\.tensor=3 x config\.mesh\.fsdp=1 does not divide the 1 "
+  with pytest.raises(errors.ConfigError, match=r"config\.mesh\.tensor=3 x config\.mesh\.fsdp=1 does not divide the 1 "
                      r"local device"):
     parallel.mesh_from_config(config, per_process=True)
   # Score and generate ignore mesh.data (sized for the trainer's global mesh): their rows take this process's rest.

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import data_common as dc  # noqa: E402
 from conftest import run_processes  # noqa: E402
 
-from tregjax import data, score  # noqa: E402
+from tregjax import data, errors, score  # noqa: E402
 from tregjax.data import scored_cache, tfds_builder  # noqa: E402
 from tregjax.data.tokenize import ChatTokenizer  # noqa: E402
 
@@ -281,7 +281,7 @@ def test_killed_scoring_resumes_to_byte_identical_output(world, tmp_path):
 
 def test_stale_or_unfinished_cache_is_refused(world, tmp_path):
   cfg = _config(world, tmp_path / "cache", source="none")
-  with pytest.raises(scored_cache.StaleCacheError, match="not a finished scored cache"):
+  with pytest.raises(errors.StaleCacheError, match="not a finished scored cache"):
     scored_cache.check_cache(str(tmp_path / "cache"), scored_cache.cache_hash(cfg))
   cache = score.run(cfg)
   assert scored_cache.check_cache(cache, scored_cache.cache_hash(cfg))["records"] == {"train": N_PAIRS}
@@ -289,13 +289,13 @@ def test_stale_or_unfinished_cache_is_refused(world, tmp_path):
   training.model.dtype = "bfloat16"  # training-only settings do not make the cache stale
   assert scored_cache.check_cache(cache, scored_cache.cache_components(training))["dtype"] == "float32"
   other = _config(world, tmp_path / "cache", source="contrastive")
-  with pytest.raises(scored_cache.StaleCacheError, match="changed inputs: prompts, source"):
+  with pytest.raises(errors.StaleCacheError, match="changed inputs: prompts, source"):
     scored_cache.check_cache(cache, scored_cache.cache_components(other))
-  with pytest.raises(scored_cache.StaleCacheError, match="already holds a scored cache of other inputs"):
+  with pytest.raises(errors.StaleCacheError, match="already holds a scored cache of other inputs"):
     score.run(other)
   other_model = _config(world, tmp_path / "cache", source="none")
   other_model.model.hf_path = str(world["root"] / "dpo")
-  with pytest.raises(scored_cache.StaleCacheError, match="changed inputs: model"):
+  with pytest.raises(errors.StaleCacheError, match="changed inputs: model"):
     scored_cache.check_cache(cache, scored_cache.cache_components(other_model))
 
 

@@ -21,9 +21,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-  """A configuration that cannot run, found before anything is built or compiled (names the config key)."""
-
 # Exit statuses of tregjax's commands, one per kind of expected error, so that a script can tell them apart
 # (docs/bad_input.md lists the inputs behind each). 1 stays absl's usage error (unknown flag, missing --config).
 EXIT_BAD_INPUT = 2  # a bad path, file or value (ValueError, FileNotFoundError)
@@ -32,8 +29,10 @@ EXIT_CONFIG = 4  # a config key that cannot run (ConfigError)
 EXIT_BAD_RECORD = 5  # a bad data record (DataError), or too many skipped ones
 EXIT_STALE = 6  # outputs of other inputs are in the way (StaleCacheError, CheckpointMismatchError)
 EXIT_NON_FINITE = 7  # a run or a scored value went non-finite (NonFiniteError)
+EXIT_DOES_NOT_FIT = 8  # tregjax.compile: a compiled program needs more memory than the chip has (DoesNotFitError)
 
-# Expected errors by class name (this module imports no tregjax module) -> exit status; the most specific base wins.
+# Expected errors by class name (tregjax.errors and the modules that define the others; this module imports no
+# tregjax module) -> exit status; the most specific base wins.
 EXPECTED_ERRORS: dict[str, int] = {
     "ConfigError": EXIT_CONFIG,
     "DataError": EXIT_BAD_RECORD,
@@ -41,7 +40,10 @@ EXPECTED_ERRORS: dict[str, int] = {
     "CheckpointMismatchError": EXIT_STALE,
     "NonFiniteError": EXIT_NON_FINITE,
     "NonFiniteScoreError": EXIT_NON_FINITE,
+    "DoesNotFitError": EXIT_DOES_NOT_FIT,
+    "MissingLibtpuError": EXIT_MISSING_PACKAGE,
     "AssetError": EXIT_BAD_INPUT,
+    "MissingBackendError": EXIT_MISSING_PACKAGE,  # a storage URI scheme without its package (tregjax.storage)
     "FileNotFoundError": EXIT_BAD_INPUT,
     "PermissionError": EXIT_BAD_INPUT,
     "NotADirectoryError": EXIT_BAD_INPUT,
@@ -84,7 +86,7 @@ def missing_package(error: ImportError) -> str | None:
 def missing_package_message(prog: str, error: ImportError) -> str:
   """One line: which package to install, and that requirements.txt provides it."""
   return (f"{prog}: error: the Python package {missing_package(error)!r} is not installed; "
-          "`pip install -r requirements.txt` (in the tregjax checkout) installs it")
+          "`pip install -r requirements.txt` (in the tregjax checkout) or `pip install 'tregjax[train]'` installs it")
 
 
 class _DropTorchBanner(logging.Filter):
@@ -241,15 +243,6 @@ def setup_logging(level: int = logging.INFO) -> None:
     tfds.disable_progress_bar()
   except ImportError:  # commands that never touch TFDS (e.g. on an accelerator image without it)
     pass
-
-
-def model_path(config: ml_collections.ConfigDict, role: str) -> str:
-  """`model.hf_path` (a local HF directory or .gguf file); `role` names the model in the error (reference, policy)."""
-  model = config.get("model", None) or {}
-  path = model.get("hf_path", "")
-  if not path:
-    raise ValueError(f"set model.hf_path to the {role} model's local directory (config.json + *.safetensors) or .gguf")
-  return path
 
 
 def compute_dtype(config: ml_collections.ConfigDict, section: ml_collections.ConfigDict) -> str:

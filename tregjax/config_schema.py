@@ -36,9 +36,7 @@ from typing import Any
 
 import ml_collections
 
-from tregjax import cli
-
-ConfigError = cli.ConfigError
+from tregjax import errors
 
 # score.better_instruction / worse_instruction: T-REG's contrastive prompts (the model judges its own tokens).
 BETTER_INSTRUCTION = ("You are a helpful assistant. Your response must be helpful, correct, coherent, and concise.")
@@ -47,6 +45,23 @@ WORSE_INSTRUCTION = ("You are an unhelpful assistant. Your response must be unhe
 # data.fields: record field names of the data schemas (tregjax.data.schema); "" = absent.
 DATA_FIELDS = dict(prompt="prompt", chosen="chosen", rejected="rejected", responses="all_generated_responses",
                    scores="all_rm_scores", id="")
+
+# The splits the dataset builder writes (tregjax.data.build.splits_of): "validation" only from data.validation_files or
+# data.validation_fraction > 0. data.train_split and data.eval_split must name one of them.
+SPLITS = ("train", "validation")
+
+# Keys that name an input the run will read later: config key -> what it must be ("dir", "file" or "path": either).
+# Checked at start-up (tregjax.training.config.check_inputs), not when the run first opens them hours in.
+INPUT_PATHS: dict[str, str] = {
+    "model.hf_path": "path",  # a Hugging Face directory or a .gguf file
+    "model.tokenizer_path": "dir",
+    "model.lora.init_from": "dir",
+    "data.tokenizer": "dir",
+    "data.train_files": "path",  # a list: each JSONL/parquet file or save_to_disk directory
+    "data.validation_files": "path",
+    "score.token_reward.dpo_checkpoint": "dir",
+    "score.token_reward.reward_model": "dir",
+}
 
 # A key of another section that defaults to its owner's value: key -> owner (dotted paths from the config's root).
 INHERITED: dict[str, str] = {
@@ -250,7 +265,16 @@ def suggestion(name: str, known: Iterable[str]) -> str:
   return f" (did you mean {match!r}?)" if match else ""
 
 
-def unknown_key(path: str, known: Iterable[str]) -> ConfigError:
+def model_path(config: ml_collections.ConfigDict, role: str) -> str:
+  """`model.hf_path` (a local HF directory or .gguf file); `role` names the model in the error (reference, policy)."""
+  model = config.get("model", None) or {}
+  path = model.get("hf_path", "")
+  if not path:
+    raise ValueError(f"set model.hf_path to the {role} model's local directory (config.json + *.safetensors) or .gguf")
+  return path
+
+
+def unknown_key(path: str, known: Iterable[str]) -> errors.ConfigError:
   """The one error for a key its section does not have, on one line: `unknown key config.score.bukets (did you mean
   config.score.buckets?); known keys of config.score: ...`. `path` is dotted from the config's root; `known` are the
   keys of its section."""
@@ -258,7 +282,7 @@ def unknown_key(path: str, known: Iterable[str]) -> ConfigError:
   known = sorted(known)
   match = closest(leaf, known)
   hint = f" (did you mean config.{parent}.{match}?)" if match else ""
-  return ConfigError(f"unknown key config.{path}{hint}; known keys of config.{parent}: {', '.join(known)}")
+  return errors.ConfigError(f"unknown key config.{path}{hint}; known keys of config.{parent}: {', '.join(known)}")
 
 
 def check_type(path: str, value: Any, default: Any) -> None:
@@ -278,7 +302,7 @@ def check_type(path: str, value: Any, default: Any) -> None:
   else:
     ok = True
   if not ok:
-    raise ConfigError(f"config.{path}: expected {type(default).__name__}, got {value!r} ({type(value).__name__})")
+    raise errors.ConfigError(f"config.{path}: expected {type(default).__name__}, got {value!r} ({type(value).__name__})")
 
 
 def _merge(path: str, defaults: ml_collections.ConfigDict, given: Mapping[str, Any]) -> dict[str, Any]:
@@ -343,16 +367,16 @@ def section(config: ml_collections.ConfigDict | Mapping[str, Any], name: str) ->
 
 def _check_buckets(path: str, buckets: Any) -> None:
   if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in buckets):
-    raise ConfigError(f"config.{path}={buckets!r}: must be a non-empty tuple of positive ints")
+    raise errors.ConfigError(f"config.{path}={buckets!r}: must be a non-empty tuple of positive ints")
 
 
 def _check_score(s: ml_collections.ConfigDict) -> None:
   if s.instruction_role not in ("auto", "system", "user"):
-    raise ConfigError(f"config.score.instruction_role={s.instruction_role!r}: must be auto, system or user")
+    raise errors.ConfigError(f"config.score.instruction_role={s.instruction_role!r}: must be auto, system or user")
   _check_buckets("score.buckets", s.buckets)
   for key in ("batch_size", "chunk_size", "shard_size"):
     if s[key] < 1:
-      raise ConfigError(f"config.score.{key}={s[key]!r}: must be >= 1")
+      raise errors.ConfigError(f"config.score.{key}={s[key]!r}: must be >= 1")
 
 
 def _check_generate(g: ml_collections.ConfigDict) -> None:
@@ -362,10 +386,10 @@ def _check_generate(g: ml_collections.ConfigDict) -> None:
             ("shard_size", g.shard_size >= 1)]
   for name, ok in checks:
     if not ok:
-      raise ConfigError(f"config.generate.{name}={g[name]!r} is out of range")
+      raise errors.ConfigError(f"config.generate.{name}={g[name]!r} is out of range")
   _check_buckets("generate.buckets", g.buckets)
   if g.reward_model and g.scorer:
-    raise ConfigError("set only one of config.generate.reward_model and config.generate.scorer")
+    raise errors.ConfigError("set only one of config.generate.reward_model and config.generate.scorer")
 
 
 _CHECKS = {"score": _check_score, "generate": _check_generate}

@@ -69,8 +69,8 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = "flo
     models.check_tokenizer_vocab(tokenizer, model, where=f"export of {workdir} with the tokenizer {tok_dir}")
   models.save_pretrained(model, out, tokenizer=tokenizer, dtype=jnp.dtype(dtype))
   if adapter_out:
-    from tregjax.models import peft_io  # pylint: disable=g-import-not-at-top
-    peft_io.save_adapter(model, adapter_out, base_model_name_or_path=config.model.hf_path)
+    from tregjax.models import adapters  # pylint: disable=g-import-not-at-top
+    adapters.save_adapter(model, adapter_out, base_model_name_or_path=config.model.hf_path)
   logging.getLogger("tregjax.export").info("exported step %d of %s to %s%s", step, workdir, out,
                                            "" if tokenizer else " (no tokenizer in this run's config)")
   return out

@@ -46,7 +46,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from tregjax import cli, config_schema, jobs, parallel
+from tregjax import cli, config_schema, errors, jobs, parallel
 from tregjax.data import build as data_build
 from tregjax.data import hashing, schema, sources
 from tregjax.data.pipeline import bucket_of
@@ -137,7 +137,7 @@ def check_lengths(prompts: Sequence[Prompt], max_new_tokens: int, limit: int, mo
   max_position_embeddings (positions the model never saw), naming the longest prompt and the keys to lower."""
   longest = max(prompts, key=lambda p: len(p.ids))
   if len(longest.ids) + max_new_tokens > limit:
-    raise cli.ConfigError(f"{longest.where}: prompt of {len(longest.ids)} tokens + generate.max_new_tokens="
+    raise errors.ConfigError(f"{longest.where}: prompt of {len(longest.ids)} tokens + generate.max_new_tokens="
                           f"{max_new_tokens} runs past max_position_embeddings={limit} of {model_path}; lower "
                           f"generate.max_prompt_length (data.truncation='truncate' cuts) or generate.max_new_tokens")
 
@@ -171,7 +171,7 @@ class Sampler:
     from tregjax import models  # pylint: disable=g-import-not-at-top
     self.g, self.mesh, self.pad_id = g, mesh, tok.pad_id
     dtype = jnp.dtype(cli.compute_dtype(config, g))
-    path = cli.model_path(config, "policy")
+    path = config_schema.model_path(config, "policy")
     self.model = models.from_pretrained(path, dtype=dtype, param_dtype=dtype, mesh=mesh)
     if not isinstance(self.model, models.CausalLM):
       raise ValueError(f"model.hf_path={path} is not a causal LM (it has a classification head)")
@@ -402,7 +402,7 @@ def output_components(config: ml_collections.ConfigDict, g: ml_collections.Confi
   sampling = dict(num_samples=int(g.num_samples), temperature=float(g.temperature), top_p=float(g.top_p),
                   top_k=int(g.top_k), max_new_tokens=int(g.max_new_tokens), seed=int(g.seed), batch_size=batch_size,
                   buckets=[int(b) for b in g.buckets], shard_size=int(g.shard_size))
-  return dict(format=str(OUTPUT_FORMAT_VERSION), model=hashing.model_hash(cli.model_path(config, "policy")),
+  return dict(format=str(OUTPUT_FORMAT_VERSION), model=hashing.model_hash(config_schema.model_path(config, "policy")),
               tokenizer=hashing.tokenizer_hash(data_build.tokenizer_path(config)),
               prompts=hashing.hash_paths(list(g.prompt_files)), prompt_config=hashing.hash_json(prompt_cfg),
               sampling=hashing.hash_json(sampling), scorer=hashing.hash_json(scorer_id),
@@ -440,7 +440,7 @@ def run(config: ml_collections.ConfigDict, *, scorer: Scorer | None = None) -> s
     sampler = Sampler(config, g, mesh, tok)
     sampler.fit_batch(prompts, int(g.shard_size) * int(g.num_samples))
     check_lengths(prompts, int(g.max_new_tokens), sampler.model.config.max_position_embeddings,
-                  cli.model_path(config, "policy"))
+                  config_schema.model_path(config, "policy"))
     reward = RewardScorer(config, g, mesh, tok) if g.reward_model else None
     total = sum(len(ranges[k]) for _, k in mine)
     bar = jobs.progress(total, g.progress_bar, "prompt", "generating")

@@ -19,9 +19,8 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from tregjax import cli
+from tregjax import cli, errors
 from tregjax.data import hashing
-from tregjax.data.scored_cache import StaleCacheError
 
 log = logging.getLogger("tregjax.jobs")
 
@@ -104,7 +103,7 @@ class Job:
     with open(path) as f:
       found = json.load(f).get("hash")
     if found != self.digest:
-      raise StaleCacheError(f"{self.out_dir} already holds {self.what} of other inputs (hash {str(found)[:16]}, "
+      raise errors.StaleCacheError(f"{self.out_dir} already holds {self.what} of other inputs (hash {str(found)[:16]}, "
                             f"this config {self.digest[:16]}); choose another {self.dir_key} or delete it")
     log.info("%s in %s is complete and current", self.what, self.out_dir)
     return True

@@ -18,6 +18,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from tregjax import errors
+
 log = logging.getLogger("tregjax.parallel")
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -74,28 +76,28 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
   return Mesh(device_array, MESH_AXES)
 
 
-def mesh_from_config(config: Any, *, per_process: bool = False) -> Mesh:
+def mesh_from_config(config: Any, *, per_process: bool = False, devices: Sequence[Any] | None = None) -> Mesh:
   """The mesh `config.mesh` names (absent keys: data=-1, fsdp=1, tensor=1); a size that does not fit the devices is a
   ConfigError naming the config keys. The one mesh constructor of every command.
 
   per_process=False (train): every device of every process. per_process=True (score, generate): this process's own
-  devices, the model over mesh.fsdp x mesh.tensor and the rows over the rest; those commands split their work by
-  process first (shard n to process n % count), so no collective ever crosses hosts and `mesh.data`, sized for the
-  trainer's global mesh, does not apply.
+  devices, the model over mesh.fsdp x mesh.tensor and the rows over the rest (fsdp=-1 or tensor=-1: that axis takes
+  every local device the other leaves); those commands split their work by process first (shard n to process
+  n % count), so no collective ever crosses hosts and `mesh.data`, sized for the trainer's global mesh, does not
+  apply. `devices` replaces jax's (`tregjax.compile`: a TPU topology's devices, or one host's of them).
   """
-  from tregjax import cli  # pylint: disable=g-import-not-at-top
   given = config.get("mesh", None) or {}
   data, fsdp, tensor = (given.get(k, d) for k, d in (("data", -1), ("fsdp", 1), ("tensor", 1)))
   if not per_process:
     try:
-      return make_mesh(data, fsdp, tensor)
+      return make_mesh(data, fsdp, tensor, devices=devices)
     except ValueError as e:
-      raise cli.ConfigError(f"config.mesh: {e}") from e
-  devices = jax.local_devices()
+      raise errors.ConfigError(f"config.mesh: {e}") from e
+  devices = jax.local_devices() if devices is None else list(devices)
   try:
-    return make_mesh(-1, fsdp, tensor, devices=devices)
+    return make_mesh(1 if -1 in (fsdp, tensor) else -1, fsdp, tensor, devices=devices)
   except ValueError as e:
-    raise cli.ConfigError(f"config.mesh.tensor={tensor} x config.mesh.fsdp={fsdp} does not divide the {len(devices)} "
+    raise errors.ConfigError(f"config.mesh.tensor={tensor} x config.mesh.fsdp={fsdp} does not divide the {len(devices)} "
                           f"local device(s) of this process (score and generate shard the model over fsdp x tensor "
                           f"and the rows over the rest); set config.mesh.tensor and config.mesh.fsdp to divisors "
                           f"of {len(devices)} ({e})") from e

@@ -63,9 +63,6 @@ from tregjax.data.tokenize import ChatTokenizer, with_instruction
 
 log = logging.getLogger("tregjax.score")
 
-BETTER_INSTRUCTION = config_schema.BETTER_INSTRUCTION  # T-REG's contrastive prompts (score.*_instruction defaults)
-WORSE_INSTRUCTION = config_schema.WORSE_INSTRUCTION
-
 
 def default_score_config() -> ml_collections.ConfigDict:
   """The `score` section: every key the scoring pass reads, with its default (config_schema.score_defaults; the
@@ -219,7 +216,7 @@ class Scorer:
     self.spec = spec = REWARD_SOURCES[self.source]
     self.mesh = mesh  # parallel.mesh_from_config(config, per_process=True) in `run`
     dtype = jnp.dtype(cli.compute_dtype(config, s))
-    paths = [cli.model_path(config, "reference")]
+    paths = [config_schema.model_path(config, "reference")]
     if spec.second_model:
       paths.append(s.token_reward[spec.second_model] or
                    _raise(f"score.token_reward.{spec.second_model} is not set (source={self.source!r})"))
@@ -238,7 +235,7 @@ class Scorer:
     self.max_positions = min(int(m.config.max_position_embeddings) for m in loaded)
     self.max_positions_of = paths[min(range(len(loaded)), key=lambda k: loaded[k].config.max_position_embeddings)]
     self.ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    self.batch_tokens = s.batch_tokens or self.ways * (1024 if jax.default_backend() == "cpu" else 16384)
+    self.batch_tokens = batch_tokens(s, self.ways, jax.default_backend())
     rows_sh = parallel.batch_sharding(self.mesh, 2)
     self._fns, self._states = [], []
     for k, model in enumerate(loaded):
@@ -261,7 +258,7 @@ class Scorer:
     ways, s = self.ways, self.s
 
     def capacity(t):
-      return max(ways, min(s.batch_size, self.batch_tokens // t) // ways * ways)
+      return batch_rows(s, ways, self.batch_tokens, t)
 
     def padded_rows(n, t):
       size = ways
@@ -370,6 +367,17 @@ class Scorer:
     ref, total, rewards = jax.device_get(self._combine(padded(per_context[0]), mask, **args))
     return [(np.asarray(ref[i, :u.resp_len], np.float32), float(total[i]),
              np.asarray(rewards[i, :u.resp_len], np.float32)) for i, u in enumerate(units)]
+
+
+def batch_tokens(s: ml_collections.ConfigDict, ways: int, platform: str) -> int:
+  """Tokens per scoring batch: `score.batch_tokens`, else 16384 per data-parallel way (1024 on CPU)."""
+  return s.batch_tokens or ways * (1024 if platform == "cpu" else 16384)
+
+
+def batch_rows(s: ml_collections.ConfigDict, ways: int, tokens: int, t: int) -> int:
+  """The most rows a scoring batch of length `t` holds: `tokens // t` (at most `score.batch_size`), a multiple of
+  the data-parallel `ways` and at least one row per way."""
+  return max(ways, min(s.batch_size, tokens // t) // ways * ways)
 
 
 def _raise(message: str):

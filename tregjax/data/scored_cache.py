@@ -15,14 +15,11 @@ import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from tregjax import errors
 from tregjax.data import hashing
 
 CACHE_FORMAT_VERSION = 1
 CACHE_META = "cache_meta.json"
-
-
-class StaleCacheError(ValueError):
-  """Outputs (a scored cache, generated pairs, a stage) made from other inputs than the ones the caller expects."""
 
 
 class RowValues(NamedTuple):
@@ -81,7 +78,7 @@ def source_spec(name: str) -> RewardSource:
   """The registry entry of `score.token_reward.source`; an unknown name is a ConfigError naming the closest one."""
   if name not in REWARD_SOURCES:
     from tregjax import config_schema  # pylint: disable=g-import-not-at-top
-    raise config_schema.ConfigError(f"config.score.token_reward.source={name!r}: must be one of {SOURCES}"
+    raise errors.ConfigError(f"config.score.token_reward.source={name!r}: must be one of {SOURCES}"
                                     f"{config_schema.suggestion(name, SOURCES)}")
   return REWARD_SOURCES[name]
 
@@ -104,7 +101,7 @@ def cache_components(config, dataset_dir: str | None = None) -> dict[str, str]:
   The compute dtype is recorded in the cache metadata but not hashed: a cache scored in float32 serves a bfloat16
   training run of the same reference.
   """
-  from tregjax import cli, config_schema  # pylint: disable=g-import-not-at-top
+  from tregjax import config_schema  # pylint: disable=g-import-not-at-top
   from tregjax.data import build as data_build  # pylint: disable=g-import-not-at-top
   s = config_schema.section(config, "score")
   tr = s.token_reward
@@ -117,7 +114,7 @@ def cache_components(config, dataset_dir: str | None = None) -> dict[str, str]:
       if spec.contrastive else {}
   return dict(
       format=str(CACHE_FORMAT_VERSION),
-      model=hashing.model_hash(cli.model_path(config, "reference")),
+      model=hashing.model_hash(config_schema.model_path(config, "reference")),
       tokenizer=hashing.tokenizer_hash(data_build.tokenizer_path(config)),
       prompts=hashing.hash_json(prompts),
       source=hashing.hash_json(source),
@@ -136,7 +133,7 @@ def check_cache(cache_dir: str, expected_hash: str | dict[str, str]) -> dict[str
   """
   path = os.path.join(cache_dir, CACHE_META)
   if not os.path.exists(path):
-    raise StaleCacheError(f"{cache_dir} is not a finished scored cache (no {CACHE_META}); run "
+    raise errors.StaleCacheError(f"{cache_dir} is not a finished scored cache (no {CACHE_META}); run "
                           f"`python -m tregjax.score` with this config (it resumes an interrupted run)")
   with open(path) as f:
     meta = json.load(f)
@@ -147,7 +144,7 @@ def check_cache(cache_dir: str, expected_hash: str | dict[str, str]) -> dict[str
       keys = set(expected_hash) | set(meta.get("components", {}))
       diff = sorted(k for k in keys if meta.get("components", {}).get(k) != expected_hash.get(k))
       changed = f"; changed inputs: {', '.join(diff)}"
-    raise StaleCacheError(f"scored cache {cache_dir} was made from other inputs (cache hash {meta['hash'][:16]}, "
+    raise errors.StaleCacheError(f"scored cache {cache_dir} was made from other inputs (cache hash {meta['hash'][:16]}, "
                           f"expected {expected[:16]}{changed}); rescore with `python -m tregjax.score` into a new "
                           f"data.cache_dir")
   return meta

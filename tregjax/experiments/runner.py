@@ -34,6 +34,7 @@ from typing import Any, Protocol
 import ml_collections
 import numpy as np
 
+from tregjax import errors
 from tregjax.experiments import stats
 
 log = logging.getLogger("tregjax.experiments")
@@ -128,13 +129,12 @@ class Stages:
     if not os.path.exists(os.path.join(self.path(name), "DONE")):
       return False
     if key is not None:
-      from tregjax.data.scored_cache import StaleCacheError  # pylint: disable=g-import-not-at-top
       info = self.info(name)
       if info.get("key") != self.key_hash(key):
         differences = self._differences(info.get("key_json"), key)
         if differences is None or differences:
           detail = "; ".join(differences[:5]) if differences else "another config"
-          raise StaleCacheError(f"stage {self.path(name)} was made from other inputs ({detail}); delete it or use "
+          raise errors.StaleCacheError(f"stage {self.path(name)} was made from other inputs ({detail}); delete it or use "
                                 f"another --workdir")
     return True
 

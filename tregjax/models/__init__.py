@@ -1,5 +1,10 @@
 """Flax NNX decoders (Llama 2/3/3.1/3.2, Mistral, Qwen 2/3, Gemma 1/2/3-text), HF import/export, KV-cache decoding.
 
+Modules, each importing only those before it: config <- lora (adapter layer pieces) <- layers <- transformer <-
+state (values by path) / safetensors (the file format) <- hf_io (plain HF checkpoints) <- adapters (whole-model
+LoRA, PEFT directories) <- pretrained (from_pretrained / load_config / save_pretrained of either); decoding and gguf
+beside them.
+
 Exports resolve lazily so `import tregjax.models` stays cheap (and never touches torch).
 """
 
@@ -13,9 +18,9 @@ _EXPORTS = {
     "RewardModel": "tregjax.models.transformer",
     "from_config": "tregjax.models.transformer",
     "abstract_model": "tregjax.models.transformer",
-    "from_pretrained": "tregjax.models.hf_io",
-    "save_pretrained": "tregjax.models.hf_io",
-    "load_config": "tregjax.models.hf_io",
+    "from_pretrained": "tregjax.models.pretrained",
+    "save_pretrained": "tregjax.models.pretrained",
+    "load_config": "tregjax.models.pretrained",
     "TensorSource": "tregjax.models.hf_io",
     "SafetensorsSource": "tregjax.models.hf_io",
     "check_tokenizer_vocab": "tregjax.models.hf_io",

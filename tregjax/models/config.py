@@ -28,6 +28,11 @@ _OUT_BIAS_TYPES = ("llama", "gemma", "gemma2", "gemma3_text", "qwen3")
 _ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "explicit")
+# Every projection a LoRA adapter can attach to, as "<module>/<weight>" under model/layers (PEFT's module names are the
+# last component), in the order that gives each adapter its dropout salt. The LM head and embeddings are not targets
+# (PEFT's "all-linear" leaves the output layer out).
+LORA_TARGETS = ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "mlp/gate_proj", "mlp/up_proj",
+                "mlp/down_proj")
 
 
 class UnsupportedModelError(ValueError):
@@ -81,8 +86,9 @@ class ModelConfig:
   remat: str = "none"
   scan_layers: bool = True
   attention_impl: str = "auto"
-  # LoRA adapters (tregjax.models.lora): rank r, scale lora_alpha / r, the projections that carry one ("attn/q_proj"),
-  # and the dropout on each adapter's input (PEFT's lora_dropout; applied only when a forward is given a key).
+  # LoRA adapters (tregjax.models.lora; set only by tregjax.models.adapters.with_lora): rank r, scale lora_alpha / r,
+  # the projections that carry one (LORA_TARGETS names) and the dropout on each adapter's input (PEFT's
+  # lora_dropout; applied only when a forward is given a key).
   lora_rank: int = 0
   lora_alpha: float = 0.0
   lora_targets: tuple[str, ...] = ()
@@ -105,11 +111,10 @@ class ModelConfig:
     if self.hidden_act not in ("silu", "gelu_pytorch_tanh"):
       raise UnsupportedModelError(f"unsupported hidden_act {self.hidden_act!r}; supported: silu, gelu_pytorch_tanh")
     if self.lora_targets:
-      from tregjax.models import lora  # pylint: disable=import-outside-toplevel
       object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
-      unknown = sorted(set(self.lora_targets) - set(lora.TARGETS))
+      unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
       if unknown or self.lora_rank < 1:
-        raise ValueError(f"LoRA needs lora_rank >= 1 (got {self.lora_rank}) and targets among {lora.TARGETS}; "
+        raise ValueError(f"LoRA needs lora_rank >= 1 (got {self.lora_rank}) and targets among {LORA_TARGETS}; "
                          f"unknown: {unknown}")
     if not 0.0 <= self.lora_dropout < 1.0:
       raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")

@@ -164,6 +164,14 @@ DEQUANTIZABLE = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16,
                            *getattr(gguf_quants, "_type_traits", {})})
 
 
+def _gguf_version() -> str:
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  try:
+    return metadata.version("gguf")
+  except metadata.PackageNotFoundError:
+    return "(version unknown)"
+
+
 def gguf_to_hf_name(name: str, arch: str = "llama") -> str | None:
   """The HF tensor name for a llama.cpp tensor name of architecture `arch` (None: no HF counterpart)."""
   if name in _GLOBAL:
@@ -364,6 +372,21 @@ class GGUFSource:
         raise GGUFError(f"{self.path}: tensor {name!r} has no counterpart in the HF "
                         f"{self.config['architectures'][0]} layout")
       self._names[hf] = name
+    # Every tensor's storage type is checked up front, so that a file tregjax cannot read fails when it is opened
+    # (one line naming the file, a tensor and its type), not halfway through loading a model.
+    unreadable = sorted({t.tensor_type.name: n for n, t in self._tensors.items()
+                         if t.tensor_type not in DEQUANTIZABLE}.items())
+    if unreadable:
+      kinds = ", ".join(f"{kind} (e.g. tensor {name!r})" for kind, name in unreadable)
+      raise GGUFError(f"{self.path}: tensor type {kinds} cannot be dequantized by the gguf package "
+                      f"{_gguf_version()}; readable: {sorted(q.name for q in DEQUANTIZABLE)}")
+
+  def tensor_types(self) -> dict[str, int]:
+    """How many tensors of each GGML storage type the file holds (e.g. {"Q5_0": 120, "Q8_0": 24, ...})."""
+    out: dict[str, int] = {}
+    for tensor in self._tensors.values():
+      out[tensor.tensor_type.name] = out.get(tensor.tensor_type.name, 0) + 1
+    return dict(sorted(out.items()))
 
   def keys(self) -> list[str]:
     """HF tensor names present in the file (no lm_head.weight when the embeddings are tied)."""

@@ -1,4 +1,5 @@
-"""Hugging Face checkpoint import/export: a declarative name table, tensor sources, streamed loading.
+"""Hugging Face checkpoint import/export of plain (adapter-free) models: a declarative name table, tensor sources,
+streamed loading.
 
 Import goes tensor by tensor: an abstract (shape-only) model gives every parameter's logical axes, `parallel`
 turns those into shardings, and each HF tensor is read from disk (plain reads, no mmap, so the page cache is not
@@ -6,6 +7,8 @@ counted twice), converted to our layout and placed straight onto its devices. St
 one layer at a time into a donated buffer, so the host never holds a second copy of the model.
 
 Only safetensors (and GGUF through `tregjax.models.gguf.GGUFSource`) are read: never pickle, never remote code.
+PEFT directories and LoRA models are `tregjax.models.adapters`' (built on this module); `tregjax.models.pretrained`
+is the entry point that knows both.
 """
 
 from __future__ import annotations
@@ -16,18 +19,18 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import SingleDeviceSharding
 
 from tregjax import parallel
+from tregjax.models import safetensors
+from tregjax.models import state as state_lib
 from tregjax.models import transformer
 from tregjax.models.config import ModelConfig
 
@@ -50,30 +53,6 @@ class TensorSource(Protocol):
   def get(self, name: str) -> np.ndarray:
     """One tensor in HF layout (Linear weights [out, in])."""
     ...
-
-
-_ST_DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-
-
-def _read_safetensors_header(path: str) -> tuple[dict[str, Any], int]:
-  with open(path, "rb") as f:
-    raw = f.read(8)
-    if len(raw) != 8:
-      raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-    n = int.from_bytes(raw, "little")
-    if n > 100 * 2**20:
-      raise ValueError(f"{path}: safetensors header of {n} bytes is implausible; file corrupt?")
-    try:
-      header = json.loads(f.read(n))
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: corrupt safetensors header: {e}") from e
-  return header, 8 + n
 
 
 def weight_files(path: str) -> list[str]:
@@ -106,17 +85,12 @@ class SafetensorsSource:
     with open(config_path) as f:
       self._config = json.load(f)
     files = weight_files(path)
-    self._entries: dict[str, tuple[str, dict[str, Any], int]] = {}
+    self._entries: dict[str, safetensors.Entry] = {}
     for file in files:
-      header, offset = _read_safetensors_header(file)
-      for name, info in header.items():
-        if name == "__metadata__":
-          continue
+      for name, entry in safetensors.entries(file).items():
         if name in self._entries:
-          raise ValueError(f"tensor {name!r} appears in both {self._entries[name][0]} and {file}")
-        if info["dtype"] not in _ST_DTYPES:
-          raise ValueError(f"{file}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        self._entries[name] = (file, info, offset)
+          raise ValueError(f"tensor {name!r} appears in both {self._entries[name].file} and {file}")
+        self._entries[name] = entry
 
   @property
   def config(self) -> dict[str, Any]:
@@ -126,20 +100,10 @@ class SafetensorsSource:
     return list(self._entries)
 
   def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self._entries[name][1]["shape"])
+    return self._entries[name].shape
 
   def get(self, name: str) -> np.ndarray:
-    file, info, offset = self._entries[name]
-    dtype, shape = _ST_DTYPES[info["dtype"]], tuple(info["shape"])
-    start, end = info["data_offsets"]
-    if end - start != math.prod(shape) * dtype.itemsize:
-      raise ValueError(f"{file}: tensor {name!r} byte range {end - start} does not match shape {shape} {dtype}")
-    out = np.empty(shape, dtype)
-    with open(file, "rb") as f:  # plain read into our buffer: no mmap pages left behind in RSS
-      f.seek(offset + start)
-      if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != end - start:
-        raise ValueError(f"{file}: truncated while reading tensor {name!r}")
-    return out
+    return safetensors.read(self._entries[name])
 
 
 def open_source(path: str) -> TensorSource:
@@ -150,14 +114,11 @@ def open_source(path: str) -> TensorSource:
   return SafetensorsSource(path)
 
 
-def load_config(path: str) -> ModelConfig:
+def read_config(path: str) -> ModelConfig:
   """The ModelConfig of an HF directory (config.json only) or a .gguf file (its metadata)."""
   if str(path).endswith(".gguf"):
     return ModelConfig.from_hf_config(open_source(path).config, source=str(path))
   config_path = os.path.join(str(path), "config.json")
-  if not os.path.exists(config_path) and os.path.exists(os.path.join(str(path), "adapter_config.json")):
-    from tregjax.models import peft_io  # pylint: disable=import-outside-toplevel
-    return peft_io.load_config(path)
   if not os.path.exists(config_path):
     raise FileNotFoundError(f"{path}: no config.json")
   with open(config_path) as f:
@@ -223,8 +184,8 @@ HF_TABLE: tuple[tuple[str, tuple[str, ...], Rule], ...] = (
     (_L + "pre_feedforward_layernorm.weight", _P + ("pre_feedforward_layernorm", "scale"), _SAME),
     (_L + "post_feedforward_layernorm.weight", _P + ("post_feedforward_layernorm", "scale"), _SAME),
 )
-_BY_PATH = {path: (template, rule) for template, path, rule in HF_TABLE}
-_REGEXES = [(re.compile(re.escape(t).replace(r"\{i\}", r"(\d+)") + "$"), p) for t, p, _ in HF_TABLE]
+# Our parameter path -> (HF name template, layout rule).
+BY_PATH = {path: (template, rule) for template, path, rule in HF_TABLE}
 # Buffers some checkpoints carry that are not parameters (recomputed from the config).
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
@@ -245,9 +206,9 @@ def _param_plan(abstract_state) -> tuple[dict[tuple[str, ...], Any], list[_Slot]
   variables = {tuple(str(k) for k in path): var for path, var in nnx.to_flat_state(abstract_state)}
   slots = []
   for path, var in variables.items():
-    if path not in _BY_PATH:
+    if path not in BY_PATH:
       raise KeyError(f"parameter {'/'.join(path)} has no entry in the HF name table")
-    template, rule = _BY_PATH[path]
+    template, rule = BY_PATH[path]
     shape = tuple(var.get_value().shape)
     if "{i}" in template:
       for i in range(shape[0]):
@@ -255,14 +216,6 @@ def _param_plan(abstract_state) -> tuple[dict[tuple[str, ...], Any], list[_Slot]
     else:
       slots.append(_Slot(template, path, None, rule, shape))
   return variables, slots
-
-
-def _classify(name: str) -> tuple[tuple[str, ...], int | None] | None:
-  for regex, path in _REGEXES:
-    m = regex.match(name)
-    if m:
-      return path, (int(m.group(1)) if m.groups() else None)
-  return None
 
 
 # ------------------------------------------------------------------ import
@@ -286,23 +239,17 @@ def _set_layer_impl(full, part, i):
 _set_layer = jax.jit(_set_layer_impl, donate_argnums=0)
 
 
-def from_pretrained(path: str, *, dtype: Any = jnp.bfloat16, param_dtype: Any = jnp.float32, mesh=None,
-                    config_overrides: dict[str, Any] | None = None,
-                    source: TensorSource | None = None, head_seed: int = 0) -> transformer.Model:
+def load_model(path: str, *, dtype: Any = jnp.bfloat16, param_dtype: Any = jnp.float32, mesh=None,
+               config_overrides: dict[str, Any] | None = None, source: TensorSource | None = None,
+               head_seed: int = 0) -> transformer.Model:
   """Load an HF directory (config.json + *.safetensors) or a `.gguf` file, streamed onto `mesh` (or one device).
 
   `config_overrides` sets execution fields (e.g. remat="full", scan_layers=False, attention_impl="xla").
   `config_overrides={"num_labels": 1}` on a causal-LM checkpoint gives a RewardModel whose backbone is the
   checkpoint's and whose `score` head is freshly initialised (N(0, 0.02), seed `head_seed`), as HF does when a
   *ForSequenceClassification is made from a causal LM; the LM head is dropped.
-  A PEFT LoRA directory (adapter_config.json, no config.json) loads its base (`base_model_name_or_path`, a local
-  directory) with the adapter applied in the forward (`tregjax.models.peft_io`): score and generate take it as is.
+  (`pretrained.from_pretrained` is the public entry point; it also takes PEFT adapter directories.)
   """
-  if source is None and os.path.exists(os.path.join(str(path), "adapter_config.json")) and not os.path.exists(
-      os.path.join(str(path), "config.json")):
-    from tregjax.models import peft_io  # pylint: disable=import-outside-toplevel
-    return peft_io.from_pretrained(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
-                                   config_overrides=config_overrides)
   source = open_source(path) if source is None else source
   label = str(path) if str(path).endswith(".gguf") else os.path.join(str(path), "config.json")
   cfg = ModelConfig.from_hf_config(source.config, source=label)
@@ -406,13 +353,6 @@ def check_tokenizer_vocab(tokenizer: Any, model_or_config: Any, *, where: str = 
 # ------------------------------------------------------------------ export
 
 
-def _host(x: jax.Array) -> np.ndarray:
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
-
-
 def _iter_export(model: transformer.Model, dtype) -> Iterator[tuple[_Slot, Any]]:
   """(slot, thunk -> HF-layout numpy array) for every tensor, layer by layer (one tensor on host at a time)."""
   state = nnx.state(model, nnx.Param)
@@ -421,60 +361,23 @@ def _iter_export(model: transformer.Model, dtype) -> Iterator[tuple[_Slot, Any]]
     arr = variables[s.path].get_value()
 
     def thunk(arr=arr, s=s):
-      x = _host(arr[s.layer] if s.layer is not None else arr)
+      x = state_lib.to_host(arr[s.layer] if s.layer is not None else arr)
       return s.rule.to_hf(x).astype(dtype or x.dtype)
 
     yield s, thunk
 
 
-def _write_safetensors(path: str, items: list[tuple[str, tuple[int, ...], np.dtype, Any]]) -> None:
-  """Stream tensors into one safetensors file (header first, then data), atomically."""
-  header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-  offset = 0
-  for name, shape, dt, _ in items:
-    size = math.prod(shape) * dt.itemsize
-    header[name] = {"dtype": _ST_NAMES[dt], "shape": list(shape), "data_offsets": [offset, offset + size]}
-    offset += size
-  raw = json.dumps(header, separators=(",", ":")).encode()
-  raw += b" " * (-len(raw) % 8)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".safetensors")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(len(raw).to_bytes(8, "little"))
-      f.write(raw)
-      for name, shape, dt, thunk in items:
-        x = np.ascontiguousarray(thunk())
-        if x.shape != shape or x.dtype != dt:
-          raise AssertionError(f"{name}: produced {x.shape} {x.dtype}, planned {shape} {dt}")
-        f.write(memoryview(x.reshape(-1).view(np.uint8)))
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
-def _write_json(path: str, obj: Any) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
-  with os.fdopen(fd, "w") as f:
-    json.dump(obj, f, indent=2)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def save_pretrained(model: transformer.Model, path: str, *, tokenizer: Any = None, dtype: Any = None,
-                    max_shard_size: int = 5 * 2**30) -> None:
-  """Write config.json + safetensors shards (+ index when sharded) that `transformers` loads.
+def save_model(model: transformer.Model, path: str, *, tokenizer: Any = None, dtype: Any = None,
+               max_shard_size: int = 5 * 2**30) -> None:
+  """Write config.json + safetensors shards (+ index when sharded) that `transformers` loads; files 0644.
 
   `dtype` casts the saved tensors (default: the parameter dtype); tied embeddings write no lm_head (HF re-ties).
-  A config without pad_token_id takes the tokenizer's. A model with LoRA adapters is saved merged (W + (α/r)·A B).
+  A config without pad_token_id takes the tokenizer's. A model with LoRA adapters is refused: merge it first
+  (`pretrained.save_pretrained` does).
   """
-  from tregjax.models import lora  # pylint: disable=import-outside-toplevel
-  model = lora.merge(model)
   cfg = model.config
+  if cfg.lora_targets:
+    raise ValueError("save_model: the model has LoRA adapters; merge them first (adapters.merge)")
   hf_config = cfg.to_hf_config()
   if hf_config.get("pad_token_id") is None and getattr(tokenizer, "pad_token_id", None) is not None:
     # transformers' *ForSequenceClassification finds each row's last token through pad_token_id; without it a
@@ -509,17 +412,17 @@ def save_pretrained(model: transformer.Model, path: str, *, tokenizer: Any = Non
   else:
     names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
   for name, shard in zip(names, shards):
-    _write_safetensors(os.path.join(path, name), shard)
+    safetensors.write(os.path.join(path, name), shard)
   if len(shards) > 1:
     weight_map = {t[0]: name for name, shard in zip(names, shards) for t in shard}
-    _write_json(os.path.join(path, "model.safetensors.index.json"),
+    safetensors.write_json(os.path.join(path, "model.safetensors.index.json"),
                 {"metadata": {"total_size": int(sum(planned))}, "weight_map": weight_map})
   elif os.path.exists(os.path.join(path, "model.safetensors.index.json")):
     os.unlink(os.path.join(path, "model.safetensors.index.json"))
   for stale in glob.glob(os.path.join(path, "model*.safetensors")):  # shards of an earlier save
     if os.path.basename(stale) not in names:
       os.unlink(stale)
-  _write_json(os.path.join(path, "config.json"), hf_config)
+  safetensors.write_json(os.path.join(path, "config.json"), hf_config)
   if tokenizer is not None:
     if hasattr(tokenizer, "save_pretrained"):
       tokenizer.save_pretrained(path)

@@ -17,7 +17,7 @@ from flax import nnx
 
 from tregjax import parallel
 from tregjax.models import lora
-from tregjax.models.config import ModelConfig
+from tregjax.models.config import LORA_TARGETS, ModelConfig
 
 _INIT_STD = 0.02  # HF `initializer_range` default.
 
@@ -38,6 +38,16 @@ def _stack(num_stacked: int | None, shape: Sequence[int], axes: Sequence[str | N
   if num_stacked is None:
     return tuple(shape), tuple(axes)
   return (num_stacked, *shape), ("layers", *axes)
+
+
+def attach_adapters(module: nnx.Module, cfg: ModelConfig, group: str, in_ndims: dict[str, int]) -> None:
+  """LoRA adapters on `module`'s (the layers' `attn` or `mlp`) projections that cfg.lora_targets names;
+  `in_ndims`: how many of a projection weight's dims (after the layer axis) are its input (1 if not listed)."""
+  for target in cfg.lora_targets:
+    g, name = target.split("/")
+    if g == group:
+      lora.attach(module, name, in_ndim=in_ndims.get(name, 1), rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                  dropout=cfg.lora_dropout, salt=LORA_TARGETS.index(target))
 
 
 # ------------------------------------------------------------------ norms
@@ -193,7 +203,7 @@ class Attention(nnx.Module):
       norm = dict(eps=cfg.rms_norm_eps, offset=cfg.norm_offset, param_dtype=param_dtype, num_stacked=s, rngs=rngs)
       self.q_norm = RMSNorm(h, **norm)
       self.k_norm = RMSNorm(h, **norm)
-    lora.attach(self, cfg, "attn", num_stacked=s, param_dtype=param_dtype)
+    attach_adapters(self, cfg, "attn", {"o_proj": 2})  # o_proj reads [heads, head_dim]
     self.cfg = cfg
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, *, impl: str,
@@ -253,7 +263,7 @@ class MLP(nnx.Module):
       self.gate_bias = param(rngs, *_stack(s, (f,), ("mlp",)), param_dtype, "zeros")
       self.up_bias = param(rngs, *_stack(s, (f,), ("mlp",)), param_dtype, "zeros")
       self.down_bias = param(rngs, *_stack(s, (d,), ("embed",)), param_dtype, "zeros")
-    lora.attach(self, cfg, "mlp", num_stacked=s, param_dtype=param_dtype)
+    attach_adapters(self, cfg, "mlp", {})
     self.cfg = cfg
 
   def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:

@@ -10,10 +10,10 @@ import importlib
 
 # Imported on first use, so that `from tregjax.training import config` (every config file) pulls in no jax, orbax or
 # data code: name -> the submodule that defines it.
-_EXPORTS = {"ConfigError": "config", "base_config": "config", "validate": "config", "NonFiniteError": "trainer",
+_EXPORTS = {"base_config": "config", "validate": "config", "NonFiniteError": "trainer",
             "load_model": "trainer", "run": "trainer"}
 
-__all__ = ["ConfigError", "NonFiniteError", "base_config", "load_model", "run", "validate"]
+__all__ = ["NonFiniteError", "base_config", "load_model", "run", "validate"]
 
 
 def __getattr__(name: str):

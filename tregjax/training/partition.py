@@ -20,17 +20,11 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from tregjax import parallel
-from tregjax.training import config as config_lib
+from tregjax import errors, parallel
+from tregjax.models import adapters
 
 DTYPES = ("", "float32", "bfloat16", "float16")
 _ADAPTER_KEY_SALT = 0x10AA  # the adapters' init key: fold_in(key(seed), salt), apart from the base's random init
-
-
-def default_lora_config() -> ml_collections.ConfigDict:
-  """config.model.lora: rank 0 = off (full-parameter training). Keys and defaults: config_schema.lora_defaults."""
-  from tregjax import config_schema  # pylint: disable=g-import-not-at-top
-  return config_schema.lora_defaults()
 
 
 def lora_enabled(config: ml_collections.ConfigDict) -> bool:
@@ -40,7 +34,7 @@ def lora_enabled(config: ml_collections.ConfigDict) -> bool:
 def validate(config: ml_collections.ConfigDict) -> None:
   """ConfigError (naming the key) for LoRA / freeze settings that cannot run."""
   lo = config.model.lora
-  err = config_lib.ConfigError
+  err = errors.ConfigError
   if lo.rank < 0:
     raise err(f"config.model.lora.rank={lo.rank}: must be >= 0 (0 disables LoRA)")
   if config.model.frozen_param_dtype not in DTYPES:
@@ -61,23 +55,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.objective == "reward_model":
     raise err("config.model.lora: LoRA trains causal LMs (objective=preference or sft); the reward model's fresh "
               "head would stay frozen")
-  from tregjax.models import lora  # pylint: disable=g-import-not-at-top
   try:
-    targets = lora.resolve_targets(lo.targets)
+    targets = adapters.resolve_targets(lo.targets)
   except ValueError as e:
     raise err(str(e)) from e
   if lo.init_from:
-    from tregjax.models import peft_io  # pylint: disable=g-import-not-at-top
     try:
-      conf = peft_io.read_adapter_config(lo.init_from)
-      theirs = peft_io.adapter_targets(conf, os.path.join(lo.init_from, peft_io.CONFIG_NAME))
+      conf = adapters.read_adapter_config(lo.init_from)
+      theirs = adapters.adapter_targets(conf, os.path.join(lo.init_from, adapters.CONFIG_NAME))
     except (ValueError, FileNotFoundError) as e:
       raise err(f"config.model.lora.init_from: {e}") from e
     for key, mine, other in (("rank", lo.rank, conf.get("r")), ("alpha", float(lo.alpha), float(conf.get(
         "lora_alpha", conf.get("r")))), ("targets", targets, theirs)):
       if mine != other:
         raise err(f"config.model.lora.{key}={mine!r} but the adapter in config.model.lora.init_from has {other!r}")
-  if config.model.hf_path and os.path.exists(os.path.join(config.model.hf_path, "adapter_config.json")):
+  if config.model.hf_path and adapters.is_adapter_dir(config.model.hf_path):
     raise err("config.model.hf_path is a PEFT adapter directory: set hf_path to its base and "
               "config.model.lora.init_from to the adapter")
 
@@ -86,10 +78,8 @@ def with_lora(cfg, config: ml_collections.ConfigDict):
   """The ModelConfig with this run's adapters (unchanged without LoRA)."""
   if not lora_enabled(config):
     return cfg
-  from tregjax.models import lora  # pylint: disable=g-import-not-at-top
   lo = config.model.lora
-  return cfg.replace(lora_rank=lo.rank, lora_alpha=float(lo.alpha), lora_targets=lora.resolve_targets(lo.targets),
-                     lora_dropout=float(lo.dropout))
+  return adapters.with_lora(cfg, rank=lo.rank, alpha=lo.alpha, targets=lo.targets, dropout=lo.dropout)
 
 
 def frozen_rows(config: ml_collections.ConfigDict, path: str, shape: tuple[int, ...]) -> list[bool]:
@@ -135,9 +125,9 @@ def split(model: nnx.Module, config: ml_collections.ConfigDict) -> tuple[nnx.Gra
   """(graphdef, trained params, extra incl. frozen params); an empty trained set is a ConfigError."""
   graphdef, params, extra = nnx.split(model, trainable_filter(config), ...)
   if not jax.tree.leaves(params):
-    raise config_lib.ConfigError(f"config.train.freeze={config.train.freeze!r} freezes every parameter")
+    raise errors.ConfigError(f"config.train.freeze={config.train.freeze!r} freezes every parameter")
   if config.train.freeze and not has_frozen(extra) and update_mask(config, params) is None:
-    raise config_lib.ConfigError(f"config.train.freeze={config.train.freeze!r} matches no parameter path (paths look "
+    raise errors.ConfigError(f"config.train.freeze={config.train.freeze!r} matches no parameter path (paths look "
                                  "like model/embed_tokens, lm_head, model/layers/attn/q_proj; one layer's: "
                                  "model/layers/3/attn/q_proj)")
   return graphdef, params, extra
@@ -181,5 +171,5 @@ def adapter_key(seed: int) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), _ADAPTER_KEY_SALT)
 
 
-__all__ = ["default_lora_config", "validate", "with_lora", "trainable_filter", "split", "cast_frozen", "saved",
+__all__ = ["validate", "with_lora", "trainable_filter", "split", "cast_frozen", "saved",
            "with_frozen", "has_frozen", "update_mask", "frozen_rows", "frozen_dtype", "adapter_key", "lora_enabled"]

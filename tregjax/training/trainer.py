@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -25,7 +24,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tregjax import parallel
+from tregjax import errors, parallel, storage
+from tregjax.models import adapters  # TEMPORARY (#29 slice 2 moves this to training/model_init.py)
+from tregjax.models import state as state_lib
 from tregjax.training import checkpoint as ckpt_lib
 from tregjax.training import config as config_lib
 from tregjax.training import hooks as hooks_lib
@@ -54,16 +55,16 @@ def model_config(config: ml_collections.ConfigDict):
   else:
     preset = getattr(models.ModelConfig, config.model.preset, None)
     if preset is None:
-      raise config_lib.ConfigError(f"config.model.preset={config.model.preset!r} is not a models.ModelConfig preset")
+      raise errors.ConfigError(f"config.model.preset={config.model.preset!r} is not a models.ModelConfig preset")
     try:
       cfg = preset(**config_lib.model_overrides(config))
     except TypeError as e:
-      raise config_lib.ConfigError(f"config.model.overrides: {e}") from e
+      raise errors.ConfigError(f"config.model.overrides: {e}") from e
   cfg = cfg.replace(remat=config.model.remat, scan_layers=config.model.scan_layers)
   if config.objective == "reward_model" and not cfg.num_labels:
     cfg = cfg.replace(num_labels=1)
   if config.objective != "reward_model" and cfg.num_labels:
-    raise config_lib.ConfigError(f"objective={config.objective} needs a causal LM, but the model has a "
+    raise errors.ConfigError(f"objective={config.objective} needs a causal LM, but the model has a "
                                  f"{cfg.num_labels}-label classification head")
   return partition.with_lora(cfg, config)
 
@@ -77,7 +78,6 @@ def build_model_state(config: ml_collections.ConfigDict, mesh, *, abstract: bool
   With `abstract=True` returns ShapeDtypeStructs only (the restore target when resuming a random-init run).
   """
   from tregjax import models  # pylint: disable=g-import-not-at-top
-  from tregjax.models import lora  # pylint: disable=g-import-not-at-top
   cfg = model_config(config)
   dtype, param_dtype = _dtype(config.model.dtype), _dtype(config.model.param_dtype)
   abstract_model = models.abstract_model(cfg, dtype=dtype, param_dtype=param_dtype)
@@ -93,13 +93,13 @@ def build_model_state(config: ml_collections.ConfigDict, mesh, *, abstract: bool
     model = models.from_pretrained(config.model.hf_path, dtype=dtype, param_dtype=load_dtype, mesh=mesh,
                                    config_overrides={"remat": cfg.remat, "scan_layers": cfg.scan_layers,
                                                      "num_labels": cfg.num_labels})
-    values = lora.flat_values(nnx.state(model))
+    values = state_lib.flat_values(nnx.state(model))
     del model
     if cfg.lora_targets:
       values |= _adapter_values(config, cfg, nnx.merge_state(abs_params, abs_extra),
                                 nnx.merge_state(*shardings))
-    cast = lambda abs_state: lora.fill(abs_state, {k: v.astype(abs_v.dtype) for k, abs_v in  # noqa: E731
-                                                   lora.flat_values(abs_state).items() for v in [values[k]]})
+    cast = lambda abs_state: state_lib.fill(abs_state, {k: v.astype(abs_v.dtype) for k, abs_v in  # noqa: E731
+                                                        state_lib.flat_values(abs_state).items() for v in [values[k]]})
     return graphdef, cast(abs_params), cast(abs_extra)
 
   return graphdef, *jax.jit(lambda: random_init(config), out_shardings=shardings)()
@@ -108,31 +108,27 @@ def build_model_state(config: ml_collections.ConfigDict, mesh, *, abstract: bool
 def _adapter_values(config: ml_collections.ConfigDict, cfg, abstract_state, shardings) -> dict[str, jax.Array]:
   """Adapter arrays by path, placed on their shardings: from the PEFT directory `model.lora.init_from`, else fresh
   (A Kaiming-uniform from the run's seed, B = 0)."""
-  from tregjax.models import lora  # pylint: disable=g-import-not-at-top
-  from tregjax.models import peft_io  # pylint: disable=g-import-not-at-top
-  sh = {k: v for k, v in lora.flat_values(shardings).items() if lora.is_adapter(k)}
+  sh = {k: v for k, v in state_lib.flat_values(shardings).items() if adapters.is_adapter(k)}
   param_dtype = _dtype(config.model.param_dtype)
   if config.model.lora.init_from:
-    host = peft_io.adapter_values(cfg, config.model.lora.init_from, param_dtype=param_dtype)
+    host = adapters.adapter_values(cfg, config.model.lora.init_from, param_dtype=param_dtype)
     return {k: jax.make_array_from_callback(x.shape, sh[k], lambda i, x=x: x[i]) for k, x in host.items()}
-  return jax.jit(lambda: lora.init_adapters(abstract_state, partition.adapter_key(config.seed)), out_shardings=sh)()
+  return jax.jit(lambda: adapters.init_adapters(abstract_state, partition.adapter_key(config.seed)), out_shardings=sh)()
 
 
 def random_init(config: ml_collections.ConfigDict):
   """(params, extra) of a freshly initialised model (trace under jit with out_shardings to init sharded)."""
   from tregjax import models  # pylint: disable=g-import-not-at-top
-  from tregjax.models import lora  # pylint: disable=g-import-not-at-top
   cfg = model_config(config)
   model = models.from_config(cfg, nnx.Rngs(config.seed), dtype=_dtype(config.model.dtype),
                              param_dtype=_dtype(config.model.param_dtype))
   if cfg.lora_targets:  # adapters from their own key: the base equals the full run's random init
     if config.model.lora.init_from:
-      from tregjax.models import peft_io  # pylint: disable=g-import-not-at-top
-      fresh = peft_io.adapter_values(cfg, config.model.lora.init_from, param_dtype=_dtype(config.model.param_dtype))
+      fresh = adapters.adapter_values(cfg, config.model.lora.init_from, param_dtype=_dtype(config.model.param_dtype))
     else:
-      fresh = lora.init_adapters(nnx.state(model), partition.adapter_key(config.seed))
+      fresh = adapters.init_adapters(nnx.state(model), partition.adapter_key(config.seed))
     state = nnx.state(model)
-    nnx.update(model, lora.fill(state, lora.flat_values(state) | fresh))
+    nnx.update(model, state_lib.fill(state, state_lib.flat_values(state) | fresh))
   _, params, extra = partition.split(model, config)
   return params, partition.cast_frozen(extra, partition.frozen_dtype(config))
 
@@ -363,7 +359,7 @@ def _total_steps(config: ml_collections.ConfigDict, train_iter) -> int:
   try:
     per_epoch = len(train_iter)
   except TypeError as e:
-    raise config_lib.ConfigError("train.steps=-1 needs a data source that knows its length") from e
+    raise errors.ConfigError("train.steps=-1 needs a data source that knows its length") from e
   return config.data.epochs * per_epoch
 
 
@@ -403,12 +399,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
   """
   config_lib.validate(config, check_data=data_factory is None)
   data_factory = data_factory or default_data
-  os.makedirs(workdir, exist_ok=True)
+  # A local path or a storage URI (gs://...): a missing or unwritable bucket is one line here, before any training.
+  workdir = storage.resolve(workdir, "workdir")
+  storage.check_writable(workdir, "workdir")
   mesh = parallel.mesh_from_config(config)
   log.info("mesh %s on %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    storage.write_text(storage.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
   if data_factory is default_data and config.objective == "preference":
     check_scored_cache(config)
@@ -419,7 +416,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
   total_steps = _total_steps(config, train_iter)
   stop_at = total_steps if max_steps is None else min(max_steps, total_steps)
 
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
+  ckpt = ckpt_lib.Checkpointer(storage.join(workdir, "checkpoints"), every=config.checkpoint.every,
                                keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   program = build(config, mesh, total_steps=total_steps)
   state = _initial_state(program, ckpt, train_iter)
@@ -474,20 +471,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
   result = RunResult(graphdef=program.graphdef, state=state, step=step, start_step=start_step,
                      total_steps=total_steps, stopped=stopped, final_metrics=metrics.last,
                      eval_metrics=evaluation.metrics if evaluation else {}, memory_analysis=train_step.memory,
-                     workdir=os.path.abspath(workdir), checkpoint_dir=ckpt.directory, metrics_file=writer.jsonl_path,
+                     workdir=workdir, checkpoint_dir=ckpt.directory, metrics_file=writer.jsonl_path,
                      tensorboard_dir=writer.tensorboard_dir)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-      json.dump(result.json(), f, indent=2)
+    storage.write_text(storage.join(workdir, "summary.json"), json.dumps(result.json(), indent=2))
   return result
 
 
 def load_model(workdir: str, step: int | None = None, *, config: ml_collections.ConfigDict | None = None):
   """The trained model of a run (latest or given checkpoint step), on the default device; for export and eval."""
   if config is None:
-    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-      config = ml_collections.ConfigDict(json.load(f))
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=config.checkpoint.keep,
+    config = ml_collections.ConfigDict(storage.read_json(storage.join(workdir, "config.json")))
+  ckpt = ckpt_lib.Checkpointer(storage.join(workdir, "checkpoints"), every=1, keep=config.checkpoint.keep,
                                async_save=False)
   step = ckpt.latest_step() if step is None else step
   if step is None:

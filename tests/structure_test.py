@@ -1,0 +1,241 @@
+"""The package's structure, as issue #29's done-when list states it, read from the source by AST (nothing imported),
+and the behaviour the module moves of #29 had to keep, against a snapshot taken before them.
+
+tests/data/structure_snapshot.json was written on main d96f11f, before any #29 move, by building a tiny Llama with
+LoRA adapters on every linear projection (`lora.add_adapters(..., targets="all_linear")`), listing its parameter
+paths, shapes, logical axes and variable types, saving its PEFT adapter and listing the tensor names/shapes, and
+computing the stage keys (`Stages.key_json`/`key_hash`) of every stage of configs/demo.py with the workdir "/W". Its
+PEFT names and shapes were checked by hand against PEFT's layout (see the file's "note").
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import stat
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tregjax import models, parallel
+from tregjax.models import adapters, safetensors
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SNAPSHOT = os.path.join(ROOT, "tests", "data", "structure_snapshot.json")
+
+
+# ------------------------------------------------------------------ the import graph, from the source
+
+
+def python_files(top: str) -> dict[str, str]:
+  """Module name -> file for every .py under ROOT/top ("tregjax.models.lora"; a test file by its bare name)."""
+  out = {}
+  for d, _, files in os.walk(os.path.join(ROOT, top)):
+    for f in files:
+      if f.endswith(".py"):
+        path = os.path.join(d, f)
+        rel = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+        if top == "tests":
+          rel = rel[len("tests."):]
+        out[rel[:-len(".__init__")] if rel.endswith(".__init__") else rel] = path
+  return out
+
+
+PACKAGE = python_files("tregjax")
+TESTS = python_files("tests")
+ALL = PACKAGE | TESTS
+
+
+def resolve(name: str) -> str | None:
+  """The project module an imported dotted name belongs to (longest prefix that is a module), or None."""
+  parts = name.split(".")
+  for i in range(len(parts), 0, -1):
+    if ".".join(parts[:i]) in ALL:
+      return ".".join(parts[:i])
+  return None
+
+
+class Import:
+  """One import statement of a module: what it names, the project modules it reaches, where it stands."""
+
+  def __init__(self, node: ast.Import | ast.ImportFrom, module: str, in_function: bool, line: str):
+    self.node, self.in_function, self.line = node, in_function, line
+    self.lineno = node.lineno
+    if isinstance(node, ast.Import):
+      self.base, self.names = "", [a.name for a in node.names]
+      self.targets = [a.name for a in node.names]
+    else:
+      base = node.module or ""
+      if node.level:
+        pkg = module if ALL[module].endswith("__init__.py") else module.rpartition(".")[0]
+        parts = pkg.split(".")
+        base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+      self.base, self.names = base, [a.name for a in node.names]
+      self.targets = [f"{base}.{a}" for a in self.names] + [base]
+    self.modules = {m for m in map(resolve, self.targets) if m is not None and m != module}
+
+
+def imports(module: str) -> list[Import]:
+  """Every import of `module`, top-level or inside a function (with the source line, for its comment)."""
+  path = ALL[module]
+  with open(path, encoding="utf-8") as f:
+    src = f.read()
+  lines = src.splitlines()
+  tree = ast.parse(src)
+  out = []
+
+  def visit(node: ast.AST, in_function: bool) -> None:
+    for child in ast.iter_child_nodes(node):
+      if isinstance(child, (ast.Import, ast.ImportFrom)):
+        text = " ".join(lines[child.lineno - 1:child.end_lineno])
+        out.append(Import(child, module, in_function, text))
+      visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+  visit(tree, False)
+  return out
+
+
+def edges(modules: dict[str, str]) -> dict[str, set[str]]:
+  """module -> the project modules it imports (a package's own ancestors left out: importing a submodule runs them)."""
+  out = {}
+  for m in modules:
+    out[m] = {t for imp in imports(m) for t in imp.modules if not m.startswith(t + ".")}
+  return out
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+  """The strongly connected components with more than one module (Tarjan)."""
+  index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+  def connect(v: str) -> None:
+    index[v] = low[v] = counter[0]
+    counter[0] += 1
+    stack.append(v)
+    on.add(v)
+    for w in graph.get(v, ()):
+      if w not in index:
+        connect(w)
+        low[v] = min(low[v], low[w])
+      elif w in on:
+        low[v] = min(low[v], index[w])
+    if low[v] == index[v]:
+      comp = []
+      while True:
+        w = stack.pop()
+        on.discard(w)
+        comp.append(w)
+        if w == v:
+          break
+      if len(comp) > 1:
+        out.append(sorted(comp))
+
+  for v in sorted(graph):
+    if v not in index:
+      connect(v)
+  return out
+
+
+def test_cycle_finder_finds_a_hand_made_cycle():
+  graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e2"}, "e2": set()}
+  assert cycles(graph) == [["a", "b", "c"]]
+  assert not cycles({"a": {"b"}, "b": set()})
+
+
+def test_the_models_package_imports_one_way():
+  """models/: config <- lora <- layers <- transformer <- hf_io <- adapters <- pretrained (state and safetensors
+  below hf_io); a module never imports one to its right."""
+  order = ["config", "lora", "layers", "transformer", "state", "safetensors", "hf_io", "adapters", "pretrained"]
+  graph = edges({m: p for m, p in PACKAGE.items() if m.startswith("tregjax.models.")})
+  for m, targets in graph.items():
+    name = m.rpartition(".")[2]
+    if name not in order:
+      continue
+    for t in targets:
+      other = t.rpartition(".")[2] if t.startswith("tregjax.models.") else None
+      if other in order:
+        assert order.index(other) < order.index(name), f"{m} imports {t}"
+  assert not cycles(graph)
+
+
+def test_lora_layer_pieces_import_no_project_module_but_parallel():
+  allowed = {"tregjax.parallel"}
+  reached = {t for imp in imports("tregjax.models.lora") for t in imp.modules}
+  assert reached <= allowed, reached
+
+
+def test_the_training_modules_and_config_schema_import_no_cli():
+  for m in PACKAGE:
+    if m in ("tregjax.config_schema", "tregjax.parallel") or m.startswith(("tregjax.training.", "tregjax.data.")):
+      reached = {t for imp in imports(m) for t in imp.modules}
+      assert "tregjax.cli" not in reached, m
+
+
+def test_hf_io_imports_no_adapters_module():
+  reached = {t for imp in imports("tregjax.models.hf_io") for t in imp.modules}
+  assert not reached & {"tregjax.models.adapters", "tregjax.models.pretrained", "tregjax.models.lora"}, reached
+
+
+def test_one_config_error_and_no_rebound_names():
+  """One `class ConfigError` (and one StaleCacheError), in tregjax/errors.py; no module-level `X = module.X`."""
+  classes, rebound = [], []
+  for m, path in PACKAGE.items():
+    with open(path, encoding="utf-8") as f:
+      tree = ast.parse(f.read())
+    modules = {a.asname or a.name for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
+               for a in node.names}
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ClassDef) and node.name in ("ConfigError", "StaleCacheError"):
+        classes.append((node.name, m))
+    for node in tree.body:
+      if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Attribute)
+          and isinstance(node.value.value, ast.Name) and node.value.value.id in modules):
+        for target in node.targets:
+          if isinstance(target, ast.Name) and target.id == node.value.attr:
+            rebound.append(f"{m}: {target.id} = {node.value.value.id}.{node.value.attr}")
+  assert sorted(classes) == [("ConfigError", "tregjax.errors"), ("StaleCacheError", "tregjax.errors")]
+  assert not rebound, rebound
+
+
+# ------------------------------------------------------------------ behaviour kept
+
+
+def snapshot() -> dict:
+  with open(SNAPSHOT, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def snapshot_model():
+  cfg = models.ModelConfig.tiny_llama(vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=2,
+                                      num_heads=4, num_kv_heads=2, head_dim=4)
+  return adapters.add_adapters(models.from_config(cfg, 0), rank=2, alpha=4.0, targets="all_linear")
+
+
+def test_lora_parameter_paths_shapes_and_axes_match_the_snapshot_taken_before_the_move():
+  params = {parallel.path_str(p): [list(v.get_value().shape), list(v.get_metadata().get("axes") or ()),
+                                   type(v).__name__]
+            for p, v in nnx.to_flat_state(nnx.state(snapshot_model()))}
+  assert params == snapshot()["lora_params"]
+
+
+def test_peft_tensor_names_match_the_snapshot_and_exported_files_are_0644(tmp_path):
+  old = os.umask(0o022)
+  try:
+    model = snapshot_model()
+    adapter_dir = adapters.save_adapter(model, str(tmp_path / "adapter"))
+    models.save_pretrained(model, str(tmp_path / "hf"), max_shard_size=4096)  # sharded: index.json too
+  finally:
+    os.umask(old)
+  header, _ = safetensors.read_header(os.path.join(adapter_dir, adapters.WEIGHTS_NAME))
+  names = {k: [v["dtype"], v["shape"]] for k, v in header.items() if k != "__metadata__"}
+  assert names == snapshot()["peft_tensors"]
+  with open(os.path.join(adapter_dir, adapters.CONFIG_NAME), encoding="utf-8") as f:
+    assert sorted(json.load(f)) == snapshot()["peft_config_keys"]
+  written = [os.path.join(d, f) for d in (adapter_dir, str(tmp_path / "hf")) for f in os.listdir(d)]
+  assert any(p.endswith("model.safetensors.index.json") for p in written), written
+  assert {oct(stat.S_IMODE(os.stat(p).st_mode)) for p in written} == {"0o644"}, written
+  # The merged export holds the base weights plus (α/r)·A B: with B = 0 at init, the base's q_proj exactly.
+  reloaded = models.from_pretrained(str(tmp_path / "hf"), dtype=jnp.float32)
+  np.testing.assert_array_equal(np.asarray(reloaded.model.layers.attn.q_proj[...]),
+                                np.asarray(model.model.layers.attn.q_proj[...]))
