@@ -43,6 +43,7 @@ EXPECTED_ERRORS: dict[str, int] = {
     "DoesNotFitError": EXIT_DOES_NOT_FIT,
     "MissingLibtpuError": EXIT_MISSING_PACKAGE,
     "AssetError": EXIT_BAD_INPUT,
+    "MissingBackendError": EXIT_MISSING_PACKAGE,  # a storage URI scheme without its package (tregjax.storage)
     "FileNotFoundError": EXIT_BAD_INPUT,
     "PermissionError": EXIT_BAD_INPUT,
     "NotADirectoryError": EXIT_BAD_INPUT,
@@ -85,7 +86,7 @@ def missing_package(error: ImportError) -> str | None:
 def missing_package_message(prog: str, error: ImportError) -> str:
   """One line: which package to install, and that requirements.txt provides it."""
   return (f"{prog}: error: the Python package {missing_package(error)!r} is not installed; "
-          "`pip install -r requirements.txt` (in the tregjax checkout) installs it")
+          "`pip install -r requirements.txt` (in the tregjax checkout) or `pip install 'tregjax[train]'` installs it")
 
 
 class _DropTorchBanner(logging.Filter):

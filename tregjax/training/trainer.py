@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -25,7 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tregjax import errors, parallel
+from tregjax import errors, parallel, storage
 from tregjax.models import adapters  # TEMPORARY (#29 slice 2 moves this to training/model_init.py)
 from tregjax.models import state as state_lib
 from tregjax.training import checkpoint as ckpt_lib
@@ -400,12 +399,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
   """
   config_lib.validate(config, check_data=data_factory is None)
   data_factory = data_factory or default_data
-  os.makedirs(workdir, exist_ok=True)
+  # A local path or a storage URI (gs://...): a missing or unwritable bucket is one line here, before any training.
+  workdir = storage.resolve(workdir, "workdir")
+  storage.check_writable(workdir, "workdir")
   mesh = parallel.mesh_from_config(config)
   log.info("mesh %s on %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    storage.write_text(storage.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
   if data_factory is default_data and config.objective == "preference":
     check_scored_cache(config)
@@ -416,7 +416,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
   total_steps = _total_steps(config, train_iter)
   stop_at = total_steps if max_steps is None else min(max_steps, total_steps)
 
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
+  ckpt = ckpt_lib.Checkpointer(storage.join(workdir, "checkpoints"), every=config.checkpoint.every,
                                keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   program = build(config, mesh, total_steps=total_steps)
   state = _initial_state(program, ckpt, train_iter)
@@ -471,20 +471,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
   result = RunResult(graphdef=program.graphdef, state=state, step=step, start_step=start_step,
                      total_steps=total_steps, stopped=stopped, final_metrics=metrics.last,
                      eval_metrics=evaluation.metrics if evaluation else {}, memory_analysis=train_step.memory,
-                     workdir=os.path.abspath(workdir), checkpoint_dir=ckpt.directory, metrics_file=writer.jsonl_path,
+                     workdir=workdir, checkpoint_dir=ckpt.directory, metrics_file=writer.jsonl_path,
                      tensorboard_dir=writer.tensorboard_dir)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-      json.dump(result.json(), f, indent=2)
+    storage.write_text(storage.join(workdir, "summary.json"), json.dumps(result.json(), indent=2))
   return result
 
 
 def load_model(workdir: str, step: int | None = None, *, config: ml_collections.ConfigDict | None = None):
   """The trained model of a run (latest or given checkpoint step), on the default device; for export and eval."""
   if config is None:
-    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-      config = ml_collections.ConfigDict(json.load(f))
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=config.checkpoint.keep,
+    config = ml_collections.ConfigDict(storage.read_json(storage.join(workdir, "config.json")))
+  ckpt = ckpt_lib.Checkpointer(storage.join(workdir, "checkpoints"), every=1, keep=config.checkpoint.keep,
                                async_save=False)
   step = ckpt.latest_step() if step is None else step
   if step is None:
