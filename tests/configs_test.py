@@ -176,7 +176,7 @@ def test_sections_belong_to_the_program_the_config_names():
   config_lib.validate(c, num_devices=1, check_data=False)
   c.program = "experimnt"
   with pytest.raises(errors.ConfigError, match=r"config.program='experimnt': must be one of \('train', "
-                     r"'experiment'\) \(did you mean 'experiment'\?\)"):
+                     r"'experiment', 'credit'\) \(did you mean 'experiment'\?\)"):
     config_lib.validate(c, num_devices=1, check_data=False)
 
 

@@ -88,7 +88,7 @@ def missing_package(error: ImportError) -> str | None:
 def missing_package_message(prog: str, error: ImportError) -> str:
   """One line: which package to install, and that requirements.txt provides it."""
   return (f"{prog}: error: the Python package {missing_package(error)!r} is not installed; "
-          "`pip install -r requirements.txt` (in the tregjax checkout) installs it")
+          "`pip install -r requirements.txt` (in the tregjax checkout) or `pip install 'tregjax[train]'` installs it")
 
 
 class _DropTorchBanner(logging.Filter):

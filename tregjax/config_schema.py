@@ -46,6 +46,23 @@ WORSE_INSTRUCTION = ("You are an unhelpful assistant. Your response must be unhe
 DATA_FIELDS = dict(prompt="prompt", chosen="chosen", rejected="rejected", responses="all_generated_responses",
                    scores="all_rm_scores", id="")
 
+# The splits the dataset builder writes (tregjax.data.build.splits_of): "validation" only from data.validation_files or
+# data.validation_fraction > 0. data.train_split and data.eval_split must name one of them.
+SPLITS = ("train", "validation")
+
+# Keys that name an input the run will read later: config key -> what it must be ("dir", "file" or "path": either).
+# Checked at start-up (tregjax.training.config.check_inputs), not when the run first opens them hours in.
+INPUT_PATHS: dict[str, str] = {
+    "model.hf_path": "path",  # a Hugging Face directory or a .gguf file
+    "model.tokenizer_path": "dir",
+    "model.lora.init_from": "dir",
+    "data.tokenizer": "dir",
+    "data.train_files": "path",  # a list: each JSONL/parquet file or save_to_disk directory
+    "data.validation_files": "path",
+    "score.token_reward.dpo_checkpoint": "dir",
+    "score.token_reward.reward_model": "dir",
+}
+
 # A key of another section that defaults to its owner's value: key -> owner (dotted paths from the config's root).
 INHERITED: dict[str, str] = {
     "score.buckets": "data.buckets",
@@ -118,7 +135,8 @@ def generate_defaults() -> ml_collections.ConfigDict:
       max_new_tokens=512,
       seed=_inherit(int),  # sampling seed; None -> config.seed
       max_prompt_length=0,  # 0 -> data.max_prompt_length; longer prompts follow data.truncation (keep the end)
-      batch_size=32,  # sampled rows per jitted call, rounded up to a multiple of the data-parallel size
+      batch_size=32,  # sampled rows per jitted call, rounded up to a multiple of the data-parallel size; 0 -> from
+      # free memory and a short probe of decode-step rates (tregjax.models.decoding.choose_batch_size)
       buckets=_inherit(tuple),  # padded prompt widths (longer: multiples of the largest); None -> data.buckets
       reward_model="",  # local HF *ForSequenceClassification dir (num_labels=1); "" -> a Python scorer
       scorer="",  # "pkg.module:function" -> scorer(prompt_messages, response_text) -> float (when no reward_model)
@@ -387,7 +405,7 @@ def _check_distributed(d: ml_collections.ConfigDict) -> None:
 def _check_generate(g: ml_collections.ConfigDict) -> None:
   checks = [("num_samples", g.num_samples >= 1), ("max_new_tokens", g.max_new_tokens >= 1),
             ("temperature", g.temperature >= 0), ("top_p", 0 < g.top_p <= 1), ("top_k", g.top_k >= 0),
-            ("batch_size", g.batch_size >= 1), ("reward_batch_size", g.reward_batch_size >= 1),
+            ("batch_size", g.batch_size >= 0), ("reward_batch_size", g.reward_batch_size >= 1),
             ("shard_size", g.shard_size >= 1)]
   for name, ok in checks:
     if not ok:
