@@ -38,7 +38,7 @@ _STATE: dict[str, Any] = {}
 
 # A failed collective, a coordination-service error, a barrier that timed out: the messages jax/XLA raise for them.
 _LOSS = re.compile(
-    r"Gloo \S+ failed|Connection (?:reset|closed) by peer|Broken pipe|"
+    r"Gloo \S+ failed|Connection (?:reset|closed) by peer|"
     r"NCCL.*(?:remote process|unhandled system error|Connection closed)|"
     r"CoordinationServiceError|coordination service|heartbeat timeout|stopped sending heartbeats|"
     r"Barrier (?:timed out|failed)|DEADLINE_EXCEEDED.*[Bb]arrier|[Bb]arrier.*DEADLINE_EXCEEDED")
