@@ -1,7 +1,7 @@
 """python -m tregjax.train --config configs/x.py [--config.key=value ...] --workdir DIR
 
 Wiring only: flags → `cli.init_distributed()` (when several processes) → the whole config validated → the program
-`config.program` names in `tregjax.training.config.PROGRAMS` ("train": the trainer; "experiment": the experiment
+`config.program` names in `tregjax.programs.PROGRAMS` ("train": the trainer; "experiment": the experiment
 runner), run as `entry(config, workdir)`. Rerunning with the same --workdir resumes from its latest checkpoint.
 SIGTERM saves a checkpoint and exits 0. `--compile_only --topology v5e:16x16` trains nothing: it compiles the training
 step and scoring forward for that TPU topology on this host (`tregjax.compile`, docs/compile.md).
@@ -9,7 +9,6 @@ step and scoring forward for that TPU topology on this host (`tregjax.compile`, 
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 
@@ -51,13 +50,12 @@ def main(argv: list[str]) -> None:
 
 def _train() -> None:
   cli.init_distributed()
+  from tregjax import programs  # pylint: disable=g-import-not-at-top
   from tregjax.training import config as config_lib  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   config_lib.validate(config, check_data=False)  # the whole config (sections, keys, mesh) before anything is built
-  program = config_lib.PROGRAMS[config.program]
-  module, _, function = program.entry.partition(":")
   workdir = _WORKDIR.value or default_workdir()
-  getattr(importlib.import_module(module), function)(config, workdir)
+  programs.load(programs.PROGRAMS[config.program].entry, "config.program")(config, workdir)
   logging.getLogger("tregjax.train").info("done: program %r; outputs in %s", config.program, workdir)
 
 
