@@ -19,7 +19,6 @@ import ml_collections
 import numpy as np
 
 from tregjax import errors
-from tregjax.data import hashing
 from tregjax.training import config as config_lib
 
 
@@ -73,6 +72,9 @@ class Stages:
     info = dict(info or {}, seconds=round(time.perf_counter() - started, 1))
     if key is not None:
       info["key"], info["key_json"] = self.key_hash(key), self.key_json(key)
+    # Here, not at the top: the tregjax.data package imports its builder (TFDS, transformers), and config files
+    # import this module (through the runner's defaults).
+    from tregjax.data import hashing  # pylint: disable=g-import-not-at-top
     os.makedirs(self.path(name), exist_ok=True)
     hashing.atomic_write_json(os.path.join(self.path(name), "DONE"), info)
     self.say(f"{name} done in {info['seconds']:.0f}s")
@@ -84,6 +86,9 @@ class Stages:
     return json.loads(json.dumps(key, default=str).replace(self.root, "<workdir>"))
 
   def key_hash(self, key: Any) -> str:
+    # Here, not at the top: the tregjax.data package imports its builder (TFDS, transformers), and config files
+    # import this module (through the runner's defaults).
+    from tregjax.data import hashing  # pylint: disable=g-import-not-at-top
     return hashing.hash_json(self.key_json(key))
 
   def say(self, message: str) -> None:
