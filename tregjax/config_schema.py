@@ -5,7 +5,7 @@ builder or command module.
 Layout:
   defaults()            the tree `tregjax.training.config.base_config()` returns (the trainer validates all of it):
                         top-level keys and the model, data, score, loss, optimizer, mesh, checkpoint, train, logging
-                        sections; built from the section functions below.
+                        and distributed sections; built from the section functions below.
   data_defaults(), score_defaults(), generate_defaults(), lora_defaults()
                         one section each (tregjax.data.build, tregjax.score, tregjax.generate, model.lora);
                         `generate` is a command section that any config may carry, so it is not in defaults().
@@ -158,6 +158,21 @@ def lora_defaults() -> ml_collections.ConfigDict:
   ))
 
 
+def distributed_defaults() -> ml_collections.ConfigDict:
+  """The `distributed` section: how the processes of a multi-process job join and notice a lost one (passed to
+  jax.distributed.initialize by cli.init_distributed; every multi-process command reads it)."""
+  return ml_collections.ConfigDict(dict(
+      # How long every process waits for all of them to join the coordinator before failing with one line.
+      initialization_timeout_s=300,
+      # A process that sends no heartbeat for this long is lost. Only the last resort: a lost process normally shows
+      # at once, in the next collective (tregjax.peers); this bounds a survivor stuck where nothing fails (a hung
+      # accelerator collective). jax's default is 100 s.
+      heartbeat_timeout_s=60,
+      # At a normal exit, how long a process waits for the others to finish too. jax's default is 300 s.
+      shutdown_timeout_s=120,
+  ))
+
+
 def defaults() -> ml_collections.ConfigDict:
   """Every trainer key with its default (unlocked: config files override, then the CLI locks)."""
   c = ml_collections.ConfigDict()
@@ -243,11 +258,13 @@ def defaults() -> ml_collections.ConfigDict:
   c.logging.jsonl = True
   c.logging.progress_bar = True  # every command's bar (score.progress_bar, generate.progress_bar default to it)
   c.logging.peak_flops_per_device = 0.0  # 0 -> look the device kind up (MFU is omitted when unknown)
+  c.distributed = distributed_defaults()  # multi-process jobs: join, heartbeat and shutdown timeouts
   return c
 
 
 # Command sections read through `section()`: name -> defaults.
-SECTIONS = {"data": data_defaults, "score": score_defaults, "generate": generate_defaults}
+SECTIONS = {"data": data_defaults, "score": score_defaults, "generate": generate_defaults,
+            "distributed": distributed_defaults}
 
 
 # ------------------------------------------------------------------------------------------ unknown keys
@@ -379,6 +396,12 @@ def _check_score(s: ml_collections.ConfigDict) -> None:
       raise errors.ConfigError(f"config.score.{key}={s[key]!r}: must be >= 1")
 
 
+def _check_distributed(d: ml_collections.ConfigDict) -> None:
+  for key in ("initialization_timeout_s", "heartbeat_timeout_s", "shutdown_timeout_s"):
+    if d[key] < 1:
+      raise ConfigError(f"config.distributed.{key}={d[key]!r}: must be >= 1 (seconds)")
+
+
 def _check_generate(g: ml_collections.ConfigDict) -> None:
   checks = [("num_samples", g.num_samples >= 1), ("max_new_tokens", g.max_new_tokens >= 1),
             ("temperature", g.temperature >= 0), ("top_p", 0 < g.top_p <= 1), ("top_k", g.top_k >= 0),
@@ -392,7 +415,7 @@ def _check_generate(g: ml_collections.ConfigDict) -> None:
     raise errors.ConfigError("set only one of config.generate.reward_model and config.generate.scorer")
 
 
-_CHECKS = {"score": _check_score, "generate": _check_generate}
+_CHECKS = {"score": _check_score, "generate": _check_generate, "distributed": _check_distributed}
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer

@@ -58,7 +58,7 @@ def main(argv: list[str]) -> None:
 
 
 def _train() -> None:
-  cli.init_distributed()
+  cli.init_distributed(config=_CONFIG.value)
   from tregjax.training import config as config_lib  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   # The whole config (sections, keys, mesh vs devices; for the trainer also input paths and splits) before anything

@@ -124,7 +124,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
     config_schema.check_type(name, given[name], config_schema.type_default(name, default))
   # The command sections' own rules (the score section's values; a generate section's keys and values), so that a
   # config that drives score, generate and train fails here, before training, rather than in the later command.
-  for name in ("score", *sorted(extra & set(config_schema.SECTIONS))):
+  for name in ("score", "distributed", *sorted(extra & set(config_schema.SECTIONS))):
     config_schema.section(config, name)
 
   _choice("objective", config.objective, OBJECTIVES)

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tregjax import errors, parallel, storage
+from tregjax import errors, parallel, peers, storage
 from tregjax.models import adapters  # TEMPORARY (#29 slice 2 moves this to training/model_init.py)
 from tregjax.models import state as state_lib
 from tregjax.training import checkpoint as ckpt_lib
@@ -335,6 +335,25 @@ def evaluate(program: Program, state: step_lib.TrainState, data_factory: DataFac
   return {f"eval/{k}": v / total_w for k, v in sums.items()}
 
 
+# ModelConfig's LoRA fields -> the config key that sets them. A resume must keep them: alpha changes no array shape,
+# so only this check stops a run from going on with another adapter scale (dropout may change, like the lr).
+_LORA_KEYS = {"lora_rank": "model.lora.rank", "lora_alpha": "model.lora.alpha", "lora_targets": "model.lora.targets"}
+
+
+def _check_lora_resume(where: str, saved: dict[str, Any], cfg) -> None:
+  """CheckpointMismatchError naming the config key whose LoRA setting differs from the checkpoint's."""
+  for field, key in _LORA_KEYS.items():
+    if field not in saved:
+      continue
+    theirs, mine = saved[field], getattr(cfg, field)
+    if isinstance(mine, tuple):
+      theirs = tuple(theirs or ())
+    if theirs != mine:
+      raise ckpt_lib.CheckpointMismatchError(
+          f"checkpoint {where} was trained with config.{key}={theirs!r}, this run has {mine!r}; resume with the "
+          "checkpoint's LoRA settings, or use a fresh --workdir")
+
+
 def _initial_state(program: Program, ckpt: ckpt_lib.Checkpointer, train_iter) -> step_lib.TrainState:
   """Resumed from the latest checkpoint (state and data-iterator position), else `program.init()`."""
   config = program.config
@@ -346,6 +365,7 @@ def _initial_state(program: Program, ckpt: ckpt_lib.Checkpointer, train_iter) ->
     raise ckpt_lib.CheckpointMismatchError(
         f"{ckpt.directory}/{latest} was written by objective={saved_meta.get('objective')!r}, this run is "
         f"{config.objective!r}; use a fresh --workdir")
+  _check_lora_resume(f"{ckpt.directory}/{latest}", saved_meta.get("model_config") or {}, program.model_cfg)
   state, data_state, _ = ckpt.restore(latest, partition.saved(program.target))
   state = program.with_frozen(state)
   train_iter.set_state(data_state)
@@ -418,6 +438,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
 
   ckpt = ckpt_lib.Checkpointer(storage.join(workdir, "checkpoints"), every=config.checkpoint.every,
                                keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+  peers.keep_checkpoints(ckpt.directory)  # what a lost peer's one line reports as kept
   program = build(config, mesh, total_steps=total_steps)
   state = _initial_state(program, ckpt, train_iter)
   train_step = _Compiled(program.train_step)
@@ -442,7 +463,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
     built_in.append(evaluation)
   side_jobs = hooks_lib.Hooks([*built_in, *hooks])
 
-  stopped = "completed"
+  stopped, lost = "completed", False
   with parallel.use_mesh(mesh), _Stop(ckpt, config.checkpoint.preemption_sync_every, step) as stop:
     try:
       while step < stop_at:
@@ -464,9 +485,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
           stopped = "preempted"
           break
       side_jobs.finish(hooks_lib.StepInfo(step, state), stopped)
+    except Exception as e:
+      lost = peers.loss_cause(e) is not None
+      raise
     finally:
-      side_jobs.close()
-      ckpt.close()
+      if not lost:  # a process is gone: closing would wait for its part of a pending save, which never comes
+        side_jobs.close()
+        ckpt.close()
       writer.close()
   result = RunResult(graphdef=program.graphdef, state=state, step=step, start_step=start_step,
                      total_steps=total_steps, stopped=stopped, final_metrics=metrics.last,
