@@ -101,7 +101,7 @@ def compile_one(recipe: str, topology: str, model_dir: str, settings: dict, pyth
   print("\n".join(line for line in text.splitlines() if not line.startswith(("WARNING: All log", "I0000"))), flush=True)
   return dict(rc=rc, wall_s=wall, peak_rss_gib=usage.ru_maxrss / 2**20, reports=reports,
               grad_accum_steps=accum, changed_accum=accum != settings["accum"],
-              error=[line for line in text.splitlines() if "error:" in line][-1:])
+              error=[line for line in text.splitlines() if "error" in line.lower() or "failure" in line][-1:])
 
 
 def main() -> None:
@@ -156,14 +156,20 @@ def write_results(results: dict) -> None:
         continue
       m = train["memory"]
       coll = ", ".join(f"{k} {v}" for k, v in train["collectives"].items() if v)
+      memory = (f"{m['argument_size_in_bytes'] / gib:.1f} + {m['temp_size_in_bytes'] / gib:.1f} = "
+                f"{train['total_bytes'] / gib:.1f} / {train['hbm_bytes'] / gib:.0f}")
+      if train.get("compiler_oom"):
+        memory = (f"libtpu refuses: temporaries {train['total_bytes'] / gib:.1f} > {train['hbm_bytes'] / gib:.2f} "
+                  f"available")
+      score_cell = ""
+      if score:
+        score_cell = f"{score['total_bytes'] / gib:.1f} ({'fits' if score['fits'] else 'NO'})"
+      elif r.get("rc") not in (0, 8):
+        score_cell = f"compiler error: {(r.get('error') or ['?'])[0][-90:]}"
       rows.append([
-          recipe, topology + (f" (grad_accum {r['grad_accum_steps']})" if r.get("changed_accum") else ""),
-          f"{m['argument_size_in_bytes'] / gib:.1f} + {m['temp_size_in_bytes'] / gib:.1f} = "
-          f"{train['total_bytes'] / gib:.1f} / {train['hbm_bytes'] / gib:.0f}",
+          recipe, topology + (f" (grad_accum {r['grad_accum_steps']})" if r.get("changed_accum") else ""), memory,
           "**yes**" if train["fits"] else "no",
-          f"{train['model_flops'] / train['peak_flops']:.2f}",
-          f"{score['total_bytes'] / gib:.1f} ({'fits' if score['fits'] else 'NO'})" if score else "",
-          coll, f"{r['wall_s']:.0f} s, {r['peak_rss_gib']:.1f} GiB"])
+          f"{train['model_flops'] / train['peak_flops']:.2f}", score_cell, coll, f"{r['wall_s']:.0f} s, {r['peak_rss_gib']:.1f} GiB"])
   smallest = []
   for recipe, by_topology in results.items():
     for kind in ("v5e", "v5p"):

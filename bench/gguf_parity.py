@@ -121,7 +121,7 @@ def main() -> None:
   rows = [[f"{len(src.keys())} tensors ({', '.join(f'{k} {v}' for k, v in result['tensor_types'].items())})",
            f"max abs difference {tensor_diff:g}" + (f"; unequal: {unequal[:3]}" if unequal else " (all equal)")],
           [f"float32 logits, {len(prompts)} chat prompts ({min(map(len, prompts))}-{max(map(len, prompts))} tokens)",
-           f"max abs difference {logit_diff:.2e} (largest |logit| {logit_scale:.1f})"],
+           f"max abs difference {logit_diff:.2e} (largest abs logit {logit_scale:.1f})"],
           [f"greedy, up to {args.new_tokens} new tokens (tregjax KV-cache decoder, one batch)",
            f"{sum(g['equal'] for g in greedy)}/{len(greedy)} prompts token-identical to transformers' generate"],
           ["chat template + token ids (tregjax's GGUF tokenizer vs transformers')",

@@ -126,15 +126,19 @@ class Report:
   peak_flops: float  # the device's bf16 peak FLOP/s (training.metrics.ACCELERATORS)
   collectives: dict[str, int]
   compile_s: float
+  compiler_oom: str = ""  # libtpu refused to compile: its RESOURCE_EXHAUSTED message (memory then holds its figures)
 
   @property
   def fits(self) -> bool:
-    return self.total_bytes <= self.hbm_bytes
+    return not self.compiler_oom and self.total_bytes <= self.hbm_bytes
 
   def lines(self) -> list[str]:
     m = self.memory
     coll = ", ".join(f"{k} {v}" for k, v in self.collectives.items() if v) or "none"
     verdict = "fits" if self.fits else "DOES NOT FIT"
+    if self.compiler_oom:
+      return [f"{self.program} on {self.topology} ({self.devices} x {self.device_kind}, mesh {self.mesh}; {self.batch})",
+              f"  memory per device: DOES NOT FIT: libtpu refused to compile it: {self.compiler_oom}"]
     return [
         f"{self.program} on {self.topology} ({self.devices} x {self.device_kind}, mesh {self.mesh}; {self.batch}; "
         f"compiled in {self.compile_s:.1f}s)",
@@ -164,14 +168,40 @@ def collectives(hlo_text: str) -> dict[str, int]:
   return counts
 
 
+def _compile(lowered) -> tuple[Any, str]:
+  """(the compiled program, "") or (None, libtpu's message) when the compiler itself finds it does not fit in HBM."""
+  try:
+    return lowered.compile(), ""
+  except Exception as e:  # pylint: disable=broad-except  (jax.errors.JaxRuntimeError)
+    if "RESOURCE_EXHAUSTED" in str(e) and "memory" in str(e):
+      return None, cli.one_line(e).split("RESOURCE_EXHAUSTED: ", 1)[-1]
+    raise
+
+
+def _oom_bytes(message: str) -> tuple[int, float]:
+  """(bytes required, bytes available) from libtpu's "... (50.71G) exceeds available HBM (15.75G)"."""
+  found = re.findall(r"\(([0-9.]+)([KMGT])\)", message)
+  scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+  values = [float(v) * scale[u] for v, u in found]
+  return (int(values[0]), values[1]) if len(values) >= 2 else (0, 0.0)
+
+
 def _analyse(program: str, topology: str, devices: Sequence[Any], mesh, batch: str, compiled, model_flops: float,
-             compile_s: float, hbm_bytes: float | None) -> Report:
+             compile_s: float, hbm_bytes: float | None, oom: str = "") -> Report:
   from tregjax.training import metrics  # pylint: disable=g-import-not-at-top
+  kind = devices[0].device_kind
+  peak = float(metrics.peak_flops_per_device(kind) or math.nan)
+  if compiled is None:
+    need, have = _oom_bytes(oom)
+    return Report(program=program, topology=topology, device_kind=kind, devices=len(devices),
+                  mesh={k: int(v) for k, v in mesh.shape.items()}, batch=batch,
+                  memory=dict.fromkeys(MEMORY_FIELDS, 0) | {"temp_size_in_bytes": need}, total_bytes=need,
+                  hbm_bytes=min(have, hbm_bytes or have) if have else 0.0, peak_flops=peak, flops=0.0,
+                  model_flops=model_flops, collectives={}, compile_s=compile_s, compiler_oom=oom)
   mem = compiled.memory_analysis()
   memory = {k: int(getattr(mem, k, 0)) for k in MEMORY_FIELDS}
   total = (memory["argument_size_in_bytes"] + memory["output_size_in_bytes"] - memory["alias_size_in_bytes"] +
            memory["temp_size_in_bytes"] + memory["generated_code_size_in_bytes"])
-  kind = devices[0].device_kind
   if hbm_bytes is None:
     chip = metrics.chip_memory_bytes(kind)
     if chip is None:
@@ -182,8 +212,20 @@ def _analyse(program: str, topology: str, devices: Sequence[Any], mesh, batch: s
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return Report(program=program, topology=topology, device_kind=kind, devices=len(devices),
                 mesh={k: int(v) for k, v in mesh.shape.items()}, batch=batch, memory=memory, total_bytes=total,
-                hbm_bytes=float(hbm_bytes), peak_flops=float(metrics.peak_flops_per_device(kind) or math.nan), flops=float((cost or {}).get("flops", 0.0)),
+                hbm_bytes=float(hbm_bytes), peak_flops=peak, flops=float((cost or {}).get("flops", 0.0)),
                 model_flops=model_flops, collectives=collectives(compiled.as_text()), compile_s=compile_s)
+
+
+def host_devices(topology: str, devices: Sequence[Any]) -> list[Any]:
+  """One host's devices, as a topology of their own: score runs on each host's chips alone, and libtpu compiles for a
+  whole slice only (a program over part of a multi-host v5e is refused), so a multi-host slice is replaced by the
+  single-host slice its hosts are made of (v5e:16x16 -> v5e:2x2 in libtpu's default layout)."""
+  if len({d.process_index for d in devices}) == 1:
+    return list(devices)
+  mine = [d for d in devices if d.process_index == devices[0].process_index]
+  dims = [max(c) - min(c) + 1 for c in zip(*(d.coords for d in mine))]
+  chip, _, shape = topology.partition(":")
+  return topology_devices(f"{chip}:{'x'.join(str(x) for x in dims[:len(shape.split('x'))])}")
 
 
 def longest_bucket(config) -> int:
@@ -218,14 +260,14 @@ def compile_train(config, topology: str, devices: Sequence[Any], hbm_bytes: floa
                           chosen_token_rewards=arr(jnp.float32, b, t), rejected_token_rewards=arr(jnp.float32, b, t))
   t0 = time.perf_counter()
   with parallel.use_mesh(mesh):
-    compiled = program.train_step.lower(program.target, batch).compile()
+    compiled, oom = _compile(program.train_step.lower(program.target, batch))
   compile_s = time.perf_counter() - t0
   accum = int(config.optimizer.grad_accum_steps)
   rows = 2 * b if config.objective != "sft" else b  # chosen + rejected rows in one forward (sft: chosen only)
   model_flops = metrics.train_flops_per_token(program.model_cfg, t) * rows * t / len(devices)
   desc = (f"{b} pairs x {t} tokens in {accum} micro-batch(es) of {b // accum}, remat={config.model.remat}, "
           f"{config.model.dtype} compute / {config.model.param_dtype} weights")
-  return _analyse("train step", topology, devices, mesh, desc, compiled, model_flops, compile_s, hbm_bytes)
+  return _analyse("train step", topology, devices, mesh, desc, compiled, model_flops, compile_s, hbm_bytes, oom)
 
 
 def compile_score(config, topology: str, devices: Sequence[Any], hbm_bytes: float | None = None) -> Report:
@@ -238,7 +280,7 @@ def compile_score(config, topology: str, devices: Sequence[Any], hbm_bytes: floa
   from tregjax.data import pipeline  # pylint: disable=g-import-not-at-top
   from tregjax.training import metrics  # pylint: disable=g-import-not-at-top
   s = score.score_section(config)
-  host = [d for d in devices if d.process_index == devices[0].process_index]
+  host = host_devices(topology, devices)
   mesh = parallel.mesh_from_config(config, per_process=True, devices=host)
   dtype = jnp.dtype(cli.compute_dtype(config, s))
   cfg = models.load_config(config_schema.model_path(config, "reference"))
@@ -253,12 +295,12 @@ def compile_score(config, topology: str, devices: Sequence[Any], hbm_bytes: floa
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
   t0 = time.perf_counter()
   with parallel.use_mesh(mesh):
-    compiled = fn.lower(abstract, jax.ShapeDtypeStruct((rows, t), jnp.int32), jax.ShapeDtypeStruct((rows, t), jnp.int32),
-                        jax.ShapeDtypeStruct((rows,), jnp.int32)).compile()
+    compiled, oom = _compile(fn.lower(abstract, jax.ShapeDtypeStruct((rows, t), jnp.int32),
+                                      jax.ShapeDtypeStruct((rows, t), jnp.int32), jax.ShapeDtypeStruct((rows,), jnp.int32)))
   compile_s = time.perf_counter() - t0
   model_flops = metrics.forward_flops_per_token(cfg, t) * rows * t / len(host)
-  desc = f"{rows} rows x {t} tokens per host, {dtype.name} weights (one host of {len(devices)} devices)"
-  return _analyse("scoring forward", topology, host, mesh, desc, compiled, model_flops, compile_s, hbm_bytes)
+  desc = f"{rows} rows x {t} tokens on one host ({len(host)} of {len(devices)} devices), {dtype.name} weights"
+  return _analyse("scoring forward", topology, host, mesh, desc, compiled, model_flops, compile_s, hbm_bytes, oom)
 
 
 def run(config, topology: str, what: Sequence[str] = ("train", "score"), hbm_gib: float | None = None,
@@ -282,9 +324,9 @@ def run(config, topology: str, what: Sequence[str] = ("train", "score"), hbm_gib
     for line in report.lines():
       out(line)
     reports.append(report)
-  if json_out:
-    with open(json_out, "w", encoding="utf-8") as f:
-      json.dump([r.json() for r in reports], f, indent=2)
+    if json_out:  # after each program: a later one that crashes the compiler leaves the earlier ones' reports
+      with open(json_out, "w", encoding="utf-8") as f:
+        json.dump([r.json() for r in reports], f, indent=2)
   bad = [r for r in reports if not r.fits]
   if bad:
     raise DoesNotFitError("; ".join(

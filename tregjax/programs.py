@@ -41,6 +41,8 @@ PROGRAMS: dict[str, ProgramEntry] = {
     # stages -> arms -> evaluation -> report; a task's own section is its TaskEntry's.
     "experiment": ProgramEntry("tregjax.experiments.runner:run",
                                ("experiment", *dict.fromkeys(t.section for t in TASKS.values()))),
+    # token credit across model sizes (configs/credit_scaling.py): the arithmetic task's stages per model, no training
+    "credit": ProgramEntry("tregjax.tasks.credit:run", ("credit", "arith")),
 }
 
 

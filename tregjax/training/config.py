@@ -8,9 +8,12 @@ silently ignored key, and ml_collections refuses an override of the wrong type.
 
 from __future__ import annotations
 
+import json
+import os
+
 import ml_collections
 
-from tregjax import config_schema, errors, programs
+from tregjax import config_schema, errors, programs, storage
 
 OBJECTIVES = ("preference", "sft", "reward_model")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -102,7 +105,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
     config_schema.check_type(name, given[name], config_schema.type_default(name, default))
   # The command sections' own rules (the score section's values; a generate section's keys and values), so that a
   # config that drives score, generate and train fails here, before training, rather than in the later command.
-  for name in ("score", *sorted(extra & set(config_schema.SECTIONS))):
+  for name in ("score", "distributed", *sorted(extra & set(config_schema.SECTIONS))):
     config_schema.section(config, name)
 
   _choice("objective", config.objective, OBJECTIVES)
@@ -126,6 +129,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   except (TypeError, ValueError) as e:
     raise errors.ConfigError(f"config.loss: {e}") from e
 
+  for key in ("train_split", "eval_split"):  # the builder writes only config_schema.SPLITS
+    split = config.data[key]
+    if split and split not in config_schema.SPLITS:
+      raise errors.ConfigError(f"config.data.{key}={split!r}: the dataset builder writes only the splits "
+                        f"{config_schema.SPLITS} (validation from data.validation_files or data.validation_fraction)")
   if check_data and config.objective == "preference" and not config.data.cache_dir:
     raise errors.ConfigError("objective=preference needs config.data.cache_dir (a scored cache from tregjax.score)")
   if check_data and config.objective in ("sft", "reward_model") and not (config.data.dataset_dir or config.data.cache_dir):
@@ -178,6 +186,62 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
     raise errors.ConfigError(
         f"config.data.batch_size={config.data.batch_size} is not divisible by mesh data×fsdp ({data_ways}) × "
         f"optimizer.grad_accum_steps ({opt.grad_accum_steps}) = {per_step}")
+  if check_data:
+    check_inputs(config)
+
+
+def _paths(value) -> list[str]:
+  return [str(v) for v in value] if isinstance(value, (tuple, list)) else ([str(value)] if value else [])
+
+
+def written_splits(config: ml_collections.ConfigDict) -> tuple[str, ...] | None:
+  """The splits the run's data will hold: what the builder writes from data.train_files, else what a finished local
+  scored cache records; None when that cannot be known before the run (a prebuilt dataset_dir, a remote cache)."""
+  d = config.data
+  if d.train_files:
+    return config_schema.SPLITS if (d.validation_files or d.validation_fraction > 0) else config_schema.SPLITS[:1]
+  meta = os.path.join(str(d.cache_dir), "cache_meta.json")
+  if d.cache_dir and not storage.is_uri(d.cache_dir) and os.path.exists(meta):
+    with open(meta, encoding="utf-8") as f:
+      return tuple(json.load(f).get("records", {}))
+  return None
+
+
+def check_inputs(config: ml_collections.ConfigDict) -> None:
+  """Every key that names something the run reads later (config_schema.INPUT_PATHS) exists, and the train and eval
+  splits are ones the data will hold: a ConfigError naming the key at start-up instead of a crash hours in (an
+  eval split the builder never writes used to fail at the first evaluation, step 400 of the 8B recipes)."""
+  for key, kind in config_schema.INPUT_PATHS.items():
+    value = config_schema.value(config, key)
+    for i, path in enumerate(_paths(value)):
+      if storage.is_uri(path):
+        continue
+      name = f"config.{key}" + (f"[{i}]" if isinstance(value, (tuple, list)) else "")
+      ok = os.path.isdir(path) if kind == "dir" else (os.path.isfile(path) if kind == "file" else os.path.exists(path))
+      if not ok:
+        what = {"dir": "no such directory", "file": "no such file"}.get(kind, "no such file or directory")
+        raise errors.ConfigError(f"{name}={path!r}: {what}")
+  d = config.data
+  splits = written_splits(config)
+  if splits is not None:
+    for key in ("train_split", "eval_split"):
+      if d[key] and d[key] not in splits:
+        source = "data.train_files" if d.train_files else f"the scored cache {d.cache_dir}"
+        hint = (" (set data.validation_files or data.validation_fraction > 0)" if d[key] == "validation" else "")
+        raise errors.ConfigError(f"config.data.{key}={d[key]!r}: {source} gives only the splits {splits}{hint}")
+  if config.objective == "preference" and d.train_files and d.eval_split and \
+      d.eval_split not in config.score.splits:
+    raise errors.ConfigError(f"config.data.eval_split={d.eval_split!r} is not scored: add it to config.score.splits "
+                      f"{tuple(config.score.splits)}")
+  if config.objective == "preference" and d.train_files and not config.model.hf_path:
+    raise errors.ConfigError("config.data.train_files are scored with the reference model, which is the policy's start: "
+                      "set config.model.hf_path")
+  has_source = d.train_files or d.dataset_dir
+  if config.objective == "preference" and d.cache_dir and not has_source and not storage.is_uri(d.cache_dir) and \
+      not os.path.exists(os.path.join(str(d.cache_dir), "cache_meta.json")):
+    raise errors.ConfigError(f"config.data.cache_dir={d.cache_dir!r} holds no finished scored cache, and there is no "
+                      f"data.train_files to score: set data.train_files (tregjax.train then scores them) or run "
+                      f"tregjax.score first")
 
 
 def objective_options(config: ml_collections.ConfigDict):
@@ -201,7 +265,7 @@ def model_overrides(config: ml_collections.ConfigDict) -> dict:
   return overrides
 
 
-__all__ = ["base_config", "validate", "check_sections", "objective_options",
+__all__ = ["base_config", "validate", "check_inputs", "written_splits", "check_sections", "objective_options",
            "model_overrides"]
 
 
@@ -231,6 +295,8 @@ def shrink_for_cpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   """
   config.model.hf_path = ""
   config.model.preset = "tiny_llama"
+  # The recipe's data files are the real run's: a smoke run names its own (--config.data.cache_dir=TINY_CACHE).
+  config.data.train_files, config.data.validation_files, config.data.dataset_dir = (), (), ""
   config.model.dtype = "float32"
   config.model.remat = "none"
   config.data.batch_size = 8

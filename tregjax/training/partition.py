@@ -65,8 +65,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       theirs = adapters.adapter_targets(conf, os.path.join(lo.init_from, adapters.CONFIG_NAME))
     except (ValueError, FileNotFoundError) as e:
       raise err(f"config.model.lora.init_from: {e}") from e
-    for key, mine, other in (("rank", lo.rank, conf.get("r")), ("alpha", float(lo.alpha), float(conf.get(
-        "lora_alpha", conf.get("r")))), ("targets", targets, theirs)):
+    for key, mine, other in (("rank", lo.rank, conf["r"]), ("alpha", float(lo.alpha), float(conf["lora_alpha"])),
+                             ("targets", targets, theirs)):
       if mine != other:
         raise err(f"config.model.lora.{key}={mine!r} but the adapter in config.model.lora.init_from has {other!r}")
   if config.model.hf_path and adapters.is_adapter_dir(config.model.hf_path):

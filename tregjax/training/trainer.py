@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -24,7 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tregjax import errors, parallel
+from tregjax import errors, parallel, peers, storage
 from tregjax.training import checkpoint as ckpt_lib
 from tregjax.training import config as config_lib
 from tregjax.training import hooks as hooks_lib
@@ -246,6 +245,25 @@ def evaluate(program: Program, state: step_lib.TrainState, data_factory: DataFac
   return {f"eval/{k}": v / total_w for k, v in sums.items()}
 
 
+# ModelConfig's LoRA fields -> the config key that sets them. A resume must keep them: alpha changes no array shape,
+# so only this check stops a run from going on with another adapter scale (dropout may change, like the lr).
+_LORA_KEYS = {"lora_rank": "model.lora.rank", "lora_alpha": "model.lora.alpha", "lora_targets": "model.lora.targets"}
+
+
+def _check_lora_resume(where: str, saved: dict[str, Any], cfg) -> None:
+  """CheckpointMismatchError naming the config key whose LoRA setting differs from the checkpoint's."""
+  for field, key in _LORA_KEYS.items():
+    if field not in saved:
+      continue
+    theirs, mine = saved[field], getattr(cfg, field)
+    if isinstance(mine, tuple):
+      theirs = tuple(theirs or ())
+    if theirs != mine:
+      raise ckpt_lib.CheckpointMismatchError(
+          f"checkpoint {where} was trained with config.{key}={theirs!r}, this run has {mine!r}; resume with the "
+          "checkpoint's LoRA settings, or use a fresh --workdir")
+
+
 def _initial_state(program: Program, ckpt: ckpt_lib.Checkpointer, train_iter) -> step_lib.TrainState:
   """Resumed from the latest checkpoint (state and data-iterator position), else `program.init()`."""
   config = program.config
@@ -257,6 +275,7 @@ def _initial_state(program: Program, ckpt: ckpt_lib.Checkpointer, train_iter) ->
     raise ckpt_lib.CheckpointMismatchError(
         f"{ckpt.directory}/{latest} was written by objective={saved_meta.get('objective')!r}, this run is "
         f"{config.objective!r}; use a fresh --workdir")
+  _check_lora_resume(f"{ckpt.directory}/{latest}", saved_meta.get("model_config") or {}, program.model_cfg)
   state, data_state, _ = ckpt.restore(latest, partition.saved(program.target))
   state = program.with_frozen(state)
   train_iter.set_state(data_state)
@@ -310,12 +329,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
   """
   config_lib.validate(config, check_data=data_factory is None)
   data_factory = data_factory or default_data
-  os.makedirs(workdir, exist_ok=True)
+  # A local path or a storage URI (gs://...): a missing or unwritable bucket is one line here, before any training.
+  workdir = storage.resolve(workdir, "workdir")
+  storage.check_writable(workdir, "workdir")
   mesh = parallel.mesh_from_config(config)
   log.info("mesh %s on %d devices (%d processes)", dict(mesh.shape), jax.device_count(), jax.process_count())
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    storage.write_text(storage.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
   if data_factory is default_data and config.objective == "preference":
     check_scored_cache(config)
@@ -327,8 +347,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
   total_steps = _total_steps(config, train_iter)
   stop_at = total_steps if max_steps is None else min(max_steps, total_steps)
 
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
+  ckpt = ckpt_lib.Checkpointer(storage.join(workdir, "checkpoints"), every=config.checkpoint.every,
                                keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+  peers.keep_checkpoints(ckpt.directory)  # what a lost peer's one line reports as kept
   program = build(config, mesh, total_steps=total_steps, model_cfg=model_cfg)
   state = _initial_state(program, ckpt, train_iter)
   train_step = _Compiled(program.train_step)
@@ -353,7 +374,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
     built_in.append(evaluation)
   side_jobs = hooks_lib.Hooks([*built_in, *hooks])
 
-  stopped = "completed"
+  stopped, lost = "completed", False
   with parallel.use_mesh(mesh), _Stop(ckpt, config.checkpoint.preemption_sync_every, step) as stop:
     try:
       while step < stop_at:
@@ -375,27 +396,29 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
           stopped = "preempted"
           break
       side_jobs.finish(hooks_lib.StepInfo(step, state), stopped)
+    except Exception as e:
+      lost = peers.loss_cause(e) is not None
+      raise
     finally:
-      side_jobs.close()
-      ckpt.close()
+      if not lost:  # a process is gone: closing would wait for its part of a pending save, which never comes
+        side_jobs.close()
+        ckpt.close()
       writer.close()
   result = RunResult(graphdef=program.graphdef, state=state, step=step, start_step=start_step,
                      total_steps=total_steps, stopped=stopped, final_metrics=metrics.last,
                      eval_metrics=evaluation.metrics if evaluation else {}, memory_analysis=train_step.memory,
-                     workdir=os.path.abspath(workdir), checkpoint_dir=ckpt.directory, metrics_file=writer.jsonl_path,
+                     workdir=workdir, checkpoint_dir=ckpt.directory, metrics_file=writer.jsonl_path,
                      tensorboard_dir=writer.tensorboard_dir)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-      json.dump(result.json(), f, indent=2)
+    storage.write_text(storage.join(workdir, "summary.json"), json.dumps(result.json(), indent=2))
   return result
 
 
 def load_model(workdir: str, step: int | None = None, *, config: ml_collections.ConfigDict | None = None):
   """The trained model of a run (latest or given checkpoint step), on the default device; for export and eval."""
   if config is None:
-    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-      config = ml_collections.ConfigDict(json.load(f))
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=config.checkpoint.keep,
+    config = ml_collections.ConfigDict(storage.read_json(storage.join(workdir, "config.json")))
+  ckpt = ckpt_lib.Checkpointer(storage.join(workdir, "checkpoints"), every=1, keep=config.checkpoint.keep,
                                async_save=False)
   step = ckpt.latest_step() if step is None else step
   if step is None:

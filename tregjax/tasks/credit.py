@@ -1,0 +1,281 @@
+"""Token credit across model sizes (#28): does T-REG's self-generated token reward improve as the model grows?
+
+    python -m tregjax.train --config configs/credit_scaling.py[:tiny|:small]
+
+For each model of `credit.models` (tregjax.assets names: SmolLM2-135M, Qwen2.5-Coder-0.5B, Qwen2.5-Coder-1.5B), on
+the same generated arithmetic problems (tregjax.tasks.arith; the `arith` section, seeds included, is shared), in
+`<workdir>/<model>/` (the experiment runner's stages and caches: a rerun resumes, a stage of other inputs is refused):
+  problems, reference, samples   the arithmetic task's stages (tasks/arith_experiment.ArithTask.prepare): the model's
+                 own samples (`arith.num_samples` per problem at `arith.temperature`)
+  credit_pairs   EVERY sampled response, not only the best/worst of mixed groups: a problem's samples are paired
+                 in order (1-2, 3-4, ...; identical texts skipped) so the scoring pass scores all of them
+  scored/*       the runner's scoring stage per token-reward source that needs no training: T-REG contrastive with
+                 the task's careful/careless system prompts ("contrastive"), with the T-REG paper's four-dimension
+                 prompts (helpful, correct, coherent, concise vs unhelpful, incorrect, incoherent, verbose;
+                 "paper/scored/contrastive"), the reference's confidence; the raw log π_ref and TIS-DPO's weights
+                 come free with them
+  greedy/<cond>  greedy answers to the held-out problems with no system prompt (the chat template's default), with
+                 the better (careful) and with the worse (careless) system prompt
+Reported per model: ROC-AUC of each source at ranking the oracle's correct tokens above its error tokens (bootstrap
+95% over responses; runner.token_credit), the labelled-token counts, greedy accuracy per condition (Wilson 95%) and
+the paired differences better − none (the self-teacher gap), worse − none; CPU and wall seconds. Across models:
+results.json, a table, and plot.png (AUC of each source and the gap against parameter count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import time
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from tregjax.experiments import runner, stats
+from tregjax.experiments import stages as stages_lib
+from tregjax.tasks import arith, arith_experiment
+
+# The paper's four-dimension contrastive prompts are the scoring pass's defaults (config_schema).
+PAPER_SOURCE = "contrastive_paper"
+CONDITIONS = ("none", "better", "worse")
+SOURCES = ("contrastive", PAPER_SOURCE, "confidence", "ref_logprob", "tisdpo_weight", "chance")
+LABELS = {
+    "contrastive": "T-REG contrastive, task prompts (careful vs careless)",
+    PAPER_SOURCE: "T-REG contrastive, paper prompts (4 dimensions)",
+    "confidence": "reference confidence (centred log π_ref)",
+    "ref_logprob": "raw log π_ref(y_t)",
+    "tisdpo_weight": "TIS-DPO weight (from the task-prompt δ_t)",
+    "chance": "chance (random scores)",
+}
+
+
+def default_credit_config() -> ml_collections.ConfigDict:
+  """The `credit` section (configs/credit_scaling.py sets it)."""
+  return ml_collections.ConfigDict(dict(
+      models=("smollm2", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"),  # tregjax.assets names, or .gguf paths
+      greedy_batch_size=32,
+  ))
+
+
+def _section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  from tregjax import config_schema  # pylint: disable=g-import-not-at-top
+  return config_schema.merge("credit", default_credit_config(), config.get("credit", None))
+
+
+def _model_path(name: str) -> str:
+  from tregjax import assets  # pylint: disable=g-import-not-at-top
+  return name if name.endswith(".gguf") else str(assets.fetch(name, verbose=True))
+
+
+def parameter_count(gguf_path: str) -> int:
+  """Elements of every tensor in the GGUF (the weights the model runs with; a tied head counted once)."""
+  from tregjax.models import gguf  # pylint: disable=g-import-not-at-top
+  reader = gguf._open(gguf_path)  # pylint: disable=protected-access  (header only: the tensors stay mapped)
+  return int(sum(int(t.n_elements) for t in reader.tensors))
+
+
+def all_sample_pairs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Pairs that cover every sampled response of every problem (samples 1-2, 3-4, ...; an odd last one is paired with
+  the first; identical texts skipped): the scoring pass scores both sides, so token credit sees all samples."""
+  out = []
+  for record in records:
+    texts = list(record["all_generated_responses"])
+    if len(texts) % 2:
+      texts.append(texts[0])
+    for a, b in zip(texts[0::2], texts[1::2]):
+      if a != b and a.strip() and b.strip():
+        out.append(dict(prompt=record["prompt"], chosen=a, rejected=b))
+  return out
+
+
+def _with_system(prompt_file: str, system: str | None, out: str) -> str:
+  from tregjax.data import hashing  # pylint: disable=g-import-not-at-top
+  rows = arith_experiment._read_jsonl(prompt_file)  # pylint: disable=protected-access
+  lines = []
+  for row in rows:
+    messages = [m for m in row["prompt"] if m["role"] != "system"]
+    row = dict(row, prompt=([{"role": "system", "content": system}] if system else []) + messages)
+    lines.append(json.dumps(row))
+  hashing.atomic_write_bytes(out, "".join(line + "\n" for line in lines).encode("utf-8"))
+  return out
+
+
+class CreditModel:
+  """One model's stages in `<workdir>/<name>/`: the arithmetic task's samples, then scoring, credit and greedy runs."""
+
+  def __init__(self, config: ml_collections.ConfigDict, name: str, workdir: str):
+    self.name = name
+    self.greedy_batch_size = int(_section(config).greedy_batch_size)
+    # The stages run the trainer's, scorer's and sampler's configs: this program's own section stays out of them.
+    self.config = ml_collections.ConfigDict({k: v for k, v in config.to_dict().items() if k != "credit"})
+    self.path = _model_path(name)
+    self.config.arith.model = self.path
+    self.task = arith_experiment.ArithTask(self.config)
+    self.stages = stages_lib.Stages(os.path.join(workdir, name.replace("/", "_")))
+
+  def run(self) -> dict[str, Any]:
+    cpu, wall = time.process_time(), time.perf_counter()
+    config, stages, task = self.config, self.stages, self.task
+    prepared = task.prepare(config, stages)
+    pairs_file = stages.path("credit_pairs/pairs.jsonl")
+    from tregjax import generate  # pylint: disable=g-import-not-at-top
+    samples = os.path.join(os.path.dirname(prepared.train_pairs), generate.RECORDS)
+    if not stages.done("credit_pairs", dict(samples=samples)):
+      started = time.perf_counter()
+      from tregjax.data import hashing  # pylint: disable=g-import-not-at-top
+      os.makedirs(os.path.dirname(pairs_file), exist_ok=True)
+      pairs = all_sample_pairs(arith_experiment._read_jsonl(samples))  # pylint: disable=protected-access
+      if not pairs:
+        raise ValueError(f"{samples}: no two distinct samples of any problem to score; raise arith.num_samples or "
+                         f"arith.temperature")
+      hashing.atomic_write_bytes(pairs_file, "".join(json.dumps(p) + "\n" for p in pairs).encode("utf-8"))
+      stages.finish("credit_pairs", started, dict(pairs=len(pairs)), key=dict(samples=samples))
+    prepared = dataclasses.replace(prepared, train_pairs=pairs_file)
+
+    caches = {"contrastive": runner.score_stage(config, task, prepared, stages, "contrastive"),
+              "confidence": runner.score_stage(config, task, prepared, stages, "confidence")}
+    # The paper's prompts: the same scoring stage in a sub-workdir (its own dataset and cache), default instructions.
+    paper = ml_collections.ConfigDict(config.to_dict())
+    from tregjax import config_schema  # pylint: disable=g-import-not-at-top
+    paper.score.better_instruction = config_schema.BETTER_INSTRUCTION
+    paper.score.worse_instruction = config_schema.WORSE_INSTRUCTION
+    caches[PAPER_SOURCE] = runner.score_stage(paper, task, prepared, stages_lib.Stages(stages.path("paper")),
+                                              "contrastive")
+    credit, _, _ = runner.token_credit(task, caches, seed=int(config.seed))
+
+    greedy = self.greedy(prepared)
+    return dict(model=self.name, file=self.path, parameters=parameter_count(self.path), token_credit=credit,
+                greedy=greedy, cpu_seconds=round(time.process_time() - cpu, 1),
+                wall_seconds=round(time.perf_counter() - wall, 1), stage_seconds=stages.seconds())
+
+  def greedy(self, prepared: stages_lib.Prepared) -> dict[str, Any]:
+    """Greedy accuracy on the held-out problems per system-prompt condition, and the paired differences."""
+    from tregjax import generate  # pylint: disable=g-import-not-at-top
+    config, stages, task = self.config, self.stages, self.task
+    systems = {"none": None, "better": str(config.score.better_instruction),
+               "worse": str(config.score.worse_instruction)}
+    correct: dict[str, np.ndarray] = {}
+    out: dict[str, Any] = {}
+    for condition in CONDITIONS:
+      os.makedirs(stages.path("greedy"), exist_ok=True)
+      prompts = _with_system(stages.path("problems/eval.jsonl"), systems[condition],
+                             stages.path(f"greedy/{condition}.jsonl"))
+      target = stages.path(f"greedy/{condition}")
+      started = time.perf_counter()
+      # The task's own sampler settings (max_new_tokens, top_p, buckets), greedy, one answer per problem.
+      stage = task._generate_config(  # pylint: disable=protected-access
+          config, prepared.reference, prepared.tokenizer, prompts, target, num_samples=1, temperature=0.0,
+          batch_size=int(self.greedy_batch_size))
+      generate.run(stage, scorer=arith_experiment.ArithScorer(task.answers))
+      if not stages.done(f"greedy/{condition}"):
+        stages.finish(f"greedy/{condition}", started)
+      records = arith_experiment._read_jsonl(os.path.join(target, generate.RECORDS))  # pylint: disable=protected-access
+      records.sort(key=lambda r: r["prompt"][-1]["content"])  # the same problem order in every condition
+      rewards = [arith.sequence_reward(r["all_generated_responses"][0], task.answers[r["prompt"][-1]["content"]])
+                 for r in records]
+      correct[condition] = np.array([r for r, _ in rewards], np.float64)
+      acc, low, high = stats.wilson(int(correct[condition].sum()), len(records))
+      wrong, equations = arith.equation_error_rate([r["all_generated_responses"][0] for r in records])
+      out[condition] = dict(accuracy=acc, low=low, high=high, correct=int(correct[condition].sum()),
+                            problems=len(records), unparseable=sum(not ok for _, ok in rewards),
+                            wrong_equations=wrong, equations=equations)
+    for a, b in (("better", "none"), ("worse", "none"), ("better", "worse")):
+      out[f"{a} - {b}"] = dict(zip(("mean", "low", "high"), stats.paired_difference(correct[a], correct[b])))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+
+def table(results: list[dict[str, Any]]) -> str:
+  """Token credit (AUC [95%]) per model and source, labelled tokens, greedy accuracy and the self-teacher gap."""
+  def f(r: dict[str, Any]) -> str:
+    return f"{runner.fmt(r['auc'], '.3f')} [{runner.fmt(r['low'], '.3f')}, {runner.fmt(r['high'], '.3f')}]"
+
+  lines = ["token-credit ROC-AUC (95% bootstrap over responses) of each source at ranking the oracle's correct "
+           "tokens above its error tokens, on each model's own samples:",
+           f"{'source':<52}" + "".join(f"{r['model']:>26}" for r in results)]
+  for source in SOURCES:
+    lines.append(f"{LABELS[source]:<52}" + "".join(f"{f(r['token_credit']['sources'][source]):>26}" for r in results))
+  counts = lambda c: f"{c['correct_tokens']}+ / {c['error_tokens']}- / {c['responses']} resp."  # noqa: E731
+  lines.append(f"{'labelled tokens (correct / error / responses)':<52}"
+               + "".join(f"{counts(r['token_credit']['counts']):>26}" for r in results))
+  lines.append("")
+  lines.append("greedy accuracy on the held-out problems (Wilson 95%) and paired differences (95%):")
+  lines.append(f"{'condition':<52}" + "".join(f"{r['model']:>26}" for r in results))
+  for key in CONDITIONS:
+    lines.append(f"{'system prompt: ' + key:<52}" + "".join(
+        f"{r['greedy'][key]['accuracy']:.3f} [{r['greedy'][key]['low']:.3f}, {r['greedy'][key]['high']:.3f}]"
+        .rjust(26) for r in results))
+  for key in ("better - none", "worse - none"):
+    label = "self-teacher gap: better − none" if key == "better - none" else "worse − none"
+    lines.append(f"{label:<52}" + "".join(
+        f"{r['greedy'][key]['mean']:+.3f} [{r['greedy'][key]['low']:+.3f}, {r['greedy'][key]['high']:+.3f}]"
+        .rjust(26) for r in results))
+  lines.append(f"{'parameters':<52}" + "".join(f"{r['parameters'] / 1e6:>25.0f}M" for r in results))
+  lines.append(f"{'CPU seconds (this run) / wall seconds':<52}"
+               + "".join(f"{r['cpu_seconds']:.0f} / {r['wall_seconds']:.0f}".rjust(26) for r in results))
+  return "\n".join(lines)
+
+
+def plot(path: str, results: list[dict[str, Any]]) -> str:
+  """AUC of every source and the self-teacher gap against parameter count (log scale), with 95% intervals."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
+
+  from tregjax.data import hashing  # pylint: disable=g-import-not-at-top
+  order = sorted(results, key=lambda r: r["parameters"])
+  x = np.array([r["parameters"] for r in order], np.float64)
+  fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), layout="constrained")
+  try:
+    for k, source in enumerate(SOURCES):
+      rows = [r["token_credit"]["sources"][source] for r in order]
+      y = np.array([r["auc"] if r["auc"] is not None else np.nan for r in rows], np.float64)
+      err = np.array([[yy - (r["low"] or yy), (r["high"] or yy) - yy] for yy, r in zip(y, rows)]).T
+      left.errorbar(x * (1 + 0.025 * (k - 2.5)), y, yerr=err, marker="o", capsize=3, label=LABELS[source])
+    left.axhline(0.5, color="grey", ls="--", lw=0.8)
+    left.set(xscale="log", xlabel="parameters", ylabel="token-credit ROC-AUC", title="token credit vs model size")
+    left.legend(fontsize=7)
+    for key, label in (("better - none", "better − none (self-teacher gap)"), ("worse - none", "worse − none")):
+      g = [r["greedy"][key] for r in order]
+      y = np.array([d["mean"] for d in g])
+      err = np.array([[d["mean"] - d["low"], d["high"] - d["mean"]] for d in g]).T
+      right.errorbar(x, y, yerr=np.nan_to_num(err), marker="o", capsize=3, label=label)
+    right.axhline(0.0, color="grey", ls="--", lw=0.8)
+    right.set(xscale="log", xlabel="parameters", ylabel="greedy accuracy difference (paired)",
+              title="system-prompt effect on greedy accuracy")
+    right.legend(fontsize=8)
+    for ax in (left, right):  # one labelled tick per model, no log-scale minor labels
+      ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+      ax.set_xticks(x, [f"{r['model']}\n{r['parameters'] / 1e6:.0f}M" for r in order], fontsize=7)
+      ax.set_xlim(x.min() / 1.5, x.max() * 1.5)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=130)
+  finally:
+    plt.close(fig)
+  hashing.atomic_write_bytes(path, buf.getvalue())
+  return path
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Every model of `credit.models`, then results.json, the table and plot.png in `workdir`."""
+  from tregjax.data import hashing  # pylint: disable=g-import-not-at-top
+  section = _section(config)
+  os.makedirs(workdir, exist_ok=True)
+  results = []
+  for name in section.models:
+    print(f"[credit] {name}", flush=True)
+    results.append(CreditModel(config, name, workdir).run())
+    print(f"[credit] {name}: {results[-1]['cpu_seconds']:.0f} CPU s, {results[-1]['wall_seconds']:.0f} s wall",
+          flush=True)
+  text = table(results)
+  out = dict(models=results, table=text, plot=plot(os.path.join(workdir, "plot.png"), results))
+  hashing.atomic_write_json(os.path.join(workdir, "results.json"), out)
+  print("\n" + text, flush=True)
+  print(f"results: {os.path.join(workdir, 'results.json')}, plot: {out['plot']}", flush=True)
+  return out
