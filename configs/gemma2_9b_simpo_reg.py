@@ -23,7 +23,8 @@ from tregjax.training import config as config_lib
 
 
 def get_config(arg: str | None = None):
-  args = config_lib.parse_arg(arg, runlocal=False, model="/path/to/gemma-2-9b-it")
+  args = config_lib.parse_arg(arg, runlocal=False, model="/path/to/gemma-2-9b-it",
+                              train="/path/to/train", test="/path/to/test", out="/path/to/tregjax_data")
   c = config_lib.base_config()
   c.seed = 42
   c.objective = "preference"
@@ -32,6 +33,12 @@ def get_config(arg: str | None = None):
   c.model.param_dtype = "float32"
   c.model.remat = "full"
 
+  # The SimPO release's on-policy UltraFeedback pairs: its train and test splits (JSONL, parquet or save_to_disk
+  # directories), tokenized into out/dataset and scored into out/scored (tregjax.train scores them when needed).
+  c.data.train_files = (args.train,)
+  c.data.validation_files = (args.test,)  # the release's test split is the builder's "validation" split
+  c.data.dataset_dir = args.out + "/dataset"
+  c.data.cache_dir = args.out + "/scored"
   c.data.schema = "chat"
   c.data.max_prompt_length = 1800
   c.data.max_length = 2048
@@ -39,7 +46,7 @@ def get_config(arg: str | None = None):
   c.data.buckets = (512, 1024, 2048)
   c.data.batch_size = 128
   c.data.train_split = "train"
-  c.data.eval_split = "test"
+  c.data.eval_split = "validation"
   c.data.epochs = 1
 
   c.loss.loss = "simpo"

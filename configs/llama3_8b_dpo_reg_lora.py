@@ -30,8 +30,9 @@ def get_config(arg: str | None = None):
       "llama3_8b_dpo_reg", os.path.join(os.path.dirname(os.path.abspath(__file__)), "llama3_8b_dpo_reg.py"))
   full = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(full)
-  args = config_lib.parse_arg(arg, runlocal=False, model="/path/to/Meta-Llama-3-8B-Instruct")
-  c = full.get_config(f"model={args.model}")
+  args = config_lib.parse_arg(arg, runlocal=False, model="/path/to/Meta-Llama-3-8B-Instruct",
+                              train="/path/to/train", test="/path/to/test", out="/path/to/tregjax_data")
+  c = full.get_config(f"model={args.model},train={args.train},test={args.test},out={args.out}")
   c.model.lora.rank = 16
   c.model.lora.alpha = 32.0
   c.model.lora.targets = "all_linear"

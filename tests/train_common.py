@@ -152,20 +152,23 @@ def _parse(value: str):
 
 
 def main(argv: list[str]) -> None:
-  """Worker: `train_common.py WORKDIR [key=value ...] [max_steps=N] [nan_refs=1]`; prints the summary as JSON."""
+  """Worker: `train_common.py WORKDIR [key=value ...] [max_steps=N] [nan_refs=1] [params_dir=DIR]`; prints the
+  summary as JSON."""
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  from tregjax import cli, peers
+  peers.supervise("tregjax.train", cli.distributed_env() is not None)  # as `python -m tregjax.train` runs
   workdir, *pairs = argv
   overrides = dict(p.split("=", 1) for p in pairs)
   max_steps = overrides.pop("max_steps", None)
   nan_refs = overrides.pop("nan_refs", None)  # corrupt every cached reference log-prob (non-finite loss)
-  from tregjax import cli
-  cli.init_distributed()  # one of several processes when started by launch/local_multiprocess.sh (gloo on CPU)
-  from tregjax import training
+  params_dir = _parse(overrides.pop("params_dir", "null")) or workdir  # params_N.npz's local dir (gs:// workdirs)
   overrides = {k: _parse(v) for k, v in overrides.items()}
   for k in ("data.buckets",):
     if k in overrides:
       overrides[k] = tuple(overrides[k])
   config = tiny_config(**overrides)
+  cli.init_distributed(config=config)  # one of several processes when started by launch/local_multiprocess.sh (gloo)
+  from tregjax import training
   def data(config, split, pi, pc):
     source = array_data(config, split, pi, pc)
     if nan_refs:
@@ -173,14 +176,17 @@ def main(argv: list[str]) -> None:
         pair["ref_chosen_logps"] = np.float32(np.nan)
     return source
 
-  summary = training.run(config, workdir, data_factory=data,
-                         max_steps=None if max_steps is None else int(max_steps))
+  train = lambda: training.run(config, workdir, data_factory=data,
+                               max_steps=None if max_steps is None else int(max_steps))
+  # Several processes: errors end as `python -m tregjax.train`'s do (a lost peer: one line, EXIT_PEER_LOST); one
+  # process keeps the traceback that the single-process tests read.
+  summary = cli.report_errors("tregjax.train", train) if cli.distributed_env() is not None else train()
   import jax
   params = jax.tree.map(np.asarray, jax.device_get(summary.state.params))
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
+    os.makedirs(params_dir, exist_ok=True)
     flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-    np.savez(os.path.join(workdir, f"params_{summary.step}.npz"), **flat)
+    np.savez(os.path.join(params_dir, f"params_{summary.step}.npz"), **flat)
   keys = ("step", "start_step", "stopped", "final_metrics", "eval_metrics", "memory_analysis")
   print("SUMMARY " + json.dumps({k: getattr(summary, k) for k in keys}), flush=True)
 

@@ -1,7 +1,9 @@
 """Orbax checkpoints of the whole run: TrainState, every process's data-iterator state, and run metadata.
 
-Orbax writes each step into a temporary directory and renames it when complete, so a process killed during a save
-leaves the previous checkpoint as the latest usable one. Restoring takes the *current* TrainState's shardings as the
+Orbax writes each step into a temporary directory and renames it when complete (on object storage, which has no
+rename, it writes a commit_success file last and lists only committed steps), so a process killed during a save
+leaves the previous checkpoint as the latest usable one. The directory may be a storage URI (gs://...): Orbax and
+tensorstore write it directly, never through a local path. Restoring takes the *current* TrainState's shardings as the
 target, so a checkpoint written on one mesh / device count restores onto another.
 """
 
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
+import logging
 from typing import Any
 
 import jax
@@ -17,7 +19,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from tregjax import parallel
+from tregjax import parallel, storage
+
+log = logging.getLogger("tregjax.checkpoint")
 
 
 class CheckpointMismatchError(ValueError):
@@ -58,13 +62,33 @@ class Checkpointer:
   """CheckpointManager with the run's items: `state` (arrays), `data` (iterator states), `meta` (JSON)."""
 
   def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    """`directory`: a local path or a storage URI (gs://...), which Orbax writes and restores directly."""
+    self.directory = storage.resolve(directory, "checkpoint directory")
     self.every = every
     options = ocp.CheckpointManagerOptions(max_to_keep=keep,
                                            enable_async_checkpointing=async_save, create=True)
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler()}
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    if jax.process_index() == 0:
+      latest = self.latest_step()
+      for step in self.unfinished_steps():
+        log.warning("checkpoint: skipping step %d under %s: its save did not finish (a process killed while saving); "
+                    "%s", step, self.directory, "no earlier step to resume from" if latest is None else
+                    f"resuming from step {latest}, and step {step} is written again when reached")
+
+  def unfinished_steps(self) -> list[int]:
+    """Steps whose save began but never committed (Orbax never restores them): a local `N.orbax-checkpoint-tmp-*`
+    directory, or on object storage a step directory without Orbax's commit_success.txt."""
+    if not storage.exists(self.directory):
+      return []
+    committed = set(self.all_steps())
+    out = set()
+    for name in storage.listdir(self.directory):
+      head = name.split(".", 1)[0]
+      if head.isdigit() and int(head) not in committed and (name != head or storage.is_uri(self.directory)):
+        out.add(int(head))
+    return sorted(out)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -93,7 +117,7 @@ class Checkpointer:
     want = _shapes(target_state)
     missing = sorted(set(want) - set(have))
     extra = sorted(set(have) - set(want))
-    where = os.path.join(self.directory, str(step))
+    where = storage.join(self.directory, str(step))
     if missing or extra:
       raise CheckpointMismatchError(
           f"checkpoint {where} does not match this model: arrays missing from it {missing[:5]}, arrays this run "

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any
 
 import jax
+
+from tregjax import storage
 
 GiB = 2 ** 30
 
@@ -92,19 +93,21 @@ class MetricsWriter:
     """`resume_step`: the step the run restarts from (0 when fresh); lines of later steps, which a killed run wrote
     after its last checkpoint and the resumed run writes again, are dropped first, so readers see one trajectory."""
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
-    self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
-    self.tensorboard_dir = os.path.join(workdir, "tensorboard")
+    self.jsonl_path = storage.join(workdir, "metrics.jsonl")
+    self.tensorboard_dir = storage.join(workdir, "tensorboard")
     self._jsonl = None
     self._tb = None
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     if jsonl and resume_step is not None:
       drop_after(self.jsonl_path, resume_step)
     if jsonl:
-      self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+      self._jsonl = storage.TextLog(self.jsonl_path)
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      if storage.is_uri(self.tensorboard_dir):
+        _register_uri_event_files()
       self._tb = SummaryWriter(self.tensorboard_dir)
 
   def write(self, step: int, scalars: dict[str, Any]) -> None:
@@ -132,10 +135,9 @@ class MetricsWriter:
 def drop_after(path: str, step: int) -> int:
   """Rewrite metrics.jsonl (atomically) without the lines of steps > `step` and any torn last line (a kill mid-write);
   returns how many lines were dropped. A missing file is fine."""
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return 0
-  with open(path, encoding="utf-8") as f:
-    lines = f.read().splitlines(keepends=True)
+  lines = storage.read_text(path).splitlines(keepends=True)
   keep = []
   for line in lines:
     try:
@@ -145,12 +147,46 @@ def drop_after(path: str, step: int) -> int:
     if line.endswith("\n") and isinstance(record, dict) and int(record.get("step", 0)) <= step:
       keep.append(line)
   if len(keep) != len(lines):
-    from tregjax.data import hashing  # pylint: disable=g-import-not-at-top
-    hashing.atomic_write_bytes(path, "".join(keep).encode("utf-8"))
+    storage.write_text(path, "".join(keep))
   return len(lines) - len(keep)
 
 
 def read_jsonl(path: str) -> list[dict]:
   """All records of a metrics.jsonl (for tests and tools)."""
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+
+
+class _UriEventFile:
+  """A TensorBoard event file on object storage (which cannot append): the whole file is rewritten, atomically
+  through `storage.write_bytes`, at each of tensorboardX's flushes (every flush_secs and at close)."""
+
+  def __init__(self, path: str):
+    self.path, self._data, self._written = path, bytearray(), -1
+
+  def write(self, data: bytes) -> None:
+    self._data += data
+
+  def flush(self) -> None:
+    if len(self._data) != self._written:
+      storage.write_bytes(self.path, bytes(self._data))
+      self._written = len(self._data)
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _UriEventFiles:
+  """tensorboardX's writer factory for every scheme `storage` serves (instead of its own boto3 / google-cloud-storage
+  writers, which bring their own credentials lookup): one storage layer for every file a run writes."""
+
+  def open(self, path: str) -> _UriEventFile:
+    return _UriEventFile(path)
+
+  def directory_check(self, path: str) -> None:
+    del path  # object storage has no directories to create
+
+
+def _register_uri_event_files() -> None:
+  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+  for scheme in storage.BACKENDS:
+    record_writer.register_writer_factory(scheme, _UriEventFiles())
