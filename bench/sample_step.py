@@ -8,9 +8,10 @@ the first tokens of a greedy continuation, each row repeated `--samples` times; 
   sort + categorical       top-p by sorting the vocabulary (the textbook nucleus), Gumbel noise over [rows, V];
                            timed once (XLA:CPU's sort takes seconds)
   bisection + categorical  main before #30: the nucleus by 31 bisection passes over [rows, V], Gumbel over [rows, V]
-  candidate blocks + inverse CDF     #30's default: the nucleus searched in the 8 vocabulary blocks (of 256) with the
-                           largest maxima, an exactness check, the full path only for rows that fail it
-  snapping bisection + inverse CDF   #30's full path alone: the bisection over [rows, V] snaps to actual
+  candidate blocks + inverse CDF     #30's option (candidate_blocks=8): the nucleus searched in the 8 vocabulary
+                           blocks (of 256) with the largest maxima, an exactness check, the full path for rows that
+                           fail it
+  snapping bisection + inverse CDF   #30's default (the full path alone): the bisection over [rows, V] snaps to actual
                            probabilities and stops per row once one value is left; one uniform per row
   top-p 1: categorical vs two-level inverse CDF (the arith experiment samples with top_p = 1)
   RNG alone: Gumbel [rows, V] vs one uniform per row from per-row keys
@@ -80,9 +81,9 @@ def main() -> None:
 
   variants = {
       "bisection + categorical (top-p 0.95; main before #30)": jax.jit(bisect_top_p),
-      "candidate blocks + inverse CDF (top-p 0.95; #30 default)": jax.jit(
-          lambda lg, k: decoding.sample_logits(lg, keys, temperature=temp, top_p=top_p)),
-      "snapping bisection + inverse CDF (top-p 0.95; #30 full path)": jax.jit(
+      "candidate blocks + inverse CDF (top-p 0.95; #30 option)": jax.jit(
+          lambda lg, k: decoding.sample_logits(lg, keys, temperature=temp, top_p=top_p, candidate_blocks=8)),
+      "snapping bisection + inverse CDF (top-p 0.95; #30 default)": jax.jit(
           lambda lg, k: decoding.sample_logits(lg, keys, temperature=temp, top_p=top_p, candidate_blocks=0)),
       "lax.top_k(64) of the logits (a candidate set by top_k)": jax.jit(lambda lg, k: jax.lax.top_k(lg, 64)[1]),
       "categorical (top-p 1; main before #30)": jax.jit(lambda lg, k: jax.random.categorical(k, lg / temp, axis=-1)),
@@ -121,7 +122,7 @@ def main() -> None:
   size = (np.cumsum(srt, axis=-1) < top_p).sum(-1) + 1
   blocks = p.reshape(b, -1, 256)
   order = np.argsort(-blocks.max(-1), axis=-1)
-  g = decoding.CANDIDATE_BLOCKS
+  g = 8
   thresh = srt[np.arange(b), size - 1]
   inside = float(np.mean([(blocks[r][order[r, g:]] < thresh[r]).all() for r in range(b)]))
   allowed = jax.jit(lambda lg: decoding._nucleus(jax.nn.softmax(lg / temp, axis=-1), top_p))(logits)  # pylint: disable=protected-access
@@ -131,7 +132,7 @@ def main() -> None:
   text = common.table(["variant", "ms per call", "share of one decode step"], rows)
   device = common.device()
   desc = (f"SmolLM2-135M-Instruct logits [{b}, {logits.shape[1]}], temperature {temp}; nucleus (top-p {top_p}) "
-          f"inside the {decoding.CANDIDATE_BLOCKS} candidate blocks for {inside:.0%} of rows (median nucleus {np.median(size):.0f}"
+          f"inside the 8 candidate blocks for {inside:.0%} of rows (median nucleus {np.median(size):.0f}"
           f" tokens, max {size.max()})")
   print(f"{desc}; {device}")
   print(text)
