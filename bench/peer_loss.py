@@ -47,7 +47,7 @@ def main() -> None:
       kept, seconds = plt.kill_training(work, str(tmp / f"train_logs{victim}"), victim=victim)
       rows.append(["train", f"process {victim}", f"{seconds:.1f}", f"{plt.cli.EXIT_PEER_LOST}",
                    f"checkpoint step {kept}"])
-    world = score_test.world.__pytest_wrapped__.obj(_Factory(tmp))
+    world = score_test.world.__wrapped__(_Factory(tmp))
     cache = tmp / "cache"
     config_file = plt._score_config_file(world, tmp, cache)  # pylint: disable=protected-access
     for run, victim in enumerate((1, 0)):

@@ -89,12 +89,12 @@ def _command(module, *args):
 
 
 def test_expected_errors_are_one_line_with_distinct_exit_statuses(capsys):
-  from tregjax.training import checkpoint, trainer
+  from tregjax.training import checkpoint, hooks
   cases = [(errors.ConfigError("config.optimizer.lr=-1: must be > 0"), cli.EXIT_CONFIG),
            (DataError("a.jsonl:line 3", "chosen", "is null", "null_field"), cli.EXIT_BAD_RECORD),
            (errors.StaleCacheError("cache of other inputs"), cli.EXIT_STALE),
            (checkpoint.CheckpointMismatchError("another model"), cli.EXIT_STALE),
-           (trainer.NonFiniteError("loss is nan\nfor 5 steps"), cli.EXIT_NON_FINITE),
+           (hooks.NonFiniteError("loss is nan\nfor 5 steps"), cli.EXIT_NON_FINITE),
            (score.NonFiniteScoreError("nan"), cli.EXIT_NON_FINITE),
            (FileNotFoundError("no such file"), cli.EXIT_BAD_INPUT), (ValueError("bad value"), cli.EXIT_BAD_INPUT)]
   statuses = set()

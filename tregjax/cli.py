@@ -15,6 +15,8 @@ import traceback
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, TypeVar
 
+from tregjax.peers import EXIT_PEER_LOST  # 9: a lost or never-joined peer (standard library only)
+
 if TYPE_CHECKING:
   import ml_collections
 
@@ -30,7 +32,6 @@ EXIT_BAD_RECORD = 5  # a bad data record (DataError), or too many skipped ones
 EXIT_STALE = 6  # outputs of other inputs are in the way (StaleCacheError, CheckpointMismatchError)
 EXIT_NON_FINITE = 7  # a run or a scored value went non-finite (NonFiniteError)
 EXIT_DOES_NOT_FIT = 8  # tregjax.compile: a compiled program needs more memory than the chip has (DoesNotFitError)
-EXIT_PEER_LOST = 9  # another process of a multi-process job was lost, or never joined (PeerLostError)
 
 # Expected errors by class name (tregjax.errors and the modules that define the others; this module imports no
 # tregjax module) -> exit status; the most specific base wins.

@@ -176,7 +176,7 @@ def distributed_defaults() -> ml_collections.ConfigDict:
 def defaults() -> ml_collections.ConfigDict:
   """Every trainer key with its default (unlocked: config files override, then the CLI locks)."""
   c = ml_collections.ConfigDict()
-  c.program = "train"  # what `python -m tregjax.train` runs: a key of tregjax.training.config.PROGRAMS
+  c.program = "train"  # what `python -m tregjax.train` runs: a key of tregjax.programs.PROGRAMS
   c.seed = 0  # parameter and adapter init, dropout, sampling (generate.seed), the experiment's draws
   # "preference": DPO/IPO/SimPO/TGDPO (+ T-REG) on a scored cache; "sft": next-token loss on the chosen response;
   # "reward_model": Bradley-Terry on a sequence-classification head. Same step, optimizer, checkpoints, logging.
@@ -319,7 +319,8 @@ def check_type(path: str, value: Any, default: Any) -> None:
   else:
     ok = True
   if not ok:
-    raise errors.ConfigError(f"config.{path}: expected {type(default).__name__}, got {value!r} ({type(value).__name__})")
+    raise errors.ConfigError(f"config.{path}: expected {type(default).__name__}, got {value!r} "
+                             f"({type(value).__name__})")
 
 
 def _merge(path: str, defaults: ml_collections.ConfigDict, given: Mapping[str, Any]) -> dict[str, Any]:

@@ -138,8 +138,8 @@ def check_lengths(prompts: Sequence[Prompt], max_new_tokens: int, limit: int, mo
   longest = max(prompts, key=lambda p: len(p.ids))
   if len(longest.ids) + max_new_tokens > limit:
     raise errors.ConfigError(f"{longest.where}: prompt of {len(longest.ids)} tokens + generate.max_new_tokens="
-                          f"{max_new_tokens} runs past max_position_embeddings={limit} of {model_path}; lower "
-                          f"generate.max_prompt_length (data.truncation='truncate' cuts) or generate.max_new_tokens")
+                             f"{max_new_tokens} runs past max_position_embeddings={limit} of {model_path}; lower "
+                             f"generate.max_prompt_length (data.truncation='truncate' cuts) or generate.max_new_tokens")
 
 
 # ----------------------------------------------------------------------------------------------- models

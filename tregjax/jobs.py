@@ -104,7 +104,7 @@ class Job:
       found = json.load(f).get("hash")
     if found != self.digest:
       raise errors.StaleCacheError(f"{self.out_dir} already holds {self.what} of other inputs (hash {str(found)[:16]}, "
-                            f"this config {self.digest[:16]}); choose another {self.dir_key} or delete it")
+                                   f"this config {self.digest[:16]}); choose another {self.dir_key} or delete it")
     log.info("%s in %s is complete and current", self.what, self.out_dir)
     return True
 

@@ -31,6 +31,9 @@ import threading
 import traceback
 from typing import Any, NoReturn
 
+# Another process of a multi-process job was lost, or never joined (PeerLostError): tregjax.cli's exit-status table
+# takes it from here, so this module needs no import of cli (which imports it).
+EXIT_PEER_LOST = 9
 STATE_ENV = "TREGJAX_PEER_STATE"  # the JSON file the child keeps its join state and its kept outputs in
 SUPERVISOR_ENV = "TREGJAX_SUPERVISOR_PID"  # set in the child: its supervisor's pid (the child dies with it)
 
@@ -38,7 +41,7 @@ _STATE: dict[str, Any] = {}
 
 # A failed collective, a coordination-service error, a barrier that timed out: the messages jax/XLA raise for them.
 _LOSS = re.compile(
-    r"Gloo \S+ failed|Connection (?:reset|closed) by peer|Broken pipe|"
+    r"Gloo \S+ failed|Connection (?:reset|closed) by peer|"
     r"NCCL.*(?:remote process|unhandled system error|Connection closed)|"
     r"CoordinationServiceError|coordination service|heartbeat timeout|stopped sending heartbeats|"
     r"Barrier (?:timed out|failed)|DEADLINE_EXCEEDED.*[Bb]arrier|[Bb]arrier.*DEADLINE_EXCEEDED")
@@ -220,8 +223,7 @@ def exit_lost(prog: str, cause: str, *, verbose: bool = False) -> NoReturn:
   except Exception:  # pylint: disable=broad-except  (leaving anyway)
     pass
   print(message(prog, cause), file=sys.stderr, flush=True)
-  from tregjax import cli  # pylint: disable=g-import-not-at-top
-  os._exit(cli.EXIT_PEER_LOST)
+  os._exit(EXIT_PEER_LOST)
 
 
 # ------------------------------------------------------------------------------------------ the supervisor
@@ -333,14 +335,13 @@ def supervise(prog: str, multi_process: bool) -> None:
       os.remove(state_file)
     except OSError:
       pass
-  from tregjax import cli  # pylint: disable=g-import-not-at-top
-  if relay.fatal or rc == cli.EXIT_PEER_LOST:
+  if relay.fatal or rc == EXIT_PEER_LOST:
     if not relay.reported:
       cause = " ".join(relay.fatal)
       cause = cause.split("absl::Status:", 1)[-1].strip() or cause
       line = message(prog, cause, state) if state.get("joined") else join_message(prog, state)
       print(line, file=sys.stderr, flush=True)
-    os._exit(cli.EXIT_PEER_LOST)
+    os._exit(EXIT_PEER_LOST)
   for raw in relay.held:
     sys.stderr.buffer.write(raw)
   sys.stderr.flush()

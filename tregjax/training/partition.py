@@ -74,14 +74,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
               "config.model.lora.init_from to the adapter")
 
 
-def with_lora(cfg, config: ml_collections.ConfigDict):
-  """The ModelConfig with this run's adapters (unchanged without LoRA)."""
-  if not lora_enabled(config):
-    return cfg
-  lo = config.model.lora
-  return adapters.with_lora(cfg, rank=lo.rank, alpha=lo.alpha, targets=lo.targets, dropout=lo.dropout)
-
-
 def frozen_rows(config: ml_collections.ConfigDict, path: str, shape: tuple[int, ...]) -> list[bool]:
   """Per layer of a stacked parameter (one entry otherwise): does `train.freeze` match it? Layer i of
   "model/layers/attn/q_proj" is matched as "model/layers/i/attn/q_proj" (or the stacked path as a whole)."""
@@ -171,5 +163,5 @@ def adapter_key(seed: int) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), _ADAPTER_KEY_SALT)
 
 
-__all__ = ["validate", "with_lora", "trainable_filter", "split", "cast_frozen", "saved",
+__all__ = ["validate", "trainable_filter", "split", "cast_frozen", "saved",
            "with_frozen", "has_frozen", "update_mask", "frozen_rows", "frozen_dtype", "adapter_key", "lora_enabled"]
