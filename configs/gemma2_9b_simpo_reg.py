@@ -13,14 +13,18 @@ Where each number comes from:
 - T-REG (Zhou et al., 2024) reports SimPO-REG on Gemma-2-9B-it with SimPO's setup and data; alpha searched in
   {0.1, 0.25, 0.5} (0.25 here is the middle of that grid, not a reported optimum). The regularizer is length-averaged
   for SimPO (reg_normalization="auto"), our reading since the T-REG code is unreleased.
-Hardware: FSDP over all local devices (e.g. 8×H100 80GB), full remat, bf16 compute with f32 master weights.
+Hardware: FSDP over all devices (e.g. 8×H100 80GB), full remat, bf16 compute with f32 master weights. Not compiled
+for a TPU topology yet (bench/compile_recipes.py --recipes gemma2_9b_simpo_reg adds its rows; its 9.2B parameters
+hold about 15% more weight and optimizer state than configs/llama3_8b_dpo_reg.py's 8.0B); check a slice with
+`python -m tregjax.compile`.
 """
 
 from tregjax.training import config as config_lib
 
 
 def get_config(arg: str | None = None):
-  args = config_lib.parse_arg(arg, runlocal=False, model="/path/to/gemma-2-9b-it")
+  args = config_lib.parse_arg(arg, runlocal=False, model="/path/to/gemma-2-9b-it",
+                              train="/path/to/train", test="/path/to/test", out="/path/to/tregjax_data")
   c = config_lib.base_config()
   c.seed = 42
   c.objective = "preference"
@@ -29,6 +33,12 @@ def get_config(arg: str | None = None):
   c.model.param_dtype = "float32"
   c.model.remat = "full"
 
+  # The SimPO release's on-policy UltraFeedback pairs: its train and test splits (JSONL, parquet or save_to_disk
+  # directories), tokenized into out/dataset and scored into out/scored (tregjax.train scores them when needed).
+  c.data.train_files = (args.train,)
+  c.data.validation_files = (args.test,)  # the release's test split is the builder's "validation" split
+  c.data.dataset_dir = args.out + "/dataset"
+  c.data.cache_dir = args.out + "/scored"
   c.data.schema = "chat"
   c.data.max_prompt_length = 1800
   c.data.max_length = 2048
@@ -36,7 +46,7 @@ def get_config(arg: str | None = None):
   c.data.buckets = (512, 1024, 2048)
   c.data.batch_size = 128
   c.data.train_split = "train"
-  c.data.eval_split = "test"
+  c.data.eval_split = "validation"
   c.data.epochs = 1
 
   c.loss.loss = "simpo"

@@ -19,9 +19,13 @@ def test_readme_opens_with_the_two_commands():
   ]
 
 
-def test_losses_snippet_runs_and_gives_a_finite_loss(capsys):
+def losses_snippet() -> str:
   section = _readme().split("## Use the losses in your own JAX code", 1)[1]
-  code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+  return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_losses_snippet_runs_and_gives_a_finite_loss(capsys):
+  code = losses_snippet()
   namespace = {}
   exec(compile(code, "README.md", "exec"), namespace)  # pylint: disable=exec-used
   import numpy as np

@@ -113,4 +113,5 @@ def test_command_with_a_missing_package_exits_3_with_one_line(tmp_path):
   assert proc.returncode == cli.EXIT_MISSING_PACKAGE, proc.stderr[-3000:]
   lines = proc.stderr.strip().splitlines()
   assert lines == ["python -m tregjax.train: error: the Python package 'absl-py' is not installed; "
-                   "`pip install -r requirements.txt` (in the tregjax checkout) installs it"], proc.stderr[-3000:]
+                   "`pip install -r requirements.txt` (in the tregjax checkout) or `pip install 'tregjax[train]'` "
+                   "installs it"], proc.stderr[-3000:]

@@ -1,15 +1,22 @@
 """python -m tregjax.train --config configs/x.py [--config.key=value ...] --workdir DIR
 
 Wiring only: flags → `cli.init_distributed()` (when several processes) → the whole config validated → the program
-`config.program` names in `tregjax.training.config.PROGRAMS` ("train": the trainer; "experiment": the experiment
+`config.program` names in `tregjax.programs.PROGRAMS` ("train": the trainer; "experiment": the experiment
 runner), run as `entry(config, workdir)`. Rerunning with the same --workdir resumes from its latest checkpoint.
 SIGTERM saves a checkpoint and exits 0. `--compile_only --topology v5e:16x16` trains nothing: it compiles the training
 step and scoring forward for that TPU topology on this host (`tregjax.compile`, docs/compile.md).
+
+For the trainer, the data is a stage of the same command (`prepare_data`): a config that names data.train_files is
+tokenized and, for objective=preference, scored into data.cache_dir by the scoring pass (`tregjax.score.run`, the
+resumable job the experiment runner's scoring stages call): it runs when the cache is missing, resumes a half-written
+one, returns at once when it is finished and current, and a cache made from other inputs is refused in one line
+naming what changed (data, prompts, model, ...), never overwritten: it may hold hours of scoring. So
+`python -m tregjax.train --config configs/my_data.py` goes from JSONL to a trained run; `python -m tregjax.score
+--config configs/my_data.py` is the same scoring pass as its own job (clusters that schedule it apart).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 
@@ -50,17 +57,42 @@ def main(argv: list[str]) -> None:
 
 
 def _train() -> None:
-  cli.init_distributed()
+  cli.init_distributed(config=_CONFIG.value)
+  from tregjax import programs  # pylint: disable=g-import-not-at-top
   from tregjax.training import config as config_lib  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
-  config_lib.validate(config, check_data=False)  # the whole config (sections, keys, mesh) before anything is built
-  program = config_lib.PROGRAMS[config.program]
-  module, _, function = program.entry.partition(":")
+  # The whole config (sections, keys, mesh vs devices; for the trainer also input paths and splits) before anything
+  # is built: each problem is one line now, not a crash at the first evaluation.
+  config_lib.validate(config, check_data=config.program == "train")
   workdir = _WORKDIR.value or default_workdir()
   from tregjax import storage  # pylint: disable=g-import-not-at-top
   storage.check_writable(workdir, "--workdir")  # a gs:// bucket that is missing or read-only: one line, before work
-  getattr(importlib.import_module(module), function)(config, workdir)
+  if config.program == "train":
+    prepare_data(config)
+  programs.load(programs.PROGRAMS[config.program].entry, "config.program")(config, workdir)
   logging.getLogger("tregjax.train").info("done: program %r; outputs in %s", config.program, workdir)
+
+
+def prepare_data(config) -> None:
+  """The data stages the trainer reads, when the config names the source files: the tokenizer checked against the
+  model's vocabulary first (one line, before minutes of tokenizing), then the tokenized dataset (sft, reward_model)
+  or the scored cache (preference: `tregjax.score.run`, cached by the hash of its inputs). A config without
+  data.train_files trains on what data.cache_dir / data.dataset_dir already hold."""
+  if not config.data.train_files:
+    return
+  from tregjax.data import build as data_build  # pylint: disable=g-import-not-at-top
+  from tregjax.training import trainer  # pylint: disable=g-import-not-at-top
+  data_build.check_vocab(config, trainer.model_config(config), "tregjax.train")
+  log = logging.getLogger("tregjax.train")
+  if config.objective == "preference":
+    from tregjax import score  # pylint: disable=g-import-not-at-top
+    from tregjax.data import scored_cache  # pylint: disable=g-import-not-at-top
+    if os.path.exists(os.path.join(config.data.cache_dir, scored_cache.CACHE_META)):
+      trainer.check_scored_cache(config)  # finished: current, or refused naming what changed (data, prompts, ...)
+    log.info("scored cache: %s", score.run(config))
+  else:
+    log.info("tokenized dataset: %s", cli.process_zero_first("tregjax.train dataset",
+                                                             lambda: data_build.build_dataset(config)))
 
 
 def _define_compile_flags() -> None:

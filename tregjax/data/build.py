@@ -242,7 +242,8 @@ def dataset_hash(config: ml_collections.ConfigDict) -> str:
 
 def splits_of(config: ml_collections.ConfigDict) -> list[str]:
   d = data_section(config)
-  return ["train", "validation"] if (d.validation_files or d.validation_fraction > 0) else ["train"]
+  splits = list(config_schema.SPLITS)  # the one list of split names (training.config checks names against it)
+  return splits if (d.validation_files or d.validation_fraction > 0) else splits[:1]
 
 
 def build_dataset(config: ml_collections.ConfigDict) -> str:

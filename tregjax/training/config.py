@@ -1,5 +1,5 @@
-"""The trainer's configuration: `base_config()` (every key with its default, from tregjax.config_schema), the programs a
-config can run, and `validate` to fail before anything compiles.
+"""The trainer's configuration: `base_config()` (every key with its default, from tregjax.config_schema), the sections
+of the program a config runs (`tregjax.programs`), and `validate` to fail before anything compiles.
 
 Config files under configs/ start from `base_config()` and override; the CLI locks the result
 (`config_flags.DEFINE_config_file(lock_config=True)`), so a typo in `--config.optimizer.lr=...` is an error instead of a
@@ -8,11 +8,12 @@ silently ignored key, and ml_collections refuses an override of the wrong type.
 
 from __future__ import annotations
 
-import dataclasses
+import json
+import os
 
 import ml_collections
 
-from tregjax import config_schema, errors
+from tregjax import config_schema, errors, programs, storage
 
 OBJECTIVES = ("preference", "sft", "reward_model")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -20,24 +21,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots")  # models.ModelConfig.remat
 
 
-@dataclasses.dataclass(frozen=True)
-class ProgramEntry:
-  """What `python -m tregjax.train` runs for a config naming it: `entry(config, workdir)`, and the top-level sections
-  it reads beyond the trainer's own (a section of another program is an error, so a config cannot half-select a
-  program). Not the trainer's built `trainer.Program` (its jitted steps), which the "train" entry makes."""
-  entry: str  # "module:function", imported only when chosen (the experiment runner pulls in its tasks and plots)
-  sections: tuple[str, ...] = ()
-
-
-# config.program -> its ProgramEntry: the one table of what a config can run.
-PROGRAMS: dict[str, ProgramEntry] = {
-    "train": ProgramEntry("tregjax.training.trainer:run"),  # the trainer on config.data (scored cache, SFT/RM data)
-    # stages -> arms -> evaluation -> report (configs/demo.py, configs/smollm2_arith.py); a task's own section
-    # is named by its Task.section ("demo": the synthetic world, "arith": SmolLM2 arithmetic).
-    "experiment": ProgramEntry("tregjax.experiments.runner:run", ("experiment", "demo", "arith")),
-    # token credit across model sizes (configs/credit_scaling.py): the arithmetic task's stages per model, no training
-    "credit": ProgramEntry("tregjax.tasks.credit:run", ("credit", "arith")),
-}
 # Sections read by the other commands, which any program's config may carry (one file drives score, generate, train).
 COMMAND_SECTIONS = ("generate",)
 
@@ -70,23 +53,23 @@ def check_sections(config: ml_collections.ConfigDict, base: ml_collections.Confi
   file would otherwise be silently ignored). Returns the extra sections present (validated by their owners)."""
   base = base_config() if base is None else base
   chosen = config.get("program", base.program)
-  if chosen not in PROGRAMS:
-    raise errors.ConfigError(f"config.program={chosen!r}: must be one of {tuple(PROGRAMS)}"
-                      f"{config_schema.suggestion(chosen, PROGRAMS)}")
-  other_programs = {s: name for name, p in PROGRAMS.items() if name != chosen for s in p.sections}
-  known = [*base.keys(), *PROGRAMS[chosen].sections, *COMMAND_SECTIONS]
+  if chosen not in programs.PROGRAMS:
+    raise errors.ConfigError(f"config.program={chosen!r}: must be one of {tuple(programs.PROGRAMS)}"
+                             f"{config_schema.suggestion(chosen, programs.PROGRAMS)}")
+  other_programs = {s: name for name, p in programs.PROGRAMS.items() if name != chosen for s in p.sections}
+  known = [*base.keys(), *programs.PROGRAMS[chosen].sections, *COMMAND_SECTIONS]
   extra = set()
   for key in config.keys():
     if key in base:
       continue
-    if key in PROGRAMS[chosen].sections or key in COMMAND_SECTIONS:
+    if key in programs.PROGRAMS[chosen].sections or key in COMMAND_SECTIONS:
       extra.add(key)
     elif key in other_programs:
       raise errors.ConfigError(f"config.{key} is a section of program {other_programs[key]!r}, but config.program="
-                        f"{chosen!r}; set config.program={other_programs[key]!r} (or remove config.{key})")
+                               f"{chosen!r}; set config.program={other_programs[key]!r} (or remove config.{key})")
     else:
       raise errors.ConfigError(f"unknown config section or key {key!r}{config_schema.suggestion(key, known)}; known: "
-                        f"{sorted(known)}")
+                               f"{sorted(known)}")
   return extra
 
 
@@ -122,7 +105,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
     config_schema.check_type(name, given[name], config_schema.type_default(name, default))
   # The command sections' own rules (the score section's values; a generate section's keys and values), so that a
   # config that drives score, generate and train fails here, before training, rather than in the later command.
-  for name in ("score", *sorted(extra & set(config_schema.SECTIONS))):
+  for name in ("score", "distributed", *sorted(extra & set(config_schema.SECTIONS))):
     config_schema.section(config, name)
 
   _choice("objective", config.objective, OBJECTIVES)
@@ -133,7 +116,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   if not config.model.hf_path and not config.model.preset:
     raise errors.ConfigError("config.model: set hf_path (a local checkpoint) or preset (random init)")
   if config.model.overrides and config.model.hf_path:
-    raise errors.ConfigError("config.model.overrides applies to a preset only; it cannot change a pretrained checkpoint")
+    raise errors.ConfigError("config.model.overrides applies to a preset only; it cannot change a pretrained "
+                             "checkpoint")
   model_overrides(config)  # refuses overrides of fields the trainer's own keys set
   from tregjax.training import partition  # pylint: disable=g-import-not-at-top
   partition.validate(config)
@@ -145,6 +129,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   except (TypeError, ValueError) as e:
     raise errors.ConfigError(f"config.loss: {e}") from e
 
+  for key in ("train_split", "eval_split"):  # the builder writes only config_schema.SPLITS
+    split = config.data[key]
+    if split and split not in config_schema.SPLITS:
+      raise errors.ConfigError(f"config.data.{key}={split!r}: the dataset builder writes only the splits "
+                        f"{config_schema.SPLITS} (validation from data.validation_files or data.validation_fraction)")
   if check_data and config.objective == "preference" and not config.data.cache_dir:
     raise errors.ConfigError("objective=preference needs config.data.cache_dir (a scored cache from tregjax.score)")
   if check_data and config.objective in ("sft", "reward_model") and not (config.data.dataset_dir or config.data.cache_dir):
@@ -170,7 +159,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
     raise errors.ConfigError(f"config.data.buckets={config.data.buckets!r}: must be strictly increasing")
   if config.data.max_length > max(config.data.buckets):
     raise errors.ConfigError(f"config.data.max_length={config.data.max_length} does not fit the largest bucket "
-                      f"{max(config.data.buckets)} (config.data.buckets={tuple(config.data.buckets)})")
+                             f"{max(config.data.buckets)} (config.data.buckets={tuple(config.data.buckets)})")
   opt = config.optimizer
   if opt.lr <= 0:
     raise errors.ConfigError(f"config.optimizer.lr={opt.lr}: must be > 0")
@@ -197,6 +186,62 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
     raise errors.ConfigError(
         f"config.data.batch_size={config.data.batch_size} is not divisible by mesh data×fsdp ({data_ways}) × "
         f"optimizer.grad_accum_steps ({opt.grad_accum_steps}) = {per_step}")
+  if check_data:
+    check_inputs(config)
+
+
+def _paths(value) -> list[str]:
+  return [str(v) for v in value] if isinstance(value, (tuple, list)) else ([str(value)] if value else [])
+
+
+def written_splits(config: ml_collections.ConfigDict) -> tuple[str, ...] | None:
+  """The splits the run's data will hold: what the builder writes from data.train_files, else what a finished local
+  scored cache records; None when that cannot be known before the run (a prebuilt dataset_dir, a remote cache)."""
+  d = config.data
+  if d.train_files:
+    return config_schema.SPLITS if (d.validation_files or d.validation_fraction > 0) else config_schema.SPLITS[:1]
+  meta = os.path.join(str(d.cache_dir), "cache_meta.json")
+  if d.cache_dir and not storage.is_uri(d.cache_dir) and os.path.exists(meta):
+    with open(meta, encoding="utf-8") as f:
+      return tuple(json.load(f).get("records", {}))
+  return None
+
+
+def check_inputs(config: ml_collections.ConfigDict) -> None:
+  """Every key that names something the run reads later (config_schema.INPUT_PATHS) exists, and the train and eval
+  splits are ones the data will hold: a ConfigError naming the key at start-up instead of a crash hours in (an
+  eval split the builder never writes used to fail at the first evaluation, step 400 of the 8B recipes)."""
+  for key, kind in config_schema.INPUT_PATHS.items():
+    value = config_schema.value(config, key)
+    for i, path in enumerate(_paths(value)):
+      if storage.is_uri(path):
+        continue
+      name = f"config.{key}" + (f"[{i}]" if isinstance(value, (tuple, list)) else "")
+      ok = os.path.isdir(path) if kind == "dir" else (os.path.isfile(path) if kind == "file" else os.path.exists(path))
+      if not ok:
+        what = {"dir": "no such directory", "file": "no such file"}.get(kind, "no such file or directory")
+        raise errors.ConfigError(f"{name}={path!r}: {what}")
+  d = config.data
+  splits = written_splits(config)
+  if splits is not None:
+    for key in ("train_split", "eval_split"):
+      if d[key] and d[key] not in splits:
+        source = "data.train_files" if d.train_files else f"the scored cache {d.cache_dir}"
+        hint = (" (set data.validation_files or data.validation_fraction > 0)" if d[key] == "validation" else "")
+        raise errors.ConfigError(f"config.data.{key}={d[key]!r}: {source} gives only the splits {splits}{hint}")
+  if config.objective == "preference" and d.train_files and d.eval_split and \
+      d.eval_split not in config.score.splits:
+    raise errors.ConfigError(f"config.data.eval_split={d.eval_split!r} is not scored: add it to config.score.splits "
+                      f"{tuple(config.score.splits)}")
+  if config.objective == "preference" and d.train_files and not config.model.hf_path:
+    raise errors.ConfigError("config.data.train_files are scored with the reference model, which is the policy's start: "
+                      "set config.model.hf_path")
+  has_source = d.train_files or d.dataset_dir
+  if config.objective == "preference" and d.cache_dir and not has_source and not storage.is_uri(d.cache_dir) and \
+      not os.path.exists(os.path.join(str(d.cache_dir), "cache_meta.json")):
+    raise errors.ConfigError(f"config.data.cache_dir={d.cache_dir!r} holds no finished scored cache, and there is no "
+                      f"data.train_files to score: set data.train_files (tregjax.train then scores them) or run "
+                      f"tregjax.score first")
 
 
 def objective_options(config: ml_collections.ConfigDict):
@@ -215,11 +260,12 @@ def model_overrides(config: ml_collections.ConfigDict) -> dict:
   overrides = dict(config.model.overrides.to_dict()) if config.model.overrides else {}
   for field, key in _TRAINER_SET_FIELDS.items():
     if field in overrides:
-      raise errors.ConfigError(f"config.model.overrides.{field} is set by the trainer key config.{key}; set that instead")
+      raise errors.ConfigError(f"config.model.overrides.{field} is set by the trainer key config.{key}; set that "
+                               "instead")
   return overrides
 
 
-__all__ = ["base_config", "validate", "check_sections", "PROGRAMS", "objective_options",
+__all__ = ["base_config", "validate", "check_inputs", "written_splits", "check_sections", "objective_options",
            "model_overrides"]
 
 
@@ -249,6 +295,8 @@ def shrink_for_cpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   """
   config.model.hf_path = ""
   config.model.preset = "tiny_llama"
+  # The recipe's data files are the real run's: a smoke run names its own (--config.data.cache_dir=TINY_CACHE).
+  config.data.train_files, config.data.validation_files, config.data.dataset_dir = (), (), ""
   config.model.dtype = "float32"
   config.model.remat = "none"
   config.data.batch_size = 8
