@@ -127,6 +127,16 @@ def test_train_cli_config_error_is_one_line_and_traceback_only_with_verbose(tmp_
   assert verbose.returncode == cli.EXIT_CONFIG and "Traceback" in verbose.stderr
 
 
+def test_a_workdir_uri_whose_scheme_has_no_backend_is_one_line_naming_scheme_and_package(tmp_path):
+  """Before anything is built: the scheme and the package to install (s3fs is not a dependency)."""
+  proc = _command("tregjax.train", "--config", os.path.join(REPO_ROOT, "configs", "demo.py"), "--workdir=s3://b/run")
+  assert proc.returncode == cli.EXIT_MISSING_PACKAGE, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+  assert errors == ["tregjax.train: error: --workdir s3://b/run: the s3:// scheme needs the s3fs package, which is "
+                    "not installed: pip install s3fs"], proc.stderr[-3000:]
+  assert not os.path.exists(os.path.join(REPO_ROOT, "s3:"))
+
+
 # ------------------------------------------------------------------------- skipped, empty and all-bad records
 
 

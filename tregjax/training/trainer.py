@@ -414,8 +414,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
   return result
 
 
-def load_model(workdir: str, step: int | None = None, *, config: ml_collections.ConfigDict | None = None):
-  """The trained model of a run (latest or given checkpoint step), on the default device; for export and eval."""
+def load_model(workdir: str, step: int | None = None, *, config: ml_collections.ConfigDict | None = None,
+               params_only: bool = False, dtype: Any = None):
+  """The trained model of a run (latest or given checkpoint step), on the default device; for export and eval.
+
+  `params_only` (export): only the parameters are read, into host memory, cast to `dtype` while read (Orbax partial
+  restore); the optimizer moments, 2/3 of a float32 checkpoint, are never read. `workdir` may be a storage URI."""
   if config is None:
     config = ml_collections.ConfigDict(storage.read_json(storage.join(workdir, "config.json")))
   ckpt = ckpt_lib.Checkpointer(storage.join(workdir, "checkpoints"), every=1, keep=config.checkpoint.keep,
@@ -429,6 +433,11 @@ def load_model(workdir: str, step: int | None = None, *, config: ml_collections.
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
   program = build(config, parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
   target = partition.saved(program.target)
+  if params_only:
+    params, extra = ckpt.restore_params(step, target, dtype)
+    ckpt.close()
+    state = program.with_frozen(target.replace(params=params, extra=extra))
+    return nnx.merge(program.graphdef, state.params, state.extra), step
   ckpt.check_compatible(step, target)
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
