@@ -72,7 +72,8 @@ def recipe_settings(recipe: str) -> dict:
               mesh=(c.mesh.data, c.mesh.fsdp, c.mesh.tensor))
 
 
-def compile_one(recipe: str, topology: str, model_dir: str, settings: dict, python: str) -> dict:
+def compile_one(recipe: str, topology: str, model_dir: str, settings: dict, python: str,
+                what: str = "train,score") -> dict:
   """One `python -m tregjax.compile` process: its reports, exit status, wall time and peak RSS."""
   devices = chips(topology) * (2 if topology.startswith(("v2", "v3", "v4")) else 1)
   data, fsdp, tensor = settings["mesh"]
@@ -87,7 +88,7 @@ def compile_one(recipe: str, topology: str, model_dir: str, settings: dict, pyth
     out = os.path.join(tmp, "reports.json")
     log_path = os.path.join(tmp, "log")
     cmd = [python, "-m", "tregjax.compile", "--config", f"configs/{recipe}.py:model={model_dir}", "--topology",
-           topology, "--json_out", out, *flags]
+           topology, "--what", what, "--json_out", out, *flags]
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
       proc = subprocess.Popen(cmd, cwd=common.REPO, stdout=log, stderr=subprocess.STDOUT,
@@ -111,6 +112,8 @@ def main() -> None:
   ap.add_argument("--max_rss_gib", type=float, default=20.0, help="stop when a compile's peak RSS passes this")
   ap.add_argument("--python", default=sys.executable, help="the interpreter with libtpu installed")
   ap.add_argument("--redo", action="store_true", help="recompile what bench/out/compile_recipes.json already holds")
+  ap.add_argument("--topologies", default="", help="compile exactly these (comma-separated) instead of --slices")
+  ap.add_argument("--what", default="train,score", help="programs to compile (tregjax.compile --what)")
   a = ap.parse_args()
   results = json.loads(OUT.read_text()) if OUT.exists() and not a.redo else {}
   kinds = a.slices.split(",")
@@ -124,16 +127,18 @@ def main() -> None:
       done = results.setdefault(recipe, {})
       plan = [("named", t) for t in NAMED.get(recipe, []) if "named" in kinds]
       plan += [(k, t) for k in ("v5e", "v5p") if k in kinds for t in SLICES[k]]
+      if a.topologies:
+        plan = [("given", t) for t in a.topologies.split(",")]
       fitted = set()
       for kind, topology in plan:
         if kind in fitted:
           continue  # the smallest slice of this kind that fits is found
         if topology not in done:
-          done[topology] = compile_one(recipe, topology, model_dir, settings, a.python)
+          done[topology] = compile_one(recipe, topology, model_dir, settings, a.python, a.what)
           common.write_json("compile_recipes", results)
         r = done[topology]
         train = [x for x in r.get("reports", []) if x["program"] == "train step"]
-        if kind != "named" and train and train[0]["fits"]:
+        if kind not in ("named", "given") and train and train[0]["fits"]:
           fitted.add(kind)
         if r.get("peak_rss_gib", 0) > a.max_rss_gib:
           print(f"stopping: peak RSS {r['peak_rss_gib']:.1f} GiB > --max_rss_gib {a.max_rss_gib}")
@@ -180,7 +185,7 @@ def write_results(results: dict) -> None:
                        f"none of {', '.join(tried) or 'none tried'}"])
   text = common.table(["recipe", "topology", "train step GiB per chip: argument + temp = total / HBM", "fits",
                        "step s at bf16 peak", "scoring forward GiB (one host)", "train step collectives (HLO)",
-                       "compile: wall, peak RSS"], rows)
+                       "compile process: wall (shared CPU), peak RSS"], rows)
   small = common.table(["recipe", "TPU", "smallest slice where the training step fits"], smallest)
   print(text)
   print(small)
@@ -192,7 +197,9 @@ def write_results(results: dict) -> None:
       f"2048 tokens per step) and the scoring forward of one host, compiled by libtpu for the topology; memory is "
       f"XLA's buffer assignment per chip (total = argument + output - aliased + temp + code), HBM from "
       f"training.metrics.ACCELERATORS. 'step s at bf16 peak' = the model's FLOPs per chip / the chip's peak (a "
-      f"lower bound on the step time). v5e hosts hold 4 chips in libtpu's default layout (the scoring column).\n\n"
+      f"lower bound on the step time). The scoring forward runs on one host (4 chips in libtpu's default layout). "
+      f"Rows where libtpu refuses to compile ('libtpu refuses') are its own out-of-HBM verdict. Compiles ran beside "
+      f"other jobs on the 2 cores (peak RSS under 2 GiB each), so the wall column is not a timing.\n\n"
       f"{text}\n\n{small}\n"))
 
 

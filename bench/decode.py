@@ -1,11 +1,11 @@
-"""KV-cache decoding throughput: tregjax `decoding.generate` (the sampler of `tregjax.generate`) vs transformers
-`generate`, same weights, same prompts, one run.
+"""KV-cache decoding throughput: tregjax `decoding.generate` (the sampler of `tregjax.generate`) vs the sampler of
+main before #30 vs transformers `generate`, same weights, same prompts, one run, against a roofline.
 
     python bench/decode.py --weights random [--layers 4] [--width 512] [--ffn F] [--vocab 32000] [--shape llama|smollm2]
                            [--prompt 64]
     python bench/decode.py --weights smollm2
         common: [--batch 4] [--samples 1] [--new 64] [--modes greedy,sampled] [--dtype f32|bf16] [--repeats 3]
-                [--torch-threads 0,1|probe] [--skip-torch]
+                [--torch-threads 0,1|probe] [--skip-torch] [--eos] [--no-legacy]
 
 --weights random: a random Llama (`--layers` x `--width`, MLP `--ffn` (default 8/3 · width), `--vocab`; or, with
 `--shape smollm2`, exactly SmolLM2-135M's shape) saved by transformers and loaded by tregjax, on `--batch` random
@@ -18,6 +18,15 @@ generated tokens (rows x new / median seconds); compile time is excluded from th
 reported, and compile = first call - median). Greedy tokens are compared with transformers'. Fairness on a shared
 CPU: every torch thread count in --torch-threads (0: torch's default) is timed, round-robin with tregjax, or with
 `probe` only the faster of 1 and all cores in a short probe. On an accelerator the torch CPU rows are skipped.
+
+`tregjax (main before #30)` is the sampler this issue replaced, rebuilt here from decoding's prefill / forward: every
+row prefilled, top-p by 31 bisection passes + Gumbel noise over [rows, V], no finished-row compaction. `--eos`: rows
+stop at the model's EOS ids in both tregjax variants (transformers keeps min_new_tokens; its rows are not timed
+then), so finished-row compaction has work; tokens/s then counts the tokens actually generated.
+
+Roofline: model FLOPs (`tregjax.training.metrics.forward_flops_per_token` at each token's position) of the new tokens
+plus each DISTINCT prompt's tokens once (prefix sharing), over the dense f32 {--matmul}^3 matmul rate of jax measured
+round-robin in the same run. "share of roofline" = roofline seconds / measured seconds.
 """
 
 from __future__ import annotations
@@ -42,6 +51,9 @@ def main() -> None:
   parser.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--skip-torch", action="store_true")
+  parser.add_argument("--eos", action="store_true", help="rows stop at EOS (tregjax variants only)")
+  parser.add_argument("--no-legacy", action="store_true", help="skip the sampler of main before #30")
+  parser.add_argument("--matmul", type=int, default=2048, help="n of the n x n x n reference matmul")
   parser.add_argument("--torch-threads", default="0,1",
                       help="torch thread counts to time (0: torch's default), or 'probe': the faster of 1 and all")
   args = parser.parse_args()
@@ -52,7 +64,7 @@ def main() -> None:
 
   backend = jax.default_backend()
   device = common.device()
-  run_torch = backend == "cpu" and not args.skip_torch
+  run_torch = backend == "cpu" and not args.skip_torch and not args.eos
   modes = args.modes.split(",")
   model, torch_model, vocab, desc = common.load_models(args, args.dtype, run_torch)
   if args.weights == "smollm2":
@@ -66,9 +78,31 @@ def main() -> None:
   desc += (f" x {args.samples} samples = {len(rows)} rows, {args.new} new tokens each, no EOS, {args.dtype}, "
            + ", ".join(m + (" (temperature 0.8, top-p 0.95)" if m == "sampled" else "") for m in modes))
 
+  eos = {}
+  if args.eos:
+    from tregjax.models.gguf import tokenizer_from_gguf  # pylint: disable=g-import-not-at-top
+    tok = tokenizer_from_gguf(common.gguf_path())
+    eos = {"eos_ids": tuple(sorted({tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}))}
+  generated = {}
+
   def ours(kw):
-    out = decoding.generate(model, rows, max_new_tokens=args.new, key=jax.random.key(0), **kw)
+    out = decoding.generate(model, rows, max_new_tokens=args.new, key=jax.random.key(0), **kw, **eos)
+    generated["tregjax"] = int(np.asarray(out.lengths).sum())
     return jax.block_until_ready(out.tokens)
+
+  def legacy(kw):
+    out, lengths = legacy_generate(model, rows, args.new, jax.random.key(0), eos.get("eos_ids", ()), **kw)
+    generated["legacy"] = int(np.asarray(lengths).sum())
+    return jax.block_until_ready(out)
+
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from tregjax.training import metrics  # pylint: disable=g-import-not-at-top
+  mat = jnp.ones((args.matmul, args.matmul), jnp.float32)
+  mm = jax.jit(lambda a: a @ a)
+  jax.block_until_ready(mm(mat))
+  cfg = model.config
+  distinct = {tuple(p) for p in prompts}
+  prompt_flops = sum(metrics.forward_flops_per_token(cfg, i + 1) for p in distinct for i in range(len(p)))
 
   thread_counts, probe = [], {}
   if run_torch:
@@ -108,10 +142,16 @@ def main() -> None:
   for mode in modes:
     kw = {"greedy": {}, "sampled": SAMPLED}[mode]
     t0 = time.perf_counter()
+    loops_before = decoding._generate_loop._cache_size()  # pylint: disable=protected-access
     first = np.asarray(ours(kw))  # the first call traces and compiles prefill + the decode loop
     first_s = time.perf_counter() - t0
+    compiled = decoding._generate_loop._cache_size() - loops_before  # pylint: disable=protected-access
     runners = {"tregjax": lambda kw=kw: ours(kw)}
-    entry = results["modes"][mode] = {}
+    if not args.no_legacy:
+      legacy(kw)  # compile
+      runners["legacy"] = lambda kw=kw: legacy(kw)
+    runners["matmul"] = lambda: jax.block_until_ready(mm(mat))
+    entry = results["modes"][mode] = {"decode_loops_compiled": compiled}
     if thread_counts:
       ref = theirs(kw, thread_counts[-1])()  # warm-up
       assert ref.shape == (len(rows), width + args.new), ref.shape
@@ -132,7 +172,8 @@ def main() -> None:
                          f"{first_s:.1f} / {first_s - sec:.1f}" if name == "tregjax" else "-",
                          f"{best / sec:.2f}x" if best else "n/a"])
   text = common.table(["mode", "framework", "median s / generate", "samples/s", "new tokens/s",
-                       "first call / compile s", "speed vs fastest torch"], table_rows)
+                       "roofline (share)", "first call / compile s", "speed vs fastest torch",
+                       "speed vs main before #30"], table_rows)
   agreement = ""
   if "tokens_equal_fraction" in results["modes"].get("greedy", {}):
     g = results["modes"]["greedy"]
@@ -140,21 +181,106 @@ def main() -> None:
                  f"(first 16 per row: {g['tokens_equal_first_16']:.1%}).")
   probe_s = ", ".join(f"{t} thr {s:.2f} s" for t, s in probe.items())
   probe_text = f" torch at the faster thread count in a probe ({probe_s})." if probe else ""
+  rate_s = next((r["matmul_flops_per_s"] for m in results["modes"].values() for k, r in m.items()
+                 if isinstance(r, dict)), 0.0)
+  probe_text += (f" Roofline: {metrics.forward_flops_per_token(cfg, 128) / 1e6:.0f} MFLOP per token at position 128,"
+                 f" {len(distinct)} distinct prompts prefilled once, jax f32 {args.matmul}^3 matmul "
+                 f"{rate_s / 1e9:.0f} GFLOP/s in this run.")
   print(f"{desc}; {device}")
   print(text)
   if agreement or probe_text:
     print((agreement + probe_text).strip())
   shape = "_smollm2_shape" if args.weights == "random" and args.shape == "smollm2" else ""
   key = (f"decode_{args.weights}{shape}_{args.dtype}_{backend}_b{args.batch}x{args.samples}"
-         + (f"_p{args.prompt}" if args.weights == "random" else "") + f"_n{args.new}")
+         + (f"_p{args.prompt}" if args.weights == "random" else "") + f"_n{args.new}" + ("_eos" if args.eos else ""))
   print(f"wrote {common.write_json(key, results)}")
   cmd = (f"python bench/decode.py {common.weights_flags(args)}"
          + (f" --prompt {args.prompt}" if args.weights == "random" else "")
          + f" --batch {args.batch} --samples {args.samples} --new {args.new} --modes {args.modes} --dtype {args.dtype}"
-         f" --repeats {args.repeats}" + (f" --torch-threads {args.torch_threads}" if run_torch else " --skip-torch"))
+         f" --repeats {args.repeats}" + (f" --torch-threads {args.torch_threads}" if run_torch else " --skip-torch")
+         + (" --eos" if args.eos else "") + (" --no-legacy" if args.no_legacy else ""))
   common.update_results(key, (
       f"### KV-cache decoding ({desc}, {backend})\n\n`{cmd}` ({common.today()}, {device}; median of {args.repeats}, "
       f"round-robin; prefill included, compile excluded).{agreement}{probe_text}\n\n{text}\n"))
+
+
+def legacy_generate(model, rows, new: int, key, eos_ids, temperature: float = 0.0, top_p: float = 1.0):
+  """main's sampler before #30, for the comparison: every row prefilled, one fold_in(key, step) key per step, top-p by
+  31 bisection passes, Gumbel-max sampling over [rows, V], the whole batch running until its last row ends."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from tregjax.models import decoding  # pylint: disable=g-import-not-at-top
+  tokens, lengths = decoding.pad_prompts(rows, 0, 8)
+  cache = decoding.init_cache(model, tokens.shape[0], tokens.shape[1] + new)
+  graphdef, state = nnx.split(model)
+  layer_weights = decoding.per_layer_weights(model)
+  logits, cache = decoding._prefill(graphdef, state, cache, jnp.asarray(tokens), jnp.asarray(lengths),  # pylint: disable=protected-access
+                                    layer_weights)
+  return _legacy_loop(graphdef, state, cache, logits, key, new, float(temperature), float(top_p),
+                      tuple(int(e) for e in eos_ids), layer_weights)
+
+
+def _legacy_nucleus(probs, top_p):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
+
+  def body(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    ok = jnp.sum(jnp.where(bits >= mid[:, None], probs, 0.0), axis=-1) >= top_p
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+  lo = jnp.zeros(probs.shape[:1], jnp.int32)
+  lo, _ = jax.lax.fori_loop(0, 31, body, (lo, jnp.max(bits, axis=-1) + 1))
+  return (bits >= lo[:, None]) & (probs > 0)
+
+
+def _legacy_loop_impl(graphdef, state, cache, first_logits, key, new, temperature, top_p, eos_ids, layer_weights):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from tregjax.models import decoding  # pylint: disable=g-import-not-at-top
+  model = nnx.merge(graphdef, state)
+  b = first_logits.shape[0]
+  eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+
+  def sample(logits, k):
+    if temperature == 0.0:
+      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    x = logits / temperature
+    if top_p < 1.0:
+      x = jnp.where(_legacy_nucleus(jax.nn.softmax(x, axis=-1), top_p), x, jnp.finfo(jnp.float32).min)
+    return jax.random.categorical(k, x, axis=-1).astype(jnp.int32)
+
+  def cond(c):
+    return (c[0] < new) & ~jnp.all(c[3])
+
+  def body(c):
+    step, logits, cache, done, out, lengths = c
+    token = jnp.where(done, 0, sample(logits, jax.random.fold_in(key, step)))
+    out = out.at[:, step].set(token)
+    lengths = lengths + (~done).astype(jnp.int32)
+    done = done | jnp.isin(token, eos)
+    hidden, cache = decoding._forward_cached(model, token[:, None], cache, layer_weights)  # pylint: disable=protected-access
+    return step + 1, model.unembed(hidden[:, 0]), cache, done, out, lengths
+
+  c = (jnp.int32(0), first_logits, cache, jnp.zeros((b,), bool), jnp.zeros((b, new), jnp.int32),
+       jnp.zeros((b,), jnp.int32))
+  _, _, _, _, out, lengths = jax.lax.while_loop(cond, body, c)
+  return out, lengths
+
+
+_LEGACY = {}
+
+
+def _legacy_loop(graphdef, state, cache, *rest):
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  if "fn" not in _LEGACY:
+    _LEGACY["fn"] = functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8), donate_argnums=2)(_legacy_loop_impl)
+  return _LEGACY["fn"](graphdef, state, cache, *rest)
 
 
 if __name__ == "__main__":

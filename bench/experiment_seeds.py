@@ -88,6 +88,7 @@ def main() -> None:
   parser.add_argument("--results", default=str(common.RESULTS), help="'' -> print only")
   args = parser.parse_args()
   from tregjax import cli
+  from tregjax.experiments import arms as arms_lib
   from tregjax.experiments import runner
   cli.setup_logging()
   name = os.path.splitext(os.path.basename(args.config.partition(":")[0]))[0] + (f"_{args.tag}" if args.tag else "")
@@ -139,7 +140,7 @@ def main() -> None:
     diffs = ([per_seed[s]["policies"][arm][metric] - per_seed[s]["policies"]["dpo"][metric] for s in seeds]
              if arm not in ("reference", "dpo") and "dpo" in per_seed[seeds[0]]["policies"] else [])
     summary[arm] = dict(values=values, minus_dpo=diffs)
-    label = runner.ARMS[arm].label if arm in runner.ARMS else "reference"
+    label = arms_lib.label(arm)
     lines.append(f"| {label} | {' '.join(f'{v:.4f}' for v in values)} | {interval(values)} | "
                  f"{' '.join(f'{d:+.4f}' for d in diffs)} | {interval(diffs) if diffs else ''} |")
   auc_rows = ["", "| token-reward source | AUC per seed | mean [95%] |", "|---|---|---|"]

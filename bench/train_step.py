@@ -109,6 +109,7 @@ def main() -> None:
 
   import jax  # pylint: disable=g-import-not-at-top
   from tregjax.training import metrics  # pylint: disable=g-import-not-at-top
+  from tregjax.training import model_init  # pylint: disable=g-import-not-at-top
   from tregjax.training import trainer  # pylint: disable=g-import-not-at-top
 
   variants, loops = args.variants.split(","), args.loops.split(",")
@@ -117,7 +118,7 @@ def main() -> None:
   rows = []
   for layers in [int(n) for n in args.layers.split(",")] if args.layers else [None]:
     configs = {(v, loop): step_config(args, v, loop, layers) for loop in loops for v in variants}
-    cfg = trainer.model_config(next(iter(configs.values())))
+    cfg = model_init.model_config(next(iter(configs.values())))
     batch = step_batch(args, cfg.vocab_size)
     built, times = {}, {}
     for key, config in configs.items():

@@ -136,9 +136,9 @@ def main() -> None:
   args = parser.parse_args()
 
   from tregjax.training import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-  from tregjax.training import trainer  # pylint: disable=g-import-not-at-top
+  from tregjax.training import model_init  # pylint: disable=g-import-not-at-top
   config = train_step.step_config(args, args.variant, args.loop, int(args.layers) if args.layers else None)
-  cfg = trainer.model_config(config)
+  cfg = model_init.model_config(config)
   batch = train_step.step_batch(args, cfg.vocab_size)
   run, compiled, _ = common.compiled_runner(config, batch)
   instructions, computations = parse_module(compiled.as_text())

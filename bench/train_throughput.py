@@ -54,8 +54,9 @@ def backbone_split(config, batch, repeats: int = 8) -> tuple[float, float]:
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
   from tregjax import models  # pylint: disable=g-import-not-at-top
+  from tregjax.training import model_init  # pylint: disable=g-import-not-at-top
   from tregjax.training import trainer  # pylint: disable=g-import-not-at-top
-  graphdef, params, extra = nnx.split(models.from_config(trainer.model_config(config), 0), nnx.Param, ...)
+  graphdef, params, extra = nnx.split(models.from_config(model_init.model_config(config), 0), nnx.Param, ...)
   tokens = jnp.asarray(np.concatenate([batch.chosen.tokens, batch.rejected.tokens]))
   body = lambda p: nnx.merge(graphdef, p, extra).hidden_states(tokens).astype(jnp.float32).sum()
   fwd, grad = jax.jit(body), jax.jit(jax.grad(body))

@@ -1,7 +1,8 @@
 """Token credit across model sizes (#28): SmolLM2-135M, Qwen2.5-Coder-0.5B and -1.5B on the same arithmetic problems.
 
   python -m tregjax.train --config configs/credit_scaling.py          (default size: see docs/credit_scaling.md)
-  python -m tregjax.train --config configs/credit_scaling.py:small    (what this session's shared CPU ran)
+  python -m tregjax.train --config configs/credit_scaling.py:small    (SmolLM2 + 0.5B, ~15 min each on 2 free cores)
+  python -m tregjax.train --config configs/credit_scaling.py:mini     (half of :small)
   python -m tregjax.train --config configs/credit_scaling.py:tiny     (CI: SmolLM2 only, a handful of problems)
 
 Program "credit" (tregjax/tasks/credit.py): per model, its own samples on the shared problems, every sample scored by
@@ -57,6 +58,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.arith.train_prompts, c.arith.eval_prompts = 24, 40
     c.arith.max_new_tokens = 128
     c.data.max_length, c.data.buckets = 288, (224, 288)
+  elif arg == "mini":  # half of :small: what fitted the last 40 minutes of a shared CPU for the 0.5B
+    c.credit.models = ("smollm2", "qwen2.5-coder-0.5b")
+    c.arith.train_prompts, c.arith.eval_prompts = 12, 24
+    c.arith.max_new_tokens = 128
+    c.data.max_length, c.data.buckets = 288, (224, 288)
   elif arg:
-    raise ValueError(f"configs/credit_scaling.py: unknown argument {arg!r}; use tiny or small (or nothing)")
+    raise ValueError(f"configs/credit_scaling.py: unknown argument {arg!r}; use tiny, mini or small (or nothing)")
   return c

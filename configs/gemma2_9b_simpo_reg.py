@@ -13,7 +13,10 @@ Where each number comes from:
 - T-REG (Zhou et al., 2024) reports SimPO-REG on Gemma-2-9B-it with SimPO's setup and data; alpha searched in
   {0.1, 0.25, 0.5} (0.25 here is the middle of that grid, not a reported optimum). The regularizer is length-averaged
   for SimPO (reg_normalization="auto"), our reading since the T-REG code is unreleased.
-Hardware: FSDP over all local devices (e.g. 8×H100 80GB), full remat, bf16 compute with f32 master weights.
+Hardware: FSDP over all devices (e.g. 8×H100 80GB), full remat, bf16 compute with f32 master weights. Not compiled
+for a TPU topology yet (bench/compile_recipes.py --recipes gemma2_9b_simpo_reg adds its rows; its 9.2B parameters
+hold about 15% more weight and optimizer state than configs/llama3_8b_dpo_reg.py's 8.0B); check a slice with
+`python -m tregjax.compile`.
 """
 
 from tregjax.training import config as config_lib

@@ -15,6 +15,9 @@ Memory (bench/lora_memory.py: the compiled step's memory_analysis, XLA:CPU buffe
 micro-batches of 8 pairs (batch 128 / grad_accum_steps 16 on one device) need 98.1 GiB (15.4 arguments + 82.6 temp):
 one 141 GB H200. On one 80 GB H100 pass --config.optimizer.grad_accum_steps=128 (1 pair: 49.3 GiB). Full
 fine-tuning needs 168.5 GiB for 1 pair: neither GPU.
+TPU: not compiled for a topology yet (bench/compile_recipes.py --recipes llama3_8b_dpo_reg_lora adds its rows). Its
+mesh (data=-1) keeps a whole 15 GiB bfloat16 base on every device, more than a v5e chip's 16 GiB leaves for the step:
+on v5e pass --config.mesh.data=1 --config.mesh.fsdp=-1, and check with `python -m tregjax.compile` (docs/compile.md).
 """
 
 from tregjax.training import config as config_lib

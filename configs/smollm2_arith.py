@@ -23,7 +23,7 @@ from tregjax.training.config import base_config
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = base_config()
-  c.program = "experiment"  # tregjax.training.config.PROGRAMS: the experiment runner, not the bare trainer
+  c.program = "experiment"  # tregjax.programs.PROGRAMS: the experiment runner, not the bare trainer
   c.arith = arith_experiment.default_arith_config()
   c.experiment = runner.default_experiment_config()
   c.experiment.task = "arith"

@@ -154,7 +154,8 @@ def test_a_bad_part_is_one_line_naming_it_and_leaves_nothing(split_asset, tmp_pa
       "tampered": rf"{second}:fake_split_part2/data/part02\.bin: sha256 [0-9a-f]{{64}} != expected "
                   rf"{asset.parts[1].sha256}",
       "truncated": rf"{second}:fake_split_part2/data/part02\.bin: 3093 bytes != expected 3100 \(a truncated",
-      "missing": r"wheels: expected one wheel of fake-split-part2==0\.0\.1 \(fake_split_part2-0\.0\.1-\*\.whl\), found \[\]",
+      "missing": r"wheels: expected one wheel of fake-split-part2==0\.0\.1 "
+                 r"\(fake_split_part2-0\.0\.1-\*\.whl\), found \[\]",
   }[damage]
   cache = tmp_path / "cache"
   assert assets.main(["split", "--cache-dir", str(cache), "--wheel", str(wheels)]) == cli.EXIT_BAD_INPUT

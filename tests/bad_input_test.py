@@ -89,12 +89,12 @@ def _command(module, *args):
 
 
 def test_expected_errors_are_one_line_with_distinct_exit_statuses(capsys):
-  from tregjax.training import checkpoint, trainer
+  from tregjax.training import checkpoint, hooks
   cases = [(errors.ConfigError("config.optimizer.lr=-1: must be > 0"), cli.EXIT_CONFIG),
            (DataError("a.jsonl:line 3", "chosen", "is null", "null_field"), cli.EXIT_BAD_RECORD),
            (errors.StaleCacheError("cache of other inputs"), cli.EXIT_STALE),
            (checkpoint.CheckpointMismatchError("another model"), cli.EXIT_STALE),
-           (trainer.NonFiniteError("loss is nan\nfor 5 steps"), cli.EXIT_NON_FINITE),
+           (hooks.NonFiniteError("loss is nan\nfor 5 steps"), cli.EXIT_NON_FINITE),
            (score.NonFiniteScoreError("nan"), cli.EXIT_NON_FINITE),
            (FileNotFoundError("no such file"), cli.EXIT_BAD_INPUT), (ValueError("bad value"), cli.EXIT_BAD_INPUT)]
   statuses = set()
@@ -125,6 +125,16 @@ def test_train_cli_config_error_is_one_line_and_traceback_only_with_verbose(tmp_
   assert "Traceback" not in proc.stderr
   verbose = _command("tregjax.train", *args, "--verbose")
   assert verbose.returncode == cli.EXIT_CONFIG and "Traceback" in verbose.stderr
+
+
+def test_a_workdir_uri_whose_scheme_has_no_backend_is_one_line_naming_scheme_and_package(tmp_path):
+  """Before anything is built: the scheme and the package to install (s3fs is not a dependency)."""
+  proc = _command("tregjax.train", "--config", os.path.join(REPO_ROOT, "configs", "demo.py"), "--workdir=s3://b/run")
+  assert proc.returncode == cli.EXIT_MISSING_PACKAGE, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+  assert errors == ["tregjax.train: error: --workdir s3://b/run: the s3:// scheme needs the s3fs package, which is "
+                    "not installed: pip install s3fs"], proc.stderr[-3000:]
+  assert not os.path.exists(os.path.join(REPO_ROOT, "s3:"))
 
 
 # ------------------------------------------------------------------------- skipped, empty and all-bad records
@@ -336,3 +346,108 @@ def test_export_of_a_directory_that_is_not_a_run_is_one_clear_line(tmp_path):
                      r"config\.json\)"):
     export.export(str(tmp_path), str(tmp_path / "out"))
   assert not os.path.exists(tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------- LoRA / PEFT adapters
+
+
+def _peft_adapter(base_dir, out_dir, *, rank=4, alpha=8, targets=("q_proj", "v_proj"), **config_edits):
+  """A PEFT adapter written by the peft library on `base_dir` (the golden format), then its adapter_config.json
+  edited by hand (`config_edits`; a value of None deletes the field)."""
+  import peft  # pylint: disable=g-import-not-at-top
+  model = peft.get_peft_model(LlamaForCausalLM.from_pretrained(base_dir),
+                              peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets)))
+  model.save_pretrained(str(out_dir))
+  path = os.path.join(str(out_dir), "adapter_config.json")
+  with open(path, encoding="utf-8") as f:
+    conf = json.load(f)
+  for k, v in config_edits.items():
+    if v is None:
+      conf.pop(k, None)
+    else:
+      conf[k] = v
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(conf, f)
+  return str(out_dir)
+
+
+def _llama_base(path, vocab, hidden=32, layers=2):
+  LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=64, num_hidden_layers=layers,
+                               num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)).save_pretrained(str(path))
+  return str(path)
+
+
+def test_peft_adapters_that_do_not_fit_the_model_are_refused_naming_the_file_and_field(tmp_path, world):
+  from tregjax import models  # pylint: disable=g-import-not-at-top
+  from tregjax.models import adapters  # pylint: disable=g-import-not-at-top
+  base = models.from_pretrained(world["ref"], dtype=np.float32)
+
+  def refused(adapter_dir):
+    with pytest.raises(ValueError) as e:
+      adapters.load_adapter(base, adapter_dir)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+  # r in adapter_config.json disagrees with the tensors (written with r=4)
+  wrong_r = _peft_adapter(world["ref"], tmp_path / "wrong_r", r=8)
+  msg = refused(wrong_r)
+  assert msg.startswith(f"{wrong_r}/adapter_model.safetensors: tensor base_model.model.model.layers.0.self_attn."
+                        "q_proj.lora_A.weight has rank 4 but ") and msg.endswith(
+                            f"{wrong_r}/adapter_config.json says r=8 (shape [4, 32], expected [8, 32])"), msg
+  # target modules the model does not have (GPT-2's fused attention)
+  msg = refused(_peft_adapter(world["ref"], tmp_path / "gpt2_targets", target_modules=["c_attn"]))
+  assert msg.startswith(f"{tmp_path / 'gpt2_targets'}/adapter_config.json: target_modules ['c_attn'] are not LoRA "
+                        "targets tregjax supports"), msg
+  # made for another base: a wider model, a deeper one
+  wide = _peft_adapter(_llama_base(tmp_path / "wide_base", world["vocab"], hidden=48), tmp_path / "wide")
+  msg = refused(wide)
+  assert msg.startswith(f"{wide}/adapter_model.safetensors: tensor base_model.model.model.layers.0.self_attn.q_proj."
+                        "lora_A.weight has shape [4, 48], this model needs [4, 32]: an adapter made for another base "
+                        f"model (hidden or MLP size) (adapter_config.json names base_model_name_or_path="), msg
+  deep = _peft_adapter(_llama_base(tmp_path / "deep_base", world["vocab"], layers=3), tmp_path / "deep")
+  assert refused(deep).startswith(f"{deep}/adapter_model.safetensors: the adapter has tensors for 3 layers, this "
+                                  "model has 2: an adapter made for another base model"), refused(deep)
+  # r <= 0, lora_alpha missing
+  assert refused(_peft_adapter(world["ref"], tmp_path / "r0", r=0)) == (
+      f"{tmp_path / 'r0'}/adapter_config.json: r=0: must be an int > 0 (the adapters' rank)")
+  assert refused(_peft_adapter(world["ref"], tmp_path / "no_alpha", lora_alpha=None)) == (
+      f"{tmp_path / 'no_alpha'}/adapter_config.json: lora_alpha=None: must be a number > 0 (the scale is lora_alpha / "
+      "r); the file has none")
+
+
+def test_lora_config_keys_that_cannot_run_name_the_key(tmp_path, world):
+  from tregjax.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  c = tc.tiny_config(**{"model.lora.rank": -1})
+  with pytest.raises(errors.ConfigError, match=r"^config\.model\.lora\.rank=-1: must be >= 0"):
+    config_lib.validate(c, check_data=False)
+  c = tc.tiny_config(**{"model.lora.rank": 4, "model.lora.alpha": 0.0})
+  with pytest.raises(errors.ConfigError, match=r"^config\.model\.lora\.alpha=0\.0: must be > 0"):
+    config_lib.validate(c, check_data=False)
+  c = tc.tiny_config(**{"model.lora.rank": 4})
+  del c.model.lora["alpha"]
+  with pytest.raises(errors.ConfigError, match=r"missing keys \['model\.lora\.alpha'\]"):
+    config_lib.validate(c, check_data=False)
+  c = tc.tiny_config(**{"model.lora.rank": 4, "model.lora.targets": "model/layers/attn/qkv"})
+  with pytest.raises(errors.ConfigError, match=r"^config\.model\.lora\.targets='model/layers/attn/qkv' matches no "):
+    config_lib.validate(c, check_data=False)
+  adapter = _peft_adapter(world["ref"], tmp_path / "a", r=4, alpha=8)
+  c = tc.tiny_config(**{"model.lora.rank": 4, "model.lora.alpha": 16.0, "model.lora.init_from": adapter,
+                        "model.lora.targets": "attention"})
+  with pytest.raises(errors.ConfigError, match=r"^config\.model\.lora\.alpha=16\.0 but the adapter in "
+                                                r"config\.model\.lora\.init_from has 8\.0"):
+    config_lib.validate(c, check_data=False)
+
+
+def test_resume_with_other_lora_settings_is_refused_naming_the_key(tmp_path):
+  """alpha changes no array shape: without the check the run would go on with another adapter scale."""
+  workdir = str(tmp_path / "run")
+  lora = {"model.lora.rank": 4, "model.lora.alpha": 8.0, "train.steps": 2, "checkpoint.every": 2}
+  first = subprocess.run(tc.worker_cmd(workdir, **lora), env=tc.worker_env(), capture_output=True, text=True,
+                         timeout=600)
+  assert first.returncode == 0, first.stderr[-3000:]
+  for key, value, saved in (("model.lora.alpha", 16.0, "8.0"), ("model.lora.rank", 8, "4")):
+    proc = subprocess.run(tc.worker_cmd(workdir, **{**lora, "train.steps": 4, key: value}), env=tc.worker_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert (f"CheckpointMismatchError: checkpoint {workdir}/checkpoints/2 was trained with config.{key}={saved}, "
+            f"this run has {value!r}; resume with the checkpoint's LoRA settings") in proc.stderr, proc.stderr[-3000:]

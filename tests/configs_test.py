@@ -9,7 +9,7 @@ import sys
 import pytest
 import importlib.util
 
-from tregjax import cli, errors
+from tregjax import cli, errors, programs
 from tregjax.training import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -181,13 +181,18 @@ def test_sections_belong_to_the_program_the_config_names():
 
 
 def test_every_program_entry_is_a_function_of_config_and_workdir():
-  import importlib
   import inspect
-  assert set(config_lib.PROGRAMS) == {"train", "experiment", "credit"}
-  for name, program in config_lib.PROGRAMS.items():
-    module, _, function = program.entry.partition(":")
-    params = list(inspect.signature(getattr(importlib.import_module(module), function)).parameters)
+  assert set(programs.PROGRAMS) == {"train", "experiment", "credit"}
+  for name, program in programs.PROGRAMS.items():
+    params = list(inspect.signature(programs.load(program.entry, "config.program")).parameters)
     assert params[:2] == ["config", "workdir"], (name, params)
+
+
+def test_every_task_entry_names_a_task_class_with_its_section():
+  for name, entry in programs.TASKS.items():
+    cls = programs.load(entry.cls, "experiment.task")
+    assert cls.section == entry.section, name
+    assert callable(cls.prepare) and callable(cls.token_labels) and callable(cls.evaluate), name
 
 
 def test_cli_refuses_a_misspelt_section_in_a_config_file_with_one_line(tmp_path):

@@ -87,7 +87,8 @@ def _write(path, arch: str, tensors: dict) -> None:
 
 def test_a_file_tregjax_cannot_read_is_one_line_naming_it(tmp_path):
   f64 = tmp_path / "f64.gguf"  # a storage type the gguf package does not dequantize
-  _write(f64, "qwen2", {"token_embd.weight": np.zeros((4, 8), np.float64), "output_norm.weight": np.ones(8, np.float32)})
+  _write(f64, "qwen2", {"token_embd.weight": np.zeros((4, 8), np.float64),
+                        "output_norm.weight": np.ones(8, np.float32)})
   with pytest.raises(tj_gguf.GGUFError) as e:
     tj_gguf.GGUFSource(f64)
   assert str(e.value).startswith(f"{f64}: tensor type F64 (e.g. tensor 'token_embd.weight') cannot be dequantized")

@@ -10,6 +10,7 @@ from transformers import AutoTokenizer
 
 from tregjax import errors
 from tregjax.experiments import runner
+from tregjax.experiments import stages as stages_lib
 
 
 def _config(**experiment):
@@ -29,11 +30,11 @@ def test_experiment_section_names_the_bad_key_or_arm():
 
 
 def test_stage_keys_survive_a_moved_workdir_and_refuse_other_inputs(tmp_path):
-  first = runner.Stages(str(tmp_path / "a"))
+  first = stages_lib.Stages(str(tmp_path / "a"))
   key = {"data": {"cache_dir": os.path.join(first.root, "scored", "cache")}, "loss": {"alpha": 0.25}}
   first.finish("arms/dpo", started=0.0, key=key)
   os.rename(tmp_path / "a", tmp_path / "b")
-  moved = runner.Stages(str(tmp_path / "b"))
+  moved = stages_lib.Stages(str(tmp_path / "b"))
   assert moved.done("arms/dpo", {"data": {"cache_dir": os.path.join(moved.root, "scored", "cache")},
                                  "loss": {"alpha": 0.25}})
   with pytest.raises(errors.StaleCacheError, match="made from other inputs"):
@@ -42,7 +43,7 @@ def test_stage_keys_survive_a_moved_workdir_and_refuse_other_inputs(tmp_path):
 
 
 def test_a_config_key_added_since_at_its_default_keeps_the_stage_and_a_changed_one_is_named(tmp_path):
-  stages = runner.Stages(str(tmp_path))
+  stages = stages_lib.Stages(str(tmp_path))
   stages.finish("arms/dpo", started=0.0, key={"loss": {"alpha": 0.25, "beta": 0.1}})
   # loss.tis_mu did not exist when the stage was made; at its default (1.0) the stage was made with that value.
   assert stages.done("arms/dpo", {"loss": {"alpha": 0.25, "beta": 0.1, "tis_mu": 1.0}})
@@ -70,11 +71,11 @@ def test_token_strings_join_to_the_decoded_response():
 
 
 def test_a_preempted_stage_stops_the_experiment_instead_of_being_marked_done(tmp_path):
-  stages = runner.Stages(str(tmp_path))
+  stages = stages_lib.Stages(str(tmp_path))
   with pytest.raises(SystemExit) as stop:
-    runner._exit_if_preempted(types.SimpleNamespace(stopped="preempted", step=7), stages, "arms/dpo")
+    runner.exit_if_preempted(types.SimpleNamespace(stopped="preempted", step=7), stages, "arms/dpo")
   assert stop.value.code == 0 and not stages.done("arms/dpo")
-  runner._exit_if_preempted(types.SimpleNamespace(stopped="completed", step=12), stages, "arms/dpo")  # no exit
+  runner.exit_if_preempted(types.SimpleNamespace(stopped="completed", step=12), stages, "arms/dpo")  # no exit
 
 
 def test_tisdpo_weights_of_responses_of_different_lengths_equal_numpy_per_response():

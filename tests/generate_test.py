@@ -306,6 +306,16 @@ def test_resume_after_interruption_yields_identical_output(world, tmp_path):
   assert sorted(os.listdir(part / "work")) == ["shard-00000.json", "shard-00001.json", "shard-00002.json"]
 
 
+def test_samples_do_not_depend_on_the_batch_size(world, tmp_path):
+  """Per-row keys (fold_in(shard key, row index)): batch 8, batch 2 (a prompt's samples split over batches, with
+  finished-row compaction) and batch_size=0 (probed) sample the same responses."""
+  runs = [_records(generate.run(_config(world, tmp_path / f"b{b}", batch_size=b, top_p=0.9),
+                                scorer=text_length_scorer)) for b in (8, 2, 0)]
+  ids = [[r["all_generated_ids"] for r in recs] for recs in runs]
+  assert ids[0] == ids[1] == ids[2]
+  assert len({tuple(x) for r in ids[0] for x in r}) > len(PROMPTS)  # samples of a prompt differ: it samples
+
+
 def test_top_p_nucleus_is_the_smallest_sorted_prefix_reaching_top_p():
   """The sampler's bisection nucleus against the textbook definition: sort, cumulative mass, first prefix >= top_p."""
   import jax

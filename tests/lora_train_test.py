@@ -23,7 +23,7 @@ from tregjax import models
 from tregjax import parallel
 from tregjax import training
 from tregjax.training import checkpoint as ckpt_lib
-from tregjax.training import trainer as trainer_lib
+from tregjax.training import model_init
 from tregjax.training import config as config_lib
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -95,7 +95,7 @@ def test_freeze_regex_keeps_matches_bitwise_and_gives_them_no_optimizer_state(tm
   params, extra = _flat(summary.state.params), _flat(summary.state.extra)
   assert set(extra) == {"model/embed_tokens"} | {f"model/layers/attn/{n}_proj" for n in "qkvo"}
   # The initial values: the trainer's jitted random init (eager init differs from it in the last ulp).
-  init_params, init_extra = jax.jit(lambda: trainer_lib.random_init(config))()
+  init_params, init_extra = jax.jit(lambda: model_init.random_init(config, model_init.model_config(config)))()
   init = _flat(init_params) | _flat(init_extra)
   for k, v in extra.items():
     np.testing.assert_array_equal(v, init[k], err_msg=k)
@@ -155,7 +155,7 @@ def test_lora_export_merged_and_peft_reproduce_the_trained_logits_and_import_con
   # Continue training from the PEFT directory: the run starts from exactly the exported adapters.
   cont = _config(base_dir, **{"model.lora.targets": "attention", "model.lora.init_from": adapter_dir})
   mesh = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  _, params, _ = trainer_lib.build_model_state(cont, mesh)
+  _, params, _ = model_init.build_model_state(cont, model_init.model_config(cont), mesh)
   for k, v in _flat(params).items():
     np.testing.assert_array_equal(v, _flat(summary.state.params)[k], err_msg=k)
   bad = _config(base_dir, **{"model.lora.rank": 8, "model.lora.init_from": adapter_dir})
@@ -168,7 +168,7 @@ def test_freeze_regex_over_layer_indices_keeps_those_layers_bitwise(tmp_path):
   config = tc.tiny_config(**{"train.steps": 3, "train.freeze": r"model/layers/0/"})
   summary = training.run(config, str(tmp_path / "run"), data_factory=tc.array_data)
   params = _flat(summary.state.params)
-  init_params, _ = jax.jit(lambda: trainer_lib.random_init(config))()
+  init_params, _ = jax.jit(lambda: model_init.random_init(config, model_init.model_config(config)))()
   init = _flat(init_params)
   for k, v in params.items():
     if k.startswith("model/layers/"):

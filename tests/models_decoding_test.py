@@ -149,23 +149,28 @@ def _assert_frequencies(samples, probs, what):
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=0.8), dict(temperature=0.8, top_p=0.9),
-                                dict(temperature=1.0, top_k=7), dict(temperature=1.3, top_k=40, top_p=0.6)],
-                         ids=["full", "top_p", "top_k", "top_k_top_p"])
+                                dict(temperature=1.0, top_k=7), dict(temperature=1.3, top_k=40, top_p=0.6),
+                                dict(temperature=0.8, top_p=0.9, candidate_blocks=0)],
+                         ids=["full", "top_p", "top_k", "top_k_top_p", "top_p_full_path"])
 def test_sampled_frequencies_equal_exact_probabilities(kw):
-  """sample_logits' fast (top-k candidates) and fallback (full vocabulary) paths and the two-level inverse CDF
-  against exact numpy probabilities: a flat row (nucleus far beyond the 64 candidates: fallback), a peaked row
-  (fast path), and a row with a 90-way tie at its top (ties beyond the candidates: fallback)."""
+  """sample_logits' top-p candidate-block path and its full-vocabulary path (snapping-bisection nucleus, two-level
+  inverse CDF) against exact numpy probabilities: a flat row (nucleus far beyond 2 candidate blocks: fallback), a
+  peaked row (the candidates suffice), and a row with a 90-way tie at its top spread over blocks (fallback)."""
   rng = np.random.default_rng(0)
-  v, n = 700, 6000
-  logits = np.stack([rng.normal(size=v) * 0.3, rng.normal(size=v) * 4.0,
-                     np.where(np.arange(v) < 90, 2.0, rng.normal(size=v))]).astype(np.float32)
+  v, n = 2900, 6000  # 12 blocks of 256 (the last one partial), 2 candidate blocks
+  kw = dict(kw, candidate_blocks=kw.get("candidate_blocks", 2))
+  peaked = rng.normal(size=v)
+  peaked[3:9] += 6.0  # six likely tokens, all in block 0: the nucleus lies in the candidates
+  logits = np.stack([rng.normal(size=v) * 0.3, peaked,
+                     np.where(np.arange(v) % 32 == 0, 2.0, rng.normal(size=v))]).astype(np.float32)
   keys = decoding.row_keys(jax.random.key(5), jnp.arange(n))
   rows = jnp.arange(3)
   draw = jax.jit(jax.vmap(lambda k: decoding.sample_logits(
       jnp.asarray(logits), jax.vmap(lambda r: jax.random.fold_in(k, r))(rows), **kw)))
   samples = np.asarray(draw(keys))
   for row in range(3):
-    _assert_frequencies(samples[:, row], _allowed_probs(logits[row], **kw), f"{kw} row {row}")
+    golden = _allowed_probs(logits[row], kw["temperature"], kw.get("top_k", 0), kw.get("top_p", 1.0))
+    _assert_frequencies(samples[:, row], golden, f"{kw} row {row}")
 
 
 def test_first_sampled_token_frequencies_equal_full_forward_probabilities(global_model):
@@ -201,3 +206,15 @@ def test_rows_are_independent_of_batch_and_compaction(model):
   for row in (0, 7, 11):
     alone = decoding.generate(model, [prompts[row]], row_ids=[row], **kw)
     assert np.asarray(alone.tokens)[0].tolist() == np.asarray(plain.tokens)[row].tolist()
+
+
+def test_batch_size_fits_memory_and_probe(global_model):
+  """row_bytes counts the cache arrays init_cache allocates; the chosen batch is a power-of-two multiple of
+  `multiple` within max_rows; the probe measures each size it tries."""
+  cache = decoding.init_cache(global_model, 1, 40)
+  extra = decoding.row_bytes(global_model, 40) - (cache.k.nbytes + cache.v.nbytes)
+  assert extra == 8 * 4 * global_model.config.vocab_size
+  assert decoding.choose_batch_size(global_model, 40, max_rows=20, multiple=4, probe=False) == (16, {})
+  assert decoding.choose_batch_size(global_model, 40, max_rows=3, multiple=4, probe=False) == (4, {})
+  batch, rates = decoding.choose_batch_size(global_model, 40, max_rows=16, multiple=2)
+  assert batch in (2, 4, 8, 16) and set(rates) <= {2, 4, 8, 16} and batch in rates and all(r > 0 for r in rates.values())

@@ -103,13 +103,17 @@ def test_torch_banner_is_dropped_and_other_transformers_warnings_kept(caplog):
   cli.install_command_hooks("test")
   try:
     logger = logging.getLogger("transformers")
-    with caplog.at_level(logging.WARNING):
+    # Once transformers is imported in this process (another test may have), its logger stops propagating to the
+    # root logger caplog listens on: listen on the logger itself, where the command hook's filter sits.
+    logger.addHandler(caplog.handler)
+    with caplog.at_level(logging.WARNING, logger="transformers"):
       logger.warning("PyTorch was not found. Models won't be available and only tokenizers, configuration and "
                      "file/data utilities can be used.")
       logger.warning("a real warning")
     assert [r.getMessage() for r in caplog.records if r.name == "transformers"] == ["a real warning"]
   finally:
     sys.excepthook = previous_hook
+    logger.removeHandler(caplog.handler)
     logger.filters = [f for f in logger.filters if type(f).__name__ != "_DropTorchBanner"]
 
 

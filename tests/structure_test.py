@@ -11,6 +11,7 @@ PEFT names and shapes were checked by hand against PEFT's layout (see the file's
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import os
 import stat
@@ -20,7 +21,9 @@ import numpy as np
 from flax import nnx
 
 from tregjax import models, parallel
+from tregjax.experiments import runner, stages
 from tregjax.models import adapters, safetensors
+from tregjax.synthetic import demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SNAPSHOT = os.path.join(ROOT, "tests", "data", "structure_snapshot.json")
@@ -143,6 +146,25 @@ def test_cycle_finder_finds_a_hand_made_cycle():
   assert not cycles({"a": {"b"}, "b": set()})
 
 
+def test_the_package_import_graph_has_no_cycle():
+  """Imports inside functions included: a cycle kept from failing at import time by a local import is still one."""
+  assert not cycles(edges(PACKAGE))
+
+
+def test_the_experiment_runner_imports_no_task_and_names_none():
+  """Tasks are registered by "module:Class" in tregjax.programs; neither the runner nor any experiments module imports
+  one, and no training module or the runner names a task's section."""
+  for m in PACKAGE:
+    if m.startswith("tregjax.experiments."):
+      reached = {t for imp in imports(m) for t in imp.modules}
+      assert not {t for t in reached if t.startswith(("tregjax.synthetic", "tregjax.tasks"))}, m
+  for m, path in PACKAGE.items():
+    if m.startswith("tregjax.training.") or m == "tregjax.experiments.runner":
+      with open(path, encoding="utf-8") as f:
+        text = f.read()
+      assert "demo" not in text and "arith" not in text, m
+
+
 def test_the_models_package_imports_one_way():
   """models/: config <- lora <- layers <- transformer <- hf_io <- adapters <- pretrained (state and safetensors
   below hf_io); a module never imports one to its right."""
@@ -170,6 +192,12 @@ def test_the_training_modules_and_config_schema_import_no_cli():
     if m in ("tregjax.config_schema", "tregjax.parallel") or m.startswith(("tregjax.training.", "tregjax.data.")):
       reached = {t for imp in imports(m) for t in imp.modules}
       assert "tregjax.cli" not in reached, m
+
+
+def test_the_trainer_imports_no_lora_module():
+  """Model assembly (base, adapters fresh or from PEFT) is training/model_init.py's; the loop knows no adapters."""
+  reached = {t for imp in imports("tregjax.training.trainer") for t in imp.modules}
+  assert not reached & {"tregjax.models.lora", "tregjax.models.adapters"}, reached
 
 
 def test_hf_io_imports_no_adapters_module():
@@ -239,3 +267,39 @@ def test_peft_tensor_names_match_the_snapshot_and_exported_files_are_0644(tmp_pa
   reloaded = models.from_pretrained(str(tmp_path / "hf"), dtype=jnp.float32)
   np.testing.assert_array_equal(np.asarray(reloaded.model.layers.attn.q_proj[...]),
                                 np.asarray(model.model.layers.attn.q_proj[...]))
+
+
+def demo_stage_keys(root: str) -> dict:
+  """Every stage key of configs/demo.py's experiment, built as the runner and the synthetic task build them."""
+  spec = importlib.util.spec_from_file_location("demo_config", os.path.join(ROOT, "configs", "demo.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  task = demo.SyntheticTask(config)
+  workdir = stages.Stages(root)
+  prepared = stages.Prepared(reference=root + "/reference/hf", tokenizer=root + "/world/tokenizer",
+                             train_pairs=root + "/world/pairs_train.jsonl", eval_pairs=root + "/world/pairs_eval.jsonl",
+                             data=dict(max_prompt_length=16, max_length=32, buckets=(32,)))
+  world_key = task.demo.to_dict()
+  sft = {k: v for k, v in stages.stage_key(stages.trainer_config(config, task.section)).items()
+         if k not in ("loss", "score")}
+  keys = {"world": world_key, "reference": dict(world=world_key, trainer=sft)}
+  for arm in config.experiment.arms:
+    keys[f"arms/{arm}"] = stages.stage_key(runner.arm_stage(config, task, prepared, workdir, arm))
+  keys["reward_model"] = stages.stage_key(runner.reward_model_stage(config, task, prepared, workdir,
+                                                                    runner.experiment_section(config)))
+  return workdir, keys
+
+
+def test_an_existing_demo_workdir_is_reused_every_stage_key_unchanged(tmp_path):
+  """A workdir whose DONE files were written before the #29 move (the snapshot's keys) is reused: `done` is True for
+  every stage of configs/demo.py, never a StaleCacheError."""
+  root = str(tmp_path / "W")
+  workdir, keys = demo_stage_keys(root)
+  stored = snapshot()["demo_stage_keys"]
+  assert set(keys) == set(stored)
+  for name, key in keys.items():
+    os.makedirs(workdir.path(name))
+    with open(os.path.join(workdir.path(name), "DONE"), "w", encoding="utf-8") as f:
+      json.dump(dict(seconds=1.0, **stored[name]), f)
+    assert workdir.done(name, key), name

@@ -155,19 +155,20 @@ def main(argv: list[str]) -> None:
   """Worker: `train_common.py WORKDIR [key=value ...] [max_steps=N] [nan_refs=1] [params_dir=DIR]`; prints the
   summary as JSON."""
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  from tregjax import cli, peers
+  peers.supervise("tregjax.train", cli.distributed_env() is not None)  # as `python -m tregjax.train` runs
   workdir, *pairs = argv
   overrides = dict(p.split("=", 1) for p in pairs)
   max_steps = overrides.pop("max_steps", None)
   nan_refs = overrides.pop("nan_refs", None)  # corrupt every cached reference log-prob (non-finite loss)
   params_dir = _parse(overrides.pop("params_dir", "null")) or workdir  # params_N.npz's local dir (gs:// workdirs)
-  from tregjax import cli
-  cli.init_distributed()  # one of several processes when started by launch/local_multiprocess.sh (gloo on CPU)
-  from tregjax import training
   overrides = {k: _parse(v) for k, v in overrides.items()}
   for k in ("data.buckets",):
     if k in overrides:
       overrides[k] = tuple(overrides[k])
   config = tiny_config(**overrides)
+  cli.init_distributed(config=config)  # one of several processes when started by launch/local_multiprocess.sh (gloo)
+  from tregjax import training
   def data(config, split, pi, pc):
     source = array_data(config, split, pi, pc)
     if nan_refs:
@@ -175,8 +176,11 @@ def main(argv: list[str]) -> None:
         pair["ref_chosen_logps"] = np.float32(np.nan)
     return source
 
-  summary = training.run(config, workdir, data_factory=data,
-                         max_steps=None if max_steps is None else int(max_steps))
+  train = lambda: training.run(config, workdir, data_factory=data,
+                               max_steps=None if max_steps is None else int(max_steps))
+  # Several processes: errors end as `python -m tregjax.train`'s do (a lost peer: one line, EXIT_PEER_LOST); one
+  # process keeps the traceback that the single-process tests read.
+  summary = cli.report_errors("tregjax.train", train) if cli.distributed_env() is not None else train()
   import jax
   params = jax.tree.map(np.asarray, jax.device_get(summary.state.params))
   if jax.process_index() == 0:

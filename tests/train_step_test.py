@@ -102,9 +102,9 @@ def test_unrolled_layer_loop_from_the_config_gives_the_scanned_step(dpo_treg):
   """`config.model.scan_layers=False` reaches the model, whose step (no layer scan left in it) has the loss and
   the update of the scanned step (itself checked against numpy above). Tolerance: loss rtol 1e-5, update
   atol 1e-5·max|update| (the same float32 sums fused differently)."""
-  from tregjax.training import trainer  # pylint: disable=g-import-not-at-top
+  from tregjax.training import model_init  # pylint: disable=g-import-not-at-top
   options, _, state, step = dpo_treg
-  cfg = trainer.model_config(tc.tiny_config(**{"model.scan_layers": False}))
+  cfg = model_init.model_config(tc.tiny_config(**{"model.scan_layers": False}))
   model, unrolled_state, unrolled_step = _setup("preference", options, cfg=cfg)
   tokens = jnp.zeros((1, 4), jnp.int32)
   assert "scan" not in str(jax.make_jaxpr(lambda: model.hidden_states(tokens))())

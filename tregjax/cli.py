@@ -15,6 +15,8 @@ import traceback
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, TypeVar
 
+from tregjax.peers import EXIT_PEER_LOST  # 9: a lost or never-joined peer (standard library only)
+
 if TYPE_CHECKING:
   import ml_collections
 
@@ -42,6 +44,7 @@ EXPECTED_ERRORS: dict[str, int] = {
     "NonFiniteScoreError": EXIT_NON_FINITE,
     "DoesNotFitError": EXIT_DOES_NOT_FIT,
     "MissingLibtpuError": EXIT_MISSING_PACKAGE,
+    "PeerLostError": EXIT_PEER_LOST,
     "AssetError": EXIT_BAD_INPUT,
     "MissingBackendError": EXIT_MISSING_PACKAGE,  # a storage URI scheme without its package (tregjax.storage)
     "FileNotFoundError": EXIT_BAD_INPUT,
@@ -108,12 +111,19 @@ def install_command_hooks(prog: str) -> None:
   except ValueError as e:
     print(f"{prog}: error: {e}", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
+  # Several processes: the command runs as the child of a supervisor that turns a peer lost inside jax's native client
+  # (an abort with a native stack dump) into one line and EXIT_PEER_LOST (tregjax.peers).
+  from tregjax import peers  # pylint: disable=g-import-not-at-top  (standard library only)
+  peers.supervise(prog.removeprefix("python -m "), distributed_env() is not None)
   transformers_logger = logging.getLogger("transformers")
   if not any(isinstance(f, _DropTorchBanner) for f in transformers_logger.filters):
     transformers_logger.addFilter(_DropTorchBanner())
   previous = sys.excepthook
 
   def hook(kind, error, tb):
+    cause = peers.loss_cause(error) if isinstance(error, Exception) else None
+    if cause is not None:
+      peers.exit_lost(prog.removeprefix("python -m "), cause)
     if not isinstance(error, ImportError) or missing_package(error) is None:
       previous(kind, error, tb)
       return
@@ -159,11 +169,17 @@ def report_errors(prog: str, body: Callable[[], T], *, verbose: bool | None = No
   """Run a command's body; an expected error becomes ONE line `prog: error: ...` on stderr and its distinct exit
   status (EXPECTED_ERRORS); the traceback only with `--verbose`. Anything else (a bug) propagates with its traceback.
 
-  SystemExit is raised in the normal way (not os._exit), so open files are flushed and closed on the way out.
+  SystemExit is raised in the normal way (not os._exit), so open files are flushed and closed on the way out; except
+  for a lost peer (`tregjax.peers`): one line, EXIT_PEER_LOST and os._exit, since jax.distributed's shutdown at exit
+  would wait on a barrier the lost process can never reach.
   """
   try:
     return body()
   except Exception as e:  # pylint: disable=broad-except
+    from tregjax import peers  # pylint: disable=g-import-not-at-top
+    cause = peers.loss_cause(e)
+    if cause is not None:  # another process is gone: one line and leave now, past the barriers that wait for it
+      peers.exit_lost(prog, cause, verbose=_verbose() if verbose is None else verbose)
     status = exit_status(e)
     if status is None:
       raise
@@ -192,12 +208,13 @@ def distributed_env(env: Mapping[str, str] | None = None) -> dict | None:
   return None
 
 
-def init_distributed(env: Mapping[str, str] | None = None) -> None:
+def init_distributed(env: Mapping[str, str] | None = None, config: ml_collections.ConfigDict | None = None) -> None:
   """Join the other processes of this job when there are several (`distributed_env`); nothing for one process.
 
   Every command's main calls it before anything touches a device: without it each process of an N-host job believes
   it is process 0 of 1, does all the work and writes the outputs at the same time as the others. On CPU the
-  cross-process collectives go over gloo. Calling it again in the same process does nothing.
+  cross-process collectives go over gloo. The join, heartbeat and shutdown timeouts are `config.distributed`'s
+  (config_schema.distributed_defaults). Calling it again in the same process does nothing.
   """
   kwargs = distributed_env(env)
   if kwargs is None:
@@ -205,9 +222,19 @@ def init_distributed(env: Mapping[str, str] | None = None) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   if jax.distributed.is_initialized():
     return
+  from tregjax import config_schema, peers  # pylint: disable=g-import-not-at-top
+  d = config_schema.section(config if config is not None else {}, "distributed")
+  kwargs.update(initialization_timeout=int(d.initialization_timeout_s),
+                heartbeat_timeout_seconds=int(d.heartbeat_timeout_s),
+                shutdown_timeout_seconds=int(d.shutdown_timeout_s))
   if (os.environ if env is None else env).get("JAX_PLATFORMS", "") == "cpu":
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
+  peers.joining(kwargs.get("coordinator_address"), kwargs.get("num_processes"), kwargs.get("process_id"),
+                int(d.initialization_timeout_s))
   jax.distributed.initialize(**kwargs)
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top  (the joined job's
+  state = jax_distributed.global_state  # coordinator, also where jax detected it: SLURM, TPU pods)
+  peers.joined(state.coordinator_address, state.num_processes, state.process_id)
 
 
 def barrier(name: str) -> None:

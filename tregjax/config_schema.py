@@ -5,7 +5,7 @@ builder or command module.
 Layout:
   defaults()            the tree `tregjax.training.config.base_config()` returns (the trainer validates all of it):
                         top-level keys and the model, data, score, loss, optimizer, mesh, checkpoint, train, logging
-                        sections; built from the section functions below.
+                        and distributed sections; built from the section functions below.
   data_defaults(), score_defaults(), generate_defaults(), lora_defaults()
                         one section each (tregjax.data.build, tregjax.score, tregjax.generate, model.lora);
                         `generate` is a command section that any config may carry, so it is not in defaults().
@@ -139,7 +139,8 @@ def generate_defaults() -> ml_collections.ConfigDict:
       max_new_tokens=512,
       seed=_inherit(int),  # sampling seed; None -> config.seed
       max_prompt_length=0,  # 0 -> data.max_prompt_length; longer prompts follow data.truncation (keep the end)
-      batch_size=32,  # sampled rows per jitted call, rounded up to a multiple of the data-parallel size
+      batch_size=32,  # sampled rows per jitted call, rounded up to a multiple of the data-parallel size; 0 -> from
+      # free memory and a short probe of decode-step rates (tregjax.models.decoding.choose_batch_size)
       buckets=_inherit(tuple),  # padded prompt widths (longer: multiples of the largest); None -> data.buckets
       reward_model="",  # local HF *ForSequenceClassification dir (num_labels=1); "" -> a Python scorer
       scorer="",  # "pkg.module:function" -> scorer(prompt_messages, response_text) -> float (when no reward_model)
@@ -161,10 +162,25 @@ def lora_defaults() -> ml_collections.ConfigDict:
   ))
 
 
+def distributed_defaults() -> ml_collections.ConfigDict:
+  """The `distributed` section: how the processes of a multi-process job join and notice a lost one (passed to
+  jax.distributed.initialize by cli.init_distributed; every multi-process command reads it)."""
+  return ml_collections.ConfigDict(dict(
+      # How long every process waits for all of them to join the coordinator before failing with one line.
+      initialization_timeout_s=300,
+      # A process that sends no heartbeat for this long is lost. Only the last resort: a lost process normally shows
+      # at once, in the next collective (tregjax.peers); this bounds a survivor stuck where nothing fails (a hung
+      # accelerator collective). jax's default is 100 s.
+      heartbeat_timeout_s=60,
+      # At a normal exit, how long a process waits for the others to finish too. jax's default is 300 s.
+      shutdown_timeout_s=120,
+  ))
+
+
 def defaults() -> ml_collections.ConfigDict:
   """Every trainer key with its default (unlocked: config files override, then the CLI locks)."""
   c = ml_collections.ConfigDict()
-  c.program = "train"  # what `python -m tregjax.train` runs: a key of tregjax.training.config.PROGRAMS
+  c.program = "train"  # what `python -m tregjax.train` runs: a key of tregjax.programs.PROGRAMS
   c.seed = 0  # parameter and adapter init, dropout, sampling (generate.seed), the experiment's draws
   # "preference": DPO/IPO/SimPO/TGDPO (+ T-REG) on a scored cache; "sft": next-token loss on the chosen response;
   # "reward_model": Bradley-Terry on a sequence-classification head. Same step, optimizer, checkpoints, logging.
@@ -249,11 +265,13 @@ def defaults() -> ml_collections.ConfigDict:
   # Weights & Biases (training/hooks.py WandbHook; the optional [wandb] extra): every scalar the run writes to
   # metrics.jsonl, the config and a summary. project "" = off; WANDB_MODE=offline keeps it in <workdir>/wandb.
   c.logging.wandb = ml_collections.ConfigDict(dict(project="", name="", tags=(), entity=""))
+  c.distributed = distributed_defaults()  # multi-process jobs: join, heartbeat and shutdown timeouts
   return c
 
 
 # Command sections read through `section()`: name -> defaults.
-SECTIONS = {"data": data_defaults, "score": score_defaults, "generate": generate_defaults}
+SECTIONS = {"data": data_defaults, "score": score_defaults, "generate": generate_defaults,
+            "distributed": distributed_defaults}
 
 
 # ------------------------------------------------------------------------------------------ unknown keys
@@ -308,7 +326,8 @@ def check_type(path: str, value: Any, default: Any) -> None:
   else:
     ok = True
   if not ok:
-    raise errors.ConfigError(f"config.{path}: expected {type(default).__name__}, got {value!r} ({type(value).__name__})")
+    raise errors.ConfigError(f"config.{path}: expected {type(default).__name__}, got {value!r} "
+                             f"({type(value).__name__})")
 
 
 def _merge(path: str, defaults: ml_collections.ConfigDict, given: Mapping[str, Any]) -> dict[str, Any]:
@@ -385,10 +404,16 @@ def _check_score(s: ml_collections.ConfigDict) -> None:
       raise errors.ConfigError(f"config.score.{key}={s[key]!r}: must be >= 1")
 
 
+def _check_distributed(d: ml_collections.ConfigDict) -> None:
+  for key in ("initialization_timeout_s", "heartbeat_timeout_s", "shutdown_timeout_s"):
+    if d[key] < 1:
+      raise ConfigError(f"config.distributed.{key}={d[key]!r}: must be >= 1 (seconds)")
+
+
 def _check_generate(g: ml_collections.ConfigDict) -> None:
   checks = [("num_samples", g.num_samples >= 1), ("max_new_tokens", g.max_new_tokens >= 1),
             ("temperature", g.temperature >= 0), ("top_p", 0 < g.top_p <= 1), ("top_k", g.top_k >= 0),
-            ("batch_size", g.batch_size >= 1), ("reward_batch_size", g.reward_batch_size >= 1),
+            ("batch_size", g.batch_size >= 0), ("reward_batch_size", g.reward_batch_size >= 1),
             ("shard_size", g.shard_size >= 1)]
   for name, ok in checks:
     if not ok:
@@ -398,7 +423,7 @@ def _check_generate(g: ml_collections.ConfigDict) -> None:
     raise errors.ConfigError("set only one of config.generate.reward_model and config.generate.scorer")
 
 
-_CHECKS = {"score": _check_score, "generate": _check_generate}
+_CHECKS = {"score": _check_score, "generate": _check_generate, "distributed": _check_distributed}
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer

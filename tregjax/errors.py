@@ -12,4 +12,9 @@ class StaleCacheError(ValueError):
   """Outputs (a scored cache, generated pairs, a stage) made from other inputs than the ones the caller expects."""
 
 
-__all__ = ["ConfigError", "StaleCacheError"]
+class PeerLostError(RuntimeError):
+  """Another process of a multi-process job is gone, or never joined (tregjax.peers): the job cannot go on, only be
+  rerun; what it wrote is kept."""
+
+
+__all__ = ["ConfigError", "StaleCacheError", "PeerLostError"]

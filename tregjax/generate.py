@@ -138,8 +138,8 @@ def check_lengths(prompts: Sequence[Prompt], max_new_tokens: int, limit: int, mo
   longest = max(prompts, key=lambda p: len(p.ids))
   if len(longest.ids) + max_new_tokens > limit:
     raise errors.ConfigError(f"{longest.where}: prompt of {len(longest.ids)} tokens + generate.max_new_tokens="
-                          f"{max_new_tokens} runs past max_position_embeddings={limit} of {model_path}; lower "
-                          f"generate.max_prompt_length (data.truncation='truncate' cuts) or generate.max_new_tokens")
+                             f"{max_new_tokens} runs past max_position_embeddings={limit} of {model_path}; lower "
+                             f"generate.max_prompt_length (data.truncation='truncate' cuts) or generate.max_new_tokens")
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -181,6 +181,20 @@ class Sampler:
       eos.add(int(tok.tokenizer.eos_token_id))
     self.eos_ids = tuple(sorted(eos))
     self.batch_size = round_to_mesh(g.batch_size, mesh)
+
+  def fit_batch(self, prompts: Sequence[Prompt], shard_rows: int) -> None:
+    """generate.batch_size = 0: the batch from free memory and a short decode-step probe (at the longest prompt's
+    bucket + max_new_tokens, at most one shard's rows), logged."""
+    if self.g.batch_size:
+      return
+    from tregjax.models import decoding  # pylint: disable=g-import-not-at-top
+    width = bucket_of(max(len(p.ids) for p in prompts), self.g.buckets, extend=True)
+    with parallel.use_mesh(self.mesh):
+      self.batch_size, rates = decoding.choose_batch_size(
+          self.model, width + int(self.g.max_new_tokens), max_rows=shard_rows,
+          multiple=self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+    log.info("generate.batch_size=0: %d rows (probed rows/s: %s)", self.batch_size,
+             ", ".join(f"{k}: {v:.0f}" for k, v in rates.items()) or "not probed")
 
   def sample(self, rows: Sequence[Sequence[int]], key: jax.Array, row_ids: Sequence[int]
              ) -> tuple[np.ndarray, np.ndarray]:
@@ -424,6 +438,7 @@ def run(config: ml_collections.ConfigDict, *, scorer: Scorer | None = None) -> s
   mine = job.mine(keys)
   if mine:
     sampler = Sampler(config, g, mesh, tok)
+    sampler.fit_batch(prompts, int(g.shard_size) * int(g.num_samples))
     check_lengths(prompts, int(g.max_new_tokens), sampler.model.config.max_position_embeddings,
                   config_schema.model_path(config, "policy"))
     reward = RewardScorer(config, g, mesh, tok) if g.reward_model else None

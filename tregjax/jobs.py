@@ -104,7 +104,7 @@ class Job:
       found = json.load(f).get("hash")
     if found != self.digest:
       raise errors.StaleCacheError(f"{self.out_dir} already holds {self.what} of other inputs (hash {str(found)[:16]}, "
-                            f"this config {self.digest[:16]}); choose another {self.dir_key} or delete it")
+                                   f"this config {self.digest[:16]}); choose another {self.dir_key} or delete it")
     log.info("%s in %s is complete and current", self.what, self.out_dir)
     return True
 
@@ -135,7 +135,10 @@ class Job:
   def mine(self, keys: Sequence[Key]) -> list[Key]:
     """This process's unfinished shards: key n is process n % N's, whether or not another has finished it."""
     import jax  # pylint: disable=g-import-not-at-top
+    from tregjax import peers  # pylint: disable=g-import-not-at-top
     pid, count = jax.process_index(), jax.process_count()
+    for prefix in dict.fromkeys(k[0] for k in keys):  # a lost peer's one line counts the complete ones
+      peers.keep_shards(self.out_dir, self.digest, self.fmt.ext, prefix, sum(k[0] == prefix for k in keys))
     return [key for n, key in enumerate(keys) if n % count == pid and self.read(key) is None]
 
   def shards(self, keys: Sequence[Key]) -> Iterator[Any]:
@@ -160,8 +163,12 @@ def main(prog: str, run: Callable[[Any], str]) -> None:
   the output directory; bad input ends in one line and its exit status."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   cli.setup_logging()
-  cli.init_distributed()
-  print(cli.report_errors(prog, lambda: run(flags.FLAGS.config)))
+
+  def body() -> str:
+    cli.init_distributed(config=flags.FLAGS.config)
+    return run(flags.FLAGS.config)
+
+  print(cli.report_errors(prog, body))
 
 
 def app_main(main_fn: Callable[[Sequence[str]], None]) -> None:

@@ -97,10 +97,10 @@ def mesh_from_config(config: Any, *, per_process: bool = False, devices: Sequenc
   try:
     return make_mesh(1 if -1 in (fsdp, tensor) else -1, fsdp, tensor, devices=devices)
   except ValueError as e:
-    raise errors.ConfigError(f"config.mesh.tensor={tensor} x config.mesh.fsdp={fsdp} does not divide the {len(devices)} "
-                          f"local device(s) of this process (score and generate shard the model over fsdp x tensor "
-                          f"and the rows over the rest); set config.mesh.tensor and config.mesh.fsdp to divisors "
-                          f"of {len(devices)} ({e})") from e
+    raise errors.ConfigError(f"config.mesh.tensor={tensor} x config.mesh.fsdp={fsdp} does not divide the "
+                             f"{len(devices)} local device(s) of this process (score and generate shard the model over "
+                             f"fsdp x tensor and the rows over the rest); set config.mesh.tensor and config.mesh.fsdp "
+                             f"to divisors of {len(devices)} ({e})") from e
 
 
 def logical_to_spec(axes: Sequence[str | None] | None, rules: dict | None = None) -> PartitionSpec:

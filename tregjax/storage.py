@@ -258,6 +258,19 @@ def copy_file(src: str | os.PathLike, dst: str | os.PathLike, *, mode: int = FIL
         os.remove(tmp)
       raise
     return
+  if not is_uri(s):  # local -> object storage: streamed by the backend (a 5 GB shard is never read into memory)
+    fs, tmp = _fs(d), _temporary_name(d)
+    try:
+      fs.put_file(s, tmp)
+      _move_into_place(tmp, d)
+    except BaseException:
+      try:
+        if fs.exists(tmp):
+          fs.rm_file(tmp)
+      except Exception:  # pylint: disable=broad-except  (the first error is the one to report)
+        pass
+      raise
+    return
   write_bytes(d, read_bytes(s), mode=mode)
 
 

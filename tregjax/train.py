@@ -1,7 +1,7 @@
 """python -m tregjax.train --config configs/x.py [--config.key=value ...] --workdir DIR
 
 Wiring only: flags → `cli.init_distributed()` (when several processes) → the whole config validated → the program
-`config.program` names in `tregjax.training.config.PROGRAMS` ("train": the trainer; "experiment": the experiment
+`config.program` names in `tregjax.programs.PROGRAMS` ("train": the trainer; "experiment": the experiment
 runner), run as `entry(config, workdir)`. Rerunning with the same --workdir resumes from its latest checkpoint.
 SIGTERM saves a checkpoint and exits 0. `--compile_only --topology v5e:16x16` trains nothing: it compiles the training
 step and scoring forward for that TPU topology on this host (`tregjax.compile`, docs/compile.md).
@@ -17,7 +17,6 @@ naming what changed (data, prompts, model, ...), never overwritten: it may hold 
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 
@@ -58,20 +57,19 @@ def main(argv: list[str]) -> None:
 
 
 def _train() -> None:
-  cli.init_distributed()
+  cli.init_distributed(config=_CONFIG.value)
+  from tregjax import programs  # pylint: disable=g-import-not-at-top
   from tregjax.training import config as config_lib  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   # The whole config (sections, keys, mesh vs devices; for the trainer also input paths and splits) before anything
   # is built: each problem is one line now, not a crash at the first evaluation.
   config_lib.validate(config, check_data=config.program == "train")
-  program = config_lib.PROGRAMS[config.program]
-  module, _, function = program.entry.partition(":")
   workdir = _WORKDIR.value or default_workdir()
   from tregjax import storage  # pylint: disable=g-import-not-at-top
   storage.check_writable(workdir, "--workdir")  # a gs:// bucket that is missing or read-only: one line, before work
   if config.program == "train":
     prepare_data(config)
-  getattr(importlib.import_module(module), function)(config, workdir)
+  programs.load(programs.PROGRAMS[config.program].entry, "config.program")(config, workdir)
   logging.getLogger("tregjax.train").info("done: program %r; outputs in %s", config.program, workdir)
 
 

@@ -134,7 +134,7 @@ def check_cache(cache_dir: str, expected_hash: str | dict[str, str]) -> dict[str
   path = os.path.join(cache_dir, CACHE_META)
   if not os.path.exists(path):
     raise errors.StaleCacheError(f"{cache_dir} is not a finished scored cache (no {CACHE_META}); run "
-                          f"`python -m tregjax.score` with this config (it resumes an interrupted run)")
+                                 f"`python -m tregjax.score` with this config (it resumes an interrupted run)")
   with open(path) as f:
     meta = json.load(f)
   expected = expected_hash if isinstance(expected_hash, str) else hashing.hash_json(expected_hash)
@@ -144,7 +144,7 @@ def check_cache(cache_dir: str, expected_hash: str | dict[str, str]) -> dict[str
       keys = set(expected_hash) | set(meta.get("components", {}))
       diff = sorted(k for k in keys if meta.get("components", {}).get(k) != expected_hash.get(k))
       changed = f"; changed inputs: {', '.join(diff)}"
-    raise errors.StaleCacheError(f"scored cache {cache_dir} was made from other inputs (cache hash {meta['hash'][:16]}, "
-                          f"expected {expected[:16]}{changed}); rescore with `python -m tregjax.score` into a new "
-                          f"data.cache_dir")
+    raise errors.StaleCacheError(f"scored cache {cache_dir} was made from other inputs (cache hash "
+                                 f"{meta['hash'][:16]}, expected {expected[:16]}{changed}); rescore with "
+                                 f"`python -m tregjax.score` into a new data.cache_dir")
   return meta

@@ -1,9 +1,9 @@
 """One experiment runner for every world: stages cached in a workdir -> arms -> token credit -> evaluation -> report.
 
-    python -m tregjax.train --config configs/demo.py            (the synthetic world, task "synthetic")
-    python -m tregjax.train --config configs/smollm2_arith.py   (SmolLM2-135M-Instruct on arithmetic, task "arith")
+    python -m tregjax.train --config CONFIG   (a config whose program is "experiment"; its experiment.task is a key of
+                                               tregjax.programs.TASKS, which names each task's class and section)
 
-A task supplies what differs between worlds: how the reference and the preference pairs come to exist (`prepare`),
+A task (`stages.Task`, imported by name only when chosen: this module imports none) supplies what differs between worlds: how the reference and the preference pairs come to exist (`prepare`),
 the oracle's token truth (`token_labels`, which also gives the oracle arm its rewards), and the policy evaluation
 (`evaluate`). Everything else is here and shared:
 
@@ -11,7 +11,7 @@ the oracle's token truth (`token_labels`, which also gives the oracle arm its re
              trained DPO arm: the paper's ablation and TGDPO's guidance), oracle (the task's token truth), r3hf (a
              sequence reward model trained on the same pairs by the trainer's `reward_model` objective)
   arms       config overrides of `loss` (+ which scored cache), each trained from the reference on the same pairs, the
-             same steps and the same seed (`ARMS`)
+             same steps and the same seed (`arms_lib.ARMS`)
   credit     ROC-AUC of every token-reward source at ranking the oracle's correct tokens above its error tokens, on the
              reference's own responses (the training pairs), with a bootstrap interval over responses
   report     results.json, a printed table, a PNG plot and an HTML heatmap of token rewards in the workdir
@@ -23,65 +23,28 @@ and a stage finished from other inputs is refused rather than silently reused.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import ml_collections
 import numpy as np
 
-from tregjax import errors
+from tregjax import programs
+from tregjax.experiments import arms as arms_lib
+from tregjax.experiments import stages as stages_lib
 from tregjax.experiments import stats
 
 log = logging.getLogger("tregjax.experiments")
 
 
-@dataclasses.dataclass(frozen=True)
-class Arm:
-  """One arm: overrides of `config.loss`, and the token-reward source of the scored cache it trains on."""
-  loss: Mapping[str, Any]
-  rewards: str = "contrastive"
-  label: str = ""
-
-
-# The paper's method, baselines and ablations, TGDPO, and one arm no paper has: DPO-REG with the oracle's token truth
-# as r̂ (the ceiling of token-level regularisation when the token rewards are perfect).
-ARMS: dict[str, Arm] = {
-    "dpo": Arm(dict(loss="dpo", regularizer="none"), label="DPO"),
-    "dpo_reg": Arm(dict(loss="dpo", regularizer="treg", weighting="dynamic"), label="DPO-REG (T-REG)"),
-    # SimPO's own scale: β = 2 and margin γ = 1 (γ/β = 0.5, the SimPO paper's setting for its base models); the
-    # config's loss.beta is DPO's KL scale (0.1), far too small for length-averaged log-probs.
-    "simpo": Arm(dict(loss="simpo", regularizer="none", beta=2.0, gamma=1.0), label="SimPO"),
-    "simpo_reg": Arm(dict(loss="simpo", regularizer="treg", weighting="dynamic", beta=2.0, gamma=1.0),
-                     label="SimPO-REG"),
-    # TGDPO's release guides DPO with token rewards from a DPO-trained model: the DPO arm's implicit rewards.
-    "tgdpo": Arm(dict(loss="tgdpo", regularizer="none"), rewards="dpo_implicit", label="TGDPO"),
-    "dpo_sft": Arm(dict(loss="dpo", regularizer="sft"), label="DPO + SFT on y_w (ablation)"),
-    "dpo_reg_static": Arm(dict(loss="dpo", regularizer="treg", weighting="static"),
-                          label="DPO-REG, static weight (ablation)"),
-    "dpo_reg_implicit": Arm(dict(loss="dpo", regularizer="treg", weighting="dynamic"), rewards="dpo_implicit",
-                            label="DPO-REG, DPO-implicit r̂ (ablation)"),
-    "dpo_reg_oracle": Arm(dict(loss="dpo", regularizer="treg", weighting="dynamic"), rewards="oracle",
-                          label="DPO-REG, oracle r̂ (ceiling)"),
-    # Token signals that need no prompt and no extra model: the reference's own confidence as T-REG's r̂ (ConfPO's
-    # threshold), ConfPO itself (SimPO's β and γ, on the policy's low-confidence tokens), and TIS-DPO's importance
-    # weights from the same contrastive log-prob differences T-REG squashes into r̂.
-    "dpo_reg_conf": Arm(dict(loss="dpo", regularizer="treg", weighting="dynamic"), rewards="confidence",
-                        label="DPO-REG, confidence r̂"),
-    "confpo": Arm(dict(loss="confpo", regularizer="none", beta=2.0, gamma=1.0), label="ConfPO"),
-    "tisdpo": Arm(dict(loss="tisdpo", regularizer="none"), label="TIS-DPO (prompt weights)"),
-}
-REWARD_SOURCES = ("contrastive", "dpo_implicit", "oracle", "r3hf", "confidence")
-
-
 def default_experiment_config() -> ml_collections.ConfigDict:
   """The `experiment` section: which task, which arms, and what else the report measures."""
   return ml_collections.ConfigDict(dict(
-      task="synthetic",  # "synthetic" (tregjax.synthetic.demo) | "arith" (tregjax.tasks.arith_experiment)
+      task="synthetic",  # a key of tregjax.programs.TASKS
       arms=("dpo", "dpo_reg"),
       # Policies whose implicit token rewards β·(log π − log π_ref) join the token-credit table ("dpo" is the paper's
       # DPO-implicit source and TGDPO's guidance; any trained arm can be added).
@@ -97,160 +60,24 @@ def experiment_section(config: ml_collections.ConfigDict) -> ml_collections.Conf
   errors naming the key."""
   from tregjax import config_schema  # pylint: disable=g-import-not-at-top
   merged = config_schema.merge("experiment", default_experiment_config(), config.get("experiment", None))
-  unknown = [a for a in merged.arms if a not in ARMS]
+  unknown = [a for a in merged.arms if a not in arms_lib.ARMS]
   if unknown:
-    raise ValueError(f"experiment.arms: unknown {unknown}; choose from {sorted(ARMS)}")
+    raise ValueError(f"experiment.arms: unknown {unknown}; choose from {sorted(arms_lib.ARMS)}")
   unknown = [a for a in merged.credit_policies if a not in merged.arms]
   if unknown:
     raise ValueError(f"experiment.credit_policies: {unknown} are not among experiment.arms {tuple(merged.arms)}")
-  needs_dpo = [a for a in merged.arms if ARMS[a].rewards == "dpo_implicit"]
+  if merged.task not in programs.TASKS:
+    raise ValueError(f"experiment.task={merged.task!r}: choose from {sorted(programs.TASKS)}")
+  needs_dpo = [a for a in merged.arms if arms_lib.ARMS[a].rewards == "dpo_implicit"]
   if needs_dpo and "dpo" not in merged.arms:
     raise ValueError(f"experiment.arms: {needs_dpo} train on the DPO arm's implicit token rewards; add 'dpo'")
   return merged
 
 
-# -------------------------------------------------------------------------------------------------- stages
-
-
-class Stages:
-  """A workdir of stages: `path(name)`, `done(name)`, `finish(name, info)`; wall times kept for the report."""
-
-  def __init__(self, root: str):
-    self.root = os.path.abspath(root)
-    self.t0 = time.perf_counter()
-    os.makedirs(root, exist_ok=True)
-
-  def path(self, name: str) -> str:
-    return os.path.join(self.root, name)
-
-  def done(self, name: str, key: Any = None) -> bool:
-    """Whether stage `name` finished; with `key` (the inputs that define it, JSON-able), a stage finished from other
-    inputs is an error rather than a silent reuse."""
-    if not os.path.exists(os.path.join(self.path(name), "DONE")):
-      return False
-    if key is not None:
-      info = self.info(name)
-      if info.get("key") != self.key_hash(key):
-        differences = self._differences(info.get("key_json"), key)
-        if differences is None or differences:
-          detail = "; ".join(differences[:5]) if differences else "another config"
-          raise errors.StaleCacheError(f"stage {self.path(name)} was made from other inputs ({detail}); delete it or use "
-                                f"another --workdir")
-    return True
-
-  def _differences(self, stored: dict | None, key: Any) -> list[str] | None:
-    """What differs between a stage's stored key and `key` ("path: old -> new"), ignoring config keys added since the
-    stage was made that still hold their default (the stage was made with that default); None if nothing is stored."""
-    if stored is None:
-      return None
-    old, new = _flatten(stored), _flatten(self.key_json(key))
-    defaults = _config_defaults()
-    out = []
-    for path in sorted(set(old) | set(new)):
-      if old.get(path, _MISSING) == new.get(path, _MISSING):
-        continue
-      if path not in old and _default_of(path, defaults) == new[path]:
-        continue  # a key added since, at its default
-      out.append(f"{path}: {old.get(path, '(absent)')!r} -> {new.get(path, '(absent)')!r}")
-    return out
-
-  def info(self, name: str) -> dict:
-    with open(os.path.join(self.path(name), "DONE"), encoding="utf-8") as f:
-      return json.load(f)
-
-  def finish(self, name: str, started: float, info: dict | None = None, key: Any = None) -> dict:
-    info = dict(info or {}, seconds=round(time.perf_counter() - started, 1))
-    if key is not None:
-      info["key"], info["key_json"] = self.key_hash(key), self.key_json(key)
-    from tregjax.data import hashing  # pylint: disable=g-import-not-at-top
-    os.makedirs(self.path(name), exist_ok=True)
-    hashing.atomic_write_json(os.path.join(self.path(name), "DONE"), info)
-    self.say(f"{name} done in {info['seconds']:.0f}s")
-    return info
-
-  def key_json(self, key: Any) -> Any:
-    """A stage's inputs as JSON with this workdir's path written as <workdir>: a moved (or linked) workdir keeps its
-    stages."""
-    return json.loads(json.dumps(key, default=str).replace(self.root, "<workdir>"))
-
-  def key_hash(self, key: Any) -> str:
-    from tregjax.data import hashing  # pylint: disable=g-import-not-at-top
-    return hashing.hash_json(self.key_json(key))
-
-  def say(self, message: str) -> None:
-    print(f"[experiment {time.perf_counter() - self.t0:6.0f}s] {message}", flush=True)
-
-  def seconds(self) -> dict[str, float]:
-    """Wall time of every finished stage (as measured when it ran, even if this run reused it)."""
-    out = {}
-    for dirpath, _, files in os.walk(self.root):
-      if "DONE" in files:
-        with open(os.path.join(dirpath, "DONE"), encoding="utf-8") as f:
-          out[os.path.relpath(dirpath, self.root)] = json.load(f).get("seconds", float("nan"))
-    return dict(sorted(out.items()))
-
-
-_MISSING = object()
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-  if isinstance(tree, Mapping):
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-      out.update(_flatten(v, f"{prefix}{k}."))
-    return out
-  return {prefix[:-1]: tree}
-
-
-def _default_of(path: str, defaults: dict[str, Any]) -> Any:
-  """The default of a config key, also where a stage key nests the config ("trainer.loss.alpha" -> "loss.alpha")."""
-  parts = path.split(".")
-  for i in range(len(parts)):
-    if ".".join(parts[i:]) in defaults:
-      return defaults[".".join(parts[i:])]
-  return _MISSING
-
-
-def _config_defaults() -> dict[str, Any]:
-  """Every trainer config key's default, flattened ("loss.alpha": 0.25), as JSON values."""
-  from tregjax.training import config as config_lib  # pylint: disable=g-import-not-at-top
-  return _flatten(json.loads(json.dumps(config_lib.base_config().to_dict(), default=str)))
-
-
-def stage_key(stage: ml_collections.ConfigDict) -> dict[str, Any]:
-  """What defines a training stage's result: its whole config but the logging section (progress bars, TensorBoard)."""
-  return {k: v for k, v in stage.to_dict().items() if k != "logging"}
-
-
 # ---------------------------------------------------------------------------------------------------- tasks
 
 
-@dataclasses.dataclass(frozen=True)
-class Prepared:
-  """What a task's `prepare` hands the shared stages: a reference model and preference pairs to score and train on."""
-  reference: str  # Hugging Face directory of the reference (= every arm's initial policy)
-  tokenizer: str  # tokenizer directory (chat template)
-  train_pairs: str  # JSONL of {"prompt", "chosen", "rejected"}
-  eval_pairs: str = ""  # JSONL for the trainer's held-out preference metrics ("" -> none)
-  data: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # data.* overrides (lengths, buckets)
-
-
-class Task(Protocol):
-  """A world or task the runner can run: see tregjax/synthetic/demo.py and tregjax/tasks/arith_experiment.py."""
-  name: str
-  section: str  # the config section holding the task's own keys (e.g. "demo", "arith")
-
-  def prepare(self, config: ml_collections.ConfigDict, stages: Stages) -> Prepared: ...
-
-  def token_labels(self, prompt_messages: list[dict[str, str]], response_ids: Sequence[int]) -> np.ndarray:
-    """int8 per response token: +1 correct, −1 error, 0 unlabelled (the oracle's token truth)."""
-
-  def evaluate(self, config: ml_collections.ConfigDict, stages: Stages, prepared: Prepared,
-               policies: dict[str, str]) -> dict[str, Any]:
-    """{"policies": {name: {metric: value}}, "plot": [Estimate...], "plot_title": str, "table": str, ...}"""
-
-
-def oracle_rewards(task: Task) -> Callable[[list[dict[str, str]], list[int]], np.ndarray]:
+def oracle_rewards(task: stages_lib.Task) -> Callable[[list[dict[str, str]], list[int]], np.ndarray]:
   """The token-reward oracle of the scoring pass: the task's token truth on T-REG's scale (+0.5 / −0.5 / 0)."""
 
   def oracle(prompt_messages, response_ids):
@@ -262,17 +89,8 @@ def oracle_rewards(task: Task) -> Callable[[list[dict[str, str]], list[int]], np
 # ------------------------------------------------------------------------------------------ shared stages
 
 
-def trainer_config(config: ml_collections.ConfigDict, task_section: str) -> ml_collections.ConfigDict:
-  """The trainer's part of an experiment config (a fresh, unlocked copy without experiment/task sections): a config of
-  the "train" program (the default, so stage keys made before `config.program` existed still match)."""
-  d = config.to_dict()
-  for section in ("experiment", task_section):
-    d.pop(section, None)
-  d["program"] = "train"
-  return ml_collections.ConfigDict(d)
-
-
-def _with_data(stage: ml_collections.ConfigDict, prepared: Prepared, stages: Stages) -> ml_collections.ConfigDict:
+def _with_data(stage: ml_collections.ConfigDict, prepared: stages_lib.Prepared, stages: stages_lib.Stages
+               ) -> ml_collections.ConfigDict:
   stage.data.train_files = [prepared.train_pairs]
   stage.data.validation_files = [prepared.eval_pairs] if prepared.eval_pairs else []
   stage.data.schema = "pair"
@@ -287,7 +105,7 @@ def _with_data(stage: ml_collections.ConfigDict, prepared: Prepared, stages: Sta
   return stage
 
 
-def _reward_settings(source: str, stages: Stages, task: Task) -> dict[str, Any]:
+def _reward_settings(source: str, stages: stages_lib.Stages, task: stages_lib.Task) -> dict[str, Any]:
   """score.token_reward keys of each source's cache (the trainer recomputes the cache hash from the same keys)."""
   if source == "dpo_implicit":
     return dict(source="dpo_implicit", dpo_checkpoint=stages.path("arms/dpo/hf"))
@@ -302,13 +120,14 @@ def _reward_settings(source: str, stages: Stages, task: Task) -> dict[str, Any]:
   return dict(source="contrastive")
 
 
-def score_stage(config, task: Task, prepared: Prepared, stages: Stages, source: str) -> str:
+def score_stage(config, task: stages_lib.Task, prepared: stages_lib.Prepared, stages: stages_lib.Stages,
+                source: str) -> str:
   """The scored cache of one token-reward source (reference log-probs are the same in every one)."""
   from tregjax import score  # pylint: disable=g-import-not-at-top
   name = "scored/" + source.replace(":", "_")
   cache = os.path.join(stages.path(name), "cache")
   started = time.perf_counter()
-  stage = _with_data(trainer_config(config, task.section), prepared, stages)
+  stage = _with_data(stages_lib.trainer_config(config, task.section), prepared, stages)
   stage.data.cache_dir = cache
   stage.score.token_reward.update(_reward_settings(source, stages, task))
   # Always called: a finished, current cache returns at once; one of other inputs is refused (StaleCacheError).
@@ -326,7 +145,7 @@ def _export(model, out: str, tokenizer_dir: str) -> str:
   return out
 
 
-def _exit_if_preempted(summary: Any, stages: Stages, name: str) -> None:
+def exit_if_preempted(summary: Any, stages: stages_lib.Stages, name: str) -> None:
   """A SIGTERM mid-training saved a checkpoint: stop the whole experiment (exit 0, as the trainer does) instead of
   marking a half-trained stage done and evaluating it; a rerun resumes the stage from its checkpoint."""
   if summary.stopped == "preempted":
@@ -334,44 +153,60 @@ def _exit_if_preempted(summary: Any, stages: Stages, name: str) -> None:
     raise SystemExit(0)
 
 
-def train_arm(config, task: Task, prepared: Prepared, stages: Stages, arm: str) -> dict[str, Any]:
+def arm_stage(config, task: stages_lib.Task, prepared: stages_lib.Prepared, stages: stages_lib.Stages,
+              arm: str) -> ml_collections.ConfigDict:
+  """The trainer config of arm `arm`: the reference on the pairs, its loss, its token-reward source's scored cache."""
+  stage = _with_data(stages_lib.trainer_config(config, task.section), prepared, stages)
+  stage.objective = "preference"
+  stage.data.cache_dir = os.path.join(stages.path("scored/" + arms_lib.ARMS[arm].rewards), "cache")
+  stage.score.token_reward.update(_reward_settings(arms_lib.ARMS[arm].rewards, stages, task))
+  stage.loss.update(dict(arms_lib.ARMS[arm].loss))
+  return stage
+
+
+def reward_model_stage(config, task: stages_lib.Task, prepared: stages_lib.Prepared, stages: stages_lib.Stages,
+                       exp: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The trainer config of the R3HF reward model: a Bradley-Terry head on the reference, on the same pairs."""
+  stage = _with_data(stages_lib.trainer_config(config, task.section), prepared, stages)
+  stage.objective = "reward_model"
+  stage.train.steps = int(exp.reward_model_steps)
+  stage.optimizer.lr = float(exp.reward_model_lr)
+  return stage
+
+
+def train_arm(config, task: stages_lib.Task, prepared: stages_lib.Prepared, stages: stages_lib.Stages,
+              arm: str) -> dict[str, Any]:
   """One arm from the reference on its scored cache; exported to arms/<arm>/hf. Returns the trainer's summary."""
   from tregjax.training import trainer  # pylint: disable=g-import-not-at-top
   name = f"arms/{arm}"
   started = time.perf_counter()
-  stage = _with_data(trainer_config(config, task.section), prepared, stages)
-  stage.objective = "preference"
-  stage.data.cache_dir = os.path.join(stages.path("scored/" + ARMS[arm].rewards), "cache")
-  stage.score.token_reward.update(_reward_settings(ARMS[arm].rewards, stages, task))
-  stage.loss.update(dict(ARMS[arm].loss))
-  key = stage_key(stage)
+  stage = arm_stage(config, task, prepared, stages, arm)
+  key = stages_lib.stage_key(stage)
   if stages.done(name, key):
     return stages.info(name)
-  score_stage(config, task, prepared, stages, ARMS[arm].rewards)
+  score_stage(config, task, prepared, stages, arms_lib.ARMS[arm].rewards)
   summary = trainer.run(stage, os.path.join(stages.path(name), "run"))
-  _exit_if_preempted(summary, stages, name)
+  exit_if_preempted(summary, stages, name)
   _export(summary.model(), os.path.join(stages.path(name), "hf"), prepared.tokenizer)
   return stages.finish(name, started, {k: getattr(summary, k) for k in ("final_metrics", "eval_metrics", "step")},
                        key=key)
 
 
-def train_reward_model(config, task: Task, prepared: Prepared, stages: Stages, exp) -> str:
+def train_reward_model(config, task: stages_lib.Task, prepared: stages_lib.Prepared, stages: stages_lib.Stages,
+                       exp: ml_collections.ConfigDict) -> str:
   """A Bradley-Terry sequence reward model on the same pairs, from the reference (fresh head): R3HF's scorer."""
   from tregjax import data  # pylint: disable=g-import-not-at-top
   from tregjax.training import trainer  # pylint: disable=g-import-not-at-top
   name = "reward_model"
   hf = os.path.join(stages.path(name), "hf")
   started = time.perf_counter()
-  stage = _with_data(trainer_config(config, task.section), prepared, stages)
-  stage.objective = "reward_model"
-  stage.train.steps = int(exp.reward_model_steps)
-  stage.optimizer.lr = float(exp.reward_model_lr)
-  key = stage_key(stage)
+  stage = reward_model_stage(config, task, prepared, stages, exp)
+  key = stages_lib.stage_key(stage)
   if stages.done(name, key):
     return hf
   data.build_dataset(stage)
   summary = trainer.run(stage, os.path.join(stages.path(name), "run"))
-  _exit_if_preempted(summary, stages, name)
+  exit_if_preempted(summary, stages, name)
   _export(summary.model(), hf, prepared.tokenizer)
   stages.finish(name, started, {"final_metrics": summary.final_metrics}, key=key)
   return hf
@@ -392,7 +227,7 @@ def _text(value: Any) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def token_truth(task: Task, rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+def token_truth(task: stages_lib.Task, rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
   """Flattened over every response (chosen and rejected of each pair): ids, oracle labels, response (group) ids."""
   ids, labels, groups = [], [], []
   for i, row in enumerate(rows):
@@ -432,8 +267,8 @@ def tisdpo_weights(rows: list[dict[str, Any]]) -> np.ndarray:
   return np.concatenate([weights[i, :len(r)] for i, r in enumerate(rewards)])
 
 
-def token_credit(task: Task, caches: dict[str, str], seed: int) -> tuple[dict[str, dict], dict[str, np.ndarray],
-                                                                          list[dict[str, Any]]]:
+def token_credit(task: stages_lib.Task, caches: dict[str, str], seed: int
+                 ) -> tuple[dict[str, dict], dict[str, np.ndarray], list[dict[str, Any]]]:
   """AUC (with a bootstrap interval over responses) of every scored token-reward source against the oracle's truth,
   on the reference's own responses; plus chance (uniform random scores) as the floor."""
   rows = _cache_rows(caches["contrastive"])
@@ -535,11 +370,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   from tregjax.experiments import report  # pylint: disable=g-import-not-at-top
   exp = experiment_section(config)
   task = make_task(exp.task, config)
-  stages = Stages(workdir)
+  stages = stages_lib.Stages(workdir)
   prepared = task.prepare(config, stages)
   caches = {"contrastive": score_stage(config, task, prepared, stages, "contrastive")}
   stages.say(f"contrastive token rewards scored ({caches['contrastive']})")
-  arms = sorted(exp.arms, key=lambda a: (ARMS[a].rewards == "dpo_implicit", list(exp.arms).index(a)))
+  arms = sorted(exp.arms, key=lambda a: (arms_lib.ARMS[a].rewards == "dpo_implicit", list(exp.arms).index(a)))
   summaries = {}
   for arm in arms:
     summaries[arm] = train_arm(config, task, prepared, stages, arm)
@@ -575,7 +410,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                      reference_lines=(evaluation.get("plot_reference"), 0.5))
   table = evaluation["table"] + "\n\n" + credit_table(credit)
   seconds = stages.seconds()
-  out = dict(task=task.name, arms={a: dict(label=ARMS[a].label, **summaries[a]) for a in exp.arms},
+  out = dict(task=task.name, arms={a: dict(label=arms_lib.ARMS[a].label, **summaries[a]) for a in exp.arms},
              policies=evaluation["policies"], comparisons=evaluation.get("comparisons", {}), token_credit=credit,
              seconds=seconds, total_seconds=round(time.perf_counter() - stages.t0, 1),
              artifacts=dict(plot=plot, heatmap=heatmap), notes=evaluation.get("notes", []))
@@ -589,12 +424,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return out
 
 
-def make_task(name: str, config: ml_collections.ConfigDict) -> Task:
-  """The task object of `experiment.task`."""
-  if name == "synthetic":
-    from tregjax.synthetic import demo  # pylint: disable=g-import-not-at-top
-    return demo.SyntheticTask(config)
-  if name == "arith":
-    from tregjax.tasks import arith_experiment  # pylint: disable=g-import-not-at-top
-    return arith_experiment.ArithTask(config)
-  raise ValueError(f"experiment.task={name!r}: choose 'synthetic' or 'arith'")
+def make_task(name: str, config: ml_collections.ConfigDict) -> stages_lib.Task:
+  """The task object of `experiment.task` (its class named in tregjax.programs.TASKS, imported only now)."""
+  return programs.load(programs.TASKS[name].cls, "experiment.task")(config)

@@ -206,6 +206,12 @@ def read_adapter_config(path: str) -> dict[str, Any]:
   for field in ("modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform"):
     if conf.get(field):
       raise ValueError(f"{config_path}: {field}={conf[field]!r} is not supported")
+  r, alpha = conf.get("r"), conf.get("lora_alpha")
+  if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+    raise ValueError(f"{config_path}: r={r!r}: must be an int > 0 (the adapters' rank)")
+  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+    raise ValueError(f"{config_path}: lora_alpha={alpha!r}: must be a number > 0 (the scale is lora_alpha / r)"
+                     + ("; the file has none" if "lora_alpha" not in conf else ""))
   return conf
 
 
@@ -235,6 +241,11 @@ def adapter_values(cfg: ModelConfig, path: str, *, param_dtype: Any = jnp.float3
   if not os.path.exists(file):
     raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME}")
   tensors = safetensors.entries(file)
+  base = _made_for(path)
+  layer_ids = {int(m.group(1)) for m in map(re.compile(r".*\.layers\.(\d+)\.").match, tensors) if m}
+  if layer_ids and max(layer_ids) + 1 != cfg.num_layers:
+    raise ValueError(f"{file}: the adapter has tensors for {max(layer_ids) + 1} layers, this model has "
+                     f"{cfg.num_layers}: an adapter made for another base model{base}")
   out, used = {}, set()
   for template, ours, rule, per_layer in _tensor_plan(cfg, _adapter_shapes(cfg)):
     layers = []
@@ -245,9 +256,14 @@ def adapter_values(cfg: ModelConfig, path: str, *, param_dtype: Any = jnp.float3
         if name_alt not in tensors:
           raise ValueError(f"{path}: missing tensor {name} (expected shape {rule.hf_shape(per_layer)})")
         name = name_alt
-      if tensors[name].shape != rule.hf_shape(per_layer):
-        raise ValueError(f"{path}: tensor {name} has shape {tensors[name].shape}, expected "
-                         f"{rule.hf_shape(per_layer)}")
+      got, want = tuple(tensors[name].shape), tuple(rule.hf_shape(per_layer))
+      if got != want:
+        differ = [d for d in range(len(want)) if len(got) != len(want) or got[d] != want[d]]
+        if len(got) == len(want) and all(want[d] == cfg.lora_rank for d in differ):
+          raise ValueError(f"{file}: tensor {name} has rank {got[differ[0]]} but {os.path.join(path, CONFIG_NAME)} "
+                           f"says r={cfg.lora_rank} (shape {list(got)}, expected {list(want)})")
+        raise ValueError(f"{file}: tensor {name} has shape {list(got)}, this model needs {list(want)}: an adapter "
+                         f"made for another base model (hidden or MLP size){base}")
       layers.append(rule.to_ours(np.asarray(safetensors.read(tensors[name]), np.float32), per_layer))
       used.add(name)
     out[ours] = np.stack(layers).astype(param_dtype)
@@ -257,12 +273,22 @@ def adapter_values(cfg: ModelConfig, path: str, *, param_dtype: Any = jnp.float3
   return out
 
 
+def _made_for(path: str) -> str:
+  """", made for <base>" from adapter_config.json's base_model_name_or_path (for the error naming a foreign adapter)."""
+  try:
+    with open(os.path.join(path, CONFIG_NAME), encoding="utf-8") as f:
+      base = json.load(f).get("base_model_name_or_path")
+  except (OSError, ValueError, AttributeError):
+    base = None
+  return f" ({CONFIG_NAME} names base_model_name_or_path={base!r})" if base else ""
+
+
 def config_with_adapter(base_cfg: ModelConfig, path: str) -> ModelConfig:
   """base_cfg with the rank, alpha, targets and dropout (used only by training steps) of the PEFT directory at
   `path`."""
   conf = read_adapter_config(path)
   targets = adapter_targets(conf, os.path.join(path, CONFIG_NAME))
-  return with_lora(base_cfg, rank=int(conf["r"]), alpha=float(conf.get("lora_alpha", conf["r"])), targets=targets,
+  return with_lora(base_cfg, rank=int(conf["r"]), alpha=float(conf["lora_alpha"]), targets=targets,
                    dropout=float(conf.get("lora_dropout") or 0.0))
 
 

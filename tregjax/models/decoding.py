@@ -9,6 +9,8 @@ so XLA updates it in place instead of copying [L, B, K, S, H] per token.
 from __future__ import annotations
 
 import functools
+import os
+import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -108,8 +110,11 @@ def decode_step(model: CausalLM, cache: Cache, token: jax.Array,
   return _decode_step(graphdef, state, cache, jnp.asarray(token, jnp.int32), layer_weights)
 
 
-CANDIDATES = 64  # top-p candidate set: lax.top_k of this many logits per row (see sample_logits)
-_BLOCK = 256  # two-level inverse CDF: vocabulary blocks of this many entries
+# Top-p fast path off by default: on SmolLM2's logits the nucleus fits 8 candidate blocks for 78% of rows, so a
+# 64-row batch still runs the full path and the step costs 85 vs 78 ms (bench/sample_step.py). >0 turns it on (a
+# peaked policy, few rows per batch).
+CANDIDATE_BLOCKS = 0
+_BLOCK = 256  # vocabulary block size (two-level inverse CDF, candidate blocks)
 
 
 def row_keys(key: jax.Array, row_ids: jax.Array) -> jax.Array:
@@ -118,7 +123,7 @@ def row_keys(key: jax.Array, row_ids: jax.Array) -> jax.Array:
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0, top_k: int = 0,
-                  top_p: float = 1.0, candidates: int = CANDIDATES) -> jax.Array:
+                  top_p: float = 1.0, candidate_blocks: int = CANDIDATE_BLOCKS) -> jax.Array:
   """Next tokens [B] from f32 logits [B, V]: greedy when temperature == 0, else top-k / top-p sampling.
 
   `key`: one key per row [B] (`row_keys`), or a single key (split per row). Each row draws ONE uniform u and takes
@@ -126,12 +131,13 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0
   row's token depends on its own key only. The allowed distribution is softmax(logits / temperature) restricted to the
   top-k logits (ties at the k-th kept) and then to the nucleus (`_nucleus`: the smallest top-p set, ties kept).
 
-  Fast path (top_k or top_p set): lax.top_k of `candidates` logits; a row is exact when its allowed set provably
-  lies inside them (the candidate mass reaches top_p, and the last candidate is strictly below the threshold / the
-  k-th logit, so no token outside ties with one inside); it samples among the candidates. Only when some row is
-  not exact does the batch also run the full-vocabulary path (the bisection nucleus, 31 passes over [B, V]), for
-  those rows. top_p == 1 without top_k samples the whole softmax by a two-level inverse CDF (block sums, then
-  one block). Both paths sample the same distribution; tests/models_decoding_test.py checks frequencies.
+  Full path: the k-th logit by lax.top_k(top_k) (only with top_k), the nucleus by `_nucleus` over [B, V] (a snapping
+  bisection, no sort: XLA:CPU sorts [64, 49152] in ~0.8 s), the token by a two-level inverse CDF (block sums, then
+  one block). Top-p fast path (no top_k, `candidate_blocks` > 0): the vocabulary in blocks of 256, the nucleus
+  searched only in the `candidate_blocks` blocks with the largest maxima; a row is exact when every token outside
+  them is strictly below the candidates' nucleus threshold (the next block maximum is < t), and then samples among
+  the candidates. Only when some row is not exact does the batch run the full path too, for those rows. Every path
+  samples the same distribution; tests/models_decoding_test.py checks frequencies against exact probabilities.
   """
   if temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -141,39 +147,30 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0
   keys = key if key.ndim == (1 if typed else 2) else row_keys(key, jnp.arange(b))
   u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)  # [B] in [0, 1)
   top_k = top_k if 0 < top_k < v else 0
-  if not top_k and top_p >= 1.0:
-    w = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
-    return _inverse_cdf(w, u)
+  w = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))  # unnormalized probabilities, max 1
 
-  c = min(v, max(candidates, top_k + 1))
-  vals, idx = jax.lax.top_k(x, c)  # [B, C], descending
-  keep = jnp.ones(vals.shape, bool)
-  exact = jnp.ones((b,), bool)
-  if top_k:
-    kth = vals[:, top_k - 1:top_k]
-    keep = vals >= kth
-    exact = (vals[:, -1] < kth[:, 0]) | (c == v)  # no token outside the candidates ties with the k-th
-    z = jnp.sum(jnp.where(keep, jnp.exp(vals - vals[:, :1]), 0.0), axis=-1, keepdims=True)
-  else:
-    z = jnp.sum(jnp.exp(x - vals[:, :1]), axis=-1, keepdims=True)  # the full softmax's normalizer: one pass
-  p = jnp.where(keep, jnp.exp(vals - vals[:, :1]) / z, 0.0)  # [B, C] probabilities, descending
-  if top_p < 1.0:
-    reach = jnp.cumsum(p, axis=-1) >= top_p
-    t = jnp.take_along_axis(p, jnp.argmax(reach, axis=-1)[:, None], axis=-1)  # nucleus threshold
-    keep = keep & (p >= t)
-    exact = exact & jnp.any(reach, axis=-1) & ((p[:, -1] < t[:, 0]) | (c == v))
-  fast = jnp.take_along_axis(idx, _inverse_cdf(jnp.where(keep, p, 0.0), u)[:, None], axis=-1)[:, 0]
-
-  def full(_):
-    allowed = jnp.ones(x.shape, bool)
-    if top_k:
-      allowed = x >= jax.lax.top_k(x, top_k)[0][:, -1:]
-    w = jnp.where(allowed, jnp.exp(x - jnp.max(x, axis=-1, keepdims=True)), 0.0)
+  def full(_=None):
+    ww = jnp.where(x >= jax.lax.top_k(x, top_k)[0][:, -1:], w, 0.0) if top_k else w
     if top_p < 1.0:
-      allowed = allowed & _nucleus(w / jnp.sum(w, axis=-1, keepdims=True), top_p)
-    return jnp.where(exact, fast, _inverse_cdf(jnp.where(allowed, w, 0.0), u))
+      ww = jnp.where(_nucleus(ww / jnp.sum(ww, axis=-1, keepdims=True), top_p), ww, 0.0)
+    return _inverse_cdf(ww, u)
 
-  return jax.lax.cond(jnp.all(exact), lambda _: fast, full, None).astype(jnp.int32)
+  blk = min(_BLOCK, v)
+  nb = -(-v // blk)
+  g = candidate_blocks
+  if top_k or top_p >= 1.0 or not g or nb <= g:
+    return full()
+  z = jnp.sum(w, axis=-1, keepdims=True)
+  blocks = (jnp.pad(w, ((0, 0), (0, nb * blk - v))) if nb * blk != v else w).reshape(b, nb, blk)
+  block_max, block_i = jax.lax.top_k(jnp.max(blocks, axis=-1), g + 1)  # [B, g + 1]
+  cand = jnp.take_along_axis(blocks, block_i[:, :g, None], axis=1).reshape(b, g * blk)
+  keep = _nucleus(cand / z, top_p, vocab=v)
+  t = jnp.min(jnp.where(keep, cand, jnp.inf), axis=-1)  # the candidates' nucleus threshold (unnormalized)
+  exact = (jnp.sum(jnp.where(keep, cand, 0.0), axis=-1) >= top_p * z[:, 0]) & (block_max[:, g] < t)
+  j = _inverse_cdf(jnp.where(keep, cand, 0.0), u)
+  fast = jnp.take_along_axis(block_i, (j // blk)[:, None], axis=-1)[:, 0] * blk + j % blk
+  return jax.lax.cond(jnp.all(exact), lambda _: fast, lambda _: jnp.where(exact, fast, full()), None
+                      ).astype(jnp.int32)
 
 
 def _inverse_cdf(w: jax.Array, u: jax.Array) -> jax.Array:
@@ -202,23 +199,40 @@ def _inverse_cdf(w: jax.Array, u: jax.Array) -> jax.Array:
   return (blk_i * blk + j).astype(jnp.int32)
 
 
-def _nucleus(probs: jax.Array, top_p: float) -> jax.Array:
+def _nucleus(probs: jax.Array, top_p: float, vocab: int | None = None) -> jax.Array:
   """bool[B, V]: the tokens at least as likely as t, the largest probability whose at-least-as-likely mass reaches
-  top_p (the smallest top-p set; ties at t are all kept).
+  top_p (the smallest top-p set; ties at t are all kept). No sort (XLA:CPU sorts [64, 49152] in seconds).
 
-  t is found by bisection over the float32 bit patterns (monotone for p >= 0): 31 exact O(V) passes per row instead
-  of an O(V log V) sort. sample_logits only needs it for rows whose nucleus is not inside the top-k candidates.
+  t is bracketed over the float32 bit patterns (monotone for p >= 0), lo <= t < hi with mass(>= lo) >= top_p >
+  mass(>= hi): each pass halves the bracket, then snaps lo up to the smallest probability >= lo and hi down to just
+  above the largest one < hi (neither changes a mass), and a row is done once one distinct probability is left in
+  [lo, hi) -- that one is t. About a third of the 31 passes of a plain bisection on LM logits (bench/sample_step.py).
+  The start lo = (1 - top_p) / V is valid: the tokens below it hold less than 1 - top_p (`vocab`: V when `probs`
+  is a subset of the vocabulary; a subset that cannot reach top_p returns a set whose mass is < top_p).
   """
+  b, v = probs.shape
   bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
+  big = jnp.iinfo(jnp.int32).max
 
-  def body(_, bounds):
-    lo, hi = bounds  # mass(>= lo) >= top_p > mass(>= hi)
+  def snap(lo, hi):
+    lo = jnp.min(jnp.where(bits >= lo[:, None], bits, big), axis=-1)  # smallest value >= lo
+    top = jnp.max(jnp.where(bits < hi[:, None], bits, -1), axis=-1)  # largest value < hi
+    return lo, top + 1, lo >= top  # one distinct value left in [lo, hi)
+
+  def cond(c):
+    i, _, _, done = c
+    return (i < 32) & ~jnp.all(done)
+
+  def body(c):
+    i, lo, hi, done = c
     mid = lo + (hi - lo) // 2
     ok = jnp.sum(jnp.where(bits >= mid[:, None], probs, 0.0), axis=-1) >= top_p
-    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+    lo2, hi2, fin = snap(jnp.where(ok, mid, lo), jnp.where(ok, hi, mid))
+    return i + 1, jnp.where(done, lo, lo2), jnp.where(done, hi, hi2), done | fin
 
-  lo = jnp.zeros(probs.shape[:1], jnp.int32)
-  lo, _ = jax.lax.fori_loop(0, 31, body, (lo, jnp.max(bits, axis=-1) + 1))
+  start = jax.lax.bitcast_convert_type(jnp.float32((1.0 - top_p) / (vocab or v)), jnp.int32)
+  lo, hi, done = snap(jnp.full((b,), start, jnp.int32), jnp.max(bits, axis=-1) + 1)
+  _, lo, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), lo, hi, done))
   return (bits >= lo[:, None]) & (probs > 0)
 
 
@@ -284,6 +298,61 @@ def batch_buckets(batch: int, multiple: int = 1, smallest: int = 8) -> tuple[int
     if half >= sizes[-1] or half < max(smallest, multiple):
       return tuple(sizes)
     sizes.append(half)
+
+
+def row_bytes(model: CausalLM, max_len: int) -> int:
+  """Device bytes one decode row holds: its K and V cache over `max_len` slots, and ~8 f32 [V] buffers of logits
+  and sampling temporaries."""
+  cfg = model.config
+  itemsize = jnp.dtype(model.model.dtype).itemsize
+  return 2 * cfg.num_layers * cfg.num_kv_heads * max_len * cfg.head_dim * itemsize + 8 * 4 * cfg.vocab_size
+
+
+def free_bytes() -> int:
+  """Memory a decode batch may take: half of the first device's free memory on an accelerator (memory_stats), half
+  of the host's available memory on CPU."""
+  dev = jax.devices()[0]
+  stats = dev.memory_stats() if dev.platform != "cpu" else None
+  if stats and "bytes_limit" in stats:
+    return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0)) // 2
+  try:
+    with open("/proc/meminfo", encoding="ascii") as f:
+      info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    return info["MemAvailable"] // 2
+  except (OSError, KeyError, ValueError):
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")) // 2
+
+
+def choose_batch_size(model: CausalLM, max_len: int, *, max_rows: int, multiple: int = 1, probe: bool = True,
+                      gain: float = 1.1, steps: int = 3) -> tuple[int, dict[int, float]]:
+  """The decode batch for rows of up to `max_len` slots: the largest power-of-two multiple of `multiple` that fits
+  `free_bytes()` and `max_rows`; with `probe`, the smallest size whose measured decode step rate (rows/s over
+  `steps` steps, after one compiling step) is not beaten by `gain` x by the next size up. Returns (batch,
+  {size: rows/s probed}). A bigger batch than the rate needs only makes rows wait for the slowest row.
+  """
+  cap = max(multiple, min(free_bytes() // row_bytes(model, max_len), -(-max_rows // multiple) * multiple))
+  sizes = [multiple]
+  while sizes[-1] * 2 <= cap:
+    sizes.append(sizes[-1] * 2)
+  if not probe or len(sizes) == 1:
+    return sizes[-1], {}
+  graphdef, state = nnx.split(model)
+  layer_weights = per_layer_weights(model)
+  rates: dict[int, float] = {}
+  for size in sizes:
+    cache = init_cache(model, size, max_len)
+    cache = cache.replace(index=jnp.full((size,), max_len // 2, jnp.int32))  # a typical attention length
+    token = jnp.zeros((size,), jnp.int32)
+    logits, cache = _decode_step(graphdef, state, cache, token, layer_weights)  # compile
+    jax.block_until_ready(logits)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      logits, cache = _decode_step(graphdef, state, cache, token, layer_weights)
+    jax.block_until_ready(logits)
+    rates[size] = size * steps / (time.perf_counter() - t0)
+    if size > sizes[0] and rates[size] < gain * rates[size // 2]:
+      return size // 2, rates
+  return sizes[-1], rates
 
 
 def generate(model: CausalLM, prompt_tokens: Sequence[Sequence[int]], *, max_new_tokens: int, key: jax.Array,

@@ -24,7 +24,8 @@ import numpy as np
 from flax import nnx
 
 from tregjax import losses
-from tregjax.experiments import runner, stats
+from tregjax.experiments import arms, runner, stats
+from tregjax.experiments import stages as stages_lib
 from tregjax.synthetic import world as world_lib
 
 log = logging.getLogger("tregjax.demo")
@@ -80,7 +81,7 @@ def train_reference(config, demo, paths, out: str) -> str:
   from tregjax import data, models  # pylint: disable=g-import-not-at-top
   from tregjax.training import trainer  # pylint: disable=g-import-not-at-top
   hf_dir = os.path.join(out, "hf")
-  stage = runner.trainer_config(config, "demo")
+  stage = stages_lib.trainer_config(config, SyntheticTask.section)
   stage.objective = "sft"
   _data_config(stage, paths["tokenizer"], paths["sft"], paths["eval"], os.path.join(out, "dataset"))
   data.build_dataset(stage)
@@ -238,12 +239,12 @@ class SyntheticTask:
 
   def __init__(self, config: ml_collections.ConfigDict):
     from tregjax import config_schema  # pylint: disable=g-import-not-at-top
-    self.demo = config_schema.merge("demo", demo_section(), config.get("demo", None))
+    self.demo = config_schema.merge(self.section, demo_section(), config.get(self.section, None))
     self.world = world_lib.World(self.demo.num_symbols, self.demo.response_length, self.demo.world_seed)
     self._tok = None
     self.tokenizer_dir = ""  # set by prepare
 
-  def prepare(self, config: ml_collections.ConfigDict, stages: runner.Stages) -> runner.Prepared:
+  def prepare(self, config: ml_collections.ConfigDict, stages: stages_lib.Stages) -> stages_lib.Prepared:
     """Write the world, then SFT a reference that reacts to the careful / sloppy system prompts."""
     out = stages.path("world")
     world_key = self.demo.to_dict()
@@ -257,15 +258,15 @@ class SyntheticTask:
     self.tokenizer_dir = paths["tokenizer"]
     reference = os.path.join(stages.path("reference"), "hf")
     # The SFT stage reads neither the preference loss nor the scoring pass: an α sweep keeps the reference.
-    sft_inputs = {k: v for k, v in runner.stage_key(runner.trainer_config(config, "demo")).items()
+    sft_inputs = {k: v for k, v in stages_lib.stage_key(stages_lib.trainer_config(config, self.section)).items()
                   if k not in ("loss", "score")}
     reference_key = dict(world=world_key, trainer=sft_inputs)
     if not stages.done("reference", reference_key):
       started = time.perf_counter()
       train_reference(config, self.demo, paths, stages.path("reference"))
       stages.finish("reference", started, key=reference_key)
-    return runner.Prepared(reference=reference, tokenizer=paths["tokenizer"], train_pairs=paths["train"],
-                           eval_pairs=paths["eval"], data=dict(max_prompt_length=16, max_length=32, buckets=(32,)))
+    return stages_lib.Prepared(reference=reference, tokenizer=paths["tokenizer"], train_pairs=paths["train"],
+                               eval_pairs=paths["eval"], data=dict(max_prompt_length=16, max_length=32, buckets=(32,)))
 
   def token_labels(self, prompt_messages: list[dict[str, str]], response_ids: Sequence[int]) -> np.ndarray:
     """+1 / −1 per number token by the world's rule; 0 for the end-of-turn token."""
@@ -280,7 +281,7 @@ class SyntheticTask:
     errors = self.world.token_errors(task, int(start), np.array(numbers, int))
     return np.concatenate([np.where(errors, -1, 1), [0]]).astype(np.int8)
 
-  def evaluate(self, config: ml_collections.ConfigDict, stages: runner.Stages, prepared: runner.Prepared,
+  def evaluate(self, config: ml_collections.ConfigDict, stages: stages_lib.Stages, prepared: stages_lib.Prepared,
                policies: dict[str, str]) -> dict[str, Any]:
     """The oracle metrics of every policy (see `evaluate`), a table, and the error mass per policy for the plot."""
     from tregjax import models  # pylint: disable=g-import-not-at-top
@@ -297,7 +298,7 @@ class SyntheticTask:
     ref = results["reference"]
     lines = [f"{'policy':<34} " + " ".join(f"{h:>11}" for _, h, _ in COLUMNS) + f" {'Δ mass vs ref':>14}"]
     for name, r in results.items():
-      label = runner.ARMS[name].label if name in runner.ARMS else "reference (SFT)"
+      label = arms.label(name, "reference (SFT)")
       lines.append(f"{label:<34} " + " ".join(f"{runner.fmt(r.get(k), f):>11}" for k, _, f in COLUMNS) +
                    f" {r['error_mass'] - ref['error_mass']:>+14.4f}")
     notes = [f"reference with the better instruction: error mass {ref['error_mass_with_better_instruction']:.4f}; "
@@ -314,7 +315,7 @@ class SyntheticTask:
               "is better); greedy / sampled err = the oracle's fraction of wrong positions in the policy's own greedy /"
               " temperature-1 responses; credit AUC = P(implicit token reward β·(log π − log π_ref) of a correct token"
               " > that of an erroneous one) on held-out pairs.")
-    plot = [report.Estimate(runner.ARMS[n].label if n in runner.ARMS else "reference (SFT)", r["error_mass"],
+    plot = [report.Estimate(arms.label(n, "reference (SFT)"), r["error_mass"],
                             r["error_mass_low"], r["error_mass_high"]) for n, r in results.items()]
     return dict(policies=results, table=header + "\n" + "\n".join(lines), notes=notes, plot=plot,
                 plot_title="error mass (lower is better)", plot_reference=ref["error_mass"])

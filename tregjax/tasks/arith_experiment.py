@@ -24,7 +24,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from tregjax.experiments import runner, stats
+from tregjax.experiments import arms, runner, stats
+from tregjax.experiments import stages as stages_lib
 from tregjax.tasks import arith
 
 
@@ -80,7 +81,7 @@ class ArithTask:
 
   def _generate_config(self, config, prepared_reference: str, tokenizer: str, prompts: str, out: str, *,
                        num_samples: int, temperature: float, batch_size: int) -> ml_collections.ConfigDict:
-    stage = runner.trainer_config(config, self.section)
+    stage = stages_lib.trainer_config(config, self.section)
     stage.model.hf_path = prepared_reference
     stage.data.tokenizer = tokenizer
     stage.data.max_prompt_length = int(config.data.max_prompt_length)
@@ -91,7 +92,7 @@ class ArithTask:
         batch_size=batch_size, buckets=(64, 128, 256), shard_size=max(batch_size // max(num_samples, 1), 1) * 4))
     return stage
 
-  def prepare(self, config: ml_collections.ConfigDict, stages: runner.Stages) -> runner.Prepared:
+  def prepare(self, config: ml_collections.ConfigDict, stages: stages_lib.Stages) -> stages_lib.Prepared:
     from tregjax import generate  # pylint: disable=g-import-not-at-top
     a = self.a
     train_file, eval_file = stages.path("problems/train.jsonl"), stages.path("problems/eval.jsonl")
@@ -128,9 +129,10 @@ class ArithTask:
         summary = json.load(f)
       stages.finish("samples", started, {k: summary[k] for k in ("pairs", "all_equal", "samples", "new_tokens",
                                                                  "unfinished_samples")})
-    return runner.Prepared(reference=reference, tokenizer=reference, train_pairs=os.path.join(samples, "pairs.jsonl"),
-                           data=dict(max_prompt_length=int(config.data.max_prompt_length),
-                                     max_length=int(config.data.max_length), buckets=tuple(config.data.buckets)))
+    return stages_lib.Prepared(reference=reference, tokenizer=reference,
+                               train_pairs=os.path.join(samples, "pairs.jsonl"),
+                               data=dict(max_prompt_length=int(config.data.max_prompt_length),
+                                         max_length=int(config.data.max_length), buckets=tuple(config.data.buckets)))
 
   def _export_reference(self, config, out: str) -> None:
     """The reference as a Hugging Face directory (float32 safetensors + tokenizer): every later stage loads it."""
@@ -162,7 +164,7 @@ class ArithTask:
 
   # ------------------------------------------------------------------------------------------ evaluation
 
-  def evaluate(self, config: ml_collections.ConfigDict, stages: runner.Stages, prepared: runner.Prepared,
+  def evaluate(self, config: ml_collections.ConfigDict, stages: stages_lib.Stages, prepared: stages_lib.Prepared,
                policies: dict[str, str]) -> dict[str, Any]:
     """Greedy answers of every policy to the held-out problems: accuracy (Wilson), paired Δ vs DPO, equation errors,
     parse failures and response length."""
@@ -204,7 +206,7 @@ class ArithTask:
     lines = [f"{'policy':<38} {'accuracy':>9} {'95% interval':>16} {'Δ vs DPO [95%]':>24} {'eq. errors':>11} "
              f"{'unparsed':>9} {'length':>7}"]
     for name, r in per_policy.items():
-      label = runner.ARMS[name].label if name in runner.ARMS else "reference (SmolLM2-135M-Instruct)"
+      label = arms.label(name, "reference (SmolLM2-135M-Instruct)")
       c = comparisons.get(f"{name} - dpo")
       delta = f"{c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]" if c else ""
       interval = f"[{r['accuracy_low']:.3f}, {r['accuracy_high']:.3f}]"
@@ -222,7 +224,7 @@ class ArithTask:
       notes.append(f"DPO-REG {verdict} DPO on held-out accuracy: {per_policy['dpo_reg']['accuracy']:.3f} vs "
                    f"{per_policy['dpo']['accuracy']:.3f} (paired Δ {c['mean']:+.3f} [{c['low']:+.3f}, "
                    f"{c['high']:+.3f}])")
-    plot = [report.Estimate(runner.ARMS[n_].label if n_ in runner.ARMS else "reference", r["accuracy"],
+    plot = [report.Estimate(arms.label(n_), r["accuracy"],
                             r["accuracy_low"], r["accuracy_high"]) for n_, r in per_policy.items()]
     return dict(policies=per_policy, comparisons=comparisons, table=header + "\n" + "\n".join(lines), notes=notes,
                 plot=plot, plot_title="greedy accuracy, held-out problems",

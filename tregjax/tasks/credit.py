@@ -35,6 +35,7 @@ import ml_collections
 import numpy as np
 
 from tregjax.experiments import runner, stats
+from tregjax.experiments import stages as stages_lib
 from tregjax.tasks import arith, arith_experiment
 
 # The paper's four-dimension contrastive prompts are the scoring pass's defaults (config_schema).
@@ -113,7 +114,7 @@ class CreditModel:
     self.path = _model_path(name)
     self.config.arith.model = self.path
     self.task = arith_experiment.ArithTask(self.config)
-    self.stages = runner.Stages(os.path.join(workdir, name.replace("/", "_")))
+    self.stages = stages_lib.Stages(os.path.join(workdir, name.replace("/", "_")))
 
   def run(self) -> dict[str, Any]:
     cpu, wall = time.process_time(), time.perf_counter()
@@ -141,7 +142,7 @@ class CreditModel:
     from tregjax import config_schema  # pylint: disable=g-import-not-at-top
     paper.score.better_instruction = config_schema.BETTER_INSTRUCTION
     paper.score.worse_instruction = config_schema.WORSE_INSTRUCTION
-    caches[PAPER_SOURCE] = runner.score_stage(paper, task, prepared, runner.Stages(stages.path("paper")),
+    caches[PAPER_SOURCE] = runner.score_stage(paper, task, prepared, stages_lib.Stages(stages.path("paper")),
                                               "contrastive")
     credit, _, _ = runner.token_credit(task, caches, seed=int(config.seed))
 
@@ -150,7 +151,7 @@ class CreditModel:
                 greedy=greedy, cpu_seconds=round(time.process_time() - cpu, 1),
                 wall_seconds=round(time.perf_counter() - wall, 1), stage_seconds=stages.seconds())
 
-  def greedy(self, prepared: runner.Prepared) -> dict[str, Any]:
+  def greedy(self, prepared: stages_lib.Prepared) -> dict[str, Any]:
     """Greedy accuracy on the held-out problems per system-prompt condition, and the paired differences."""
     from tregjax import generate  # pylint: disable=g-import-not-at-top
     config, stages, task = self.config, self.stages, self.task

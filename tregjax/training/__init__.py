@@ -10,7 +10,7 @@ import importlib
 
 # Imported on first use, so that `from tregjax.training import config` (every config file) pulls in no jax, orbax or
 # data code: name -> the submodule that defines it.
-_EXPORTS = {"base_config": "config", "validate": "config", "NonFiniteError": "trainer",
+_EXPORTS = {"base_config": "config", "validate": "config", "NonFiniteError": "hooks",
             "load_model": "trainer", "run": "trainer"}
 
 __all__ = ["NonFiniteError", "base_config", "load_model", "run", "validate"]

@@ -128,6 +128,27 @@ class Checkpointer:
             f"checkpoint {where}: {name} has shape {list(have[name])} but this run's model needs {list(shape)} "
             "(a checkpoint from another model shape; use a fresh --workdir or the matching config)")
 
+  def restore_params(self, step: int, target_state: Any, dtype: Any = None) -> tuple[Any, Any]:
+    """(params, extra) of step `step` as host numpy arrays, nothing else: the optimizer moments are never read.
+
+    Orbax's partial restore of the `state` item's `params` and `extra` subtrees; floating arrays are cast to `dtype`
+    as tensorstore reads them (None: as saved), so a bf16 export of a float32 checkpoint holds its bf16 bytes in
+    host memory, not 6x that (params + two Adam moments in float32), and no device memory at all.
+    """
+    self.check_compatible(step, target_state)
+    item = {"params": target_state.params, "extra": target_state.extra}
+
+    def restore_arg(leaf):
+      cast = dtype is not None and jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)
+      return ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.dtype(dtype) if cast else None)
+
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), item)
+    out = ocp.PyTreeCheckpointer().restore(
+        storage.epath(storage.join(self.directory, str(step), "state")),
+        args=ocp.args.PyTreeRestore(item=abstract, restore_args=jax.tree.map(restore_arg, abstract),
+                                    partial_restore=True))
+    return out["params"], out["extra"]
+
   def restore(self, step: int, target_state: Any) -> tuple[Any, Any, dict]:
     """(state placed like `target_state`, this process's data-iterator state, meta)."""
     self.check_compatible(step, target_state)

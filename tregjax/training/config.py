@@ -1,5 +1,5 @@
-"""The trainer's configuration: `base_config()` (every key with its default, from tregjax.config_schema), the programs a
-config can run, and `validate` to fail before anything compiles.
+"""The trainer's configuration: `base_config()` (every key with its default, from tregjax.config_schema), the sections
+of the program a config runs (`tregjax.programs`), and `validate` to fail before anything compiles.
 
 Config files under configs/ start from `base_config()` and override; the CLI locks the result
 (`config_flags.DEFINE_config_file(lock_config=True)`), so a typo in `--config.optimizer.lr=...` is an error instead of a
@@ -8,14 +8,13 @@ silently ignored key, and ml_collections refuses an override of the wrong type.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import os
 
 import ml_collections
 
-from tregjax import config_schema, errors, storage
+from tregjax import config_schema, errors, programs, storage
 
 OBJECTIVES = ("preference", "sft", "reward_model")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -23,24 +22,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots")  # models.ModelConfig.remat
 
 
-@dataclasses.dataclass(frozen=True)
-class ProgramEntry:
-  """What `python -m tregjax.train` runs for a config naming it: `entry(config, workdir)`, and the top-level sections
-  it reads beyond the trainer's own (a section of another program is an error, so a config cannot half-select a
-  program). Not the trainer's built `trainer.Program` (its jitted steps), which the "train" entry makes."""
-  entry: str  # "module:function", imported only when chosen (the experiment runner pulls in its tasks and plots)
-  sections: tuple[str, ...] = ()
-
-
-# config.program -> its ProgramEntry: the one table of what a config can run.
-PROGRAMS: dict[str, ProgramEntry] = {
-    "train": ProgramEntry("tregjax.training.trainer:run"),  # the trainer on config.data (scored cache, SFT/RM data)
-    # stages -> arms -> evaluation -> report (configs/demo.py, configs/smollm2_arith.py); a task's own section
-    # is named by its Task.section ("demo": the synthetic world, "arith": SmolLM2 arithmetic).
-    "experiment": ProgramEntry("tregjax.experiments.runner:run", ("experiment", "demo", "arith")),
-    # token credit across model sizes (configs/credit_scaling.py): the arithmetic task's stages per model, no training
-    "credit": ProgramEntry("tregjax.tasks.credit:run", ("credit", "arith")),
-}
 # Sections read by the other commands, which any program's config may carry (one file drives score, generate, train).
 COMMAND_SECTIONS = ("generate",)
 
@@ -73,23 +54,23 @@ def check_sections(config: ml_collections.ConfigDict, base: ml_collections.Confi
   file would otherwise be silently ignored). Returns the extra sections present (validated by their owners)."""
   base = base_config() if base is None else base
   chosen = config.get("program", base.program)
-  if chosen not in PROGRAMS:
-    raise errors.ConfigError(f"config.program={chosen!r}: must be one of {tuple(PROGRAMS)}"
-                      f"{config_schema.suggestion(chosen, PROGRAMS)}")
-  other_programs = {s: name for name, p in PROGRAMS.items() if name != chosen for s in p.sections}
-  known = [*base.keys(), *PROGRAMS[chosen].sections, *COMMAND_SECTIONS]
+  if chosen not in programs.PROGRAMS:
+    raise errors.ConfigError(f"config.program={chosen!r}: must be one of {tuple(programs.PROGRAMS)}"
+                             f"{config_schema.suggestion(chosen, programs.PROGRAMS)}")
+  other_programs = {s: name for name, p in programs.PROGRAMS.items() if name != chosen for s in p.sections}
+  known = [*base.keys(), *programs.PROGRAMS[chosen].sections, *COMMAND_SECTIONS]
   extra = set()
   for key in config.keys():
     if key in base:
       continue
-    if key in PROGRAMS[chosen].sections or key in COMMAND_SECTIONS:
+    if key in programs.PROGRAMS[chosen].sections or key in COMMAND_SECTIONS:
       extra.add(key)
     elif key in other_programs:
       raise errors.ConfigError(f"config.{key} is a section of program {other_programs[key]!r}, but config.program="
-                        f"{chosen!r}; set config.program={other_programs[key]!r} (or remove config.{key})")
+                               f"{chosen!r}; set config.program={other_programs[key]!r} (or remove config.{key})")
     else:
       raise errors.ConfigError(f"unknown config section or key {key!r}{config_schema.suggestion(key, known)}; known: "
-                        f"{sorted(known)}")
+                               f"{sorted(known)}")
   return extra
 
 
@@ -125,7 +106,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
     config_schema.check_type(name, given[name], config_schema.type_default(name, default))
   # The command sections' own rules (the score section's values; a generate section's keys and values), so that a
   # config that drives score, generate and train fails here, before training, rather than in the later command.
-  for name in ("score", *sorted(extra & set(config_schema.SECTIONS))):
+  for name in ("score", "distributed", *sorted(extra & set(config_schema.SECTIONS))):
     config_schema.section(config, name)
 
   _choice("objective", config.objective, OBJECTIVES)
@@ -136,7 +117,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   if not config.model.hf_path and not config.model.preset:
     raise errors.ConfigError("config.model: set hf_path (a local checkpoint) or preset (random init)")
   if config.model.overrides and config.model.hf_path:
-    raise errors.ConfigError("config.model.overrides applies to a preset only; it cannot change a pretrained checkpoint")
+    raise errors.ConfigError("config.model.overrides applies to a preset only; it cannot change a pretrained "
+                             "checkpoint")
   model_overrides(config)  # refuses overrides of fields the trainer's own keys set
   from tregjax.training import partition  # pylint: disable=g-import-not-at-top
   partition.validate(config)
@@ -180,7 +162,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
     raise errors.ConfigError(f"config.data.buckets={config.data.buckets!r}: must be strictly increasing")
   if config.data.max_length > max(config.data.buckets):
     raise errors.ConfigError(f"config.data.max_length={config.data.max_length} does not fit the largest bucket "
-                      f"{max(config.data.buckets)} (config.data.buckets={tuple(config.data.buckets)})")
+                             f"{max(config.data.buckets)} (config.data.buckets={tuple(config.data.buckets)})")
   opt = config.optimizer
   if opt.lr <= 0:
     raise errors.ConfigError(f"config.optimizer.lr={opt.lr}: must be > 0")
@@ -281,11 +263,12 @@ def model_overrides(config: ml_collections.ConfigDict) -> dict:
   overrides = dict(config.model.overrides.to_dict()) if config.model.overrides else {}
   for field, key in _TRAINER_SET_FIELDS.items():
     if field in overrides:
-      raise errors.ConfigError(f"config.model.overrides.{field} is set by the trainer key config.{key}; set that instead")
+      raise errors.ConfigError(f"config.model.overrides.{field} is set by the trainer key config.{key}; set that "
+                               "instead")
   return overrides
 
 
-__all__ = ["base_config", "validate", "check_inputs", "written_splits", "check_sections", "PROGRAMS", "objective_options",
+__all__ = ["base_config", "validate", "check_inputs", "written_splits", "check_sections", "objective_options",
            "model_overrides"]
 
 

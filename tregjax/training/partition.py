@@ -65,21 +65,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
       theirs = adapters.adapter_targets(conf, os.path.join(lo.init_from, adapters.CONFIG_NAME))
     except (ValueError, FileNotFoundError) as e:
       raise err(f"config.model.lora.init_from: {e}") from e
-    for key, mine, other in (("rank", lo.rank, conf.get("r")), ("alpha", float(lo.alpha), float(conf.get(
-        "lora_alpha", conf.get("r")))), ("targets", targets, theirs)):
+    for key, mine, other in (("rank", lo.rank, conf["r"]), ("alpha", float(lo.alpha), float(conf["lora_alpha"])),
+                             ("targets", targets, theirs)):
       if mine != other:
         raise err(f"config.model.lora.{key}={mine!r} but the adapter in config.model.lora.init_from has {other!r}")
   if config.model.hf_path and adapters.is_adapter_dir(config.model.hf_path):
     raise err("config.model.hf_path is a PEFT adapter directory: set hf_path to its base and "
               "config.model.lora.init_from to the adapter")
-
-
-def with_lora(cfg, config: ml_collections.ConfigDict):
-  """The ModelConfig with this run's adapters (unchanged without LoRA)."""
-  if not lora_enabled(config):
-    return cfg
-  lo = config.model.lora
-  return adapters.with_lora(cfg, rank=lo.rank, alpha=lo.alpha, targets=lo.targets, dropout=lo.dropout)
 
 
 def frozen_rows(config: ml_collections.ConfigDict, path: str, shape: tuple[int, ...]) -> list[bool]:
@@ -171,5 +163,5 @@ def adapter_key(seed: int) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), _ADAPTER_KEY_SALT)
 
 
-__all__ = ["validate", "with_lora", "trainable_filter", "split", "cast_frozen", "saved",
+__all__ = ["validate", "trainable_filter", "split", "cast_frozen", "saved",
            "with_frozen", "has_frozen", "update_mask", "frozen_rows", "frozen_dtype", "adapter_key", "lora_enabled"]

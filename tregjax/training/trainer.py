@@ -18,119 +18,26 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 
-from tregjax import errors, parallel, storage
-from tregjax.models import adapters  # TEMPORARY (#29 slice 2 moves this to training/model_init.py)
-from tregjax.models import state as state_lib
+from tregjax import errors, parallel, peers, storage
 from tregjax.training import checkpoint as ckpt_lib
 from tregjax.training import config as config_lib
 from tregjax.training import hooks as hooks_lib
 from tregjax.training import metrics as metrics_lib
+from tregjax.training import model_init
 from tregjax.training import optimizer as optimizer_lib
 from tregjax.training import partition
 from tregjax.training import step as step_lib
-from tregjax.training.hooks import NonFiniteError  # noqa: F401  (raised by the metrics hook; part of this API)
 
 log = logging.getLogger("tregjax.train")
 
 # A data source: (config, split, process_index, process_count) -> iterator of PreferenceBatch (numpy, this
 # process's rows) with get_state()/set_state(); `len()` (batches per epoch) when the split is finite.
 DataFactory = Callable[[ml_collections.ConfigDict, str, int, int], Iterator]
-
-
-def _dtype(name: str):
-  return jnp.dtype(name)
-
-
-def model_config(config: ml_collections.ConfigDict):
-  """The models.ModelConfig this run trains (preset + overrides, or the checkpoint's config.json)."""
-  from tregjax import models  # pylint: disable=g-import-not-at-top
-  if config.model.hf_path:
-    cfg = models.load_config(config.model.hf_path)
-  else:
-    preset = getattr(models.ModelConfig, config.model.preset, None)
-    if preset is None:
-      raise errors.ConfigError(f"config.model.preset={config.model.preset!r} is not a models.ModelConfig preset")
-    try:
-      cfg = preset(**config_lib.model_overrides(config))
-    except TypeError as e:
-      raise errors.ConfigError(f"config.model.overrides: {e}") from e
-  cfg = cfg.replace(remat=config.model.remat, scan_layers=config.model.scan_layers)
-  if config.objective == "reward_model" and not cfg.num_labels:
-    cfg = cfg.replace(num_labels=1)
-  if config.objective != "reward_model" and cfg.num_labels:
-    raise errors.ConfigError(f"objective={config.objective} needs a causal LM, but the model has a "
-                                 f"{cfg.num_labels}-label classification head")
-  return partition.with_lora(cfg, config)
-
-
-def build_model_state(config: ml_collections.ConfigDict, mesh, *, abstract: bool = False):
-  """(graphdef, params, extra): sharded over `mesh` from birth (random init) or streamed (pretrained).
-
-  `params` is what trains, `extra` the rest incl. frozen weights (`partition`: LoRA base, `train.freeze`). A LoRA run
-  streams its base once (in `model.frozen_param_dtype`) and adds adapters: fresh (B = 0, the policy starts at the
-  base, which is the reference) or read from `model.lora.init_from`.
-  With `abstract=True` returns ShapeDtypeStructs only (the restore target when resuming a random-init run).
-  """
-  from tregjax import models  # pylint: disable=g-import-not-at-top
-  cfg = model_config(config)
-  dtype, param_dtype = _dtype(config.model.dtype), _dtype(config.model.param_dtype)
-  abstract_model = models.abstract_model(cfg, dtype=dtype, param_dtype=param_dtype)
-  graphdef, abs_params, abs_extra = partition.split(abstract_model, config)
-  abs_extra = partition.cast_frozen(abs_extra, partition.frozen_dtype(config))
-  shardings = (parallel.state_shardings(abs_params, mesh), parallel.state_shardings(abs_extra, mesh))
-  if abstract:
-    attach = lambda a, s: jax.tree.map(lambda x, y: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=y), a, s)
-    return graphdef, attach(abs_params, shardings[0]), attach(abs_extra, shardings[1])
-  if config.model.hf_path:
-    # A causal-LM checkpoint trained as a reward model gets a fresh `score` head (num_labels from model_config).
-    load_dtype = partition.frozen_dtype(config) if partition.lora_enabled(config) else param_dtype
-    model = models.from_pretrained(config.model.hf_path, dtype=dtype, param_dtype=load_dtype, mesh=mesh,
-                                   config_overrides={"remat": cfg.remat, "scan_layers": cfg.scan_layers,
-                                                     "num_labels": cfg.num_labels})
-    values = state_lib.flat_values(nnx.state(model))
-    del model
-    if cfg.lora_targets:
-      values |= _adapter_values(config, cfg, nnx.merge_state(abs_params, abs_extra),
-                                nnx.merge_state(*shardings))
-    cast = lambda abs_state: state_lib.fill(abs_state, {k: v.astype(abs_v.dtype) for k, abs_v in  # noqa: E731
-                                                        state_lib.flat_values(abs_state).items() for v in [values[k]]})
-    return graphdef, cast(abs_params), cast(abs_extra)
-
-  return graphdef, *jax.jit(lambda: random_init(config), out_shardings=shardings)()
-
-
-def _adapter_values(config: ml_collections.ConfigDict, cfg, abstract_state, shardings) -> dict[str, jax.Array]:
-  """Adapter arrays by path, placed on their shardings: from the PEFT directory `model.lora.init_from`, else fresh
-  (A Kaiming-uniform from the run's seed, B = 0)."""
-  sh = {k: v for k, v in state_lib.flat_values(shardings).items() if adapters.is_adapter(k)}
-  param_dtype = _dtype(config.model.param_dtype)
-  if config.model.lora.init_from:
-    host = adapters.adapter_values(cfg, config.model.lora.init_from, param_dtype=param_dtype)
-    return {k: jax.make_array_from_callback(x.shape, sh[k], lambda i, x=x: x[i]) for k, x in host.items()}
-  return jax.jit(lambda: adapters.init_adapters(abstract_state, partition.adapter_key(config.seed)), out_shardings=sh)()
-
-
-def random_init(config: ml_collections.ConfigDict):
-  """(params, extra) of a freshly initialised model (trace under jit with out_shardings to init sharded)."""
-  from tregjax import models  # pylint: disable=g-import-not-at-top
-  cfg = model_config(config)
-  model = models.from_config(cfg, nnx.Rngs(config.seed), dtype=_dtype(config.model.dtype),
-                             param_dtype=_dtype(config.model.param_dtype))
-  if cfg.lora_targets:  # adapters from their own key: the base equals the full run's random init
-    if config.model.lora.init_from:
-      fresh = adapters.adapter_values(cfg, config.model.lora.init_from, param_dtype=_dtype(config.model.param_dtype))
-    else:
-      fresh = adapters.init_adapters(nnx.state(model), partition.adapter_key(config.seed))
-    state = nnx.state(model)
-    nnx.update(model, state_lib.fill(state, state_lib.flat_values(state) | fresh))
-  _, params, extra = partition.split(model, config)
-  return params, partition.cast_frozen(extra, partition.frozen_dtype(config))
 
 
 def default_data(config: ml_collections.ConfigDict, split: str, process_index: int, process_count: int) -> Iterator:
@@ -187,16 +94,17 @@ class Program:
     """A fresh TrainState sharded over the mesh from birth: the pretrained model streamed in (`model.hf_path`), else
     one jitted random init straight into the sharded state."""
     if self.config.model.hf_path:
-      _, params, extra = build_model_state(self.config, self.mesh)
+      _, params, extra = model_init.build_model_state(self.config, self.model_cfg, self.mesh)
       return jax.jit(self._init_state, out_shardings=self.state_shardings)(params, extra)
-    return jax.jit(lambda: self._init_state(*random_init(self.config)), out_shardings=self.state_shardings)()
+    return jax.jit(lambda: self._init_state(*model_init.random_init(self.config, self.model_cfg)),
+                   out_shardings=self.state_shardings)()
 
   def with_frozen(self, state: step_lib.TrainState) -> step_lib.TrainState:
     """A restored state with its frozen weights (LoRA base, `train.freeze`): checkpoints hold only what trains, the
     frozen part is rebuilt from its source."""
     if not partition.has_frozen(self.target.extra):
       return state
-    return partition.with_frozen(state, build_model_state(self.config, self.mesh)[2])
+    return partition.with_frozen(state, model_init.build_model_state(self.config, self.model_cfg, self.mesh)[2])
 
   def place(self, batch: Any) -> Any:
     """Process-local numpy rows → global jax arrays sharded on the batch axis (multi-host safe)."""
@@ -204,12 +112,15 @@ class Program:
         parallel.batch_sharding(self.mesh, np.ndim(x)), np.asarray(x)), batch)
 
 
-def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, total_steps: int | None = None) -> Program:
+def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, total_steps: int | None = None,
+          model_cfg: Any = None) -> Program:
   """The run's program over `mesh`, from abstract shapes only (nothing allocated): graphdef, optimizer over what
   trains (`partition`), TrainState shardings, the jitted train and eval steps. `total_steps` sets the schedule's
-  length (default `train.steps`; it does not change any shape)."""
+  length (default `train.steps`; it does not change any shape). `model_cfg`: the run's `model_init.model_config`
+  when the caller has it already (the program carries it: the checkpoint's config.json is read once)."""
   total_steps = max(config.train.steps, 1) if total_steps is None else total_steps
-  graphdef, params, extra = build_model_state(config, mesh, abstract=True)
+  model_cfg = model_init.model_config(config) if model_cfg is None else model_cfg
+  graphdef, params, extra = model_init.build_model_state(config, model_cfg, mesh, abstract=True)
   tx, schedule = optimizer_lib.make_optimizer(config.optimizer, total_steps, params)
   abstract_state = jax.eval_shape(lambda p, e: step_lib.init_state(p, e, tx, config.seed), params, extra)
   state_sh = step_lib.state_shardings(abstract_state, tx, mesh)
@@ -217,7 +128,6 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, total_s
   options = config_lib.objective_options(config) if config.objective == "preference" else None
   max_segments = config.data.max_segments if config.data.packing else 1
   loss_fn = step_lib.make_loss_fn(config.objective, options, config.train.logits_chunk_size, max_segments)
-  model_cfg = model_config(config)
   replicated = parallel.sharding_for(None, (), mesh)
   train_step = jax.jit(
       step_lib.make_train_step(graphdef, tx, schedule, loss_fn, config.optimizer.grad_accum_steps, mesh,
@@ -335,6 +245,25 @@ def evaluate(program: Program, state: step_lib.TrainState, data_factory: DataFac
   return {f"eval/{k}": v / total_w for k, v in sums.items()}
 
 
+# ModelConfig's LoRA fields -> the config key that sets them. A resume must keep them: alpha changes no array shape,
+# so only this check stops a run from going on with another adapter scale (dropout may change, like the lr).
+_LORA_KEYS = {"lora_rank": "model.lora.rank", "lora_alpha": "model.lora.alpha", "lora_targets": "model.lora.targets"}
+
+
+def _check_lora_resume(where: str, saved: dict[str, Any], cfg) -> None:
+  """CheckpointMismatchError naming the config key whose LoRA setting differs from the checkpoint's."""
+  for field, key in _LORA_KEYS.items():
+    if field not in saved:
+      continue
+    theirs, mine = saved[field], getattr(cfg, field)
+    if isinstance(mine, tuple):
+      theirs = tuple(theirs or ())
+    if theirs != mine:
+      raise ckpt_lib.CheckpointMismatchError(
+          f"checkpoint {where} was trained with config.{key}={theirs!r}, this run has {mine!r}; resume with the "
+          "checkpoint's LoRA settings, or use a fresh --workdir")
+
+
 def _initial_state(program: Program, ckpt: ckpt_lib.Checkpointer, train_iter) -> step_lib.TrainState:
   """Resumed from the latest checkpoint (state and data-iterator position), else `program.init()`."""
   config = program.config
@@ -346,6 +275,7 @@ def _initial_state(program: Program, ckpt: ckpt_lib.Checkpointer, train_iter) ->
     raise ckpt_lib.CheckpointMismatchError(
         f"{ckpt.directory}/{latest} was written by objective={saved_meta.get('objective')!r}, this run is "
         f"{config.objective!r}; use a fresh --workdir")
+  _check_lora_resume(f"{ckpt.directory}/{latest}", saved_meta.get("model_config") or {}, program.model_cfg)
   state, data_state, _ = ckpt.restore(latest, partition.saved(program.target))
   state = program.with_frozen(state)
   train_iter.set_state(data_state)
@@ -409,16 +339,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
 
   if data_factory is default_data and config.objective == "preference":
     check_scored_cache(config)
+  model_cfg = model_init.model_config(config)
   if data_factory is default_data:  # the data's tokenizer must fit the model's embedding (else NaN, silently)
     from tregjax.data import build as data_build  # pylint: disable=g-import-not-at-top
-    data_build.check_vocab(config, model_config(config), "tregjax.train")
+    data_build.check_vocab(config, model_cfg, "tregjax.train")
   train_iter = data_factory(config, config.data.train_split, jax.process_index(), jax.process_count())
   total_steps = _total_steps(config, train_iter)
   stop_at = total_steps if max_steps is None else min(max_steps, total_steps)
 
   ckpt = ckpt_lib.Checkpointer(storage.join(workdir, "checkpoints"), every=config.checkpoint.every,
                                keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-  program = build(config, mesh, total_steps=total_steps)
+  peers.keep_checkpoints(ckpt.directory)  # what a lost peer's one line reports as kept
+  program = build(config, mesh, total_steps=total_steps, model_cfg=model_cfg)
   state = _initial_state(program, ckpt, train_iter)
   train_step = _Compiled(program.train_step)
   start_step = step = int(jax.device_get(state.step))
@@ -444,7 +376,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
     built_in.append(hooks_lib.WandbHook(writer, config, workdir))
   side_jobs = hooks_lib.Hooks([*built_in, *hooks])
 
-  stopped = "completed"
+  stopped, lost = "completed", False
   with parallel.use_mesh(mesh), _Stop(ckpt, config.checkpoint.preemption_sync_every, step) as stop:
     try:
       while step < stop_at:
@@ -466,9 +398,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
           stopped = "preempted"
           break
       side_jobs.finish(hooks_lib.StepInfo(step, state), stopped)
+    except Exception as e:
+      lost = peers.loss_cause(e) is not None
+      raise
     finally:
-      side_jobs.close()
-      ckpt.close()
+      if not lost:  # a process is gone: closing would wait for its part of a pending save, which never comes
+        side_jobs.close()
+        ckpt.close()
       writer.close()
   result = RunResult(graphdef=program.graphdef, state=state, step=step, start_step=start_step,
                      total_steps=total_steps, stopped=stopped, final_metrics=metrics.last,
@@ -480,8 +416,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
   return result
 
 
-def load_model(workdir: str, step: int | None = None, *, config: ml_collections.ConfigDict | None = None):
-  """The trained model of a run (latest or given checkpoint step), on the default device; for export and eval."""
+def load_model(workdir: str, step: int | None = None, *, config: ml_collections.ConfigDict | None = None,
+               params_only: bool = False, dtype: Any = None):
+  """The trained model of a run (latest or given checkpoint step), on the default device; for export and eval.
+
+  `params_only` (export): only the parameters are read, into host memory, cast to `dtype` while read (Orbax partial
+  restore); the optimizer moments, 2/3 of a float32 checkpoint, are never read. `workdir` may be a storage URI."""
   if config is None:
     config = ml_collections.ConfigDict(storage.read_json(storage.join(workdir, "config.json")))
   ckpt = ckpt_lib.Checkpointer(storage.join(workdir, "checkpoints"), every=1, keep=config.checkpoint.keep,
@@ -495,6 +435,11 @@ def load_model(workdir: str, step: int | None = None, *, config: ml_collections.
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
   program = build(config, parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
   target = partition.saved(program.target)
+  if params_only:
+    params, extra = ckpt.restore_params(step, target, dtype)
+    ckpt.close()
+    state = program.with_frozen(target.replace(params=params, extra=extra))
+    return nnx.merge(program.graphdef, state.params, state.extra), step
   ckpt.check_compatible(step, target)
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   restored = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
