@@ -1,7 +1,9 @@
 """Gemma-2-9B-it, SimPO-REG (SimPO + T-REG token-level regularization): the paper's recipe for real hardware.
 
-  python -m tregjax.train --config configs/gemma2_9b_simpo_reg.py:model=/ckpt/gemma-2-9b-it \
-      --config.data.cache_dir=CACHE --workdir gs://.../gemma2_9b_simpo_reg
+  # One command: tokenizes, scores into OUT/scored when the cache is missing (a stale one is refused), then trains.
+  M=/ckpt/gemma-2-9b-it
+  python -m tregjax.train --config configs/gemma2_9b_simpo_reg.py:model=$M,train=TRAIN,test=TEST,out=OUT \
+      --workdir gs://.../gemma2_9b_simpo_reg
 
 Where each number comes from:
 - SimPO release training_configs/gemma-2-9b-it-simpo.yaml (princeton-nlp/SimPO): beta 10, gamma_beta_ratio 0.5,

@@ -1,9 +1,11 @@
 """Llama-3-8B-Instruct, DPO-REG (DPO + T-REG token-level regularization): the paper's recipe for real hardware.
 
-  python -m tregjax.score ...   # reference log-probs + contrastive token rewards into CACHE, once
-  python -m tregjax.train --config configs/llama3_8b_dpo_reg.py:model=/ckpt/Meta-Llama-3-8B-Instruct \
-      --config.data.cache_dir=CACHE --workdir gs://.../llama3_8b_dpo_reg
-  python -m tregjax.train --config configs/llama3_8b_dpo_reg.py:runlocal --config.data.cache_dir=TINY_CACHE ...
+  # One command: tokenizes TRAIN/TEST into OUT/dataset, scores them into OUT/scored (reference log-probs and
+  # contrastive token rewards; skipped when the cache is current), then trains. OUT is a shared POSIX mount.
+  M=/ckpt/Meta-Llama-3-8B-Instruct
+  python -m tregjax.train --config configs/llama3_8b_dpo_reg.py:model=$M,train=TRAIN,test=TEST,out=OUT \
+      --workdir gs://.../llama3_8b_dpo_reg
+  # Clusters that score as their own job: the same config with python -m tregjax.score first.
 
 Where each number comes from:
 - T-REG (Zhou et al., 2024, "T-REG: Preference Optimization with Token-Level Reward Regularization") trains on the

@@ -1,10 +1,10 @@
 """Llama-3-8B-Instruct DPO-REG as a single-GPU LoRA run: configs/llama3_8b_dpo_reg.py with rank-16 adapters.
 
-  python -m tregjax.score ...   # reference log-probs + token rewards of the BASE model, once (the LoRA reference)
-  python -m tregjax.train --config configs/llama3_8b_dpo_reg_lora.py:model=/ckpt/Meta-Llama-3-8B-Instruct \
-      --config.data.cache_dir=CACHE --workdir /runs/llama3_8b_dpo_reg_lora
+  # One command: scores the BASE model (the LoRA reference) into OUT/scored when needed, then trains the adapters.
+  M=/ckpt/Meta-Llama-3-8B-Instruct
+  python -m tregjax.train --config configs/llama3_8b_dpo_reg_lora.py:model=$M,train=TRAIN,test=TEST,out=OUT \
+      --workdir /runs/llama3_8b_dpo_reg_lora
   python -m tregjax.export --workdir /runs/llama3_8b_dpo_reg_lora --out MERGED_HF_DIR --adapter_out PEFT_DIR
-  python -m tregjax.train --config configs/llama3_8b_dpo_reg_lora.py:runlocal --config.data.cache_dir=TINY_CACHE ...
 
 Same data, loss (DPO β 0.01 + T-REG α 0.25), schedule and global batch 128 as the full recipe; only the parameters
 that train differ. LoRA rank 16, alpha 32 on all 7 linear projections of every layer (41.9M trainable of 8.03B), the
