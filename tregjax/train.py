@@ -81,8 +81,8 @@ def prepare_data(config) -> None:
   if not config.data.train_files:
     return
   from tregjax.data import build as data_build  # pylint: disable=g-import-not-at-top
-  from tregjax.training import trainer  # pylint: disable=g-import-not-at-top
-  data_build.check_vocab(config, trainer.model_config(config), "tregjax.train")
+  from tregjax.training import model_init, trainer  # pylint: disable=g-import-not-at-top
+  data_build.check_vocab(config, model_init.model_config(config), "tregjax.train")
   log = logging.getLogger("tregjax.train")
   if config.objective == "preference":
     from tregjax import score  # pylint: disable=g-import-not-at-top
