@@ -142,10 +142,10 @@ def main() -> None:
   for mode in modes:
     kw = {"greedy": {}, "sampled": SAMPLED}[mode]
     t0 = time.perf_counter()
-    loops_before = decoding._generate_loop._cache_size()  # pylint: disable=protected-access
+    loops_before = decoding.generate_loop._cache_size()  # pylint: disable=protected-access
     first = np.asarray(ours(kw))  # the first call traces and compiles prefill + the decode loop
     first_s = time.perf_counter() - t0
-    compiled = decoding._generate_loop._cache_size() - loops_before  # pylint: disable=protected-access
+    compiled = decoding.generate_loop._cache_size() - loops_before  # pylint: disable=protected-access
     runners = {"tregjax": lambda kw=kw: ours(kw)}
     if not args.no_legacy:
       legacy(kw)  # compile
@@ -215,8 +215,8 @@ def legacy_generate(model, rows, new: int, key, eos_ids, temperature: float = 0.
   cache = decoding.init_cache(model, tokens.shape[0], tokens.shape[1] + new)
   graphdef, state = nnx.split(model)
   layer_weights = decoding.per_layer_weights(model)
-  logits, cache = decoding._prefill(graphdef, state, cache, jnp.asarray(tokens), jnp.asarray(lengths),  # pylint: disable=protected-access
-                                    layer_weights)
+  logits, cache = decoding.prefill_step(graphdef, state, cache, jnp.asarray(tokens), jnp.asarray(lengths),
+                                        layer_weights)
   return _legacy_loop(graphdef, state, cache, logits, key, new, float(temperature), float(top_p),
                       tuple(int(e) for e in eos_ids), layer_weights)
 
@@ -263,7 +263,7 @@ def _legacy_loop_impl(graphdef, state, cache, first_logits, key, new, temperatur
     out = out.at[:, step].set(token)
     lengths = lengths + (~done).astype(jnp.int32)
     done = done | jnp.isin(token, eos)
-    hidden, cache = decoding._forward_cached(model, token[:, None], cache, layer_weights)  # pylint: disable=protected-access
+    hidden, cache = decoding.forward_cached(model, token[:, None], cache, layer_weights)
     return step + 1, model.unembed(hidden[:, 0]), cache, done, out, lengths
 
   c = (jnp.int32(0), first_logits, cache, jnp.zeros((b,), bool), jnp.zeros((b, new), jnp.int32),

@@ -365,7 +365,7 @@ def test_score_chunks_pad_to_fitted_buckets():
     fake = types.SimpleNamespace(ways=1, batch_tokens=10**6,
                                  s=ml_collections.ConfigDict(dict(batch_size=1, buckets=(64, 128, 256),
                                                                   fit_buckets=fit)))
-    chunks = score.Scorer._chunks(fake, lengths)  # pylint: disable=protected-access
+    chunks = score.Scorer.chunk_rows(fake, lengths)
     got = {i: t for rows, t, _ in chunks for i in rows}
     assert got == want, (fit, chunks)
     assert all(max(lengths[i] for i in rows) <= t for rows, t, _ in chunks)

@@ -248,7 +248,7 @@ class Scorer:
     self._compiled: dict[tuple[int, ...], Any] = {}  # (model, rows, T) -> the compiled row function
     self._combine = jax.jit(functools.partial(combine, self.source, float(s.token_reward.beta)))
 
-  def _chunks(self, lengths: list[int]) -> list[tuple[list[int], int, int]]:
+  def chunk_rows(self, lengths: list[int]) -> list[tuple[list[int], int, int]]:
     """Row indices sorted by length, cut into (indices, T, padded row count) chunks under a token budget.
 
     T is the smallest bucket holding the chunk's longest row (fitted: shrunk to the longest of `lengths` in that
@@ -314,7 +314,7 @@ class Scorer:
     """Model k over (ids, prompt_len) rows -> per row: response-coordinate values (+ initial score for "scores").
     `names(row index)` names a row's record in errors."""
     out: list[Any] = [None] * len(rows)
-    for chunk, t, b in self._chunks([len(r[0]) for r in rows]):
+    for chunk, t, b in self.chunk_rows([len(r[0]) for r in rows]):
       tokens = np.full((b, t), self.pad_id, np.int32)
       segs = np.zeros((b, t), np.int32)
       prompt_len = np.ones((b,), np.int32)

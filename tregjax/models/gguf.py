@@ -78,7 +78,8 @@ class _CheckedReader(GGUFReader):
     super()._build_tensors(start_offs, fields)
 
 
-def _open(path: str | os.PathLike) -> GGUFReader:
+def open_checked(path: str | os.PathLike) -> GGUFReader:
+  """A GGUFReader whose tensor ranges are checked against the file (a damaged file is a GGUFError naming it)."""
   try:
     return _CheckedReader(path)
   except GGUFError as e:
@@ -352,7 +353,7 @@ class GGUFSource:
     self.path = Path(path)
     if not self.path.is_file():
       raise FileNotFoundError(f"GGUF file not found: {self.path}")
-    self._reader = _open(self.path)
+    self._reader = open_checked(self.path)
     meta_keys = tuple(k for k in self._reader.fields if not k.startswith("GGUF.") and k not in
                       ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
                        "tokenizer.ggml.scores"))
@@ -570,7 +571,7 @@ def tokenizer_from_gguf(path: str | os.PathLike):
   from tokenizers import AddedToken, processors  # pylint: disable=g-import-not-at-top
   from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
 
-  reader = _open(path)
+  reader = open_checked(path)
   meta = read_metadata(reader, tuple(k for k in reader.fields if k.startswith("tokenizer.")))
   if "tokenizer.ggml.model" not in meta:
     raise GGUFError(f"{path}: metadata field 'tokenizer.ggml.model' is missing (the file carries no tokenizer)")

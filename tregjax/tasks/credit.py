@@ -74,7 +74,7 @@ def _model_path(name: str) -> str:
 def parameter_count(gguf_path: str) -> int:
   """Elements of every tensor in the GGUF (the weights the model runs with; a tied head counted once)."""
   from tregjax.models import gguf  # pylint: disable=g-import-not-at-top
-  reader = gguf._open(gguf_path)  # pylint: disable=protected-access  (header only: the tensors stay mapped)
+  reader = gguf.open_checked(gguf_path)
   return int(sum(int(t.n_elements) for t in reader.tensors))
 
 
@@ -93,7 +93,7 @@ def all_sample_pairs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _with_system(prompt_file: str, system: str | None, out: str) -> str:
-  rows = arith_experiment._read_jsonl(prompt_file)  # pylint: disable=protected-access
+  rows = arith_experiment.read_jsonl(prompt_file)
   lines = []
   for row in rows:
     messages = [m for m in row["prompt"] if m["role"] != "system"]
@@ -126,7 +126,7 @@ class CreditModel:
     if not stages.done("credit_pairs", dict(samples=samples)):
       started = time.perf_counter()
       os.makedirs(os.path.dirname(pairs_file), exist_ok=True)
-      pairs = all_sample_pairs(arith_experiment._read_jsonl(samples))  # pylint: disable=protected-access
+      pairs = all_sample_pairs(arith_experiment.read_jsonl(samples))
       if not pairs:
         raise ValueError(f"{samples}: no two distinct samples of any problem to score; raise arith.num_samples or "
                          f"arith.temperature")
@@ -165,13 +165,13 @@ class CreditModel:
       target = stages.path(f"greedy/{condition}")
       started = time.perf_counter()
       # The task's own sampler settings (max_new_tokens, top_p, buckets), greedy, one answer per problem.
-      stage = task._generate_config(  # pylint: disable=protected-access
+      stage = task.generate_config(
           config, prepared.reference, prepared.tokenizer, prompts, target, num_samples=1, temperature=0.0,
           batch_size=int(self.greedy_batch_size))
       generate.run(stage, scorer=arith_experiment.ArithScorer(task.answers))
       if not stages.done(f"greedy/{condition}"):
         stages.finish(f"greedy/{condition}", started)
-      records = arith_experiment._read_jsonl(os.path.join(target, generate.RECORDS))  # pylint: disable=protected-access
+      records = arith_experiment.read_jsonl(os.path.join(target, generate.RECORDS))
       records.sort(key=lambda r: r["prompt"][-1]["content"])  # the same problem order in every condition
       rewards = [arith.sequence_reward(r["all_generated_responses"][0], task.answers[r["prompt"][-1]["content"]])
                  for r in records]
