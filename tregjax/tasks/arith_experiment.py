@@ -24,6 +24,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from tregjax import storage
 from tregjax.experiments import arms, runner, stats
 from tregjax.experiments import stages as stages_lib
 from tregjax.tasks import arith
@@ -53,10 +54,9 @@ class ArithScorer:
 
 def _write_problems(problems: Sequence[arith.Problem], path: str) -> str:
   """The problems as a prompt file for `tregjax.generate` (the answer travels beside the prompt, for the oracle)."""
-  from tregjax.data import hashing  # pylint: disable=g-import-not-at-top  (the data package pulls in TFDS)
   lines = [json.dumps(dict(prompt=arith.prompt_messages(p), answer=p.answer, level=p.level, expression=p.expression))
            for p in problems]
-  hashing.atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode("utf-8"))
+  storage.write_bytes(path, "".join(line + "\n" for line in lines).encode("utf-8"))
   return path
 
 

@@ -35,6 +35,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from tregjax import storage
 from tregjax.experiments import runner, stats
 from tregjax.experiments import stages as stages_lib
 from tregjax.tasks import arith, arith_experiment
@@ -110,14 +111,13 @@ def all_sample_pairs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _with_system(prompt_file: str, system: str | None, out: str) -> str:
-  from tregjax.data import hashing  # pylint: disable=g-import-not-at-top
   rows = arith_experiment.read_jsonl(prompt_file)
   lines = []
   for row in rows:
     messages = [m for m in row["prompt"] if m["role"] != "system"]
     row = dict(row, prompt=([{"role": "system", "content": system}] if system else []) + messages)
     lines.append(json.dumps(row))
-  hashing.atomic_write_bytes(out, "".join(line + "\n" for line in lines).encode("utf-8"))
+  storage.write_bytes(out, "".join(line + "\n" for line in lines).encode("utf-8"))
   return out
 
 
@@ -175,12 +175,11 @@ class CreditModel:
   def _cpu(self, stage: str, fn: Callable[[], Any]) -> Any:
     """fn(), its process CPU seconds (every thread) kept in cpu_seconds.json under `stage`. A stage reused from an
     earlier run costs about nothing: a figure under 2 s is not recorded (the run that did the work recorded its own)."""
-    from tregjax.data import hashing  # pylint: disable=g-import-not-at-top
     started = time.process_time()
     out = fn()
     spent = round(time.process_time() - started, 1)
     if spent >= 2.0:
-      hashing.atomic_write_json(self.stages.path("cpu_seconds.json"), dict(self.cpu_seconds(), **{stage: spent}))
+      storage.write_json(self.stages.path("cpu_seconds.json"), dict(self.cpu_seconds(), **{stage: spent}))
     return out
 
   def cpu_seconds(self) -> dict[str, float]:
@@ -205,13 +204,12 @@ class CreditModel:
     finished = [bool(f) for r in sample_records for f in r["all_finished"]]
     if not stages.done("credit_pairs", dict(samples=samples)):
       started = time.perf_counter()
-      from tregjax.data import hashing  # pylint: disable=g-import-not-at-top
       os.makedirs(os.path.dirname(pairs_file), exist_ok=True)
       pairs = all_sample_pairs(sample_records)
       if not pairs:
         raise ValueError(f"{samples}: no two distinct samples of any problem to score; raise arith.num_samples or "
                          f"arith.temperature")
-      hashing.atomic_write_bytes(pairs_file, "".join(json.dumps(p) + "\n" for p in pairs).encode("utf-8"))
+      storage.write_bytes(pairs_file, "".join(json.dumps(p) + "\n" for p in pairs).encode("utf-8"))
       stages.finish("credit_pairs", started, dict(pairs=len(pairs)), key=dict(samples=samples))
     prepared = dataclasses.replace(prepared, train_pairs=pairs_file)
 
@@ -317,7 +315,6 @@ def plot(path: str, results: list[dict[str, Any]]) -> str:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   import matplotlib.ticker  # pylint: disable=g-import-not-at-top
 
-  from tregjax.data import hashing  # pylint: disable=g-import-not-at-top
   order = sorted(results, key=lambda r: r["parameters"])
   x = np.array([r["parameters"] for r in order], np.float64)
   fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), layout="constrained")
@@ -347,13 +344,12 @@ def plot(path: str, results: list[dict[str, Any]]) -> str:
     fig.savefig(buf, format="png", dpi=130)
   finally:
     plt.close(fig)
-  hashing.atomic_write_bytes(path, buf.getvalue())
+  storage.write_bytes(path, buf.getvalue())
   return path
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Every model of `credit.models`, then results.json, the table and plot.png in `workdir`."""
-  from tregjax.data import hashing  # pylint: disable=g-import-not-at-top
   section = _section(config)
   os.makedirs(workdir, exist_ok=True)
   results = []
@@ -364,7 +360,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           flush=True)
   text = table(results)
   out = dict(models=results, table=text, plot=plot(os.path.join(workdir, "plot.png"), results))
-  hashing.atomic_write_json(os.path.join(workdir, "results.json"), out)
+  storage.write_json(os.path.join(workdir, "results.json"), out)
   print("\n" + text, flush=True)
   print(f"results: {os.path.join(workdir, 'results.json')}, plot: {out['plot']}", flush=True)
   return out
