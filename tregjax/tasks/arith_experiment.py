@@ -61,7 +61,7 @@ def _write_problems(problems: Sequence[arith.Problem], path: str) -> str:
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
-  """The records of a JSONL file this task wrote itself (prompts, samples: no bad-input checks needed)."""
+  """Every non-blank line of a JSON-lines file (the problems, generate's records), parsed."""
   with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
 
@@ -82,8 +82,7 @@ class ArithTask:
 
   def generate_config(self, config, prepared_reference: str, tokenizer: str, prompts: str, out: str, *,
                       num_samples: int, temperature: float, batch_size: int) -> ml_collections.ConfigDict:
-    """The `tregjax.generate` config that samples `prompts` from the prepared reference into `out` (the credit
-    task reuses it for its own sampling stage)."""
+    """A `tregjax.generate` stage config for this task: its sampler settings (max_new_tokens, top_p) on `prompts`."""
     stage = stages_lib.trainer_config(config, self.section)
     stage.model.hf_path = prepared_reference
     stage.data.tokenizer = tokenizer
@@ -124,8 +123,8 @@ class ArithTask:
     started = time.perf_counter()
     # Always called: finished, current output returns at once; output of other inputs is refused (StaleCacheError).
     generate.run(self.generate_config(config, reference, reference, train_file, samples,
-                                      num_samples=int(a.num_samples), temperature=float(a.temperature),
-                                      batch_size=int(a.sample_batch_size)),
+                                       num_samples=int(a.num_samples), temperature=float(a.temperature),
+                                       batch_size=int(a.sample_batch_size)),
                  scorer=ArithScorer(self.answers))
     if not stages.done("samples"):
       with open(os.path.join(samples, generate.SUMMARY), encoding="utf-8") as f:
@@ -180,7 +179,7 @@ class ArithTask:
       out = stages.path(f"eval/{name}")
       started = time.perf_counter()
       generate.run(self.generate_config(config, path, prepared.tokenizer, eval_file, out, num_samples=1,
-                                        temperature=0.0, batch_size=int(self.a.eval_batch_size)),
+                                         temperature=0.0, batch_size=int(self.a.eval_batch_size)),
                    scorer=ArithScorer(self.answers))
       if not stages.done(f"eval/{name}"):
         stages.finish(f"eval/{name}", started)
