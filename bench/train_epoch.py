@@ -214,9 +214,9 @@ def contrastive_pass(model, tok, records: list[dict], batch: int = STEP_PAIRS) -
                  for r in part for side in ("chosen", "rejected")]
     logps = []
     for instruction in (config_schema.BETTER_INSTRUCTION, config_schema.WORSE_INSTRUCTION):
-      prompts = [tok.apply_chat_template(with_instruction(r["prompt"], instruction, "system"), tokenize=True,
-                                         add_generation_prompt=True) for r in part for _ in range(2)]
-      prompts = [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in prompts]
+      prompts = [tok(tok.apply_chat_template(with_instruction(r["prompt"], instruction, "system"), tokenize=False,
+                                             add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+                 for r in part for _ in range(2)]
       seqs = [p + y for p, y in zip(prompts, responses)]
       width = max(map(len, seqs))
       ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
