@@ -86,7 +86,8 @@ def prefill_step(graphdef, state, cache: Cache, tokens: jax.Array, lengths: jax.
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _decode_step(graphdef, state, cache: Cache, token: jax.Array, layer_weights=None):
+def decode_step_split(graphdef, state, cache: Cache, token: jax.Array, layer_weights=None):
+  """`decode_step` on a split model (compiled once per graphdef and shapes; the cache is donated)."""
   model = nnx.merge(graphdef, state)
   hidden, cache = forward_cached(model, token[:, None], cache, layer_weights)
   return model.unembed(hidden[:, 0]), cache
@@ -108,7 +109,7 @@ def decode_step(model: CausalLM, cache: Cache, token: jax.Array,
                 layer_weights: list[nnx.State] | None = None) -> tuple[jax.Array, Cache]:
   """One new token per row [B] -> (f32 logits [B, V] for the next token, cache). The cache is donated."""
   graphdef, state = nnx.split(model)
-  return _decode_step(graphdef, state, cache, jnp.asarray(token, jnp.int32), layer_weights)
+  return decode_step_split(graphdef, state, cache, jnp.asarray(token, jnp.int32), layer_weights)
 
 
 # Top-p fast path off by default: on SmolLM2's logits the nucleus fits 8 candidate blocks for 78% of rows, so a
@@ -268,7 +269,7 @@ def generate_loop(graphdef, state, cache, carry, key, layer_weights, max_new_tok
 
 
 @jax.jit
-def _take_rows(cache: Cache, carry, idx: jax.Array):
+def take_rows(cache: Cache, carry, idx: jax.Array):
   """Rows `idx` of the cache and the loop carry (prefix sharing: a prompt's cache to its sample rows; compaction:
   the running rows into a smaller batch)."""
   step, *rest = carry
@@ -344,11 +345,11 @@ def choose_batch_size(model: CausalLM, max_len: int, *, max_rows: int, multiple:
     cache = init_cache(model, size, max_len)
     cache = cache.replace(index=jnp.full((size,), max_len // 2, jnp.int32))  # a typical attention length
     token = jnp.zeros((size,), jnp.int32)
-    logits, cache = _decode_step(graphdef, state, cache, token, layer_weights)  # compile
+    logits, cache = decode_step_split(graphdef, state, cache, token, layer_weights)  # compile
     jax.block_until_ready(logits)
     t0 = time.perf_counter()
     for _ in range(steps):
-      logits, cache = _decode_step(graphdef, state, cache, token, layer_weights)
+      logits, cache = decode_step_split(graphdef, state, cache, token, layer_weights)
     jax.block_until_ready(logits)
     rates[size] = size * steps / (time.perf_counter() - t0)
     if size > sizes[0] and rates[size] < gain * rates[size // 2]:
@@ -396,7 +397,7 @@ def generate(model: CausalLM, prompt_tokens: Sequence[Sequence[int]], *, max_new
   logits, cache = prefill_step(graphdef, state, cache, jnp.asarray(tokens[pick]), jnp.asarray(lengths[pick]),
                                layer_weights)
   size = min(s for s in sizes if s >= n)
-  cache, (_, logits) = _take_rows(cache, (jnp.int32(0), logits), jnp.asarray(np.pad(src, (0, size - n))))
+  cache, (_, logits) = take_rows(cache, (jnp.int32(0), logits), jnp.asarray(np.pad(src, (0, size - n))))
   done = np.arange(size) >= n  # filler rows (copies of row 0) are done from the start: compaction drops them
   carry = (jnp.int32(0), logits, jnp.asarray(done), jnp.full((size, max_new_tokens), pad_id, jnp.int32),
            jnp.zeros((size,), jnp.int32), jnp.asarray(np.pad(rows, (0, size - n))))
@@ -423,6 +424,6 @@ def generate(model: CausalLM, prompt_tokens: Sequence[Sequence[int]], *, max_new
     size = min(s for s in sizes if s >= live.size)
     spare = np.flatnonzero(done_h)[:size - live.size]  # keep shape with already-finished rows (done stays true)
     keep = np.concatenate([live, spare])
-    cache, carry = _take_rows(cache, carry, jnp.asarray(keep))
+    cache, carry = take_rows(cache, carry, jnp.asarray(keep))
     where = np.where(np.arange(len(keep)) < live.size, where[keep], -1)
   return GenerateOutput(tokens=jnp.asarray(out_tokens), lengths=jnp.asarray(out_lengths))
