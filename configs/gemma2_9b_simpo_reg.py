@@ -1,6 +1,6 @@
 """Gemma-2-9B-it, SimPO-REG (SimPO + T-REG token-level regularization): the paper's recipe for real hardware.
 
-  # One command: tokenizes, scores into OUT/scored when the cache is missing (a stale one is refused), then trains.
+  # One command: tokenizes, scores into OUT/scored when the cache is missing or of other inputs, then trains.
   M=/ckpt/gemma-2-9b-it
   python -m tregjax.train --config configs/gemma2_9b_simpo_reg.py:model=$M,train=TRAIN,test=TEST,out=OUT \
       --workdir gs://.../gemma2_9b_simpo_reg
