@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tregjax import storage
+
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
@@ -360,9 +362,8 @@ def write_json(name: str, payload: dict) -> Path:
   """bench/out/<name>.json (numpy scalars as numbers, anything else JSON cannot hold as its str)."""
   OUT_DIR.mkdir(parents=True, exist_ok=True)
   path = OUT_DIR / f"{name}.json"
-  tmp = path.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(payload, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
-  os.replace(tmp, path)
+  storage.write_text(path, json.dumps(payload, indent=2,
+                                      default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
   return path
 
 
@@ -374,9 +375,7 @@ def update_results(section: str, markdown: str, path: str | Path = RESULTS) -> N
   text = path.read_text() if path.exists() else "# Benchmark results\n\n"
   pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
   text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block
-  tmp = path.with_suffix(".md.tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
+  storage.write_text(path, text)
 
 
 def today() -> str:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tregjax import models, parallel
+from tregjax import models, parallel, storage
 from tregjax.experiments import runner, stages
 from tregjax.models import adapters, safetensors
 from tregjax.synthetic import demo
@@ -224,6 +224,51 @@ def test_one_config_error_and_no_rebound_names():
             rebound.append(f"{m}: {target.id} = {node.value.value.id}.{node.value.attr}")
   assert sorted(classes) == [("ConfigError", "tregjax.errors"), ("StaleCacheError", "tregjax.errors")]
   assert not rebound, rebound
+
+
+def test_every_atomic_write_goes_through_storage():
+  """THE atomic write lives in tregjax/storage.py: no other module of the package or bench/ renames a file into place
+  or makes its own temporary sibling."""
+  found = []
+  for m, path in PACKAGE.items() | python_files("bench").items():
+    if m == "tregjax.storage":
+      continue
+    with open(path, encoding="utf-8") as f:
+      tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+      if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+          and (node.value.id, node.attr) in {("os", "replace"), ("os", "rename"), ("tempfile", "NamedTemporaryFile")}):
+        found.append(f"{m}:{node.lineno} {node.value.id}.{node.attr}")
+  assert not found, found
+
+
+def test_an_atomic_write_is_whole_or_absent_and_0644(tmp_path):
+  """A block that raises leaves neither the file nor a temporary; one that ends leaves the file 0644 (umask 022),
+  and a directory written by `atomic_dir` 0755 with all its files."""
+  old = os.umask(0o022)
+  try:
+    try:
+      with storage.atomic_file(str(tmp_path / "a.bin")) as f:
+        f.write(b"half")
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+      pass
+    assert os.listdir(tmp_path) == []
+    with storage.atomic_file(str(tmp_path / "a.txt"), "w") as f:
+      f.write("whole")
+    with storage.atomic_path(str(tmp_path / "b.bin")) as name:
+      with open(name, "wb") as f:
+        f.write(b"by name")
+    with storage.atomic_dir(str(tmp_path / "d")) as d:
+      with open(os.path.join(d, "x"), "w", encoding="utf-8") as f:
+        f.write("x")
+  finally:
+    os.umask(old)
+  assert sorted(os.listdir(tmp_path)) == ["a.txt", "b.bin", "d"]
+  assert (tmp_path / "a.txt").read_text() == "whole" and (tmp_path / "b.bin").read_bytes() == b"by name"
+  modes = {n: oct(stat.S_IMODE(os.stat(tmp_path / n).st_mode)) for n in ("a.txt", "b.bin", "d")}
+  assert modes == {"a.txt": "0o644", "b.bin": "0o644", "d": "0o755"}
+  assert os.listdir(tmp_path / "d") == ["x"]
 
 
 # ------------------------------------------------------------------ behaviour kept

@@ -57,9 +57,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from tregjax import cli, config_schema, jobs, losses, parallel
+from tregjax import cli, config_schema, jobs, losses, parallel, storage
 from tregjax.data import build as data_build
-from tregjax.data import hashing, pipeline, scored_cache, tfds_builder
+from tregjax.data import pipeline, scored_cache, tfds_builder
 from tregjax.data.scored_cache import CACHE_FORMAT_VERSION, CACHE_META, REWARD_SOURCES, RowValues, cache_components
 from tregjax.data.tokenize import ChatTokenizer, with_instruction
 
@@ -598,7 +598,7 @@ def _assemble(job: jobs.Job, dataset_dir: str, sources: dict[str, Any], keys: li
               end_of_turn_id=tfds_builder.read_metadata(dataset_dir).get("end_of_turn_id"))
   out = tfds_builder.write("scored", job.out_dir, "h" + digest[:16], {sp: gen_for(sp) for sp in sources}, meta)
   records = {sp: len(src) for sp, src in sources.items()}
-  hashing.atomic_write_json(os.path.join(job.out_dir, CACHE_META), dict(
+  storage.write_json(os.path.join(job.out_dir, CACHE_META), dict(
       hash=digest, components=components, records=records, token_reward_source=source_name, dtype=dtype,
       dataset=os.path.relpath(out, job.out_dir), format_version=CACHE_FORMAT_VERSION))
 

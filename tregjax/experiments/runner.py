@@ -33,7 +33,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from tregjax import programs
+from tregjax import programs, storage
 from tregjax.experiments import arms as arms_lib
 from tregjax.experiments import stages as stages_lib
 from tregjax.experiments import stats
@@ -414,8 +414,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
              policies=evaluation["policies"], comparisons=evaluation.get("comparisons", {}), token_credit=credit,
              seconds=seconds, total_seconds=round(time.perf_counter() - stages.t0, 1),
              artifacts=dict(plot=plot, heatmap=heatmap), notes=evaluation.get("notes", []))
-  from tregjax.data import hashing  # pylint: disable=g-import-not-at-top
-  hashing.atomic_write_json(os.path.join(workdir, "results.json"), out)
+  storage.write_json(os.path.join(workdir, "results.json"), out)
   print("\n" + table, flush=True)
   for line in evaluation.get("notes", []):
     print(line, flush=True)
