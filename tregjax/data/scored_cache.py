@@ -211,12 +211,12 @@ def set_aside(config, log) -> None:
     while os.path.exists(aside):
       n += 1
       aside = f"{cache_dir}.h{found[:16]}-{n}"
-    os.rename(cache_dir, aside)
+    storage.move_dir(cache_dir, aside)
     log.warning("%s held %s: moved it to %s (kept whole; these inputs again find it there) and scoring into %s",
                 cache_dir, what, aside, cache_dir)
   earlier = f"{cache_dir}.h{expected[:16]}"
   if not storage.is_uri(cache_dir) and not os.path.exists(cache_dir) and os.path.isdir(earlier) \
       and _found_digest(earlier)[0] == expected:
-    os.rename(earlier, cache_dir)
+    storage.move_dir(earlier, cache_dir)
     log.warning("reusing the scored cache of these inputs set aside earlier: moved %s back to %s", earlier,
                 cache_dir)
