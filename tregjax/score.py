@@ -25,7 +25,9 @@ per-response sums and rewards are then combined from the rows' response-coordina
 Output is written in work shards (`tregjax.jobs`: atomic, deterministic): a rerun skips finished shards and yields
 byte-identical output. When every shard exists the scored TFDS dataset (array_record) is assembled and
 `cache_meta.json`, holding the hash of (model, tokenizer, prompts, source, data), is written last;
-`tregjax.data.scored_cache.check_cache` refuses a cache whose hash differs from the trainer's expectation. Contrastive
+`tregjax.data.scored_cache.check_cache` refuses a cache whose hash differs from the trainer's expectation. The command
+(and the train command's scoring stage) first moves a cache of other inputs aside (`scored_cache.set_aside`); `run`
+itself, which the experiment runner calls, refuses one. Contrastive
 contexts are rendered from the full prompt messages; when the plain prompt was left-truncated they are cut the same
 way (`cut_like_plain`: the instruction survives, the prompt's start goes); the reference log-probs use the stored
 plain ids. Bad input stops before anything is written: a tokenizer larger than a model's vocabulary, a row longer than
@@ -601,9 +603,16 @@ def _assemble(job: jobs.Job, dataset_dir: str, sources: dict[str, Any], keys: li
       dataset=os.path.relpath(out, job.out_dir), format_version=CACHE_FORMAT_VERSION))
 
 
+def run_command(config: ml_collections.ConfigDict) -> str:
+  """`python -m tregjax.score`: writes where `python -m tregjax.train` with the same config looks. As there, a cache
+  of other inputs in data.cache_dir is moved aside first (`scored_cache.set_aside`), not refused nor overwritten."""
+  cli.process_zero_first("tregjax.score set aside", lambda: scored_cache.set_aside(config, log))
+  return run(config)
+
+
 def main(argv: Sequence[str]) -> None:
   del argv
-  jobs.main("tregjax.score", run)
+  jobs.main("tregjax.score", run_command)
 
 
 if __name__ == "__main__":
