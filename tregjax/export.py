@@ -21,6 +21,9 @@ import os
 from absl import app
 from absl import flags
 
+from tregjax import cli, config_schema, models, storage, training
+from tregjax.models import adapters
+
 
 def _define_flags() -> None:
   """CLI flags, defined only when run as a program: importing `export` next to `tregjax.train` (which owns
@@ -33,7 +36,6 @@ def _define_flags() -> None:
   flags.DEFINE_string("adapter_out", None, "LoRA runs: also write the adapters as a PEFT directory "
                       "(adapter_config.json + adapter_model.safetensors) for the base model.hf_path.")
   flags.mark_flags_as_required(["workdir", "out"])
-  from tregjax import cli  # pylint: disable=g-import-not-at-top
   cli.define_verbose_flag()
 
 
@@ -41,7 +43,6 @@ def tokenizer_dir(config) -> str | None:
   """The run's tokenizer directory by the lookup every command uses (`config_schema.tokenizer_dir`: data.tokenizer,
   model.tokenizer_path, model.hf_path when a directory); None when the config names none, or names one that is gone
   (then the model is exported without it, with a warning naming it)."""
-  from tregjax import config_schema  # pylint: disable=g-import-not-at-top
   path = config_schema.tokenizer_dir(config)
   if path and not os.path.isdir(path):
     logging.getLogger("tregjax.export").warning("the run's tokenizer %s is not a directory (any more); exporting the "
@@ -60,7 +61,6 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str | None
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
 
-  from tregjax import models, storage, training  # pylint: disable=g-import-not-at-top
   storage.check_scheme(workdir, "--workdir")
   storage.check_scheme(out, "--out")
   config_path = storage.join(workdir, "config.json")
@@ -86,7 +86,6 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str | None
     if base and os.path.isfile(os.path.join(base, GENERATION_CONFIG)):  # sampling defaults and eos ids (vLLM reads)
       storage.copy_file(os.path.join(base, GENERATION_CONFIG), os.path.join(local_out, GENERATION_CONFIG))
   if adapter_out:
-    from tregjax.models import adapters  # pylint: disable=g-import-not-at-top
     with _local_dir(adapter_out) as local_adapter:
       adapters.save_adapter(model, local_adapter, base_model_name_or_path=config.model.hf_path)
   logging.getLogger("tregjax.export").info("exported step %d of %s to %s as %s%s", step, workdir, out, dtype,
@@ -101,7 +100,6 @@ GENERATION_CONFIG = "generation_config.json"
 def _local_dir(out: str):
   """`out` itself when local; for a URI a local staging directory whose files are moved to `out` (each atomically,
   config.json last: a reader that finds it finds the weights) when the block ends without error."""
-  from tregjax import storage  # pylint: disable=g-import-not-at-top
   if not storage.is_uri(out):
     yield out
     return
@@ -120,7 +118,6 @@ def _local_dir(out: str):
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from tregjax import cli  # pylint: disable=g-import-not-at-top
   cli.setup_logging()
   f = flags.FLAGS
   cli.report_errors("tregjax.export", lambda: export(f.workdir, f.out, step=f.step, dtype=f.dtype,
