@@ -211,14 +211,14 @@ def shared_cache_dir() -> str:
   return _SHARED_CACHE[0]
 
 
-def synthetic_run(workdir: str, layers: int, width: int) -> int:
+def synthetic_run(workdir: str, layers: int, width: int, vocab: int = 32000) -> int:
   """A run directory as `tregjax.train` leaves it (config.json + an Orbax checkpoint of step 1: float32 params and
-  both Adam moments) for a random-init Llama of `layers` x `width`, vocab 32000, compute dtype bfloat16, without
+  both Adam moments) for a random-init Llama of `layers` x `width` x `vocab`, compute dtype bfloat16, without
   training; returns its parameter count. For export benches and tests of a few hundred MB."""
   import jax  # pylint: disable=g-import-not-at-top
   from tregjax import parallel  # pylint: disable=g-import-not-at-top
   from tregjax.training import checkpoint as ckpt_lib, trainer  # pylint: disable=g-import-not-at-top
-  c = tiny_config(**{"model.overrides.vocab_size": 32000, "model.overrides.hidden_size": width,
+  c = tiny_config(**{"model.overrides.vocab_size": vocab, "model.overrides.hidden_size": width,
                      "model.overrides.intermediate_size": 4 * width, "model.overrides.num_layers": layers,
                      "model.overrides.num_heads": width // 64, "model.overrides.num_kv_heads": 4,
                      "model.overrides.head_dim": 64, "model.overrides.max_position_embeddings": 64,
