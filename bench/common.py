@@ -34,6 +34,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
+from tregjax import storage  # noqa: E402  (after the checkout is on sys.path: `python bench/x.py` from anywhere)
+
 OUT_DIR = REPO / "bench" / "out"
 RESULTS = REPO / "bench" / "RESULTS.md"
 
@@ -55,15 +57,19 @@ SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, 
                      num_kv_heads=3, head_dim=64, tie_word_embeddings=True)
 
 
-def gguf_path() -> Path:
+GGUF_WEIGHTS = {"smollm2": "SmolLM2-135M-Instruct", "qwen2.5-coder-0.5b": "Qwen2.5-Coder-0.5B-Instruct"}
+
+
+def gguf_path(name: str = "smollm2") -> Path:
+  """The cached GGUF of `tregjax.assets` asset `name` (a key of GGUF_WEIGHTS)."""
   from tregjax import assets  # pylint: disable=g-import-not-at-top
-  return assets.fetch("smollm2")
+  return assets.fetch(name)
 
 
-def chat_prompt_ids(n: int) -> list[list[int]]:
-  """`n` real chat-formatted prompts (cycled), as token ids."""
+def chat_prompt_ids(n: int, name: str = "smollm2") -> list[list[int]]:
+  """`n` real chat-formatted prompts (cycled), as token ids of GGUF asset `name`'s tokenizer."""
   from tregjax.models.gguf import tokenizer_from_gguf  # pylint: disable=g-import-not-at-top
-  tok = tokenizer_from_gguf(gguf_path())
+  tok = tokenizer_from_gguf(gguf_path(name))
   texts = [tok.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], tokenize=False,
                                    add_generation_prompt=True) for i in range(n)]
   return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -92,8 +98,9 @@ def smollm2_hf_config() -> dict:
 
 def add_weights_args(parser) -> None:
   """`--weights random|smollm2` and the random Llama's shape: the model options of bench/forward.py and decode.py."""
-  parser.add_argument("--weights", choices=["random", "smollm2"], default="random",
-                      help="random: a random Llama saved by transformers; smollm2: SmolLM2-135M-Instruct's GGUF")
+  parser.add_argument("--weights", choices=["random", *GGUF_WEIGHTS], default="random",
+                      help="random: a random Llama saved by transformers; smollm2 / qwen2.5-coder-0.5b: that "
+                           "instruct model's GGUF (tregjax.assets)")
   parser.add_argument("--shape", choices=["llama", "smollm2"], default="llama",
                       help="random weights: a Llama of --layers/--width/--ffn/--vocab, or SmolLM2-135M's shape")
   parser.add_argument("--layers", type=int, default=4)
@@ -104,8 +111,8 @@ def add_weights_args(parser) -> None:
 
 def weights_flags(args) -> str:
   """The `add_weights_args` flags that give `args` again (for the command a RESULTS.md section shows)."""
-  if args.weights == "smollm2":
-    return "--weights smollm2"
+  if args.weights in GGUF_WEIGHTS:
+    return f"--weights {args.weights}"
   if args.shape == "smollm2":
     return "--weights random --shape smollm2"
   return (f"--weights random --layers {args.layers} --width {args.width}" + (f" --ffn {args.ffn}" if args.ffn else "")
@@ -120,15 +127,15 @@ def load_models(args, dtype: str, with_torch: bool):
   from tregjax import models  # pylint: disable=g-import-not-at-top
   jdtype = {"f32": jnp.float32, "bf16": jnp.bfloat16}[dtype]
   torch_model = None
-  if args.weights == "smollm2":
-    path = gguf_path()
+  if args.weights in GGUF_WEIGHTS:
+    path = gguf_path(args.weights)
     model = models.from_pretrained(str(path), dtype=jdtype, param_dtype=jnp.float32)
     if with_torch:
       import torch  # pylint: disable=g-import-not-at-top
       import transformers  # pylint: disable=g-import-not-at-top
       torch_model = transformers.AutoModelForCausalLM.from_pretrained(
           path.parent, gguf_file=path.name, dtype={"f32": torch.float32, "bf16": torch.bfloat16}[dtype]).eval()
-    return model, torch_model, model.config.vocab_size, "SmolLM2-135M-Instruct (GGUF)"
+    return model, torch_model, model.config.vocab_size, f"{GGUF_WEIGHTS[args.weights]} (GGUF)"
   hf_config = (smollm2_hf_config() if args.shape == "smollm2"
                else llama_hf_config(args.layers, args.width, args.vocab, ffn=args.ffn or None))
   if with_torch:
@@ -360,9 +367,8 @@ def write_json(name: str, payload: dict) -> Path:
   """bench/out/<name>.json (numpy scalars as numbers, anything else JSON cannot hold as its str)."""
   OUT_DIR.mkdir(parents=True, exist_ok=True)
   path = OUT_DIR / f"{name}.json"
-  tmp = path.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(payload, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
-  os.replace(tmp, path)
+  storage.write_text(path, json.dumps(payload, indent=2,
+                                      default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
   return path
 
 
@@ -374,9 +380,7 @@ def update_results(section: str, markdown: str, path: str | Path = RESULTS) -> N
   text = path.read_text() if path.exists() else "# Benchmark results\n\n"
   pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
   text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block
-  tmp = path.with_suffix(".md.tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
+  storage.write_text(path, text)
 
 
 def today() -> str:

@@ -48,55 +48,87 @@ def main() -> None:
   parser.add_argument("--prompt", type=int, default=64, help="prompt length (random weights)")
   parser.add_argument("--new", type=int, default=64)
   parser.add_argument("--modes", default="greedy", help="comma-separated: greedy, sampled")
+  parser.add_argument("--prompts", choices=["chat", "arith"], default="chat",
+                      help="GGUF weights: chat prompts, or the SmolLM2 arith experiment's training problems")
+  parser.add_argument("--chunk", type=int, default=0,
+                      help="rows per generate call (the arith experiment's sample_batch_size 64, prompts padded to its "
+                           "64-token bucket); 0: all rows in one call")
+  parser.add_argument("--top-p", type=float, default=0.95, help="sampled mode's top-p (temperature 0.8)")
   parser.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--skip-torch", action="store_true")
   parser.add_argument("--eos", action="store_true", help="rows stop at EOS (tregjax variants only)")
   parser.add_argument("--no-legacy", action="store_true", help="skip the sampler of main before #30")
+  parser.add_argument("--profile-steps", type=int, default=8,
+                      help="decode steps timed one by one for the breakdown (forward / sampling); 0: none")
   parser.add_argument("--matmul", type=int, default=2048, help="n of the n x n x n reference matmul")
   parser.add_argument("--torch-threads", default="0,1",
                       help="torch thread counts to time (0: torch's default), or 'probe': the faster of 1 and all")
   args = parser.parse_args()
 
   import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
   from tregjax.models import decoding  # pylint: disable=g-import-not-at-top
+  from tregjax.training import metrics  # pylint: disable=g-import-not-at-top
 
+  sampled = dict(temperature=SAMPLED["temperature"], top_p=args.top_p)
+  gguf = args.weights in common.GGUF_WEIGHTS
   backend = jax.default_backend()
   device = common.device()
   run_torch = backend == "cpu" and not args.skip_torch and not args.eos
   modes = args.modes.split(",")
   model, torch_model, vocab, desc = common.load_models(args, args.dtype, run_torch)
-  if args.weights == "smollm2":
-    prompts = common.chat_prompt_ids(args.batch)
+  if gguf and args.prompts == "arith":
+    from tregjax.models.gguf import tokenizer_from_gguf  # pylint: disable=g-import-not-at-top
+    from tregjax.tasks import arith  # pylint: disable=g-import-not-at-top
+    tok = tokenizer_from_gguf(common.gguf_path(args.weights))
+    train, _ = arith.make_splits(args.batch, 0, 0, (1, 2), max_operand=20)  # the experiment's defaults
+    prompts = [tok(tok.apply_chat_template(arith.prompt_messages(p), tokenize=False, add_generation_prompt=True),
+                   add_special_tokens=False)["input_ids"] for p in train]
+    desc += f", the arith experiment's first {args.batch} training problems ({min(map(len, prompts))}-{max(map(len, prompts))} tokens)"
+  elif gguf:
+    prompts = common.chat_prompt_ids(args.batch, args.weights)
     desc += f", {args.batch} chat prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens"
   else:
     prompts = np.random.default_rng(0).integers(3, vocab, (args.batch, args.prompt)).tolist()
     desc += f"; {args.batch} prompts of {args.prompt} tokens"
   rows = [p for p in prompts for _ in range(args.samples)]  # tregjax.generate's (prompt, sample) rows
-  n_new = len(rows) * args.new
-  desc += (f" x {args.samples} samples = {len(rows)} rows, {args.new} new tokens each, no EOS, {args.dtype}, "
-           + ", ".join(m + (" (temperature 0.8, top-p 0.95)" if m == "sampled" else "") for m in modes))
+  desc += (f" x {args.samples} samples = {len(rows)} rows, {args.new} new tokens each, "
+           + ("stop at EOS" if args.eos else "no EOS") + f", {args.dtype}, "
+           + ", ".join(m + (f" (temperature 0.8, top-p {args.top_p:g})" if m == "sampled" else "") for m in modes))
 
   eos = {}
   if args.eos:
     from tregjax.models.gguf import tokenizer_from_gguf  # pylint: disable=g-import-not-at-top
-    tok = tokenizer_from_gguf(common.gguf_path())
+    tok = tokenizer_from_gguf(common.gguf_path(args.weights))
     eos = {"eos_ids": tuple(sorted({tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}))}
   generated = {}
+  chunk = args.chunk or len(rows)
+  chunks = [(i, rows[i:i + chunk]) for i in range(0, len(rows), chunk)]
+  if args.chunk:
+    desc += f", {args.chunk} rows per call (prompts padded to 64)"
+  multiple = 64 if args.chunk else 8
 
   def ours(kw):
-    out = decoding.generate(model, rows, max_new_tokens=args.new, key=jax.random.key(0), **kw, **eos)
-    generated["tregjax"] = int(np.asarray(out.lengths).sum())
-    return jax.block_until_ready(out.tokens)
+    lengths, tokens = [], []
+    for start, part in chunks:  # as generate.generate_shard: batch_size rows per call, row ids = row index
+      out = decoding.generate(model, part, max_new_tokens=args.new, key=jax.random.key(0), **kw, **eos,
+                              prompt_multiple=multiple, row_ids=range(start, start + len(part)), batch_size=chunk)
+      lengths.append(np.asarray(out.lengths))
+      tokens.append(np.asarray(out.tokens))
+    generated["tregjax"] = np.concatenate(lengths)
+    return np.concatenate(tokens)
 
   def legacy(kw):
-    out, lengths = legacy_generate(model, rows, args.new, jax.random.key(0), eos.get("eos_ids", ()), **kw)
-    generated["legacy"] = int(np.asarray(lengths).sum())
-    return jax.block_until_ready(out)
+    lengths = []
+    for _, part in chunks:
+      part = part + [part[0]] * (chunk - len(part))  # the same compiled shape for every call
+      _, n = legacy_generate(model, part, args.new, jax.random.key(0), eos.get("eos_ids", ()), multiple, **kw)
+      lengths.append(np.asarray(n)[:len(part)])
+    generated["legacy"] = np.concatenate(lengths)[:len(rows)]
 
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from tregjax.training import metrics  # pylint: disable=g-import-not-at-top
   mat = jnp.ones((args.matmul, args.matmul), jnp.float32)
   mm = jax.jit(lambda a: a @ a)
   jax.block_until_ready(mm(mat))
@@ -104,11 +136,48 @@ def main() -> None:
   distinct = {tuple(p) for p in prompts}
   prompt_flops = sum(metrics.forward_flops_per_token(cfg, i + 1) for p in distinct for i in range(len(p)))
 
+  def new_flops(lengths):  # row r's j-th new token attends to len(prompt_r) + j + 1 positions
+    return sum(metrics.forward_flops_per_token(cfg, len(p) + j + 1) for p, n in zip(rows, lengths) for j in range(n))
+
+  # The breakdown: prefill of the distinct prompts, then `--profile-steps` decode steps (forward + unembed) and
+  # sampling steps at the full batch, each timed on its own (per-step figures; x new for a call's share).
+  graphdef, state = nnx.split(model)
+  layer_weights = decoding.per_layer_weights(model)
+  first_distinct = list(dict.fromkeys(tuple(p) for p in chunks[0][1]))  # the profile is of one (the first) call
+  p_tokens, p_lengths = decoding.pad_prompts([list(p) for p in first_distinct], 0, multiple)
+  p_size = next((s for s in decoding.batch_buckets(chunk) if s >= len(first_distinct)), chunk)
+  p_tokens = np.concatenate([p_tokens, np.repeat(p_tokens[:1], p_size - len(first_distinct), 0)])
+  p_lengths = np.concatenate([p_lengths, np.repeat(p_lengths[:1], p_size - len(first_distinct), 0)])
+  max_len = p_tokens.shape[1] + args.new
+  sample_fn = jax.jit(lambda lg, k: decoding.sample_logits(lg, k, **sampled))
+
+  def profile():
+    t0 = time.perf_counter()
+    cache = decoding.init_cache(model, p_size, max_len)
+    logits, cache = decoding.prefill_step(graphdef, state, cache, jnp.asarray(p_tokens), jnp.asarray(p_lengths),
+                                          layer_weights)
+    jax.block_until_ready(logits)
+    t_prefill = time.perf_counter() - t0
+    cache = decoding.init_cache(model, chunk, max_len)
+    cache = cache.replace(index=jnp.full((chunk,), max_len // 2, jnp.int32))
+    token = jnp.zeros((chunk,), jnp.int32)
+    keys = decoding.row_keys(jax.random.key(0), jnp.arange(chunk))
+    fwd, smp = [], []
+    for _ in range(args.profile_steps + 1):  # the first step of each compiles (dropped)
+      t0 = time.perf_counter()
+      logits, cache = decoding.decode_step_split(graphdef, state, cache, token, layer_weights)
+      jax.block_until_ready(logits)
+      fwd.append(time.perf_counter() - t0)
+      t0 = time.perf_counter()
+      jax.block_until_ready(sample_fn(logits, keys))
+      smp.append(time.perf_counter() - t0)
+    return t_prefill, float(np.median(fwd[1:])), float(np.median(smp[1:]))
+
   thread_counts, probe = [], {}
   if run_torch:
     import torch  # pylint: disable=g-import-not-at-top
     width = max(len(p) for p in rows)
-    if args.weights == "smollm2":
+    if gguf:
       pad = torch_model.config.pad_token_id
       stop = {}  # the model's EOS stays; min_new_tokens masks it
     else:
@@ -127,96 +196,145 @@ def main() -> None:
 
     if args.torch_threads == "probe":  # one short sampled run per thread count, after a warm-up each
       for threads in sorted({1, os.cpu_count() or 1}):
-        theirs(SAMPLED, threads, new=8)()
+        theirs(sampled, threads, new=4)()
         t0 = time.perf_counter()
-        theirs(SAMPLED, threads, new=8)()
+        theirs(sampled, threads, new=8)()
         probe[threads] = time.perf_counter() - t0
       thread_counts = [min(probe, key=probe.get)]
     else:
       default_threads = torch.get_num_threads()
       thread_counts = list(dict.fromkeys(int(t) or default_threads for t in args.torch_threads.split(",")))
 
+  names = {"tregjax": "tregjax", "legacy": "tregjax (main before #30)"}
   results = {"date": common.today(), "device": device, "backend": backend, "args": vars(args),
              "prompt_lengths": [len(p) for p in prompts], "torch_thread_probe_s": probe, "modes": {}}
-  table_rows = []
+  table_rows, notes = [], []
   for mode in modes:
-    kw = {"greedy": {}, "sampled": SAMPLED}[mode]
+    kw = {"greedy": {}, "sampled": sampled}[mode]
+    jitted = (decoding.generate_loop, decoding.prefill_step, decoding.take_rows)
+    before = [f._cache_size() for f in jitted]  # pylint: disable=protected-access
     t0 = time.perf_counter()
-    loops_before = decoding._generate_loop._cache_size()  # pylint: disable=protected-access
-    first = np.asarray(ours(kw))  # the first call traces and compiles prefill + the decode loop
+    first = np.asarray(ours(kw))  # the first call traces and compiles prefill + the decode loop(s)
     first_s = time.perf_counter() - t0
-    compiled = decoding._generate_loop._cache_size() - loops_before  # pylint: disable=protected-access
+    compiled = [f._cache_size() - b for f, b in zip(jitted, before)]  # pylint: disable=protected-access
     runners = {"tregjax": lambda kw=kw: ours(kw)}
     if not args.no_legacy:
+      t0 = time.perf_counter()
       legacy(kw)  # compile
+      legacy_first_s = time.perf_counter() - t0
       runners["legacy"] = lambda kw=kw: legacy(kw)
-    runners["matmul"] = lambda: jax.block_until_ready(mm(mat))
-    entry = results["modes"][mode] = {"decode_loops_compiled": compiled}
+    mm_s = []
+
+    def matmul():  # the best of 5 back-to-back calls: the rate the roofline may assume
+      for _ in range(5):
+        t0 = time.perf_counter()
+        jax.block_until_ready(mm(mat))
+        mm_s.append(time.perf_counter() - t0)
+    runners["matmul"] = matmul
+    prof = []
+    if args.profile_steps and mode == "sampled":
+      profile()  # compiles prefill at the distinct prompts' shape, one decode step and the sampler
+      runners["profile"] = lambda: prof.append(profile())
+    entry = results["modes"][mode] = {"compiled": dict(zip(("decode_loop", "prefill", "take_rows"), compiled))}
     if thread_counts:
-      ref = theirs(kw, thread_counts[-1])()  # warm-up
-      assert ref.shape == (len(rows), width + args.new), ref.shape
+      ref = theirs(kw, thread_counts[-1], new=args.new if mode == "greedy" else 4)()  # warm-up
       if mode == "greedy":
+        assert ref.shape == (len(rows), width + args.new), ref.shape
         same = ref[:, width:].numpy() == first
         entry["tokens_equal_fraction"] = float(same.mean())
         entry["tokens_equal_first_16"] = float(same[:, :16].mean())
       runners |= {f"torch_{t}": theirs(kw, t) for t in thread_counts}
     times = common.timed_interleaved(runners, args.repeats)
-    best = min((times[k][0] for k in runners if k != "tregjax"), default=None)
+    rate = 2.0 * args.matmul ** 3 / min(mm_s)
+    entry["matmul_flops_per_s"] = rate
     for name, (sec, all_s) in times.items():
-      r = entry[name] = {"median_s": sec, "all_s": all_s, "samples_per_s": len(rows) / sec,
-                         "tokens_per_s": n_new / sec}
+      if name in ("matmul", "profile"):
+        continue
+      lengths = generated.get(name, np.full(len(rows), args.new))  # torch: min_new_tokens = new
+      flops = prompt_flops + new_flops(lengths)
+      r = entry[name] = {"median_s": sec, "all_s": all_s, "new_tokens": int(lengths.sum()),
+                         "tokens_per_s": int(lengths.sum()) / sec, "roofline_s": flops / rate,
+                         "roofline_share": flops / rate / sec}
       if name == "tregjax":
         r.update(first_call_s=first_s, compile_s=first_s - sec)
-      table_rows.append([mode, name if name == "tregjax" else f"torch ({name.split('_')[1]} threads)", f"{sec:.3f}",
-                         f"{r['samples_per_s']:.1f}", f"{r['tokens_per_s']:.0f}",
-                         f"{first_s:.1f} / {first_s - sec:.1f}" if name == "tregjax" else "-",
-                         f"{best / sec:.2f}x" if best else "n/a"])
-  text = common.table(["mode", "framework", "median s / generate", "samples/s", "new tokens/s",
-                       "roofline (share)", "first call / compile s", "speed vs fastest torch",
-                       "speed vs main before #30"], table_rows)
+      elif name == "legacy":
+        r.update(first_call_s=legacy_first_s, compile_s=legacy_first_s - sec)
+    torch_best = min((entry[k]["median_s"] for k in entry if k.startswith("torch_")), default=None)
+    for name in (k for k in times if k not in ("matmul", "profile")):
+      r = entry[name]
+      label = names.get(name) or f"transformers generate (torch, {name.split('_')[1]} threads)"
+      table_rows.append([mode, label, f"{r['median_s']:.2f}", f"{r['tokens_per_s']:.0f}",
+                         f"{r['roofline_s']:.1f} s ({r['roofline_share']:.0%})",
+                         f"{r['first_call_s']:.1f} / {r['compile_s']:.1f}" if "compile_s" in r else "-",
+                         f"{torch_best / r['median_s']:.2f}x" if torch_best else "n/a",
+                         f"{entry['legacy']['median_s'] / r['median_s']:.2f}x" if "legacy" in entry else "n/a"])
+    if prof:
+      t_pre, t_fwd, t_smp = (float(np.median(x)) for x in zip(*prof))
+      ours_s = entry["tregjax"]["median_s"]
+      steps = args.new * len(chunks)
+      t_pre *= len(chunks)
+      rest = ours_s - t_pre - steps * (t_fwd + t_smp)
+      entry["profile"] = {"prefill_s": t_pre, "forward_step_s": t_fwd, "sample_step_s": t_smp, "steps": steps,
+                          "rest_s": rest}
+      notes.append(
+          f"Where tregjax's {mode} call goes ({ours_s:.2f} s; steps timed one by one at the full {chunk}-row "
+          f"batch, x {steps} steps, an upper bound under EOS compaction): prefill of the distinct "
+          f"prompts {t_pre:.2f} s ({t_pre / ours_s:.0%}), forward {t_fwd * 1e3:.0f} ms/step = "
+          f"{steps * t_fwd:.2f} s ({steps * t_fwd / ours_s:.0%}), sampling {t_smp * 1e3:.1f} ms/step = "
+          f"{steps * t_smp:.2f} s ({steps * t_smp / ours_s:.0%}), rest (cache copies, compaction, host) "
+          f"{rest:.2f} s ({rest / ours_s:.0%}).")
+    notes.append(f"{mode}: compiles in tregjax's first call: {compiled[0]} decode loop(s), {compiled[1]} prefill, "
+                 f"{compiled[2]} row gather(s)" + (f"; rows generated {entry['tregjax']['new_tokens']} of "
+                                                   f"{len(rows) * args.new} tokens" if args.eos else "") + ".")
+  text = common.table(["mode", "sampler", "median s / call", "new tokens/s", "roofline (share)",
+                       "first call / compile s", "speed vs fastest torch", "speed vs main before #30"], table_rows)
   agreement = ""
   if "tokens_equal_fraction" in results["modes"].get("greedy", {}):
     g = results["modes"]["greedy"]
     agreement = (f" Greedy tokens identical to transformers: {g['tokens_equal_fraction']:.1%} "
                  f"(first 16 per row: {g['tokens_equal_first_16']:.1%}).")
   probe_s = ", ".join(f"{t} thr {s:.2f} s" for t, s in probe.items())
-  probe_text = f" torch at the faster thread count in a probe ({probe_s})." if probe else ""
-  rate_s = next((r["matmul_flops_per_s"] for m in results["modes"].values() for k, r in m.items()
-                 if isinstance(r, dict)), 0.0)
+  probe_text = f" torch at the faster thread count in an 8-token probe ({probe_s})." if probe else ""
+  rate_s = results["modes"][modes[0]]["matmul_flops_per_s"]
   probe_text += (f" Roofline: {metrics.forward_flops_per_token(cfg, 128) / 1e6:.0f} MFLOP per token at position 128,"
-                 f" {len(distinct)} distinct prompts prefilled once, jax f32 {args.matmul}^3 matmul "
-                 f"{rate_s / 1e9:.0f} GFLOP/s in this run.")
-  print(f"{desc}; {device}")
+                 f" {len(distinct)} distinct prompts prefilled once, over jax's f32 {args.matmul}^3 matmul rate "
+                 f"{rate_s / 1e9:.0f} GFLOP/s measured round-robin in this run.")
+  load = os.getloadavg()[0]
+  print(f"{desc}; {device}; load avg {load:.2f} at the end")
   print(text)
-  if agreement or probe_text:
-    print((agreement + probe_text).strip())
+  print((agreement + probe_text).strip())
+  print("\n".join(notes))
   shape = "_smollm2_shape" if args.weights == "random" and args.shape == "smollm2" else ""
   key = (f"decode_{args.weights}{shape}_{args.dtype}_{backend}_b{args.batch}x{args.samples}"
-         + (f"_p{args.prompt}" if args.weights == "random" else "") + f"_n{args.new}" + ("_eos" if args.eos else ""))
+         + (f"_p{args.prompt}" if args.weights == "random" else "") + f"_n{args.new}" + ("_eos" if args.eos else "")
+         + (f"_topp{args.top_p:g}" if args.top_p != 0.95 else ""))
   print(f"wrote {common.write_json(key, results)}")
   cmd = (f"python bench/decode.py {common.weights_flags(args)}"
          + (f" --prompt {args.prompt}" if args.weights == "random" else "")
          + f" --batch {args.batch} --samples {args.samples} --new {args.new} --modes {args.modes} --dtype {args.dtype}"
-         f" --repeats {args.repeats}" + (f" --torch-threads {args.torch_threads}" if run_torch else " --skip-torch")
+         + (f" --top-p {args.top_p:g}" if args.top_p != 0.95 else "")
+         + f" --repeats {args.repeats}" + (f" --torch-threads {args.torch_threads}" if run_torch else " --skip-torch")
          + (" --eos" if args.eos else "") + (" --no-legacy" if args.no_legacy else ""))
   common.update_results(key, (
-      f"### KV-cache decoding ({desc}, {backend})\n\n`{cmd}` ({common.today()}, {device}; median of {args.repeats}, "
-      f"round-robin; prefill included, compile excluded).{agreement}{probe_text}\n\n{text}\n"))
+      f"### KV-cache decoding ({desc}, {backend})\n\n`{cmd}` ({common.today()}, {device}, load avg {load:.2f} at the "
+      f"end; median of {args.repeats}, round-robin; prefill included, compile excluded).{agreement}{probe_text}\n\n"
+      f"{text}\n\n" + "\n".join(notes) + "\n"))
 
 
-def legacy_generate(model, rows, new: int, key, eos_ids, temperature: float = 0.0, top_p: float = 1.0):
+def legacy_generate(model, rows, new: int, key, eos_ids, multiple: int = 8, temperature: float = 0.0,
+                    top_p: float = 1.0):
   """main's sampler before #30, for the comparison: every row prefilled, one fold_in(key, step) key per step, top-p by
   31 bisection passes, Gumbel-max sampling over [rows, V], the whole batch running until its last row ends."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from tregjax.models import decoding  # pylint: disable=g-import-not-at-top
-  tokens, lengths = decoding.pad_prompts(rows, 0, 8)
+  tokens, lengths = decoding.pad_prompts(rows, 0, multiple)
   cache = decoding.init_cache(model, tokens.shape[0], tokens.shape[1] + new)
   graphdef, state = nnx.split(model)
   layer_weights = decoding.per_layer_weights(model)
-  logits, cache = decoding._prefill(graphdef, state, cache, jnp.asarray(tokens), jnp.asarray(lengths),  # pylint: disable=protected-access
-                                    layer_weights)
+  logits, cache = decoding.prefill_step(graphdef, state, cache, jnp.asarray(tokens), jnp.asarray(lengths),
+                                        layer_weights)
   return _legacy_loop(graphdef, state, cache, logits, key, new, float(temperature), float(top_p),
                       tuple(int(e) for e in eos_ids), layer_weights)
 
@@ -263,7 +381,7 @@ def _legacy_loop_impl(graphdef, state, cache, first_logits, key, new, temperatur
     out = out.at[:, step].set(token)
     lengths = lengths + (~done).astype(jnp.int32)
     done = done | jnp.isin(token, eos)
-    hidden, cache = decoding._forward_cached(model, token[:, None], cache, layer_weights)  # pylint: disable=protected-access
+    hidden, cache = decoding.forward_cached(model, token[:, None], cache, layer_weights)
     return step + 1, model.unembed(hidden[:, 0]), cache, done, out, lengths
 
   c = (jnp.int32(0), first_logits, cache, jnp.zeros((b,), bool), jnp.zeros((b, new), jnp.int32),

@@ -145,8 +145,12 @@ def worker_step_trl(a) -> None:
 
 # --------------------------------------------------------------------------------------------- the epoch
 
-def _epoch_config(a, batching: str, cache: str):
+def _epoch_config(a, batching: str, cache: str, dpo: bool = False):
+  """The epoch's trainer config; `dpo`: plain DPO (no regularizer, a scoring pass of the plain forward only)."""
   c = _trainer_config(a.hf, STEP_PAIRS)
+  if dpo:
+    c.loss.regularizer = "none"
+    c.score.token_reward.source = "none"
   c.data.train_files = [a.pairs]
   c.data.schema = "pair"
   c.data.tokenizer = a.hf
@@ -166,7 +170,8 @@ def _epoch_config(a, batching: str, cache: str):
 def worker_reference_tregjax(a) -> None:
   """Tokenization (the TFDS build) and the scoring pass (plain + better + worse forwards)."""
   from tregjax import data, score  # pylint: disable=g-import-not-at-top
-  c = _epoch_config(a, "fitted", os.path.join(a.scratch, "cache"))
+  dpo = a.variant == "dpo"
+  c = _epoch_config(a, "fitted", os.path.join(a.scratch, "cache_dpo" if dpo else "cache"), dpo=dpo)
   t0 = time.perf_counter()
   data.build_dataset(c)
   t1 = time.perf_counter()
@@ -178,8 +183,9 @@ def worker_reference_tregjax(a) -> None:
 def worker_epoch_tregjax(a) -> None:
   from tregjax.data import pipeline, tfds_builder  # pylint: disable=g-import-not-at-top
   from tregjax.training import trainer  # pylint: disable=g-import-not-at-top
-  cache = os.path.join(a.scratch, "cache")
-  c = _epoch_config(a, a.variant, cache)
+  dpo = a.variant == "dpo"
+  cache = os.path.join(a.scratch, "cache_dpo" if dpo else "cache")
+  c = _epoch_config(a, "fitted" if dpo else a.variant, cache, dpo=dpo)
   lengths = tfds_builder.lengths(tfds_builder.resolve(cache), "train")
   plan = pipeline.BatchPlan(lengths, global_batch_size=STEP_PAIRS, buckets=c.data.buckets, seed=c.data.seed,
                             shuffle=True, packing=c.data.packing, drop_remainder=True, process_index=0,
@@ -194,25 +200,64 @@ def worker_epoch_tregjax(a) -> None:
              padded_tokens=padded, real_tokens=real, pairs=sum(len(plan.units[u]) for _, us in batches for u in us)))
 
 
+def contrastive_pass(model, tok, records: list[dict], batch: int = STEP_PAIRS) -> list[list]:
+  """What a TRL user adds for T-REG, in transformers: each response's two contrastive forwards (the prompt under the
+  better and the worse instruction, as a system message), r_t = sigmoid(log p(y_t|x_better) - log p(y_t|x_worse))
+  - 0.5 per response token (tregjax.losses.contrastive_token_rewards), `batch` pairs per forward, right-padded."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from tregjax import config_schema  # pylint: disable=g-import-not-at-top
+  from tregjax.data.tokenize import with_instruction  # pylint: disable=g-import-not-at-top
+  rewards = []
+  for start in range(0, len(records), batch):
+    part = records[start:start + batch]
+    responses = [tok(r[side], add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+                 for r in part for side in ("chosen", "rejected")]
+    logps = []
+    for instruction in (config_schema.BETTER_INSTRUCTION, config_schema.WORSE_INSTRUCTION):
+      prompts = [tok(tok.apply_chat_template(with_instruction(r["prompt"], instruction, "system"), tokenize=False,
+                                             add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+                 for r in part for _ in range(2)]
+      seqs = [p + y for p, y in zip(prompts, responses)]
+      width = max(map(len, seqs))
+      ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
+      mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+      with torch.inference_mode():
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+      lp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+      logps.append([lp[i, len(p) - 1:len(s) - 1] for i, (p, s) in enumerate(zip(prompts, seqs))])
+    rewards += [(torch.sigmoid(b - w) - 0.5).tolist() for b, w in zip(*logps)]
+  return rewards
+
+
 def worker_epoch_trl(a) -> None:
   from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
   tok = AutoTokenizer.from_pretrained(a.hf, local_files_only=True)
-  rows = []
+  variant, contrastive = a.variant.split("+")[0], a.variant.endswith("+contrastive")
+  rows, records = [], []
   with open(a.pairs, encoding="utf-8") as f:
     for line in f:
       r = json.loads(line)
+      records.append(r)
       rows.append(dict(prompt=r["prompt"], chosen=[{"role": "assistant", "content": r["chosen"]}],
                        rejected=[{"role": "assistant", "content": r["rejected"]}]))
   steps = len(rows) // STEP_PAIRS  # one epoch, the last partial batch dropped as tregjax's drop_remainder does
   clock, stamps = common.step_clock()
+  a.variant = variant
   t0 = time.perf_counter()
-  trainer = _trl_trainer(a, rows, tok, a.variant, steps, [clock])
+  trainer = _trl_trainer(a, rows, tok, variant, steps, [clock])
   t1 = time.perf_counter()
+  contrastive_s = 0.0
+  if contrastive:  # the reference is the model before training: score with it first, in the same process
+    rewards = contrastive_pass(trainer.model, tok, records[:steps * STEP_PAIRS])
+    contrastive_s = time.perf_counter() - t1
+    assert len(rewards) == 2 * steps * STEP_PAIRS and all(len(x) > 0 for x in rewards)
+    t1 = time.perf_counter()
   trainer.train()
   t2 = time.perf_counter()
   ds = trainer.train_dataset
   real = sum(len(x["prompt_ids"]) * 2 + len(x["chosen_ids"]) + len(x["rejected_ids"]) for x in ds)
-  _emit(dict(tokenize_s=t1 - t0, train_s=t2 - t1, steps=len(stamps), real_tokens=real,
+  _emit(dict(tokenize_s=t1 - t0 - contrastive_s, contrastive_s=contrastive_s, train_s=t2 - t1, steps=len(stamps),
+             real_tokens=real,
              first_step_s=stamps[0][0] - t1 if stamps else float("nan")))
 
 
@@ -236,13 +281,15 @@ def _host_env(mode: str) -> dict:
 def spawn(a, worker: str, variant: str = "", host: str = "hugepages") -> dict:
   cmd = [sys.executable, __file__, "--worker", worker, "--variant", variant, "--hf", a.hf, "--pairs", a.pairs,
          "--scratch", a.scratch, "--steps", str(a.steps)]
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
   out = subprocess.run(cmd, env=_host_env(host), capture_output=True, text=True, check=False)
+  c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
   line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
   if out.returncode or not line:
     raise SystemExit(f"{worker} {variant} failed ({out.returncode}):\n{out.stderr[-4000:]}")
   result = json.loads(line[-1][len("RESULT "):])
   result["process_s"] = time.perf_counter() - t0
+  result["process_cpu_s"] = c1.ru_utime - c0.ru_utime + c1.ru_stime - c0.ru_stime
   print(f"  {worker} {variant} {host}: {json.dumps({k: v for k, v in result.items() if k != 'times'})}",
         flush=True)
   return result
@@ -329,6 +376,51 @@ def render_epoch(p: dict) -> str:
                       "tokens/s", "vs TRL defaults"], rows))
 
 
+def peer_part(a) -> str:
+  """T-REG against its real peer (TRL + the contrastive pass in transformers) and DPO against DPO."""
+  runs = {"treg_reference": spawn(a, "reference_tregjax"), "treg_epoch": spawn(a, "epoch_tregjax", "fitted"),
+          "dpo_reference": spawn(a, "reference_tregjax", "dpo"), "dpo_epoch": spawn(a, "epoch_tregjax", "dpo"),
+          "trl": spawn(a, "epoch_trl", "default"), "trl_contrastive": spawn(a, "epoch_trl", "default+contrastive")}
+  payload = dict(runs=runs, pairs_file=sum(1 for _ in open(a.pairs, encoding="utf-8")), machine=common.machine(),
+                 date=common.today(), load_avg=os.getloadavg()[0])
+  common.write_json("train_epoch_peer", payload)
+  return render_peer(payload)
+
+
+def render_peer(p: dict) -> str:
+  r = p["runs"]
+  ours = {k: dict(tokenize=r[f"{k}_reference"]["tokenize_s"], reference=r[f"{k}_reference"]["score_s"],
+                  train=r[f"{k}_epoch"]["train_s"],
+                  cpu=r[f"{k}_reference"]["process_cpu_s"] + r[f"{k}_epoch"]["process_cpu_s"],
+                  wall=r[f"{k}_reference"]["process_s"] + r[f"{k}_epoch"]["process_s"]) for k in ("treg", "dpo")}
+  theirs = {k: dict(tokenize=r[k]["tokenize_s"], reference=r[k].get("contrastive_s", 0.0), train=r[k]["train_s"],
+                    cpu=r[k]["process_cpu_s"], wall=r[k]["process_s"]) for k in ("trl", "trl_contrastive")}
+  rows = []
+  for label, x, peer in (
+      ("tregjax DPO-REG (T-REG): tokenize, scoring pass (plain + better + worse forwards), train", ours["treg"],
+       theirs["trl_contrastive"]),
+      ("TRL 1.16 DPOTrainer (defaults) + the two contrastive forwards per response in transformers",
+       theirs["trl_contrastive"], theirs["trl_contrastive"]),
+      ("tregjax DPO: tokenize, scoring pass (plain forward), train", ours["dpo"], theirs["trl"]),
+      ("TRL 1.16 DPOTrainer, its defaults (bf16, gradient checkpointing, ref forward per step)", theirs["trl"],
+       theirs["trl"])):
+    epoch = x["tokenize"] + x["reference"] + x["train"]
+    peer_epoch = peer["tokenize"] + peer["reference"] + peer["train"]
+    rows.append([label, f"{x['tokenize']:.0f}", f"{x['reference']:.0f}", f"{x['train']:.0f}", f"{epoch:.0f}",
+                 f"{x['wall']:.0f} / {x['cpu']:.0f}", f"{peer_epoch / epoch:.2f}x", f"{peer['cpu'] / x['cpu']:.2f}x"])
+  return (f"### T-REG against its real peer, and DPO against DPO: one epoch on SmolLM2's own pairs (#30)\n\n"
+          f"`python bench/train_epoch.py --workdir W --parts peer` ({p['date']}, {p['machine']}, load avg "
+          f"{p.get('load_avg', float('nan')):.1f} at the end). {p['pairs_file']} on-policy pairs, one epoch at "
+          f"{STEP_PAIRS} pairs per step, float32 weights from the same HF directory, each run its own process. A TRL "
+          f"user who wants T-REG must add the contrastive pass: here the two extra forwards per response (the prompt "
+          f"under the better and the worse instruction) in transformers, in the TRL process, before `train()`. "
+          f"Seconds per stage (compile included); the process columns add model loading and imports; the CPU column "
+          f"(user + sys of the process) is the figure to read when the run shared the machine. Speed = the peer's "
+          f"seconds / this row's (T-REG rows vs TRL + contrastive, DPO rows vs TRL).\n\n"
+          + common.table(["run", "tokenize s", "reference / contrastive pass s", "train s", "epoch s",
+                          "process wall / CPU s", "speed vs peer (epoch s)", "speed vs peer (CPU s)"], rows))
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--workdir", default="runs/smollm2_arith", help="a smollm2_arith run past its sampling stage")
@@ -345,7 +437,7 @@ def main() -> None:
     WORKERS[a.worker](a)
     return
   if a.render:
-    for part, render in (("epoch", render_epoch), ("step", render_step)):
+    for part, render in (("epoch", render_epoch), ("step", render_step), ("peer", render_peer)):
       if part in a.parts.split(","):
         md = render(json.loads((common.OUT_DIR / f"train_epoch_{part}.json").read_text()))
         print(md)
@@ -358,7 +450,7 @@ def main() -> None:
       raise SystemExit(f"{path} is missing: run `python -m tregjax.train --config configs/smollm2_arith.py "
                        f"--workdir {a.workdir}` past its sampling stage first")
   a.scratch = tempfile.mkdtemp(prefix="train-epoch-")
-  for part, fn in (("epoch", epoch_part), ("step", step_part)):
+  for part, fn in (("epoch", epoch_part), ("step", step_part), ("peer", peer_part)):
     if part in a.parts.split(","):
       md = fn(a)
       print(md)

@@ -36,3 +36,69 @@ def test_mixed_levels_cycle_and_level_five_is_refused():
   assert [p.level for p in arith.make_problems(8, seed=2, levels=(1, 4))] == [1, 4] * 4
   with pytest.raises(ValueError, match=r"levels must be a non-empty subset of \(1, 2, 3, 4\), got \(5,\)"):
     arith.make_problems(3, seed=1, levels=(5,))
+
+
+# A response cut by the token budget (#28): Qwen2.5-Coder-0.5B ran out of its 128 tokens in 43 of 48 samples, and
+# the oracle graded the last number it had reached (an intermediate one, or one copied from the question) as a wrong
+# final answer. Hand-labelled character marks: + correct, - wrong, blank unlabelled.
+CUT_CASES = [
+    # (text, answer, finished, marks)
+    ("First 21 + 6 = 27. Then 27 / 9 = 4. Noah has 21", 3, True,
+     "               ++                -           --"),   # finished: 21 is its (wrong) final answer
+    ("First 21 + 6 = 27. Then 27 / 9 = 4. Noah has 21", 3, False,
+     "               ++                -             "),   # cut: no final answer; its equations still count
+    ("First 21 + 6 = 27. Then 27 / 9 = 3. Next 3 x 4 = 1", 3, True,
+     "               ++                +               -"),
+    ("First 21 + 6 = 27. Then 27 / 9 = 3. Next 3 x 4 = 1", 3, False,
+     "               ++                +                "),  # cut inside "= 12": the last result may be cut too
+    ("First 21 + 6 = 27. Then 27 / 9 = 3. The answer is 3.", 3, False,
+     "               ++                +                  "),
+]
+
+
+def _marks(labels) -> str:
+  return "".join({0: " ", 1: "+", -1: "-"}[int(v)] for v in labels)
+
+
+@pytest.mark.parametrize("text,answer,finished,marks", CUT_CASES)
+def test_a_cut_response_has_no_final_answer_label(text, answer, finished, marks):
+  assert len(marks) == len(text)
+  assert _marks(arith.char_labels(text, answer, finished=finished)) == marks
+
+
+def test_credit_task_reads_which_samples_were_cut():
+  """The credit program's oracle looks each scored response up among the model's own samples (records.jsonl's
+  all_finished) and labels a cut one without its final answer, token by token (SmolLM2's tokenizer)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  from tregjax import assets  # pylint: disable=g-import-not-at-top
+  from tregjax.tasks import arith_experiment, credit  # pylint: disable=g-import-not-at-top
+  question = "Noah has 21 minutes and gets 6 more. He splits them into 9 equal parts. How long is each part?"
+  cut, done = CUT_CASES[1][0], CUT_CASES[4][0]
+  task = credit.CreditTask(ml_collections.ConfigDict(dict(arith=arith_experiment.default_arith_config())))
+  task.answers[question] = 3
+  task.tokenizer_dir = str(assets.tokenizer_dir("smollm2"))
+  task.read_finished([dict(prompt=[dict(role="user", content=question)], all_generated_responses=[cut, done],
+                           all_finished=[False, True])])
+  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+  tok = AutoTokenizer.from_pretrained(task.tokenizer_dir, local_files_only=True)
+  messages = [dict(role="user", content=question)]
+  for text, want in ((cut, [("2", 1), ("7", 1), ("4", -1)]), (done, [("2", 1), ("7", 1), ("3", 1), ("3", 1)])):
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    labels = task.token_labels(messages, ids)
+    assert [(tok.decode([i]), int(v)) for i, v in zip(ids, labels) if v] == want, text
+  ids = tok("Something else = 5", add_special_tokens=False)["input_ids"]
+  with pytest.raises(RuntimeError, match="none of the model's samples"):
+    task.token_labels(messages, ids)
+
+
+def test_per_model_budget():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  from tregjax import errors  # pylint: disable=g-import-not-at-top
+  from tregjax.tasks import credit  # pylint: disable=g-import-not-at-top
+  section = ml_collections.ConfigDict(dict(max_new_tokens=(("qwen2.5-coder-0.5b", 320),)))
+  assert credit.budget(section, "qwen2.5-coder-0.5b", 128) == 320
+  assert credit.budget(section, "smollm2", 128) == 128
+  with pytest.raises(errors.ConfigError, match=r"config.credit.max_new_tokens: .* got \('smollm2', 0\)"):
+    credit.budget(ml_collections.ConfigDict(dict(max_new_tokens=(("smollm2", 0),))), "smollm2", 128)

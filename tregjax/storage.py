@@ -3,12 +3,13 @@
 A URI is handled by etils.epath (fsspec: gcsfs for gs://) and never reaches os.path.abspath / os.makedirs / open,
 which would turn `gs://b/run` into a local `./gs:/b/run`. Local paths keep the ordinary POSIX calls.
 
-Atomic writes (`write_bytes`/`write_text`/`write_json`): the bytes go to a temporary sibling first
-(`.<name>.tmp.<pid>.<random>`), and only a complete temporary is moved onto the final name -- `os.replace` after an
-fsync on a local disk, a server-side copy + delete of the temporary object on object storage (a GCS object, like
-the copy's destination, appears only when whole: there is no partially written object to read). So a reader sees the
-old contents or the whole new ones, never a torn write; a process killed mid-write leaves at most a temporary whose
-name readers never open (`is_temporary`), which a later writer may delete.
+Atomic writes (`write_bytes`/`write_text`/`write_json`/`copy_file`; `atomic_file`/`atomic_path` for streaming
+writers; `atomic_dir` for a local directory): the bytes go to a temporary sibling first (`.<name>.tmp.<pid>.<random>`), and only a complete temporary is
+moved onto the final name -- `os.replace` after an fsync on a local disk, a server-side copy + delete of the
+temporary object on object storage (a GCS object, like the copy's destination, appears only when whole: there is no
+partially written object to read). So a reader sees the old contents or the whole new ones, never a torn write; a
+process killed mid-write leaves at most a temporary whose name readers never open (`is_temporary`), which a later
+writer may delete. A written file is 0644 (readable by others on a shared cluster; mkstemp alone makes it 0600).
 
 Bad input found here is one line: a scheme with no backend installed names the scheme and the package
 (`MissingBackendError`, exit status 3); a missing or unwritable bucket/directory names it (`StorageError`, 2), found
@@ -17,13 +18,15 @@ by `check_writable` before any training starts.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import re
 import secrets
+import shutil
 import tempfile
-from typing import Any
+from typing import IO, Any, Iterator
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # The URI schemes etils.epath serves (through fsspec), and the import + pip name of each one's filesystem package.
@@ -150,6 +153,14 @@ def remove(path: str | os.PathLike) -> None:
     os.remove(p)
 
 
+def move_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+  """Give a local directory a new name on the same file system: one rename, so it is never seen half moved (the
+  scored cache set aside, `tregjax.data.scored_cache.set_aside`). Object storage has no such move: a URI is refused."""
+  if is_uri(src) or is_uri(dst):
+    raise StorageError(f"cannot move {src} to {dst}: object storage has no one-step directory move")
+  os.rename(local(src), local(dst))
+
+
 def read_bytes(path: str | os.PathLike) -> bytes:
   p = local(path)
   if is_uri(p):
@@ -195,38 +206,112 @@ def _move_into_place(tmp: str, path: str) -> None:
     os.replace(tmp, path)
 
 
-def write_bytes(path: str | os.PathLike, data: bytes, *, mode: int = FILE_MODE) -> None:
-  """Write `data` to `path` atomically (see the module docstring): readers see the old file or all of `data`."""
+def _fsync(path: str) -> None:
+  """Flush a file's (or a directory's: its entries') data to the disk."""
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+  """Make a rename in `path` durable (a filesystem that cannot fsync a directory is left as it is)."""
+  try:
+    _fsync(path)
+  except OSError:
+    pass
+
+
+@contextlib.contextmanager
+def _temporary(path: str, mode: int) -> Iterator[str]:
+  """The name of a fresh temporary sibling of `path` (local: created empty, 0600); when the block ends normally it
+  is made durable (local: fsync, then `mode`) and moved onto `path`; when it raises, the temporary is deleted and
+  the block's error re-raised. Every atomic write in this module goes through here."""
+  if is_uri(path):
+    fs, tmp = _fs(path), _temporary_name(path)
+  else:
+    fs = None
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}{_TMP_MARK}{os.getpid()}.")
+    os.close(fd)
+  try:
+    yield tmp
+    if fs is None:
+      _fsync(tmp)
+      os.chmod(tmp, mode)
+    _move_into_place(tmp, path)
+    if fs is None:
+      _fsync_dir(os.path.dirname(os.path.abspath(path)))
+  except BaseException:
+    try:
+      if fs is None:
+        if os.path.exists(tmp):
+          os.remove(tmp)
+      elif fs.exists(tmp):
+        fs.rm_file(tmp)
+    except Exception:  # pylint: disable=broad-except  (the first error is the one to report)
+      pass
+    raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb", *, file_mode: int = FILE_MODE) -> Iterator[IO]:
+  """A file object (`mode` "wb" or "w") whose content appears at `path` (local or URI) only once the block ends
+  without an error; for writers that stream (safetensors, a figure, a joined download). See the module docstring."""
+  if mode not in ("wb", "w"):
+    raise ValueError(f"mode: 'wb' or 'w', not {mode!r}")
+  p = local(path)
+  with _temporary(p, file_mode) as tmp:
+    opener = _fs(p).open if is_uri(p) else open
+    with opener(tmp, mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as f:
+      yield f
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, file_mode: int = FILE_MODE) -> Iterator[str]:
+  """A local file name to write in place of `path` (for a library that takes a file name, not a file object); it
+  appears at `path` (local or URI) only once the block ends without an error."""
+  p = local(path)
+  if not is_uri(p):
+    with _temporary(p, file_mode) as tmp:
+      yield tmp
+    return
+  fd, staged = tempfile.mkstemp(prefix=f".{os.path.basename(p)}{_TMP_MARK}{os.getpid()}.")
+  os.close(fd)
+  try:
+    yield staged
+    with _temporary(p, file_mode) as tmp:  # streamed by the backend: a large file is never read into memory
+      _fs(p).put_file(staged, tmp)
+  finally:
+    os.remove(staged)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, *, dir_mode: int = 0o755) -> Iterator[str]:
+  """A fresh local directory to fill in place of `path` (which must not exist yet); it appears at `path`, whole, by
+  one rename once the block ends without an error, and is deleted when the block raises. Local paths only."""
   p = local(path)
   if is_uri(p):
-    tmp = _temporary_name(p)
-    fs = _fs(p)
-    try:
-      with fs.open(tmp, "wb") as f:
-        _write_chunks(f, data)
-      _move_into_place(tmp, p)
-    except BaseException:
-      try:
-        if fs.exists(tmp):
-          fs.rm_file(tmp)
-      except Exception:  # pylint: disable=broad-except  (the first error is the one to report)
-        pass
-      raise
-    return
-  directory = os.path.dirname(os.path.abspath(p))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(p)}{_TMP_MARK}{os.getpid()}.")
+    raise ValueError(f"{p}: atomic_dir writes a local directory, not a URI")
+  parent = os.path.dirname(os.path.abspath(p))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(p)}{_TMP_MARK}{os.getpid()}.")
   try:
-    with os.fdopen(fd, "wb") as f:
-      _write_chunks(f, data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, mode)
-    _move_into_place(tmp, p)
-  except BaseException:
+    yield tmp
+    os.chmod(tmp, dir_mode)
+    os.replace(tmp, p)
+    _fsync_dir(parent)
+  finally:
     if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+      shutil.rmtree(tmp)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes, *, mode: int = FILE_MODE) -> None:
+  """Write `data` to `path` atomically (see the module docstring): readers see the old file or all of `data`."""
+  with atomic_file(path, "wb", file_mode=mode) as f:
+    _write_chunks(f, data)
 
 
 def write_text(path: str | os.PathLike, text: str, *, mode: int = FILE_MODE) -> None:
@@ -239,37 +324,15 @@ def write_json(path: str | os.PathLike, value: Any, *, indent: int | None = 2, m
 
 
 def copy_file(src: str | os.PathLike, dst: str | os.PathLike, *, mode: int = FILE_MODE) -> None:
-  """Copy a file (local or URI) to `dst` atomically; streamed in chunks between two local paths."""
+  """Copy a file (local or URI) to `dst` atomically; streamed in chunks from a local source."""
   s, d = local(src), local(dst)
-  if not is_uri(s) and not is_uri(d):
-    import shutil  # pylint: disable=g-import-not-at-top
-    directory = os.path.dirname(os.path.abspath(d))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(d)}{_TMP_MARK}{os.getpid()}.")
-    try:
-      with os.fdopen(fd, "wb") as out, open(s, "rb") as inp:
-        shutil.copyfileobj(inp, out, 1 << 24)
-        out.flush()
-        os.fsync(out.fileno())
-      os.chmod(tmp, mode)
-      os.replace(tmp, d)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-      raise
-    return
-  if not is_uri(s):  # local -> object storage: streamed by the backend (a 5 GB shard is never read into memory)
-    fs, tmp = _fs(d), _temporary_name(d)
-    try:
-      fs.put_file(s, tmp)
-      _move_into_place(tmp, d)
-    except BaseException:
-      try:
-        if fs.exists(tmp):
-          fs.rm_file(tmp)
-      except Exception:  # pylint: disable=broad-except  (the first error is the one to report)
-        pass
-      raise
+  if not is_uri(s):
+    if is_uri(d):  # local -> object storage: streamed by the backend (a 5 GB shard is never read into memory)
+      with _temporary(d, mode) as tmp:
+        _fs(d).put_file(s, tmp)
+      return
+    with atomic_file(d, "wb", file_mode=mode) as out, open(s, "rb") as inp:
+      shutil.copyfileobj(inp, out, 1 << 24)
     return
   write_bytes(d, read_bytes(s), mode=mode)
 

@@ -9,6 +9,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from tregjax import storage
+
 _CHUNK = 1 << 22
 # A file modified less than this many seconds before it is hashed is not memoised: a write within the same mtime tick
 # (coarse on some filesystems) could change its content without changing (size, mtime).
@@ -51,8 +53,7 @@ def file_sha256(path: str) -> str:
   digest = hash_file(real)
   if time.time() - st.st_mtime_ns / 1e9 > _RACY_S and os.stat(real).st_mtime_ns == st.st_mtime_ns:
     try:
-      os.makedirs(os.path.dirname(memo), exist_ok=True)
-      atomic_write_json(memo, dict(stamp, sha256=digest))
+      storage.write_json(memo, dict(stamp, sha256=digest))
     except OSError:
       pass
   return digest
@@ -131,17 +132,3 @@ def model_hash(path: str) -> str:
   for f in model_files(path):
     h.update(os.path.relpath(f, path).encode() + b"\0" + file_sha256(f).encode() + b"\0")
   return h.hexdigest()
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-  """Write to a temporary name, fsync, then rename: readers see the old file or the whole new one."""
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def atomic_write_json(path: str, value: Any) -> None:
-  atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True, default=str) + "\n").encode())

@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import example_serializer
 
-from tregjax.data import hashing
+from tregjax import storage
 
 Example = dict[str, Any]
 SplitGenerators = dict[str, Callable[[], Iterator[Example]]]
@@ -124,8 +124,8 @@ def write(kind: str, data_dir: str, config_name: str, split_generators: SplitGen
       logging.getLogger(__name__).debug("tfds: %s", banner.getvalue().strip())
     for split, rows in lengths.items():
       buf = _npy_bytes(np.asarray(rows, np.int32).reshape(-1, 2))
-      hashing.atomic_write_bytes(os.path.join(out_dir, f"lengths-{split}.npy"), buf)
-  hashing.atomic_write_json(os.path.join(data_dir, POINTER), dict(path=os.path.relpath(out_dir, data_dir),
+      storage.write_bytes(os.path.join(out_dir, f"lengths-{split}.npy"), buf)
+  storage.write_json(os.path.join(data_dir, POINTER), dict(path=os.path.relpath(out_dir, data_dir),
                                                                    kind=kind, hash=metadata.get("hash", "")))
   return out_dir
 

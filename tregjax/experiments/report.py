@@ -2,7 +2,7 @@
 
 Both are meant to be looked at by a person, so both say what they show: every number on the plot carries its interval
 and its printed value; the heatmap's colours are scaled to the page (a reward of 0.02 must still be visible) and the
-legend states that scale. Both files are written atomically (tmp file + os.replace): a killed run never leaves a
+legend states that scale. Both files are written atomically (`tregjax.storage`): a killed run never leaves a
 half-written artefact that a reader could mistake for the result. matplotlib is imported only inside `plot`, so
 importing this module is cheap and never needs a display.
 """
@@ -12,10 +12,10 @@ from __future__ import annotations
 import dataclasses
 import html
 import math
-import os
-import tempfile
 import textwrap
 from collections.abc import Sequence
+
+from tregjax import storage
 
 NEWLINE_MARK = "\u21b5"  # "↵": shown before every newline of a token (the newline itself is kept)
 
@@ -53,21 +53,6 @@ def _finite(x: float | None) -> bool:
     return False
 
 
-def _atomic_write(path: str, write) -> str:
-  """Call `write(file)` on a tmp file next to `path`, then rename it over `path` (never a half-written artefact)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-    os.chmod(tmp, 0o644)  # mkstemp makes it 0600; an artefact is meant to be read by others
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return path
 
 
 # ------------------------------------------------------------------------------------------------- plot
@@ -98,7 +83,8 @@ def plot(path: str, panels: Sequence[tuple[str, Sequence[Estimate]]], *, title: 
       _panel(ax, panel_title, list(estimates), reference if _finite(reference) else None, rows)
     if title:
       fig.suptitle(title, fontsize=13)
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=150))
+    with storage.atomic_file(path) as f:
+      fig.savefig(f, format="png", dpi=150)
   finally:
     plt.close(fig)
   return path
@@ -265,4 +251,5 @@ def heatmap(path: str, rows: Sequence[TokenRow], *, title: str, caption: str = "
     parts.append('<p class="caption">(no rows)</p>')
   parts.append("</body></html>\n")
   text = "\n".join(parts)
-  return _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+  storage.write_text(path, text)
+  return path

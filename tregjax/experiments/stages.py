@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import ml_collections
 import numpy as np
 
-from tregjax import errors
+from tregjax import errors, storage
 from tregjax.training import config as config_lib
 
 
@@ -74,9 +74,8 @@ class Stages:
       info["key"], info["key_json"] = self.key_hash(key), self.key_json(key)
     # Here, not at the top: the tregjax.data package imports its builder (TFDS, transformers), and config files
     # import this module (through the runner's defaults).
-    from tregjax.data import hashing  # pylint: disable=g-import-not-at-top
     os.makedirs(self.path(name), exist_ok=True)
-    hashing.atomic_write_json(os.path.join(self.path(name), "DONE"), info)
+    storage.write_json(os.path.join(self.path(name), "DONE"), info)
     self.say(f"{name} done in {info['seconds']:.0f}s")
     return info
 

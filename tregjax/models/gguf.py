@@ -78,7 +78,9 @@ class _CheckedReader(GGUFReader):
     super()._build_tensors(start_offs, fields)
 
 
-def _open(path: str | os.PathLike) -> GGUFReader:
+def open_reader(path: str | os.PathLike) -> GGUFReader:
+  """The file's header, metadata and tensor table, checked (every tensor's storage type known and its bytes inside
+  the file; a bad one is a GGUFError naming the file); the tensor data stay memory-mapped, nothing is dequantized."""
   try:
     return _CheckedReader(path)
   except GGUFError as e:
@@ -352,7 +354,7 @@ class GGUFSource:
     self.path = Path(path)
     if not self.path.is_file():
       raise FileNotFoundError(f"GGUF file not found: {self.path}")
-    self._reader = _open(self.path)
+    self._reader = open_reader(self.path)
     meta_keys = tuple(k for k in self._reader.fields if not k.startswith("GGUF.") and k not in
                       ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
                        "tokenizer.ggml.scores"))
@@ -570,7 +572,7 @@ def tokenizer_from_gguf(path: str | os.PathLike):
   from tokenizers import AddedToken, processors  # pylint: disable=g-import-not-at-top
   from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
 
-  reader = _open(path)
+  reader = open_reader(path)
   meta = read_metadata(reader, tuple(k for k in reader.fields if k.startswith("tokenizer.")))
   if "tokenizer.ggml.model" not in meta:
     raise GGUFError(f"{path}: metadata field 'tokenizer.ggml.model' is missing (the file carries no tokenizer)")

@@ -3,23 +3,22 @@
 A file is an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}} (offsets
 relative to the end of the header), then the raw little-endian tensor bytes. Every reader of the project (HF
 checkpoints in `hf_io`, PEFT adapters in `adapters`) goes through `entries` and `read`, which check each tensor's
-byte range against its shape and dtype and refuse a truncated file by name. Writers create files readable by others
-(0644 under the usual umask 022), as `transformers` does: an export is meant to be shared.
+byte range against its shape and dtype and refuse a truncated file by name. Writers go through `tregjax.storage`'s atomic
+write, so files are readable by others (0644), as `transformers` makes them: an export is meant to be shared.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import os
-import uuid
-from collections.abc import Callable, Iterator, Sequence
-from typing import IO, Any
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import ml_dtypes
 import numpy as np
+
+from tregjax import storage
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -100,27 +99,6 @@ def read(entry: Entry) -> np.ndarray:
 Item = tuple[str, Sequence[int], np.dtype, Callable[[], np.ndarray]]
 
 
-@contextlib.contextmanager
-def atomic_file(path: str, mode: str = "wb") -> Iterator[IO]:
-  """A file object whose content appears at `path` only once it is complete (temporary file + fsync + rename).
-
-  The file is created like `open` creates one (0666 less the umask: 0644 under umask 022), not 0600 as `mkstemp`
-  makes it. TODO(#26): this is the spot to point at tregjax.storage's one atomic-write helper.
-  """
-  tmp = os.path.join(os.path.dirname(path) or ".", f".tmp-{os.path.basename(path)}-{uuid.uuid4().hex[:8]}")
-  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-  try:
-    with os.fdopen(fd, mode) as f:
-      yield f
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
 def write(path: str, items: Sequence[Item], metadata: dict[str, str] | None = None) -> None:
   """Stream tensors into one safetensors file (header first, then data, one tensor on the host at a time),
   atomically."""
@@ -132,7 +110,7 @@ def write(path: str, items: Sequence[Item], metadata: dict[str, str] | None = No
     offset += size
   raw = json.dumps(header, separators=(",", ":")).encode()
   raw += b" " * (-len(raw) % 8)
-  with atomic_file(path) as f:
+  with storage.atomic_file(path) as f:
     f.write(len(raw).to_bytes(8, "little"))
     f.write(raw)
     for name, shape, dt, thunk in items:
@@ -144,9 +122,8 @@ def write(path: str, items: Sequence[Item], metadata: dict[str, str] | None = No
 
 def write_json(path: str, obj: Any) -> None:
   """A JSON file next to the tensors (config.json, adapter_config.json, the shard index), atomically."""
-  with atomic_file(path, "w") as f:
-    json.dump(obj, f, indent=2)
+  storage.write_text(path, json.dumps(obj, indent=2))
 
 
-__all__ = ["DTYPES", "NAMES", "Entry", "Item", "read_header", "entries", "read", "atomic_file", "write",
+__all__ = ["DTYPES", "NAMES", "Entry", "Item", "read_header", "entries", "read", "write",
            "write_json"]

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Iterator
 
 import numpy as np
+
+from tregjax import storage
 
 PAD, EOS = "<pad>", "<|end|>"
 SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
@@ -178,11 +179,5 @@ def preference_records(world: World, count: int, max_plain_error: float, seed: i
 
 
 def write_jsonl(records: list[dict], path: str) -> str:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  storage.write_text(path, "".join(json.dumps(r) + "\n" for r in records))
   return path

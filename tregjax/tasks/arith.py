@@ -7,8 +7,8 @@ get some of them wrong. The oracle here
 - grades a response as a whole: its final stated number against the true answer (`sequence_reward`);
 - grades its tokens: every explicit equation "a op b (op c ...) = r" is evaluated, and the characters of its stated
   result r are marked correct (+1) or wrong (-1); the final answer's digits are marked by whether they equal the true
-  answer (`char_labels`). Labels move to exactly the response token ids through the tokenizer's own offsets, never
-  by matching strings (`token_truth`).
+  answer (`char_labels`; a response cut by its token budget has no final answer to mark). Labels move to exactly
+  the response token ids through the tokenizer's own offsets, never by matching strings (`token_truth`).
 Unlabelled text (prose, operands) gets 0: the oracle only claims what it can check.
 """
 
@@ -496,13 +496,18 @@ def equations(text: str) -> list[Equation]:
   return out
 
 
-def char_labels(text: str, answer: int) -> np.ndarray:
+def char_labels(text: str, answer: int, finished: bool = True) -> np.ndarray:
   """int8 [len(text)]: +1 on the result of each correct equation and on a right final answer, -1 on the result of
   each wrong equation and on a wrong final answer, 0 elsewhere (a non-integer final number is not labelled, as
-  final_answer reads none). Errors win where spans overlap: a right final answer stated by a wrong equation is -1."""
+  final_answer reads none). Errors win where spans overlap: a right final answer stated by a wrong equation is -1.
+
+  `finished=False` (the response hit its token budget before its end-of-turn): it has no final answer, so its last
+  number (often an intermediate one, or copied from the question) is not labelled as one; an equation result that
+  runs up to the cut may itself be cut ("= 2" of "= 27"), so it is not labelled either. Its other equations are."""
   labels = np.zeros(len(text), np.int8)
-  spans: list[tuple[int, int, int]] = [(e.result_start, e.result_end, 1 if e.correct else -1) for e in equations(text)]
-  found = _final_number(text)
+  spans: list[tuple[int, int, int]] = [(e.result_start, e.result_end, 1 if e.correct else -1) for e in equations(text)
+                                       if finished or e.result_end < len(text)]
+  found = _final_number(text) if finished else None
   if found is not None and found[1].denominator == 1:
     number, value = found
     spans.append((number.start, number.end, 1 if value == answer else -1))
@@ -523,8 +528,9 @@ def token_labels(offsets: Sequence[tuple[int, int]], labels: np.ndarray) -> np.n
   return out
 
 
-def token_truth(tokenizer: Any, ids: Sequence[int], answer: int) -> np.ndarray:
-  """int8 labels for exactly these response token ids (trailing special tokens such as <|im_end|> get 0).
+def token_truth(tokenizer: Any, ids: Sequence[int], answer: int, finished: bool = True) -> np.ndarray:
+  """int8 labels for exactly these response token ids (trailing special tokens such as <|im_end|> get 0);
+  `finished`: whether the model ended the response itself (see char_labels).
 
   The text is the decoding of the ids; character offsets come from re-encoding that text with the same tokenizer,
   which must give back exactly the same ids (a model can emit a non-canonical tokenization; then there is no honest
@@ -542,7 +548,7 @@ def token_truth(tokenizer: Any, ids: Sequence[int], answer: int) -> np.ndarray:
     first = next((i for i, (a, b) in enumerate(zip(got, ids)) if a != b), min(len(got), body))
     raise ValueError(f"re-encoding the decoded response does not give back its ids: they first differ at position "
                      f"{first} (re-encoded {got[first:first + 3]}, given {ids[first:first + 3]})")
-  labels = token_labels([tuple(o) for o in encoded["offset_mapping"]], char_labels(text, answer))
+  labels = token_labels([tuple(o) for o in encoded["offset_mapping"]], char_labels(text, answer, finished))
   return np.concatenate([labels, np.zeros(len(ids) - body, np.int8)])
 
 

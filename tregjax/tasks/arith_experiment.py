@@ -24,6 +24,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from tregjax import storage
 from tregjax.experiments import arms, runner, stats
 from tregjax.experiments import stages as stages_lib
 from tregjax.tasks import arith
@@ -53,14 +54,14 @@ class ArithScorer:
 
 def _write_problems(problems: Sequence[arith.Problem], path: str) -> str:
   """The problems as a prompt file for `tregjax.generate` (the answer travels beside the prompt, for the oracle)."""
-  from tregjax.data import hashing  # pylint: disable=g-import-not-at-top  (the data package pulls in TFDS)
   lines = [json.dumps(dict(prompt=arith.prompt_messages(p), answer=p.answer, level=p.level, expression=p.expression))
            for p in problems]
-  hashing.atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode("utf-8"))
+  storage.write_bytes(path, "".join(line + "\n" for line in lines).encode("utf-8"))
   return path
 
 
-def _read_jsonl(path: str) -> list[dict[str, Any]]:
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  """Every non-blank line of a JSON-lines file (the problems, generate's records), parsed."""
   with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
 
@@ -79,8 +80,9 @@ class ArithTask:
 
   # ---------------------------------------------------------------------------------------------- stages
 
-  def _generate_config(self, config, prepared_reference: str, tokenizer: str, prompts: str, out: str, *,
-                       num_samples: int, temperature: float, batch_size: int) -> ml_collections.ConfigDict:
+  def generate_config(self, config, prepared_reference: str, tokenizer: str, prompts: str, out: str, *,
+                      num_samples: int, temperature: float, batch_size: int) -> ml_collections.ConfigDict:
+    """A `tregjax.generate` stage config for this task: its sampler settings (max_new_tokens, top_p) on `prompts`."""
     stage = stages_lib.trainer_config(config, self.section)
     stage.model.hf_path = prepared_reference
     stage.data.tokenizer = tokenizer
@@ -106,7 +108,7 @@ class ArithTask:
       _write_problems(train, train_file)
       _write_problems(held_out, eval_file)
       stages.finish("problems", started, dict(train=len(train), eval=len(held_out)), key=problems_key)
-    for row in _read_jsonl(train_file) + _read_jsonl(eval_file):
+    for row in read_jsonl(train_file) + read_jsonl(eval_file):
       self.answers[row["prompt"][-1]["content"]] = int(row["answer"])
 
     reference = stages.path("reference/hf")
@@ -120,7 +122,7 @@ class ArithTask:
     samples = stages.path("samples")
     started = time.perf_counter()
     # Always called: finished, current output returns at once; output of other inputs is refused (StaleCacheError).
-    generate.run(self._generate_config(config, reference, reference, train_file, samples,
+    generate.run(self.generate_config(config, reference, reference, train_file, samples,
                                        num_samples=int(a.num_samples), temperature=float(a.temperature),
                                        batch_size=int(a.sample_batch_size)),
                  scorer=ArithScorer(self.answers))
@@ -176,12 +178,12 @@ class ArithTask:
     for name, path in policies.items():
       out = stages.path(f"eval/{name}")
       started = time.perf_counter()
-      generate.run(self._generate_config(config, path, prepared.tokenizer, eval_file, out, num_samples=1,
+      generate.run(self.generate_config(config, path, prepared.tokenizer, eval_file, out, num_samples=1,
                                          temperature=0.0, batch_size=int(self.a.eval_batch_size)),
                    scorer=ArithScorer(self.answers))
       if not stages.done(f"eval/{name}"):
         stages.finish(f"eval/{name}", started)
-      records = _read_jsonl(os.path.join(out, generate.RECORDS))
+      records = read_jsonl(os.path.join(out, generate.RECORDS))
       texts = [r["all_generated_responses"][0] for r in records]
       answers = [self.answers[r["prompt"][-1]["content"]] for r in records]
       rewards = [arith.sequence_reward(t, ans) for t, ans in zip(texts, answers)]

@@ -29,11 +29,13 @@ import io
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
 import numpy as np
 
+from tregjax import storage
 from tregjax.experiments import runner, stats
 from tregjax.experiments import stages as stages_lib
 from tregjax.tasks import arith, arith_experiment
@@ -57,12 +59,29 @@ def default_credit_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       models=("smollm2", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"),  # tregjax.assets names, or .gguf paths
       greedy_batch_size=32,
+      # Per-model response budget (new tokens) where a model needs more than `arith.max_new_tokens`: ((name, n), ...).
+      # Qwen2.5-Coder explains at length; a response cut by the budget has no final answer for the oracle to grade.
+      max_new_tokens=(),
   ))
 
 
 def _section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   from tregjax import config_schema  # pylint: disable=g-import-not-at-top
   return config_schema.merge("credit", default_credit_config(), config.get("credit", None))
+
+
+def budget(section: ml_collections.ConfigDict, name: str, default: int) -> int:
+  """Model `name`'s response budget: its `credit.max_new_tokens` entry, else `default` (arith.max_new_tokens)."""
+  from tregjax import errors  # pylint: disable=g-import-not-at-top
+  found = default
+  for entry in section.max_new_tokens:
+    if (not isinstance(entry, (tuple, list)) or len(entry) != 2 or not isinstance(entry[0], str)
+        or isinstance(entry[1], bool) or not isinstance(entry[1], int) or entry[1] < 1):
+      raise errors.ConfigError(f"config.credit.max_new_tokens: each entry must be (model name, positive int), got "
+                               f"{entry!r}")
+    if entry[0] == name:
+      found = int(entry[1])
+  return found
 
 
 def _model_path(name: str) -> str:
@@ -73,7 +92,7 @@ def _model_path(name: str) -> str:
 def parameter_count(gguf_path: str) -> int:
   """Elements of every tensor in the GGUF (the weights the model runs with; a tied head counted once)."""
   from tregjax.models import gguf  # pylint: disable=g-import-not-at-top
-  reader = gguf._open(gguf_path)  # pylint: disable=protected-access  (header only: the tensors stay mapped)
+  reader = gguf.open_reader(gguf_path)  # the header only: tensors stay mapped
   return int(sum(int(t.n_elements) for t in reader.tensors))
 
 
@@ -92,15 +111,43 @@ def all_sample_pairs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _with_system(prompt_file: str, system: str | None, out: str) -> str:
-  from tregjax.data import hashing  # pylint: disable=g-import-not-at-top
-  rows = arith_experiment._read_jsonl(prompt_file)  # pylint: disable=protected-access
+  rows = arith_experiment.read_jsonl(prompt_file)
   lines = []
   for row in rows:
     messages = [m for m in row["prompt"] if m["role"] != "system"]
     row = dict(row, prompt=([{"role": "system", "content": system}] if system else []) + messages)
     lines.append(json.dumps(row))
-  hashing.atomic_write_bytes(out, "".join(line + "\n" for line in lines).encode("utf-8"))
+  storage.write_bytes(out, "".join(line + "\n" for line in lines).encode("utf-8"))
   return out
+
+
+class CreditTask(arith_experiment.ArithTask):
+  """The arithmetic task whose oracle knows which sampled responses were cut by the token budget (`finished`), so
+  that their last number is not graded as a final answer (arith.char_labels)."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    super().__init__(config)
+    self.finished: dict[tuple[str, str], bool] = {}
+
+  def read_finished(self, records: list[dict[str, Any]]) -> None:
+    """(question, response text) -> whether the model ended it itself; a text sampled both ways counts as cut."""
+    for record in records:
+      question = record["prompt"][-1]["content"]
+      for text, done in zip(record["all_generated_responses"], record["all_finished"]):
+        key = (question, text.strip())
+        self.finished[key] = self.finished.get(key, True) and bool(done)
+
+  def token_labels(self, prompt_messages: list[dict[str, str]], response_ids: Sequence[int]) -> np.ndarray:
+    if self._tok is None:
+      from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+      self._tok = AutoTokenizer.from_pretrained(self.tokenizer_dir, local_files_only=True)
+    question = prompt_messages[-1]["content"]
+    text = self._tok.decode([int(i) for i in response_ids], skip_special_tokens=True).strip()
+    if (question, text) not in self.finished:
+      raise RuntimeError(f"a scored response of {question!r} is none of the model's samples (records.jsonl): "
+                         f"{text[:80]!r}")
+    return np.asarray(arith.token_truth(self._tok, [int(i) for i in response_ids], self.answers[question],
+                                        finished=self.finished[(question, text)]), np.int8)
 
 
 class CreditModel:
@@ -108,48 +155,82 @@ class CreditModel:
 
   def __init__(self, config: ml_collections.ConfigDict, name: str, workdir: str):
     self.name = name
-    self.greedy_batch_size = int(_section(config).greedy_batch_size)
+    section = _section(config)
+    self.greedy_batch_size = int(section.greedy_batch_size)
     # The stages run the trainer's, scorer's and sampler's configs: this program's own section stays out of them.
     self.config = ml_collections.ConfigDict({k: v for k, v in config.to_dict().items() if k != "credit"})
     self.path = _model_path(name)
     self.config.arith.model = self.path
-    self.task = arith_experiment.ArithTask(self.config)
+    tokens = budget(section, name, int(self.config.arith.max_new_tokens))
+    if tokens != int(self.config.arith.max_new_tokens):
+      # The scoring pass must hold the longest prompt (the paper's system prompt) and a full-budget response (+ its
+      # end-of-turn tokens): a longer budget widens the last bucket.
+      self.config.arith.max_new_tokens = tokens
+      length = max(int(self.config.data.max_length), int(self.config.data.max_prompt_length) + tokens + 8)
+      self.config.data.max_length = length
+      self.config.data.buckets = tuple(b for b in self.config.data.buckets if b < length) + (length,)
+    self.task = CreditTask(self.config)
     self.stages = stages_lib.Stages(os.path.join(workdir, name.replace("/", "_")))
+
+  def _cpu(self, stage: str, fn: Callable[[], Any]) -> Any:
+    """fn(), its process CPU seconds (every thread) kept in cpu_seconds.json under `stage`. A stage reused from an
+    earlier run costs about nothing: a figure under 2 s is not recorded (the run that did the work recorded its own)."""
+    started = time.process_time()
+    out = fn()
+    spent = round(time.process_time() - started, 1)
+    if spent >= 2.0:
+      storage.write_json(self.stages.path("cpu_seconds.json"), dict(self.cpu_seconds(), **{stage: spent}))
+    return out
+
+  def cpu_seconds(self) -> dict[str, float]:
+    """CPU seconds of every stage this model's runs did (see _cpu)."""
+    path = self.stages.path("cpu_seconds.json")
+    if not os.path.exists(path):
+      return {}
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
 
   def run(self) -> dict[str, Any]:
     cpu, wall = time.process_time(), time.perf_counter()
     config, stages, task = self.config, self.stages, self.task
-    prepared = task.prepare(config, stages)
+    os.makedirs(stages.root, exist_ok=True)
+    # problems, reference and samples (their CPU together: the problems take none, a cached reference none).
+    prepared = self._cpu("problems+reference+samples", lambda: task.prepare(config, stages))
     pairs_file = stages.path("credit_pairs/pairs.jsonl")
     from tregjax import generate  # pylint: disable=g-import-not-at-top
     samples = os.path.join(os.path.dirname(prepared.train_pairs), generate.RECORDS)
+    sample_records = arith_experiment.read_jsonl(samples)
+    task.read_finished(sample_records)
+    finished = [bool(f) for r in sample_records for f in r["all_finished"]]
     if not stages.done("credit_pairs", dict(samples=samples)):
       started = time.perf_counter()
-      from tregjax.data import hashing  # pylint: disable=g-import-not-at-top
       os.makedirs(os.path.dirname(pairs_file), exist_ok=True)
-      pairs = all_sample_pairs(arith_experiment._read_jsonl(samples))  # pylint: disable=protected-access
+      pairs = all_sample_pairs(sample_records)
       if not pairs:
         raise ValueError(f"{samples}: no two distinct samples of any problem to score; raise arith.num_samples or "
                          f"arith.temperature")
-      hashing.atomic_write_bytes(pairs_file, "".join(json.dumps(p) + "\n" for p in pairs).encode("utf-8"))
+      storage.write_bytes(pairs_file, "".join(json.dumps(p) + "\n" for p in pairs).encode("utf-8"))
       stages.finish("credit_pairs", started, dict(pairs=len(pairs)), key=dict(samples=samples))
     prepared = dataclasses.replace(prepared, train_pairs=pairs_file)
 
-    caches = {"contrastive": runner.score_stage(config, task, prepared, stages, "contrastive"),
-              "confidence": runner.score_stage(config, task, prepared, stages, "confidence")}
+    caches = {source: self._cpu(f"scored/{source}",
+                                lambda source=source: runner.score_stage(config, task, prepared, stages, source))
+              for source in ("contrastive", "confidence")}
+    # Greedy before the paper's prompts: on a shared CPU the self-teacher gap is worth more than the fourth source.
+    greedy = self.greedy(prepared)
     # The paper's prompts: the same scoring stage in a sub-workdir (its own dataset and cache), default instructions.
     paper = ml_collections.ConfigDict(config.to_dict())
     from tregjax import config_schema  # pylint: disable=g-import-not-at-top
     paper.score.better_instruction = config_schema.BETTER_INSTRUCTION
     paper.score.worse_instruction = config_schema.WORSE_INSTRUCTION
-    caches[PAPER_SOURCE] = runner.score_stage(paper, task, prepared, stages_lib.Stages(stages.path("paper")),
-                                              "contrastive")
+    caches[PAPER_SOURCE] = self._cpu("paper/scored/contrastive", lambda: runner.score_stage(
+        paper, task, prepared, stages_lib.Stages(stages.path("paper")), "contrastive"))
     credit, _, _ = runner.token_credit(task, caches, seed=int(config.seed))
-
-    greedy = self.greedy(prepared)
     return dict(model=self.name, file=self.path, parameters=parameter_count(self.path), token_credit=credit,
-                greedy=greedy, cpu_seconds=round(time.process_time() - cpu, 1),
-                wall_seconds=round(time.perf_counter() - wall, 1), stage_seconds=stages.seconds())
+                greedy=greedy, max_new_tokens=int(config.arith.max_new_tokens),
+                samples=dict(finished=sum(finished), samples=len(finished)),
+                cpu_seconds=round(time.process_time() - cpu, 1), wall_seconds=round(time.perf_counter() - wall, 1),
+                stage_seconds=stages.seconds(), stage_cpu_seconds=self.cpu_seconds())
 
   def greedy(self, prepared: stages_lib.Prepared) -> dict[str, Any]:
     """Greedy accuracy on the held-out problems per system-prompt condition, and the paired differences."""
@@ -166,13 +247,13 @@ class CreditModel:
       target = stages.path(f"greedy/{condition}")
       started = time.perf_counter()
       # The task's own sampler settings (max_new_tokens, top_p, buckets), greedy, one answer per problem.
-      stage = task._generate_config(  # pylint: disable=protected-access
+      stage = task.generate_config(
           config, prepared.reference, prepared.tokenizer, prompts, target, num_samples=1, temperature=0.0,
           batch_size=int(self.greedy_batch_size))
-      generate.run(stage, scorer=arith_experiment.ArithScorer(task.answers))
+      self._cpu(f"greedy/{condition}", lambda: generate.run(stage, scorer=arith_experiment.ArithScorer(task.answers)))
       if not stages.done(f"greedy/{condition}"):
         stages.finish(f"greedy/{condition}", started)
-      records = arith_experiment._read_jsonl(os.path.join(target, generate.RECORDS))  # pylint: disable=protected-access
+      records = arith_experiment.read_jsonl(os.path.join(target, generate.RECORDS))
       records.sort(key=lambda r: r["prompt"][-1]["content"])  # the same problem order in every condition
       rewards = [arith.sequence_reward(r["all_generated_responses"][0], task.answers[r["prompt"][-1]["content"]])
                  for r in records]
@@ -181,7 +262,8 @@ class CreditModel:
       wrong, equations = arith.equation_error_rate([r["all_generated_responses"][0] for r in records])
       out[condition] = dict(accuracy=acc, low=low, high=high, correct=int(correct[condition].sum()),
                             problems=len(records), unparseable=sum(not ok for _, ok in rewards),
-                            wrong_equations=wrong, equations=equations)
+                            wrong_equations=wrong, equations=equations,
+                            finished=sum(bool(r["all_finished"][0]) for r in records))
     for a, b in (("better", "none"), ("worse", "none"), ("better", "worse")):
       out[f"{a} - {b}"] = dict(zip(("mean", "low", "high"), stats.paired_difference(correct[a], correct[b])))
     return out
@@ -203,6 +285,9 @@ def table(results: list[dict[str, Any]]) -> str:
   counts = lambda c: f"{c['correct_tokens']}+ / {c['error_tokens']}- / {c['responses']} resp."  # noqa: E731
   lines.append(f"{'labelled tokens (correct / error / responses)':<52}"
                + "".join(f"{counts(r['token_credit']['counts']):>26}" for r in results))
+  lines.append(f"{'samples ended by the model within the budget':<52}" + "".join(
+      f"{r['samples']['finished']} / {r['samples']['samples']} ({r['max_new_tokens']} tokens)".rjust(26)
+      for r in results))
   lines.append("")
   lines.append("greedy accuracy on the held-out problems (Wilson 95%) and paired differences (95%):")
   lines.append(f"{'condition':<52}" + "".join(f"{r['model']:>26}" for r in results))
@@ -215,6 +300,8 @@ def table(results: list[dict[str, Any]]) -> str:
     lines.append(f"{label:<52}" + "".join(
         f"{r['greedy'][key]['mean']:+.3f} [{r['greedy'][key]['low']:+.3f}, {r['greedy'][key]['high']:+.3f}]"
         .rjust(26) for r in results))
+  lines.append(f"{'greedy answers ended within the budget (none/better/worse)':<52}" + "".join(
+      "/".join(str(r["greedy"][c]["finished"]) for c in CONDITIONS).rjust(26) for r in results))
   lines.append(f"{'parameters':<52}" + "".join(f"{r['parameters'] / 1e6:>25.0f}M" for r in results))
   lines.append(f"{'CPU seconds (this run) / wall seconds':<52}"
                + "".join(f"{r['cpu_seconds']:.0f} / {r['wall_seconds']:.0f}".rjust(26) for r in results))
@@ -228,7 +315,6 @@ def plot(path: str, results: list[dict[str, Any]]) -> str:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   import matplotlib.ticker  # pylint: disable=g-import-not-at-top
 
-  from tregjax.data import hashing  # pylint: disable=g-import-not-at-top
   order = sorted(results, key=lambda r: r["parameters"])
   x = np.array([r["parameters"] for r in order], np.float64)
   fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), layout="constrained")
@@ -258,13 +344,12 @@ def plot(path: str, results: list[dict[str, Any]]) -> str:
     fig.savefig(buf, format="png", dpi=130)
   finally:
     plt.close(fig)
-  hashing.atomic_write_bytes(path, buf.getvalue())
+  storage.write_bytes(path, buf.getvalue())
   return path
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Every model of `credit.models`, then results.json, the table and plot.png in `workdir`."""
-  from tregjax.data import hashing  # pylint: disable=g-import-not-at-top
   section = _section(config)
   os.makedirs(workdir, exist_ok=True)
   results = []
@@ -275,7 +360,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           flush=True)
   text = table(results)
   out = dict(models=results, table=text, plot=plot(os.path.join(workdir, "plot.png"), results))
-  hashing.atomic_write_json(os.path.join(workdir, "results.json"), out)
+  storage.write_json(os.path.join(workdir, "results.json"), out)
   print("\n" + text, flush=True)
   print(f"results: {os.path.join(workdir, 'results.json')}, plot: {out['plot']}", flush=True)
   return out
