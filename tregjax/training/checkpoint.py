@@ -53,7 +53,8 @@ def _gather_strings(text: str) -> list[str]:
   return [bytes(row[:n]).decode("utf-8") for row, n in zip(rows, lengths)]
 
 
-def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+def tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """Parameter path -> shape of every array leaf (what a saved and a live state are compared by)."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {parallel.path_str(p): tuple(leaf.shape) for p, leaf in flat if getattr(leaf, "shape", None) is not None}
 
@@ -113,8 +114,8 @@ class Checkpointer:
     """Raise CheckpointMismatchError naming the first array whose saved shape differs from this run's."""
     saved = self.manager.item_metadata(step).state
     saved_tree = saved.tree if hasattr(saved, "tree") else saved
-    have = _shapes(saved_tree)
-    want = _shapes(target_state)
+    have = tree_shapes(saved_tree)
+    want = tree_shapes(target_state)
     missing = sorted(set(want) - set(have))
     extra = sorted(set(have) - set(want))
     where = storage.join(self.directory, str(step))
