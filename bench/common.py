@@ -30,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tregjax import storage
-
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
+
+from tregjax import storage  # noqa: E402  (after the checkout is on sys.path: `python bench/x.py` from anywhere)
 
 OUT_DIR = REPO / "bench" / "out"
 RESULTS = REPO / "bench" / "RESULTS.md"

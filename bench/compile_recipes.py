@@ -9,8 +9,10 @@ holds only the published config.json of Meta-Llama-3-8B-Instruct / gemma-2-9b-it
 the ones the recipes' docstrings name (v5p-16 = v5p:2x2x2, 8 chips), then v5e and v5p slices from 4 chips upwards until
 the training step fits (the smallest slice where each fits). A slice with more data-parallel ways than the recipe's
 micro-batch divides runs with `optimizer.grad_accum_steps` lowered to batch_size / ways (the column says so); a slice
-with more ways than pairs per step is skipped. Results go to bench/out/compile_recipes.json (kept between runs: a
-rerun compiles only what is missing, so recipes can be run one invocation at a time) and bench/RESULTS.md.
+with more ways than pairs per step is skipped. A `VARIANTS` entry ("<recipe>+<name>") is a recipe with the overrides its
+docstring tells a user to pass on some hardware (the LoRA recipe with FSDP on v5e). Results go to
+bench/out/compile_recipes.json (kept between runs: a rerun compiles only what is missing, so recipes can be run one
+invocation at a time) and bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -43,6 +45,12 @@ RECIPES = {
     "llama3_8b_dpo_reg_lora": LLAMA3_8B_INSTRUCT,
     "gemma2_9b_simpo_reg": GEMMA2_9B_IT,
 }
+# A recipe with the overrides its docstring tells a user to pass on some hardware: "<recipe>+<name>" compiles
+# configs/<recipe>.py with these --config flags (its own rows, its own smallest slice).
+VARIANTS = {
+    # The LoRA recipe's mesh (data=-1) keeps the whole 15 GiB bfloat16 base on every chip: on v5e, FSDP shards it.
+    "llama3_8b_dpo_reg_lora+fsdp": ("llama3_8b_dpo_reg_lora", {"mesh.data": 1, "mesh.fsdp": -1}),
+}
 NAMED = {  # the TPU topologies the recipes' docstrings name
     "llama3_8b_dpo_reg": ["v5p:2x2x2"],
 }
@@ -60,14 +68,23 @@ def chips(topology: str) -> int:
   return n
 
 
+def base_recipe(recipe: str) -> tuple[str, dict]:
+  """(config file stem, --config overrides) of a recipe or a VARIANTS entry."""
+  return VARIANTS.get(recipe, (recipe, {}))
+
+
 def recipe_settings(recipe: str) -> dict:
-  """(batch_size, grad_accum_steps, mesh) of a recipe, read from its config file."""
+  """(batch_size, grad_accum_steps, mesh) of a recipe, read from its config file (with a variant's overrides)."""
   sys.path.insert(0, str(common.REPO))
   import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location(recipe, common.REPO / "configs" / f"{recipe}.py")
+  stem, overrides = base_recipe(recipe)
+  spec = importlib.util.spec_from_file_location(stem, common.REPO / "configs" / f"{stem}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   c = module.get_config()
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    c[section][name] = value
   return dict(batch=c.data.batch_size, accum=c.optimizer.grad_accum_steps,
               mesh=(c.mesh.data, c.mesh.fsdp, c.mesh.tensor))
 
@@ -84,10 +101,12 @@ def compile_one(recipe: str, topology: str, model_dir: str, settings: dict, pyth
   if settings["batch"] % (ways * accum):
     accum = settings["batch"] // ways
   flags = [f"--config.optimizer.grad_accum_steps={accum}"] if accum != settings["accum"] else []
+  stem, overrides = base_recipe(recipe)
+  flags += [f"--config.{k}={v}" for k, v in overrides.items()]
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "reports.json")
     log_path = os.path.join(tmp, "log")
-    cmd = [python, "-m", "tregjax.compile", "--config", f"configs/{recipe}.py:model={model_dir}", "--topology",
+    cmd = [python, "-m", "tregjax.compile", "--config", f"configs/{stem}.py:model={model_dir}", "--topology",
            topology, "--what", what, "--json_out", out, *flags]
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
@@ -107,7 +126,7 @@ def compile_one(recipe: str, topology: str, model_dir: str, settings: dict, pyth
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--recipes", default=",".join(RECIPES))
+  ap.add_argument("--recipes", default=",".join([*RECIPES, *VARIANTS]))
   ap.add_argument("--slices", default="named,v5e,v5p", help="named (the docstrings' topologies), v5e, v5p")
   ap.add_argument("--max_rss_gib", type=float, default=20.0, help="stop when a compile's peak RSS passes this")
   ap.add_argument("--python", default=sys.executable, help="the interpreter with libtpu installed")
@@ -122,7 +141,7 @@ def main() -> None:
       model_dir = os.path.join(tmp, recipe)
       os.makedirs(model_dir)
       with open(os.path.join(model_dir, "config.json"), "w") as f:
-        json.dump(RECIPES[recipe], f)
+        json.dump(RECIPES[base_recipe(recipe)[0]], f)
       settings = recipe_settings(recipe)
       done = results.setdefault(recipe, {})
       plan = [("named", t) for t in NAMED.get(recipe, []) if "named" in kinds]
@@ -181,12 +200,15 @@ def write_results(results: dict) -> None:
       fits = [t for t in SLICES[kind] if any(x["program"] == "train step" and x["fits"]
                                               for x in by_topology.get(t, {}).get("reports", []))]
       tried = [t for t in SLICES[kind] if t in by_topology]
-      smallest.append([recipe, kind, fits[0] + f" ({chips(fits[0])} chips)" if fits else
-                       f"none of {', '.join(tried) or 'none tried'}"])
+      if tried:
+        smallest.append([recipe, kind, fits[0] + f" ({chips(fits[0])} chips)" if fits else
+                         f"none of {', '.join(tried)}"])
   text = common.table(["recipe", "topology", "train step GiB per chip: argument + temp = total / HBM", "fits",
                        "step s at bf16 peak", "scoring forward GiB (one host)", "train step collectives (HLO)",
                        "compile process: wall (shared CPU), peak RSS"], rows)
   small = common.table(["recipe", "TPU", "smallest slice where the training step fits"], smallest)
+  variants = "; ".join(f"{name}: configs/{stem}.py with " + " ".join(f"--config.{k}={v}" for k, v in overrides.items())
+                       for name, (stem, overrides) in VARIANTS.items())
   print(text)
   print(small)
   common.update_results("compile_recipes", (
@@ -198,9 +220,17 @@ def write_results(results: dict) -> None:
       f"XLA's buffer assignment per chip (total = argument + output - aliased + temp + code), HBM from "
       f"training.metrics.ACCELERATORS. 'step s at bf16 peak' = the model's FLOPs per chip / the chip's peak (a "
       f"lower bound on the step time). The scoring forward runs on one host (4 chips in libtpu's default layout). "
-      f"Rows where libtpu refuses to compile ('libtpu refuses') are its own out-of-HBM verdict. Compiles ran beside "
-      f"other jobs on the 2 cores (peak RSS under 2 GiB each), so the wall column is not a timing.\n\n"
-      f"{text}\n\n{small}\n"))
+      f"Rows where libtpu refuses to compile ('libtpu refuses') are its own out-of-HBM verdict. Rows come from several "
+      f"invocations (e.g. `--recipes R --topologies T`, one topology each; bench/out/compile_recipes.json keeps "
+      f"them), some beside other jobs on the 2 cores (peak RSS about 2 GiB each), so the wall column is not a timing. A '+name' recipe is a `VARIANTS` entry: the recipe with the "
+      f"overrides its docstring tells a user to pass ({variants}).\n\n"
+      f"{text}\n\n{small}\n\n"
+      f"Smallest slice: a slice that has fewer chips holds more of the same parameters and more pairs per chip per "
+      f"micro-batch (grad_accum_steps is lowered only where a slice has more data-parallel ways than the recipe's "
+      f"micro-batch), so nothing below a slice that does not fit fits either: a ladder may start at the slice the "
+      f"smaller model's rows point to and stops at the first that fits. A mesh that replicates the parameters "
+      f"(mesh.data=-1 with fsdp=1: the LoRA recipe's bfloat16 base, 15 GiB) keeps them whole on every chip whatever "
+      f"the slice, so its v5e ladder stops at the first slice.\n"))
 
 
 if __name__ == "__main__":

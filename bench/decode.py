@@ -154,8 +154,8 @@ def main() -> None:
   def profile():
     t0 = time.perf_counter()
     cache = decoding.init_cache(model, p_size, max_len)
-    logits, cache = decoding._prefill(graphdef, state, cache, jnp.asarray(p_tokens), jnp.asarray(p_lengths),  # pylint: disable=protected-access
-                                      layer_weights)
+    logits, cache = decoding.prefill_step(graphdef, state, cache, jnp.asarray(p_tokens), jnp.asarray(p_lengths),
+                                          layer_weights)
     jax.block_until_ready(logits)
     t_prefill = time.perf_counter() - t0
     cache = decoding.init_cache(model, chunk, max_len)
@@ -165,7 +165,7 @@ def main() -> None:
     fwd, smp = [], []
     for _ in range(args.profile_steps + 1):  # the first step of each compiles (dropped)
       t0 = time.perf_counter()
-      logits, cache = decoding._decode_step(graphdef, state, cache, token, layer_weights)  # pylint: disable=protected-access
+      logits, cache = decoding.decode_step_split(graphdef, state, cache, token, layer_weights)
       jax.block_until_ready(logits)
       fwd.append(time.perf_counter() - t0)
       t0 = time.perf_counter()
@@ -211,7 +211,7 @@ def main() -> None:
   table_rows, notes = [], []
   for mode in modes:
     kw = {"greedy": {}, "sampled": sampled}[mode]
-    jitted = (decoding._generate_loop, decoding._prefill, decoding._take_rows)  # pylint: disable=protected-access
+    jitted = (decoding.generate_loop, decoding.prefill_step, decoding.take_rows)
     before = [f._cache_size() for f in jitted]  # pylint: disable=protected-access
     t0 = time.perf_counter()
     first = np.asarray(ours(kw))  # the first call traces and compiles prefill + the decode loop(s)
@@ -333,8 +333,8 @@ def legacy_generate(model, rows, new: int, key, eos_ids, multiple: int = 8, temp
   cache = decoding.init_cache(model, tokens.shape[0], tokens.shape[1] + new)
   graphdef, state = nnx.split(model)
   layer_weights = decoding.per_layer_weights(model)
-  logits, cache = decoding._prefill(graphdef, state, cache, jnp.asarray(tokens), jnp.asarray(lengths),  # pylint: disable=protected-access
-                                    layer_weights)
+  logits, cache = decoding.prefill_step(graphdef, state, cache, jnp.asarray(tokens), jnp.asarray(lengths),
+                                        layer_weights)
   return _legacy_loop(graphdef, state, cache, logits, key, new, float(temperature), float(top_p),
                       tuple(int(e) for e in eos_ids), layer_weights)
 
@@ -381,7 +381,7 @@ def _legacy_loop_impl(graphdef, state, cache, first_logits, key, new, temperatur
     out = out.at[:, step].set(token)
     lengths = lengths + (~done).astype(jnp.int32)
     done = done | jnp.isin(token, eos)
-    hidden, cache = decoding._forward_cached(model, token[:, None], cache, layer_weights)  # pylint: disable=protected-access
+    hidden, cache = decoding.forward_cached(model, token[:, None], cache, layer_weights)
     return step + 1, model.unembed(hidden[:, 0]), cache, done, out, lengths
 
   c = (jnp.int32(0), first_logits, cache, jnp.zeros((b,), bool), jnp.zeros((b, new), jnp.int32),

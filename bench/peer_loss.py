@@ -49,7 +49,7 @@ def main() -> None:
                    f"checkpoint step {kept}"])
     world = score_test.world.__wrapped__(_Factory(tmp))
     cache = tmp / "cache"
-    config_file = plt._score_config_file(world, tmp, cache)  # pylint: disable=protected-access
+    config_file = plt.score_config_file(world, tmp, cache)
     for run, victim in enumerate((1, 0)):
       done, seconds = plt.kill_scoring(config_file, str(cache), str(tmp / f"score_logs{run}"), victim=victim)
       rows.append(["score", f"process {victim}", f"{seconds:.1f}", f"{plt.cli.EXIT_PEER_LOST}",

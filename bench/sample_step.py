@@ -125,7 +125,7 @@ def main() -> None:
   g = 8
   thresh = srt[np.arange(b), size - 1]
   inside = float(np.mean([(blocks[r][order[r, g:]] < thresh[r]).all() for r in range(b)]))
-  allowed = jax.jit(lambda lg: decoding._nucleus(jax.nn.softmax(lg / temp, axis=-1), top_p))(logits)  # pylint: disable=protected-access
+  allowed = jax.jit(lambda lg: decoding.nucleus_mask(jax.nn.softmax(lg / temp, axis=-1), top_p))(logits)
   assert (np.asarray(allowed).sum(-1) >= size).all()  # the nucleus keeps ties, so it is never smaller
   rows = [["sort + categorical (top-p 0.95; one call)", f"{sort_s * 1e3:.0f}", f"{sort_s / step_s:.0%}"]]
   rows += [[name, f"{sec * 1e3:.2f}", f"{sec / step_s:.1%}"] for name, (sec, _) in times.items()]

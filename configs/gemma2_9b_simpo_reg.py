@@ -1,6 +1,6 @@
 """Gemma-2-9B-it, SimPO-REG (SimPO + T-REG token-level regularization): the paper's recipe for real hardware.
 
-  # One command: tokenizes, scores into OUT/scored when the cache is missing (a stale one is refused), then trains.
+  # One command: tokenizes, scores into OUT/scored when the cache is missing or of other inputs, then trains.
   M=/ckpt/gemma-2-9b-it
   python -m tregjax.train --config configs/gemma2_9b_simpo_reg.py:model=$M,train=TRAIN,test=TEST,out=OUT \
       --workdir gs://.../gemma2_9b_simpo_reg
@@ -15,10 +15,13 @@ Where each number comes from:
 - T-REG (Zhou et al., 2024) reports SimPO-REG on Gemma-2-9B-it with SimPO's setup and data; alpha searched in
   {0.1, 0.25, 0.5} (0.25 here is the middle of that grid, not a reported optimum). The regularizer is length-averaged
   for SimPO (reg_normalization="auto"), our reading since the T-REG code is unreleased.
-Hardware: FSDP over all devices (e.g. 8×H100 80GB), full remat, bf16 compute with f32 master weights. Not compiled
-for a TPU topology yet (bench/compile_recipes.py --recipes gemma2_9b_simpo_reg adds its rows; its 9.2B parameters
-hold about 15% more weight and optimizer state than configs/llama3_8b_dpo_reg.py's 8.0B); check a slice with
-`python -m tregjax.compile`.
+Hardware: FSDP over all devices (e.g. 8×H100 80GB), full remat, bf16 compute with f32 master weights, micro-batches
+of 16 pairs (grad_accum_steps=8). Compiled for TPU by libtpu on a CPU host (bench/compile_recipes.py; bench/RESULTS.md
+"Every recipe compiled for TPU topologies"; check a slice with `python -m tregjax.compile`, docs/compile.md): the
+smallest v5p slice, v5p-8 (v5p:2x2x1, 4 chips), fits with 77.8 GiB per chip of 95 (25.8 arguments + 52.0
+temporaries); on v5e (16 GiB per chip) 16 chips (v5e:4x4) need 18.6 GiB and do not fit, 32 chips (v5e:4x8,
+--config.optimizer.grad_accum_steps=4: one pair per chip per micro-step) need 12.2 GiB. The scoring forward needs
+10.3 GiB per chip on one 4-chip host. 8×H100 is not compiled here (an AOT compile for GPUs needs a GPU).
 """
 
 from tregjax.training import config as config_lib

@@ -22,8 +22,8 @@ Hardware: FSDP over all devices, full remat, bf16 compute with f32 master weight
 (grad_accum_steps=8). Compiled for TPU by libtpu on a CPU host (bench/compile_recipes.py, bench/RESULTS.md "Every recipe
 compiled for TPU topologies"; check a slice yourself with `python -m tregjax.compile ... --topology T`, docs/compile.md):
 a v5p-16 slice (v5p:2x2x2, 8 chips) needs 36.3 GiB per chip of its 95 (11.2 arguments + 25.0 temporaries), the
-smallest, v5p-8 (v5p:2x2x1, 4 chips), 71.5 GiB; on v5e (16
-GiB per chip) 4 and 8 chips are refused by the compiler, 16 chips (v5e:4x4) need 17.9 GiB and do not fit, 32 chips
+smallest, v5p-8 (v5p:2x2x1, 4 chips), 71.5 GiB; on v5e (16 GiB per chip) 4 and 8 chips are refused by the
+compiler, 16 chips (v5e:4x4) need 17.9 GiB and do not fit, 32 chips
 (v5e:4x8, --config.optimizer.grad_accum_steps=4: one pair per chip per micro-step) need 11.8 GiB. The scoring forward
 needs 8.5 GiB per chip on one 4-chip v5e host. 8×H100 80GB (the same mesh on 8 devices) is not compiled here (an AOT
 compile for GPUs needs a GPU); the TPU figure for 8 chips suggests it fits.

@@ -15,9 +15,13 @@ Memory (bench/lora_memory.py: the compiled step's memory_analysis, XLA:CPU buffe
 micro-batches of 8 pairs (batch 128 / grad_accum_steps 16 on one device) need 98.1 GiB (15.4 arguments + 82.6 temp):
 one 141 GB H200. On one 80 GB H100 pass --config.optimizer.grad_accum_steps=128 (1 pair: 49.3 GiB). Full
 fine-tuning needs 168.5 GiB for 1 pair: neither GPU.
-TPU: not compiled for a topology yet (bench/compile_recipes.py --recipes llama3_8b_dpo_reg_lora adds its rows). Its
-mesh (data=-1) keeps a whole 15 GiB bfloat16 base on every device, more than a v5e chip's 16 GiB leaves for the step:
-on v5e pass --config.mesh.data=1 --config.mesh.fsdp=-1, and check with `python -m tregjax.compile` (docs/compile.md).
+TPU, compiled by libtpu on a CPU host (bench/compile_recipes.py; bench/RESULTS.md "Every recipe compiled for TPU
+topologies"; check a slice with `python -m tregjax.compile`, docs/compile.md): v5p-8 (v5p:2x2x1, 4 chips) fits, 26.0
+GiB per chip of 95 (15.4 arguments + 10.5 temporaries), its scoring forward 19.6 GiB. On v5e (16 GiB per chip) this
+mesh (data=-1) keeps the whole 15 GiB bfloat16 base on every chip whatever the slice: v5e:2x2 is refused by the
+compiler (23.4 GiB of temporaries), and so is the scoring forward (19.2 GiB). On v5e pass --config.mesh.data=1
+--config.mesh.fsdp=-1: then v5e:2x2 (4 chips) fits, 14.6 GiB per chip (4.1 + 10.5; 91% of HBM, a thin margin), and
+the scoring forward needs 8.5 GiB.
 """
 
 from tregjax.training import config as config_lib

@@ -44,7 +44,7 @@ def get_config(arg: str | None = None):
   c.data.system_prompt = ""  # a system message put before every prompt ("" = none)
   c.data.on_bad_record = "error"  # or "skip": count bad records, stop only above data.max_bad_fraction
   c.data.dataset_dir = args.out + "/dataset"  # the tokenized dataset (reused while files and tokenizer are unchanged)
-  c.data.cache_dir = args.out + "/scored"  # the scored cache (refused, never overwritten, if its inputs changed)
+  c.data.cache_dir = args.out + "/scored"  # the scored cache (inputs changed: moved aside to scored.h<hash>, rescored)
 
   # --- lengths and batches ----------------------------------------------------------------------------------------
   c.data.max_prompt_length = 512  # longer prompts keep their end (data.truncation = "truncate")

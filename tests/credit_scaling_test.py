@@ -78,7 +78,7 @@ def test_auc_of_each_source_is_its_own_cache_against_the_oracle(tiny_run):
   flat = {}
   for name, cache in (("contrastive", "scored/contrastive"), ("contrastive_paper", "paper/scored/contrastive"),
                       ("confidence", "scored/confidence")):
-    rows = runner._cache_rows(str(model / cache / "cache"))  # pylint: disable=protected-access
+    rows = runner.cache_rows(str(model / cache / "cache"))
     labels, rewards = [], []
     for row in rows:
       question = json.loads(row["prompt_messages"])[-1]["content"]

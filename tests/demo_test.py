@@ -117,9 +117,9 @@ def test_demo_token_logps_compile_once_per_shape_and_equal_full_logits():
   tokens = np.random.default_rng(0).integers(1, 50, (2, 10)).astype(np.int32)
   labels = np.concatenate([tokens[:, 1:], np.zeros((2, 1), np.int32)], axis=1)
   segments = np.ones_like(tokens)
-  before = demo._token_logps._cache_size()  # pylint: disable=protected-access
+  before = demo.token_logps_compiled._cache_size()  # pylint: disable=protected-access
   got = [demo.token_logps(m, tokens, labels, segments) for m in (a, b, a)]
-  assert demo._token_logps._cache_size() == before + 1  # pylint: disable=protected-access
+  assert demo.token_logps_compiled._cache_size() == before + 1  # pylint: disable=protected-access
   assert not np.allclose(got[0], got[1]) and np.array_equal(got[0], got[2])
   full = np.asarray(jax.nn.log_softmax(np.asarray(a(tokens, segment_ids=segments), np.float32), axis=-1))
   np.testing.assert_allclose(got[0], np.take_along_axis(full, labels[..., None], axis=-1)[..., 0], atol=1e-5)

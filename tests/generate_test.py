@@ -321,7 +321,7 @@ def test_top_p_nucleus_is_the_smallest_sorted_prefix_reaching_top_p():
   import jax
   import jax.numpy as jnp
   from tregjax.models import decoding
-  nucleus = jax.jit(decoding._nucleus)  # pylint: disable=protected-access
+  nucleus = jax.jit(decoding.nucleus_mask)
   rng = np.random.default_rng(0)
   for trial in range(40):
     vocab = (7, 333)[trial % 2]  # two shapes: two compiles

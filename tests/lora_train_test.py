@@ -134,7 +134,7 @@ def test_lora_export_merged_and_peft_reproduce_the_trained_logits_and_import_con
   valid = g.SEGMENTS.astype(bool)
   # Only adapters (and optimizer state) in the checkpoint.
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=1, async_save=False)
-  saved = ckpt_lib._shapes(ckpt.manager.item_metadata(3).state)  # pylint: disable=protected-access
+  saved = ckpt_lib.tree_shapes(ckpt.manager.item_metadata(3).state)
   ckpt.close()
   assert saved and not any("embed_tokens" in k or k.endswith("attn/q_proj") for k in saved)
 

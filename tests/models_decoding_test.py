@@ -194,9 +194,9 @@ def test_rows_are_independent_of_batch_and_compaction(model):
   free = np.asarray(decoding.generate(model, prompts, **kw).tokens)
   eos = int(np.bincount(free[:, :4][free[:, :4] >= 0]).argmax())  # a token many rows sample early
   kw["eos_ids"] = (eos,)
-  before = decoding._generate_loop._cache_size()  # pylint: disable=protected-access
+  before = decoding.generate_loop._cache_size()  # pylint: disable=protected-access
   compacted = decoding.generate(model, prompts, batch_size=32, **kw)
-  compiled = decoding._generate_loop._cache_size() - before  # pylint: disable=protected-access
+  compiled = decoding.generate_loop._cache_size() - before  # pylint: disable=protected-access
   plain = decoding.generate(model, prompts, batch_size=32, compact=False, **kw)
   np.testing.assert_array_equal(np.asarray(compacted.tokens), np.asarray(plain.tokens))
   np.testing.assert_array_equal(np.asarray(compacted.lengths), np.asarray(plain.lengths))

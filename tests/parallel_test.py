@@ -50,10 +50,10 @@ def test_an_indivisible_dimension_is_replicated_and_logged_once_per_tensor(caplo
   monkeypatch.setattr(parallel, "_REPLICATED_LOGGED", set())  # what earlier tests in this process logged
   spec = PartitionSpec("fsdp", "tensor")
   with caplog.at_level(logging.WARNING, logger="tregjax.parallel"):
-    assert parallel._fit_spec(spec, (8, 3), MESH, "layers/attn/k_proj") == PartitionSpec("fsdp", None)
-    assert parallel._fit_spec(spec, (8, 3), MESH, "layers/attn/k_proj") == PartitionSpec("fsdp", None)
-    assert parallel._fit_spec(spec, (8, 4), MESH, "layers/attn/q_proj") == spec  # divisible: nothing to say
-    assert parallel._fit_spec(spec, (5, 3), MESH, "layers/attn/v_proj") == PartitionSpec(None, None)
+    assert parallel.fit_spec(spec, (8, 3), MESH, "layers/attn/k_proj") == PartitionSpec("fsdp", None)
+    assert parallel.fit_spec(spec, (8, 3), MESH, "layers/attn/k_proj") == PartitionSpec("fsdp", None)
+    assert parallel.fit_spec(spec, (8, 4), MESH, "layers/attn/q_proj") == spec  # divisible: nothing to say
+    assert parallel.fit_spec(spec, (5, 3), MESH, "layers/attn/v_proj") == PartitionSpec(None, None)
   messages = [r.getMessage() for r in caplog.records]
   assert messages == [
       "layers/attn/k_proj: dimension 1 (size 3) is not divisible by mesh axis 'tensor' (size 2); replicated over "
@@ -64,8 +64,8 @@ def test_an_indivisible_dimension_is_replicated_and_logged_once_per_tensor(caplo
 
 def test_strict_sharding_refuses_an_indivisible_dimension():
   with parallel.strict_sharding():
-    assert parallel._fit_spec(PartitionSpec("fsdp", "tensor"), (8, 4), MESH, "w") == PartitionSpec("fsdp", "tensor")
+    assert parallel.fit_spec(PartitionSpec("fsdp", "tensor"), (8, 4), MESH, "w") == PartitionSpec("fsdp", "tensor")
     with pytest.raises(parallel.IndivisibleShardingError, match=r"^w: dimension 1 \(size 3\) is not divisible by "
                        r"mesh axis 'tensor' \(size 2\); refused under parallel.strict_sharding\(\)"):
-      parallel._fit_spec(PartitionSpec("fsdp", "tensor"), (8, 3), MESH, "w")
-  assert parallel._fit_spec(PartitionSpec("tensor"), (3,), MESH, "w") == PartitionSpec(None)  # strict ended
+      parallel.fit_spec(PartitionSpec("fsdp", "tensor"), (8, 3), MESH, "w")
+  assert parallel.fit_spec(PartitionSpec("tensor"), (3,), MESH, "w") == PartitionSpec(None)  # strict ended

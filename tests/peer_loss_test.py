@@ -161,7 +161,8 @@ def test_a_peer_that_never_arrives_fails_after_the_initialization_timeout_naming
   assert not os.path.exists(str(tmp_path / "run" / "checkpoints"))
 
 
-def _score_config_file(world, tmp_path, cache):  # noqa: F811
+def score_config_file(world, tmp_path, cache):  # noqa: F811
+  """A score config file for `world`'s job writing into `cache` (bench/peer_loss.py times the same job)."""
   path = tmp_path / f"{os.path.basename(cache)}.py"
   path.write_text(textwrap.dedent(f"""
       import sys, pathlib
@@ -197,7 +198,7 @@ def kill_scoring(config_file, cache, logs, victim):
 def test_scoring_survivor_stops_at_once_and_the_rerun_writes_the_bytes_of_one_process(world, tmp_path):  # noqa: F811
   """Run 1 loses process 1, run 2 loses the coordinator, run 3 completes: the cache equals one process's bytes."""
   cache = str(tmp_path / "two")
-  config_file = _score_config_file(world, tmp_path, cache)
+  config_file = score_config_file(world, tmp_path, cache)
   d1, t1 = kill_scoring(config_file, cache, str(tmp_path / "logs1"), victim=1)
   d0, t0 = kill_scoring(config_file, cache, str(tmp_path / "logs2"), victim=0)
   print(f"\nscoring: kill process 1 -> survivor exit {t1:.1f} s; kill process 0 -> survivor exit {t0:.1f} s "

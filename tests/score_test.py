@@ -297,6 +297,12 @@ def test_stale_or_unfinished_cache_is_refused(world, tmp_path):
   other_model.model.hf_path = str(world["root"] / "dpo")
   with pytest.raises(errors.StaleCacheError, match="changed inputs: model"):
     scored_cache.check_cache(cache, scored_cache.cache_components(other_model))
+  # `python -m tregjax.score` (run_command) moves the cache of other inputs aside and scores these; nothing is lost.
+  before = scored_cache.check_cache(cache, scored_cache.cache_hash(cfg))
+  assert score.run_command(other) == cache
+  assert scored_cache.check_cache(cache, scored_cache.cache_components(other))["token_reward_source"] == "contrastive"
+  aside = f"{cache}.h{before['hash'][:16]}"
+  assert scored_cache.check_cache(aside, scored_cache.cache_hash(cfg)) == before
 
 
 def test_data_parallel_scoring_on_two_devices_matches_one(world, contrastive_cache, tmp_path, devices_runner):
@@ -365,7 +371,7 @@ def test_score_chunks_pad_to_fitted_buckets():
     fake = types.SimpleNamespace(ways=1, batch_tokens=10**6,
                                  s=ml_collections.ConfigDict(dict(batch_size=1, buckets=(64, 128, 256),
                                                                   fit_buckets=fit)))
-    chunks = score.Scorer._chunks(fake, lengths)  # pylint: disable=protected-access
+    chunks = score.Scorer.chunk_rows(fake, lengths)
     got = {i: t for rows, t, _ in chunks for i in rows}
     assert got == want, (fit, chunks)
     assert all(max(lengths[i] for i in rows) <= t for rows, t, _ in chunks)

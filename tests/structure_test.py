@@ -226,6 +226,70 @@ def test_one_config_error_and_no_rebound_names():
   assert not rebound, rebound
 
 
+def private(name: str) -> bool:
+  return name.startswith("_") and not name.startswith("__")
+
+
+def private_names_used_across_modules(trees: dict[str, ast.Module]) -> list[str]:
+  """`from x import _y`, `import x._y`, and `obj._y` where `_y` is a private name a different project file defines
+  (any receiver but self/cls: a module, a class, an instance); losses._checks inside losses/ is the one exception."""
+  defined: dict[str, set[str]] = {}
+  for rel, tree in trees.items():
+    for node in ast.walk(tree):
+      names = []
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        names = [node.name]
+      elif isinstance(node, (ast.Name, ast.Attribute)) and isinstance(node.ctx, ast.Store):
+        names = [node.id if isinstance(node, ast.Name) else node.attr]
+      for n in filter(private, names):
+        defined.setdefault(n, set()).add(rel)
+  found = []
+  for rel, tree in trees.items():
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("tregjax")):
+        module = node.module or ""
+        for a in node.names:
+          if private(a.name) or any(map(private, module.split("."))):
+            inside_losses = rel.startswith("tregjax/losses/")
+            if inside_losses and "_checks" in (a.name, module.rpartition(".")[2]):
+              continue
+            found.append(f"{rel}:{node.lineno} from {'.' * node.level}{module} import {a.name}")
+      elif isinstance(node, ast.Import):
+        found += [f"{rel}:{node.lineno} import {a.name}" for a in node.names
+                  if a.name.startswith("tregjax") and any(map(private, a.name.split(".")))]
+      elif isinstance(node, ast.Attribute) and private(node.attr):
+        if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+          continue
+        if defined.get(node.attr, {rel}) - {rel} and rel not in defined[node.attr]:
+          found.append(f"{rel}:{node.lineno} {ast.unparse(node)}")
+  return found
+
+
+def parsed(tops: tuple[str, ...]) -> dict[str, ast.Module]:
+  out = {}
+  for top in tops:
+    for path in python_files(top).values():
+      with open(path, encoding="utf-8") as f:
+        out[os.path.relpath(path, ROOT)] = ast.parse(f.read())
+  return out
+
+
+def test_the_private_name_finder_finds_hand_made_uses():
+  trees = {"tregjax/a.py": ast.parse("def _f(): pass\nclass C:\n  def _m(self): self._m()\n"),
+           "tests/b_test.py": ast.parse("from tregjax import a\nfrom tregjax.a import _f\na._f()\na.C()._m()\n"),
+           "tregjax/losses/x.py": ast.parse("from tregjax.losses import _checks\n"),
+           "tregjax/c.py": ast.parse("from tregjax.losses import _checks\n")}
+  assert private_names_used_across_modules(trees) == [
+      "tests/b_test.py:2 from tregjax.a import _f", "tests/b_test.py:3 a._f", "tests/b_test.py:4 a.C()._m",
+      "tregjax/c.py:1 from tregjax.losses import _checks"]
+
+
+def test_no_private_name_is_used_across_modules():
+  """Acceptance 2: a name another module (test, bench) needs is public, with a docstring."""
+  found = private_names_used_across_modules(parsed(("tregjax", "tests", "bench")))
+  assert not found, found
+
+
 def test_every_atomic_write_goes_through_storage():
   """THE atomic write lives in tregjax/storage.py: no other module of the package or bench/ renames a file into place
   or makes its own temporary sibling."""

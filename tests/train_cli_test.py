@@ -90,9 +90,13 @@ def test_score_train_export_round_trip_matches_transformers(world, tmp_path):
   moved = (hf.model.layers[0].mlp.down_proj.weight - ref.model.layers[0].mlp.down_proj.weight).detach().abs().max()
   assert float(moved) > 1e-4  # the export holds the trained weights, not the reference
 
-  stale = _cli("tregjax.train", f"--config={config}", *_flags(world, **{"score.better_instruction": "Be terse."}),
+  # A cache train is pointed at (no data.train_files: it does not make the cache) from other inputs is never used:
+  # one line naming the cache and what changed, the stale-output exit status, no traceback. (With data.train_files
+  # the command makes its own cache: tests/my_data_test.py, edited data rescored and the old cache kept.)
+  stale = _cli("tregjax.train", f"--config={config}",
+               *_flags(world, **{"score.better_instruction": "Be terse.", "data.train_files": "()"}),
                f"--workdir={tmp_path / 'stale'}", expect_ok=False)
-  from tregjax import cli  # one line naming the cache and what changed, the stale-output exit status, no traceback
+  from tregjax import cli
   assert stale.returncode == cli.EXIT_STALE, stale.stderr[-3000:]
   assert "tregjax.train: error: scored cache" in stale.stderr and "changed inputs: prompts" in stale.stderr
   assert "Traceback" not in stale.stderr

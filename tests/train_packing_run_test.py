@@ -26,7 +26,7 @@ class Steps:
   """Step s trains on pairs [8s, 8s + 8): one per row, or packed as tp.GROUPS (3 rows + a padding row)."""
 
   def __init__(self, packed: bool):
-    self.pairs = tp._pairs(8 * STEPS, seed=11)
+    self.pairs = tp.random_pairs(8 * STEPS, seed=11)
     self.packed, self.index = packed, 0
 
   def __len__(self):
@@ -41,8 +41,8 @@ class Steps:
     base = 8 * self.index
     self.index += 1
     if self.packed:
-      return tp._collate([[base + i for i in g] for g in tp.GROUPS], self.pairs, tp.PACKED_T)
-    return tp._collate([[base + i] for i in range(8)], self.pairs, tp.UNPACKED_T)
+      return tp.collate_rows([[base + i for i in g] for g in tp.GROUPS], self.pairs, tp.PACKED_T)
+    return tp.collate_rows([[base + i] for i in range(8)], self.pairs, tp.UNPACKED_T)
 
   def get_state(self):
     return {"index": self.index}

@@ -24,7 +24,7 @@ GROUPS = [[0, 1, 2], [3, 4], [5, 6, 7], []]  # pairs per packed row; the last ro
 CHUNK = 8
 
 
-def _pairs(n=8, seed=7, vocab=tc.VOCAB):
+def random_pairs(n=8, seed=7, vocab=tc.VOCAB):
   """Random pairs: (prompt + chosen ids, prompt + rejected ids, prompt_len, per-token fields in response coords)."""
   rng = np.random.default_rng(seed)
   out = []
@@ -44,7 +44,7 @@ def _pairs(n=8, seed=7, vocab=tc.VOCAB):
   return out
 
 
-def _collate(rows, pairs, length, rewards="contrastive", beta=0.1):
+def collate_rows(rows, pairs, length, rewards="contrastive", beta=0.1):
   """PreferenceBatch [len(rows), length]: each row packs the listed pairs back to back; [B] fields are row sums."""
   sides = {"chosen": [], "rejected": []}
   sums = {"chosen": [], "rejected": []}
@@ -78,9 +78,9 @@ def _collate(rows, pairs, length, rewards="contrastive", beta=0.1):
 
 
 def _batches(rewards="contrastive"):
-  pairs = _pairs()
-  unpacked = _collate([[i] for i in range(len(pairs))], pairs, UNPACKED_T, rewards)
-  packed = _collate(GROUPS, pairs, PACKED_T, rewards)
+  pairs = random_pairs()
+  unpacked = collate_rows([[i] for i in range(len(pairs))], pairs, UNPACKED_T, rewards)
+  packed = collate_rows(GROUPS, pairs, PACKED_T, rewards)
   return unpacked, packed
 
 
@@ -294,10 +294,11 @@ def test_pipeline_packing_stops_filling_a_row_at_max_segments():
 
 def test_unpacked_padding_rows_weigh_nothing(toy):
   """A short final batch (drop_remainder=False) ends in all-padding rows: they are not pairs (loss, grads, count)."""
-  pairs = _pairs()
+  pairs = random_pairs()
   options = losses.ObjectiveOptions(beta=0.1, loss="dpo", regularizer="treg", alpha=0.5)
-  want, _, want_grads = _grads(_golden_preference(options), toy, _collate([[i] for i in range(8)], pairs, UNPACKED_T))
-  padded = _collate([[i] for i in range(8)] + [[], []], pairs, UNPACKED_T)
+  want, _, want_grads = _grads(_golden_preference(options), toy,
+                               collate_rows([[i] for i in range(8)], pairs, UNPACKED_T))
+  padded = collate_rows([[i] for i in range(8)] + [[], []], pairs, UNPACKED_T)
   for objective in ("preference", "reward_model"):
     fn = _packed(step_lib.make_loss_fn(objective, options, CHUNK))
     got, (count, _), grads = _grads(fn, toy, padded)

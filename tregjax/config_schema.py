@@ -42,9 +42,6 @@ from tregjax import errors
 BETTER_INSTRUCTION = ("You are a helpful assistant. Your response must be helpful, correct, coherent, and concise.")
 WORSE_INSTRUCTION = ("You are an unhelpful assistant. Your response must be unhelpful, incorrect, incoherent, and "
                      "verbose.")
-# data.fields: record field names of the data schemas (tregjax.data.schema); "" = absent.
-DATA_FIELDS = dict(prompt="prompt", chosen="chosen", rejected="rejected", responses="all_generated_responses",
-                   scores="all_rm_scores", id="")
 
 # The splits the dataset builder writes (tregjax.data.build.splits_of): "validation" only from data.validation_files or
 # data.validation_fraction > 0. data.train_split and data.eval_split must name one of them.
@@ -88,31 +85,66 @@ def _inherit(kind: type) -> ml_collections.FieldReference:
 def data_defaults() -> ml_collections.ConfigDict:
   """The `data` section: sources, tokenization (tregjax.data.build) and the batch pipeline (tregjax.data.pipeline)."""
   return ml_collections.ConfigDict(dict(
-      train_files=(), validation_files=(), validation_fraction=0.0, format="auto", schema="pair",
-      fields=dict(DATA_FIELDS), system_prompt="",
+      # Sources and tokenization (tregjax.data.build: their files, the tokenizer and these keys are hashed).
+
+      train_files=(),  # local JSONL / parquet files or datasets.save_to_disk directories of the training pairs
+      validation_files=(),  # held-out pairs; when empty, data.validation_fraction of the train records are held out
+      validation_fraction=0.0,  # share of train records held out as the "validation" split (a fixed hash of the index)
+      format="auto",  # "auto" (from each file's name) | "jsonl" | "parquet" | "hf_disk"
+      schema="pair",  # "pair": prompt/chosen/rejected; "chat": message lists; "ranked": responses + scores
+      # Record field names read by the schemas (tregjax.data.schema); rename here instead of rewriting the files.
+      fields=dict(
+          prompt="prompt",  # the prompt: a string or a list of chat messages ("pair", "ranked"; "chat" when needed)
+          chosen="chosen",  # the preferred response: a string ("pair") or a message list ending in it ("chat")
+          rejected="rejected",  # the other response, like chosen
+          responses="all_generated_responses",  # "ranked": the list of candidate responses
+          scores="all_rm_scores",  # "ranked": one score per response; the best and the worst become the pair
+          id="",  # a field naming each record in messages and outputs ("" = its file and line)
+      ),
+      system_prompt="",  # a system message put before every prompt that has none ("" = none)
       tokenizer="",  # local tokenizer directory; "" -> see tokenizer_dir()
-      end_of_turn_token="",
-      max_prompt_length=256, max_length=512, truncation="truncate", on_bad_record="error", max_bad_fraction=0.1,
-      dataset_dir="",
-      # pipeline (tregjax.data.pipeline.make_iterator)
-      # fit_buckets: each bucket shrinks to the longest row it holds (pipeline.BatchPlan), so a batch is not padded
-      # far past its longest row; bench/train_epoch.py measures what it saves on SmolLM2's own pairs.
-      batch_size=8,
+      end_of_turn_token="",  # appended to every response ("" = the chat template's end-of-turn marker, else EOS)
+      max_prompt_length=256,  # prompt tokens kept at most (data.truncation="truncate" keeps the prompt's end)
+      max_length=512,  # prompt + response tokens of a row at most
+      truncation="truncate",  # over-long pairs: "truncate" (cut the prompt's start, then responses) | "drop" | "error"
+      on_bad_record="error",  # "error": stop, naming file, line and field | "skip": count and report bad records
+      max_bad_fraction=0.1,  # with on_bad_record="skip": a split with a larger share of bad records is an error
+      dataset_dir="",  # where the tokenized dataset is written (one subdirectory per input hash, reused while same)
+      # The batch pipeline (tregjax.data.pipeline.make_iterator).
+
+      batch_size=8,  # pairs per optimizer step, over every device and process
       buckets=(64, 128, 256, 512),  # padded row lengths; score.buckets and generate.buckets default to them
-      fit_buckets=True, packing=False,
+      # Each bucket shrinks to the longest row it holds (pipeline.BatchPlan), so a batch is not padded far past its
+      # longest row; bench/train_epoch.py measures what it saves on SmolLM2's own pairs.
+      fit_buckets=True,
+      packing=False,  # first-fit pack several pairs into each row of the largest bucket (data.max_segments at most)
       seed=0,  # the shuffle order (its own stream; config.seed is the run's)
-      num_workers=0, drop_remainder=True))
+      num_workers=0,  # grain worker processes (0: read in this process, with a prefetch thread)
+      drop_remainder=True,  # training drops an epoch's last partial batch (evaluation always reads whole splits)
+  ))
+
+
+# data.fields: record field names of the data schemas (tregjax.data.schema); "" = absent.
+DATA_FIELDS = data_defaults().fields.to_dict()
 
 
 def score_defaults() -> ml_collections.ConfigDict:
   """The `score` section: every key the scoring pass (tregjax.score) reads, with its default."""
   return ml_collections.ConfigDict(dict(
-      better_instruction=BETTER_INSTRUCTION,  # contrastive prompt texts (T-REG: the model judges its own tokens)
-      worse_instruction=WORSE_INSTRUCTION,
+      # T-REG's contrastive prompts: the reference judges its own tokens under the better and the worse one.
+
+      better_instruction=BETTER_INSTRUCTION,  # the contrastive prompt asking for a good response
+      worse_instruction=WORSE_INSTRUCTION,  # the contrastive prompt asking for a bad response
       instruction_role="auto",  # "system" | "user" (prefix of the first user turn) | "auto" (system if supported)
-      # oracle: "pkg.module:function" (source="oracle" without run(..., oracle=)); oracle_id: what names the oracle in
-      # the cache hash (code cannot be hashed: change it when the labels change)
-      token_reward=dict(source="contrastive", beta=0.1, dpo_checkpoint="", reward_model="", oracle="", oracle_id=""),
+      # Where the per-token rewards come from (tregjax.data.scored_cache.REWARD_SOURCES; tregjax.score's docstring).
+      token_reward=dict(
+          source="contrastive",  # contrastive (T-REG) | confidence | dpo_implicit | r3hf | oracle | none (zeros)
+          beta=0.1,  # dpo_implicit: the β of β·(log π_dpo − log π_ref)
+          dpo_checkpoint="",  # dpo_implicit: a local HF directory of the DPO-trained policy
+          reward_model="",  # r3hf: a local HF sequence reward model (its score read after every response token)
+          oracle="",  # oracle: "pkg.module:function" (unless tregjax.score.run(..., oracle=) passes one)
+          oracle_id="",  # oracle: what names it in the cache hash (code cannot be hashed: change it with the labels)
+      ),
       batch_size=256,  # max rows per jitted call (a response has 3 rows for contrastive)
       # max padded positions per jitted call (rows = batch_tokens // T, at least the dp size); 0 = per data-parallel
       # device 1024 on CPU (the attention scores of a call then stay in cache: measured fastest) and 16384 elsewhere
@@ -133,14 +165,15 @@ def generate_defaults() -> ml_collections.ConfigDict:
       prompt_files=[],  # local prompt files; the prompt field is data.fields.prompt, the format data.format
       output_dir="",  # records.jsonl, pairs.jsonl, summary.json and work/ (the resumable shards)
       num_samples=5,  # responses per prompt
-      temperature=0.8,  # 0 -> greedy (then every sample of a prompt is the same)
-      top_p=0.95,
-      top_k=0,  # 0 -> no top-k cut
-      max_new_tokens=512,
+      temperature=0.8,  # sampling temperature; 0 -> greedy (then every sample of a prompt is the same)
+      top_p=0.95,  # nucleus sampling: the smallest set of tokens holding this much probability (1.0: no cut)
+      top_k=0,  # sample among the k most likely tokens only; 0 -> no top-k cut
+      max_new_tokens=512,  # sampled tokens per response at most (a row stops earlier at an end-of-sequence id)
       seed=_inherit(int),  # sampling seed; None -> config.seed
       max_prompt_length=0,  # 0 -> data.max_prompt_length; longer prompts follow data.truncation (keep the end)
-      batch_size=32,  # sampled rows per jitted call, rounded up to a multiple of the data-parallel size; 0 -> from
-      # free memory and a short probe of decode-step rates (tregjax.models.decoding.choose_batch_size)
+      # Sampled rows per jitted call, rounded up to a multiple of the data-parallel size; 0 -> from free memory and a
+      # short probe of decode-step rates (tregjax.models.decoding.choose_batch_size).
+      batch_size=32,
       buckets=_inherit(tuple),  # padded prompt widths (longer: multiples of the largest); None -> data.buckets
       reward_model="",  # local HF *ForSequenceClassification dir (num_labels=1); "" -> a Python scorer
       scorer="",  # "pkg.module:function" -> scorer(prompt_messages, response_text) -> float (when no reward_model)
@@ -192,8 +225,10 @@ def defaults() -> ml_collections.ConfigDict:
   c.model.overrides = ml_collections.ConfigDict()  # ModelConfig fields replaced on the preset (config files only)
   c.model.tokenizer_path = ""  # the model's tokenizer when hf_path holds none (a .gguf file); see tokenizer_dir()
   c.model.dtype = "bfloat16"  # compute dtype (score.dtype, generate.dtype default to it); master: `param_dtype`
-  c.model.param_dtype = "float32"
-  c.model.remat = "none"  # activation checkpointing policy passed to the model
+  c.model.param_dtype = "float32"  # dtype of the weights that train and of their Adam moments (and checkpoints)
+  # Activation checkpointing of each layer: "none" (keep activations), "full" (recompute the layer in the backward
+  # pass: least memory), "dots" (keep the weight matmuls' outputs, not attention's batched ones; recompute the rest).
+  c.model.remat = "none"
   # True: lax.scan over the stacked layers (compile time flat in depth; the choice for accelerators and deep models).
   # False: an unrolled layer loop. On XLA:CPU that avoids the scan's per-layer weight copies and zero-filled residual
   # stacks: 9-15% faster training steps at 2-4 layers, none at 16, at a compile time that grows with depth
@@ -206,10 +241,10 @@ def defaults() -> ml_collections.ConfigDict:
   # The data section (sources, tokenization, pipeline) plus the trainer's own keys.
   c.data = data_defaults()
   c.data.cache_dir = ""  # scored cache written by `python -m tregjax.score` (objective=preference)
-  c.data.train_split = "train"
+  c.data.train_split = "train"  # the split trained on
   c.data.eval_split = ""  # "" disables evaluation
-  c.data.eval_batches = 0  # 0 -> the whole eval split
-  c.data.epochs = 1  # used when train.steps == -1
+  c.data.eval_batches = 0  # batches read per evaluation; 0 -> the whole eval split
+  c.data.epochs = 1  # passes over the training split when train.steps == -1
   # With data.packing: at most this many pairs per packed row (the pipeline stops filling a row there). The step
   # computes per-pair values over K static segment slots ([B, K, T] masked copies of the per-token arrays).
   c.data.max_segments = 16
@@ -217,40 +252,55 @@ def defaults() -> ml_collections.ConfigDict:
   # file drives score and train, and the trainer recomputes the cache hash from them to refuse a stale cache.
   c.score = score_defaults()
 
-  # Arguments of losses.ObjectiveOptions, verbatim.
-  c.loss = ml_collections.ConfigDict(dict(
-      loss="dpo", regularizer="none", beta=0.1, gamma=0.5, label_smoothing=0.0, alpha=0.25, weighting="dynamic",
-      reg_normalization="auto", tgdpo_alpha=0.5, tis_mu=1.0, tis_lower=-0.5, tis_upper=1.5))
+  # Arguments of losses.ObjectiveOptions, verbatim (its docstring has the equations).
+  c.loss = ml_collections.ConfigDict()
+  c.loss.loss = "dpo"  # dpo | ipo | simpo | tgdpo | tisdpo | confpo (objective="preference")
+  c.loss.regularizer = "none"  # "treg": T-REG's token-level regularizer; "sft": an unweighted SFT term (ablation)
+  c.loss.beta = 0.1  # β of the preference loss, also the β of T-REG's regularizer
+  c.loss.gamma = 0.5  # SimPO's (and ConfPO's) absolute target margin γ
+  c.loss.label_smoothing = 0.0  # in [0, 0.5): conservative DPO / SimPO (the pair's label flipped with this chance)
+  c.loss.alpha = 0.25  # T-REG's α, the regularizer's weight (the paper searched 0.1 / 0.25 / 0.5)
+  c.loss.weighting = "dynamic"  # T-REG's weight w = sg[σ(−z)] of each pair; "static": w = 1 (ablation)
+  c.loss.reg_normalization = "auto"  # regularizer over response tokens: "sum" | "mean" | "auto" (mean for SimPO)
+  c.loss.tgdpo_alpha = 0.5  # TGDPO's α (loss="tgdpo")
+  c.loss.tis_mu = 1.0  # TIS-DPO's μ in the token weights exp(±μ·clamp(r, L, U)) (loss="tisdpo")
+  c.loss.tis_lower = -0.5  # TIS-DPO's clamp L of the token rewards
+  c.loss.tis_upper = 1.5  # TIS-DPO's clamp U
 
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.lr = 1e-6
-  c.optimizer.b1 = 0.9
-  c.optimizer.b2 = 0.999
-  c.optimizer.eps = 1e-8
-  c.optimizer.weight_decay = 0.0
-  c.optimizer.decay_embeddings = False  # norms and biases (rank <= 1) are never decayed
-  c.optimizer.warmup_steps = 0
-  c.optimizer.warmup_ratio = 0.0  # of total steps; used when warmup_steps == 0
-  c.optimizer.schedule = "cosine"
+  c.optimizer.lr = 1e-6  # peak learning rate (after warmup; tregjax.training.optimizer.make_schedule)
+  c.optimizer.b1 = 0.9  # AdamW's β1
+  c.optimizer.b2 = 0.999  # AdamW's β2
+  c.optimizer.eps = 1e-8  # AdamW's ε
+  c.optimizer.weight_decay = 0.0  # AdamW's decoupled decay, on weight matrices only
+  c.optimizer.decay_embeddings = False  # decay the token embeddings too (norms and biases are never decayed)
+  c.optimizer.warmup_steps = 0  # steps of linear warmup from 0 to lr; 0 -> optimizer.warmup_ratio
+  c.optimizer.warmup_ratio = 0.0  # warmup as a share of the total steps; used when warmup_steps == 0
+  c.optimizer.schedule = "cosine"  # after warmup: "cosine" or "linear" decay to lr·min_lr_ratio; else constant
   c.optimizer.min_lr_ratio = 0.0  # final lr / peak lr for cosine and linear decay
   c.optimizer.grad_clip = 1.0  # global-norm clip; 0 disables
   c.optimizer.grad_accum_steps = 1  # micro-batches per optimizer step, scanned inside the jitted step
 
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # one axis may be -1 (the rest of the devices)
+  # The device mesh (tregjax.parallel); data x fsdp x tensor = the devices, one axis may be -1 (the rest of them).
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # data parallelism: the batch is split, the parameters replicated
+  c.mesh.fsdp = 1  # FSDP (ZeRO-3): parameters and optimizer state sharded, the batch split too
+  c.mesh.tensor = 1  # tensor parallelism: attention heads and MLP split (Megatron style)
 
   c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.enabled = True
-  c.checkpoint.every = 500
-  c.checkpoint.keep = 3
-  c.checkpoint.async_save = True
+  c.checkpoint.enabled = True  # False: never save, and never resume from <workdir>/checkpoints
+  c.checkpoint.every = 500  # steps between saves (and one at the end; a rerun resumes from the latest)
+  c.checkpoint.keep = 3  # the newest checkpoints kept (older ones are deleted)
+  c.checkpoint.async_save = True  # write in the background while training goes on (Orbax async)
   # Several processes without jax's preemption service: steps between the cross-process checks of a local SIGTERM
   # (a host sync point). With the service (the default) every step is checked at no cost.
   c.checkpoint.preemption_sync_every = 10
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000  # -1 -> data.epochs passes over the training split
-  c.train.log_every = 10
-  c.train.eval_every = 0  # 0 -> evaluate only at the end (when data.eval_split is set)
+  c.train.log_every = 10  # steps between metric records (metrics.jsonl, TensorBoard, the progress bar); and the last
+  c.train.eval_every = 0  # steps between evaluations; 0 -> evaluate only at the end (when data.eval_split is set)
+  # A step whose loss or gradient is not finite is skipped (no update); this many in a row stop the run (exit 7).
   c.train.max_consecutive_nonfinite = 5
   c.train.logits_chunk_size = 512  # positions per chunk of the chunked log-softmax (score.chunk_size defaults to it)
   # Regex over parameter paths ("model/embed_tokens", "model/layers/attn/q_proj", "lm_head") kept frozen: no gradient,
@@ -258,13 +308,17 @@ def defaults() -> ml_collections.ConfigDict:
   c.train.freeze = ""
 
   c.logging = ml_collections.ConfigDict()
-  c.logging.tensorboard = True
-  c.logging.jsonl = True
+  c.logging.tensorboard = True  # TensorBoard event files in <workdir>/tensorboard
+  c.logging.jsonl = True  # one JSON line of metrics per logged step in <workdir>/metrics.jsonl
   c.logging.progress_bar = True  # every command's bar (score.progress_bar, generate.progress_bar default to it)
   c.logging.peak_flops_per_device = 0.0  # 0 -> look the device kind up (MFU is omitted when unknown)
   # Weights & Biases (training/hooks.py WandbHook; the optional [wandb] extra): every scalar the run writes to
   # metrics.jsonl, the config and a summary. project "" = off; WANDB_MODE=offline keeps it in <workdir>/wandb.
-  c.logging.wandb = ml_collections.ConfigDict(dict(project="", name="", tags=(), entity=""))
+  c.logging.wandb = ml_collections.ConfigDict()
+  c.logging.wandb.project = ""  # the W&B project ("" = no W&B logging)
+  c.logging.wandb.name = ""  # the run's name ("" = the workdir's last component)
+  c.logging.wandb.tags = ()  # the run's tags
+  c.logging.wandb.entity = ""  # the W&B team or user ("" = the account's default)
   c.distributed = distributed_defaults()  # multi-process jobs: join, heartbeat and shutdown timeouts
   return c
 
@@ -449,7 +503,7 @@ def tokenizer_dir(config: ml_collections.ConfigDict | Mapping[str, Any]) -> str:
 
 
 _SECTION_OF_FUNCTION = {"data_defaults": "data", "score_defaults": "score", "generate_defaults": "generate",
-                        "lora_defaults": "model.lora", "defaults": ""}
+                        "lora_defaults": "model.lora", "distributed_defaults": "distributed", "defaults": ""}
 
 
 def _comments() -> dict[str, str]:
@@ -461,12 +515,15 @@ def _comments() -> dict[str, str]:
     pending: list[str] = []
     nested = ""
     for line in inspect.getsource(globals()[function]).splitlines()[1:]:
+      if line.strip().startswith("#"):  # a comment line: it describes the next key
+        pending.append(line.strip().lstrip("#").strip())
+        continue
       code, _, comment = line.partition("  # ") if "  # " in line else (line, "", "")
       stripped = code.strip()
-      if stripped.startswith("#"):
-        pending.append(stripped.lstrip("# ").strip())
+      if not stripped:  # a blank line ends a comment block that heads a group of keys
+        pending = []
         continue
-      if stripped.startswith('"""') or not stripped:
+      if stripped.startswith('"""'):
         continue
       attr = re.match(r"c\.([\w.]+)\s*=", stripped)
       keys = [attr.group(1)] if attr else re.findall(r"(?<![=!<>\w])(\w+)=(?!=)", stripped)

@@ -134,7 +134,7 @@ _REPLICATED_LOGGED: set[str] = set()
 @contextlib.contextmanager
 def strict_sharding(enabled: bool = True) -> Iterator[None]:
   """Inside this block, a tensor that would replicate over a mesh axis because its dimension does not divide the
-  axis (`_fit_spec`) is an IndivisibleShardingError instead of a logged warning (MaxText's sufficiency check)."""
+  axis (`fit_spec`) is an IndivisibleShardingError instead of a logged warning (MaxText's sufficiency check)."""
   _STRICT.append(enabled)
   try:
     yield
@@ -142,7 +142,7 @@ def strict_sharding(enabled: bool = True) -> Iterator[None]:
     _STRICT.pop()
 
 
-def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, name: str = "") -> PartitionSpec:
+def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, name: str = "") -> PartitionSpec:
   """Drop mesh axes that do not divide a dimension (e.g. 3 kv heads over tensor=2), so they replicate instead.
 
   Replicating costs memory the config asked to save, so it is logged once per tensor `name` (its parameter path; the
@@ -176,7 +176,7 @@ def sharding_for(axes: Sequence[str | None] | None, shape: Sequence[int], mesh: 
                  name: str = "") -> NamedSharding:
   """NamedSharding of an array with these logical axes on `mesh` (axes that do not divide the shape replicate, logged
   once per `name`)."""
-  return NamedSharding(mesh, _fit_spec(logical_to_spec(axes), shape, mesh, name))
+  return NamedSharding(mesh, fit_spec(logical_to_spec(axes), shape, mesh, name))
 
 
 def path_str(path: Sequence[Any]) -> str:

@@ -25,7 +25,9 @@ per-response sums and rewards are then combined from the rows' response-coordina
 Output is written in work shards (`tregjax.jobs`: atomic, deterministic): a rerun skips finished shards and yields
 byte-identical output. When every shard exists the scored TFDS dataset (array_record) is assembled and
 `cache_meta.json`, holding the hash of (model, tokenizer, prompts, source, data), is written last;
-`tregjax.data.scored_cache.check_cache` refuses a cache whose hash differs from the trainer's expectation. Contrastive
+`tregjax.data.scored_cache.check_cache` refuses a cache whose hash differs from the trainer's expectation. The command
+(and the train command's scoring stage) first moves a cache of other inputs aside (`scored_cache.set_aside`); `run`
+itself, which the experiment runner calls, refuses one. Contrastive
 contexts are rendered from the full prompt messages; when the plain prompt was left-truncated they are cut the same
 way (`cut_like_plain`: the instruction survives, the prompt's start goes); the reference log-probs use the stored
 plain ids. Bad input stops before anything is written: a tokenizer larger than a model's vocabulary, a row longer than
@@ -248,7 +250,7 @@ class Scorer:
     self._compiled: dict[tuple[int, ...], Any] = {}  # (model, rows, T) -> the compiled row function
     self._combine = jax.jit(functools.partial(combine, self.source, float(s.token_reward.beta)))
 
-  def _chunks(self, lengths: list[int]) -> list[tuple[list[int], int, int]]:
+  def chunk_rows(self, lengths: list[int]) -> list[tuple[list[int], int, int]]:
     """Row indices sorted by length, cut into (indices, T, padded row count) chunks under a token budget.
 
     T is the smallest bucket holding the chunk's longest row (fitted: shrunk to the longest of `lengths` in that
@@ -314,7 +316,7 @@ class Scorer:
     """Model k over (ids, prompt_len) rows -> per row: response-coordinate values (+ initial score for "scores").
     `names(row index)` names a row's record in errors."""
     out: list[Any] = [None] * len(rows)
-    for chunk, t, b in self._chunks([len(r[0]) for r in rows]):
+    for chunk, t, b in self.chunk_rows([len(r[0]) for r in rows]):
       tokens = np.full((b, t), self.pad_id, np.int32)
       segs = np.zeros((b, t), np.int32)
       prompt_len = np.ones((b,), np.int32)
@@ -601,9 +603,16 @@ def _assemble(job: jobs.Job, dataset_dir: str, sources: dict[str, Any], keys: li
       dataset=os.path.relpath(out, job.out_dir), format_version=CACHE_FORMAT_VERSION))
 
 
+def run_command(config: ml_collections.ConfigDict) -> str:
+  """`python -m tregjax.score`: writes where `python -m tregjax.train` with the same config looks. As there, a cache
+  of other inputs in data.cache_dir is moved aside first (`scored_cache.set_aside`), not refused nor overwritten."""
+  cli.process_zero_first("tregjax.score set aside", lambda: scored_cache.set_aside(config, log))
+  return run(config)
+
+
 def main(argv: Sequence[str]) -> None:
   del argv
-  jobs.main("tregjax.score", run)
+  jobs.main("tregjax.score", run_command)
 
 
 if __name__ == "__main__":

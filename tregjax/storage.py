@@ -153,6 +153,14 @@ def remove(path: str | os.PathLike) -> None:
     os.remove(p)
 
 
+def move_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+  """Give a local directory a new name on the same file system: one rename, so it is never seen half moved (the
+  scored cache set aside, `tregjax.data.scored_cache.set_aside`). Object storage has no such move: a URI is refused."""
+  if is_uri(src) or is_uri(dst):
+    raise StorageError(f"cannot move {src} to {dst}: object storage has no one-step directory move")
+  os.rename(local(src), local(dst))
+
+
 def read_bytes(path: str | os.PathLike) -> bytes:
   p = local(path)
   if is_uri(p):

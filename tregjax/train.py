@@ -9,8 +9,11 @@ step and scoring forward for that TPU topology on this host (`tregjax.compile`, 
 For the trainer, the data is a stage of the same command (`prepare_data`): a config that names data.train_files is
 tokenized and, for objective=preference, scored into data.cache_dir by the scoring pass (`tregjax.score.run`, the
 resumable job the experiment runner's scoring stages call): it runs when the cache is missing, resumes a half-written
-one, returns at once when it is finished and current, and a cache made from other inputs is refused in one line
-naming what changed (data, prompts, model, ...), never overwritten: it may hold hours of scoring. So
+one, returns at once when it is finished and current. A cache made from other inputs (edited data, other prompts or
+model) is moved aside to `<data.cache_dir>.h<its hash>` with a line naming what changed, never overwritten (it may
+hold hours of scoring), and these inputs are scored; a cache of these inputs set aside earlier is moved back instead
+of rescored (`scored_cache.set_aside`). A cache that train is pointed at without data.train_files is checked, and
+refused in one line when it was made from other inputs. So
 `python -m tregjax.train --config configs/my_data.py` goes from JSONL to a trained run; `python -m tregjax.score
 --config configs/my_data.py` is the same scoring pass as its own job (clusters that schedule it apart).
 """
@@ -81,14 +84,15 @@ def prepare_data(config) -> None:
   if not config.data.train_files:
     return
   from tregjax.data import build as data_build  # pylint: disable=g-import-not-at-top
-  from tregjax.training import model_init, trainer  # pylint: disable=g-import-not-at-top
+  from tregjax.training import model_init  # pylint: disable=g-import-not-at-top
   data_build.check_vocab(config, model_init.model_config(config), "tregjax.train")
   log = logging.getLogger("tregjax.train")
   if config.objective == "preference":
     from tregjax import score  # pylint: disable=g-import-not-at-top
     from tregjax.data import scored_cache  # pylint: disable=g-import-not-at-top
-    if os.path.exists(os.path.join(config.data.cache_dir, scored_cache.CACHE_META)):
-      trainer.check_scored_cache(config)  # finished: current, or refused naming what changed (data, prompts, ...)
+    # A cache of other inputs (edited data, prompts, model) is moved aside, not refused nor overwritten; one of
+    # these inputs set aside earlier comes back. Then the pass scores what is missing (nothing when current).
+    cli.process_zero_first("tregjax.train scored cache", lambda: scored_cache.set_aside(config, log))
     log.info("scored cache: %s", score.run(config))
   else:
     log.info("tokenized dataset: %s", cli.process_zero_first("tregjax.train dataset",

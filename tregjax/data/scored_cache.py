@@ -148,3 +148,75 @@ def check_cache(cache_dir: str, expected_hash: str | dict[str, str]) -> dict[str
                                  f"{meta['hash'][:16]}, expected {expected[:16]}{changed}); rescore with "
                                  f"`python -m tregjax.score` into a new data.cache_dir")
   return meta
+
+
+# What each hashed input of a cache is, in the words of the config keys that set it (the line naming what changed).
+COMPONENT_KEYS = {
+    "format": "the cache format version (a tregjax upgrade)",
+    "model": "model (the reference, model.hf_path: its config, tokenizer and weight files)",
+    "tokenizer": "tokenizer (its files)",
+    "prompts": "prompts (score.better_instruction / worse_instruction / instruction_role)",
+    "source": "token-reward source (score.token_reward)",
+    "data": "data (the files of data.train_files / data.validation_files, or the data.* keys that tokenize them)",
+}
+
+
+def _found_digest(cache_dir: str) -> tuple[str | None, dict[str, str] | None]:
+  """(digest, components) of what `cache_dir` holds: a finished cache's marker, else the digest stamped in the
+  header of its first work shard (an unfinished cache: components unknown), else (None, None)."""
+  from tregjax import storage  # pylint: disable=g-import-not-at-top
+  marker = storage.join(cache_dir, CACHE_META)
+  if storage.exists(marker):
+    meta = storage.read_json(marker)
+    return meta.get("hash"), meta.get("components")
+  work = os.path.join(cache_dir, "work")
+  if storage.is_uri(cache_dir) or not os.path.isdir(work):
+    return None, None
+  for name in sorted(os.listdir(work)):
+    if name.endswith(".safetensors") and ".tmp." not in name:
+      with open(os.path.join(work, name), "rb") as f:  # safetensors: u64 header length, then the JSON header
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+      return header.get("__metadata__", {}).get("hash"), None
+  return None, None
+
+
+def set_aside(config, log) -> None:
+  """Make `data.cache_dir` hold the scored cache of THIS config's inputs, destroying nothing (the train and score
+  commands, before `tregjax.score.run`).
+
+  A cache there of other inputs (finished, or half-scored) is moved to the sibling `<cache_dir>.h<its hash[:16]>`,
+  with a line naming what changed (data, prompts, model, ...) and where it went: it may hold hours of scoring. A
+  sibling of THIS config's hash (set aside by an earlier switch) is moved back, so switching back to earlier data or
+  prompts rescores nothing. A cache of other inputs on object storage (gs://...) cannot be moved in one step: it is
+  refused in one line (StaleCacheError), as the trainer refuses a cache it is pointed at without data.train_files.
+  """
+  from tregjax import storage  # pylint: disable=g-import-not-at-top
+  cache_dir = str(config.data.cache_dir).rstrip("/")
+  if not cache_dir:
+    return
+  expected_components = cache_components(config)
+  expected = hashing.hash_json(expected_components)
+  found, components = _found_digest(cache_dir)
+  if found is not None and found != expected:
+    if components is None:
+      what = "an unfinished scored cache of other inputs"
+    else:
+      changed = sorted(k for k in set(components) | set(expected_components)
+                       if components.get(k) != expected_components.get(k))
+      what = f"a scored cache of other inputs (changed: {'; '.join(COMPONENT_KEYS.get(k, k) for k in changed)})"
+    if storage.is_uri(cache_dir):
+      raise errors.StaleCacheError(f"{cache_dir} holds {what}; on object storage it is not moved aside: set "
+                                   f"data.cache_dir to a new directory (or delete this one)")
+    aside, n = f"{cache_dir}.h{found[:16]}", 1
+    while os.path.exists(aside):
+      n += 1
+      aside = f"{cache_dir}.h{found[:16]}-{n}"
+    storage.move_dir(cache_dir, aside)
+    log.warning("%s held %s: moved it to %s (kept whole; these inputs again find it there) and scoring into %s",
+                cache_dir, what, aside, cache_dir)
+  earlier = f"{cache_dir}.h{expected[:16]}"
+  if not storage.is_uri(cache_dir) and not os.path.exists(cache_dir) and os.path.isdir(earlier) \
+      and _found_digest(earlier)[0] == expected:
+    storage.move_dir(earlier, cache_dir)
+    log.warning("reusing the scored cache of these inputs set aside earlier: moved %s back to %s", earlier,
+                cache_dir)

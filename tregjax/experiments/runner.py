@@ -215,7 +215,8 @@ def train_reward_model(config, task: stages_lib.Task, prepared: stages_lib.Prepa
 # ------------------------------------------------------------------------------------------ token credit
 
 
-def _cache_rows(cache: str) -> list[dict[str, Any]]:
+def cache_rows(cache: str) -> list[dict[str, Any]]:
+  """The rows of a scored cache directory (its cache_meta.json names the dataset), as dicts."""
   from tregjax.data import tfds_builder  # pylint: disable=g-import-not-at-top
   with open(os.path.join(cache, "cache_meta.json"), encoding="utf-8") as f:
     dataset = os.path.join(cache, json.load(f)["dataset"])
@@ -271,11 +272,11 @@ def token_credit(task: stages_lib.Task, caches: dict[str, str], seed: int
                  ) -> tuple[dict[str, dict], dict[str, np.ndarray], list[dict[str, Any]]]:
   """AUC (with a bootstrap interval over responses) of every scored token-reward source against the oracle's truth,
   on the reference's own responses; plus chance (uniform random scores) as the floor."""
-  rows = _cache_rows(caches["contrastive"])
+  rows = cache_rows(caches["contrastive"])
   truth = token_truth(task, rows)
   out = {}
   for source, cache in caches.items():
-    source_rows = rows if source == "contrastive" else _cache_rows(cache)
+    source_rows = rows if source == "contrastive" else cache_rows(cache)
     if [r["chosen_ids"].tolist() for r in source_rows] != [r["chosen_ids"].tolist() for r in rows]:
       raise RuntimeError(f"scored cache {cache} holds other responses than the contrastive cache")
     out[source] = _credit_row(flat_rewards(source_rows), truth, seed)

@@ -60,8 +60,8 @@ def per_layer_weights(model: CausalLM) -> list[nnx.State] | None:
   return model.model.unstack_layers() if platforms == {"cpu"} else None
 
 
-def _forward_cached(model: CausalLM, tokens: jax.Array, cache: Cache,
-                    layer_weights: list[nnx.State] | None = None) -> tuple[jax.Array, Cache]:
+def forward_cached(model: CausalLM, tokens: jax.Array, cache: Cache,
+                   layer_weights: list[nnx.State] | None = None) -> tuple[jax.Array, Cache]:
   """Run `tokens` [B, T] at positions cache.index + t; returns final-norm hidden [B, T, D] and the new cache."""
   backbone = model.model
   b, t = tokens.shape
@@ -76,18 +76,20 @@ def _forward_cached(model: CausalLM, tokens: jax.Array, cache: Cache,
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _prefill(graphdef, state, cache: Cache, tokens: jax.Array, lengths: jax.Array, layer_weights=None):
+def prefill_step(graphdef, state, cache: Cache, tokens: jax.Array, lengths: jax.Array, layer_weights=None):
+  """`prefill` on a split model (compiled once per graphdef and shapes; the cache is donated)."""
   model = nnx.merge(graphdef, state)
-  hidden, cache = _forward_cached(model, tokens, cache, layer_weights)
+  hidden, cache = forward_cached(model, tokens, cache, layer_weights)
   last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
   # Row b continues at its own length, not at the padded prompt width.
   return model.unembed(last), cache.replace(index=lengths.astype(jnp.int32))
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _decode_step(graphdef, state, cache: Cache, token: jax.Array, layer_weights=None):
+def decode_step_split(graphdef, state, cache: Cache, token: jax.Array, layer_weights=None):
+  """`decode_step` on a split model (compiled once per graphdef and shapes; the cache is donated)."""
   model = nnx.merge(graphdef, state)
-  hidden, cache = _forward_cached(model, token[:, None], cache, layer_weights)
+  hidden, cache = forward_cached(model, token[:, None], cache, layer_weights)
   return model.unembed(hidden[:, 0]), cache
 
 
@@ -99,15 +101,15 @@ def prefill(model: CausalLM, cache: Cache, tokens: jax.Array, lengths: jax.Array
   computed once and passed to every call.
   """
   graphdef, state = nnx.split(model)
-  return _prefill(graphdef, state, cache, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32),
-                  layer_weights)
+  return prefill_step(graphdef, state, cache, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32),
+                      layer_weights)
 
 
 def decode_step(model: CausalLM, cache: Cache, token: jax.Array,
                 layer_weights: list[nnx.State] | None = None) -> tuple[jax.Array, Cache]:
   """One new token per row [B] -> (f32 logits [B, V] for the next token, cache). The cache is donated."""
   graphdef, state = nnx.split(model)
-  return _decode_step(graphdef, state, cache, jnp.asarray(token, jnp.int32), layer_weights)
+  return decode_step_split(graphdef, state, cache, jnp.asarray(token, jnp.int32), layer_weights)
 
 
 # Top-p fast path off by default: on SmolLM2's logits the nucleus fits 8 candidate blocks for 78% of rows, so a
@@ -129,9 +131,9 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0
   `key`: one key per row [B] (`row_keys`), or a single key (split per row). Each row draws ONE uniform u and takes
   the token whose interval of the allowed distribution's CDF holds u (inverse CDF): no [B, V] Gumbel noise, and a
   row's token depends on its own key only. The allowed distribution is softmax(logits / temperature) restricted to the
-  top-k logits (ties at the k-th kept) and then to the nucleus (`_nucleus`: the smallest top-p set, ties kept).
+  top-k logits (ties at the k-th kept) and then to the nucleus (`nucleus_mask`: the smallest top-p set, ties kept).
 
-  Full path: the k-th logit by lax.top_k(top_k) (only with top_k), the nucleus by `_nucleus` over [B, V] (a snapping
+  Full path: the k-th logit by lax.top_k(top_k) (only with top_k), the nucleus by `nucleus_mask` over [B, V] (a snapping
   bisection, no sort: XLA:CPU sorts [64, 49152] in ~0.8 s), the token by a two-level inverse CDF (block sums, then
   one block). Top-p fast path (no top_k, `candidate_blocks` > 0): the vocabulary in blocks of 256, the nucleus
   searched only in the `candidate_blocks` blocks with the largest maxima; a row is exact when every token outside
@@ -152,7 +154,7 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0
   def full(_=None):
     ww = jnp.where(x >= jax.lax.top_k(x, top_k)[0][:, -1:], w, 0.0) if top_k else w
     if top_p < 1.0:
-      ww = jnp.where(_nucleus(ww / jnp.sum(ww, axis=-1, keepdims=True), top_p), ww, 0.0)
+      ww = jnp.where(nucleus_mask(ww / jnp.sum(ww, axis=-1, keepdims=True), top_p), ww, 0.0)
     return _inverse_cdf(ww, u)
 
   blk = min(_BLOCK, v)
@@ -164,7 +166,7 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0
   blocks = (jnp.pad(w, ((0, 0), (0, nb * blk - v))) if nb * blk != v else w).reshape(b, nb, blk)
   block_max, block_i = jax.lax.top_k(jnp.max(blocks, axis=-1), g + 1)  # [B, g + 1]
   cand = jnp.take_along_axis(blocks, block_i[:, :g, None], axis=1).reshape(b, g * blk)
-  keep = _nucleus(cand / z, top_p, vocab=v)
+  keep = nucleus_mask(cand / z, top_p, vocab=v)
   t = jnp.min(jnp.where(keep, cand, jnp.inf), axis=-1)  # the candidates' nucleus threshold (unnormalized)
   exact = (jnp.sum(jnp.where(keep, cand, 0.0), axis=-1) >= top_p * z[:, 0]) & (block_max[:, g] < t)
   j = _inverse_cdf(jnp.where(keep, cand, 0.0), u)
@@ -199,7 +201,7 @@ def _inverse_cdf(w: jax.Array, u: jax.Array) -> jax.Array:
   return (blk_i * blk + j).astype(jnp.int32)
 
 
-def _nucleus(probs: jax.Array, top_p: float, vocab: int | None = None) -> jax.Array:
+def nucleus_mask(probs: jax.Array, top_p: float, vocab: int | None = None) -> jax.Array:
   """bool[B, V]: the tokens at least as likely as t, the largest probability whose at-least-as-likely mass reaches
   top_p (the smallest top-p set; ties at t are all kept). No sort (XLA:CPU sorts [64, 49152] in seconds).
 
@@ -237,8 +239,8 @@ def _nucleus(probs: jax.Array, top_p: float, vocab: int | None = None) -> jax.Ar
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9, 10, 11, 12), donate_argnums=2)
-def _generate_loop(graphdef, state, cache, carry, key, layer_weights, max_new_tokens, temperature, top_k, top_p,
-                   eos_ids, pad_id, stop_at):
+def generate_loop(graphdef, state, cache, carry, key, layer_weights, max_new_tokens, temperature, top_k, top_p,
+                  eos_ids, pad_id, stop_at):
   """Decode until every row is done, `max_new_tokens` steps, or at most `stop_at` rows are still running (then the
   caller compacts the batch). carry = (step, logits [B, V], done [B], out [B, N], lengths [B], row_ids [B])."""
   model = nnx.merge(graphdef, state)
@@ -258,7 +260,7 @@ def _generate_loop(graphdef, state, cache, carry, key, layer_weights, max_new_to
     out = out.at[:, step].set(token)
     lengths = lengths + (~done).astype(jnp.int32)
     done = done | jnp.isin(token, eos)
-    hidden, cache = _forward_cached(model, token[:, None], cache, layer_weights)
+    hidden, cache = forward_cached(model, token[:, None], cache, layer_weights)
     return step + 1, model.unembed(hidden[:, 0]), cache, done, out, lengths
 
   step, logits, done, out, lengths, _ = carry
@@ -267,7 +269,7 @@ def _generate_loop(graphdef, state, cache, carry, key, layer_weights, max_new_to
 
 
 @jax.jit
-def _take_rows(cache: Cache, carry, idx: jax.Array):
+def take_rows(cache: Cache, carry, idx: jax.Array):
   """Rows `idx` of the cache and the loop carry (prefix sharing: a prompt's cache to its sample rows; compaction:
   the running rows into a smaller batch)."""
   step, *rest = carry
@@ -343,11 +345,11 @@ def choose_batch_size(model: CausalLM, max_len: int, *, max_rows: int, multiple:
     cache = init_cache(model, size, max_len)
     cache = cache.replace(index=jnp.full((size,), max_len // 2, jnp.int32))  # a typical attention length
     token = jnp.zeros((size,), jnp.int32)
-    logits, cache = _decode_step(graphdef, state, cache, token, layer_weights)  # compile
+    logits, cache = decode_step_split(graphdef, state, cache, token, layer_weights)  # compile
     jax.block_until_ready(logits)
     t0 = time.perf_counter()
     for _ in range(steps):
-      logits, cache = _decode_step(graphdef, state, cache, token, layer_weights)
+      logits, cache = decode_step_split(graphdef, state, cache, token, layer_weights)
     jax.block_until_ready(logits)
     rates[size] = size * steps / (time.perf_counter() - t0)
     if size > sizes[0] and rates[size] < gain * rates[size // 2]:
@@ -392,10 +394,10 @@ def generate(model: CausalLM, prompt_tokens: Sequence[Sequence[int]], *, max_new
   graphdef, state = nnx.split(model)
   layer_weights = per_layer_weights(model)
   cache = init_cache(model, u_size, tokens.shape[1] + max_new_tokens)
-  logits, cache = _prefill(graphdef, state, cache, jnp.asarray(tokens[pick]), jnp.asarray(lengths[pick]),
-                           layer_weights)
+  logits, cache = prefill_step(graphdef, state, cache, jnp.asarray(tokens[pick]), jnp.asarray(lengths[pick]),
+                               layer_weights)
   size = min(s for s in sizes if s >= n)
-  cache, (_, logits) = _take_rows(cache, (jnp.int32(0), logits), jnp.asarray(np.pad(src, (0, size - n))))
+  cache, (_, logits) = take_rows(cache, (jnp.int32(0), logits), jnp.asarray(np.pad(src, (0, size - n))))
   done = np.arange(size) >= n  # filler rows (copies of row 0) are done from the start: compaction drops them
   carry = (jnp.int32(0), logits, jnp.asarray(done), jnp.full((size, max_new_tokens), pad_id, jnp.int32),
            jnp.zeros((size,), jnp.int32), jnp.asarray(np.pad(rows, (0, size - n))))
@@ -406,8 +408,8 @@ def generate(model: CausalLM, prompt_tokens: Sequence[Sequence[int]], *, max_new
             int(pad_id))
   while True:
     smaller = [s for s in sizes if s < size]
-    carry, cache = _generate_loop(graphdef, state, cache, carry, key, layer_weights, *static,
-                                  smaller[0] if smaller else 0)
+    carry, cache = generate_loop(graphdef, state, cache, carry, key, layer_weights, *static,
+                                 smaller[0] if smaller else 0)
     step, _, done_d, out_d, len_d, _ = carry
     done_h = np.asarray(done_d)
     live = np.flatnonzero(~done_h)
@@ -422,6 +424,6 @@ def generate(model: CausalLM, prompt_tokens: Sequence[Sequence[int]], *, max_new
     size = min(s for s in sizes if s >= live.size)
     spare = np.flatnonzero(done_h)[:size - live.size]  # keep shape with already-finished rows (done stays true)
     keep = np.concatenate([live, spare])
-    cache, carry = _take_rows(cache, carry, jnp.asarray(keep))
+    cache, carry = take_rows(cache, carry, jnp.asarray(keep))
     where = np.where(np.arange(len(keep)) < live.size, where[keep], -1)
   return GenerateOutput(tokens=jnp.asarray(out_tokens), lengths=jnp.asarray(out_lengths))

@@ -119,7 +119,8 @@ def _batch(tok, prompts: list[list[dict]], responses: list[str]):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _token_logps(graphdef, state, tokens, labels, segments):
+def token_logps_compiled(graphdef, state, tokens, labels, segments):
+  """`token_logps` compiled once per (graphdef, shapes): the weights are an argument (tests count its compiles)."""
   return losses.model_token_logps(nnx.merge(graphdef, state), tokens, labels, chunk_size=32, segment_ids=segments)
 
 
@@ -127,7 +128,8 @@ def token_logps(model, tokens, labels, segments) -> np.ndarray:
   """The model's weights are an argument, not constants of a fresh closure: one compile per model shape and batch
   shape, whichever of the (reference, policy) models of that shape is evaluated."""
   graphdef, state = nnx.split(model)
-  return np.asarray(_token_logps(graphdef, state, jnp.asarray(tokens), jnp.asarray(labels), jnp.asarray(segments)))
+  return np.asarray(token_logps_compiled(graphdef, state, jnp.asarray(tokens), jnp.asarray(labels),
+                                         jnp.asarray(segments)))
 
 
 def generated_error_rate(model, tok, world, prompts: list[list[int]], tasks: list[tuple[str, int]],
