@@ -4,9 +4,11 @@ A training checkpoint (latest, or --step) → a Hugging Face directory (config.j
 the base model's generation_config.json) that `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads
 (AutoModelForSequenceClassification for reward models).
 
-At scale: only the parameters are restored (Orbax partial restore; never the two Adam moments), into host memory,
-cast to the export dtype while tensorstore reads them, and written tensor by tensor; so a full 8B run needs about
-its bf16 parameter bytes of host memory and no accelerator memory. `--dtype` defaults to the run's compute dtype
+At scale: only the parameters are restored (Orbax partial restore; never the two Adam moments), streamed on the host:
+each parameter is read (cast to the export dtype while tensorstore reads it) when the safetensors writer reaches it
+and dropped before the next, so the export holds one parameter leaf at a time and no accelerator memory
+(bench/export_memory.py: peak RSS above the interpreter's 0.92x the bytes written, 2.50x when all were restored at
+once). `--dtype` defaults to the run's compute dtype
 (config.model.dtype). `--workdir` and `--out` may be storage URIs (gs://...); an --out URI is written through a local
 staging directory, each file then moved into place atomically.
 """

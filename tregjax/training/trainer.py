@@ -419,7 +419,9 @@ def load_model(workdir: str, step: int | None = None, *, config: ml_collections.
   """The trained model of a run (latest or given checkpoint step), on the default device; for export and eval.
 
   `params_only` (export): only the parameters are read, into host memory, cast to `dtype` while read (Orbax partial
-  restore); the optimizer moments, 2/3 of a float32 checkpoint, are never read. `workdir` may be a storage URI."""
+  restore); the optimizer moments, 2/3 of a float32 checkpoint, are never read. Without LoRA each parameter is a
+  `checkpoint.StreamedLeaf`, read when the exporter takes it (one leaf in memory at a time); a LoRA model's merge
+  needs its adapters as arrays. `workdir` may be a storage URI."""
   if config is None:
     config = ml_collections.ConfigDict(storage.read_json(storage.join(workdir, "config.json")))
   ckpt = ckpt_lib.Checkpointer(storage.join(workdir, "checkpoints"), every=1, keep=config.checkpoint.keep,
@@ -434,7 +436,7 @@ def load_model(workdir: str, step: int | None = None, *, config: ml_collections.
   program = build(config, parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
   target = partition.saved(program.target)
   if params_only:
-    params, extra = ckpt.restore_params(step, target, dtype)
+    params, extra = ckpt.restore_params(step, target, dtype, streamed=not partition.lora_enabled(config))
     ckpt.close()
     state = program.with_frozen(target.replace(params=params, extra=extra))
     return nnx.merge(program.graphdef, state.params, state.extra), step
