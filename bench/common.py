@@ -363,6 +363,24 @@ def device() -> str:
   return jax.devices()[0].device_kind if jax.default_backend() != "cpu" else machine()
 
 
+def legacy_nucleus(probs, top_p: float):
+  """bool[B, V]: the top-p set as main computed it before #30 (31 fixed bisection passes over the probabilities'
+  bits), the baseline bench/decode.py and bench/sample_step.py compare `decoding.nucleus_mask` against."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
+
+  def body(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    ok = jnp.sum(jnp.where(bits >= mid[:, None], probs, 0.0), axis=-1) >= top_p
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+  lo = jnp.zeros(probs.shape[:1], jnp.int32)
+  lo, _ = jax.lax.fori_loop(0, 31, body, (lo, jnp.max(bits, axis=-1) + 1))
+  return (bits >= lo[:, None]) & (probs > 0)
+
+
 def write_json(name: str, payload: dict) -> Path:
   """bench/out/<name>.json (numpy scalars as numbers, anything else JSON cannot hold as its str)."""
   OUT_DIR.mkdir(parents=True, exist_ok=True)

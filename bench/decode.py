@@ -339,22 +339,6 @@ def legacy_generate(model, rows, new: int, key, eos_ids, multiple: int = 8, temp
                       tuple(int(e) for e in eos_ids), layer_weights)
 
 
-def _legacy_nucleus(probs, top_p):
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
-
-  def body(_, bounds):
-    lo, hi = bounds
-    mid = lo + (hi - lo) // 2
-    ok = jnp.sum(jnp.where(bits >= mid[:, None], probs, 0.0), axis=-1) >= top_p
-    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-  lo = jnp.zeros(probs.shape[:1], jnp.int32)
-  lo, _ = jax.lax.fori_loop(0, 31, body, (lo, jnp.max(bits, axis=-1) + 1))
-  return (bits >= lo[:, None]) & (probs > 0)
-
-
 def _legacy_loop_impl(graphdef, state, cache, first_logits, key, new, temperature, top_p, eos_ids, layer_weights):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -369,7 +353,7 @@ def _legacy_loop_impl(graphdef, state, cache, first_logits, key, new, temperatur
       return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     x = logits / temperature
     if top_p < 1.0:
-      x = jnp.where(_legacy_nucleus(jax.nn.softmax(x, axis=-1), top_p), x, jnp.finfo(jnp.float32).min)
+      x = jnp.where(common.legacy_nucleus(jax.nn.softmax(x, axis=-1), top_p), x, jnp.finfo(jnp.float32).min)
     return jax.random.categorical(k, x, axis=-1).astype(jnp.int32)
 
   def cond(c):

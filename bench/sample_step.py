@@ -61,22 +61,9 @@ def main() -> None:
     cut = jnp.take_along_axis(srt, jnp.argmax(cum >= top_p, axis=-1)[:, None], axis=-1)
     return jax.random.categorical(key, jnp.where(x >= cut, x, -jnp.inf), axis=-1)
 
-  def nucleus_31(probs):  # main before #30: 31 fixed bisection passes
-    bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
-
-    def body(_, bounds):
-      lo, hi = bounds
-      mid = lo + (hi - lo) // 2
-      ok = jnp.sum(jnp.where(bits >= mid[:, None], probs, 0.0), axis=-1) >= top_p
-      return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-    lo = jnp.zeros(probs.shape[:1], jnp.int32)
-    lo, _ = jax.lax.fori_loop(0, 31, body, (lo, jnp.max(bits, axis=-1) + 1))
-    return (bits >= lo[:, None]) & (probs > 0)
-
   def bisect_top_p(lg, key):
     x = lg / temp
-    x = jnp.where(nucleus_31(jax.nn.softmax(x, axis=-1)), x, -jnp.inf)
+    x = jnp.where(common.legacy_nucleus(jax.nn.softmax(x, axis=-1), top_p), x, -jnp.inf)
     return jax.random.categorical(key, x, axis=-1)
 
   variants = {

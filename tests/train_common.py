@@ -211,6 +211,29 @@ def shared_cache_dir() -> str:
   return _SHARED_CACHE[0]
 
 
+def synthetic_run(workdir: str, layers: int, width: int, vocab: int = 32000) -> int:
+  """A run directory as `tregjax.train` leaves it (config.json + an Orbax checkpoint of step 1: float32 params and
+  both Adam moments) for a random-init Llama of `layers` x `width` x `vocab`, compute dtype bfloat16, without
+  training; returns its parameter count. For export benches and tests of a few hundred MB."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from tregjax import parallel  # pylint: disable=g-import-not-at-top
+  from tregjax.training import checkpoint as ckpt_lib, trainer  # pylint: disable=g-import-not-at-top
+  c = tiny_config(**{"model.overrides.vocab_size": vocab, "model.overrides.hidden_size": width,
+                     "model.overrides.intermediate_size": 4 * width, "model.overrides.num_layers": layers,
+                     "model.overrides.num_heads": width // 64, "model.overrides.num_kv_heads": 4,
+                     "model.overrides.head_dim": 64, "model.overrides.max_position_embeddings": 64,
+                     "model.dtype": "bfloat16"})
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(c.to_json_best_effort(indent=2))
+  program = trainer.build(c, parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  state = program.init()
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=1, async_save=False)
+  ckpt.save(1, state, {}, {"step": 1}, force=True)
+  ckpt.close()
+  return sum(int(x.size) for x in jax.tree.leaves(state.params))
+
+
 def worker_env(cache_dir: str | None = "", num_devices: int = 1) -> dict[str, str]:
   """Environment of a worker subprocess: CPU, N fake devices, a persistent compilation cache (default: the
   session's shared one; None: no cache)."""

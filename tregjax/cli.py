@@ -176,7 +176,7 @@ def report_errors(prog: str, body: Callable[[], T], *, verbose: bool | None = No
   try:
     return body()
   except Exception as e:  # pylint: disable=broad-except
-    from tregjax import peers  # pylint: disable=g-import-not-at-top
+    from tregjax import peers  # pylint: disable=g-import-not-at-top  (only with several processes)
     cause = peers.loss_cause(e)
     if cause is not None:  # another process is gone: one line and leave now, past the barriers that wait for it
       peers.exit_lost(prog, cause, verbose=_verbose() if verbose is None else verbose)
@@ -222,7 +222,7 @@ def init_distributed(env: Mapping[str, str] | None = None, config: ml_collection
   import jax  # pylint: disable=g-import-not-at-top
   if jax.distributed.is_initialized():
     return
-  from tregjax import config_schema, peers  # pylint: disable=g-import-not-at-top
+  from tregjax import config_schema, peers  # pylint: disable=g-import-not-at-top  (ml_collections: not at cli import)
   d = config_schema.section(config if config is not None else {}, "distributed")
   kwargs.update(initialization_timeout=int(d.initialization_timeout_s),
                 heartbeat_timeout_seconds=int(d.heartbeat_timeout_s),

@@ -188,7 +188,7 @@ def _oom_bytes(message: str) -> tuple[int, float]:
 
 def _analyse(program: str, topology: str, devices: Sequence[Any], mesh, batch: str, compiled, model_flops: float,
              compile_s: float, hbm_bytes: float | None, oom: str = "") -> Report:
-  from tregjax.training import metrics  # pylint: disable=g-import-not-at-top
+  from tregjax.training import metrics  # pylint: disable=g-import-not-at-top  (train's start: stdlib + cli only)
   kind = devices[0].device_kind
   peak = float(metrics.peak_flops_per_device(kind) or math.nan)
   if compiled is None:
@@ -230,7 +230,7 @@ def host_devices(topology: str, devices: Sequence[Any]) -> list[Any]:
 
 def longest_bucket(config) -> int:
   """The longest batch the trainer's pipeline makes: the bucket holding data.max_length."""
-  from tregjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from tregjax.data import pipeline  # pylint: disable=g-import-not-at-top  (train's start: stdlib + cli only)
   return pipeline.bucket_of(config.data.max_length, config.data.buckets)
 
 
@@ -239,8 +239,10 @@ def compile_train(config, topology: str, devices: Sequence[Any], hbm_bytes: floa
   bucket, on the mesh `config.mesh` makes of `devices`."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from tregjax import parallel  # pylint: disable=g-import-not-at-top
+  from tregjax import parallel  # pylint: disable=g-import-not-at-top  (train's start: stdlib + cli only)
+  # train's start: stdlib + cli only:
   from tregjax.data.batch import PreferenceBatch, SequenceBatch  # pylint: disable=g-import-not-at-top
+  # train's start: stdlib + cli only:
   from tregjax.training import metrics, trainer  # pylint: disable=g-import-not-at-top
   mesh = parallel.mesh_from_config(config, devices=devices)
   steps = config.train.steps if config.train.steps > 0 else 1000  # the schedule's length changes no shape
@@ -276,9 +278,10 @@ def compile_score(config, topology: str, devices: Sequence[Any], hbm_bytes: floa
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
+  # train's start: stdlib + cli only:
   from tregjax import config_schema, models, parallel, score  # pylint: disable=g-import-not-at-top
-  from tregjax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from tregjax.training import metrics  # pylint: disable=g-import-not-at-top
+  from tregjax.data import pipeline  # pylint: disable=g-import-not-at-top  (train's start: stdlib + cli only)
+  from tregjax.training import metrics  # pylint: disable=g-import-not-at-top  (train's start: stdlib + cli only)
   s = score.score_section(config)
   host = host_devices(topology, devices)
   mesh = parallel.mesh_from_config(config, per_process=True, devices=host)
@@ -307,6 +310,7 @@ def run(config, topology: str, what: Sequence[str] = ("train", "score"), hbm_gib
         out=print, json_out: str = "") -> list[Report]:
   """Compile `what` for `topology`, print each report (and write them to `json_out`); DoesNotFitError (after
   printing) when any does not fit."""
+  # train's start: stdlib + cli only:
   from tregjax.training import config as config_lib  # pylint: disable=g-import-not-at-top
   devices = topology_devices(topology)
   config_lib.validate(config, check_data=False, num_devices=len(devices))

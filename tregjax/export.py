@@ -4,9 +4,11 @@ A training checkpoint (latest, or --step) → a Hugging Face directory (config.j
 the base model's generation_config.json) that `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads
 (AutoModelForSequenceClassification for reward models).
 
-At scale: only the parameters are restored (Orbax partial restore; never the two Adam moments), into host memory,
-cast to the export dtype while tensorstore reads them, and written tensor by tensor; so a full 8B run needs about
-its bf16 parameter bytes of host memory and no accelerator memory. `--dtype` defaults to the run's compute dtype
+At scale: only the parameters are restored (Orbax partial restore; never the two Adam moments), streamed on the host:
+each parameter is read (cast to the export dtype while tensorstore reads it) when the safetensors writer reaches it
+and dropped before the next, so the export holds one parameter leaf at a time and no accelerator memory
+(bench/export_memory.py: peak RSS above the interpreter's 0.92x the bytes written, 2.50x when all were restored at
+once). `--dtype` defaults to the run's compute dtype
 (config.model.dtype). `--workdir` and `--out` may be storage URIs (gs://...); an --out URI is written through a local
 staging directory, each file then moved into place atomically.
 """
@@ -21,6 +23,9 @@ import os
 from absl import app
 from absl import flags
 
+from tregjax import cli, config_schema, models, storage, training
+from tregjax.models import adapters
+
 
 def _define_flags() -> None:
   """CLI flags, defined only when run as a program: importing `export` next to `tregjax.train` (which owns
@@ -33,7 +38,6 @@ def _define_flags() -> None:
   flags.DEFINE_string("adapter_out", None, "LoRA runs: also write the adapters as a PEFT directory "
                       "(adapter_config.json + adapter_model.safetensors) for the base model.hf_path.")
   flags.mark_flags_as_required(["workdir", "out"])
-  from tregjax import cli  # pylint: disable=g-import-not-at-top
   cli.define_verbose_flag()
 
 
@@ -41,7 +45,6 @@ def tokenizer_dir(config) -> str | None:
   """The run's tokenizer directory by the lookup every command uses (`config_schema.tokenizer_dir`: data.tokenizer,
   model.tokenizer_path, model.hf_path when a directory); None when the config names none, or names one that is gone
   (then the model is exported without it, with a warning naming it)."""
-  from tregjax import config_schema  # pylint: disable=g-import-not-at-top
   path = config_schema.tokenizer_dir(config)
   if path and not os.path.isdir(path):
     logging.getLogger("tregjax.export").warning("the run's tokenizer %s is not a directory (any more); exporting the "
@@ -60,7 +63,6 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str | None
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
 
-  from tregjax import models, storage, training  # pylint: disable=g-import-not-at-top
   storage.check_scheme(workdir, "--workdir")
   storage.check_scheme(out, "--out")
   config_path = storage.join(workdir, "config.json")
@@ -86,7 +88,6 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str | None
     if base and os.path.isfile(os.path.join(base, GENERATION_CONFIG)):  # sampling defaults and eos ids (vLLM reads)
       storage.copy_file(os.path.join(base, GENERATION_CONFIG), os.path.join(local_out, GENERATION_CONFIG))
   if adapter_out:
-    from tregjax.models import adapters  # pylint: disable=g-import-not-at-top
     with _local_dir(adapter_out) as local_adapter:
       adapters.save_adapter(model, local_adapter, base_model_name_or_path=config.model.hf_path)
   logging.getLogger("tregjax.export").info("exported step %d of %s to %s as %s%s", step, workdir, out, dtype,
@@ -101,7 +102,6 @@ GENERATION_CONFIG = "generation_config.json"
 def _local_dir(out: str):
   """`out` itself when local; for a URI a local staging directory whose files are moved to `out` (each atomically,
   config.json last: a reader that finds it finds the weights) when the block ends without error."""
-  from tregjax import storage  # pylint: disable=g-import-not-at-top
   if not storage.is_uri(out):
     yield out
     return
@@ -120,7 +120,6 @@ def _local_dir(out: str):
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from tregjax import cli  # pylint: disable=g-import-not-at-top
   cli.setup_logging()
   f = flags.FLAGS
   cli.report_errors("tregjax.export", lambda: export(f.workdir, f.out, step=f.step, dtype=f.dtype,

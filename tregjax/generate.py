@@ -32,7 +32,6 @@ run writes byte-identical output.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 import math
 import os
@@ -46,11 +45,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from tregjax import cli, config_schema, errors, jobs, parallel, storage
-from tregjax.data import build as data_build
+from tregjax import cli, config_schema, errors, jobs, models, parallel, programs, storage
 from tregjax.data import hashing, schema, sources
+from tregjax.data import build as data_build
 from tregjax.data.pipeline import bucket_of
 from tregjax.data.tokenize import ChatTokenizer
+from tregjax.models import decoding
 
 log = logging.getLogger("tregjax.generate")
 
@@ -152,10 +152,7 @@ def resolve_scorer(g: ml_collections.ConfigDict, scorer: Scorer | None) -> tuple
       raise ValueError("pass either a scorer or generate.reward_model, not both")
     return None, "reward_model:" + hashing.model_hash(g.reward_model)
   if scorer is None and g.scorer:
-    module, _, name = g.scorer.partition(":")
-    if not name:
-      raise ValueError(f"generate.scorer={g.scorer!r}: expected 'pkg.module:function'")
-    scorer = getattr(importlib.import_module(module), name)
+    scorer = programs.load(g.scorer, "generate.scorer")
   if scorer is None:
     raise ValueError("no scorer: set generate.reward_model (a local reward-model directory), generate.scorer "
                      "('pkg.module:function'), or pass scorer= to tregjax.generate.run")
@@ -168,7 +165,6 @@ class Sampler:
   """The policy on the mesh and a fixed batch shape; `sample` turns prompt rows into responses."""
 
   def __init__(self, config: ml_collections.ConfigDict, g: ml_collections.ConfigDict, mesh, tok: ChatTokenizer):
-    from tregjax import models  # pylint: disable=g-import-not-at-top
     self.g, self.mesh, self.pad_id = g, mesh, tok.pad_id
     dtype = jnp.dtype(cli.compute_dtype(config, g))
     path = config_schema.model_path(config, "policy")
@@ -187,7 +183,6 @@ class Sampler:
     bucket + max_new_tokens, at most one shard's rows), logged."""
     if self.g.batch_size:
       return
-    from tregjax.models import decoding  # pylint: disable=g-import-not-at-top
     width = bucket_of(max(len(p.ids) for p in prompts), self.g.buckets, extend=True)
     with parallel.use_mesh(self.mesh):
       self.batch_size, rates = decoding.choose_batch_size(
@@ -202,7 +197,6 @@ class Sampler:
 
     Row i samples with fold_in(key, row_ids[i]) (its samples do not depend on its batch); equal prompts are
     prefilled once, and finished rows leave the batch (`decoding.generate`)."""
-    from tregjax.models import decoding  # pylint: disable=g-import-not-at-top
     width = bucket_of(max(len(r) for r in rows), self.g.buckets, extend=True)
     with parallel.use_mesh(self.mesh):
       out = decoding.generate(self.model, rows, max_new_tokens=int(self.g.max_new_tokens), key=key,
@@ -218,7 +212,6 @@ class RewardScorer:
   """A sequence reward model read at the last token of prompt ids + response ids, in bucketed fixed-size batches."""
 
   def __init__(self, config: ml_collections.ConfigDict, g: ml_collections.ConfigDict, mesh, tok: ChatTokenizer):
-    from tregjax import models  # pylint: disable=g-import-not-at-top
     self.g, self.mesh, self.pad_id = g, mesh, tok.pad_id
     dtype = jnp.dtype(cli.compute_dtype(config, g))
     model = models.from_pretrained(g.reward_model, dtype=dtype, param_dtype=dtype, mesh=mesh)

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from tregjax import cli, errors, storage
+from tregjax import cli, errors, peers, storage
 from tregjax.data import hashing
 
 log = logging.getLogger("tregjax.jobs")
@@ -135,7 +135,6 @@ class Job:
   def mine(self, keys: Sequence[Key]) -> list[Key]:
     """This process's unfinished shards: key n is process n % N's, whether or not another has finished it."""
     import jax  # pylint: disable=g-import-not-at-top
-    from tregjax import peers  # pylint: disable=g-import-not-at-top
     pid, count = jax.process_index(), jax.process_count()
     for prefix in dict.fromkeys(k[0] for k in keys):  # a lost peer's one line counts the complete ones
       peers.keep_shards(self.out_dir, self.digest, self.fmt.ext, prefix, sum(k[0] == prefix for k in keys))

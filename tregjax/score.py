@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import json
 import logging
 import os
@@ -57,9 +56,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from tregjax import cli, config_schema, jobs, losses, parallel, storage
-from tregjax.data import build as data_build
+from tregjax import cli, config_schema, jobs, losses, models, parallel, programs, storage
 from tregjax.data import pipeline, scored_cache, tfds_builder
+from tregjax.data import build as data_build
 from tregjax.data.scored_cache import CACHE_FORMAT_VERSION, CACHE_META, REWARD_SOURCES, RowValues, cache_components
 from tregjax.data.tokenize import ChatTokenizer, with_instruction
 
@@ -213,7 +212,6 @@ class Scorer:
 
   def __init__(self, config: ml_collections.ConfigDict, s: ml_collections.ConfigDict, pad_id: int,
                tokenizer: ChatTokenizer | None = None, *, mesh: Mesh):
-    from tregjax import models  # pylint: disable=g-import-not-at-top
     self.s, self.source, self.pad_id = s, s.token_reward.source, pad_id
     self.spec = spec = REWARD_SOURCES[self.source]
     self.mesh = mesh  # parallel.mesh_from_config(config, per_process=True) in `run`
@@ -483,11 +481,10 @@ def resolve_oracle(s: ml_collections.ConfigDict, oracle: Oracle | None) -> Oracl
                        f"rewards (oracle does)")
     return None
   if oracle is None:
-    module, _, name = s.token_reward.oracle.partition(":")
-    if not name:
+    if ":" not in (s.token_reward.oracle or ""):
       raise ValueError(f"score.token_reward.source={source!r} needs score.token_reward.oracle='pkg.module:function' "
                        "(or run(config, oracle=...))")
-    oracle = getattr(importlib.import_module(module), name)
+    oracle = programs.load(s.token_reward.oracle, "score.token_reward.oracle")
   return oracle
 
 

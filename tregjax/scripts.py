@@ -11,7 +11,7 @@ import sys
 
 
 def _run(command: str) -> None:
-  from tregjax import cli  # pylint: disable=g-import-not-at-top
+  from tregjax import cli  # pylint: disable=g-import-not-at-top  (console-script entry point)
   cli.install_command_hooks(f"tregjax-{command}")
   sys.argv[0] = f"tregjax-{command}"
   runpy.run_module(f"tregjax.{command}", run_name="__main__", alter_sys=True)

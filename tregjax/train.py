@@ -51,6 +51,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.setup_logging()
   if _COMPILE_ONLY.value:
+    # command entry: --help without jax:
     from tregjax import compile as compile_lib  # pylint: disable=g-import-not-at-top
     if not flags.FLAGS.topology:
       raise app.UsageError("--compile_only needs --topology (e.g. v5e:16x16)")
@@ -61,14 +62,15 @@ def main(argv: list[str]) -> None:
 
 def _train() -> None:
   cli.init_distributed(config=_CONFIG.value)
-  from tregjax import programs  # pylint: disable=g-import-not-at-top
+  from tregjax import programs  # pylint: disable=g-import-not-at-top  (command entry: --help without jax)
+  # command entry: --help without jax:
   from tregjax.training import config as config_lib  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   # The whole config (sections, keys, mesh vs devices; for the trainer also input paths and splits) before anything
   # is built: each problem is one line now, not a crash at the first evaluation.
   config_lib.validate(config, check_data=config.program == "train")
   workdir = _WORKDIR.value or default_workdir()
-  from tregjax import storage  # pylint: disable=g-import-not-at-top
+  from tregjax import storage  # pylint: disable=g-import-not-at-top  (command entry: --help without jax)
   storage.check_writable(workdir, "--workdir")  # a gs:// bucket that is missing or read-only: one line, before work
   if config.program == "train":
     prepare_data(config)
@@ -83,13 +85,14 @@ def prepare_data(config) -> None:
   data.train_files trains on what data.cache_dir / data.dataset_dir already hold."""
   if not config.data.train_files:
     return
+  # command entry: --help without jax:
   from tregjax.data import build as data_build  # pylint: disable=g-import-not-at-top
-  from tregjax.training import model_init  # pylint: disable=g-import-not-at-top
+  from tregjax.training import model_init  # pylint: disable=g-import-not-at-top  (command entry: --help without jax)
   data_build.check_vocab(config, model_init.model_config(config), "tregjax.train")
   log = logging.getLogger("tregjax.train")
   if config.objective == "preference":
-    from tregjax import score  # pylint: disable=g-import-not-at-top
-    from tregjax.data import scored_cache  # pylint: disable=g-import-not-at-top
+    from tregjax import score  # pylint: disable=g-import-not-at-top  (command entry: --help without jax)
+    from tregjax.data import scored_cache  # pylint: disable=g-import-not-at-top  (command entry: --help without jax)
     # A cache of other inputs (edited data, prompts, model) is moved aside, not refused nor overwritten; one of
     # these inputs set aside earlier comes back. Then the pass scores what is missing (nothing when current).
     cli.process_zero_first("tregjax.train scored cache", lambda: scored_cache.set_aside(config, log))

@@ -74,7 +74,7 @@ def check_vocab(config: ml_collections.ConfigDict, model_or_config: Any, command
   if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "tokenizer_config.json")):
     return
   import transformers  # pylint: disable=g-import-not-at-top
-  from tregjax import models  # pylint: disable=g-import-not-at-top
+  from tregjax import models  # pylint: disable=g-import-not-at-top  (flax: only for a model)
   tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
   model_path = (config.get("model", None) or {}).get("hf_path", "") or "the config's model preset"
   models.check_tokenizer_vocab(tokenizer, model_or_config, where=f"{command}: tokenizer {path} with {model_path}")

@@ -15,8 +15,9 @@ import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from tregjax import errors
-from tregjax.data import hashing
+from tregjax import config_schema, errors, losses, storage
+from tregjax.data import hashing, tfds_builder
+from tregjax.data import build as data_build
 
 CACHE_FORMAT_VERSION = 1
 CACHE_META = "cache_meta.json"
@@ -55,7 +56,6 @@ class RewardSource:
 
 
 def _losses():
-  from tregjax import losses  # pylint: disable=g-import-not-at-top  (jax only where rewards are computed)
   return losses
 
 
@@ -77,7 +77,6 @@ SOURCES = tuple(REWARD_SOURCES)
 def source_spec(name: str) -> RewardSource:
   """The registry entry of `score.token_reward.source`; an unknown name is a ConfigError naming the closest one."""
   if name not in REWARD_SOURCES:
-    from tregjax import config_schema  # pylint: disable=g-import-not-at-top
     raise errors.ConfigError(f"config.score.token_reward.source={name!r}: must be one of {SOURCES}"
                                     f"{config_schema.suggestion(name, SOURCES)}")
   return REWARD_SOURCES[name]
@@ -85,8 +84,6 @@ def source_spec(name: str) -> RewardSource:
 
 def _data_hash(config, dataset_dir: str | None) -> str:
   """The tokenized dataset's hash, without building anything (a check must not have side effects)."""
-  from tregjax.data import build as data_build  # pylint: disable=g-import-not-at-top
-  from tregjax.data import tfds_builder  # pylint: disable=g-import-not-at-top
   if dataset_dir:
     return tfds_builder.read_metadata(dataset_dir)["hash"]
   d = data_build.data_section(config)
@@ -101,8 +98,6 @@ def cache_components(config, dataset_dir: str | None = None) -> dict[str, str]:
   The compute dtype is recorded in the cache metadata but not hashed: a cache scored in float32 serves a bfloat16
   training run of the same reference.
   """
-  from tregjax import config_schema  # pylint: disable=g-import-not-at-top
-  from tregjax.data import build as data_build  # pylint: disable=g-import-not-at-top
   s = config_schema.section(config, "score")
   tr = s.token_reward
   spec = source_spec(tr.source)
@@ -164,7 +159,6 @@ COMPONENT_KEYS = {
 def _found_digest(cache_dir: str) -> tuple[str | None, dict[str, str] | None]:
   """(digest, components) of what `cache_dir` holds: a finished cache's marker, else the digest stamped in the
   header of its first work shard (an unfinished cache: components unknown), else (None, None)."""
-  from tregjax import storage  # pylint: disable=g-import-not-at-top
   marker = storage.join(cache_dir, CACHE_META)
   if storage.exists(marker):
     meta = storage.read_json(marker)
@@ -190,7 +184,6 @@ def set_aside(config, log) -> None:
   prompts rescores nothing. A cache of other inputs on object storage (gs://...) cannot be moved in one step: it is
   refused in one line (StaleCacheError), as the trainer refuses a cache it is pointed at without data.train_files.
   """
-  from tregjax import storage  # pylint: disable=g-import-not-at-top
   cache_dir = str(config.data.cache_dir).rstrip("/")
   if not cache_dir:
     return

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from tregjax import errors, storage
+from tregjax.data import hashing
 from tregjax.training import config as config_lib
 
 
@@ -87,7 +88,6 @@ class Stages:
   def key_hash(self, key: Any) -> str:
     # Here, not at the top: the tregjax.data package imports its builder (TFDS, transformers), and config files
     # import this module (through the runner's defaults).
-    from tregjax.data import hashing  # pylint: disable=g-import-not-at-top
     return hashing.hash_json(self.key_json(key))
 
   def say(self, message: str) -> None:

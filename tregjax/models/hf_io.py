@@ -109,7 +109,7 @@ class SafetensorsSource:
 def open_source(path: str) -> TensorSource:
   """SafetensorsSource for a directory, GGUFSource for a `.gguf` file."""
   if str(path).endswith(".gguf"):
-    from tregjax.models import gguf  # pylint: disable=import-outside-toplevel
+    from tregjax.models import gguf  # pylint: disable=import-outside-toplevel  (gguf package: .gguf only)
     return gguf.GGUFSource(path)
   return SafetensorsSource(path)
 

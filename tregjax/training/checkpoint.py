@@ -129,26 +129,40 @@ class Checkpointer:
             f"checkpoint {where}: {name} has shape {list(have[name])} but this run's model needs {list(shape)} "
             "(a checkpoint from another model shape; use a fresh --workdir or the matching config)")
 
-  def restore_params(self, step: int, target_state: Any, dtype: Any = None) -> tuple[Any, Any]:
+  def restore_params(self, step: int, target_state: Any, dtype: Any = None, *,
+                     streamed: bool = False) -> tuple[Any, Any]:
     """(params, extra) of step `step` as host numpy arrays, nothing else: the optimizer moments are never read.
 
     Orbax's partial restore of the `state` item's `params` and `extra` subtrees; floating arrays are cast to `dtype`
-    as tensorstore reads them (None: as saved), so a bf16 export of a float32 checkpoint holds its bf16 bytes in
-    host memory, not 6x that (params + two Adam moments in float32), and no device memory at all.
+    as tensorstore reads them (None: as saved), so a bf16 export of a float32 checkpoint never holds the moments
+    (6x its bf16 bytes) and no device memory at all. `streamed` (export): each leaf of `params` is a `StreamedLeaf`
+    that reads its array only when indexed, and at most one of them holds its array at a time: a writer that takes
+    the tensors leaf by leaf needs one leaf's bytes (as read, plus its cast), not the whole model's. Restoring every
+    leaf at once instead decodes all of them in float32 together (2.2x the bf16 bytes written, measured:
+    bench/export_memory.py).
     """
     self.check_compatible(step, target_state)
     item = {"params": target_state.params, "extra": target_state.extra}
-
-    def restore_arg(leaf):
-      cast = dtype is not None and jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)
-      return ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.dtype(dtype) if cast else None)
-
+    directory = storage.join(self.directory, str(step), "state")
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), item)
-    out = ocp.PyTreeCheckpointer().restore(
-        storage.epath(storage.join(self.directory, str(step), "state")),
-        args=ocp.args.PyTreeRestore(item=abstract, restore_args=jax.tree.map(restore_arg, abstract),
-                                    partial_restore=True))
-    return out["params"], out["extra"]
+    if not streamed:
+      out = _restore_host(directory, abstract, dtype)
+      return out["params"], out["extra"]
+    extra = abstract["extra"]
+    if jax.tree.leaves(extra):
+      extra = _restore_host(directory, {"extra": extra}, dtype)["extra"]
+    slot = _OneLeaf()
+    flat, treedef = jax.tree_util.tree_flatten_with_path(abstract["params"])
+    streamed_leaves = []
+    for path, leaf in flat:
+      keys = ("params",) + tuple(_key(k) for k in path)
+      only = leaf
+      for k in reversed(keys):  # the one leaf as a nested dict: Orbax's partial restore reads nothing else
+        only = {k: only}
+      streamed_leaves.append(StreamedLeaf(leaf.shape, _cast_dtype(leaf.dtype, dtype), slot,
+                                          lambda only=only, keys=keys: _dig(_restore_host(directory, only, dtype),
+                                                                            keys)))
+    return treedef.unflatten(streamed_leaves), extra
 
   def restore(self, step: int, target_state: Any) -> tuple[Any, Any, dict]:
     """(state placed like `target_state`, this process's data-iterator state, meta)."""
@@ -174,3 +188,66 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _cast_dtype(saved: Any, dtype: Any) -> np.dtype:
+  """The dtype a leaf is restored as: `dtype` for floating leaves (None: as saved), integers as saved."""
+  cast = dtype is not None and jax.numpy.issubdtype(saved, jax.numpy.floating)
+  return np.dtype(dtype) if cast else np.dtype(saved)
+
+
+def _restore_host(directory: str, abstract: Any, dtype: Any) -> Any:
+  """Orbax partial restore of the `abstract` subtree (ocp.PLACEHOLDER leaves are skipped) into host numpy arrays,
+  floating leaves cast to `dtype` as tensorstore reads them."""
+  def restore_arg(leaf):
+    return ocp.RestoreArgs(restore_type=np.ndarray, dtype=_cast_dtype(leaf.dtype, dtype))
+  return ocp.PyTreeCheckpointer().restore(
+      storage.epath(directory), args=ocp.args.PyTreeRestore(item=abstract, restore_args=jax.tree.map(
+          restore_arg, abstract), partial_restore=True))
+
+
+def _key(k: Any) -> Any:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return getattr(k, attr)
+  raise TypeError(f"unexpected pytree key {k!r}")
+
+
+def _dig(tree: Any, keys: tuple) -> Any:
+  for k in keys:
+    tree = tree[k]
+  return tree
+
+
+class _OneLeaf:
+  """The one StreamedLeaf array held in memory (shared by a checkpoint's leaves): loading another drops it first."""
+
+  def __init__(self):
+    self.owner: Any = None
+    self.array: np.ndarray | None = None
+
+  def get(self, owner: "StreamedLeaf") -> np.ndarray:
+    if self.owner is not owner:
+      self.owner = self.array = None  # free the previous leaf before reading the next
+      self.array = owner.read()
+      self.owner = owner
+    return self.array
+
+
+class StreamedLeaf:
+  """A checkpoint array read from storage when indexed (`x[i]`, `np.asarray(x)`); `shape` and `dtype` (the dtype
+  it is read as) are known without reading it. For export: see `Checkpointer.restore_params(streamed=True)`."""
+
+  def __init__(self, shape: tuple[int, ...], dtype: np.dtype, slot: _OneLeaf, read: Any):
+    self.shape, self.dtype, self._slot, self.read = tuple(shape), dtype, slot, read
+    self.ndim, self.size = len(self.shape), int(np.prod(self.shape, dtype=np.int64))
+
+  def __getitem__(self, index: Any) -> np.ndarray:
+    return self._slot.get(self)[index]
+
+  def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+    x = self._slot.get(self)
+    return x if dtype is None else x.astype(dtype)
+
+  def __repr__(self) -> str:
+    return f"StreamedLeaf(shape={self.shape}, dtype={self.dtype})"

@@ -120,11 +120,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
     raise errors.ConfigError("config.model.overrides applies to a preset only; it cannot change a pretrained "
                              "checkpoint")
   model_overrides(config)  # refuses overrides of fields the trainer's own keys set
-  from tregjax.training import partition  # pylint: disable=g-import-not-at-top
+  from tregjax.training import partition  # pylint: disable=g-import-not-at-top  (light validation: jax if needed)
   partition.validate(config)
 
   # The loss options are checked by their own dataclass (one place for their rules).
-  from tregjax import losses  # pylint: disable=g-import-not-at-top
+  from tregjax import losses  # pylint: disable=g-import-not-at-top  (light validation: jax if needed)
   try:
     losses.ObjectiveOptions(**config.loss.to_dict())
   except (TypeError, ValueError) as e:
@@ -178,7 +178,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   if num_devices is None:
     import jax  # pylint: disable=g-import-not-at-top
     num_devices = jax.device_count()
-  from tregjax import parallel  # pylint: disable=g-import-not-at-top
+  from tregjax import parallel  # pylint: disable=g-import-not-at-top  (light validation: jax if needed)
   try:
     data, fsdp, _ = parallel.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, num_devices)
   except ValueError as e:
@@ -249,7 +249,7 @@ def check_inputs(config: ml_collections.ConfigDict) -> None:
 
 def objective_options(config: ml_collections.ConfigDict):
   """losses.ObjectiveOptions from config.loss."""
-  from tregjax import losses  # pylint: disable=g-import-not-at-top
+  from tregjax import losses  # pylint: disable=g-import-not-at-top  (light validation: jax if needed)
   return losses.ObjectiveOptions(**config.loss.to_dict())
 
 
