@@ -8,22 +8,10 @@ Names and submodules are imported when first used (as the `tregjax` package's ar
 stages, a job's digest) can import them at its top.
 """
 
-import importlib
-
-# Public name -> the submodule defining it.
-_HOME = {"PreferenceBatch": "batch", "SequenceBatch": "batch", "build_dataset": "build", "dataset_hash": "build",
-         "default_data_config": "build", "iter_tokenized": "build", "DataError": "sources"}
+from tregjax import lazy
 
 __all__ = ["PreferenceBatch", "SequenceBatch", "build_dataset", "dataset_hash", "default_data_config",
            "iter_tokenized", "DataError"]
-
-
-def __getattr__(name: str):
-  if name in _HOME:
-    return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
-  try:
-    return importlib.import_module(f"{__name__}.{name}")
-  except ModuleNotFoundError as e:
-    if e.name != f"{__name__}.{name}":
-      raise
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+__getattr__ = lazy.package_getattr(__name__, {
+    "PreferenceBatch": "batch", "SequenceBatch": "batch", "build_dataset": "build", "dataset_hash": "build",
+    "default_data_config": "build", "iter_tokenized": "build", "DataError": "sources"})
