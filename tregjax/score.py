@@ -512,7 +512,7 @@ def run(config: ml_collections.ConfigDict, *, oracle: Oracle | None = None) -> s
   cache_dir = data_build.data_section(config).get("cache_dir", "")
   if not cache_dir:
     raise ValueError("set data.cache_dir (where the scored cache is written)")
-  dataset_dir = cli.process_zero_first("tregjax.score dataset", lambda: _dataset_dir(config))
+  dataset_dir = jobs.process_zero_first("tregjax.score dataset", lambda: _dataset_dir(config))
   if storage.is_uri(cache_dir):
     return _run_staged(config, str(cache_dir), dataset_dir, oracle)
   job = jobs.Job("tregjax.score", cache_dir, cache_components(config, dataset_dir), CACHE_META, jobs.ARRAYS,
@@ -595,7 +595,7 @@ def _run_staged(config: ml_collections.ConfigDict, cache_dir: str, dataset_dir: 
   if jax.process_index() == 0:
     log.info("uploading the scored cache %s to %s (cache_meta.json last)", staged, cache_dir)
     scored_cache.upload(staged, cache_dir)
-  cli.barrier("tregjax.score uploaded")
+  jobs.barrier("tregjax.score uploaded")
   return cache_dir
 
 
@@ -638,14 +638,14 @@ def _assemble(job: jobs.Job, dataset_dir: str, sources: dict[str, Any], keys: li
 def run_command(config: ml_collections.ConfigDict) -> str:
   """`python -m tregjax.score`: writes where `python -m tregjax.train` with the same config looks. As there, a cache
   of other inputs in data.cache_dir is moved aside first (`scored_cache.set_aside`), not refused nor overwritten."""
-  cli.process_zero_first("tregjax.score set aside", lambda: scored_cache.set_aside(config, log))
+  jobs.process_zero_first("tregjax.score set aside", lambda: scored_cache.set_aside(config, log))
   return run(config)
 
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  jobs.main("tregjax.score", run_command)
+  cli.job_main("tregjax.score", run_command)
 
 
 if __name__ == "__main__":
-  jobs.app_main(main)
+  cli.job_app_main(main)
