@@ -12,7 +12,7 @@ import os
 import re
 import sys
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 from tregjax.peers import EXIT_PEER_LOST  # 9: a lost or never-joined peer (standard library only)
@@ -237,26 +237,6 @@ def init_distributed(env: Mapping[str, str] | None = None, config: ml_collection
   peers.joined(state.coordinator_address, state.num_processes, state.process_id)
 
 
-def barrier(name: str) -> None:
-  """Wait until every process of the job reaches the barrier `name`; nothing for a single process."""
-  import jax  # pylint: disable=g-import-not-at-top
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
-
-
-def process_zero_first(name: str, build: Callable[[], T]) -> T:
-  """`build()` on process 0, then on the others once it is done: for a build into shared storage that is reused when
-  already there (the others reuse it rather than race to write the same directory). One process: just `build()`."""
-  import jax  # pylint: disable=g-import-not-at-top
-  if jax.process_index() == 0:
-    out = build()
-    barrier(name)
-    return out
-  barrier(name)
-  return build()
-
-
 def setup_logging(level: int = logging.INFO) -> None:
   """tregjax's own loggers at `level`; absl/orbax/TFDS chatter (per-save INFO lines, TFDS "Downloading and preparing"
   banners for local files) only at WARNING, and TFDS progress bars off (each command has its own tqdm bar)."""
@@ -275,3 +255,27 @@ def setup_logging(level: int = logging.INFO) -> None:
 def compute_dtype(config: ml_collections.ConfigDict, section: ml_collections.ConfigDict) -> str:
   """A command section's own `dtype`, else `model.dtype`, else bfloat16."""
   return section.dtype or (config.get("model", None) or {}).get("dtype", "bfloat16") or "bfloat16"
+
+
+def job_main(prog: str, run: Callable[[ml_collections.ConfigDict], str]) -> None:
+  """A job command's body (`tregjax.score`, `tregjax.generate`: `tregjax.jobs`): join the job's other processes (each
+  does its shards, process 0 assembles), run, print the output directory; bad input ends in one line and its exit
+  status."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  setup_logging()
+
+  def body() -> str:
+    init_distributed(config=flags.FLAGS.config)
+    return run(flags.FLAGS.config)
+
+  print(report_errors(prog, body))
+
+
+def job_app_main(main_fn: Callable[[Sequence[str]], None]) -> None:
+  """`python -m <job command>`: a required --config file, --verbose, then `main_fn`."""
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, "config file (configs/*.py with get_config())", lock_config=True)
+  flags.mark_flag_as_required("config")
+  define_verbose_flag()
+  app.run(main_fn)

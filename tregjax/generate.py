@@ -478,8 +478,8 @@ def _assemble(job: jobs.Job, keys: list[jobs.Key], prompt_counts: dict[str, Any]
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  jobs.main("tregjax.generate", run)
+  cli.job_main("tregjax.generate", run)
 
 
 if __name__ == "__main__":
-  jobs.app_main(main)
+  cli.job_app_main(main)

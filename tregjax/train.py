@@ -87,6 +87,7 @@ def prepare_data(config) -> None:
     return
   # command entry: --help without jax:
   from tregjax.data import build as data_build  # pylint: disable=g-import-not-at-top
+  from tregjax import jobs  # pylint: disable=g-import-not-at-top  (command entry: --help without jax)
   from tregjax.training import model_init  # pylint: disable=g-import-not-at-top  (command entry: --help without jax)
   data_build.check_vocab(config, model_init.model_config(config), "tregjax.train")
   log = logging.getLogger("tregjax.train")
@@ -95,10 +96,10 @@ def prepare_data(config) -> None:
     from tregjax.data import scored_cache  # pylint: disable=g-import-not-at-top  (command entry: --help without jax)
     # A cache of other inputs (edited data, prompts, model) is moved aside, not refused nor overwritten; one of
     # these inputs set aside earlier comes back. Then the pass scores what is missing (nothing when current).
-    cli.process_zero_first("tregjax.train scored cache", lambda: scored_cache.set_aside(config, log))
+    jobs.process_zero_first("tregjax.train scored cache", lambda: scored_cache.set_aside(config, log))
     log.info("scored cache: %s", score.run(config))
   else:
-    log.info("tokenized dataset: %s", cli.process_zero_first("tregjax.train dataset",
+    log.info("tokenized dataset: %s", jobs.process_zero_first("tregjax.train dataset",
                                                              lambda: data_build.build_dataset(config)))
 
 
