@@ -46,10 +46,15 @@ def default_data(config: ml_collections.ConfigDict, split: str, process_index: i
   """The grain pipeline over the scored cache (preference) or the tokenized dataset (sft / reward_model).
 
   An evaluation split is read once, in order, and whole: `data.drop_remainder` applies to training only (its short
-  last batch ends in all-padding rows, which the loss weighs out).
+  last batch ends in all-padding rows, which the loss weighs out). A cache on object storage is read from this host's
+  copy of it (`scored_cache.local_copy`: copied down once, keyed by its hash, refused without its marker).
   """
   train = split == config.data.train_split
-  return pipeline.make_iterator(config.data, split=split, objective=config.objective, process_index=process_index,
+  data = config.data
+  if data.get("cache_dir") and storage.is_uri(data.cache_dir):  # grain reads a POSIX path: this host's copy, checked by its marker and hash
+    data = data.copy_and_resolve_references()
+    data.cache_dir = scored_cache.local_copy(str(config.data.cache_dir))
+  return pipeline.make_iterator(data, split=split, objective=config.objective, process_index=process_index,
                                 process_count=process_count, num_epochs=None if train else 1,
                                 shuffle=None if train else False, drop_remainder=None if train else False)
 
