@@ -72,10 +72,10 @@ def test_credit_task_reads_which_samples_were_cut():
   import ml_collections  # pylint: disable=g-import-not-at-top
 
   from tregjax import assets  # pylint: disable=g-import-not-at-top
-  from tregjax.tasks import arith_experiment, credit  # pylint: disable=g-import-not-at-top
+  from tregjax.tasks import credit, sections  # pylint: disable=g-import-not-at-top
   question = "Noah has 21 minutes and gets 6 more. He splits them into 9 equal parts. How long is each part?"
   cut, done = CUT_CASES[1][0], CUT_CASES[4][0]
-  task = credit.CreditTask(ml_collections.ConfigDict(dict(arith=arith_experiment.default_arith_config())))
+  task = credit.CreditTask(ml_collections.ConfigDict(dict(arith=sections.default_arith_config())))
   task.answers[question] = 3
   task.tokenizer_dir = str(assets.tokenizer_dir("smollm2"))
   task.read_finished([dict(prompt=[dict(role="user", content=question)], all_generated_responses=[cut, done],

@@ -15,7 +15,8 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
-from tregjax.peers import EXIT_PEER_LOST  # 9: a lost or never-joined peer (standard library only)
+from tregjax import peers  # standard library only
+from tregjax.peers import EXIT_PEER_LOST  # 9: a lost or never-joined peer
 
 if TYPE_CHECKING:
   import ml_collections
@@ -113,7 +114,6 @@ def install_command_hooks(prog: str) -> None:
     sys.exit(EXIT_BAD_INPUT)
   # Several processes: the command runs as the child of a supervisor that turns a peer lost inside jax's native client
   # (an abort with a native stack dump) into one line and EXIT_PEER_LOST (tregjax.peers).
-  from tregjax import peers  # pylint: disable=g-import-not-at-top  (standard library only)
   peers.supervise(prog.removeprefix("python -m "), distributed_env() is not None)
   transformers_logger = logging.getLogger("transformers")
   if not any(isinstance(f, _DropTorchBanner) for f in transformers_logger.filters):
@@ -176,7 +176,6 @@ def report_errors(prog: str, body: Callable[[], T], *, verbose: bool | None = No
   try:
     return body()
   except Exception as e:  # pylint: disable=broad-except
-    from tregjax import peers  # pylint: disable=g-import-not-at-top  (only with several processes)
     cause = peers.loss_cause(e)
     if cause is not None:  # another process is gone: one line and leave now, past the barriers that wait for it
       peers.exit_lost(prog, cause, verbose=_verbose() if verbose is None else verbose)
@@ -222,7 +221,7 @@ def init_distributed(env: Mapping[str, str] | None = None, config: ml_collection
   import jax  # pylint: disable=g-import-not-at-top
   if jax.distributed.is_initialized():
     return
-  from tregjax import config_schema, peers  # pylint: disable=g-import-not-at-top  (ml_collections: not at cli import)
+  from tregjax import config_schema  # pylint: disable=g-import-not-at-top  (ml_collections: not at cli import)
   d = config_schema.section(config if config is not None else {}, "distributed")
   kwargs.update(initialization_timeout=int(d.initialization_timeout_s),
                 heartbeat_timeout_seconds=int(d.heartbeat_timeout_s),

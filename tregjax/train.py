@@ -27,7 +27,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from tregjax import cli
+from tregjax import cli, jobs, programs, storage  # standard library only: --help without jax
+from tregjax.training import config as config_lib  # ml_collections, no jax
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Trainer config file (configs/*.py[:arg]).",
                                           lock_config=True)
@@ -62,15 +63,11 @@ def main(argv: list[str]) -> None:
 
 def _train() -> None:
   cli.init_distributed(config=_CONFIG.value)
-  from tregjax import programs  # pylint: disable=g-import-not-at-top  (command entry: --help without jax)
-  # command entry: --help without jax:
-  from tregjax.training import config as config_lib  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   # The whole config (sections, keys, mesh vs devices; for the trainer also input paths and splits) before anything
   # is built: each problem is one line now, not a crash at the first evaluation.
   config_lib.validate(config, check_data=config.program == "train")
   workdir = _WORKDIR.value or default_workdir()
-  from tregjax import storage  # pylint: disable=g-import-not-at-top  (command entry: --help without jax)
   storage.check_writable(workdir, "--workdir")  # a gs:// bucket that is missing or read-only: one line, before work
   if config.program == "train":
     prepare_data(config)
@@ -87,7 +84,6 @@ def prepare_data(config) -> None:
     return
   # command entry: --help without jax:
   from tregjax.data import build as data_build  # pylint: disable=g-import-not-at-top
-  from tregjax import jobs  # pylint: disable=g-import-not-at-top  (command entry: --help without jax)
   from tregjax.training import model_init  # pylint: disable=g-import-not-at-top  (command entry: --help without jax)
   data_build.check_vocab(config, model_init.model_config(config), "tregjax.train")
   log = logging.getLogger("tregjax.train")
