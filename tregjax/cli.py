@@ -235,9 +235,11 @@ def init_distributed(env: Mapping[str, str] | None = None, config: ml_collection
   peers.joining(kwargs.get("coordinator_address"), kwargs.get("num_processes"), kwargs.get("process_id"),
                 int(d.initialization_timeout_s))
   jax.distributed.initialize(**kwargs)
-  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top  (the joined job's
-  state = jax_distributed.global_state  # coordinator, also where jax detected it: SLURM, TPU pods)
-  peers.joined(state.coordinator_address, state.num_processes, state.process_id)
+  # The joined job, by jax's public API only: what the environment named, else (SLURM, TPU pods, where jax detects the
+  # job itself) jax.process_count/process_index; jax does not say which coordinator it detected.
+  explicit = "num_processes" in kwargs
+  peers.joined(kwargs.get("coordinator_address"), kwargs["num_processes"] if explicit else jax.process_count(),
+               kwargs["process_id"] if explicit else jax.process_index())
 
 
 def setup_logging(level: int = logging.INFO) -> None:
