@@ -139,7 +139,9 @@ def test_an_oracle_arm_scored_under_the_old_labels_is_refused(tmp_path):
                                                    "'smollm2-arith:token_labels:cut-answer'"):
     workdir.done("arms/dpo_reg_oracle", key)
   # A task without its own id keeps the old naming (the synthetic world's workdirs stay current).
-  assert runner._reward_settings("oracle", workdir, type("T", (), dict(name="w"))())["oracle_id"] == "w:token_labels"
+  plain = type("T", (), dict(name="w", section="arith"))()
+  stage = runner.arm_stage(config, plain, prepared, workdir, "dpo_reg_oracle")
+  assert stage.score.token_reward.oracle_id == "w:token_labels"
 
 
 def test_per_model_budget():
