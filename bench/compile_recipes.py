@@ -1,6 +1,7 @@
 """Every recipe compiled for TPU topologies on this CPU host (tregjax.compile, libtpu): memory per chip, fits or not.
 
     python bench/compile_recipes.py [--recipes llama3_8b_dpo_reg,...] [--slices named,v5e,v5p] [--max_rss_gib 20]
+    python bench/compile_recipes.py --recount_flops     # the kept reports' FLOP column with today's count
 
 Needs libtpu (`pip install -r requirements-tpu.txt`). Each recipe (configs/llama3_8b_dpo_reg.py,
 configs/llama3_8b_dpo_reg_lora.py, configs/gemma2_9b_simpo_reg.py) is compiled by the real command,
@@ -124,6 +125,39 @@ def compile_one(recipe: str, topology: str, model_dir: str, settings: dict, pyth
               error=[line for line in text.splitlines() if "error" in line.lower() or "failure" in line][-1:])
 
 
+def recount_flops(results: dict) -> None:
+  """Recompute every train report's model FLOPs with `tregjax.compile.train_flops_per_token` (a LoRA run's frozen
+  base costs no weight gradient), without compiling: the count is arithmetic on the recipe's model and adapters, and
+  a report holds the count of the formula it was compiled with (the full fine-tune's, before #26's fix)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, str(common.REPO))
+  from tregjax import compile as compile_lib, parallel  # pylint: disable=g-import-not-at-top
+  from tregjax.training import metrics, trainer  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as tmp:
+    for recipe, by_topology in results.items():
+      stem, overrides = base_recipe(recipe)
+      with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(RECIPES[stem], f)
+      spec = importlib.util.spec_from_file_location(stem, common.REPO / "configs" / f"{stem}.py")
+      module = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(module)
+      c = module.get_config(f"model={tmp}")
+      for key, value in overrides.items():
+        section, name = key.split(".")
+        c[section][name] = value
+      c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1  # the count does not depend on the mesh
+      program = trainer.build(c, parallel.mesh_from_config(c, devices=jax.devices()[:1]))
+      t = compile_lib.longest_bucket(c)
+      ratio = compile_lib.train_flops_per_token(program, t) / metrics.train_flops_per_token(program.model_cfg, t)
+      for r in by_topology.values():
+        for x in r.get("reports", []):
+          if x["program"] == "train step":
+            x.setdefault("model_flops_full_count", x["model_flops"])
+            x["model_flops"] = x["model_flops_full_count"] * ratio
+      print(f"{recipe}: train step model FLOPs = {ratio:.4f} x the full fine-tune's count", flush=True)
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--recipes", default=",".join([*RECIPES, *VARIANTS]))
@@ -133,8 +167,15 @@ def main() -> None:
   ap.add_argument("--redo", action="store_true", help="recompile what bench/out/compile_recipes.json already holds")
   ap.add_argument("--topologies", default="", help="compile exactly these (comma-separated) instead of --slices")
   ap.add_argument("--what", default="train,score", help="programs to compile (tregjax.compile --what)")
+  ap.add_argument("--recount_flops", action="store_true", help="recompute the kept reports' model FLOPs (no "
+                  "compiling, no libtpu) and rewrite the table")
   a = ap.parse_args()
   results = json.loads(OUT.read_text()) if OUT.exists() and not a.redo else {}
+  if a.recount_flops:
+    recount_flops(results)
+    common.write_json("compile_recipes", results)
+    write_results(results)
+    return
   kinds = a.slices.split(",")
   with tempfile.TemporaryDirectory() as tmp:
     for recipe in a.recipes.split(","):
@@ -219,7 +260,9 @@ def write_results(results: dict) -> None:
       f"2048 tokens per step) and the scoring forward of one host, compiled by libtpu for the topology; memory is "
       f"XLA's buffer assignment per chip (total = argument + output - aliased + temp + code), HBM from "
       f"training.metrics.ACCELERATORS. 'step s at bf16 peak' = the model's FLOPs per chip / the chip's peak (a "
-      f"lower bound on the step time). The scoring forward runs on one host (4 chips in libtpu's default layout). "
+      f"lower bound on the step time; tregjax.compile.train_flops_per_token: 6 N per token plus attention, and for the "
+      f"LoRA rows 4 N_base + 6 N_adapters plus attention, since the frozen base gets no weight gradient; the FLOP "
+      f"column was recounted so by `python bench/compile_recipes.py --recount_flops` on the kept reports). The scoring forward runs on one host (4 chips in libtpu's default layout). "
       f"Rows where libtpu refuses to compile ('libtpu refuses') are its own out-of-HBM verdict. Rows come from several "
       f"invocations (e.g. `--recipes R --topologies T`, one topology each; bench/out/compile_recipes.json keeps "
       f"them), some beside other jobs on the 2 cores (peak RSS about 2 GiB each), so the wall column is not a timing. A '+name' recipe is a `VARIANTS` entry: the recipe with the "

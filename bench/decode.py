@@ -48,8 +48,10 @@ def main() -> None:
   parser.add_argument("--prompt", type=int, default=64, help="prompt length (random weights)")
   parser.add_argument("--new", type=int, default=64)
   parser.add_argument("--modes", default="greedy", help="comma-separated: greedy, sampled")
-  parser.add_argument("--prompts", choices=["chat", "arith"], default="chat",
-                      help="GGUF weights: chat prompts, or the SmolLM2 arith experiment's training problems")
+  parser.add_argument("--prompts", choices=["chat", "distinct", "arith"], default="chat",
+                      help="GGUF weights: chat prompts (8 texts, cycled: prefix sharing finds 8 distinct prompts), "
+                           "distinct chat prompts (each of the 8 texts with its own request number), or the SmolLM2 "
+                           "arith experiment's training problems")
   parser.add_argument("--chunk", type=int, default=0,
                       help="rows per generate call (the arith experiment's sample_batch_size 64, prompts padded to its "
                            "64-token bucket); 0: all rows in one call")
@@ -62,6 +64,12 @@ def main() -> None:
   parser.add_argument("--profile-steps", type=int, default=8,
                       help="decode steps timed one by one for the breakdown (forward / sampling); 0: none")
   parser.add_argument("--matmul", type=int, default=2048, help="n of the n x n x n reference matmul")
+  parser.add_argument("--compile-cache", default="",
+                      help="a persistent jax compilation cache directory. With --aot: compile every jitted shape of "
+                           "the run into it (the warm-up calls only) and exit; run that first, outside the timing "
+                           "slot. Without --aot: the warm-up calls load their compiles from it instead of compiling "
+                           "(a timing run's slot then holds the timed calls, one warm-up run each and tracing)")
+  parser.add_argument("--aot", action="store_true", help="see --compile-cache")
   parser.add_argument("--torch-threads", default="0,1",
                       help="torch thread counts to time (0: torch's default), or 'probe': the faster of 1 and all")
   args = parser.parse_args()
@@ -73,13 +81,22 @@ def main() -> None:
   from tregjax.models import decoding  # pylint: disable=g-import-not-at-top
   from tregjax.training import metrics  # pylint: disable=g-import-not-at-top
 
+  if args.aot and not args.compile_cache:
+    parser.error("--aot needs --compile-cache DIR")
+  if args.compile_cache:
+    jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  warm = True  # warm-up calls (compiling, or loading compiles from --compile-cache) before the timed round
+
   sampled = dict(temperature=SAMPLED["temperature"], top_p=args.top_p)
   gguf = args.weights in common.GGUF_WEIGHTS
   backend = jax.default_backend()
   device = common.device()
-  run_torch = backend == "cpu" and not args.skip_torch and not args.eos
+  run_torch = backend == "cpu" and not args.skip_torch and not args.eos and not args.aot
   modes = args.modes.split(",")
-  model, torch_model, vocab, desc = common.load_models(args, args.dtype, run_torch)
+  # --aot loads the same way as the timing run (random weights: through transformers), so the programs match.
+  model, torch_model, vocab, desc = common.load_models(args, args.dtype, run_torch or (args.aot and not gguf))
   if gguf and args.prompts == "arith":
     from tregjax.models.gguf import tokenizer_from_gguf  # pylint: disable=g-import-not-at-top
     from tregjax.tasks import arith  # pylint: disable=g-import-not-at-top
@@ -88,6 +105,14 @@ def main() -> None:
     prompts = [tok(tok.apply_chat_template(arith.prompt_messages(p), tokenize=False, add_generation_prompt=True),
                    add_special_tokens=False)["input_ids"] for p in train]
     desc += f", the arith experiment's first {args.batch} training problems ({min(map(len, prompts))}-{max(map(len, prompts))} tokens)"
+  elif gguf and args.prompts == "distinct":
+    from tregjax.models.gguf import tokenizer_from_gguf  # pylint: disable=g-import-not-at-top
+    tok = tokenizer_from_gguf(common.gguf_path(args.weights))
+    texts = [f"{common.PROMPTS[i % len(common.PROMPTS)]} (Request {i + 1}.)" for i in range(args.batch)]
+    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                           add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+               for t in texts]
+    desc += f", {args.batch} distinct chat prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens"
   elif gguf:
     prompts = common.chat_prompt_ids(args.batch, args.weights)
     desc += f", {args.batch} chat prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens"
@@ -119,7 +144,8 @@ def main() -> None:
       lengths.append(np.asarray(out.lengths))
       tokens.append(np.asarray(out.tokens))
     generated["tregjax"] = np.concatenate(lengths)
-    return np.concatenate(tokens)
+    generated["tregjax_tokens"] = np.concatenate(tokens)
+    return generated["tregjax_tokens"]
 
   def legacy(kw):
     lengths = []
@@ -145,19 +171,29 @@ def main() -> None:
   layer_weights = decoding.per_layer_weights(model)
   first_distinct = list(dict.fromkeys(tuple(p) for p in chunks[0][1]))  # the profile is of one (the first) call
   p_tokens, p_lengths = decoding.pad_prompts([list(p) for p in first_distinct], 0, multiple)
-  p_size = next((s for s in decoding.batch_buckets(chunk) if s >= len(first_distinct)), chunk)
-  p_tokens = np.concatenate([p_tokens, np.repeat(p_tokens[:1], p_size - len(first_distinct), 0)])
-  p_lengths = np.concatenate([p_lengths, np.repeat(p_lengths[:1], p_size - len(first_distinct), 0)])
+  # generate's prefill batch: the smallest bucket that holds the distinct prompts. (Until 2026-12-07 20:15 UTC this
+  # took the FIRST bucket >= them, the largest: the breakdown timed a 64-row prefill for 8 distinct prompts, 8x the
+  # work generate does, and read it as "prefill 9x its roofline".) The every-row prefill of main before #30 (and of
+  # the breakdown's old bug) is timed beside it.
+  p_size = min((s for s in decoding.batch_buckets(chunk) if s >= len(first_distinct)), default=chunk)
+  pad_rows = lambda a, n: np.concatenate([a, np.repeat(a[:1], n - len(a), 0)])
+  all_tokens, all_lengths = decoding.pad_prompts(chunks[0][1], 0, multiple)
+  all_tokens, all_lengths = pad_rows(all_tokens, chunk), pad_rows(all_lengths, chunk)
+  p_tokens, p_lengths = pad_rows(p_tokens, p_size), pad_rows(p_lengths, p_size)
   max_len = p_tokens.shape[1] + args.new
   sample_fn = jax.jit(lambda lg, k: decoding.sample_logits(lg, k, **sampled))
 
-  def profile():
+  def prefill(size, tokens, lengths):
     t0 = time.perf_counter()
-    cache = decoding.init_cache(model, p_size, max_len)
-    logits, cache = decoding.prefill_step(graphdef, state, cache, jnp.asarray(p_tokens), jnp.asarray(p_lengths),
+    cache = decoding.init_cache(model, size, max_len)
+    logits, cache = decoding.prefill_step(graphdef, state, cache, jnp.asarray(tokens), jnp.asarray(lengths),
                                           layer_weights)
     jax.block_until_ready(logits)
-    t_prefill = time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+  def profile():
+    t_prefill = prefill(p_size, p_tokens, p_lengths)
+    t_prefill_all = prefill(chunk, all_tokens, all_lengths) if p_size != chunk else t_prefill
     cache = decoding.init_cache(model, chunk, max_len)
     cache = cache.replace(index=jnp.full((chunk,), max_len // 2, jnp.int32))
     token = jnp.zeros((chunk,), jnp.int32)
@@ -171,7 +207,7 @@ def main() -> None:
       t0 = time.perf_counter()
       jax.block_until_ready(sample_fn(logits, keys))
       smp.append(time.perf_counter() - t0)
-    return t_prefill, float(np.median(fwd[1:])), float(np.median(smp[1:]))
+    return t_prefill, float(np.median(fwd[1:])), float(np.median(smp[1:])), t_prefill_all
 
   thread_counts, probe = [], {}
   if run_torch:
@@ -213,15 +249,23 @@ def main() -> None:
     kw = {"greedy": {}, "sampled": sampled}[mode]
     jitted = (decoding.generate_loop, decoding.prefill_step, decoding.take_rows)
     before = [f._cache_size() for f in jitted]  # pylint: disable=protected-access
-    t0 = time.perf_counter()
-    first = np.asarray(ours(kw))  # the first call traces and compiles prefill + the decode loop(s)
-    first_s = time.perf_counter() - t0
-    compiled = [f._cache_size() - b for f, b in zip(jitted, before)]  # pylint: disable=protected-access
-    runners = {"tregjax": lambda kw=kw: ours(kw)}
-    if not args.no_legacy:
+    first_s = legacy_first_s = None
+    if warm:
       t0 = time.perf_counter()
-      legacy(kw)  # compile
-      legacy_first_s = time.perf_counter() - t0
+      ours(kw)  # the first call traces and compiles prefill + the decode loop(s)
+      first_s = time.perf_counter() - t0
+    compiled = [f._cache_size() - b for f, b in zip(jitted, before)]  # pylint: disable=protected-access
+
+    def ours_timed(kw=kw):
+      ours(kw)
+      if not warm and not compiled[0]:  # no warm-up: the first timed call traces and loads the compiles
+        compiled[:] = [f._cache_size() - b for f, b in zip(jitted, before)]  # pylint: disable=protected-access
+    runners = {"tregjax": ours_timed}
+    if not args.no_legacy:
+      if warm:
+        t0 = time.perf_counter()
+        legacy(kw)  # compile
+        legacy_first_s = time.perf_counter() - t0
       runners["legacy"] = lambda kw=kw: legacy(kw)
     mm_s = []
 
@@ -235,16 +279,22 @@ def main() -> None:
     if args.profile_steps and mode == "sampled":
       profile()  # compiles prefill at the distinct prompts' shape, one decode step and the sampler
       runners["profile"] = lambda: prof.append(profile())
-    entry = results["modes"][mode] = {"compiled": dict(zip(("decode_loop", "prefill", "take_rows"), compiled))}
+    if args.aot:
+      print(f"{mode}: compiled into {args.compile_cache} (first calls: tregjax {first_s:.1f} s"
+            + (f", main before #30 {legacy_first_s:.1f} s" if legacy_first_s else "") + ")")
+      continue
+    entry = results["modes"][mode] = {}
+    ref = None
     if thread_counts:
       ref = theirs(kw, thread_counts[-1], new=args.new if mode == "greedy" else 4)()  # warm-up
-      if mode == "greedy":
-        assert ref.shape == (len(rows), width + args.new), ref.shape
-        same = ref[:, width:].numpy() == first
-        entry["tokens_equal_fraction"] = float(same.mean())
-        entry["tokens_equal_first_16"] = float(same[:, :16].mean())
       runners |= {f"torch_{t}": theirs(kw, t) for t in thread_counts}
     times = common.timed_interleaved(runners, args.repeats)
+    entry["compiled"] = dict(zip(("decode_loop", "prefill", "take_rows"), compiled))
+    if ref is not None and mode == "greedy":
+      assert ref.shape == (len(rows), width + args.new), ref.shape
+      same = ref[:, width:].numpy() == generated["tregjax_tokens"]
+      entry["tokens_equal_fraction"] = float(same.mean())
+      entry["tokens_equal_first_16"] = float(same[:, :16].mean())
     rate = 2.0 * args.matmul ** 3 / min(mm_s)
     entry["matmul_flops_per_s"] = rate
     for name, (sec, all_s) in times.items():
@@ -255,9 +305,9 @@ def main() -> None:
       r = entry[name] = {"median_s": sec, "all_s": all_s, "new_tokens": int(lengths.sum()),
                          "tokens_per_s": int(lengths.sum()) / sec, "roofline_s": flops / rate,
                          "roofline_share": flops / rate / sec}
-      if name == "tregjax":
+      if name == "tregjax" and first_s is not None:
         r.update(first_call_s=first_s, compile_s=first_s - sec)
-      elif name == "legacy":
+      elif name == "legacy" and legacy_first_s is not None:
         r.update(first_call_s=legacy_first_s, compile_s=legacy_first_s - sec)
     torch_best = min((entry[k]["median_s"] for k in entry if k.startswith("torch_")), default=None)
     for name in (k for k in times if k not in ("matmul", "profile")):
@@ -265,17 +315,25 @@ def main() -> None:
       label = names.get(name) or f"transformers generate (torch, {name.split('_')[1]} threads)"
       table_rows.append([mode, label, f"{r['median_s']:.2f}", f"{r['tokens_per_s']:.0f}",
                          f"{r['roofline_s']:.1f} s ({r['roofline_share']:.0%})",
-                         f"{r['first_call_s']:.1f} / {r['compile_s']:.1f}" if "compile_s" in r else "-",
+                         f"{r['first_call_s']:.1f} / {r['compile_s']:.1f}" if "compile_s" in r
+                         else "-",
                          f"{torch_best / r['median_s']:.2f}x" if torch_best else "n/a",
                          f"{entry['legacy']['median_s'] / r['median_s']:.2f}x" if "legacy" in entry else "n/a"])
     if prof:
-      t_pre, t_fwd, t_smp = (float(np.median(x)) for x in zip(*prof))
+      t_pre, t_fwd, t_smp, t_all = (float(np.median(x)) for x in zip(*prof))
       ours_s = entry["tregjax"]["median_s"]
       steps = args.new * len(chunks)
-      t_pre *= len(chunks)
+      t_pre, t_all = t_pre * len(chunks), t_all * len(chunks)
       rest = ours_s - t_pre - steps * (t_fwd + t_smp)
-      entry["profile"] = {"prefill_s": t_pre, "forward_step_s": t_fwd, "sample_step_s": t_smp, "steps": steps,
-                          "rest_s": rest}
+      pre_flops = sum(metrics.forward_flops_per_token(cfg, i + 1)
+                      for _, part in chunks for p in dict.fromkeys(map(tuple, part)) for i in range(len(p)))
+      entry["profile"] = {"prefill_s": t_pre, "prefill_every_row_s": t_all, "prefill_rows": p_size,
+                          "prefill_roofline_s": pre_flops / rate, "forward_step_s": t_fwd, "sample_step_s": t_smp,
+                          "steps": steps, "rest_s": rest}
+      notes.append(
+          f"Prefill per call: the distinct prompts in a {p_size}-row batch (what generate runs) {t_pre:.2f} s vs "
+          f"every row prefilled ({chunk} rows, main before #30) {t_all:.2f} s: {t_all / t_pre:.2f}x; the distinct "
+          f"prompts' roofline {pre_flops / rate:.2f} s ({pre_flops / rate / t_pre:.0%} of it reached).")
       notes.append(
           f"Where tregjax's {mode} call goes ({ours_s:.2f} s; steps timed one by one at the full {chunk}-row "
           f"batch, x {steps} steps, an upper bound under EOS compaction): prefill of the distinct "
@@ -283,9 +341,12 @@ def main() -> None:
           f"{steps * t_fwd:.2f} s ({steps * t_fwd / ours_s:.0%}), sampling {t_smp * 1e3:.1f} ms/step = "
           f"{steps * t_smp:.2f} s ({steps * t_smp / ours_s:.0%}), rest (cache copies, compaction, host) "
           f"{rest:.2f} s ({rest / ours_s:.0%}).")
-    notes.append(f"{mode}: compiles in tregjax's first call: {compiled[0]} decode loop(s), {compiled[1]} prefill, "
+    notes.append(f"{mode}: compiles in tregjax's first call" + (" (loaded from --compile-cache)" if args.compile_cache else "")
+                 + f": {compiled[0]} decode loop(s), {compiled[1]} prefill, "
                  f"{compiled[2]} row gather(s)" + (f"; rows generated {entry['tregjax']['new_tokens']} of "
                                                    f"{len(rows) * args.new} tokens" if args.eos else "") + ".")
+  if args.aot:
+    return
   text = common.table(["mode", "sampler", "median s / call", "new tokens/s", "roofline (share)",
                        "first call / compile s", "speed vs fastest torch", "speed vs main before #30"], table_rows)
   agreement = ""
@@ -307,10 +368,14 @@ def main() -> None:
   shape = "_smollm2_shape" if args.weights == "random" and args.shape == "smollm2" else ""
   key = (f"decode_{args.weights}{shape}_{args.dtype}_{backend}_b{args.batch}x{args.samples}"
          + (f"_p{args.prompt}" if args.weights == "random" else "") + f"_n{args.new}" + ("_eos" if args.eos else "")
-         + (f"_topp{args.top_p:g}" if args.top_p != 0.95 else ""))
+         + (f"_topp{args.top_p:g}" if args.top_p != 0.95 else "") + (f"_{args.prompts}" if args.prompts != "chat" else "")
+         + (f"_chunk{args.chunk}" if args.chunk else ""))
   print(f"wrote {common.write_json(key, results)}")
   cmd = (f"python bench/decode.py {common.weights_flags(args)}"
          + (f" --prompt {args.prompt}" if args.weights == "random" else "")
+         + (f" --prompts {args.prompts}" if args.prompts != "chat" else "")
+         + (f" --chunk {args.chunk}" if args.chunk else "")
+         + (f" --profile-steps {args.profile_steps}" if args.profile_steps != 8 else "")
          + f" --batch {args.batch} --samples {args.samples} --new {args.new} --modes {args.modes} --dtype {args.dtype}"
          + (f" --top-p {args.top_p:g}" if args.top_p != 0.95 else "")
          + f" --repeats {args.repeats}" + (f" --torch-threads {args.torch_threads}" if run_torch else " --skip-torch")

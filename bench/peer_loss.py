@@ -1,6 +1,6 @@
 """Seconds from SIGKILL of one process of a 2-process job (gloo on CPU, joined as launch/local_multiprocess.sh joins
 them) to the survivor's exit, for training and scoring, killing process 1 and killing process 0 (the coordinator);
-and how long a process whose peer never arrives waits (distributed.initialization_timeout_s=5).
+a process that hangs (SIGSTOP: no collective fails) found by the heartbeat timeout (5 s); and how long a process whose peer never arrives waits (distributed.initialization_timeout_s=5).
 
     python bench/peer_loss.py
 
@@ -47,6 +47,10 @@ def main() -> None:
       kept, seconds = plt.kill_training(work, str(tmp / f"train_logs{victim}"), victim=victim)
       rows.append(["train", f"process {victim}", f"{seconds:.1f}", f"{plt.cli.EXIT_PEER_LOST}",
                    f"checkpoint step {kept}"])
+    for victim in (1, 0):
+      kept, seconds = plt.hang_training(str(tmp / f"hang{victim}"), str(tmp / f"hang_logs{victim}"), victim=victim)
+      rows.append(["train, hang (SIGSTOP; heartbeat timeout 5 s)", f"process {victim}", f"{seconds:.1f}",
+                   f"{plt.cli.EXIT_PEER_LOST}", f"checkpoint step {kept}"])
     world = score_test.world.__wrapped__(_Factory(tmp))
     cache = tmp / "cache"
     config_file = plt.score_config_file(world, tmp, cache)

@@ -16,16 +16,15 @@ the reference's own greedy response prefix on held-out problems; settings chosen
 import ml_collections
 
 from tregjax.tasks import arith
-from tregjax.tasks import arith_experiment
-from tregjax.tasks import credit_ceiling
+from tregjax.tasks import sections
 from tregjax.training.config import base_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = base_config()
   c.program = "ceiling"
-  c.ceiling = credit_ceiling.default_ceiling_config()
-  c.arith = arith_experiment.default_arith_config()
+  c.ceiling = sections.default_ceiling_config()
+  c.arith = sections.default_arith_config()
   # Easy problems: SmolLM2 answers about 1 in 4 one-step problems with operands up to 20, so 4 samples of a problem
   # are mixed (give a pair) about 2 times in 3; two-step problems it almost never solves.
   c.arith.levels, c.arith.max_operand = (1,), 20

@@ -17,16 +17,15 @@ self-teacher gap), results.json, a table and plot.png in the workdir (default ru
 import ml_collections
 
 from tregjax.tasks import arith
-from tregjax.tasks import arith_experiment
-from tregjax.tasks import credit
+from tregjax.tasks import sections
 from tregjax.training.config import base_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = base_config()
   c.program = "credit"
-  c.credit = credit.default_credit_config()
-  c.arith = arith_experiment.default_arith_config()
+  c.credit = sections.default_credit_config()
+  c.arith = sections.default_arith_config()
   # One problem set for every model: levels 1-4 (4 = the harder level, #28) with operands up to 40, so that the
   # 1.5B still makes errors to measure while SmolLM2 still gets some problems right.
   c.arith.levels, c.arith.max_operand = (1, 2, 3, 4), 40

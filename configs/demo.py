@@ -13,8 +13,7 @@ than DPO, because the reference's contrastive token rewards separate the tokens 
 
 import ml_collections
 
-from tregjax.experiments import runner
-from tregjax.synthetic import demo
+from tregjax.experiments import stages
 from tregjax.synthetic import world
 from tregjax.training.config import base_config
 
@@ -22,8 +21,8 @@ from tregjax.training.config import base_config
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = base_config()
   c.program = "experiment"  # tregjax.programs.PROGRAMS: the experiment runner, not the bare trainer
-  c.demo = demo.demo_section()
-  c.experiment = runner.default_experiment_config()
+  c.demo = world.demo_section()
+  c.experiment = stages.default_experiment_config()
   c.experiment.task = "synthetic"
   c.experiment.arms = ("dpo", "dpo_reg", "dpo_reg_static", "dpo_sft", "simpo", "simpo_reg", "tgdpo",
                        "dpo_reg_implicit", "dpo_reg_oracle", "dpo_reg_conf", "confpo", "tisdpo")

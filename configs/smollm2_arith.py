@@ -15,17 +15,17 @@ Seeds: `--config.seed=N` (training and sampling) and `--config.arith.seed=N` (th
 
 import ml_collections
 
-from tregjax.experiments import runner
+from tregjax.experiments import stages
 from tregjax.tasks import arith
-from tregjax.tasks import arith_experiment
+from tregjax.tasks import sections
 from tregjax.training.config import base_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = base_config()
   c.program = "experiment"  # tregjax.programs.PROGRAMS: the experiment runner, not the bare trainer
-  c.arith = arith_experiment.default_arith_config()
-  c.experiment = runner.default_experiment_config()
+  c.arith = sections.default_arith_config()
+  c.experiment = stages.default_experiment_config()
   c.experiment.task = "arith"
   # On 2 CPU cores an arm costs ~6 min (12 steps of 8 pairs x 192 tokens) and a greedy evaluation of 500 problems ~4
   # min, so the default runs the six arms that answer the question (DPO vs DPO-REG, the oracle-r̂ ceiling, SimPO vs

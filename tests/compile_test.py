@@ -139,3 +139,24 @@ def test_missing_libtpu_is_one_line_naming_the_extra(monkeypatch):
     compile_lib.topology_devices("v5e:2x2")
   assert cli.exit_status(e.value) == cli.EXIT_MISSING_PACKAGE == 3
   assert cli.exit_status(compile_lib.DoesNotFitError("x")) == cli.EXIT_DOES_NOT_FIT == 8
+
+
+def test_lora_step_flops_count_no_weight_gradient_for_the_frozen_base(recipe):
+  """The step's model FLOPs (the 'step s at bf16 peak' lower bound): a full fine-tune costs 6 per matmul weight per
+  token; a LoRA run's frozen base costs 4 (forward + the input's gradient, no weight gradient), its adapters 6.
+  Golden: the weight counts written by hand from config.json and the rank."""
+  import runpy  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from tregjax import compile as compile_lib, parallel  # pylint: disable=import-outside-toplevel
+  from tregjax.training import trainer  # pylint: disable=import-outside-toplevel
+  base = L * (D * H * HD + 2 * D * KV * HD + H * HD * D + 3 * D * F) + D * V  # every matmul weight (embedding: a gather)
+  attention = 12 * L * H * HD * T
+  r = 8
+  # all_linear: q, k, v, o, gate, up, down each gain A [d_in, r] and B [r, d_out]
+  lora = L * r * ((D + H * HD) + 2 * (D + KV * HD) + (H * HD + D) + 2 * (D + F) + (F + D))
+  mesh = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  config = runpy.run_path(recipe)["get_config"]()
+  config.mesh.fsdp = 1
+  assert compile_lib.train_flops_per_token(trainer.build(config, mesh), T) == 6 * base + attention
+  config.model.lora.rank, config.model.lora.targets = r, "all_linear"
+  assert compile_lib.train_flops_per_token(trainer.build(config, mesh), T) == 4 * base + 6 * lora + attention

@@ -119,19 +119,26 @@ def test_a_command_section_of_a_trainer_config_is_checked_before_training():
     config_lib.validate(c, num_devices=1, check_data=False)
 
 
+HEAVY = ("tensorflow_datasets", "transformers", "tregjax.score", "tregjax.generate", "tregjax.data.build",
+         "tregjax.data.tfds_builder", "tregjax.experiments.runner", "tregjax.synthetic.demo",
+         "tregjax.tasks.arith_experiment", "tregjax.tasks.credit", "tregjax.training.trainer")
+
+
 def test_loading_any_config_file_imports_no_data_builder_scorer_or_transformers():
-  """Config files import tregjax.config_schema (keys and defaults) only: not TFDS, transformers, the data builder or a
-  command module, so a config loads (and `--help`, validation, the experiment runner's stage keys work) without them."""
+  """Config files import light modules only (tregjax.config_schema and training.config: keys and defaults; a task's
+  section defaults in experiments.stages, synthetic.world, tasks.sections): not TFDS, transformers, the data builder, a
+  command module, the experiment runner, a task or the trainer, which import those at their top. So a config loads (and
+  `--help`, validation, the stage keys work) without them."""
   script = (
       "import importlib.util, json, sys\n"
+      f"HEAVY = {HEAVY!r}\n"
       "loaded = {}\n"
       "for path in sys.argv[1:]:\n"
       "  spec = importlib.util.spec_from_file_location('cfg', path)\n"
       "  module = importlib.util.module_from_spec(spec)\n"
       "  spec.loader.exec_module(module)\n"
       "  module.get_config()\n"
-      "  loaded[path] = sorted(m for m in ('tensorflow_datasets', 'transformers', 'tregjax.score', 'tregjax.generate',\n"
-      "                                    'tregjax.data.build', 'tregjax.data') if m in sys.modules)\n"
+      "  loaded[path] = sorted(m for m in HEAVY if m in sys.modules)\n"
       "print(json.dumps(loaded))\n")
   demo = os.path.join(ROOT, "configs", "demo.py")
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)

@@ -73,11 +73,11 @@ def test_arith_task_oracle_reads_which_samples_were_cut():
   import ml_collections  # pylint: disable=g-import-not-at-top
 
   from tregjax import assets  # pylint: disable=g-import-not-at-top
-  from tregjax.tasks import arith_experiment  # pylint: disable=g-import-not-at-top
+  from tregjax.tasks import arith_experiment, sections  # pylint: disable=g-import-not-at-top
   question = "Noah has 21 minutes and gets 6 more. He splits them into 9 equal parts. How long is each part?"
   cut, done = CUT_CASES[1][0], CUT_CASES[4][0]
   finished_wrong = CUT_CASES[0][0]  # the same text as `cut`, but the model ended it: 21 is its wrong final answer
-  task = arith_experiment.ArithTask(ml_collections.ConfigDict(dict(arith=arith_experiment.default_arith_config())))
+  task = arith_experiment.ArithTask(ml_collections.ConfigDict(dict(arith=sections.default_arith_config())))
   task.answers[question] = 3
   task.tokenizer_dir = str(assets.tokenizer_dir("smollm2"))
   other = "Ivy has 5 cards and finds 4 more. How many cards does Ivy have now?"

@@ -14,7 +14,8 @@ from tregjax.experiments import stages as stages_lib
 
 
 def _config(**experiment):
-  return ml_collections.ConfigDict(dict(experiment=dict(runner.default_experiment_config().to_dict(), **experiment)))
+  defaults = stages_lib.default_experiment_config().to_dict()
+  return ml_collections.ConfigDict(dict(experiment=dict(defaults, **experiment)))
 
 
 def test_experiment_section_names_the_bad_key_or_arm():

@@ -144,6 +144,60 @@ def test_training_survivor_of_a_lost_peer_and_of_a_lost_coordinator_stops_at_onc
                                  os.path.join(straight, f"params_{target}.npz"))
 
 
+def _process_tree(pid: int) -> list[int]:
+  """`pid` (a process's supervisor, tregjax.peers) and its children: the job's process itself."""
+  kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+  return [pid] + [int(k) for k in kids]
+
+
+def hang_training(workdir, logs, victim, heartbeat_s=5):
+  """Start 2 training processes with `distributed.heartbeat_timeout_s=heartbeat_s`; once 2 steps are logged, SIGSTOP
+  process `victim` (a stuck host: its sockets stay open, so no collective fails); check the survivor's line; returns
+  (the kept checkpoint step, seconds stop -> survivor exit)."""
+  procs, port = start(tc.worker_cmd(workdir, **TRAIN, **{"distributed.heartbeat_timeout_s": heartbeat_s}), logs)
+  t0 = time.time()
+  while logged_steps(workdir) < 2:
+    if any(p.poll() is not None for p in procs.values()) or time.time() - t0 > 300:
+      for p in procs.values():
+        p.kill()
+      raise AssertionError(f"the job did not get going: {read(logs, 0)[-2000:]}\n{read(logs, 1)[-2000:]}")
+    time.sleep(0.02)
+  stuck = _process_tree(procs[victim].pid)
+  for pid in stuck:
+    os.kill(pid, signal.SIGSTOP)
+  stopped = time.time()
+  survivor = procs[1 - victim]
+  try:
+    survivor.wait(timeout=SURVIVOR_TIMEOUT)
+  except subprocess.TimeoutExpired:
+    survivor.kill()
+    raise AssertionError(f"the survivor still ran {SURVIVOR_TIMEOUT} s after its peer stopped")
+  finally:
+    for pid in stuck:
+      os.kill(pid, signal.SIGKILL)
+    procs[victim].wait()
+  seconds = time.time() - stopped
+  err = read(logs, 1 - victim)
+  line = one_line(err)
+  assert survivor.returncode == cli.EXIT_PEER_LOST, err
+  lost = f"process 0 (the coordinator at 127.0.0.1:{port})" if victim == 0 else "process 1"
+  assert line.startswith(f"tregjax.train: error: lost {lost} of this 2-process job ("), line
+  assert "Check failure" not in line and "@ 0x" not in line, line
+  kept = complete_steps(workdir)[-1]
+  assert line.endswith(f"kept: checkpoint step {kept} in {os.path.join(workdir, 'checkpoints')} (rerun the same "
+                       "command on every process to resume from it)"), line
+  return kept, seconds
+
+
+def test_a_peer_that_hangs_without_failing_a_collective_is_lost_after_the_heartbeat_timeout(tmp_path):
+  """SIGSTOP process 1, then, in a second job, process 0 (the coordinator). The survivor's jax client ends it after
+  `distributed.heartbeat_timeout_s`; its supervisor turns that into the one line (no native stack dump in it),
+  EXIT_PEER_LOST, naming the stopped process and the kept checkpoint."""
+  seconds = [hang_training(str(tmp_path / f"run{v}"), str(tmp_path / f"logs{v}"), victim=v)[1] for v in (1, 0)]
+  print(f"\nhang (heartbeat timeout 5 s): stop process 1 -> survivor exit {seconds[0]:.1f} s; stop process 0 -> "
+        f"{seconds[1]:.1f} s")
+
+
 def test_a_peer_that_never_arrives_fails_after_the_initialization_timeout_naming_the_coordinator(tmp_path):
   """Process 0 alone waits for process 1; process 1 alone finds no coordinator. Both: one line, EXIT_PEER_LOST."""
   cmd = tc.worker_cmd(str(tmp_path / "run"), **{"distributed.initialization_timeout_s": 2})

@@ -14,6 +14,7 @@ import ast
 import importlib.util
 import json
 import os
+import re
 import stat
 
 import jax.numpy as jnp
@@ -187,11 +188,23 @@ def test_lora_layer_pieces_import_no_project_module_but_parallel():
   assert reached <= allowed, reached
 
 
-def test_the_training_modules_and_config_schema_import_no_cli():
+def test_the_library_modules_import_no_cli():
+  """cli is the command layer (entry wrappers, exit statuses): parallel, config_schema, training/, data/ and jobs sit
+  below it (a job command's entry wrapper is `cli.job_main`; the job's barriers are `jobs.barrier`)."""
+  below = ("tregjax.config_schema", "tregjax.parallel", "tregjax.jobs")
+  assert set(below) <= set(PACKAGE)
   for m in PACKAGE:
-    if m in ("tregjax.config_schema", "tregjax.parallel") or m.startswith(("tregjax.training.", "tregjax.data.")):
+    if m in below or m.startswith(("tregjax.training.", "tregjax.data.")):
       reached = {t for imp in imports(m) for t in imp.modules}
       assert "tregjax.cli" not in reached, m
+
+
+def test_the_package_uses_no_private_jax_module():
+  """jax._src changes without notice between jax releases: tregjax uses jax's public API only (cli.init_distributed
+  reads the joined job from its own arguments or jax.process_count/process_index, not jax._src.distributed)."""
+  found = [f"{m}:{imp.lineno}" for m in PACKAGE for imp in imports(m)
+           if any(t == "jax._src" or t.startswith("jax._src.") for t in imp.targets)]
+  assert not found, found
 
 
 def test_the_trainer_imports_no_lora_module():
@@ -288,6 +301,52 @@ def test_no_private_name_is_used_across_modules():
   """Acceptance 2: a name another module (test, bench) needs is public, with a docstring."""
   found = private_names_used_across_modules(parsed(("tregjax", "tests", "bench")))
   assert not found, found
+
+
+MAX_FUNCTION_IMPORTS = 40  # acceptance 6 (from 80): the rest import at module level
+
+
+def reason_of(imp: Import, lines: list[str]) -> str:
+  """The reason a project import stands inside a function: its trailing comment less the pylint tag, or the comment
+  line right above it."""
+  trailing = imp.line.partition("#")[2]
+  trailing = re.sub(r"pylint:\s*disable=[\w-]+", "", trailing).strip(" ()")
+  above = lines[imp.lineno - 2].strip() if imp.lineno >= 2 else ""
+  return trailing or (above[1:].strip() if above.startswith("#") else "")
+
+
+def test_few_project_imports_inside_functions_each_with_its_reason():
+  """Acceptance 6: at most 40 project imports inside functions, each saying why (a heavy optional dependency, a
+  command entry point that must answer --help without jax, a module that config files import and so must stay
+  light). Config files import the light modules (training.config, experiments.stages, synthetic.world,
+  tasks.sections); the runner, the tasks and the trainer import what they run at their top."""
+  inside, unexplained = [], []
+  for m, path in PACKAGE.items():
+    with open(path, encoding="utf-8") as f:
+      lines = f.read().splitlines()
+    for imp in imports(m):
+      if imp.in_function and imp.modules:
+        inside.append(f"{m}:{imp.lineno}")
+        if not reason_of(imp, lines):
+          unexplained.append(f"{m}:{imp.lineno} {imp.line.strip()}")
+  assert len(inside) <= MAX_FUNCTION_IMPORTS, inside
+  assert not unexplained, unexplained
+
+
+def test_the_reason_finder_reads_a_trailing_or_preceding_comment():
+  src = ("def f():\n"
+         "  from tregjax import a  # pylint: disable=g-import-not-at-top  (heavy: jax)\n"
+         "  # command entry: --help without jax\n"
+         "  from tregjax import b  # pylint: disable=g-import-not-at-top\n"
+         "  from tregjax import c  # pylint: disable=g-import-not-at-top\n")
+  lines = src.splitlines()
+  found = []
+  for node in ast.walk(ast.parse(src)):
+    if isinstance(node, ast.ImportFrom):
+      imp = Import.__new__(Import)
+      imp.lineno, imp.line = node.lineno, lines[node.lineno - 1]
+      found.append(reason_of(imp, lines))
+  assert found == ["heavy: jax", "command entry: --help without jax", ""]
 
 
 def test_every_atomic_write_goes_through_storage():

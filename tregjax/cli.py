@@ -12,10 +12,11 @@ import os
 import re
 import sys
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
-from tregjax.peers import EXIT_PEER_LOST  # 9: a lost or never-joined peer (standard library only)
+from tregjax import host_memory, peers  # standard library only
+from tregjax.peers import EXIT_PEER_LOST  # 9: a lost or never-joined peer
 
 if TYPE_CHECKING:
   import ml_collections
@@ -101,11 +102,14 @@ class _DropTorchBanner(logging.Filter):
 
 
 def install_command_hooks(prog: str) -> None:
-  """For tregjax's own commands (`python -m tregjax.X`): drop the torch banner, and turn an ImportError that escapes
-  the command (even one raised by a module-level import, before `main` runs) into one line and EXIT_MISSING_PACKAGE;
-  and the host allocator setting (`host_memory`: XLA:CPU's per-step temporaries fault in 2 MiB, not 4 KiB, at a time;
-  this may re-execute the process once, which is why it comes first)."""
-  from tregjax import host_memory  # pylint: disable=g-import-not-at-top  (standard library only)
+  """For tregjax's own commands, called from the first lines of each command module when it runs as `__main__`
+  (importing tregjax or a command module installs nothing): drop the torch banner, and turn an ImportError that
+  escapes the command (even one raised by a module-level import, before `main` runs) into one line and
+  EXIT_MISSING_PACKAGE; and the host allocator setting (`host_memory`: XLA:CPU's per-step temporaries fault in 2 MiB,
+  not 4 KiB, at a time; this may re-execute the process once, which is why it comes first). A second call (a console
+  script, then the module it runs) does nothing: the first one's `prog` names the command."""
+  if getattr(sys.excepthook, "tregjax_command", None):
+    return
   try:
     host_memory.apply_for_command()
   except ValueError as e:
@@ -113,7 +117,6 @@ def install_command_hooks(prog: str) -> None:
     sys.exit(EXIT_BAD_INPUT)
   # Several processes: the command runs as the child of a supervisor that turns a peer lost inside jax's native client
   # (an abort with a native stack dump) into one line and EXIT_PEER_LOST (tregjax.peers).
-  from tregjax import peers  # pylint: disable=g-import-not-at-top  (standard library only)
   peers.supervise(prog.removeprefix("python -m "), distributed_env() is not None)
   transformers_logger = logging.getLogger("transformers")
   if not any(isinstance(f, _DropTorchBanner) for f in transformers_logger.filters):
@@ -132,6 +135,7 @@ def install_command_hooks(prog: str) -> None:
     sys.stderr.flush()
     os._exit(EXIT_MISSING_PACKAGE)  # an excepthook cannot raise SystemExit; the process is ending anyway
 
+  hook.tregjax_command = prog
   sys.excepthook = hook
 
 
@@ -176,7 +180,6 @@ def report_errors(prog: str, body: Callable[[], T], *, verbose: bool | None = No
   try:
     return body()
   except Exception as e:  # pylint: disable=broad-except
-    from tregjax import peers  # pylint: disable=g-import-not-at-top  (only with several processes)
     cause = peers.loss_cause(e)
     if cause is not None:  # another process is gone: one line and leave now, past the barriers that wait for it
       peers.exit_lost(prog, cause, verbose=_verbose() if verbose is None else verbose)
@@ -222,7 +225,7 @@ def init_distributed(env: Mapping[str, str] | None = None, config: ml_collection
   import jax  # pylint: disable=g-import-not-at-top
   if jax.distributed.is_initialized():
     return
-  from tregjax import config_schema, peers  # pylint: disable=g-import-not-at-top  (ml_collections: not at cli import)
+  from tregjax import config_schema  # pylint: disable=g-import-not-at-top  (ml_collections: not at cli import)
   d = config_schema.section(config if config is not None else {}, "distributed")
   kwargs.update(initialization_timeout=int(d.initialization_timeout_s),
                 heartbeat_timeout_seconds=int(d.heartbeat_timeout_s),
@@ -232,29 +235,11 @@ def init_distributed(env: Mapping[str, str] | None = None, config: ml_collection
   peers.joining(kwargs.get("coordinator_address"), kwargs.get("num_processes"), kwargs.get("process_id"),
                 int(d.initialization_timeout_s))
   jax.distributed.initialize(**kwargs)
-  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top  (the joined job's
-  state = jax_distributed.global_state  # coordinator, also where jax detected it: SLURM, TPU pods)
-  peers.joined(state.coordinator_address, state.num_processes, state.process_id)
-
-
-def barrier(name: str) -> None:
-  """Wait until every process of the job reaches the barrier `name`; nothing for a single process."""
-  import jax  # pylint: disable=g-import-not-at-top
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
-
-
-def process_zero_first(name: str, build: Callable[[], T]) -> T:
-  """`build()` on process 0, then on the others once it is done: for a build into shared storage that is reused when
-  already there (the others reuse it rather than race to write the same directory). One process: just `build()`."""
-  import jax  # pylint: disable=g-import-not-at-top
-  if jax.process_index() == 0:
-    out = build()
-    barrier(name)
-    return out
-  barrier(name)
-  return build()
+  # The joined job, by jax's public API only: what the environment named, else (SLURM, TPU pods, where jax detects the
+  # job itself) jax.process_count/process_index; jax does not say which coordinator it detected.
+  explicit = "num_processes" in kwargs
+  peers.joined(kwargs.get("coordinator_address"), kwargs["num_processes"] if explicit else jax.process_count(),
+               kwargs["process_id"] if explicit else jax.process_index())
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -270,8 +255,33 @@ def setup_logging(level: int = logging.INFO) -> None:
     tfds.disable_progress_bar()
   except ImportError:  # commands that never touch TFDS (e.g. on an accelerator image without it)
     pass
+  host_memory.log_in_effect()  # what install_command_hooks applied, once per process
 
 
 def compute_dtype(config: ml_collections.ConfigDict, section: ml_collections.ConfigDict) -> str:
   """A command section's own `dtype`, else `model.dtype`, else bfloat16."""
   return section.dtype or (config.get("model", None) or {}).get("dtype", "bfloat16") or "bfloat16"
+
+
+def job_main(prog: str, run: Callable[[ml_collections.ConfigDict], str]) -> None:
+  """A job command's body (`tregjax.score`, `tregjax.generate`: `tregjax.jobs`): join the job's other processes (each
+  does its shards, process 0 assembles), run, print the output directory; bad input ends in one line and its exit
+  status."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  setup_logging()
+
+  def body() -> str:
+    init_distributed(config=flags.FLAGS.config)
+    return run(flags.FLAGS.config)
+
+  print(report_errors(prog, body))
+
+
+def job_app_main(main_fn: Callable[[Sequence[str]], None]) -> None:
+  """`python -m <job command>`: a required --config file, --verbose, then `main_fn`."""
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, "config file (configs/*.py with get_config())", lock_config=True)
+  flags.mark_flag_as_required("config")
+  define_verbose_flag()
+  app.run(main_fn)

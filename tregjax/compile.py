@@ -24,6 +24,11 @@ TPU_ACCELERATOR_TYPE), so it queries no metadata server; the host platform stays
 
 from __future__ import annotations
 
+from tregjax import cli  # first (standard library only): the command hooks below precede any third-party import
+
+if __name__ == "__main__":  # the host allocator (may re-execute), one line for a missing package
+  cli.install_command_hooks("python -m tregjax.compile")
+
 import dataclasses
 import json
 import logging
@@ -35,7 +40,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from tregjax import cli
 
 log = logging.getLogger("tregjax.compile")
 
@@ -122,7 +126,7 @@ class Report:
   total_bytes: int  # argument + output - alias + temp + generated code
   hbm_bytes: float  # per device (a chip's HBM over the devices it shows as)
   flops: float  # per device, XLA's static count of the compiled HLO (a while loop's body counted once)
-  model_flops: float  # per device, the model's count (training.metrics: 6 N per token for the step, 2 N for forward)
+  model_flops: float  # per device, the model's count (6 N per token for the step, 4 N_base + 6 N_lora with LoRA; 2 N forward)
   peak_flops: float  # the device's bf16 peak FLOP/s (training.metrics.ACCELERATORS)
   collectives: dict[str, int]
   compile_s: float
@@ -234,6 +238,26 @@ def longest_bucket(config) -> int:
   return pipeline.bucket_of(config.data.max_length, config.data.buckets)
 
 
+def train_flops_per_token(program, seq_len: int) -> float:
+  """Model FLOPs of one training token of `program` (a `trainer.Program`). Every matmul weight costs 2 FLOPs forward
+  and 2 for the gradient of its input; only a weight that trains also costs 2 for its own gradient:
+
+    6 · N_trained + 4 · N_frozen + 12 · L · n_heads · head_dim · T
+
+  A full fine-tune is `training.metrics.train_flops_per_token` (6 · N + attention). A LoRA run trains the adapters
+  only (`training.partition`): N_trained = the adapters' r · (d_in + d_out) per adapted projection and layer, the
+  base's matmul weights are frozen (no weight gradient), so the count is the full one minus 2 · N_base plus 6 · N_lora.
+  A `train.freeze` run without LoRA keeps the full count (an upper bound)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from tregjax.training import metrics  # pylint: disable=g-import-not-at-top  (train's start: stdlib + cli only)
+  cfg = program.model_cfg
+  full = metrics.train_flops_per_token(cfg, seq_len)
+  if not cfg.lora_targets:
+    return full
+  adapters = sum(math.prod(x.shape) for x in jax.tree.leaves(program.target.params))
+  return full - 2.0 * metrics.matmul_params(cfg) + 6.0 * adapters
+
+
 def compile_train(config, topology: str, devices: Sequence[Any], hbm_bytes: float | None = None) -> Report:
   """The trainer's step (`training.trainer.build`) for a global batch of `data.batch_size` pairs of the longest
   bucket, on the mesh `config.mesh` makes of `devices`."""
@@ -266,7 +290,7 @@ def compile_train(config, topology: str, devices: Sequence[Any], hbm_bytes: floa
   compile_s = time.perf_counter() - t0
   accum = int(config.optimizer.grad_accum_steps)
   rows = 2 * b if config.objective != "sft" else b  # chosen + rejected rows in one forward (sft: chosen only)
-  model_flops = metrics.train_flops_per_token(program.model_cfg, t) * rows * t / len(devices)
+  model_flops = train_flops_per_token(program, t) * rows * t / len(devices)
   desc = (f"{b} pairs x {t} tokens in {accum} micro-batch(es) of {b // accum}, remat={config.model.remat}, "
           f"{config.model.dtype} compute / {config.model.param_dtype} weights")
   return _analyse("train step", topology, devices, mesh, desc, compiled, model_flops, compile_s, hbm_bytes, oom)
@@ -368,7 +392,6 @@ def define_flags(with_config: bool) -> None:
 
 
 if __name__ == "__main__":
-  cli.install_command_hooks("tregjax.compile")
   from absl import app  # pylint: disable=g-import-not-at-top
   define_flags(with_config=True)
   cli.define_verbose_flag()

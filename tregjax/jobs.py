@@ -17,13 +17,14 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
-from tregjax import cli, errors, peers, storage
+from tregjax import errors, peers, storage
 from tregjax.data import hashing
 
 log = logging.getLogger("tregjax.jobs")
 
+T = TypeVar("T")
 Key = tuple[str, int]  # a work shard: (name prefix, index) -> work/{prefix}-{index:05d}.{ext}
 
 
@@ -116,7 +117,7 @@ class Job:
     for name in os.listdir(work) if jax.process_index() == 0 else ():
       if storage.is_temporary(name):
         os.remove(os.path.join(work, name))
-    cli.barrier(f"{self.name} start")
+    barrier(f"{self.name} start")
 
   def read(self, key: Key) -> Any:
     """The shard, or None when it is absent, damaged or of another digest (then it is redone)."""
@@ -151,30 +152,27 @@ class Job:
   def finish(self, assemble: Callable[[], None]) -> None:
     """Once every process has written its shards, process 0 runs `assemble` (which writes the marker last)."""
     import jax  # pylint: disable=g-import-not-at-top
-    cli.barrier(f"{self.name} shards")
+    barrier(f"{self.name} shards")
     if jax.process_index() == 0:
       assemble()
-    cli.barrier(f"{self.name} assembled")
+    barrier(f"{self.name} assembled")
 
 
-def main(prog: str, run: Callable[[Any], str]) -> None:
-  """A job command's body: join the job's other processes (each does its shards, process 0 assembles), run, print
-  the output directory; bad input ends in one line and its exit status."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  cli.setup_logging()
-
-  def body() -> str:
-    cli.init_distributed(config=flags.FLAGS.config)
-    return run(flags.FLAGS.config)
-
-  print(cli.report_errors(prog, body))
+def barrier(name: str) -> None:
+  """Wait until every process of the job reaches the barrier `name`; nothing for a single process."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
 
 
-def app_main(main_fn: Callable[[Sequence[str]], None]) -> None:
-  """`python -m <job command>`: a required --config file, --verbose, then `main_fn`."""
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, "config file (configs/*.py with get_config())", lock_config=True)
-  flags.mark_flag_as_required("config")
-  cli.define_verbose_flag()
-  app.run(main_fn)
+def process_zero_first(name: str, build: Callable[[], T]) -> T:
+  """`build()` on process 0, then on the others once it is done: for a build into shared storage that is reused when
+  already there (the others reuse it rather than race to write the same directory). One process: just `build()`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    out = build()
+    barrier(name)
+    return out
+  barrier(name)
+  return build()

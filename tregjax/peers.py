@@ -253,13 +253,16 @@ class _Relay:
     self.held: list[bytes] = []
     self.holding = False
     self.fatal: list[str] = []  # the fatal record and the lines after it (the status it names)
+    self.fatal_done = False  # the stack dump after the fatal status has begun
     self.reported = False  # the child printed its own peer-loss line
     self.pending = b""
 
   def _line(self, raw: bytes) -> None:
     line = raw.decode("utf-8", "replace")
     if self.fatal:
-      if len(self.fatal) < 6:
+      if "Check failure stack trace" in line:  # the native stack dump begins: the status it names is complete
+        self.fatal_done = True
+      if len(self.fatal) < 6 and not self.fatal_done:
         self.fatal.append(line.strip())
       return
     if _FATAL.search(line):

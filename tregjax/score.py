@@ -34,11 +34,19 @@ plain ids. Bad input stops before anything is written: a tokenizer larger than a
 its max_position_embeddings (checked before compiling), a mesh that does not divide the devices (naming
 config.mesh.*), and a shard holding a non-finite value (naming the record).
 
+A `data.cache_dir` on object storage (gs://...) is scored in a local staging directory keyed by the cache's hash and
+then uploaded with `cache_meta.json` last (`_run_staged`): a torn upload has no marker and is never read as whole.
+
 Config keys read: `model.hf_path`, `model.dtype`, `data.*` (the tokenized dataset, see tregjax.data.build),
-`data.cache_dir` (output), `mesh.{data,fsdp,tensor}` and the `score` section (`default_score_config()`).
+`data.cache_dir` (output: a local path or a URI), `mesh.{data,fsdp,tensor}` and the `score` section (`default_score_config()`).
 """
 
 from __future__ import annotations
+
+from tregjax import cli  # first (standard library only): the command hooks below precede any third-party import
+
+if __name__ == "__main__":  # the host allocator (may re-execute), one line for a missing package
+  cli.install_command_hooks("python -m tregjax.score")
 
 import dataclasses
 import functools
@@ -56,8 +64,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from tregjax import cli, config_schema, jobs, losses, models, parallel, programs, storage
-from tregjax.data import pipeline, scored_cache, tfds_builder
+from tregjax import config_schema, errors, jobs, losses, models, parallel, programs, storage
+from tregjax.data import hashing, pipeline, scored_cache, tfds_builder
 from tregjax.data import build as data_build
 from tregjax.data.scored_cache import CACHE_FORMAT_VERSION, CACHE_META, REWARD_SOURCES, RowValues, cache_components
 from tregjax.data.tokenize import ChatTokenizer, with_instruction
@@ -509,7 +517,9 @@ def run(config: ml_collections.ConfigDict, *, oracle: Oracle | None = None) -> s
   cache_dir = data_build.data_section(config).get("cache_dir", "")
   if not cache_dir:
     raise ValueError("set data.cache_dir (where the scored cache is written)")
-  dataset_dir = cli.process_zero_first("tregjax.score dataset", lambda: _dataset_dir(config))
+  dataset_dir = jobs.process_zero_first("tregjax.score dataset", lambda: _dataset_dir(config))
+  if storage.is_uri(cache_dir):
+    return _run_staged(config, str(cache_dir), dataset_dir, oracle)
   job = jobs.Job("tregjax.score", cache_dir, cache_components(config, dataset_dir), CACHE_META, jobs.ARRAYS,
                  what="a scored cache", dir_key="data.cache_dir")
   if job.done():
@@ -564,6 +574,36 @@ def run(config: ml_collections.ConfigDict, *, oracle: Oracle | None = None) -> s
   return cache_dir
 
 
+def _run_staged(config: ml_collections.ConfigDict, cache_dir: str, dataset_dir: str, oracle: Oracle | None) -> str:
+  """Score into a cache on object storage: the job runs in a local staging directory keyed by the cache's hash
+  (`scored_cache.staged_path`: resumable there, like a local cache), then process 0 uploads the finished cache with
+  its marker last (`scored_cache.upload`). A marker already there: done when its hash is this config's, else
+  refused in one line (nothing on object storage is overwritten)."""
+  digest = hashing.hash_json(cache_components(config, dataset_dir))
+  marker = storage.join(cache_dir, CACHE_META)
+  if storage.exists(marker):
+    found = storage.read_json(marker).get("hash")
+    if found != digest:
+      raise errors.StaleCacheError(f"{cache_dir} already holds a scored cache of other inputs (hash "
+                                   f"{str(found)[:16]}, this config {digest[:16]}); choose another data.cache_dir "
+                                   f"or delete it")
+    log.info("a scored cache in %s is complete and current", cache_dir)
+    return cache_dir
+  if jax.process_count() > 1 and not os.environ.get("TREGJAX_STAGING_DIR"):
+    raise errors.ConfigError(f"config.data.cache_dir={cache_dir!r}: scoring on {jax.process_count()} processes into "
+                             f"object storage stages the work shards in one directory every process sees: set "
+                             f"TREGJAX_STAGING_DIR to a shared mount, or score into a shared-filesystem cache_dir")
+  staged = scored_cache.staged_path(digest, "score")
+  local_config = config.copy_and_resolve_references()
+  local_config.data.cache_dir = staged
+  run(local_config, oracle=oracle)
+  if jax.process_index() == 0:
+    log.info("uploading the scored cache %s to %s (cache_meta.json last)", staged, cache_dir)
+    scored_cache.upload(staged, cache_dir)
+  jobs.barrier("tregjax.score uploaded")
+  return cache_dir
+
+
 def _record_name(source: Any, split: str, index: int) -> str:
   """`split record N (file:line M)`: where a person finds the record the error is about."""
   return f"{split} record {index} ({_text(source[index]['example_id'])})"
@@ -603,14 +643,14 @@ def _assemble(job: jobs.Job, dataset_dir: str, sources: dict[str, Any], keys: li
 def run_command(config: ml_collections.ConfigDict) -> str:
   """`python -m tregjax.score`: writes where `python -m tregjax.train` with the same config looks. As there, a cache
   of other inputs in data.cache_dir is moved aside first (`scored_cache.set_aside`), not refused nor overwritten."""
-  cli.process_zero_first("tregjax.score set aside", lambda: scored_cache.set_aside(config, log))
+  jobs.process_zero_first("tregjax.score set aside", lambda: scored_cache.set_aside(config, log))
   return run(config)
 
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  jobs.main("tregjax.score", run_command)
+  cli.job_main("tregjax.score", run_command)
 
 
 if __name__ == "__main__":
-  jobs.app_main(main)
+  cli.job_app_main(main)

@@ -337,6 +337,38 @@ def copy_file(src: str | os.PathLike, dst: str | os.PathLike, *, mode: int = FIL
   write_bytes(d, read_bytes(s), mode=mode)
 
 
+def _tree(root: str, skip: tuple[str, ...]) -> list[str]:
+  """'/'-separated relative names of the files under `root` (local or URI), sorted, without temporaries and without
+  the top-level entries named in `skip`."""
+  if is_uri(root):
+    fs = _fresh_fs(root)
+    base = fs._strip_protocol(root).rstrip("/")  # pylint: disable=protected-access
+    names = [q[len(base) + 1:] for q in fs.find(base) if q.startswith(base + "/")]
+  else:
+    names = [os.path.relpath(os.path.join(d, n), root).replace(os.sep, "/")
+             for d, _, files in os.walk(root) for n in files]
+  return sorted(n for n in names if not is_temporary(n) and n.split("/", 1)[0] not in skip)
+
+
+def copy_tree(src: str | os.PathLike, dst: str | os.PathLike, *, last: str, skip: tuple[str, ...] = ()) -> None:
+  """Copy a directory (a local one to a URI, or a URI to a local one) file by file, each atomically, with `last` (the
+  completion marker: a top-level file name) copied after every other file. A reader that trusts a directory only
+  when it holds `last` never reads a torn copy as whole; a copy killed midway is redone by running it again.
+  `skip`: top-level names left out (a job's work/). A local destination is filled in place: wrap it in
+  `atomic_dir` to make it appear whole."""
+  s, d = local(src), local(dst)
+  names = _tree(s, skip)
+  if last not in names:
+    raise StorageError(f"{s}: no {last} to copy last (not a finished directory)")
+  for name in [n for n in names if n != last] + [last]:
+    source, target = join(s, *name.split("/")), join(d, *name.split("/"))
+    if is_uri(s) and not is_uri(d):  # object storage -> local: streamed by the backend into the temporary
+      with _temporary(target, FILE_MODE) as tmp:
+        _fs(s).get_file(source, tmp)
+    else:
+      copy_file(source, target)
+
+
 def bucket(path: str | os.PathLike) -> str | None:
   """'gs://b' for 'gs://b/run/x'; None for a local path."""
   p = local(path)

@@ -20,6 +20,11 @@ refused in one line when it was made from other inputs. So
 
 from __future__ import annotations
 
+from tregjax import cli  # first (standard library only): the command hooks below precede any third-party import
+
+if __name__ == "__main__":  # the host allocator (may re-execute), one line for a missing package
+  cli.install_command_hooks("python -m tregjax.train")
+
 import logging
 import os
 
@@ -27,7 +32,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from tregjax import cli
+from tregjax import jobs, programs, storage  # standard library only: --help without jax
+from tregjax.training import config as config_lib  # ml_collections, no jax
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Trainer config file (configs/*.py[:arg]).",
                                           lock_config=True)
@@ -62,15 +68,11 @@ def main(argv: list[str]) -> None:
 
 def _train() -> None:
   cli.init_distributed(config=_CONFIG.value)
-  from tregjax import programs  # pylint: disable=g-import-not-at-top  (command entry: --help without jax)
-  # command entry: --help without jax:
-  from tregjax.training import config as config_lib  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   # The whole config (sections, keys, mesh vs devices; for the trainer also input paths and splits) before anything
   # is built: each problem is one line now, not a crash at the first evaluation.
   config_lib.validate(config, check_data=config.program == "train")
   workdir = _WORKDIR.value or default_workdir()
-  from tregjax import storage  # pylint: disable=g-import-not-at-top  (command entry: --help without jax)
   storage.check_writable(workdir, "--workdir")  # a gs:// bucket that is missing or read-only: one line, before work
   if config.program == "train":
     prepare_data(config)
@@ -95,10 +97,10 @@ def prepare_data(config) -> None:
     from tregjax.data import scored_cache  # pylint: disable=g-import-not-at-top  (command entry: --help without jax)
     # A cache of other inputs (edited data, prompts, model) is moved aside, not refused nor overwritten; one of
     # these inputs set aside earlier comes back. Then the pass scores what is missing (nothing when current).
-    cli.process_zero_first("tregjax.train scored cache", lambda: scored_cache.set_aside(config, log))
+    jobs.process_zero_first("tregjax.train scored cache", lambda: scored_cache.set_aside(config, log))
     log.info("scored cache: %s", score.run(config))
   else:
-    log.info("tokenized dataset: %s", cli.process_zero_first("tregjax.train dataset",
+    log.info("tokenized dataset: %s", jobs.process_zero_first("tregjax.train dataset",
                                                              lambda: data_build.build_dataset(config)))
 
 

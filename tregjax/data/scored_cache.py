@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -82,13 +83,16 @@ def source_spec(name: str) -> RewardSource:
   return REWARD_SOURCES[name]
 
 
-def _data_hash(config, dataset_dir: str | None) -> str:
-  """The tokenized dataset's hash, without building anything (a check must not have side effects)."""
+def _data_hash(config, dataset_dir: str | None) -> str | None:
+  """The tokenized dataset's hash, without building anything (a check must not have side effects); None when the
+  config names no data (a trainer given only data.cache_dir: `check_cache` then takes the cache's own)."""
   if dataset_dir:
     return tfds_builder.read_metadata(dataset_dir)["hash"]
   d = data_build.data_section(config)
   if d.train_files:
     return data_build.dataset_hash(config)
+  if not d.get("dataset_dir"):
+    return None
   return tfds_builder.read_metadata(tfds_builder.resolve(d.dataset_dir))["hash"]
 
 
@@ -124,14 +128,17 @@ def cache_hash(config, dataset_dir: str | None = None) -> str:
 def check_cache(cache_dir: str, expected_hash: str | dict[str, str]) -> dict[str, Any]:
   """Refuse a missing, incomplete or stale cache with a clear message; returns its metadata.
 
-  `expected_hash` is `cache_hash(config)` or `cache_components(config)` (then the message names what changed).
+  `expected_hash` is `cache_hash(config)` or `cache_components(config)` (then the message names what changed; its
+  data component None -- a config that names only the cache, no data files -- takes the cache's). `cache_dir`: a
+  local path or a URI (its marker read there).
   """
-  path = os.path.join(cache_dir, CACHE_META)
-  if not os.path.exists(path):
+  path = storage.join(cache_dir, CACHE_META)
+  if not storage.exists(path):
     raise errors.StaleCacheError(f"{cache_dir} is not a finished scored cache (no {CACHE_META}); run "
                                  f"`python -m tregjax.score` with this config (it resumes an interrupted run)")
-  with open(path) as f:
-    meta = json.load(f)
+  meta = storage.read_json(path)
+  if isinstance(expected_hash, dict) and expected_hash.get("data") is None:  # the config names no data: the cache's
+    expected_hash = dict(expected_hash, data=meta.get("components", {}).get("data"))
   expected = expected_hash if isinstance(expected_hash, str) else hashing.hash_json(expected_hash)
   if meta["hash"] != expected:
     changed = ""
@@ -213,3 +220,65 @@ def set_aside(config, log) -> None:
     storage.move_dir(earlier, cache_dir)
     log.warning("reusing the scored cache of these inputs set aside earlier: moved %s back to %s", earlier,
                 cache_dir)
+
+
+# ------------------------------------------------------------------------------------ a cache on object storage
+
+
+def staging_root() -> str:
+  """Where a cache on object storage is staged on this host: scored into (`tregjax.score`) and copied down to for
+  reading (the trainer: grain reads array_record files by random access, from a POSIX path).
+  $TREGJAX_STAGING_DIR, else `hashing.cache_dir()/staging`. Entries are keyed by the cache's hash."""
+  return os.environ.get("TREGJAX_STAGING_DIR") or os.path.join(hashing.cache_dir(), "staging")
+
+
+def staged_path(digest: str, kind: str = "cache") -> str:
+  """`<staging_root>/<kind>-<digest[:16]>`: 'score' while scoring, 'cache' for a finished copy."""
+  return os.path.join(staging_root(), f"{kind}-{digest[:16]}")
+
+
+def upload(staged: str, cache_dir: str) -> None:
+  """Copy a finished cache scored into `staged` to `cache_dir` (object storage), `cache_meta.json` LAST: a torn
+  upload has no marker, so the trainer refuses it as unfinished and a rerun of the scorer uploads it again. The work
+  shards stay behind; the staged copy becomes this host's `staged_path(hash)` for a trainer here."""
+  storage.copy_tree(staged, cache_dir, last=CACHE_META, skip=("work",))
+  digest = storage.read_json(os.path.join(staged, CACHE_META))["hash"]
+  shutil.rmtree(os.path.join(staged, "work"), ignore_errors=True)
+  target = staged_path(digest)
+  if os.path.exists(target):
+    shutil.rmtree(staged)
+  else:
+    storage.move_dir(staged, target)
+
+
+def local_copy(cache_dir: str) -> str:
+  """The finished scored cache `cache_dir` as a local directory: itself when local; for a URI, this host's copy
+  under `staging_root()`, keyed by the cache's hash (copied down on first use, `cache_meta.json` last and the whole
+  copy appearing by one rename, so a torn copy is never used). A URI without `cache_meta.json` (unfinished, or an
+  upload torn before its marker) is refused like a local one: StaleCacheError."""
+  if not storage.is_uri(cache_dir):
+    return cache_dir
+  marker = storage.join(cache_dir, CACHE_META)
+  if not storage.exists(marker):
+    raise errors.StaleCacheError(f"{cache_dir} is not a finished scored cache (no {CACHE_META}); run "
+                                 f"`python -m tregjax.score` with this config (it resumes an interrupted run)")
+  digest = storage.read_json(marker)["hash"]
+  target = staged_path(digest)
+
+  def current() -> bool:
+    path = os.path.join(target, CACHE_META)
+    return os.path.exists(path) and storage.read_json(path).get("hash") == digest
+
+  if current():
+    return target
+  if os.path.exists(target):  # a copy of another cache under a colliding prefix, or left half by hand: redo it
+    shutil.rmtree(target)
+  try:
+    with storage.atomic_dir(target) as tmp:
+      storage.copy_tree(cache_dir, tmp, last=CACHE_META, skip=("work",))
+      if storage.read_json(os.path.join(tmp, CACHE_META)).get("hash") != digest:
+        raise errors.StaleCacheError(f"{cache_dir} was rewritten while it was being copied to {target}; rerun")
+  except OSError:
+    if not current():  # another process of this host renamed its whole copy into place first: use that one
+      raise
+  return target

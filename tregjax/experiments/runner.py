@@ -33,33 +33,20 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from tregjax import programs, storage
+from tregjax import config_schema, data, losses, models, programs, score, storage
+from tregjax.data import tfds_builder
 from tregjax.experiments import arms as arms_lib
+from tregjax.experiments import report, stats
 from tregjax.experiments import stages as stages_lib
-from tregjax.experiments import stats
+from tregjax.training import trainer
 
 log = logging.getLogger("tregjax.experiments")
-
-
-def default_experiment_config() -> ml_collections.ConfigDict:
-  """The `experiment` section: which task, which arms, and what else the report measures."""
-  return ml_collections.ConfigDict(dict(
-      task="synthetic",  # a key of tregjax.programs.TASKS
-      arms=("dpo", "dpo_reg"),
-      # Policies whose implicit token rewards β·(log π − log π_ref) join the token-credit table ("dpo" is the paper's
-      # DPO-implicit source and TGDPO's guidance; any trained arm can be added).
-      credit_policies=("dpo",),
-      reward_model_steps=0,  # > 0: train a Bradley-Terry reward model on the pairs for R3HF token rewards
-      reward_model_lr=1e-5,
-      heatmap_rows=10,
-  ))
 
 
 def experiment_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`config.experiment` over the defaults; unknown keys (config_schema.merge: the rule of every section) and arms are
   errors naming the key."""
-  from tregjax import config_schema  # pylint: disable=g-import-not-at-top
-  merged = config_schema.merge("experiment", default_experiment_config(), config.get("experiment", None))
+  merged = config_schema.merge("experiment", stages_lib.default_experiment_config(), config.get("experiment", None))
   unknown = [a for a in merged.arms if a not in arms_lib.ARMS]
   if unknown:
     raise ValueError(f"experiment.arms: unknown {unknown}; choose from {sorted(arms_lib.ARMS)}")
@@ -124,7 +111,6 @@ def _reward_settings(source: str, stages: stages_lib.Stages, task: stages_lib.Ta
 def score_stage(config, task: stages_lib.Task, prepared: stages_lib.Prepared, stages: stages_lib.Stages,
                 source: str) -> str:
   """The scored cache of one token-reward source (reference log-probs are the same in every one)."""
-  from tregjax import score  # pylint: disable=g-import-not-at-top
   name = "scored/" + source.replace(":", "_")
   cache = os.path.join(stages.path(name), "cache")
   started = time.perf_counter()
@@ -141,7 +127,6 @@ def score_stage(config, task: stages_lib.Task, prepared: stages_lib.Prepared, st
 def _export(model, out: str, tokenizer_dir: str) -> str:
   from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
 
-  from tregjax import models  # pylint: disable=g-import-not-at-top
   models.save_pretrained(model, out, tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True))
   return out
 
@@ -178,7 +163,6 @@ def reward_model_stage(config, task: stages_lib.Task, prepared: stages_lib.Prepa
 def train_arm(config, task: stages_lib.Task, prepared: stages_lib.Prepared, stages: stages_lib.Stages,
               arm: str) -> dict[str, Any]:
   """One arm from the reference on its scored cache; exported to arms/<arm>/hf. Returns the trainer's summary."""
-  from tregjax.training import trainer  # pylint: disable=g-import-not-at-top
   name = f"arms/{arm}"
   started = time.perf_counter()
   stage = arm_stage(config, task, prepared, stages, arm)
@@ -196,8 +180,6 @@ def train_arm(config, task: stages_lib.Task, prepared: stages_lib.Prepared, stag
 def train_reward_model(config, task: stages_lib.Task, prepared: stages_lib.Prepared, stages: stages_lib.Stages,
                        exp: ml_collections.ConfigDict) -> str:
   """A Bradley-Terry sequence reward model on the same pairs, from the reference (fresh head): R3HF's scorer."""
-  from tregjax import data  # pylint: disable=g-import-not-at-top
-  from tregjax.training import trainer  # pylint: disable=g-import-not-at-top
   name = "reward_model"
   hf = os.path.join(stages.path(name), "hf")
   started = time.perf_counter()
@@ -218,7 +200,6 @@ def train_reward_model(config, task: stages_lib.Task, prepared: stages_lib.Prepa
 
 def cache_rows(cache: str) -> list[dict[str, Any]]:
   """The rows of a scored cache directory (its cache_meta.json names the dataset), as dicts."""
-  from tregjax.data import tfds_builder  # pylint: disable=g-import-not-at-top
   with open(os.path.join(cache, "cache_meta.json"), encoding="utf-8") as f:
     dataset = os.path.join(cache, json.load(f)["dataset"])
   src = tfds_builder.data_source(dataset, "train")
@@ -259,7 +240,6 @@ def _credit_row(scores: np.ndarray, truth: dict[str, np.ndarray], seed: int, mea
 def tisdpo_weights(rows: list[dict[str, Any]]) -> np.ndarray:
   """TIS-DPO's chosen-side importance weight of every response token (from the contrastive rewards), flattened like
   `flat_rewards`: how much weight TIS-DPO would give each token if it were in a chosen response."""
-  from tregjax import losses  # pylint: disable=g-import-not-at-top
   rewards = [np.asarray(row[f"{side}_token_rewards"], np.float32) for row in rows for side in ("chosen", "rejected")]
   width = max(len(r) for r in rewards)
   padded, mask = np.zeros((len(rewards), width), np.float32), np.zeros((len(rewards), width), bool)
@@ -326,7 +306,6 @@ def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
 def heatmap_rows(task_tokenizer, rows: list[dict[str, Any]], truth: dict[str, np.ndarray], rewards: np.ndarray,
                  count: int) -> list[Any]:
   """About `count` responses for the heatmap: those with the most oracle-labelled error tokens first, then others."""
-  from tregjax.experiments import report  # pylint: disable=g-import-not-at-top
   groups = truth["groups"]
   starts = np.concatenate([[0], np.flatnonzero(np.diff(groups)) + 1, [len(groups)]])
   spans = [(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
@@ -369,7 +348,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """The whole experiment; returns and writes workdir/results.json (plus plot.png and heatmap.html)."""
   from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
 
-  from tregjax.experiments import report  # pylint: disable=g-import-not-at-top
   exp = experiment_section(config)
   task = make_task(exp.task, config)
   stages = stages_lib.Stages(workdir)

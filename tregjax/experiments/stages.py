@@ -19,7 +19,22 @@ import ml_collections
 import numpy as np
 
 from tregjax import errors, storage
+from tregjax.data import hashing
 from tregjax.training import config as config_lib
+
+
+def default_experiment_config() -> ml_collections.ConfigDict:
+  """The `experiment` section: which task, which arms, and what else the report measures."""
+  return ml_collections.ConfigDict(dict(
+      task="synthetic",  # a key of tregjax.programs.TASKS
+      arms=("dpo", "dpo_reg"),
+      # Policies whose implicit token rewards β·(log π − log π_ref) join the token-credit table ("dpo" is the paper's
+      # DPO-implicit source and TGDPO's guidance; any trained arm can be added).
+      credit_policies=("dpo",),
+      reward_model_steps=0,  # > 0: train a Bradley-Terry reward model on the pairs for R3HF token rewards
+      reward_model_lr=1e-5,
+      heatmap_rows=10,
+  ))
 
 
 class Stages:
@@ -72,8 +87,6 @@ class Stages:
     info = dict(info or {}, seconds=round(time.perf_counter() - started, 1))
     if key is not None:
       info["key"], info["key_json"] = self.key_hash(key), self.key_json(key)
-    # Here, not at the top: the tregjax.data package imports its builder (TFDS, transformers), and config files
-    # import this module (through the runner's defaults).
     os.makedirs(self.path(name), exist_ok=True)
     storage.write_json(os.path.join(self.path(name), "DONE"), info)
     self.say(f"{name} done in {info['seconds']:.0f}s")
@@ -85,9 +98,6 @@ class Stages:
     return json.loads(json.dumps(key, default=str).replace(self.root, "<workdir>"))
 
   def key_hash(self, key: Any) -> str:
-    # Here, not at the top: the tregjax.data package imports its builder (TFDS, transformers), and config files
-    # import this module (through the runner's defaults).
-    from tregjax.data import hashing  # pylint: disable=g-import-not-at-top
     return hashing.hash_json(self.key_json(key))
 
   def say(self, message: str) -> None:
@@ -170,4 +180,4 @@ def trainer_config(config: ml_collections.ConfigDict, task_section: str) -> ml_c
   return ml_collections.ConfigDict(d)
 
 
-__all__ = ["Stages", "stage_key", "Prepared", "Task", "trainer_config"]
+__all__ = ["Stages", "stage_key", "Prepared", "Task", "default_experiment_config", "trainer_config"]

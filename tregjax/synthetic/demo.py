@@ -23,20 +23,15 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from tregjax import losses
-from tregjax.experiments import arms, runner, stats
+from tregjax import config_schema, data, losses, models
+from tregjax.data.tokenize import ChatTokenizer, with_instruction
+from tregjax.experiments import arms, report, runner, stats
 from tregjax.experiments import stages as stages_lib
+from tregjax.models import decoding
 from tregjax.synthetic import world as world_lib
+from tregjax.training import trainer
 
 log = logging.getLogger("tregjax.demo")
-
-
-def demo_section() -> ml_collections.ConfigDict:
-  """Keys of `config.demo` (configs/demo.py sets them): the world and its SFT reference."""
-  return ml_collections.ConfigDict(dict(
-      num_symbols=32, response_length=10, world_seed=0, max_plain_error=0.4,
-      sft_examples=6000, sft_steps=600, sft_lr=3e-3, sft_batch_size=64,
-      train_pairs=2048, eval_pairs=256, eval_prompts=256))
 
 
 def write_world(demo: ml_collections.ConfigDict, out: str) -> dict[str, str]:
@@ -78,8 +73,6 @@ def _data_config(stage: ml_collections.ConfigDict, tokenizer: str, train: str, v
 
 def train_reference(config, demo, paths, out: str) -> str:
   """SFT on careful / sloppy / plain demonstrations; returns the exported Hugging Face directory."""
-  from tregjax import data, models  # pylint: disable=g-import-not-at-top
-  from tregjax.training import trainer  # pylint: disable=g-import-not-at-top
   hf_dir = os.path.join(out, "hf")
   stage = stages_lib.trainer_config(config, SyntheticTask.section)
   stage.objective = "sft"
@@ -135,7 +128,6 @@ def token_logps(model, tokens, labels, segments) -> np.ndarray:
 def generated_error_rate(model, tok, world, prompts: list[list[int]], tasks: list[tuple[str, int]],
                          temperature: float, seed: int) -> tuple[float, list[list[str]]]:
   """The oracle's fraction of wrong positions in the policy's own responses (KV-cache `generate`), and the walks."""
-  from tregjax.models import decoding  # pylint: disable=g-import-not-at-top
   out = decoding.generate(model, prompts, max_new_tokens=world.response_length + 1, key=jax.random.key(seed),
                           temperature=temperature, eos_ids=(tok.end_of_turn_id,), pad_id=tok.pad_id)
   tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
@@ -159,7 +151,6 @@ def evaluate(models_by_name: dict[str, Any], tokenizer_dir: str, demo, eval_pair
   The reference also gets its error mass under the "better" instruction (the headroom T-REG can draw on) and the AUC of
   its contrastive token rewards r̂_t (the self-generated signal itself).
   """
-  from tregjax.data.tokenize import ChatTokenizer, with_instruction  # pylint: disable=g-import-not-at-top
   world = world_lib.World(demo.num_symbols, demo.response_length, demo.world_seed)
   tok = ChatTokenizer(tokenizer_dir)
   rng = np.random.default_rng(demo.world_seed + 99)
@@ -240,8 +231,7 @@ class SyntheticTask:
   section = "demo"
 
   def __init__(self, config: ml_collections.ConfigDict):
-    from tregjax import config_schema  # pylint: disable=g-import-not-at-top
-    self.demo = config_schema.merge(self.section, demo_section(), config.get(self.section, None))
+    self.demo = config_schema.merge(self.section, world_lib.demo_section(), config.get(self.section, None))
     self.world = world_lib.World(self.demo.num_symbols, self.demo.response_length, self.demo.world_seed)
     self._tok = None
     self.tokenizer_dir = ""  # set by prepare
@@ -286,8 +276,6 @@ class SyntheticTask:
   def evaluate(self, config: ml_collections.ConfigDict, stages: stages_lib.Stages, prepared: stages_lib.Prepared,
                policies: dict[str, str]) -> dict[str, Any]:
     """The oracle metrics of every policy (see `evaluate`), a table, and the error mass per policy for the plot."""
-    from tregjax import models  # pylint: disable=g-import-not-at-top
-    from tregjax.experiments import report  # pylint: disable=g-import-not-at-top
     loaded = {name: models.from_pretrained(path, dtype=jnp.float32) for name, path in policies.items()}
     results = evaluate(loaded, prepared.tokenizer, self.demo, prepared.eval_pairs, beta=config.loss.beta,
                        better_instruction=config.score.better_instruction,

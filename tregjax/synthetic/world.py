@@ -26,6 +26,7 @@ import dataclasses
 import json
 from collections.abc import Iterator
 
+import ml_collections
 import numpy as np
 
 from tregjax import storage
@@ -43,6 +44,14 @@ CHAT_TEMPLATE = (
     "{% elif m['role'] == 'assistant' %}<|assistant|> {{ m['content'] }} <|end|> "
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def demo_section() -> ml_collections.ConfigDict:
+  """Keys of `config.demo` (configs/demo.py sets them): the world and its SFT reference."""
+  return ml_collections.ConfigDict(dict(
+      num_symbols=32, response_length=10, world_seed=0, max_plain_error=0.4,
+      sft_examples=6000, sft_steps=600, sft_lr=3e-3, sft_batch_size=64,
+      train_pairs=2048, eval_pairs=256, eval_prompts=256))
 
 
 @dataclasses.dataclass(frozen=True)

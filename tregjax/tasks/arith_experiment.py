@@ -25,22 +25,11 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from tregjax import storage
-from tregjax.experiments import arms, runner, stats
+from tregjax import assets, config_schema, generate, models, storage
+from tregjax.experiments import arms, report, runner, stats
 from tregjax.experiments import stages as stages_lib
-from tregjax.tasks import arith
-
-
-def default_arith_config() -> ml_collections.ConfigDict:
-  """The `arith` section: problems, sampling and evaluation sizes (configs/smollm2_arith.py sets them)."""
-  return ml_collections.ConfigDict(dict(
-      model="",  # a .gguf file or HF directory; "" -> the SmolLM2-135M-Instruct asset (tregjax.assets)
-      # Levels 1-2 with operands up to 20: SmolLM2-135M answers ~25% of one-step and ~3% of two-step problems of
-      # this size (4% overall at levels 1-3 with operands up to 60, where almost no sample group is mixed and so
-      # almost no problem yields a pair).
-      train_prompts=192, eval_prompts=500, seed=0, levels=(1, 2), max_operand=20,
-      num_samples=5, temperature=0.8, top_p=1.0, max_new_tokens=96,
-      sample_batch_size=64, eval_batch_size=64))
+from tregjax.models import gguf
+from tregjax.tasks import arith, sections
 
 
 class ArithScorer:
@@ -79,8 +68,7 @@ class ArithTask:
   oracle_id = "smollm2-arith:token_labels:cut-answer"
 
   def __init__(self, config: ml_collections.ConfigDict):
-    from tregjax import config_schema  # pylint: disable=g-import-not-at-top
-    self.a = config_schema.merge("arith", default_arith_config(), config.get("arith", None))
+    self.a = config_schema.merge("arith", sections.default_arith_config(), config.get("arith", None))
     self.answers: dict[str, int] = {}
     self.tokenizer_dir = ""
     self._tok = None
@@ -113,7 +101,6 @@ class ArithTask:
     return stage
 
   def prepare(self, config: ml_collections.ConfigDict, stages: stages_lib.Stages) -> stages_lib.Prepared:
-    from tregjax import generate  # pylint: disable=g-import-not-at-top
     a = self.a
     train_file, eval_file = stages.path("problems/train.jsonl"), stages.path("problems/eval.jsonl")
     problems_key = dict(train=int(a.train_prompts), eval=int(a.eval_prompts), seed=int(a.seed), levels=list(a.levels),
@@ -160,10 +147,8 @@ class ArithTask:
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
 
-    from tregjax import assets, models  # pylint: disable=g-import-not-at-top
     path = self.a.model or str(assets.fetch("smollm2"))
     if path.endswith(".gguf"):
-      from tregjax.models import gguf  # pylint: disable=g-import-not-at-top
       tok_dir = os.path.join(os.path.dirname(path), "tokenizer")
       tok = (AutoTokenizer.from_pretrained(tok_dir, local_files_only=True) if os.path.isdir(tok_dir)
              else gguf.tokenizer_from_gguf(path))
@@ -198,8 +183,6 @@ class ArithTask:
                policies: dict[str, str]) -> dict[str, Any]:
     """Greedy answers of every policy to the held-out problems: accuracy (Wilson), paired Δ vs DPO, equation errors,
     parse failures and response length."""
-    from tregjax import generate  # pylint: disable=g-import-not-at-top
-    from tregjax.experiments import report  # pylint: disable=g-import-not-at-top
     eval_file = stages.path("problems/eval.jsonl")
     per_policy: dict[str, dict[str, Any]] = {}
     correct: dict[str, np.ndarray] = {}

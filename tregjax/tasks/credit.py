@@ -35,10 +35,11 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from tregjax import storage
+from tregjax import assets, config_schema, errors, generate, storage
 from tregjax.experiments import runner, stats
 from tregjax.experiments import stages as stages_lib
-from tregjax.tasks import arith, arith_experiment
+from tregjax.models import gguf
+from tregjax.tasks import arith, arith_experiment, sections
 
 # The paper's four-dimension contrastive prompts are the scoring pass's defaults (config_schema).
 PAPER_SOURCE = "contrastive_paper"
@@ -54,25 +55,12 @@ LABELS = {
 }
 
 
-def default_credit_config() -> ml_collections.ConfigDict:
-  """The `credit` section (configs/credit_scaling.py sets it)."""
-  return ml_collections.ConfigDict(dict(
-      models=("smollm2", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"),  # tregjax.assets names, or .gguf paths
-      greedy_batch_size=32,
-      # Per-model response budget (new tokens) where a model needs more than `arith.max_new_tokens`: ((name, n), ...).
-      # Qwen2.5-Coder explains at length; a response cut by the budget has no final answer for the oracle to grade.
-      max_new_tokens=(),
-  ))
-
-
 def _section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  from tregjax import config_schema  # pylint: disable=g-import-not-at-top
-  return config_schema.merge("credit", default_credit_config(), config.get("credit", None))
+  return config_schema.merge("credit", sections.default_credit_config(), config.get("credit", None))
 
 
 def budget(section: ml_collections.ConfigDict, name: str, default: int) -> int:
   """Model `name`'s response budget: its `credit.max_new_tokens` entry, else `default` (arith.max_new_tokens)."""
-  from tregjax import errors  # pylint: disable=g-import-not-at-top
   found = default
   for entry in section.max_new_tokens:
     if (not isinstance(entry, (tuple, list)) or len(entry) != 2 or not isinstance(entry[0], str)
@@ -85,13 +73,11 @@ def budget(section: ml_collections.ConfigDict, name: str, default: int) -> int:
 
 
 def _model_path(name: str) -> str:
-  from tregjax import assets  # pylint: disable=g-import-not-at-top
   return name if name.endswith(".gguf") else str(assets.fetch(name, verbose=True))
 
 
 def parameter_count(gguf_path: str) -> int:
   """Elements of every tensor in the GGUF (the weights the model runs with; a tied head counted once)."""
-  from tregjax.models import gguf  # pylint: disable=g-import-not-at-top
   reader = gguf.open_reader(gguf_path)  # the header only: tensors stay mapped
   return int(sum(int(t.n_elements) for t in reader.tensors))
 
@@ -170,7 +156,6 @@ class CreditModel:
     # problems, reference and samples (their CPU together: the problems take none, a cached reference none).
     prepared = self._cpu("problems+reference+samples", lambda: task.prepare(config, stages), done="samples")
     pairs_file = stages.path("credit_pairs/pairs.jsonl")
-    from tregjax import generate  # pylint: disable=g-import-not-at-top
     samples = os.path.join(os.path.dirname(prepared.train_pairs), generate.RECORDS)
     sample_records = arith_experiment.read_jsonl(samples)
     finished = [bool(f) for r in sample_records for f in r["all_finished"]]
@@ -192,7 +177,6 @@ class CreditModel:
     greedy = self.greedy(prepared)
     # The paper's prompts: the same scoring stage in a sub-workdir (its own dataset and cache), default instructions.
     paper = ml_collections.ConfigDict(config.to_dict())
-    from tregjax import config_schema  # pylint: disable=g-import-not-at-top
     paper.score.better_instruction = config_schema.BETTER_INSTRUCTION
     paper.score.worse_instruction = config_schema.WORSE_INSTRUCTION
     caches[PAPER_SOURCE] = self._cpu("paper/scored/contrastive", lambda: runner.score_stage(
@@ -212,7 +196,6 @@ class CreditModel:
 
   def greedy(self, prepared: stages_lib.Prepared) -> dict[str, Any]:
     """Greedy accuracy on the held-out problems per system-prompt condition, and the paired differences."""
-    from tregjax import generate  # pylint: disable=g-import-not-at-top
     config, stages, task = self.config, self.stages, self.task
     systems = {"none": None, "better": str(config.score.better_instruction),
                "worse": str(config.score.worse_instruction)}

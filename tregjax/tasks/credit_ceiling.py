@@ -42,7 +42,7 @@ from tregjax import storage
 from tregjax.experiments import arms as arms_lib
 from tregjax.experiments import runner, stats
 from tregjax.experiments import stages as stages_lib
-from tregjax.tasks import arith, arith_experiment
+from tregjax.tasks import arith, arith_experiment, sections
 
 # Each source's arm of tregjax.experiments.arms (its loss and scored cache); the sweep overrides loss.alpha and
 # loss.reg_normalization.
@@ -50,21 +50,13 @@ SOURCE_ARMS = {"oracle": "dpo_reg_oracle", "confidence": "dpo_reg_conf", "contra
 
 
 def default_ceiling_config() -> ml_collections.ConfigDict:
-  """The `ceiling` section (configs/credit_ceiling.py sets it)."""
-  return ml_collections.ConfigDict(dict(
-      val_prompts=100,  # the first held-out problems: the validation split (settings are chosen there); rest: test
-      sources=("oracle", "confidence", "contrastive"),  # keys of SOURCE_ARMS; "oracle" is the ceiling
-      alphas=(0.25, 1.0, 4.0),  # T-REG's α (the paper searched 0.1-0.5)
-      normalizations=("sum",),  # loss.reg_normalization of the regulariser: "sum" (T-REG's) and/or "mean"
-      batch_size=8,  # sequences per forward pass of the dense metric
-      bucket=64,  # the dense metric's sequence lengths are padded to a multiple of this (one compile per length)
-      greedy=False,  # also greedy accuracy of every trained policy (a generation pass each: costly on a CPU)
-  ))
+  """The `ceiling` section (tasks/sections.py holds it, so that config files stay light)."""
+  return sections.default_ceiling_config()
 
 
 def ceiling_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`config.ceiling` over the defaults, checked (errors.ConfigError naming the key)."""
-  from tregjax import config_schema, errors  # pylint: disable=g-import-not-at-top
+  from tregjax import config_schema, errors  # pylint: disable=g-import-not-at-top  (heavy: jax, transformers, the trainer)
   section = config_schema.merge("ceiling", default_ceiling_config(), config.get("ceiling", None))
   unknown = [s for s in section.sources if s not in SOURCE_ARMS]
   if unknown or "oracle" not in section.sources:
@@ -138,12 +130,12 @@ def dense_rows(tok: Any, prompt_ids: Sequence[int], text: str) -> tuple[list[Den
 
 
 def _logps_fn():
-  import functools  # pylint: disable=g-import-not-at-top
+  import functools  # pylint: disable=g-import-not-at-top  (heavy: jax, transformers, the trainer)
 
-  import jax  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top  (heavy: jax, transformers, the trainer)
+  from flax import nnx  # pylint: disable=g-import-not-at-top  (heavy: jax, transformers, the trainer)
 
-  from tregjax import losses  # pylint: disable=g-import-not-at-top
+  from tregjax import losses  # pylint: disable=g-import-not-at-top  (heavy: jax, transformers, the trainer)
 
   @functools.partial(jax.jit, static_argnums=0)
   def fn(graphdef, state, tokens, labels):
@@ -157,8 +149,8 @@ def result_probabilities(model: Any, rows: Sequence[DenseRow], *, batch_size: in
   """Per row, per target: π(result tokens | everything before them) = exp(Σ log π of the result's tokens), float32
   log-softmax (losses.model_token_logps). Rows are right-padded (causal attention: padding after a position does not
   change it) to a multiple of `bucket` and batched `batch_size` at a time (one compile per padded length)."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top  (heavy: jax, transformers, the trainer)
+  from flax import nnx  # pylint: disable=g-import-not-at-top  (heavy: jax, transformers, the trainer)
   if batch_size < 1 or bucket < 1:
     raise ValueError(f"batch_size and bucket must be positive, got {batch_size}, {bucket}")
   fn = _logps_fn()
@@ -218,9 +210,9 @@ def arm_stage(config, task, prepared, stages, source: str, alpha: float, normali
 
 def train(config, task, prepared, stages, name: str, stage: ml_collections.ConfigDict, rewards: str) -> str:
   """One arm from the reference (cached by its stage key, as runner.train_arm); its HF export's directory."""
-  from tregjax import models  # pylint: disable=g-import-not-at-top
-  from tregjax.training import trainer  # pylint: disable=g-import-not-at-top
-  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+  from tregjax import models  # pylint: disable=g-import-not-at-top  (heavy: jax, transformers, the trainer)
+  from tregjax.training import trainer  # pylint: disable=g-import-not-at-top  (heavy: jax, transformers, the trainer)
+  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top  (heavy: jax, transformers, the trainer)
   hf = os.path.join(stages.path(f"arms/{name}"), "hf")
   key = stages_lib.stage_key(stage)
   if stages.done(f"arms/{name}", key):
@@ -238,10 +230,10 @@ def train(config, task, prepared, stages, name: str, stage: ml_collections.Confi
 def dense_stage(stages, name: str, policy: str, prepared, records: list[dict[str, Any]],
                 section: ml_collections.ConfigDict) -> np.ndarray:
   """The result probability of `policy` on every held-out problem (cached in dense/<name>/DONE)."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top  (heavy: jax, transformers, the trainer)
 
-  from tregjax import models  # pylint: disable=g-import-not-at-top
-  from tregjax.data.tokenize import ChatTokenizer  # pylint: disable=g-import-not-at-top
+  from tregjax import models  # pylint: disable=g-import-not-at-top  (heavy: jax, transformers, the trainer)
+  from tregjax.data.tokenize import ChatTokenizer  # pylint: disable=g-import-not-at-top  (heavy: jax, transformers, the trainer)
   key = dict(policy=policy, responses=[r["all_generated_responses"][0] for r in records], metric="result_prob/1")
   if stages.done(f"dense/{name}", key):
     return np.array(stages.info(f"dense/{name}")["per_problem"], np.float64)
@@ -339,7 +331,7 @@ def table(analysis: dict[str, Any], names: dict[str, tuple[str, float, str]]) ->
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """The whole experiment (see the module docstring); writes workdir/results.json."""
-  from tregjax import errors, generate  # pylint: disable=g-import-not-at-top
+  from tregjax import errors, generate  # pylint: disable=g-import-not-at-top  (heavy: jax, transformers, the trainer)
   section = ceiling_section(config)
   wall, cpu = time.perf_counter(), time.process_time()
   # The stages run the trainer's, scorer's and sampler's configs: this program's own section stays out of them.

@@ -6,22 +6,10 @@ objective and the jitted step), partition (what trains: LoRA, train.freeze), che
 the program; `run`: the loop).
 """
 
-import importlib
+from tregjax import lazy
 
 # Imported on first use, so that `from tregjax.training import config` (every config file) pulls in no jax, orbax or
 # data code: name -> the submodule that defines it.
-_EXPORTS = {"base_config": "config", "validate": "config", "NonFiniteError": "hooks",
-            "load_model": "trainer", "run": "trainer"}
-
 __all__ = ["NonFiniteError", "base_config", "load_model", "run", "validate"]
-
-
-def __getattr__(name: str):
-  if name in _EXPORTS:
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-  try:
-    return importlib.import_module(f"{__name__}.{name}")
-  except ModuleNotFoundError as e:
-    if e.name != f"{__name__}.{name}":
-      raise
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+__getattr__ = lazy.package_getattr(__name__, {"base_config": "config", "validate": "config", "NonFiniteError": "hooks",
+                                              "load_model": "trainer", "run": "trainer"})

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from tregjax import config_schema, errors
 from tregjax.training import checkpoint as ckpt_lib
 from tregjax.training import metrics as metrics_lib
 from tregjax.training import partition
@@ -270,7 +271,6 @@ def import_wandb():
   try:
     import wandb  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    from tregjax import config_schema, errors  # pylint: disable=g-import-not-at-top
     raise errors.ConfigError(config_schema.WANDB_MISSING) from e
   return wandb
 

@@ -24,6 +24,8 @@ import optax
 from flax import nnx
 
 from tregjax import errors, parallel, peers, storage
+from tregjax.data import build as data_build
+from tregjax.data import pipeline, scored_cache
 from tregjax.training import checkpoint as ckpt_lib
 from tregjax.training import config as config_lib
 from tregjax.training import hooks as hooks_lib
@@ -44,11 +46,15 @@ def default_data(config: ml_collections.ConfigDict, split: str, process_index: i
   """The grain pipeline over the scored cache (preference) or the tokenized dataset (sft / reward_model).
 
   An evaluation split is read once, in order, and whole: `data.drop_remainder` applies to training only (its short
-  last batch ends in all-padding rows, which the loss weighs out).
+  last batch ends in all-padding rows, which the loss weighs out). A cache on object storage is read from this host's
+  copy of it (`scored_cache.local_copy`: copied down once, keyed by its hash, refused without its marker).
   """
-  from tregjax.data import pipeline  # pylint: disable=g-import-not-at-top
   train = split == config.data.train_split
-  return pipeline.make_iterator(config.data, split=split, objective=config.objective, process_index=process_index,
+  data = config.data
+  if data.get("cache_dir") and storage.is_uri(data.cache_dir):  # grain reads a POSIX path: this host's copy, checked by its marker and hash
+    data = data.copy_and_resolve_references()
+    data.cache_dir = scored_cache.local_copy(str(config.data.cache_dir))
+  return pipeline.make_iterator(data, split=split, objective=config.objective, process_index=process_index,
                                 process_count=process_count, num_epochs=None if train else 1,
                                 shuffle=None if train else False, drop_remainder=None if train else False)
 
@@ -59,7 +65,6 @@ def check_scored_cache(config: ml_collections.ConfigDict) -> None:
   The policy starts from the reference (`model.hf_path`), so the cache must have been scored with that model; a
   random-init run (no hf_path) has no reference to compare with and is only warned about.
   """
-  from tregjax.data import scored_cache  # pylint: disable=g-import-not-at-top
   if not config.model.hf_path:
     log.warning("model.hf_path is empty (random init): cannot check that %s was scored with this model",
                 config.data.cache_dir)
@@ -341,7 +346,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data_factory: DataFa
     check_scored_cache(config)
   model_cfg = model_init.model_config(config)
   if data_factory is default_data:  # the data's tokenizer must fit the model's embedding (else NaN, silently)
-    from tregjax.data import build as data_build  # pylint: disable=g-import-not-at-top
     data_build.check_vocab(config, model_cfg, "tregjax.train")
   train_iter = data_factory(config, config.data.train_split, jax.process_index(), jax.process_count())
   total_steps = _total_steps(config, train_iter)

@@ -1,0 +1,48 @@
+"""The config sections of the arithmetic tasks (`arith`, `credit`) with their defaults: what a config file sets.
+
+Light on purpose (ml_collections only): configs/smollm2_arith.py and configs/credit_scaling.py import this module, not
+the tasks (tasks/arith_experiment.py, tasks/credit.py), which import the sampler, the trainer and the data builder.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def default_arith_config() -> ml_collections.ConfigDict:
+  """The `arith` section: problems, sampling and evaluation sizes (configs/smollm2_arith.py sets them)."""
+  return ml_collections.ConfigDict(dict(
+      model="",  # a .gguf file or HF directory; "" -> the SmolLM2-135M-Instruct asset (tregjax.assets)
+      # Levels 1-2 with operands up to 20: SmolLM2-135M answers ~25% of one-step and ~3% of two-step problems of
+      # this size (4% overall at levels 1-3 with operands up to 60, where almost no sample group is mixed and so
+      # almost no problem yields a pair).
+      train_prompts=192, eval_prompts=500, seed=0, levels=(1, 2), max_operand=20,
+      num_samples=5, temperature=0.8, top_p=1.0, max_new_tokens=96,
+      sample_batch_size=64, eval_batch_size=64))
+
+
+def default_credit_config() -> ml_collections.ConfigDict:
+  """The `credit` section (configs/credit_scaling.py sets it)."""
+  return ml_collections.ConfigDict(dict(
+      models=("smollm2", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"),  # tregjax.assets names, or .gguf paths
+      greedy_batch_size=32,
+      # Per-model response budget (new tokens) where a model needs more than `arith.max_new_tokens`: ((name, n), ...).
+      # Qwen2.5-Coder explains at length; a response cut by the budget has no final answer for the oracle to grade.
+      max_new_tokens=(),
+  ))
+
+
+def default_ceiling_config() -> ml_collections.ConfigDict:
+  """The `ceiling` section (configs/credit_ceiling.py; tasks/credit_ceiling.py runs it)."""
+  return ml_collections.ConfigDict(dict(
+      val_prompts=100,  # the first held-out problems: the validation split (settings are chosen there); rest: test
+      sources=("oracle", "confidence", "contrastive"),  # keys of credit_ceiling.SOURCE_ARMS; "oracle" is the ceiling
+      alphas=(0.25, 1.0, 4.0),  # T-REG's α (the paper searched 0.1-0.5)
+      normalizations=("sum",),  # loss.reg_normalization of the regulariser: "sum" (T-REG's) and/or "mean"
+      batch_size=8,  # sequences per forward pass of the dense metric
+      bucket=64,  # the dense metric's sequence lengths are padded to a multiple of this (one compile per length)
+      greedy=False,  # also greedy accuracy of every trained policy (a generation pass each: costly on a CPU)
+  ))
+
+
+__all__ = ["default_arith_config", "default_credit_config", "default_ceiling_config"]
