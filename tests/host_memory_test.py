@@ -6,8 +6,6 @@ worker thread allocates with posix_memalign (64-byte aligned, as XLA's AlignedMa
 glibc's defaults each block is mmap'd and unmapped on free: 131,072 faults of 4 KiB per step.
 """
 
-import ast
-import json
 import os
 import subprocess
 import sys
@@ -24,8 +22,6 @@ PAGES_4K, PAGES_2M = SIZE // 4096, SIZE // (2 << 20)
 PROBE = textwrap.dedent(f"""
   import ctypes, json, os, resource, sys, threading
   SIZE = {SIZE}
-  with open("starts.txt", "a") as f:  # one line per start: a re-execution starts the probe again
-    f.write("start\\n")
   if os.environ.get("PROBE_APPLY"):  # as tregjax's command hook does, before anything else
     sys.path.insert(0, {REPO!r})
     from tregjax import host_memory
@@ -55,17 +51,16 @@ PROBE = textwrap.dedent(f"""
 """)
 
 
-def _probe(tmp_path, mode: str, apply: bool = True, **inherited: str) -> dict:
+def _probe(tmp_path, mode: str, apply: bool = True) -> dict:
   (tmp_path / "probe.py").write_text(PROBE)
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("GLIBC_TUNABLES", "TREGJAX_HOST_MALLOC"))}
-  env.update(TREGJAX_HOST_MALLOC=mode, PYTHONPATH=str(tmp_path), **inherited)
+  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "TREGJAX_HOST_MALLOC_REEXEC")}
+  env.update(TREGJAX_HOST_MALLOC=mode, PYTHONPATH=str(tmp_path))
   if apply:
     env["PROBE_APPLY"] = "1"
   out = subprocess.run([sys.executable, "-m", "probe"], env=env, capture_output=True, text=True, timeout=120,
                        cwd=tmp_path, check=True)
-  got = json.loads(out.stdout.strip().splitlines()[-1])
-  got["starts"] = len((tmp_path / "starts.txt").read_text().splitlines())
-  return got
+  import json  # pylint: disable=g-import-not-at-top
+  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_system_mode_faults_every_4k_page_in_every_step(tmp_path):
@@ -97,74 +92,3 @@ def test_mode_from_env_names_the_variable():
   assert host_memory.mode_from_env({}) == "hugepages"
   with pytest.raises(ValueError, match="TREGJAX_HOST_MALLOC='big'"):
     host_memory.mode_from_env({"TREGJAX_HOST_MALLOC": "big"})
-
-
-def test_system_mode_clears_the_tunable_a_parent_tregjax_command_added_and_keeps_the_rest(tmp_path):
-  """A command run with TREGJAX_HOST_MALLOC=system from a tregjax command that applied hugepages inherits its
-  GLIBC_TUNABLES (and the marker of its re-execution): it drops the hugetlb tunable, keeps the user's other tunables,
-  and re-executes once so that it really starts with glibc's defaults."""
-  got = _probe(tmp_path, "system", GLIBC_TUNABLES="glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1",
-               TREGJAX_HOST_MALLOC_REEXEC="1")
-  assert (got["tunables"], got["reexec"], got["applied"], got["starts"]) == ("glibc.malloc.arena_max=4", "", "system",
-                                                                            2), got
-
-
-def test_system_mode_keeps_a_tunable_the_user_set(tmp_path):
-  got = _probe(tmp_path, "system", GLIBC_TUNABLES="glibc.malloc.hugetlb=1")  # no marker: the user's own setting
-  assert (got["tunables"], got["applied"], got["starts"]) == ("glibc.malloc.hugetlb=1", "system", 1), got
-
-
-def test_without_hugetlb_drops_only_what_tregjax_added():
-  parent = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "TREGJAX_HOST_MALLOC_REEXEC": "1", "HOME": "/h"}
-  assert host_memory.without_hugetlb(parent) == {"HOME": "/h"}
-  assert host_memory.without_hugetlb({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}) is None
-  assert host_memory.without_hugetlb({"TREGJAX_HOST_MALLOC_REEXEC": "1"}) is None
-
-
-def test_in_effect_says_what_the_process_runs_with():
-  assert host_memory.in_effect({}) == "system (glibc defaults)"
-  assert host_memory.in_effect({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}) == (
-      "hugepages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)")
-  assert host_memory.in_effect({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}) == (
-      "system (GLIBC_TUNABLES=glibc.malloc.arena_max=2)")
-
-
-def test_the_setting_in_effect_is_logged_once(tmp_path):
-  """cli.setup_logging (every command calls it) logs the allocator setting; a second call logs nothing new."""
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("GLIBC_TUNABLES", "TREGJAX_HOST_MALLOC"))}
-  env.update(TREGJAX_HOST_MALLOC="system", PYTHONPATH=REPO)
-  out = subprocess.run([sys.executable, "-c", "from tregjax import cli\ncli.setup_logging()\ncli.setup_logging()\n"],
-                       env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path, check=True)
-  lines = [line for line in out.stderr.splitlines() if "host allocator" in line]
-  assert len(lines) == 1 and lines[0].endswith(
-      "tregjax.host_memory INFO host allocator: system (glibc defaults); TREGJAX_HOST_MALLOC=system"), out.stderr
-
-
-def test_importing_tregjax_installs_no_command_hook(tmp_path):
-  """`python -m pkg.x` where pkg imports tregjax: no excepthook, no re-execution, no cli module loaded (the hooks were
-  once installed by tregjax/__init__.py whenever argv[0] was "-m")."""
-  (tmp_path / "pkg").mkdir()
-  (tmp_path / "pkg" / "__init__.py").write_text("import tregjax\n")
-  (tmp_path / "pkg" / "x.py").write_text(
-      "import json, os, sys\n"
-      "print(json.dumps(dict(hook=sys.excepthook is sys.__excepthook__, cli='tregjax.cli' in sys.modules,\n"
-      "                      marker=os.environ.get('TREGJAX_HOST_MALLOC_REEXEC', ''),\n"
-      "                      tunables=os.environ.get('GLIBC_TUNABLES', ''))))\n")
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("GLIBC_TUNABLES", "TREGJAX_HOST_MALLOC"))}
-  env.update(PYTHONPATH=f"{tmp_path}:{REPO}")
-  out = subprocess.run([sys.executable, "-m", "pkg.x"], env=env, capture_output=True, text=True, timeout=120,
-                       cwd=tmp_path, check=True)
-  assert json.loads(out.stdout.strip().splitlines()[-1]) == dict(hook=True, cli=False, marker="", tunables="")
-
-
-def test_a_command_module_installs_its_hooks_from_its_first_lines():
-  """Every command module calls cli.install_command_hooks when run as __main__, before any import
-  but tregjax.cli's (standard library only)."""
-  for command in ("train", "score", "generate", "export", "compile", "assets"):
-    with open(os.path.join(REPO, "tregjax", f"{command}.py"), encoding="utf-8") as f:
-      body = ast.parse(f.read()).body
-    first_import = next(i for i, node in enumerate(body) if isinstance(node, (ast.Import, ast.ImportFrom))
-                        and not (getattr(node, "module", "") or "").startswith(("__future__", "tregjax")))
-    hooks = [i for i, node in enumerate(body) if isinstance(node, ast.If)
-             and ast.unparse(node) == f"if __name__ == '__main__':\n    cli.install_command_hooks('python -m tregjax.{command}')"]
-    assert hooks and hooks[0] < first_import, command

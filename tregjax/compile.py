@@ -24,11 +24,6 @@ TPU_ACCELERATOR_TYPE), so it queries no metadata server; the host platform stays
 
 from __future__ import annotations
 
-from tregjax import cli  # first (standard library only): the command hooks below precede any third-party import
-
-if __name__ == "__main__":  # the host allocator (may re-execute), one line for a missing package
-  cli.install_command_hooks("python -m tregjax.compile")
-
 import dataclasses
 import json
 import logging
@@ -40,6 +35,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from tregjax import cli
 
 log = logging.getLogger("tregjax.compile")
 
@@ -392,6 +388,7 @@ def define_flags(with_config: bool) -> None:
 
 
 if __name__ == "__main__":
+  cli.install_command_hooks("tregjax.compile")
   from absl import app  # pylint: disable=g-import-not-at-top
   define_flags(with_config=True)
   cli.define_verbose_flag()

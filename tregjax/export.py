@@ -15,11 +15,6 @@ staging directory, each file then moved into place atomically.
 
 from __future__ import annotations
 
-from tregjax import cli  # first (standard library only): the command hooks below precede any third-party import
-
-if __name__ == "__main__":  # the host allocator (may re-execute), one line for a missing package
-  cli.install_command_hooks("python -m tregjax.export")
-
 import contextlib
 import json
 import logging
@@ -28,7 +23,7 @@ import os
 from absl import app
 from absl import flags
 
-from tregjax import config_schema, models, storage, training
+from tregjax import cli, config_schema, models, storage, training
 from tregjax.models import adapters
 
 

@@ -31,11 +31,6 @@ run writes byte-identical output.
 
 from __future__ import annotations
 
-from tregjax import cli  # first (standard library only): the command hooks below precede any third-party import
-
-if __name__ == "__main__":  # the host allocator (may re-execute), one line for a missing package
-  cli.install_command_hooks("python -m tregjax.generate")
-
 import dataclasses
 import logging
 import math
@@ -50,7 +45,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from tregjax import config_schema, errors, jobs, models, parallel, programs, storage
+from tregjax import cli, config_schema, errors, jobs, models, parallel, programs, storage
 from tregjax.data import hashing, schema, sources
 from tregjax.data import build as data_build
 from tregjax.data.pipeline import bucket_of

@@ -11,9 +11,7 @@ time: about a million minor faults and 2-3 s of system CPU in a 9-11 s step (mea
                        still returned on free. A tunable is read when the process starts, so a `python -m tregjax.X`
                        command re-executes itself once, before any third-party import, with it added to
                        GLIBC_TUNABLES. No effect where transparent huge pages are `never`.
-  system               glibc's defaults. A GLIBC_TUNABLES that a parent tregjax command gave this process (the
-                       hugetlb tunable, with TREGJAX_HOST_MALLOC_REEXEC=1) is cleared: the tunable is dropped and
-                       the command re-executes itself once without it.
+  system               glibc's defaults.
 
 Keeping freed memory instead (GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:
 glibc.malloc.trim_threshold=<bytes>, or the same through mallopt) removes the faults and the zeroing too, and
@@ -21,15 +19,12 @@ bench/train_epoch.py measures it; it is not a mode because glibc cannot always r
 (posix_memalign asks for the block plus its alignment), so a same-size block with a small allocation after it grows
 the heap by a block every step.
 
-Standard library only: each command module's first lines (`tregjax.cli.install_command_hooks`) call
-`apply_for_command()` before any third-party import; `cli.setup_logging` logs the mode in effect, once.
+Standard library only: `tregjax.cli.install_command_hooks` calls `apply_for_command()` before any third-party import.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
-import logging
 import os
 import platform
 import sys
@@ -38,9 +33,8 @@ from collections.abc import Mapping, MutableMapping, Sequence
 ENV = "TREGJAX_HOST_MALLOC"
 MODES = ("hugepages", "system")
 HUGETLB_TUNABLE = "glibc.malloc.hugetlb=1"
-REEXEC = f"{ENV}_REEXEC"  # set by the re-execution that added the tunable: it came from tregjax, not the user
-CLEARED = f"{ENV}_CLEARED"  # set by the re-execution that dropped a parent's tunable (system)
 _THP = "/sys/kernel/mm/transparent_hugepage/enabled"
+APPLIED: str | None = None  # the mode apply_for_command put in effect in this process
 
 
 def mode_from_env(env: Mapping[str, str] | None = None) -> str:
@@ -84,64 +78,30 @@ def with_hugetlb(env: Mapping[str, str]) -> dict[str, str] | None:
   return dict(env, GLIBC_TUNABLES=f"{tunables}:{HUGETLB_TUNABLE}" if tunables else HUGETLB_TUNABLE)
 
 
-def without_hugetlb(env: Mapping[str, str]) -> dict[str, str] | None:
-  """`env` without the hugetlb tunable a parent tregjax command added (and without its marker); None when there is
-  none to clear. A GLIBC_TUNABLES the user set (no marker) is left as it is."""
-  if not env.get(REEXEC) or not _has_hugetlb(env):
-    return None
-  kept = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith("glibc.malloc.hugetlb=")]
-  new_env = {k: v for k, v in env.items() if k not in (REEXEC, "GLIBC_TUNABLES")}
-  if kept:
-    new_env["GLIBC_TUNABLES"] = ":".join(kept)
-  return new_env
-
-
-def _command_argv() -> list[str]:
-  """This process's command line when it is `python -m tregjax.X` (the one to re-execute), else [] (pytest, a script)."""
-  argv = list(getattr(sys, "orig_argv", []))
-  command = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else ""
-  return argv if command.startswith("tregjax.") else []
-
-
 def apply_for_command(argv: Sequence[str] | None = None, env: MutableMapping[str, str] | None = None) -> str:
-  """Applies the mode for a `python -m tregjax.X` process, re-executing it once when the allocator setting it
-  starts with must change (`hugepages` added, or a parent's tunable cleared for `system`); returns the mode now in
-  effect ("system" where `hugepages` can do nothing here)."""
+  """Applies the mode for a `python -m tregjax.X` process (re-executing it once for `hugepages`); returns the mode
+  now in effect ("system" where the mode can do nothing here)."""
+  global APPLIED
   env = os.environ if env is None else env
   mode = mode_from_env(env)
   if mode == "hugepages" and _has_hugetlb(env):
-    return "hugepages"
-  new_env = with_hugetlb(env) if mode == "hugepages" else without_hugetlb(env)
-  argv = _command_argv() if argv is None else list(argv)
-  marker = REEXEC if mode == "hugepages" else CLEARED
-  if new_env is not None and "-m" in argv and sys.executable and not env.get(marker):
-    new_env[marker] = "1"  # never twice, whatever the loader did with the variable
-    sys.stdout.flush()
-    sys.stderr.flush()
-    try:
-      os.execve(sys.executable, [sys.executable] + argv[1:], new_env)
-    except OSError:  # an interpreter that cannot be executed again (embedded, sandboxed): run as is
-      pass
-  return "system"
+    APPLIED = "hugepages"
+  else:
+    new_env = with_hugetlb(env) if mode == "hugepages" else None
+    if argv is None:  # this process's own command line, re-executed only when it is a tregjax command (not pytest)
+      argv = list(getattr(sys, "orig_argv", []))
+      command = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else ""
+      argv = argv if command.startswith("tregjax.") else []
+    if new_env is not None and "-m" in argv and sys.executable and not env.get(f"{ENV}_REEXEC"):
+      new_env[f"{ENV}_REEXEC"] = "1"  # never twice, whatever the loader did with the variable
+      sys.stdout.flush()
+      sys.stderr.flush()
+      try:
+        os.execve(sys.executable, [sys.executable] + argv[1:], new_env)
+      except OSError:  # an interpreter that cannot be executed again (embedded, sandboxed): run as is
+        pass
+    APPLIED = "system"
+  return APPLIED
 
 
-def in_effect(env: Mapping[str, str] | None = None) -> str:
-  """The allocator setting this process runs with, in words (read from the environment it started with)."""
-  env = os.environ if env is None else env
-  tunables = env.get("GLIBC_TUNABLES", "")
-  if _has_hugetlb(env):
-    return f"hugepages (GLIBC_TUNABLES={tunables})"
-  return f"system (GLIBC_TUNABLES={tunables})" if tunables else "system (glibc defaults)"
-
-
-@functools.cache
-def log_in_effect() -> str:
-  """Logs the allocator setting in effect and the mode asked for, once per process (every later call does
-  nothing); returns the line."""
-  line = f"host allocator: {in_effect()}; {ENV}={os.environ.get(ENV, MODES[0])}"
-  logging.getLogger("tregjax.host_memory").info(line)
-  return line
-
-
-__all__ = ["CLEARED", "ENV", "HUGETLB_TUNABLE", "MODES", "REEXEC", "apply_for_command", "in_effect", "log_in_effect",
-           "mode_from_env", "transparent_hugepages", "with_hugetlb", "without_hugetlb"]
+__all__ = ["APPLIED", "ENV", "MODES", "apply_for_command", "mode_from_env", "transparent_hugepages", "with_hugetlb"]

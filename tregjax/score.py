@@ -43,11 +43,6 @@ Config keys read: `model.hf_path`, `model.dtype`, `data.*` (the tokenized datase
 
 from __future__ import annotations
 
-from tregjax import cli  # first (standard library only): the command hooks below precede any third-party import
-
-if __name__ == "__main__":  # the host allocator (may re-execute), one line for a missing package
-  cli.install_command_hooks("python -m tregjax.score")
-
 import dataclasses
 import functools
 import json
@@ -64,7 +59,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from tregjax import config_schema, errors, jobs, losses, models, parallel, programs, storage
+from tregjax import cli, config_schema, errors, jobs, losses, models, parallel, programs, storage
 from tregjax.data import hashing, pipeline, scored_cache, tfds_builder
 from tregjax.data import build as data_build
 from tregjax.data.scored_cache import CACHE_FORMAT_VERSION, CACHE_META, REWARD_SOURCES, RowValues, cache_components

@@ -1,8 +1,7 @@
 """Console scripts (pyproject's [project.scripts]): `tregjax-train ...` is `python -m tregjax.train ...`.
 
-Each runs its command module as `__main__` after the hooks `python -m tregjax.X` installs from the module's first
-lines (`cli.install_command_hooks`, here first so that errors name `tregjax-X`): the host allocator setting, no torch
-banner, and a missing package (an install without the [train] extra) as one line.
+Each runs its command module as `__main__` after the hooks `python -m tregjax.X` installs (tregjax/__init__.py): the
+host allocator setting, no torch banner, and a missing package (an install without the [train] extra) as one line.
 """
 
 from __future__ import annotations

@@ -20,11 +20,6 @@ refused in one line when it was made from other inputs. So
 
 from __future__ import annotations
 
-from tregjax import cli  # first (standard library only): the command hooks below precede any third-party import
-
-if __name__ == "__main__":  # the host allocator (may re-execute), one line for a missing package
-  cli.install_command_hooks("python -m tregjax.train")
-
 import logging
 import os
 
@@ -32,7 +27,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from tregjax import jobs, programs, storage  # standard library only: --help without jax
+from tregjax import cli, jobs, programs, storage  # standard library only: --help without jax
 from tregjax.training import config as config_lib  # ml_collections, no jax
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Trainer config file (configs/*.py[:arg]).",
