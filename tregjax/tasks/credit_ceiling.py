@@ -56,7 +56,8 @@ def default_ceiling_config() -> ml_collections.ConfigDict:
 
 def ceiling_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`config.ceiling` over the defaults, checked (errors.ConfigError naming the key)."""
-  from tregjax import config_schema, errors  # pylint: disable=g-import-not-at-top  (heavy: jax, transformers, the trainer)
+  # (config_schema: loaded only when the program runs)
+  from tregjax import config_schema, errors  # pylint: disable=g-import-not-at-top
   section = config_schema.merge("ceiling", default_ceiling_config(), config.get("ceiling", None))
   unknown = [s for s in section.sources if s not in SOURCE_ARMS]
   if unknown or "oracle" not in section.sources:
@@ -233,7 +234,8 @@ def dense_stage(stages, name: str, policy: str, prepared, records: list[dict[str
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top  (heavy: jax, transformers, the trainer)
 
   from tregjax import models  # pylint: disable=g-import-not-at-top  (heavy: jax, transformers, the trainer)
-  from tregjax.data.tokenize import ChatTokenizer  # pylint: disable=g-import-not-at-top  (heavy: jax, transformers, the trainer)
+  # heavy: transformers
+  from tregjax.data.tokenize import ChatTokenizer  # pylint: disable=g-import-not-at-top
   key = dict(policy=policy, responses=[r["all_generated_responses"][0] for r in records], metric="result_prob/1")
   if stages.done(f"dense/{name}", key):
     return np.array(stages.info(f"dense/{name}")["per_problem"], np.float64)
