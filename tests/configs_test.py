@@ -183,13 +183,13 @@ def test_sections_belong_to_the_program_the_config_names():
   config_lib.validate(c, num_devices=1, check_data=False)
   c.program = "experimnt"
   with pytest.raises(errors.ConfigError, match=r"config.program='experimnt': must be one of \('train', "
-                     r"'experiment', 'credit'\) \(did you mean 'experiment'\?\)"):
+                     r"'experiment', 'credit', 'ceiling'\) \(did you mean 'experiment'\?\)"):
     config_lib.validate(c, num_devices=1, check_data=False)
 
 
 def test_every_program_entry_is_a_function_of_config_and_workdir():
   import inspect
-  assert set(programs.PROGRAMS) == {"train", "experiment", "credit"}
+  assert set(programs.PROGRAMS) == {"train", "experiment", "credit", "ceiling"}
   for name, program in programs.PROGRAMS.items():
     params = list(inspect.signature(programs.load(program.entry, "config.program")).parameters)
     assert params[:2] == ["config", "workdir"], (name, params)

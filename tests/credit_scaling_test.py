@@ -116,3 +116,24 @@ def test_greedy_accuracy_and_the_self_teacher_gap_from_the_answers(tiny_run):
     assert got["low"] <= got["accuracy"] <= got["high"]
   gap = results["models"][0]["greedy"]["better - none"]
   assert gap["mean"] == pytest.approx((correct["better"] - correct["none"]).mean())
+
+
+def test_auc_difference_across_sizes_against_brute_force_pair_counting():
+  from tregjax.tasks import credit  # pylint: disable=g-import-not-at-top
+
+  def brute(scores, labels):
+    pos, neg = scores[labels > 0], scores[labels < 0]
+    return np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg])
+
+  rng = np.random.default_rng(1)
+  small = dict(scores=rng.normal(size=60), labels=rng.choice([-1, 0, 1], 60), groups=np.repeat(np.arange(12), 5))
+  large = dict(labels=rng.choice([-1, 0, 1], 80), groups=np.repeat(np.arange(16), 5))
+  large["scores"] = large["labels"] * 0.8 + rng.normal(size=80)  # a model whose scores see the truth
+  mean, low, high = credit.auc_difference(small, large, seed=0, resamples=300)
+  assert mean == pytest.approx(brute(large["scores"], large["labels"]) - brute(small["scores"], small["labels"]))
+  assert low < mean < high and high - low < 1.0
+  results = [dict(model="b", parameters=2), dict(model="a", parameters=1)]
+  scores = [dict(labels=x["labels"], groups=x["groups"], sources={s: x["scores"] for s in credit.SIZE_SOURCES})
+            for x in (large, small)]
+  diffs = credit.size_differences(list(zip(results, scores)))
+  assert list(diffs) == ["b - a"] and diffs["b - a"]["confidence"]["mean"] == pytest.approx(mean)

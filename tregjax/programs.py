@@ -43,6 +43,8 @@ PROGRAMS: dict[str, ProgramEntry] = {
                                ("experiment", *dict.fromkeys(t.section for t in TASKS.values()))),
     # token credit across model sizes (configs/credit_scaling.py): the arithmetic task's stages per model, no training
     "credit": ProgramEntry("tregjax.tasks.credit:run", ("credit", "arith")),
+    # a SmolLM2 arithmetic experiment that can see its own ceiling (configs/credit_ceiling.py): dense metric, α sweep
+    "ceiling": ProgramEntry("tregjax.tasks.credit_ceiling:run", ("ceiling", "arith")),
 }
 
 

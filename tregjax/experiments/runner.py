@@ -99,7 +99,8 @@ def _reward_settings(source: str, stages: stages_lib.Stages, task: stages_lib.Ta
   if source == "r3hf":
     return dict(source="r3hf", reward_model=stages.path("reward_model/hf"))
   if source == "oracle":
-    return dict(source="oracle", oracle="", oracle_id=f"{task.name}:token_labels")
+    # A task whose labels changed names them anew (its `oracle_id`), so old scored caches and arms are refused.
+    return dict(source="oracle", oracle="", oracle_id=getattr(task, "oracle_id", "") or f"{task.name}:token_labels")
   if source == "confidence":
     return dict(source="confidence")
   if source.startswith("implicit:"):

@@ -9,8 +9,9 @@ Stages (each cached in the workdir; tregjax.experiments.runner does scoring, arm
               oracle's sequence reward (final answer right = 1) as the scorer, best/worst kept as the pair; groups whose
               samples all score the same give no pair (counted in samples/summary.json)
   eval/<p>    `tregjax.generate` again, greedy, one response per held-out problem for every policy p
-The oracle's token truth (`token_labels`) marks the result of every explicit equation (and the final answer) as correct
-or wrong; the oracle arm trains on it, and the token-credit table measures every token-reward source against it.
+The oracle's token truth (`token_labels`) marks the result of every explicit equation (and the final answer; none for
+a sample the token budget cut, which has none) as correct or wrong; the oracle arm trains on it, and the token-credit
+table measures every token-reward source against it.
 """
 
 from __future__ import annotations
@@ -59,12 +60,29 @@ class ArithTask:
   """Arithmetic word problems for `tregjax.experiments.runner` (see the module docstring)."""
   name = "smollm2-arith"
   section = "arith"
+  # What names the oracle's labels in the scored cache's hash and the oracle arm's stage key (the runner's
+  # score.token_reward.oracle_id). Code cannot be hashed: a change of the labels changes this id, so that a workdir
+  # scored under the old labels is refused (StaleCacheError) instead of silently reused. "cut-answer" (#28): a sample
+  # the model did not end itself has no final-answer label (arith.char_labels(finished=False)); the first id,
+  # "smollm2-arith:token_labels", graded a cut response's last number as a wrong final answer.
+  oracle_id = "smollm2-arith:token_labels:cut-answer"
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.a = config_schema.merge("arith", sections.default_arith_config(), config.get("arith", None))
     self.answers: dict[str, int] = {}
     self.tokenizer_dir = ""
     self._tok = None
+    # (question, response text) -> whether the model ended that sample itself (samples/records.jsonl all_finished)
+    self.finished: dict[tuple[str, str], bool] = {}
+
+  def read_finished(self, records: list[dict[str, Any]]) -> None:
+    """Which sampled responses the model ended itself (generate's records: all_finished); a text sampled both ways
+    counts as cut. The oracle labels only responses found here (`token_labels`)."""
+    for record in records:
+      question = record["prompt"][-1]["content"]
+      for text, done in zip(record["all_generated_responses"], record["all_finished"]):
+        key = (question, text.strip())
+        self.finished[key] = self.finished.get(key, True) and bool(done)
 
   # ---------------------------------------------------------------------------------------------- stages
 
@@ -118,6 +136,7 @@ class ArithTask:
         summary = json.load(f)
       stages.finish("samples", started, {k: summary[k] for k in ("pairs", "all_equal", "samples", "new_tokens",
                                                                  "unfinished_samples")})
+    self.read_finished(read_jsonl(os.path.join(samples, generate.RECORDS)))
     return stages_lib.Prepared(reference=reference, tokenizer=reference,
                                train_pairs=os.path.join(samples, "pairs.jsonl"),
                                data=dict(max_prompt_length=int(config.data.max_prompt_length),
@@ -142,12 +161,21 @@ class ArithTask:
   # ---------------------------------------------------------------------------------------------- oracle
 
   def token_labels(self, prompt_messages: list[dict[str, str]], response_ids: Sequence[int]) -> np.ndarray:
-    """The oracle's truth for exactly these ids (offsets of the tokenizer's own encoding; see arith.token_truth)."""
+    """The oracle's truth for exactly these ids (offsets of the tokenizer's own encoding; see arith.token_truth),
+    for one of the sampled responses (`read_finished`): a response the token budget cut gets no final-answer label."""
     if self._tok is None:
       from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
       self._tok = AutoTokenizer.from_pretrained(self.tokenizer_dir, local_files_only=True)
-    answer = self.answers[prompt_messages[-1]["content"]]
-    return np.asarray(arith.token_truth(self._tok, [int(i) for i in response_ids], answer), np.int8)
+    question = prompt_messages[-1]["content"]
+    text = self._tok.decode([int(i) for i in response_ids], skip_special_tokens=True).strip()
+    finished = self.finished.get((question, text))
+    if finished is None and text and any(q == question and t.startswith(text) for q, t in self.finished):
+      finished = False  # a sample the data pipeline truncated (data.max_length): cut as well, its end unseen
+    if finished is None:
+      raise RuntimeError(f"a scored response of {question!r} is none of the model's samples (records.jsonl): "
+                         f"{text[:80]!r}")
+    return np.asarray(arith.token_truth(self._tok, [int(i) for i in response_ids], self.answers[question],
+                                        finished=finished), np.int8)
 
   # ------------------------------------------------------------------------------------------ evaluation
 

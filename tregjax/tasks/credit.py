@@ -29,7 +29,7 @@ import io
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
@@ -107,35 +107,6 @@ def _with_system(prompt_file: str, system: str | None, out: str) -> str:
   return out
 
 
-class CreditTask(arith_experiment.ArithTask):
-  """The arithmetic task whose oracle knows which sampled responses were cut by the token budget (`finished`), so
-  that their last number is not graded as a final answer (arith.char_labels)."""
-
-  def __init__(self, config: ml_collections.ConfigDict):
-    super().__init__(config)
-    self.finished: dict[tuple[str, str], bool] = {}
-
-  def read_finished(self, records: list[dict[str, Any]]) -> None:
-    """(question, response text) -> whether the model ended it itself; a text sampled both ways counts as cut."""
-    for record in records:
-      question = record["prompt"][-1]["content"]
-      for text, done in zip(record["all_generated_responses"], record["all_finished"]):
-        key = (question, text.strip())
-        self.finished[key] = self.finished.get(key, True) and bool(done)
-
-  def token_labels(self, prompt_messages: list[dict[str, str]], response_ids: Sequence[int]) -> np.ndarray:
-    if self._tok is None:
-      from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
-      self._tok = AutoTokenizer.from_pretrained(self.tokenizer_dir, local_files_only=True)
-    question = prompt_messages[-1]["content"]
-    text = self._tok.decode([int(i) for i in response_ids], skip_special_tokens=True).strip()
-    if (question, text) not in self.finished:
-      raise RuntimeError(f"a scored response of {question!r} is none of the model's samples (records.jsonl): "
-                         f"{text[:80]!r}")
-    return np.asarray(arith.token_truth(self._tok, [int(i) for i in response_ids], self.answers[question],
-                                        finished=self.finished[(question, text)]), np.int8)
-
-
 class CreditModel:
   """One model's stages in `<workdir>/<name>/`: the arithmetic task's samples, then scoring, credit and greedy runs."""
 
@@ -155,16 +126,18 @@ class CreditModel:
       length = max(int(self.config.data.max_length), int(self.config.data.max_prompt_length) + tokens + 8)
       self.config.data.max_length = length
       self.config.data.buckets = tuple(b for b in self.config.data.buckets if b < length) + (length,)
-    self.task = CreditTask(self.config)
+    self.task = arith_experiment.ArithTask(self.config)  # its oracle knows which samples were cut
     self.stages = stages_lib.Stages(os.path.join(workdir, name.replace("/", "_")))
 
-  def _cpu(self, stage: str, fn: Callable[[], Any]) -> Any:
-    """fn(), its process CPU seconds (every thread) kept in cpu_seconds.json under `stage`. A stage reused from an
-    earlier run costs about nothing: a figure under 2 s is not recorded (the run that did the work recorded its own)."""
+  def _cpu(self, stage: str, fn: Callable[[], Any], done: str = "") -> Any:
+    """fn(), its process CPU seconds (every thread) kept in cpu_seconds.json under `stage`, unless the stage had
+    finished before (`done`, default `stage`: its DONE file existed): a reused stage costs only its checks, and the
+    run that did the work recorded its own figure (a resumed run once overwrote 766 s of scoring with its 4 s)."""
+    finished = os.path.exists(self.stages.path(os.path.join(done or stage, "DONE")))
     started = time.process_time()
     out = fn()
     spent = round(time.process_time() - started, 1)
-    if spent >= 2.0:
+    if not finished and spent >= 2.0:
       storage.write_json(self.stages.path("cpu_seconds.json"), dict(self.cpu_seconds(), **{stage: spent}))
     return out
 
@@ -181,11 +154,10 @@ class CreditModel:
     config, stages, task = self.config, self.stages, self.task
     os.makedirs(stages.root, exist_ok=True)
     # problems, reference and samples (their CPU together: the problems take none, a cached reference none).
-    prepared = self._cpu("problems+reference+samples", lambda: task.prepare(config, stages))
+    prepared = self._cpu("problems+reference+samples", lambda: task.prepare(config, stages), done="samples")
     pairs_file = stages.path("credit_pairs/pairs.jsonl")
     samples = os.path.join(os.path.dirname(prepared.train_pairs), generate.RECORDS)
     sample_records = arith_experiment.read_jsonl(samples)
-    task.read_finished(sample_records)
     finished = [bool(f) for r in sample_records for f in r["all_finished"]]
     if not stages.done("credit_pairs", dict(samples=samples)):
       started = time.perf_counter()
@@ -209,7 +181,13 @@ class CreditModel:
     paper.score.worse_instruction = config_schema.WORSE_INSTRUCTION
     caches[PAPER_SOURCE] = self._cpu("paper/scored/contrastive", lambda: runner.score_stage(
         paper, task, prepared, stages_lib.Stages(stages.path("paper")), "contrastive"))
-    credit, _, _ = runner.token_credit(task, caches, seed=int(config.seed))
+    credit, truth, rows = runner.token_credit(task, caches, seed=int(config.seed))
+    # The scores behind each AUC, kept for the comparison across sizes (`size_differences`).
+    self.scores = dict(labels=truth["labels"], groups=truth["groups"], sources={
+        source: runner.flat_rewards(rows if source == "contrastive" else runner.cache_rows(cache))
+        for source, cache in caches.items()})
+    self.scores["sources"]["ref_logprob"] = np.concatenate(
+        [np.asarray(row[f"ref_{side}_token_logps"], np.float32) for row in rows for side in ("chosen", "rejected")])
     return dict(model=self.name, file=self.path, parameters=parameter_count(self.path), token_credit=credit,
                 greedy=greedy, max_new_tokens=int(config.arith.max_new_tokens),
                 samples=dict(finished=sum(finished), samples=len(finished)),
@@ -253,6 +231,51 @@ class CreditModel:
 
 
 # ------------------------------------------------------------------------------------------------- report
+
+
+def auc_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray], *, seed: int = 0, resamples: int = 1000
+                   ) -> tuple[float, float, float]:
+  """(AUC of b − AUC of a, 95% low, high): two models' token-credit AUCs on their own (independent) responses, the
+  interval a percentile bootstrap that resamples each model's responses independently. `a`, `b`: dict(scores,
+  labels, groups) as runner.token_credit's (label 0 ignored)."""
+  def prepared(x):
+    keep = np.asarray(x["labels"]) != 0
+    scores, labels, groups = (np.asarray(x[k])[keep] for k in ("scores", "labels", "groups"))
+    _, index = np.unique(groups, return_inverse=True)
+    return scores, labels, [np.flatnonzero(index == g) for g in range(index.max() + 1)]
+
+  def auc(scores, labels):
+    return stats.auc(scores[labels > 0], scores[labels < 0])
+
+  (sa, la, ma), (sb, lb, mb) = prepared(a), prepared(b)
+  point = auc(sb, lb) - auc(sa, la)
+  rng = np.random.default_rng(seed)
+  draws = []
+  for _ in range(resamples):
+    ta = np.concatenate([ma[g] for g in rng.integers(0, len(ma), len(ma))])
+    tb = np.concatenate([mb[g] for g in rng.integers(0, len(mb), len(mb))])
+    d = auc(sb[tb], lb[tb]) - auc(sa[ta], la[ta])
+    if not np.isnan(d):
+      draws.append(d)
+  low, high = np.percentile(draws, [2.5, 97.5]) if draws else (float("nan"), float("nan"))
+  return float(point), float(low), float(high)
+
+
+SIZE_SOURCES = ("contrastive", PAPER_SOURCE, "confidence", "ref_logprob")
+
+
+def size_differences(models: list[tuple[dict[str, Any], dict[str, Any]]], seed: int = 0) -> dict[str, Any]:
+  """AUC(larger) − AUC(smaller) for each consecutive pair of models by parameter count and each source of
+  SIZE_SOURCES (`auc_difference`). `models`: (result, scores) per model, scores as CreditModel.scores."""
+  order = sorted(models, key=lambda m: m[0]["parameters"])
+  out = {}
+  for (ra, sa), (rb, sb) in zip(order, order[1:]):
+    out[f"{rb['model']} - {ra['model']}"] = {
+        source: dict(zip(("mean", "low", "high"), auc_difference(
+            dict(scores=sa["sources"][source], labels=sa["labels"], groups=sa["groups"]),
+            dict(scores=sb["sources"][source], labels=sb["labels"], groups=sb["groups"]), seed=seed)))
+        for source in SIZE_SOURCES}
+  return out
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -335,14 +358,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Every model of `credit.models`, then results.json, the table and plot.png in `workdir`."""
   section = _section(config)
   os.makedirs(workdir, exist_ok=True)
-  results = []
+  results, scores = [], []
   for name in section.models:
     print(f"[credit] {name}", flush=True)
-    results.append(CreditModel(config, name, workdir).run())
+    model = CreditModel(config, name, workdir)
+    results.append(model.run())
+    scores.append(model.scores)
     print(f"[credit] {name}: {results[-1]['cpu_seconds']:.0f} CPU s, {results[-1]['wall_seconds']:.0f} s wall",
           flush=True)
+  differences = size_differences(list(zip(results, scores)), seed=int(config.seed))
   text = table(results)
-  out = dict(models=results, table=text, plot=plot(os.path.join(workdir, "plot.png"), results))
+  if differences:
+    text += "\n\ntoken-credit AUC across sizes, larger − smaller (95% bootstrap, each model's responses resampled):"
+    for pair, row in differences.items():
+      text += f"\n{pair}: " + "; ".join(f"{source} {d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+                                         for source, d in row.items())
+  out = dict(models=results, size_differences=differences, table=text,
+             plot=plot(os.path.join(workdir, "plot.png"), results))
   storage.write_json(os.path.join(workdir, "results.json"), out)
   print("\n" + text, flush=True)
   print(f"results: {os.path.join(workdir, 'results.json')}, plot: {out['plot']}", flush=True)

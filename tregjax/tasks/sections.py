@@ -32,4 +32,17 @@ def default_credit_config() -> ml_collections.ConfigDict:
   ))
 
 
-__all__ = ["default_arith_config", "default_credit_config"]
+def default_ceiling_config() -> ml_collections.ConfigDict:
+  """The `ceiling` section (configs/credit_ceiling.py; tasks/credit_ceiling.py runs it)."""
+  return ml_collections.ConfigDict(dict(
+      val_prompts=100,  # the first held-out problems: the validation split (settings are chosen there); rest: test
+      sources=("oracle", "confidence", "contrastive"),  # keys of credit_ceiling.SOURCE_ARMS; "oracle" is the ceiling
+      alphas=(0.25, 1.0, 4.0),  # T-REG's α (the paper searched 0.1-0.5)
+      normalizations=("sum",),  # loss.reg_normalization of the regulariser: "sum" (T-REG's) and/or "mean"
+      batch_size=8,  # sequences per forward pass of the dense metric
+      bucket=64,  # the dense metric's sequence lengths are padded to a multiple of this (one compile per length)
+      greedy=False,  # also greedy accuracy of every trained policy (a generation pass each: costly on a CPU)
+  ))
+
+
+__all__ = ["default_arith_config", "default_credit_config", "default_ceiling_config"]
