@@ -115,11 +115,11 @@ def runs(world, emulator, tmp_path_factory):
 
 
 def _local_tree(root) -> dict[str, bytes]:
-  return {name: storage.read_bytes(os.path.join(root, name)) for name in storage._tree(str(root), ("work",))}  # pylint: disable=protected-access
+  return {name: storage.read_bytes(os.path.join(root, name)) for name in storage.list_files(root, ("work",))}
 
 
 def _remote_tree(uri) -> dict[str, bytes]:
-  return {name: storage.read_bytes(storage.join(uri, name)) for name in storage._tree(uri, ())}  # pylint: disable=protected-access
+  return {name: storage.read_bytes(storage.join(uri, name)) for name in storage.list_files(uri)}
 
 
 def _params(workdir) -> dict[str, np.ndarray]:

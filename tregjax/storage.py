@@ -337,9 +337,10 @@ def copy_file(src: str | os.PathLike, dst: str | os.PathLike, *, mode: int = FIL
   write_bytes(d, read_bytes(s), mode=mode)
 
 
-def _tree(root: str, skip: tuple[str, ...]) -> list[str]:
+def list_files(root: str | os.PathLike, skip: tuple[str, ...] = ()) -> list[str]:
   """'/'-separated relative names of the files under `root` (local or URI), sorted, without temporaries and without
   the top-level entries named in `skip`."""
+  root = local(root)
   if is_uri(root):
     fs = _fresh_fs(root)
     base = fs._strip_protocol(root).rstrip("/")  # pylint: disable=protected-access
@@ -357,7 +358,7 @@ def copy_tree(src: str | os.PathLike, dst: str | os.PathLike, *, last: str, skip
   `skip`: top-level names left out (a job's work/). A local destination is filled in place: wrap it in
   `atomic_dir` to make it appear whole."""
   s, d = local(src), local(dst)
-  names = _tree(s, skip)
+  names = list_files(s, skip)
   if last not in names:
     raise StorageError(f"{s}: no {last} to copy last (not a finished directory)")
   for name in [n for n in names if n != last] + [last]:
