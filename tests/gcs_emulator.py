@@ -25,6 +25,8 @@ import sys
 import time
 import urllib.request
 
+import pytest
+
 BUCKET = "tregjax-test"
 
 
@@ -81,6 +83,14 @@ class Emulator:
     except subprocess.TimeoutExpired:
       self.proc.kill()
     self._log.close()
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+  """One emulator per test module (import this fixture by name)."""
+  em = Emulator(str(tmp_path_factory.mktemp("gcs") / "emulator.log"))
+  yield em
+  em.stop()
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 import data_common as dc  # noqa: E402
 import gcs_emulator  # noqa: E402
+from gcs_emulator import emulator  # noqa: F401  (the module's emulator fixture)
 import train_common as tc  # noqa: E402
 
 from tregjax import errors, storage, training  # noqa: E402
@@ -31,13 +32,6 @@ from tregjax.data import scored_cache  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore")
 URI = f"gs://{gcs_emulator.BUCKET}/scored"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-  em = gcs_emulator.Emulator(str(tmp_path_factory.mktemp("gcs") / "emulator.log"))
-  yield em
-  em.stop()
 
 
 @pytest.fixture(scope="module")

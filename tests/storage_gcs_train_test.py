@@ -15,6 +15,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 import gcs_emulator  # noqa: E402
+from gcs_emulator import emulator  # noqa: F401  (the module's emulator fixture)
 import train_common as tc  # noqa: E402
 
 from tregjax import storage  # noqa: E402
@@ -22,13 +23,6 @@ from tregjax import storage  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 COMMON = {"optimizer.schedule": "constant", "checkpoint.every": 2, "checkpoint.async_save": True}
-
-
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-  em = gcs_emulator.Emulator(str(tmp_path_factory.mktemp("gcs") / "emulator.log"))
-  yield em
-  em.stop()
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,11 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 import gcs_emulator  # noqa: E402
+from gcs_emulator import emulator  # noqa: F401  (the module's emulator fixture)
 
 from tregjax import storage  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-  em = gcs_emulator.Emulator(str(tmp_path_factory.mktemp("gcs") / "emulator.log"))
-  yield em
-  em.stop()
 
 
 @pytest.fixture
