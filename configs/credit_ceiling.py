@@ -36,31 +36,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.ceiling.alphas = (0.25, 0.5, 1.0, 2.0, 4.0)
   c.ceiling.normalizations = ("sum", "mean")
   c.seed = 0
-  c.model.dtype = "float32"  # this CPU has no bfloat16 units
-  c.model.scan_layers = False
-  c.loss.loss = "dpo"
-  c.loss.beta = 0.1
-  c.optimizer.lr = 1e-5
-  c.optimizer.warmup_ratio = 0.1
-  c.optimizer.schedule = "cosine"
-  c.optimizer.grad_clip = 1.0
-  c.data.batch_size = 8
-  c.data.max_prompt_length = 96
-  c.data.max_length = 192
-  c.data.buckets = (128, 192)
-  c.data.eval_split = ""
-  c.train.steps = -1  # data.epochs passes over the pairs
-  c.data.epochs = 2
-  c.train.log_every = 5
-  c.train.logits_chunk_size = 128
+  sections.smollm2_arith_training(c)  # smollm2_arith's trainer: float32, DPO β 0.1, 2 epochs at 1e-5
   c.checkpoint.every = 50
-  c.checkpoint.keep = 1
   c.logging.progress_bar = False
   # T-REG's contrastive prompts, written for this task (the "contrastive" source).
   c.score.better_instruction = arith.SYSTEM_CAREFUL
   c.score.worse_instruction = arith.SYSTEM_CARELESS
-  c.score.instruction_role = "system"
-  c.score.token_reward.beta = c.loss.beta
   if arg == "tiny":  # CI: every stage and artifact, a handful of problems and steps
     c.arith.train_prompts, c.arith.eval_prompts = 8, 8
     c.arith.num_samples, c.arith.max_new_tokens = 4, 48

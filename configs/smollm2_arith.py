@@ -41,36 +41,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.experiment.reward_model_steps = 0
   c.experiment.reward_model_lr = 1e-5
   c.seed = 0
-  c.model.dtype = "float32"  # this CPU has no bfloat16 units
-  # The unrolled layer loop was the faster CPU step before 0138a17; since then the two loops step equally fast on this
-  # shape (bench/RESULTS.md train_step_smollm2_loops; scan compiles 2.3x faster). Kept so the cached arms reproduce.
-  c.model.scan_layers = False
-  c.loss.loss = "dpo"
-  c.loss.beta = 0.1
+  sections.smollm2_arith_training(c)  # float32 unrolled SmolLM2, DPO β 0.1, 2 epochs at 1e-5 (shared with the ceiling)
   c.loss.alpha = 0.25  # the paper searched 0.1 / 0.25 / 0.5 (bench/experiment_seeds.py sweeps them)
-  # ~50 pairs come out of the default size (most sample groups all fail or all succeed): two epochs at 1e-5 so that
-  # the policies move at all in ~14 steps.
-  c.optimizer.lr = 1e-5
-  c.optimizer.warmup_ratio = 0.1
-  c.optimizer.schedule = "cosine"
-  c.optimizer.grad_clip = 1.0
-  c.data.batch_size = 8
-  c.data.max_prompt_length = 96
-  c.data.max_length = 192
-  c.data.buckets = (128, 192)
-  c.data.eval_split = ""
-  c.train.steps = -1  # data.epochs passes over the pairs
-  c.data.epochs = 2
-  c.train.log_every = 5
-  c.train.logits_chunk_size = 128
   c.checkpoint.every = 10
-  c.checkpoint.keep = 1
   c.logging.progress_bar = True
   # T-REG's contrastive prompts, written for this task (a system message replaces SmolLM2's default one).
   c.score.better_instruction = arith.SYSTEM_CAREFUL
   c.score.worse_instruction = arith.SYSTEM_CARELESS
-  c.score.instruction_role = "system"  # score.buckets, score.chunk_size: data.buckets, train.logits_chunk_size
-  c.score.token_reward.beta = c.loss.beta
   if arg == "tiny":  # CI smoke: every stage and artifact, a handful of problems and steps
     c.arith.train_prompts, c.arith.eval_prompts, c.arith.levels = 16, 8, (1,)
     c.arith.num_samples, c.arith.max_new_tokens = 4, 64

@@ -62,8 +62,8 @@ def wait_all(procs, logs, timeout=300):
     assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{read(logs, i)[-3000:]}"
 
 
-def kill_when(procs, logs, victim, ready, timeout=300):
-  """SIGKILL process `victim` once `ready()`; returns (the survivor's stderr, exit status, seconds kill -> exit)."""
+def wait_until(procs, logs, ready, timeout=300):
+  """Poll `ready()` while every process of the job runs; a process that exits first, or `timeout`, fails the test."""
   t0 = time.time()
   while not ready():
     if any(p.poll() is not None for p in procs.values()) or time.time() - t0 > timeout:
@@ -71,6 +71,11 @@ def kill_when(procs, logs, victim, ready, timeout=300):
         p.kill()
       raise AssertionError(f"the job did not get going: {read(logs, 0)[-2000:]}\n{read(logs, 1)[-2000:]}")
     time.sleep(0.02)
+
+
+def kill_when(procs, logs, victim, ready, timeout=300):
+  """SIGKILL process `victim` once `ready()`; returns (the survivor's stderr, exit status, seconds kill -> exit)."""
+  wait_until(procs, logs, ready, timeout)
   procs[victim].send_signal(signal.SIGKILL)
   killed = time.time()
   survivor = procs[1 - victim]
@@ -158,13 +163,7 @@ def hang_training(workdir, logs, victim, heartbeat_s=5):
   # peer, would print its own traceback before the heartbeat timeout ends the survivor; needs work in tregjax.peers).
   overrides = {**TRAIN, "distributed.heartbeat_timeout_s": heartbeat_s, "checkpoint.async_save": False}
   procs, port = start(tc.worker_cmd(workdir, **overrides), logs)
-  t0 = time.time()
-  while logged_steps(workdir) < 3 or not complete_steps(workdir):
-    if any(p.poll() is not None for p in procs.values()) or time.time() - t0 > 300:
-      for p in procs.values():
-        p.kill()
-      raise AssertionError(f"the job did not get going: {read(logs, 0)[-2000:]}\n{read(logs, 1)[-2000:]}")
-    time.sleep(0.02)
+  wait_until(procs, logs, lambda: logged_steps(workdir) >= 3 and bool(complete_steps(workdir)))
   stuck = _process_tree(procs[victim].pid)
   for pid in stuck:
     os.kill(pid, signal.SIGSTOP)

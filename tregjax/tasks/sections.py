@@ -1,4 +1,5 @@
-"""The config sections of the arithmetic tasks (`arith`, `credit`) with their defaults: what a config file sets.
+"""The config sections of the arithmetic tasks (`arith`, `credit`, `ceiling`) with their defaults, and the trainer
+settings the SmolLM2 arithmetic experiments share: what a config file sets.
 
 Light on purpose (ml_collections only): configs/smollm2_arith.py and configs/credit_scaling.py import this module, not
 the tasks (tasks/arith_experiment.py, tasks/credit.py), which import the sampler, the trainer and the data builder.
@@ -46,3 +47,32 @@ def default_ceiling_config() -> ml_collections.ConfigDict:
 
 
 __all__ = ["default_arith_config", "default_credit_config", "default_ceiling_config"]
+
+
+def smollm2_arith_training(c: ml_collections.ConfigDict) -> None:
+  """The trainer settings of SmolLM2-135M on arithmetic (configs/smollm2_arith.py, configs/credit_ceiling.py), set on
+  `c` in place: float32 unrolled layers, DPO at β 0.1, two epochs at 1e-5 over a few dozen pairs of 192 tokens."""
+  c.model.dtype = "float32"  # this CPU has no bfloat16 units
+  # The unrolled layer loop was the faster CPU step before 0138a17; since then the two loops step equally fast on this
+  # shape (bench/RESULTS.md train_step_smollm2_loops; scan compiles 2.3x faster). Kept so the cached arms reproduce.
+  c.model.scan_layers = False
+  c.loss.loss = "dpo"
+  c.loss.beta = 0.1
+  # ~50 pairs come out of smollm2_arith's default size (most sample groups all fail or all succeed): two epochs at
+  # 1e-5 so that the policies move at all in ~14 steps.
+  c.optimizer.lr = 1e-5
+  c.optimizer.warmup_ratio = 0.1
+  c.optimizer.schedule = "cosine"
+  c.optimizer.grad_clip = 1.0
+  c.data.batch_size = 8
+  c.data.max_prompt_length = 96
+  c.data.max_length = 192
+  c.data.buckets = (128, 192)
+  c.data.eval_split = ""
+  c.train.steps = -1  # data.epochs passes over the pairs
+  c.data.epochs = 2
+  c.train.log_every = 5
+  c.train.logits_chunk_size = 128
+  c.checkpoint.keep = 1
+  c.score.instruction_role = "system"  # score.buckets, score.chunk_size: data.buckets, train.logits_chunk_size
+  c.score.token_reward.beta = c.loss.beta
