@@ -29,20 +29,27 @@ over test problems. results.json and a table in the workdir.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
 from collections.abc import Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
+from transformers import AutoTokenizer
 
-from tregjax import storage
+from tregjax import config_schema, errors, generate, losses, models, storage
 from tregjax.experiments import arms as arms_lib
 from tregjax.experiments import runner, stats
 from tregjax.experiments import stages as stages_lib
+from tregjax.data.tokenize import ChatTokenizer
 from tregjax.tasks import arith, arith_experiment, sections
+from tregjax.training import trainer
 
 # Each source's arm of tregjax.experiments.arms (its loss and scored cache); the sweep overrides loss.alpha and
 # loss.reg_normalization.
@@ -56,8 +63,6 @@ def default_ceiling_config() -> ml_collections.ConfigDict:
 
 def ceiling_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`config.ceiling` over the defaults, checked (errors.ConfigError naming the key)."""
-  # (config_schema: loaded only when the program runs)
-  from tregjax import config_schema, errors  # pylint: disable=g-import-not-at-top
   section = config_schema.merge("ceiling", default_ceiling_config(), config.get("ceiling", None))
   unknown = [s for s in section.sources if s not in SOURCE_ARMS]
   if unknown or "oracle" not in section.sources:
@@ -130,19 +135,10 @@ def dense_rows(tok: Any, prompt_ids: Sequence[int], text: str) -> tuple[list[Den
   return rows, len(encoded)
 
 
-def _logps_fn():
-  import functools  # pylint: disable=g-import-not-at-top  (heavy: jax, transformers, the trainer)
-
-  import jax  # pylint: disable=g-import-not-at-top  (heavy: jax, transformers, the trainer)
-  from flax import nnx  # pylint: disable=g-import-not-at-top  (heavy: jax, transformers, the trainer)
-
-  from tregjax import losses  # pylint: disable=g-import-not-at-top  (heavy: jax, transformers, the trainer)
-
-  @functools.partial(jax.jit, static_argnums=0)
-  def fn(graphdef, state, tokens, labels):
-    return losses.model_token_logps(nnx.merge(graphdef, state), tokens, labels, chunk_size=64)
-
-  return fn
+@functools.partial(jax.jit, static_argnums=0)
+def _token_logps(graphdef, state, tokens, labels):
+  """log π(label_t | tokens_<=t), float32, [B, T]: one compile per padded shape for every policy measured."""
+  return losses.model_token_logps(nnx.merge(graphdef, state), tokens, labels, chunk_size=64)
 
 
 def result_probabilities(model: Any, rows: Sequence[DenseRow], *, batch_size: int = 8, bucket: int = 64,
@@ -150,11 +146,8 @@ def result_probabilities(model: Any, rows: Sequence[DenseRow], *, batch_size: in
   """Per row, per target: π(result tokens | everything before them) = exp(Σ log π of the result's tokens), float32
   log-softmax (losses.model_token_logps). Rows are right-padded (causal attention: padding after a position does not
   change it) to a multiple of `bucket` and batched `batch_size` at a time (one compile per padded length)."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top  (heavy: jax, transformers, the trainer)
-  from flax import nnx  # pylint: disable=g-import-not-at-top  (heavy: jax, transformers, the trainer)
   if batch_size < 1 or bucket < 1:
     raise ValueError(f"batch_size and bucket must be positive, got {batch_size}, {bucket}")
-  fn = _logps_fn()
   graphdef, state = nnx.split(model)
   out: list[list[float]] = [[] for _ in rows]
   order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
@@ -165,7 +158,7 @@ def result_probabilities(model: Any, rows: Sequence[DenseRow], *, batch_size: in
     for r, i in enumerate(chunk):
       tokens[r, :len(rows[i].ids)] = rows[i].ids
     labels = np.concatenate([tokens[:, 1:], np.full((batch_size, 1), pad_id, np.int32)], axis=1)
-    logps = np.asarray(fn(graphdef, state, jnp.asarray(tokens), jnp.asarray(labels)), np.float64)
+    logps = np.asarray(_token_logps(graphdef, state, jnp.asarray(tokens), jnp.asarray(labels)), np.float64)
     for r, i in enumerate(chunk):  # the token at position p is predicted at p - 1
       out[i] = [float(np.exp(sum(logps[r, p - 1] for p in target))) for target in rows[i].targets]
   return out
@@ -211,9 +204,6 @@ def arm_stage(config, task, prepared, stages, source: str, alpha: float, normali
 
 def train(config, task, prepared, stages, name: str, stage: ml_collections.ConfigDict, rewards: str) -> str:
   """One arm from the reference (cached by its stage key, as runner.train_arm); its HF export's directory."""
-  from tregjax import models  # pylint: disable=g-import-not-at-top  (heavy: jax, transformers, the trainer)
-  from tregjax.training import trainer  # pylint: disable=g-import-not-at-top  (heavy: jax, transformers, the trainer)
-  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top  (heavy: jax, transformers, the trainer)
   hf = os.path.join(stages.path(f"arms/{name}"), "hf")
   key = stages_lib.stage_key(stage)
   if stages.done(f"arms/{name}", key):
@@ -231,11 +221,6 @@ def train(config, task, prepared, stages, name: str, stage: ml_collections.Confi
 def dense_stage(stages, name: str, policy: str, prepared, records: list[dict[str, Any]],
                 section: ml_collections.ConfigDict) -> np.ndarray:
   """The result probability of `policy` on every held-out problem (cached in dense/<name>/DONE)."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top  (heavy: jax, transformers, the trainer)
-
-  from tregjax import models  # pylint: disable=g-import-not-at-top  (heavy: jax, transformers, the trainer)
-  # heavy: transformers
-  from tregjax.data.tokenize import ChatTokenizer  # pylint: disable=g-import-not-at-top
   key = dict(policy=policy, responses=[r["all_generated_responses"][0] for r in records], metric="result_prob/1")
   if stages.done(f"dense/{name}", key):
     return np.array(stages.info(f"dense/{name}")["per_problem"], np.float64)
@@ -333,7 +318,6 @@ def table(analysis: dict[str, Any], names: dict[str, tuple[str, float, str]]) ->
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """The whole experiment (see the module docstring); writes workdir/results.json."""
-  from tregjax import errors, generate  # pylint: disable=g-import-not-at-top  (heavy: jax, transformers, the trainer)
   section = ceiling_section(config)
   wall, cpu = time.perf_counter(), time.process_time()
   # The stages run the trainer's, scorer's and sampler's configs: this program's own section stays out of them.
