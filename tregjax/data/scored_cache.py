@@ -125,6 +125,12 @@ def cache_hash(config, dataset_dir: str | None = None) -> str:
   return hashing.hash_json(cache_components(config, dataset_dir))
 
 
+def unfinished(cache_dir: str) -> errors.StaleCacheError:
+  """The error for a cache directory (local or URI) without its completion marker."""
+  return errors.StaleCacheError(f"{cache_dir} is not a finished scored cache (no {CACHE_META}); run "
+                                f"`python -m tregjax.score` with this config (it resumes an interrupted run)")
+
+
 def check_cache(cache_dir: str, expected_hash: str | dict[str, str]) -> dict[str, Any]:
   """Refuse a missing, incomplete or stale cache with a clear message; returns its metadata.
 
@@ -134,8 +140,7 @@ def check_cache(cache_dir: str, expected_hash: str | dict[str, str]) -> dict[str
   """
   path = storage.join(cache_dir, CACHE_META)
   if not storage.exists(path):
-    raise errors.StaleCacheError(f"{cache_dir} is not a finished scored cache (no {CACHE_META}); run "
-                                 f"`python -m tregjax.score` with this config (it resumes an interrupted run)")
+    raise unfinished(cache_dir)
   meta = storage.read_json(path)
   if isinstance(expected_hash, dict) and expected_hash.get("data") is None:  # the config names no data: the cache's
     expected_hash = dict(expected_hash, data=meta.get("components", {}).get("data"))
@@ -260,8 +265,7 @@ def local_copy(cache_dir: str) -> str:
     return cache_dir
   marker = storage.join(cache_dir, CACHE_META)
   if not storage.exists(marker):
-    raise errors.StaleCacheError(f"{cache_dir} is not a finished scored cache (no {CACHE_META}); run "
-                                 f"`python -m tregjax.score` with this config (it resumes an interrupted run)")
+    raise unfinished(cache_dir)
   digest = storage.read_json(marker)["hash"]
   target = staged_path(digest)
 
