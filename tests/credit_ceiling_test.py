@@ -125,7 +125,7 @@ def test_config_wiring_sweeps_alpha_and_normalisation_of_each_source(tmp_path):
   assert max(section.alphas) >= 4 and set(section.normalizations) == {"sum", "mean"}
   assert 0 < section.val_prompts < config.arith.eval_prompts
   names = credit_ceiling.settings(section)
-  assert len(names) == 3 * 5 * 2 and names["oracle_a4_mean"] == ("oracle", 4.0, "mean")
+  assert len(names) == 3 * 5 * 2 and names["oracle_a256_mean"] == ("oracle", 256.0, "mean")
   root = str(tmp_path / "W")
   task = arith_experiment.ArithTask(config)
   prepared = stages.Prepared(reference=root + "/reference/hf", tokenizer=root + "/reference/hf",
