@@ -15,15 +15,18 @@ judged by training. The dense metric here moves with far smaller changes of the 
 Stages (in the workdir, cached; the arithmetic task's problems, reference and samples, the runner's scoring stage):
   problems, reference, samples, scored/*   as in configs/smollm2_arith.py (tasks/arith_experiment.ArithTask)
   eval/reference      the reference's greedy responses to the held-out problems (their equations give the targets)
-  arms/<setting>      DPO, and DPO-REG with each source of `ceiling.sources` (oracle, confidence, contrastive) at each
-                      α of `ceiling.alphas` and each regulariser normalisation of `ceiling.normalizations`
-  dense/<policy>      the result probability of each policy on every held-out problem
-The held-out problems are split: the first `ceiling.val_prompts` are the validation split (each source's α and
-normalisation are chosen there, by the highest mean result probability), the rest the test split (where only the
-chosen settings are compared with DPO). Reported: every setting on both splits; the smallest setting at which the
-oracle arm beats DPO on validation with a paired interval that excludes zero, and its test figure; each source at its
-validated setting on test, and its share of the ceiling, (source − DPO) / (oracle − DPO), with a bootstrap interval
-over test problems. results.json and a table in the workdir.
+  arms/<setting>      DPO; DPO-REG with the oracle's token rewards at each α of `ceiling.alphas` under each regulariser
+                      normalisation of `ceiling.normalizations` (a "mean" setting trains at α · mean_alpha_scale, so
+                      that α reaches as far under either: the mean divides by the response length); then the other
+                      sources of `ceiling.sources` (confidence, contrastive) at each α under the normalisation the
+                      oracle validated. Within each, the largest α first (`training_order`).
+  dense/<policy>      the result probability of each policy on every held-out problem, right after its arm
+The held-out problems are split: the first `ceiling.val_prompts` are the validation split (each source's setting is
+chosen there, by the highest mean result probability), the rest the test split (where only the chosen settings are
+compared with DPO). Reported: every setting on both splits; the smallest setting at which the oracle arm beats DPO on
+validation with a paired interval that excludes zero, and its test figure; each source at its validated setting on
+test, and its share of the ceiling, (source − DPO) / (oracle − DPO), with a paired bootstrap over test problems
+(`ceiling_share`). results.json (rewritten after every arm, `partial` until the last) and a table in the workdir.
 """
 
 from __future__ import annotations
