@@ -232,13 +232,17 @@ def init_distributed(env: Mapping[str, str] | None = None, config: ml_collection
                 shutdown_timeout_seconds=int(d.shutdown_timeout_s))
   if (os.environ if env is None else env).get("JAX_PLATFORMS", "") == "cpu":
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
-  peers.joining(kwargs.get("coordinator_address"), kwargs.get("num_processes"), kwargs.get("process_id"),
-                int(d.initialization_timeout_s))
-  jax.distributed.initialize(**kwargs)
-  # The joined job, by jax's public API only: what the environment named, else (SLURM, TPU pods, where jax detects the
-  # job itself) jax.process_count/process_index; jax does not say which coordinator it detected.
   explicit = "num_processes" in kwargs
-  peers.joined(kwargs.get("coordinator_address"), kwargs["num_processes"] if explicit else jax.process_count(),
+  peers.joining(kwargs.get("coordinator_address"), kwargs.get("num_processes"), kwargs.get("process_id"),
+                int(d.initialization_timeout_s),
+                coordinator_hint=None if explicit else peers.detected_coordinator(os.environ if env is None else env))
+  jax.distributed.initialize(**kwargs)
+  # The joined job: what the environment named, else (SLURM, TPU pods, where jax detects the job itself)
+  # jax.process_count/process_index, and the address jax resolved (no public API says it: read defensively, so a
+  # jax without that attribute keeps the hint).
+  resolved = getattr(getattr(getattr(jax, "_src", None), "distributed", None), "global_state", None)
+  peers.joined(kwargs.get("coordinator_address") or getattr(resolved, "coordinator_address", None),
+               kwargs["num_processes"] if explicit else jax.process_count(),
                kwargs["process_id"] if explicit else jax.process_index())
 
 
