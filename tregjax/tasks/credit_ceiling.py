@@ -80,6 +80,9 @@ def ceiling_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   if not float(section.mean_alpha_scale) > 0:
     raise errors.ConfigError(f"config.ceiling.mean_alpha_scale: a positive number required, got "
                              f"{section.mean_alpha_scale}")
+  if int(section.arm_grad_accum_steps) < 0:
+    raise errors.ConfigError(f"config.ceiling.arm_grad_accum_steps: 0 (the trainer's) or a positive count, got "
+                             f"{section.arm_grad_accum_steps}")
   if int(section.val_prompts) < 2:
     raise errors.ConfigError(f"config.ceiling.val_prompts: at least 2, got {section.val_prompts}")
   return section
@@ -220,19 +223,30 @@ def training_order(names: dict[str, tuple[str, float, str]]) -> list[str]:
   return [g[r] for r in range(max(map(len, ranked), default=0)) for g in ranked if r < len(g)]
 
 
-def arm_stage(config, task, prepared, stages, source: str, alpha: float, normalization: str
-              ) -> ml_collections.ConfigDict:
-  """The trainer config of one setting: the source's arm (runner.arm_stage) with its α and normalisation."""
+def arm_stage(config, task, prepared, stages, source: str, alpha: float, normalization: str,
+              grad_accum_steps: int = 0) -> ml_collections.ConfigDict:
+  """The trainer config of one setting: the source's arm (runner.arm_stage) with its α and normalisation (and
+  `grad_accum_steps` micro-batches per step where not 0: ceiling.arm_grad_accum_steps)."""
   stage = runner.arm_stage(config, task, prepared, stages, SOURCE_ARMS[source])
   stage.loss.alpha = float(alpha)  # as trained: settings() has already scaled a mean setting's α
   stage.loss.reg_normalization = str(normalization)
+  if grad_accum_steps:
+    stage.optimizer.grad_accum_steps = int(grad_accum_steps)
   return stage
 
 
 def train(config, task, prepared, stages, name: str, stage: ml_collections.ConfigDict, rewards: str) -> str:
-  """One arm from the reference (cached by its stage key, as runner.train_arm); its HF export's directory."""
+  """One arm from the reference (cached by its stage key, as runner.train_arm); its HF export's directory.
+
+  Micro-batching changes memory, not the update (every example weighs the same), so an arm finished at the trainer's
+  own `optimizer.grad_accum_steps` is reused where `stage` asks for other micro-batches (ceiling.arm_grad_accum_steps)."""
   hf = os.path.join(stages.path(f"arms/{name}"), "hf")
   key = stages_lib.stage_key(stage)
+  if os.path.exists(os.path.join(stages.path(f"arms/{name}"), "DONE")):
+    same = stage.copy_and_resolve_references()
+    same.optimizer.grad_accum_steps = int(config.optimizer.grad_accum_steps)
+    if stages.info(f"arms/{name}").get("key") == stages.key_hash(stages_lib.stage_key(same)):
+      return hf
   if stages.done(f"arms/{name}", key):
     return hf
   runner.score_stage(config, task, prepared, stages, rewards)  # its own stage (and CPU figure) when first scored
@@ -406,8 +420,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     for name in training_order(batch):
       source, alpha, norm = batch[name]
       stages.say(f"arm {name}")
-      policies[name] = train(config, task, prepared, stages, name, arm_stage(config, task, prepared, stages, source,
-                                                                             alpha, norm), source)
+      stage = arm_stage(config, task, prepared, stages, source, alpha, norm, int(section.arm_grad_accum_steps))
+      policies[name] = train(config, task, prepared, stages, name, stage, source)
       per[name] = dense_stage(stages, name, policies[name], prepared, records, section)
       report(partial=True)
 

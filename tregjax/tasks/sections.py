@@ -45,6 +45,9 @@ def default_ceiling_config() -> ml_collections.ConfigDict:
       # "mean" divides the regulariser by the response length L, so a mean arm uses α · mean_alpha_scale: about the
       # pairs' mean response length in tokens, so that α reaches as far under either normalisation.
       mean_alpha_scale=64.0,
+      # Micro-batches per step of the swept DPO-REG arms (0: optimizer.grad_accum_steps, as DPO). Memory only: each
+      # example weighs the same, so the mean over equal micro-batches is the full batch's update (float rounding aside).
+      arm_grad_accum_steps=0,
       batch_size=8,  # sequences per forward pass of the dense metric
       bucket=64,  # the dense metric's sequence lengths are padded to a multiple of this (one compile per length)
       greedy=False,  # also greedy accuracy of every trained policy (a generation pass each: costly on a CPU)
