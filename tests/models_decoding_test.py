@@ -208,6 +208,30 @@ def test_rows_are_independent_of_batch_and_compaction(model):
     assert np.asarray(alone.tokens)[0].tolist() == np.asarray(plain.tokens)[row].tolist()
 
 
+def test_continuous_batching_samples_what_one_batch_samples(model):
+  """More rows than slots: finished rows' slots go to waiting rows (their prompts prefilled into the freed cache
+  slots), and every row still samples token-for-token what it samples in one batch of all rows, and in batches run
+  one after another -- with rows ending at different steps. Compiles: one decode loop per batch size, one admit per
+  prefill size (one prompt width here), no compaction gather."""
+  prompts = [PROMPTS[i % 3] for i in range(12)]
+  kw = dict(max_new_tokens=NEW, key=jax.random.key(4), temperature=1.0, pad_id=-1)
+  free = np.asarray(decoding.generate(model, prompts, **kw).tokens)
+  kw["eos_ids"] = (int(free[0, 3]), int(free[1, 4]))  # row 0 ends by step 4, row 1 by step 5, some rows run on
+  plain = decoding.generate(model, prompts, batch_size=32, compact=False, **kw)
+  jitted = (decoding.generate_loop, decoding.admit, decoding.take_rows)
+  before = [f._cache_size() for f in jitted]  # pylint: disable=protected-access
+  refilled = decoding.generate(model, prompts, batch_size=4, **kw)
+  compiled = [f._cache_size() - b for f, b in zip(jitted, before)]  # pylint: disable=protected-access
+  waves = decoding.generate(model, prompts, batch_size=4, refill=False, **kw)
+  lengths = np.asarray(plain.lengths)
+  assert len(set(lengths.tolist())) >= 3 and lengths.max() == NEW, lengths  # EOS at different steps, and none
+  for other in (refilled, waves):
+    np.testing.assert_array_equal(np.asarray(other.tokens), np.asarray(plain.tokens))
+    np.testing.assert_array_equal(np.asarray(other.lengths), lengths)
+  assert compiled[0] <= len(decoding.batch_buckets(4)) and compiled[2] == 0
+  assert 1 <= compiled[1] <= len(decoding.prefill_sizes(4)) == 3
+
+
 def test_batch_size_fits_memory_and_probe(global_model):
   """row_bytes counts the cache arrays init_cache allocates; the chosen batch is a power-of-two multiple of
   `multiple` within max_rows; the probe measures each size it tries."""
