@@ -136,16 +136,14 @@ def main() -> None:
     desc += f", {args.chunk} rows per call (prompts padded to 64)"
   multiple = 64 if args.chunk else 8
 
-  def ours(kw):
-    lengths, tokens = [], []
-    for start, part in chunks:  # as generate.generate_shard: batch_size rows per call, row ids = row index
-      out = decoding.generate(model, part, max_new_tokens=args.new, key=jax.random.key(0), **kw, **eos,
-                              prompt_multiple=multiple, row_ids=range(start, start + len(part)), batch_size=chunk)
-      lengths.append(np.asarray(out.lengths))
-      tokens.append(np.asarray(out.tokens))
-    generated["tregjax"] = np.concatenate(lengths)
-    generated["tregjax_tokens"] = np.concatenate(tokens)
-    return generated["tregjax_tokens"]
+  def ours(kw, refill=True, name="tregjax"):
+    # as generate.generate_shard: every row in one call of `chunk` slots, row ids = row index; refill=False: the
+    # rows in batches of `chunk` one after another (#30's first session: compaction only)
+    out = decoding.generate(model, rows, max_new_tokens=args.new, key=jax.random.key(0), **kw, **eos,
+                            prompt_multiple=multiple, batch_size=chunk, refill=refill)
+    generated[name] = np.asarray(out.lengths)
+    generated[name + "_tokens"] = np.asarray(out.tokens)
+    return generated[name + "_tokens"]
 
   def legacy(kw):
     lengths = []
@@ -241,13 +239,15 @@ def main() -> None:
       default_threads = torch.get_num_threads()
       thread_counts = list(dict.fromkeys(int(t) or default_threads for t in args.torch_threads.split(",")))
 
-  names = {"tregjax": "tregjax", "legacy": "tregjax (main before #30)"}
+  names = {"tregjax": "tregjax" + (f" (continuous batching, {chunk} slots)" if args.chunk else ""),
+           "norefill": f"tregjax, no refill (calls of {chunk} rows one after another; #30 before refill)",
+           "legacy": "tregjax (main before #30)"}
   results = {"date": common.today(), "device": device, "backend": backend, "args": vars(args),
              "prompt_lengths": [len(p) for p in prompts], "torch_thread_probe_s": probe, "modes": {}}
   table_rows, notes = [], []
   for mode in modes:
     kw = {"greedy": {}, "sampled": sampled}[mode]
-    jitted = (decoding.generate_loop, decoding.prefill_step, decoding.take_rows)
+    jitted = (decoding.generate_loop, decoding.admit, decoding.take_rows)
     before = [f._cache_size() for f in jitted]  # pylint: disable=protected-access
     first_s = legacy_first_s = None
     if warm:
@@ -261,6 +261,10 @@ def main() -> None:
       if not warm and not compiled[0]:  # no warm-up: the first timed call traces and loads the compiles
         compiled[:] = [f._cache_size() - b for f, b in zip(jitted, before)]  # pylint: disable=protected-access
     runners = {"tregjax": ours_timed}
+    if args.chunk and len(chunks) > 1:
+      if warm:
+        ours(kw, refill=False, name="norefill")  # compile
+      runners["norefill"] = lambda kw=kw: ours(kw, refill=False, name="norefill")
     if not args.no_legacy:
       if warm:
         t0 = time.perf_counter()
@@ -289,7 +293,12 @@ def main() -> None:
       ref = theirs(kw, thread_counts[-1], new=args.new if mode == "greedy" else 4)()  # warm-up
       runners |= {f"torch_{t}": theirs(kw, t) for t in thread_counts}
     times = common.timed_interleaved(runners, args.repeats)
-    entry["compiled"] = dict(zip(("decode_loop", "prefill", "take_rows"), compiled))
+    entry["compiled"] = dict(zip(("decode_loop", "admit", "take_rows"), compiled))
+    if "norefill_tokens" in generated:  # the same row keys: the same samples, whatever the batching
+      entry["refill_samples_identical"] = bool(np.array_equal(generated["norefill_tokens"],
+                                                              generated["tregjax_tokens"]))
+      notes.append(f"{mode}: continuous batching vs calls one after another: samples token-for-token identical: "
+                   f"{'yes' if entry['refill_samples_identical'] else 'NO'}.")
     if ref is not None and mode == "greedy":
       assert ref.shape == (len(rows), width + args.new), ref.shape
       same = ref[:, width:].numpy() == generated["tregjax_tokens"]
@@ -318,7 +327,8 @@ def main() -> None:
                          f"{r['first_call_s']:.1f} / {r['compile_s']:.1f}" if "compile_s" in r
                          else "-",
                          f"{torch_best / r['median_s']:.2f}x" if torch_best else "n/a",
-                         f"{entry['legacy']['median_s'] / r['median_s']:.2f}x" if "legacy" in entry else "n/a"])
+                         f"{entry['legacy']['median_s'] / r['median_s']:.2f}x" if "legacy" in entry else "n/a",
+                         f"{entry['norefill']['median_s'] / r['median_s']:.2f}x" if "norefill" in entry else "n/a"])
     if prof:
       t_pre, t_fwd, t_smp, t_all = (float(np.median(x)) for x in zip(*prof))
       ours_s = entry["tregjax"]["median_s"]
@@ -342,13 +352,14 @@ def main() -> None:
           f"{steps * t_smp:.2f} s ({steps * t_smp / ours_s:.0%}), rest (cache copies, compaction, host) "
           f"{rest:.2f} s ({rest / ours_s:.0%}).")
     notes.append(f"{mode}: compiles in tregjax's first call" + (" (loaded from --compile-cache)" if args.compile_cache else "")
-                 + f": {compiled[0]} decode loop(s), {compiled[1]} prefill, "
-                 f"{compiled[2]} row gather(s)" + (f"; rows generated {entry['tregjax']['new_tokens']} of "
+                 + f": {compiled[0]} decode loop(s), {compiled[1]} admit(s) (prefill + refill of slots), "
+                 f"{compiled[2]} compaction gather(s)" + (f"; rows generated {entry['tregjax']['new_tokens']} of "
                                                    f"{len(rows) * args.new} tokens" if args.eos else "") + ".")
   if args.aot:
     return
   text = common.table(["mode", "sampler", "median s / call", "new tokens/s", "roofline (share)",
-                       "first call / compile s", "speed vs fastest torch", "speed vs main before #30"], table_rows)
+                       "first call / compile s", "speed vs fastest torch", "speed vs main before #30",
+                       "speed vs no refill"], table_rows)
   agreement = ""
   if "tokens_equal_fraction" in results["modes"].get("greedy", {}):
     g = results["modes"]["greedy"]

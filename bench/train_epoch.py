@@ -243,6 +243,8 @@ def worker_epoch_trl(a) -> None:
   steps = len(rows) // STEP_PAIRS  # one epoch, the last partial batch dropped as tregjax's drop_remainder does
   clock, stamps = common.step_clock()
   a.variant = variant
+  from trl import DPOTrainer  # pylint: disable=g-import-not-at-top
+  precompute = _timed_method(DPOTrainer, "_precompute_ref_logps")  # precompute_ref_log_probs's pass, in __init__
   t0 = time.perf_counter()
   trainer = _trl_trainer(a, rows, tok, variant, steps, [clock])
   t1 = time.perf_counter()
@@ -256,9 +258,52 @@ def worker_epoch_trl(a) -> None:
   t2 = time.perf_counter()
   ds = trainer.train_dataset
   real = sum(len(x["prompt_ids"]) * 2 + len(x["chosen_ids"]) + len(x["rejected_ids"]) for x in ds)
-  _emit(dict(tokenize_s=t1 - t0 - contrastive_s, contrastive_s=contrastive_s, train_s=t2 - t1, steps=len(stamps),
-             real_tokens=real,
+  check = check_contrastive(rewards, os.path.join(a.scratch, "cache")) if contrastive else None
+  _emit(dict(tokenize_s=t1 - t0 - contrastive_s - precompute[0], precompute_s=precompute[0],
+             contrastive_s=contrastive_s, train_s=t2 - t1, steps=len(stamps), real_tokens=real, contrastive_check=check,
              first_step_s=stamps[0][0] - t1 if stamps else float("nan")))
+
+
+def _timed_method(cls, name: str) -> list[float]:
+  """Wraps `cls.name` to add its wall seconds to the returned one-element list."""
+  total, method = [0.0], getattr(cls, name)
+
+  def wrapper(self, *args, **kwargs):
+    t = time.perf_counter()
+    try:
+      return method(self, *args, **kwargs)
+    finally:
+      total[0] += time.perf_counter() - t
+
+  setattr(cls, name, wrapper)
+  return total
+
+
+def check_contrastive(rewards: list[list], cache: str) -> dict | None:
+  """The contrastive pass's token rewards against those tregjax's scoring pass wrote to its T-REG cache (same pairs,
+  same model, the same two instructions): max |difference| over every response both scored, after the timing.
+  None when this run wrote no T-REG cache (the peer part writes it first)."""
+  import re  # pylint: disable=g-import-not-at-top
+  from tregjax.data import tfds_builder  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(cache):
+    return None
+  source = tfds_builder.data_source(cache, "train")
+  diffs, lengths_differ, compared = [], 0, 0
+  for i in range(len(source)):
+    x = source[i]
+    eid = x["example_id"].decode() if isinstance(x["example_id"], bytes) else str(x["example_id"])
+    line = int(re.search(r"(\d+)\s*$", eid).group(1)) - 1  # "file:line N", 1-based
+    if 2 * line + 1 >= len(rewards):
+      continue
+    for side, ours in (("chosen", rewards[2 * line]), ("rejected", rewards[2 * line + 1])):
+      cached = np.asarray(x[f"{side}_token_rewards"], np.float32)
+      if len(cached) != len(ours):
+        lengths_differ += 1
+        continue
+      compared += 1
+      diffs.append(float(np.max(np.abs(cached - np.asarray(ours, np.float32)))))
+  return dict(responses=compared, lengths_differ=lengths_differ, max_abs_diff=max(diffs, default=float("nan")),
+              median_max_abs_diff=float(np.median(diffs)) if diffs else float("nan"))
 
 
 WORKERS = {"step_tregjax": worker_step_tregjax, "split_tregjax": worker_split_tregjax, "step_trl": worker_step_trl,
@@ -380,44 +425,61 @@ def peer_part(a) -> str:
   """T-REG against its real peer (TRL + the contrastive pass in transformers) and DPO against DPO."""
   runs = {"treg_reference": spawn(a, "reference_tregjax"), "treg_epoch": spawn(a, "epoch_tregjax", "fitted"),
           "dpo_reference": spawn(a, "reference_tregjax", "dpo"), "dpo_epoch": spawn(a, "epoch_tregjax", "dpo"),
-          "trl": spawn(a, "epoch_trl", "default"), "trl_contrastive": spawn(a, "epoch_trl", "default+contrastive")}
+          "trl": spawn(a, "epoch_trl", a.peer_trl), "trl_contrastive": spawn(a, "epoch_trl", a.peer_trl + "+contrastive")}
   payload = dict(runs=runs, pairs_file=sum(1 for _ in open(a.pairs, encoding="utf-8")), machine=common.machine(),
-                 date=common.today(), load_avg=os.getloadavg()[0])
+                 date=common.today(), load_avg=os.getloadavg()[0], trl_variant=a.peer_trl,
+                 first_pairs=a.first_pairs)
   common.write_json("train_epoch_peer", payload)
   return render_peer(payload)
 
 
 def render_peer(p: dict) -> str:
   r = p["runs"]
+  variant = p.get("trl_variant", "default")
   ours = {k: dict(tokenize=r[f"{k}_reference"]["tokenize_s"], reference=r[f"{k}_reference"]["score_s"],
                   train=r[f"{k}_epoch"]["train_s"],
                   cpu=r[f"{k}_reference"]["process_cpu_s"] + r[f"{k}_epoch"]["process_cpu_s"],
                   wall=r[f"{k}_reference"]["process_s"] + r[f"{k}_epoch"]["process_s"]) for k in ("treg", "dpo")}
-  theirs = {k: dict(tokenize=r[k]["tokenize_s"], reference=r[k].get("contrastive_s", 0.0), train=r[k]["train_s"],
-                    cpu=r[k]["process_cpu_s"], wall=r[k]["process_s"]) for k in ("trl", "trl_contrastive")}
+  theirs = {k: dict(tokenize=r[k]["tokenize_s"], reference=r[k].get("precompute_s", 0.0) + r[k].get("contrastive_s", 0.0),
+                    train=r[k]["train_s"], cpu=r[k]["process_cpu_s"], wall=r[k]["process_s"])
+            for k in ("trl", "trl_contrastive")}
+  ref_note = {"trl": "the plain reference forward" if variant == "matched_precompute" else "none (in the steps)",
+              "trl_contrastive": ("plain reference forward (precompute) + the contrastive pass"
+                                  if variant == "matched_precompute" else "the contrastive pass")}
   rows = []
-  for label, x, peer in (
-      ("tregjax DPO-REG (T-REG): tokenize, scoring pass (plain + better + worse forwards), train", ours["treg"],
+  for label, what, x, peer in (
+      ("tregjax DPO-REG (T-REG)", "`tregjax.score`: plain + better + worse forwards", ours["treg"],
        theirs["trl_contrastive"]),
-      ("TRL 1.16 DPOTrainer (defaults) + the two contrastive forwards per response in transformers",
-       theirs["trl_contrastive"], theirs["trl_contrastive"]),
-      ("tregjax DPO: tokenize, scoring pass (plain forward), train", ours["dpo"], theirs["trl"]),
-      ("TRL 1.16 DPOTrainer, its defaults (bf16, gradient checkpointing, ref forward per step)", theirs["trl"],
-       theirs["trl"])):
+      (f"{TRL_LABELS[variant]}, + the two contrastive forwards per response in transformers",
+       ref_note["trl_contrastive"], theirs["trl_contrastive"], theirs["trl_contrastive"]),
+      ("tregjax DPO", "`tregjax.score`: the plain forward", ours["dpo"], theirs["trl"]),
+      (TRL_LABELS[variant], ref_note["trl"], theirs["trl"], theirs["trl"])):
     epoch = x["tokenize"] + x["reference"] + x["train"]
     peer_epoch = peer["tokenize"] + peer["reference"] + peer["train"]
-    rows.append([label, f"{x['tokenize']:.0f}", f"{x['reference']:.0f}", f"{x['train']:.0f}", f"{epoch:.0f}",
+    rows.append([label, f"{x['tokenize']:.0f}", f"{x['reference']:.0f} ({what})", f"{x['train']:.0f}", f"{epoch:.0f}",
                  f"{x['wall']:.0f} / {x['cpu']:.0f}", f"{peer_epoch / epoch:.2f}x", f"{peer['cpu'] / x['cpu']:.2f}x"])
+  check = r["trl_contrastive"].get("contrastive_check") or {}
+  check_text = (f" Check (after the timing, same run): the contrastive pass's token rewards against the ones "
+                f"`tregjax.score` wrote to its T-REG cache, {check.get('responses', 0)} responses compared "
+                f"({check.get('lengths_differ', 0)} with a different token count): max |difference| "
+                f"{check.get('max_abs_diff', float('nan')):.1e} (median over responses of their max "
+                f"{check.get('median_max_abs_diff', float('nan')):.1e}), r_t in (-0.5, 0.5).") if check else ""
+  pairs = r["treg_epoch"].get("pairs", p["pairs_file"])
+  first = f" --first-pairs {p['first_pairs']}" if p.get("first_pairs") else ""
+  trl_flag = f" --peer-trl {variant}" if variant != "matched_precompute" else ""
   return (f"### T-REG against its real peer, and DPO against DPO: one epoch on SmolLM2's own pairs (#30)\n\n"
-          f"`python bench/train_epoch.py --workdir W --parts peer` ({p['date']}, {p['machine']}, load avg "
-          f"{p.get('load_avg', float('nan')):.1f} at the end). {p['pairs_file']} on-policy pairs, one epoch at "
-          f"{STEP_PAIRS} pairs per step, float32 weights from the same HF directory, each run its own process. A TRL "
-          f"user who wants T-REG must add the contrastive pass: here the two extra forwards per response (the prompt "
-          f"under the better and the worse instruction) in transformers, in the TRL process, before `train()`. "
-          f"Seconds per stage (compile included); the process columns add model loading and imports; the CPU column "
-          f"(user + sys of the process) is the figure to read when the run shared the machine. Speed = the peer's "
-          f"seconds / this row's (T-REG rows vs TRL + contrastive, DPO rows vs TRL).\n\n"
-          + common.table(["run", "tokenize s", "reference / contrastive pass s", "train s", "epoch s",
+          f"`python bench/train_epoch.py --workdir W --parts peer{first}{trl_flag}` ({p['date']}, {p['machine']}, "
+          f"load avg {p.get('load_avg', float('nan')):.1f} at the end). The first {p['pairs_file']} on-policy "
+          f"pairs of the arith experiment (`samples/pairs.jsonl`), one epoch at {STEP_PAIRS} pairs per step ({pairs} "
+          f"trained on both sides), float32 weights from the same HF directory, each run its own process, one after "
+          f"the other. TRL runs as `{variant}`: {TRL_LABELS[variant]}. A TRL user who wants T-REG must add the "
+          f"contrastive pass: here the two extra forwards per response (the prompt under the better and the worse "
+          f"instruction, as a system message, as tregjax renders them) in transformers, batched {STEP_PAIRS} pairs "
+          f"per forward, in the TRL process, before `train()`. Seconds per stage, compile included: tokenize (TRL: "
+          f"model loading too), the reference pass (tregjax: model loading and compile too), train (tregjax: model "
+          f"loading and compile too); the process columns add imports. Speed = the peer's seconds / this row's "
+          f"(T-REG rows against TRL + contrastive, DPO rows against TRL).{check_text}\n\n"
+          + common.table(["run", "tokenize s", "reference pass s", "train s", "epoch s",
                           "process wall / CPU s", "speed vs peer (epoch s)", "speed vs peer (CPU s)"], rows))
 
 
@@ -426,6 +488,11 @@ def main() -> None:
   ap.add_argument("--workdir", default="runs/smollm2_arith", help="a smollm2_arith run past its sampling stage")
   ap.add_argument("--parts", default="step,epoch")
   ap.add_argument("--steps", type=int, default=5, help="timed steps per step variant")
+  ap.add_argument("--first-pairs", type=int, default=0,
+                  help="use only the first N pairs of pairs.jsonl (every run alike; a multiple of 4); 0: all")
+  ap.add_argument("--peer-trl", default="matched_precompute", choices=sorted(TRL_VARIANTS),
+                  help="the TRL settings of the peer part's two TRL runs (default: tregjax's numerics, the "
+                       "reference log-probs once before training as tregjax's scoring pass)")
   ap.add_argument("--render", action="store_true", help="rewrite the RESULTS sections from bench/out/*.json")
   ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
   ap.add_argument("--variant", default="", help=argparse.SUPPRESS)
@@ -450,6 +517,14 @@ def main() -> None:
       raise SystemExit(f"{path} is missing: run `python -m tregjax.train --config configs/smollm2_arith.py "
                        f"--workdir {a.workdir}` past its sampling stage first")
   a.scratch = tempfile.mkdtemp(prefix="train-epoch-")
+  if a.first_pairs:
+    with open(a.pairs, encoding="utf-8") as f:
+      lines = [line for line in f if line.strip()][:a.first_pairs]
+    if len(lines) < a.first_pairs:
+      raise SystemExit(f"--first-pairs {a.first_pairs}: {a.pairs} holds only {len(lines)} pairs")
+    a.pairs = os.path.join(a.scratch, "pairs.jsonl")
+    with open(a.pairs, "w", encoding="utf-8") as f:
+      f.writelines(lines)
   for part, fn in (("epoch", epoch_part), ("step", step_part), ("peer", peer_part)):
     if part in a.parts.split(","):
       md = fn(a)

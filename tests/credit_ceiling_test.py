@@ -2,6 +2,8 @@
 random model, and its analysis (validated settings, the smallest oracle setting beating DPO, share of the ceiling)
 against figures computed here by hand."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -125,7 +127,7 @@ def test_config_wiring_sweeps_alpha_and_normalisation_of_each_source(tmp_path):
   assert max(section.alphas) >= 4 and set(section.normalizations) == {"sum", "mean"}
   assert 0 < section.val_prompts < config.arith.eval_prompts
   names = credit_ceiling.settings(section)
-  assert len(names) == 3 * 5 * 2 and names["oracle_a4_mean"] == ("oracle", 4.0, "mean")
+  assert len(names) == 3 * 5 * 2 and names["oracle_a256_mean"] == ("oracle", 256.0, "mean")
   root = str(tmp_path / "W")
   task = arith_experiment.ArithTask(config)
   prepared = stages.Prepared(reference=root + "/reference/hf", tokenizer=root + "/reference/hf",
@@ -161,3 +163,116 @@ def test_a_validation_split_that_leaves_no_test_problems_is_refused_before_any_w
                                                r"held-out problems \(arith.eval_prompts\)"):
     credit_ceiling.run(config, str(tmp_path / "W"))
   assert not (tmp_path / "W").exists()
+
+
+def test_share_of_the_ceiling_and_its_paired_bootstrap_on_two_problems():
+  # Two problems: a draw is (0, 0), (1, 1), or one of each (the problems themselves, in either order). By hand:
+  # (0, 0): (0.5 − 0.4) / (0.7 − 0.4) = 1/3; (1, 1): (0.6 − 0.5) / (0.9 − 0.5) = 1/4; both: 0.2 / 0.7 = 2/7, which
+  # lies between (a mediant). Each extreme is ~1/4 of 2000 draws, so the 2.5% and 97.5% points are exactly 1/4, 1/3.
+  source, oracle, dpo = np.array([0.5, 0.6]), np.array([0.7, 0.9]), np.array([0.4, 0.5])
+  s = credit_ceiling.ceiling_share(source, oracle, dpo, seed=0)
+  assert s["share"] == pytest.approx(2 / 7)
+  assert (s["low"], s["high"]) == (pytest.approx(1 / 4), pytest.approx(1 / 3))
+  # The oracle gain over the same draws: 0.3, 0.4 or 0.35 (both); never ≤ 0, so the ratio is stable.
+  assert s["oracle_gain"] == dict(mean=pytest.approx(0.35), low=pytest.approx(0.3), high=pytest.approx(0.4))
+  assert s["undefined"] == 0 and not s["unstable"]
+  # An oracle that loses to DPO on problem 2 (gain −0.05): the (1, 1) draws (~1/4) have no share, so the ratio's
+  # interval is unbounded (reported as NaN, flagged); the point figure stands: lift 0.55 − 0.45 = 0.1 over gain
+  # 0.525 − 0.45 = 0.075, 4/3.
+  s = credit_ceiling.ceiling_share(source, np.array([0.6, 0.45]), dpo, seed=0)
+  assert s["share"] == pytest.approx(0.1 / 0.075)
+  assert s["unstable"] and 0.15 < s["undefined"] < 0.35 and np.isnan(s["low"]) and np.isnan(s["high"])
+  assert s["oracle_gain"]["low"] == pytest.approx(-0.05)
+  with pytest.raises(ValueError, match="equal-length 1-d arrays"):
+    credit_ceiling.ceiling_share(source, oracle, dpo[:1])
+
+
+def test_a_mean_setting_weighs_a_response_of_scale_tokens_as_the_sum_setting_does():
+  """loss.reg_normalization "mean" divides T-REG's L_REG by each response's length: at α·64 (mean_alpha_scale) it
+  equals the sum setting at α on 64-token responses, and twice it on 32-token ones. Golden: numpy by hand."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from tregjax import losses  # pylint: disable=g-import-not-at-top
+  section = credit_ceiling.ceiling_section(_config("mini"))
+  assert credit_ceiling.trained_alpha(section, 1.0, "mean") == 64.0 and credit_ceiling.trained_alpha(
+      section, 4.0, "sum") == 4.0
+  rng = np.random.default_rng(1)
+  beta, alpha, t = 0.1, 4.0, 64
+  logps = -rng.uniform(0.1, 3.0, (2, 2, t))  # [chosen/rejected, pair, token]
+  rewards = rng.uniform(-1, 1, (2, 2, t))
+
+  def regularizer(norm, a, lengths):
+    mask = np.arange(t)[None, :] < np.array(lengths)[:, None]
+    options = losses.ObjectiveOptions(loss="dpo", regularizer="treg", weighting="static", beta=beta, alpha=a,
+                                      reg_normalization=norm)
+    _, metrics = losses.preference_objective(
+        jnp.asarray(logps[0]), jnp.asarray(logps[1]), jnp.asarray(mask), jnp.asarray(mask), options=options,
+        ref_chosen_logps=jnp.zeros(2), ref_rejected_logps=jnp.zeros(2), chosen_token_rewards=jnp.asarray(rewards[0]),
+        rejected_token_rewards=jnp.asarray(rewards[1]))
+    # By hand: α · mean over pairs of Σ_side −β Σ_t r_t log π_t (÷ length under "mean").
+    per_side = -beta * np.where(mask[None], rewards * logps, 0.0).sum(-1) / (
+        np.array(lengths)[None] if norm == "mean" else 1.0)
+    np.testing.assert_allclose(float(metrics["loss/regularizer"]), a * per_side.sum(0).mean(), rtol=1e-5)
+    return float(metrics["loss/regularizer"])
+
+  full = regularizer("sum", alpha, [64, 64])
+  np.testing.assert_allclose(regularizer("mean", credit_ceiling.trained_alpha(section, alpha, "mean"), [64, 64]),
+                             full, rtol=1e-5)
+  half = regularizer("sum", alpha, [32, 32])
+  np.testing.assert_allclose(regularizer("mean", credit_ceiling.trained_alpha(section, alpha, "mean"), [32, 32]),
+                             2 * half, rtol=1e-5)
+
+
+def test_the_sweep_runs_each_settings_farthest_reach_first_and_mini_trains_both_normalisations(tmp_path):
+  section = credit_ceiling.ceiling_section(_config("mini"))
+  oracle = credit_ceiling.settings(section, ("oracle",))
+  assert oracle == {"oracle_a1_sum": ("oracle", 1.0, "sum"), "oracle_a4_sum": ("oracle", 4.0, "sum"),
+                    "oracle_a64_mean": ("oracle", 64.0, "mean"), "oracle_a256_mean": ("oracle", 256.0, "mean")}
+  assert credit_ceiling.training_order(oracle) == ["oracle_a4_sum", "oracle_a256_mean", "oracle_a1_sum",
+                                                   "oracle_a64_mean"]
+  others = credit_ceiling.settings(section, ("confidence", "contrastive"), ("mean",))
+  assert credit_ceiling.training_order(others) == ["confidence_a256_mean", "contrastive_a256_mean",
+                                                   "confidence_a64_mean", "contrastive_a64_mean"]
+  # The first :mini run's arms (oracle at α 1 and 4, sum) keep their names, so their cached stages are this run's.
+  assert {"oracle_a1_sum", "oracle_a4_sum"} <= set(oracle)
+  bad = _config("mini")
+  bad.ceiling.mean_alpha_scale = 0.0
+  with pytest.raises(ValueError, match="config.ceiling.mean_alpha_scale: a positive number required, got 0.0"):
+    credit_ceiling.ceiling_section(bad)
+
+
+def _config(arg=None):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+
+  from conftest import REPO_ROOT  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("ceiling_config", os.path.join(REPO_ROOT, "configs",
+                                                                               "credit_ceiling.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_an_arm_finished_at_the_trainers_micro_batching_is_reused_and_another_alpha_is_refused(tmp_path, monkeypatch):
+  """ceiling.arm_grad_accum_steps changes memory, not the update: :mini's swept arms run at 8 micro-batches, and its
+  arms finished earlier at the trainer's 2 are reused (not retrained); a finished arm of another α is still refused."""
+  from tregjax import errors  # pylint: disable=g-import-not-at-top
+  from tregjax.experiments import stages  # pylint: disable=g-import-not-at-top
+  from tregjax.tasks import arith_experiment  # pylint: disable=g-import-not-at-top
+  config = _config("mini")
+  assert (config.optimizer.grad_accum_steps, config.ceiling.arm_grad_accum_steps) == (2, 8)
+  root = str(tmp_path / "W")
+  task = arith_experiment.ArithTask(config)
+  prepared = stages.Prepared(reference=root + "/reference/hf", tokenizer=root + "/reference/hf",
+                             train_pairs=root + "/samples/pairs.jsonl")
+  work = stages.Stages(root)
+  swept = credit_ceiling.arm_stage(config, task, prepared, work, "oracle", 4.0, "sum", 8)
+  earlier = credit_ceiling.arm_stage(config, task, prepared, work, "oracle", 4.0, "sum")
+  assert (swept.optimizer.grad_accum_steps, earlier.optimizer.grad_accum_steps) == (8, 2)
+  work.finish("arms/oracle_a4_sum", 0.0, key=stages.stage_key(earlier))
+  monkeypatch.setattr(credit_ceiling.trainer, "run", lambda *a, **k: pytest.fail("a finished arm was retrained"))
+  assert credit_ceiling.train(config, task, prepared, work, "oracle_a4_sum", swept, "oracle") == os.path.join(
+      root, "arms", "oracle_a4_sum", "hf")
+  other = credit_ceiling.arm_stage(config, task, prepared, work, "oracle", 1.0, "sum", 8)
+  with pytest.raises(errors.StaleCacheError, match="loss.alpha: 4.0 -> 1.0"):
+    credit_ceiling.train(config, task, prepared, work, "oracle_a4_sum", other, "oracle")

@@ -29,7 +29,8 @@ PROBE = textwrap.dedent(f"""
   if os.environ.get("PROBE_APPLY"):  # as tregjax's command hook does, before anything else
     sys.path.insert(0, {REPO!r})
     from tregjax import host_memory
-    applied = host_memory.apply_for_command(argv=[sys.executable, "-m", "probe"])
+    applied = host_memory.apply_for_command(
+        argv=None if os.environ["PROBE_APPLY"] == "script" else [sys.executable, "-m", "probe"])
   else:
     applied = "not called"
   libc = ctypes.CDLL(None)
@@ -82,6 +83,23 @@ def test_hugepages_mode_reexecutes_with_the_tunable_and_faults_in_2mib_pages(tmp
     return
   assert got["reexec"] == "1" and host_memory.HUGETLB_TUNABLE in got["tunables"] and got["applied"] == "hugepages"
   assert max(got["faults"]) <= PAGES_2M * 2, got  # 256 faults of 2 MiB (+ the odd 4 KiB edge), not 131,072
+
+
+def test_a_console_script_reexecutes_as_python_m_does(tmp_path):
+  """`tregjax-train` (a console script: the interpreter runs the script file, no -m) re-executes once with the
+  tunable too, with its own command line."""
+  (tmp_path / "tregjax-probe").write_text(PROBE)
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("GLIBC_TUNABLES", "TREGJAX_HOST_MALLOC"))}
+  env.update(TREGJAX_HOST_MALLOC="hugepages", PROBE_APPLY="script")
+  out = subprocess.run([sys.executable, str(tmp_path / "tregjax-probe")], env=env, capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path, check=True)
+  got = json.loads(out.stdout.strip().splitlines()[-1])
+  starts = len((tmp_path / "starts.txt").read_text().splitlines())
+  if host_memory.with_hugetlb({}) is None:
+    assert (got["applied"], starts) == ("system", 1), got
+  else:
+    assert (got["applied"], got["reexec"], starts) == ("hugepages", "1", 2), got
+    assert host_memory.HUGETLB_TUNABLE in got["tunables"]
 
 
 def test_a_bad_mode_is_one_line_and_exit_status_2_from_every_command():

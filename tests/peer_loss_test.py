@@ -269,3 +269,33 @@ def test_scoring_survivor_stops_at_once_and_the_rerun_writes_the_bytes_of_one_pr
   a, b = _tree_bytes(cache), _tree_bytes(one)
   assert sorted(a) == sorted(b)
   assert all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]]
+
+
+@pytest.mark.parametrize("where", ["logged", "raised"])
+def test_a_background_thread_meeting_the_loss_first_gives_the_same_one_line(tmp_path, where):
+  """Orbax's async-save thread logs a failed save barrier with its traceback (logging.error(exc_info=True)); a plain
+  thread raises. Either way the command prints the one lost-peer line and exits 9, no traceback before it."""
+  script = textwrap.dedent(f"""
+    import threading
+    from absl import logging
+    from tregjax import cli, peers
+    cli.install_command_hooks("python -m tregjax.train")
+    peers.joined("127.0.0.1:1", 2, 0)
+    def save():
+      try:
+        raise RuntimeError("Gloo all-reduce failed: [127.0.0.1]:4242: Connection reset by peer")
+      except RuntimeError:
+        if {where!r} == "raised":
+          raise
+        logging.error("Failed to run 1 Handler Commit operations in background save thread", exc_info=True)
+    t = threading.Thread(target=save)
+    t.start()
+    t.join()
+    print("not reached")
+  """)
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES"))}
+  out = subprocess.run([sys.executable, "-c", script], env=dict(env, PYTHONPATH=REPO_ROOT), capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path, check=False)
+  lines = [line for line in out.stderr.splitlines() if line.strip()]
+  assert out.returncode == cli.EXIT_PEER_LOST and "not reached" not in out.stdout, out.stderr
+  assert len(lines) == 1 and lines[0].startswith("tregjax.train: error: lost process 1 of this 2-process job"), lines

@@ -179,3 +179,21 @@ def test_two_local_processes_reproduce_the_single_process_run(tmp_path):
   b = tc.load_params(str(tmp_path / "multi" / "params_4.npz"))
   for k in a:
     np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def test_a_job_jax_detects_names_where_its_coordinator_was_looked_for():
+  """SLURM and TPU pods name no coordinator in the environment: jax finds it. The lines of a failed join and of a
+  lost coordinator say where it was looked for (hand-written expectations), never "?"."""
+  from tregjax import peers  # pylint: disable=g-import-not-at-top
+  slurm = {"SLURM_NTASKS": "8", "SLURM_PROCID": "3", "SLURM_STEP_NODELIST": "gpu[003-004]"}
+  assert peers.detected_coordinator(slurm) == "the first node of SLURM_STEP_NODELIST=gpu[003-004] (found by jax)"
+  assert peers.detected_coordinator({"TPU_WORKER_HOSTNAMES": "t0,t1,t2"}).startswith("t0 (TPU worker 0")
+  assert peers.detected_coordinator({"MEGASCALE_COORDINATOR_ADDRESS": "m0:8080"}).startswith("m0 (MEGASCALE")
+  state = {"coordinator": None, "coordinator_hint": peers.detected_coordinator(slurm), "num_processes": 8,
+           "process_id": 3, "initialization_timeout_s": 60}
+  line = peers.join_message("tregjax.train", state)
+  assert "join coordinator the first node of SLURM_STEP_NODELIST=gpu[003-004] (found by jax) within" in line
+  assert "at least 1 of the other 7 processes missing" in line  # no reachability probe of a description
+  lost = peers.message("tregjax.train", "Failed to send RPC to coordination service", dict(state, joined=True))
+  assert "lost process 0 (the coordinator at the first node of SLURM_STEP_NODELIST=gpu[003-004]" in lost
+  assert "?" not in lost.split("(Failed")[0]

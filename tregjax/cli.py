@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, TypeVar
@@ -123,10 +124,13 @@ def install_command_hooks(prog: str) -> None:
     transformers_logger.addFilter(_DropTorchBanner())
   previous = sys.excepthook
 
-  def hook(kind, error, tb):
+  def exit_if_lost(error: BaseException | None) -> None:
     cause = peers.loss_cause(error) if isinstance(error, Exception) else None
     if cause is not None:
       peers.exit_lost(prog.removeprefix("python -m "), cause)
+
+  def hook(kind, error, tb):
+    exit_if_lost(error)
     if not isinstance(error, ImportError) or missing_package(error) is None:
       previous(kind, error, tb)
       return
@@ -137,6 +141,20 @@ def install_command_hooks(prog: str) -> None:
 
   hook.tregjax_command = prog
   sys.excepthook = hook
+  # A background thread can meet a lost peer first: Orbax's async-save thread runs the save's barrier and logs its
+  # failure with the traceback (logging.error(exc_info=True)) before the main thread sees it. Same one line, first.
+  previous_thread_hook = threading.excepthook
+
+  def thread_hook(args):
+    exit_if_lost(args.exc_value)
+    previous_thread_hook(args)
+
+  def logged_loss(record: logging.LogRecord) -> bool:
+    exit_if_lost(record.exc_info[1] if record.exc_info else None)
+    return True
+
+  threading.excepthook = thread_hook
+  logging.getLogger("absl").addFilter(logged_loss)
 
 
 def exit_status(error: BaseException) -> int | None:
@@ -232,13 +250,17 @@ def init_distributed(env: Mapping[str, str] | None = None, config: ml_collection
                 shutdown_timeout_seconds=int(d.shutdown_timeout_s))
   if (os.environ if env is None else env).get("JAX_PLATFORMS", "") == "cpu":
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
-  peers.joining(kwargs.get("coordinator_address"), kwargs.get("num_processes"), kwargs.get("process_id"),
-                int(d.initialization_timeout_s))
-  jax.distributed.initialize(**kwargs)
-  # The joined job, by jax's public API only: what the environment named, else (SLURM, TPU pods, where jax detects the
-  # job itself) jax.process_count/process_index; jax does not say which coordinator it detected.
   explicit = "num_processes" in kwargs
-  peers.joined(kwargs.get("coordinator_address"), kwargs["num_processes"] if explicit else jax.process_count(),
+  peers.joining(kwargs.get("coordinator_address"), kwargs.get("num_processes"), kwargs.get("process_id"),
+                int(d.initialization_timeout_s),
+                coordinator_hint=None if explicit else peers.detected_coordinator(os.environ if env is None else env))
+  jax.distributed.initialize(**kwargs)
+  # The joined job: what the environment named, else (SLURM, TPU pods, where jax detects the job itself)
+  # jax.process_count/process_index, and the address jax resolved (no public API says it: read defensively, so a
+  # jax without that attribute keeps the hint).
+  resolved = getattr(getattr(getattr(jax, "_src", None), "distributed", None), "global_state", None)
+  peers.joined(kwargs.get("coordinator_address") or getattr(resolved, "coordinator_address", None),
+               kwargs["num_processes"] if explicit else jax.process_count(),
                kwargs["process_id"] if explicit else jax.process_index())
 
 

@@ -11,7 +11,8 @@ and the worst kept as the pair). This module runs that pipeline on the same mesh
   sampling     the KV-cache sampler of `tregjax.models.decoding` (temperature / top-p / top-k, `max_new_tokens`, one
                seed); rows = (prompt, sample) pairs in fixed-size batches sharded data-parallel over the mesh, prompts
                padded to a few bucket widths so jit compiles a bounded number of shapes; each row stops at its EOS;
-               a prompt's n samples share one prefill, and finished rows leave the batch (`decoding.generate`).
+               a prompt's n samples share one prefill, and a finished row's slot goes to the next waiting row
+               (continuous batching, `decoding.generate`).
   scoring      a sequence reward model (`generate.reward_model`, an HF *ForSequenceClassification directory loaded
                with `tregjax.models.from_pretrained`) read at the last token of prompt ids + response ids, or a Python
                callable `scorer(prompt_messages, response_text) -> float` (`run(..., scorer=)` or
@@ -198,10 +199,11 @@ class Sampler:
 
   def sample(self, rows: Sequence[Sequence[int]], key: jax.Array, row_ids: Sequence[int]
              ) -> tuple[np.ndarray, np.ndarray]:
-    """Prompt rows (at most batch_size, all in one bucket) -> (tokens i32[n, max_new_tokens], lengths i32[n]).
+    """Prompt rows (all in one bucket) -> (tokens i32[n, max_new_tokens], lengths i32[n]).
 
-    Row i samples with fold_in(key, row_ids[i]) (its samples do not depend on its batch); equal prompts are
-    prefilled once, and finished rows leave the batch (`decoding.generate`)."""
+    batch_size rows decode at once; a finished row's slot goes to the next waiting row (continuous batching). Row i
+    samples with fold_in(key, row_ids[i]) (its samples do not depend on its batch or on when it was admitted);
+    equal prompts admitted together are prefilled once (`decoding.generate`)."""
     width = bucket_of(max(len(r) for r in rows), self.g.buckets, extend=True)
     with parallel.use_mesh(self.mesh):
       out = decoding.generate(self.model, rows, max_new_tokens=int(self.g.max_new_tokens), key=key,
@@ -291,18 +293,16 @@ def generate_shard(sampler: Sampler, prompts: Sequence[Prompt], shard: int, g: m
                    eos_ids: Sequence[int]) -> list[list[tuple[list[int], bool]]]:
   """Responses [prompt][sample] = (generated ids incl. EOS, ended with EOS) for one shard.
 
-  Rows (prompt, sample) are ordered by prompt bucket, then row index, and cut into batches of one bucket each; row r
-  (= prompt * n + sample) samples with key fold_in(_shard_key(seed, shard), r), whatever batch it lands in.
+  Rows (prompt, sample) are grouped by prompt bucket, one `Sampler.sample` call (batch_size slots, continuous
+  batching) per bucket, in row order; row r (= prompt * n + sample) samples with key fold_in(_shard_key(seed, shard),
+  r), whatever slot it lands in and whenever.
   """
   n = int(g.num_samples)
   rows = [(p, j) for p in range(len(prompts)) for j in range(n)]
   width = [bucket_of(len(prompts[p].ids), g.buckets, extend=True) for p, _ in rows]
-  order = sorted(range(len(rows)), key=lambda r: (width[r], r))
   out: list[list[Any]] = [[None] * n for _ in prompts]
-  start = 0
-  while start < len(order):
-    chunk = [r for r in order[start:start + sampler.batch_size] if width[r] == width[order[start]]]
-    start += len(chunk)
+  for w in sorted(set(width)):
+    chunk = [r for r in range(len(rows)) if width[r] == w]
     tokens, lengths = sampler.sample([prompts[rows[r][0]].ids for r in chunk], _shard_key(int(g.seed), shard), chunk)
     for k, r in enumerate(chunk):
       ids = tokens[k, :lengths[k]].tolist()

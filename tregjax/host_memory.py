@@ -111,14 +111,16 @@ def without_hugetlb(env: Mapping[str, str]) -> dict[str, str] | None:
 
 
 def _command_argv() -> list[str]:
-  """This process's command line when it is `python -m tregjax.X` (the one to re-execute), else [] (pytest, a script)."""
+  """This process's command line when it is one of tregjax's commands, `python -m tregjax.X` or a console script
+  (`tregjax-X`, pyproject's [project.scripts]: the interpreter runs the script file), else [] (pytest, a script)."""
   argv = list(getattr(sys, "orig_argv", []))
-  command = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else ""
-  return argv if command.startswith("tregjax.") else []
+  if "-m" in argv[:-1]:
+    return argv if argv[argv.index("-m") + 1].startswith("tregjax.") else []
+  return argv if len(argv) > 1 and os.path.basename(argv[1]).startswith("tregjax-") else []
 
 
 def apply_for_command(argv: Sequence[str] | None = None, env: MutableMapping[str, str] | None = None) -> str:
-  """Applies the mode for a `python -m tregjax.X` process, re-executing it once when the allocator setting it
+  """Applies the mode for a tregjax command's process (`_command_argv`), re-executing it once when the allocator setting it
   starts with must change (`hugepages` added, or a parent's tunable cleared for `system`); returns the mode now in
   effect ("system" where `hugepages` can do nothing here)."""
   env = os.environ if env is None else env
@@ -128,7 +130,7 @@ def apply_for_command(argv: Sequence[str] | None = None, env: MutableMapping[str
   new_env = with_hugetlb(env) if mode == "hugepages" else without_hugetlb(env)
   argv = _command_argv() if argv is None else list(argv)
   marker = REEXEC if mode == "hugepages" else CLEARED
-  if new_env is not None and "-m" in argv and sys.executable and not env.get(marker):
+  if new_env is not None and len(argv) > 1 and sys.executable and not env.get(marker):
     new_env[marker] = "1"  # never twice, whatever the loader did with the variable
     sys.stdout.flush()
     sys.stderr.flush()

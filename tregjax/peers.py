@@ -65,11 +65,26 @@ def _publish() -> None:
   storage.write_text(path, json.dumps(_STATE))
 
 
-def joining(coordinator: str | None, num_processes: int | None, process_id: int | None, timeout_s: int) -> None:
-  """Record the join under way (named by the error when the job's processes do not all arrive)."""
+def joining(coordinator: str | None, num_processes: int | None, process_id: int | None, timeout_s: int,
+            coordinator_hint: str | None = None) -> None:
+  """Record the join under way (named by the error when the job's processes do not all arrive). `coordinator_hint`
+  says where jax looks for a coordinator the environment does not name (`detected_coordinator`)."""
   _STATE.update(coordinator=coordinator, num_processes=num_processes, process_id=process_id,
-                initialization_timeout_s=timeout_s, joined=False)
+                initialization_timeout_s=timeout_s, joined=False, coordinator_hint=coordinator_hint)
   _publish()
+
+
+def detected_coordinator(env: dict[str, str] | os._Environ) -> str:
+  """Where jax's cluster detection finds the coordinator of a job the environment does not name (SLURM, TPU pods):
+  for the lines of a join that failed before jax resolved an address."""
+  if env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    return f"{env['MEGASCALE_COORDINATOR_ADDRESS'].split(':')[0]} (MEGASCALE_COORDINATOR_ADDRESS, found by jax)"
+  if "," in env.get("TPU_WORKER_HOSTNAMES", ""):
+    return f"{env['TPU_WORKER_HOSTNAMES'].split(',')[0]} (TPU worker 0 of TPU_WORKER_HOSTNAMES, found by jax)"
+  nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+  if nodes:
+    return f"the first node of SLURM_STEP_NODELIST={nodes} (found by jax)"
+  return "the address jax's cluster detection found"
 
 
 def joined(coordinator: str | None, num_processes: int, process_id: int) -> None:
@@ -170,11 +185,15 @@ def _lost_what(cause: str, state: dict[str, Any]) -> str:
   elif state.get("num_processes") == 2 and state.get("process_id") in (0, 1):
     lost = 1 - state["process_id"]
   if lost == 0:
-    return f"process 0 (the coordinator at {state.get('coordinator') or '?'})"
+    return f"process 0 (the coordinator at {_coordinator(state)})"
   if lost is not None:
     return f"process {lost}"
   m = re.search(r"\[([\w.:\-]+)\]:(\d+)", cause)
   return f"a peer process (its connection {m.group(1)}:{m.group(2)} broke)" if m else "a peer process"
+
+
+def _coordinator(state: dict[str, Any]) -> str:
+  return state.get("coordinator") or state.get("coordinator_hint") or "?"
 
 
 def message(prog: str, cause: str, state: dict[str, Any] | None = None) -> str:
@@ -196,9 +215,9 @@ def _reachable(address: str) -> bool:
 
 def join_message(prog: str, state: dict[str, Any]) -> str:
   """The one line for a job whose processes did not all arrive within the initialization timeout."""
-  n, me, address = state.get("num_processes"), state.get("process_id"), state.get("coordinator") or "?"
+  n, me, address = state.get("num_processes"), state.get("process_id"), _coordinator(state)
   timeout = state.get("initialization_timeout_s")
-  if me != 0 and address != "?" and not _reachable(address):
+  if me != 0 and state.get("coordinator") and not _reachable(state["coordinator"]):
     missing = "process 0 (the coordinator: nothing listens at that address)"
   elif isinstance(n, int) and n == 2 and isinstance(me, int):
     missing = f"1 of 2 processes missing (process {1 - me})"

@@ -116,6 +116,8 @@ def decode_step(model: CausalLM, cache: Cache, token: jax.Array,
 # 64-row batch still runs the full path and the step costs 85 vs 78 ms (bench/sample_step.py). >0 turns it on (a
 # peaked policy, few rows per batch).
 CANDIDATE_BLOCKS = 0
+# Top-p candidates by lax.top_k (bench/sample_step.py): K = 64.
+CANDIDATES = 64
 _BLOCK = 256  # vocabulary block size (two-level inverse CDF, candidate blocks)
 
 
@@ -125,7 +127,8 @@ def row_keys(key: jax.Array, row_ids: jax.Array) -> jax.Array:
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0, top_k: int = 0,
-                  top_p: float = 1.0, candidate_blocks: int = CANDIDATE_BLOCKS) -> jax.Array:
+                  top_p: float = 1.0, candidate_blocks: int = CANDIDATE_BLOCKS, candidates: int = CANDIDATES,
+                  fallback_rows: int = 0) -> jax.Array:
   """Next tokens [B] from f32 logits [B, V]: greedy when temperature == 0, else top-k / top-p sampling.
 
   `key`: one key per row [B] (`row_keys`), or a single key (split per row). Each row draws ONE uniform u and takes
@@ -138,7 +141,12 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0
   one block). Top-p fast path (no top_k, `candidate_blocks` > 0): the vocabulary in blocks of 256, the nucleus
   searched only in the `candidate_blocks` blocks with the largest maxima; a row is exact when every token outside
   them is strictly below the candidates' nucleus threshold (the next block maximum is < t), and then samples among
-  the candidates. Only when some row is not exact does the batch run the full path too, for those rows. Every path
+  the candidates. Only when some row is not exact does the batch run the full path too, for those rows.
+  Top-p candidates (no top_k, `candidates` = K > 0, the default): the K most likely tokens by lax.top_k; a row is exact
+  when its sorted candidates reach top_p and the last one is strictly below its nucleus threshold (no token outside
+  can be in the nucleus), and then samples among them in vocabulary order (the full path's token for the same u, up to
+  float rounding); up to `fallback_rows` (default B / 8) rows
+  that are not exact run the full path gathered into a small batch, more than that the whole batch. Every path
   samples the same distribution; tests/models_decoding_test.py checks frequencies against exact probabilities.
   """
   if temperature == 0.0:
@@ -157,6 +165,8 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0
       ww = jnp.where(nucleus_mask(ww / jnp.sum(ww, axis=-1, keepdims=True), top_p), ww, 0.0)
     return _inverse_cdf(ww, u)
 
+  if not top_k and top_p < 1.0 and 0 < candidates < v and not candidate_blocks:
+    return _top_p_candidates(x, w, u, top_p, candidates, min(fallback_rows or max(1, b // 8), b))
   blk = min(_BLOCK, v)
   nb = -(-v // blk)
   g = candidate_blocks
@@ -173,6 +183,42 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0
   fast = jnp.take_along_axis(block_i, (j // blk)[:, None], axis=-1)[:, 0] * blk + j % blk
   return jax.lax.cond(jnp.all(exact), lambda _: fast, lambda _: jnp.where(exact, fast, full()), None
                       ).astype(jnp.int32)
+
+
+def _top_p_full(w: jax.Array, u: jax.Array, top_p: float) -> jax.Array:
+  """The full top-p path on unnormalized probabilities w [B, V]: `nucleus_mask`, then `_inverse_cdf`."""
+  return _inverse_cdf(jnp.where(nucleus_mask(w / jnp.sum(w, axis=-1, keepdims=True), top_p), w, 0.0), u)
+
+
+def _top_p_candidates(x: jax.Array, w: jax.Array, u: jax.Array, top_p: float, k: int, m: int) -> jax.Array:
+  """Top-p sampling from the k most likely tokens, exact rows only; see `sample_logits`. x: logits / temperature,
+  w = exp(x - max) [B, V], u [B]."""
+  b = x.shape[0]
+  vals, idx = jax.lax.top_k(x, k)  # descending
+  c = jnp.exp(vals - vals[:, :1])  # == w at idx (the row maximum is vals[:, 0])
+  cum = jnp.cumsum(c, axis=-1)
+  reach = cum >= top_p * jnp.sum(w, axis=-1, keepdims=True)
+  t = jnp.take_along_axis(c, jnp.argmax(reach, axis=-1)[:, None], axis=-1)  # nucleus threshold (first reach)
+  exact = reach[:, -1] & (c[:, -1] < t[:, 0])
+  keep = c >= t  # the nucleus (ties at t included)
+  # Inverse CDF in vocabulary order, as the full path: the same token for the same u, up to float rounding.
+  perm = jnp.argsort(jnp.where(keep, idx, x.shape[1]), axis=-1)
+  cv = jnp.take_along_axis(jnp.where(keep, c, 0.0), perm, axis=-1)
+  cumv = jnp.cumsum(cv, axis=-1)
+  pos = jnp.minimum(jnp.sum(cumv <= (u * cumv[:, -1])[:, None], axis=-1), jnp.sum(keep, axis=-1) - 1)
+  fast = jnp.take_along_axis(jnp.take_along_axis(idx, perm, axis=-1), pos[:, None], axis=-1)[:, 0].astype(jnp.int32)
+  miss = ~exact
+
+  def some(_):  # at most m rows miss: the full path on those rows only
+    sel = jnp.nonzero(miss, size=m, fill_value=0)[0]
+    sub = _top_p_full(w[sel], u[sel], top_p)
+    return fast.at[jnp.where(miss[sel], sel, b)].set(sub, mode="drop")
+
+  def many(_):
+    return jnp.where(exact, fast, _top_p_full(w, u, top_p))
+
+  branch = jnp.where(jnp.any(miss), jnp.where(jnp.sum(miss) <= m, 1, 2), 0)
+  return jax.lax.switch(branch, (lambda _: fast, some, many), None)
 
 
 def _inverse_cdf(w: jax.Array, u: jax.Array) -> jax.Array:
@@ -238,44 +284,62 @@ def nucleus_mask(probs: jax.Array, top_p: float, vocab: int | None = None) -> ja
   return (bits >= lo[:, None]) & (probs > 0)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9, 10, 11, 12), donate_argnums=2)
-def generate_loop(graphdef, state, cache, carry, key, layer_weights, max_new_tokens, temperature, top_k, top_p,
-                  eos_ids, pad_id, stop_at):
-  """Decode until every row is done, `max_new_tokens` steps, or at most `stop_at` rows are still running (then the
-  caller compacts the batch). carry = (step, logits [B, V], done [B], out [B, N], lengths [B], row_ids [B])."""
+@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10, 11, 12), donate_argnums=(2, 3))
+def generate_loop(graphdef, state, cache, carry, key, layer_weights, stop_at, max_new_tokens, temperature, top_k,
+                  top_p, eos_ids, pad_id):
+  """Decode until at most `stop_at` rows still run (then the caller refills or compacts the batch).
+
+  carry = (logits [B, V], done [B], out [B, N], lengths [B], row_ids [B]). A row's step counter is its own length:
+  its n-th token uses key fold_in(fold_in(key, row_id), n) and goes to out[b, n], so a row's samples do not depend on
+  when it entered the batch. A row is done after an EOS id or N tokens; done rows keep their slot (pad tokens in,
+  nothing written) until the caller reuses it. `stop_at` is traced: one compile per batch size.
+  """
   model = nnx.merge(graphdef, state)
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
-  rows = carry[-1]
+  logits, done, out, lengths, rows = carry
   keys = row_keys(key, rows)
+  b = rows.shape[0]
 
   def cond(c):
-    step, _, _, done, *_ = c
-    return (step < max_new_tokens) & (jnp.sum(~done) > stop_at)
+    return jnp.sum(~c[2]) > stop_at
 
   def body(c):
-    step, logits, cache, done, out, lengths = c
-    token = sample_logits(logits, jax.vmap(jax.random.fold_in, (0, None))(keys, step), temperature=temperature,
+    logits, cache, done, out, lengths = c
+    token = sample_logits(logits, jax.vmap(jax.random.fold_in)(keys, lengths), temperature=temperature,
                           top_k=top_k, top_p=top_p)
     token = jnp.where(done, pad_id, token)
-    out = out.at[:, step].set(token)
+    out = out.at[jnp.arange(b), jnp.where(done, max_new_tokens, lengths)].set(token, mode="drop")
     lengths = lengths + (~done).astype(jnp.int32)
-    done = done | jnp.isin(token, eos)
+    done = done | jnp.isin(token, eos) | (lengths >= max_new_tokens)
     hidden, cache = forward_cached(model, token[:, None], cache, layer_weights)
-    return step + 1, model.unembed(hidden[:, 0]), cache, done, out, lengths
+    return model.unembed(hidden[:, 0]), cache, done, out, lengths
 
-  step, logits, done, out, lengths, _ = carry
-  step, logits, cache, done, out, lengths = jax.lax.while_loop(cond, body, (step, logits, cache, done, out, lengths))
-  return (step, logits, done, out, lengths, rows), cache  # returning the cache lets XLA alias the donated buffer
+  logits, cache, done, out, lengths = jax.lax.while_loop(cond, body, (logits, cache, done, out, lengths))
+  return (logits, done, out, lengths, rows), cache  # returning the cache lets XLA alias the donated buffer
+
+
+@functools.partial(jax.jit, static_argnums=(0, 11), donate_argnums=(2, 3))
+def admit(graphdef, state, cache: Cache, carry, small: Cache, tokens: jax.Array, lengths: jax.Array,
+          src: jax.Array, dst: jax.Array, row_ids: jax.Array, layer_weights, pad_id: int):
+  """Continuous batching: prefill distinct prompts `tokens` [D, P] (lengths [D]) into `small` (a [.., D, .., P, ..]
+  cache), then start slot dst[i] of the batch as a new row row_ids[i] on prompt src[i]: its cache slots [0, P),
+  index, first logits, a fresh output. dst [B] entries >= B are dropped (a fixed shape per (B, D, P)). Slots past a
+  new row's prompt may hold its predecessor's keys; they lie in its future and are masked until overwritten."""
+  logits, small = prefill_step(graphdef, state, small, tokens, lengths, layer_weights)
+  p = small.k.shape[3]
+  put = lambda a, new: a.at[dst].set(new, mode="drop")
+  cache = Cache(k=cache.k.at[:, dst, :, :p].set(small.k[:, src], mode="drop"),
+                v=cache.v.at[:, dst, :, :p].set(small.v[:, src], mode="drop"),
+                index=put(cache.index, small.index[src]))
+  old_logits, done, out, n, rows = carry
+  return cache, (put(old_logits, logits[src]), put(done, False), put(out, pad_id), put(n, 0), put(rows, row_ids))
 
 
 @jax.jit
 def take_rows(cache: Cache, carry, idx: jax.Array):
-  """Rows `idx` of the cache and the loop carry (prefix sharing: a prompt's cache to its sample rows; compaction:
-  the running rows into a smaller batch)."""
-  step, *rest = carry
+  """Rows `idx` of the cache and the loop carry (compaction: the running rows into a smaller batch)."""
   take = lambda a, axis=0: jnp.take(a, idx, axis=axis)
-  return (Cache(k=take(cache.k, 1), v=take(cache.v, 1), index=take(cache.index)),
-          (step, *(take(a) for a in rest)))
+  return (Cache(k=take(cache.k, 1), v=take(cache.v, 1), index=take(cache.index)), tuple(take(a) for a in carry))
 
 
 def pad_prompts(prompt_tokens: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1
@@ -357,17 +421,33 @@ def choose_batch_size(model: CausalLM, max_len: int, *, max_rows: int, multiple:
   return sizes[-1], rates
 
 
+def prefill_sizes(batch: int, multiple: int = 1) -> tuple[int, ...]:
+  """The compiled prefill batches of continuous batching: `multiple` x powers of two below `batch`, and `batch`
+  (the distinct prompts of one admission are padded to the next; each size compiles one `admit` per width)."""
+  sizes = [multiple]
+  while sizes[-1] * 2 < batch:
+    sizes.append(sizes[-1] * 2)
+  return tuple(dict.fromkeys(sizes + [batch]))
+
+
 def generate(model: CausalLM, prompt_tokens: Sequence[Sequence[int]], *, max_new_tokens: int, key: jax.Array,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, eos_ids: Sequence[int] = (),
              pad_id: int = 0, prompt_multiple: int = 8, row_ids: Sequence[int] | None = None,
-             batch_size: int | None = None, batch_multiple: int = 1, compact: bool = True) -> GenerateOutput:
-  """Sample up to `max_new_tokens` per prompt (rows may differ in prompt length); stops each row at an EOS id.
+             batch_size: int | None = None, batch_multiple: int = 1, compact: bool = True, refill: bool = True,
+             refill_rows: int = 0) -> GenerateOutput:
+  """Sample up to `max_new_tokens` per prompt row (rows may differ in prompt length); stops each row at an EOS id.
 
-  Prefix sharing: equal prompt rows (e.g. n samples of one prompt) are prefilled once and their KV cache copied
-  to each row. Row r samples with key fold_in(key, row_ids[r]) (default r), so its tokens do not depend on which
-  rows share its batch. `batch_size` (>= the rows; default the rows rounded up to `batch_multiple`) is the compiled
-  batch; with `compact`, when at most half the rows still run, the running rows move into the next smaller size
-  of `batch_buckets` (finished rows stop costing compute, and at most len(batch_buckets) loops compile).
+  `batch_size` slots (default: every row, rounded up to `batch_multiple`) decode at once. Continuous batching
+  (`refill`, with more rows than slots): once `refill_rows` slots (default batch / 8) have finished, the next waiting
+  rows take them -- their distinct prompts prefilled (`admit`, padded to a size of `prefill_sizes` and to a multiple
+  of `prompt_multiple` tokens), the rest of the batch untouched -- so the batch stays full until the rows run out.
+  Without `refill`, batches of `batch_size` rows run one after another. Prefix sharing: equal prompts admitted
+  together are prefilled once. With `compact`, once no row waits and at most half the slots still run, the running
+  rows move into the next smaller size of `batch_buckets`.
+
+  Row r samples its n-th token with key fold_in(fold_in(key, row_ids[r]), n) (row_ids default: r), so its tokens do
+  not depend on the batch size, the rows beside it, or when it was admitted (up to matmul rounding). Compiles: one
+  decode loop per batch size used, one `admit` per (prefill size, prompt width) used, one `take_rows` per compaction.
   """
   if not isinstance(model, CausalLM):
     raise TypeError(f"generate needs a CausalLM, got {type(model).__name__}")
@@ -376,54 +456,72 @@ def generate(model: CausalLM, prompt_tokens: Sequence[Sequence[int]], *, max_new
   tokens, lengths = pad_prompts(prompt_tokens, pad_id, prompt_multiple)
   n = len(lengths)
   batch = batch_size or -(-n // batch_multiple) * batch_multiple
-  if batch < n or batch % batch_multiple:
-    raise ValueError(f"batch_size={batch} must be >= the {n} rows and a multiple of batch_multiple={batch_multiple}")
+  if batch < 1 or batch % batch_multiple:
+    raise ValueError(f"batch_size={batch} must be a positive multiple of batch_multiple={batch_multiple}")
   rows = np.arange(n, dtype=np.int32) if row_ids is None else np.asarray(row_ids, np.int32)
   if rows.shape != (n,):
     raise ValueError(f"row_ids needs one id per prompt row ({n}), got shape {rows.shape}")
+  kw = dict(max_new_tokens=max_new_tokens, key=key, temperature=temperature, top_p=top_p, top_k=top_k,
+            eos_ids=eos_ids, pad_id=pad_id, prompt_multiple=prompt_multiple, batch_size=batch,
+            batch_multiple=batch_multiple, compact=compact)
+  if not refill and n > batch:  # one batch after another
+    outs = [generate(model, prompt_tokens[i:i + batch], row_ids=rows[i:i + batch], refill=False, **kw)
+            for i in range(0, n, batch)]
+    return GenerateOutput(tokens=jnp.concatenate([o.tokens for o in outs]),
+                          lengths=jnp.concatenate([o.lengths for o in outs]))
   sizes = batch_buckets(batch, batch_multiple) if compact else (batch,)
-
-  # Prefix sharing: prefill each distinct prompt once (in a size of `sizes`, so its shapes repeat).
+  size = min(s for s in sizes if s >= min(n, batch))
+  p_sizes = prefill_sizes(size, batch_multiple)
+  refill_rows = min(refill_rows or max(batch_multiple, batch // 8), size)
   first: dict[bytes, int] = {}
   src = np.array([first.setdefault(tokens[i].tobytes() + lengths[i].tobytes(), len(first)) for i in range(n)],
                  np.int32)  # row -> its distinct prompt
-  uniq_rows = np.zeros(len(first), np.int32)
-  uniq_rows[src] = np.arange(n, dtype=np.int32)  # distinct prompt -> a row holding it
-  u_size = min((s for s in sizes if s >= len(first)), default=sizes[0])
-  pick = np.concatenate([uniq_rows, np.full(u_size - len(first), uniq_rows[0], np.int32)])
+  holder = np.zeros(len(first), np.int32)
+  holder[src[::-1]] = np.arange(n - 1, -1, -1, dtype=np.int32)  # distinct prompt -> its first row
+
   graphdef, state = nnx.split(model)
   layer_weights = per_layer_weights(model)
-  cache = init_cache(model, u_size, tokens.shape[1] + max_new_tokens)
-  logits, cache = prefill_step(graphdef, state, cache, jnp.asarray(tokens[pick]), jnp.asarray(lengths[pick]),
-                               layer_weights)
-  size = min(s for s in sizes if s >= n)
-  cache, (_, logits) = take_rows(cache, (jnp.int32(0), logits), jnp.asarray(np.pad(src, (0, size - n))))
-  done = np.arange(size) >= n  # filler rows (copies of row 0) are done from the start: compaction drops them
-  carry = (jnp.int32(0), logits, jnp.asarray(done), jnp.full((size, max_new_tokens), pad_id, jnp.int32),
-           jnp.zeros((size,), jnp.int32), jnp.asarray(np.pad(rows, (0, size - n))))
-  where = np.where(done, -1, np.arange(size))  # batch slot -> prompt row (-1: filler or already written)
+  cache = init_cache(model, size, tokens.shape[1] + max_new_tokens)
+  carry = (jnp.zeros((size, model.config.vocab_size), jnp.float32), jnp.ones((size,), bool),
+           jnp.full((size, max_new_tokens), pad_id, jnp.int32), jnp.zeros((size,), jnp.int32),
+           jnp.zeros((size,), jnp.int32))
+  where = np.full(size, -1)  # batch slot -> prompt row (-1: free)
+  waiting = 0  # rows [waiting, n) wait for a slot
   out_tokens = np.full((n, max_new_tokens), pad_id, np.int32)
   out_lengths = np.zeros((n,), np.int32)
   static = (int(max_new_tokens), float(temperature), int(top_k), float(top_p), tuple(int(e) for e in eos_ids),
             int(pad_id))
   while True:
+    free = np.flatnonzero(where < 0)
+    if waiting < n and free.size:
+      new = np.arange(waiting, waiting + min(free.size, n - waiting))
+      waiting += new.size
+      uniq, inv = np.unique(src[new], return_inverse=True)
+      d = min(s for s in p_sizes if s >= uniq.size)
+      width = min(-(-int(lengths[new].max()) // prompt_multiple) * prompt_multiple, tokens.shape[1])
+      pick = np.pad(holder[uniq], (0, d - uniq.size), mode="edge")
+      pad = lambda a, fill: np.concatenate([a, np.full(size - a.size, fill, np.int32)]).astype(np.int32)
+      cache, carry = admit(graphdef, state, cache, carry, init_cache(model, d, width),
+                           jnp.asarray(tokens[pick, :width]), jnp.asarray(lengths[pick]), jnp.asarray(pad(inv, 0)),
+                           jnp.asarray(pad(free[:new.size], size)), jnp.asarray(pad(rows[new], 0)), layer_weights,
+                           int(pad_id))
+      where[free[:new.size]] = new
     smaller = [s for s in sizes if s < size]
-    carry, cache = generate_loop(graphdef, state, cache, carry, key, layer_weights, *static,
-                                 smaller[0] if smaller else 0)
-    step, _, done_d, out_d, len_d, _ = carry
-    done_h = np.asarray(done_d)
-    live = np.flatnonzero(~done_h)
-    if int(step) >= max_new_tokens or not live.size:
-      real = where >= 0
-      out_tokens[where[real]] = np.asarray(out_d)[real]
-      out_lengths[where[real]] = np.asarray(len_d)[real]
+    stop_at = size - min(refill_rows, n - waiting) if waiting < n else (smaller[0] if smaller else 0)
+    carry, cache = generate_loop(graphdef, state, cache, carry, key, layer_weights, jnp.int32(stop_at), *static)
+    finished = np.asarray(carry[1]) & (where >= 0)  # rows that leave the batch now: their output is final
+    if finished.any():
+      out_tokens[where[finished]] = np.asarray(carry[2])[finished]
+      out_lengths[where[finished]] = np.asarray(carry[3])[finished]
+      where[finished] = -1
+    live = np.flatnonzero(where >= 0)
+    if waiting < n:
+      continue
+    if not live.size:
       break
-    finished = done_h & (where >= 0)  # rows that leave the batch now: their output is final
-    out_tokens[where[finished]] = np.asarray(out_d)[finished]
-    out_lengths[where[finished]] = np.asarray(len_d)[finished]
-    size = min(s for s in sizes if s >= live.size)
-    spare = np.flatnonzero(done_h)[:size - live.size]  # keep shape with already-finished rows (done stays true)
-    keep = np.concatenate([live, spare])
-    cache, carry = take_rows(cache, carry, jnp.asarray(keep))
-    where = np.where(np.arange(len(keep)) < live.size, where[keep], -1)
+    if smaller and live.size <= smaller[0]:
+      size = min(s for s in sizes if s >= live.size)
+      keep = np.concatenate([live, np.flatnonzero(where < 0)[:size - live.size]])  # free slots keep the shape
+      cache, carry = take_rows(cache, carry, jnp.asarray(keep))
+      where = where[keep]
   return GenerateOutput(tokens=jnp.asarray(out_tokens), lengths=jnp.asarray(out_lengths))

@@ -39,7 +39,15 @@ def default_ceiling_config() -> ml_collections.ConfigDict:
       val_prompts=100,  # the first held-out problems: the validation split (settings are chosen there); rest: test
       sources=("oracle", "confidence", "contrastive"),  # keys of credit_ceiling.SOURCE_ARMS; "oracle" is the ceiling
       alphas=(0.25, 1.0, 4.0),  # T-REG's α (the paper searched 0.1-0.5)
-      normalizations=("sum",),  # loss.reg_normalization of the regulariser: "sum" (T-REG's) and/or "mean"
+      # loss.reg_normalization of the oracle's sweep: "sum" (T-REG's) and/or "mean"; the other sources sweep their α
+      # at the normalisation the oracle validated.
+      normalizations=("sum",),
+      # "mean" divides the regulariser by the response length L, so a mean arm uses α · mean_alpha_scale: about the
+      # pairs' mean response length in tokens, so that α reaches as far under either normalisation.
+      mean_alpha_scale=64.0,
+      # Micro-batches per step of the swept DPO-REG arms (0: optimizer.grad_accum_steps, as DPO). Memory only: each
+      # example weighs the same, so the mean over equal micro-batches is the full batch's update (float rounding aside).
+      arm_grad_accum_steps=0,
       batch_size=8,  # sequences per forward pass of the dense metric
       bucket=64,  # the dense metric's sequence lengths are padded to a multiple of this (one compile per length)
       greedy=False,  # also greedy accuracy of every trained policy (a generation pass each: costly on a CPU)
