@@ -69,9 +69,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Two micro-batches of 4 per step of 8 pairs: the unrolled float32 step at 8 x 128 tokens held 5.9 GB of
     # temporaries (9.3 GB resident), over a shared machine's per-job share; the same update in about half of it.
     c.optimizer.grad_accum_steps = 2
-    # The swept arms at 4 micro-batches of 2 (the same update): the first sweep arm at 2 of 4 reached 6.7 GB resident
-    # and was killed for memory beside a 14 GB job; DPO and the oracle's α 1 and 4 (sum), cached, ran at 2.
-    c.ceiling.arm_grad_accum_steps = 4
+    # The swept arms at 8 micro-batches of 1 (the same update): beside a 14 GB job the first sweep arm was killed for
+    # memory at 2 micro-batches of 4 (6.7 GB resident) and at 4 of 2 (5.4 GB); DPO and the oracle's α 1 and 4 (sum),
+    # cached, ran at 2.
+    c.ceiling.arm_grad_accum_steps = 8
   elif arg:
     raise ValueError(f"configs/credit_ceiling.py: unknown argument {arg!r}; use tiny or mini (or nothing)")
   return c

@@ -254,25 +254,25 @@ def _config(arg=None):
 
 
 def test_an_arm_finished_at_the_trainers_micro_batching_is_reused_and_another_alpha_is_refused(tmp_path, monkeypatch):
-  """ceiling.arm_grad_accum_steps changes memory, not the update: :mini's swept arms run at 4 micro-batches, and its
+  """ceiling.arm_grad_accum_steps changes memory, not the update: :mini's swept arms run at 8 micro-batches, and its
   arms finished earlier at the trainer's 2 are reused (not retrained); a finished arm of another α is still refused."""
   from tregjax import errors  # pylint: disable=g-import-not-at-top
   from tregjax.experiments import stages  # pylint: disable=g-import-not-at-top
   from tregjax.tasks import arith_experiment  # pylint: disable=g-import-not-at-top
   config = _config("mini")
-  assert (config.optimizer.grad_accum_steps, config.ceiling.arm_grad_accum_steps) == (2, 4)
+  assert (config.optimizer.grad_accum_steps, config.ceiling.arm_grad_accum_steps) == (2, 8)
   root = str(tmp_path / "W")
   task = arith_experiment.ArithTask(config)
   prepared = stages.Prepared(reference=root + "/reference/hf", tokenizer=root + "/reference/hf",
                              train_pairs=root + "/samples/pairs.jsonl")
   work = stages.Stages(root)
-  swept = credit_ceiling.arm_stage(config, task, prepared, work, "oracle", 4.0, "sum", 4)
+  swept = credit_ceiling.arm_stage(config, task, prepared, work, "oracle", 4.0, "sum", 8)
   earlier = credit_ceiling.arm_stage(config, task, prepared, work, "oracle", 4.0, "sum")
-  assert (swept.optimizer.grad_accum_steps, earlier.optimizer.grad_accum_steps) == (4, 2)
+  assert (swept.optimizer.grad_accum_steps, earlier.optimizer.grad_accum_steps) == (8, 2)
   work.finish("arms/oracle_a4_sum", 0.0, key=stages.stage_key(earlier))
   monkeypatch.setattr(credit_ceiling.trainer, "run", lambda *a, **k: pytest.fail("a finished arm was retrained"))
   assert credit_ceiling.train(config, task, prepared, work, "oracle_a4_sum", swept, "oracle") == os.path.join(
       root, "arms", "oracle_a4_sum", "hf")
-  other = credit_ceiling.arm_stage(config, task, prepared, work, "oracle", 1.0, "sum", 4)
+  other = credit_ceiling.arm_stage(config, task, prepared, work, "oracle", 1.0, "sum", 8)
   with pytest.raises(errors.StaleCacheError, match="loss.alpha: 4.0 -> 1.0"):
     credit_ceiling.train(config, task, prepared, work, "oracle_a4_sum", other, "oracle")
