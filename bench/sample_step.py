@@ -11,8 +11,11 @@ the first tokens of a greedy continuation, each row repeated `--samples` times; 
   candidate blocks + inverse CDF     #30's option (candidate_blocks=8): the nucleus searched in the 8 vocabulary
                            blocks (of 256) with the largest maxima, an exactness check, the full path for rows that
                            fail it
-  snapping bisection + inverse CDF   #30's default (the full path alone): the bisection over [rows, V] snaps to actual
+  snapping bisection + inverse CDF   #30's full path: the bisection over [rows, V] snaps to actual
                            probabilities and stops per row once one value is left; one uniform per row
+  top_k(K) candidates      #30's default (K = 64): the nucleus among lax.top_k's K most likely tokens, exact when
+                           they reach top-p and the K-th is below the threshold; at most rows/8 rows that are not
+                           exact run the full path gathered apart, more of them the whole batch
   top-p 1: categorical vs two-level inverse CDF (the arith experiment samples with top_p = 1)
   RNG alone: Gumbel [rows, V] vs one uniform per row from per-row keys
 
@@ -70,8 +73,13 @@ def main() -> None:
       "bisection + categorical (top-p 0.95; main before #30)": jax.jit(bisect_top_p),
       "candidate blocks + inverse CDF (top-p 0.95; #30 option)": jax.jit(
           lambda lg, k: decoding.sample_logits(lg, keys, temperature=temp, top_p=top_p, candidate_blocks=8)),
-      "snapping bisection + inverse CDF (top-p 0.95; #30 default)": jax.jit(
-          lambda lg, k: decoding.sample_logits(lg, keys, temperature=temp, top_p=top_p, candidate_blocks=0)),
+      "snapping bisection + inverse CDF (top-p 0.95; #30's full path, its default before top_k candidates)": jax.jit(
+          lambda lg, k: decoding.sample_logits(lg, keys, temperature=temp, top_p=top_p, candidate_blocks=0,
+                                               candidates=0)),
+      "top_k(64) candidates, <= rows/8 misses to the full path (top-p 0.95; #30 default)": jax.jit(
+          lambda lg, k: decoding.sample_logits(lg, keys, temperature=temp, top_p=top_p, candidates=64)),
+      "top_k(128) candidates, <= rows/8 misses to the full path (top-p 0.95)": jax.jit(
+          lambda lg, k: decoding.sample_logits(lg, keys, temperature=temp, top_p=top_p, candidates=128)),
       "lax.top_k(64) of the logits (a candidate set by top_k)": jax.jit(lambda lg, k: jax.lax.top_k(lg, 64)[1]),
       "categorical (top-p 1; main before #30)": jax.jit(lambda lg, k: jax.random.categorical(k, lg / temp, axis=-1)),
       "two-level inverse CDF (top-p 1; #30)": jax.jit(
@@ -112,6 +120,7 @@ def main() -> None:
   g = 8
   thresh = srt[np.arange(b), size - 1]
   inside = float(np.mean([(blocks[r][order[r, g:]] < thresh[r]).all() for r in range(b)]))
+  in_top = {k: float(np.mean((size <= k) & (srt[:, k] < thresh))) for k in (64, 128)}  # exact for top_k(k)
   allowed = jax.jit(lambda lg: decoding.nucleus_mask(jax.nn.softmax(lg / temp, axis=-1), top_p))(logits)
   assert (np.asarray(allowed).sum(-1) >= size).all()  # the nucleus keeps ties, so it is never smaller
   rows = [["sort + categorical (top-p 0.95; one call)", f"{sort_s * 1e3:.0f}", f"{sort_s / step_s:.0%}"]]
@@ -119,12 +128,14 @@ def main() -> None:
   text = common.table(["variant", "ms per call", "share of one decode step"], rows)
   device = common.device()
   desc = (f"SmolLM2-135M-Instruct logits [{b}, {logits.shape[1]}], temperature {temp}; nucleus (top-p {top_p}) "
-          f"inside the 8 candidate blocks for {inside:.0%} of rows (median nucleus {np.median(size):.0f}"
+          f"inside the 8 candidate blocks for {inside:.0%} of rows, inside the top 64 / 128 tokens for "
+          f"{in_top[64]:.0%} / {in_top[128]:.0%} (median nucleus {np.median(size):.0f}"
           f" tokens, max {size.max()})")
   print(f"{desc}; {device}")
   print(text)
   cmd = f"python bench/sample_step.py --rows {args.rows} --samples {args.samples} --repeats {args.repeats}"
   results = {"date": common.today(), "device": device, "args": vars(args), "fast_path_rows": inside,
+             "top_k_exact_rows": in_top,
              "nucleus_sizes": size.tolist(), "ms": {k: v[0] * 1e3 for k, v in times.items()}, "sort_ms": sort_s * 1e3}
   print(f"wrote {common.write_json(f'sample_step_r{args.rows}', results)}")
   common.update_results(f"sample_step_r{args.rows}", (

@@ -150,25 +150,37 @@ def _assert_frequencies(samples, probs, what):
 
 @pytest.mark.parametrize("kw", [dict(temperature=0.8), dict(temperature=0.8, top_p=0.9),
                                 dict(temperature=1.0, top_k=7), dict(temperature=1.3, top_k=40, top_p=0.6),
-                                dict(temperature=0.8, top_p=0.9, candidate_blocks=0)],
-                         ids=["full", "top_p", "top_k", "top_k_top_p", "top_p_full_path"])
+                                dict(temperature=0.8, top_p=0.9, candidate_blocks=0, candidates=0),
+                                dict(temperature=0.8, top_p=0.9, candidate_blocks=0, candidates=8, fallback_rows=3),
+                                dict(temperature=0.8, top_p=0.9, candidate_blocks=0, candidates=8, fallback_rows=1)],
+                         ids=["full", "top_p", "top_k", "top_k_top_p", "top_p_full_path", "top_p_candidates",
+                              "top_p_candidates_all_fall_back"])
 def test_sampled_frequencies_equal_exact_probabilities(kw):
-  """sample_logits' top-p candidate-block path and its full-vocabulary path (snapping-bisection nucleus, two-level
-  inverse CDF) against exact numpy probabilities: a flat row (nucleus far beyond 2 candidate blocks: fallback), a
-  peaked row (the candidates suffice), and a row with a 90-way tie at its top spread over blocks (fallback)."""
+  """sample_logits' top-p paths against exact numpy probabilities: candidate blocks (2 of 256 tokens), top_k
+  candidates (8 tokens; the rows that miss them gathered for the full path, or -- more of them than fallback_rows --
+  the whole batch) and the full-vocabulary path (snapping-bisection nucleus, two-level inverse CDF). Rows: a flat row
+  (nucleus far beyond the candidates: fallback), a peaked row (six likely tokens: inside 2 blocks, beyond 8 tokens'
+  mass), a row with a 90-way tie at its top spread over blocks (fallback), and a very peaked row (4 tokens: every
+  candidate path holds its nucleus)."""
   rng = np.random.default_rng(0)
   v, n = 2900, 6000  # 12 blocks of 256 (the last one partial), 2 candidate blocks
   kw = dict(kw, candidate_blocks=kw.get("candidate_blocks", 2))
   peaked = rng.normal(size=v)
   peaked[3:9] += 6.0  # six likely tokens, all in block 0: the nucleus lies in the candidates
-  logits = np.stack([rng.normal(size=v) * 0.3, peaked,
-                     np.where(np.arange(v) % 32 == 0, 2.0, rng.normal(size=v))]).astype(np.float32)
+  sharp = rng.normal(size=v)
+  sharp[[40, 700, 1500, 2800]] += 14.0
+  logits = np.stack([rng.normal(size=v) * 0.3, peaked, np.where(np.arange(v) % 32 == 0, 2.0, rng.normal(size=v)),
+                     sharp]).astype(np.float32)
   keys = decoding.row_keys(jax.random.key(5), jnp.arange(n))
-  rows = jnp.arange(3)
+  rows = jnp.arange(len(logits))
   draw = jax.jit(jax.vmap(lambda k: decoding.sample_logits(
       jnp.asarray(logits), jax.vmap(lambda r: jax.random.fold_in(k, r))(rows), **kw)))
   samples = np.asarray(draw(keys))
-  for row in range(3):
+  if kw.get("candidates"):  # vocabulary order inside the candidates: the full path's token for the same u
+    full = jax.jit(jax.vmap(lambda k: decoding.sample_logits(
+        jnp.asarray(logits), jax.vmap(lambda r: jax.random.fold_in(k, r))(rows), **dict(kw, candidates=0))))
+    assert (np.asarray(full(keys)) == samples).mean() > 0.999  # float rounding may move a boundary draw
+  for row in range(len(logits)):
     golden = _allowed_probs(logits[row], kw["temperature"], kw.get("top_k", 0), kw.get("top_p", 1.0))
     _assert_frequencies(samples[:, row], golden, f"{kw} row {row}")
 

@@ -116,6 +116,8 @@ def decode_step(model: CausalLM, cache: Cache, token: jax.Array,
 # 64-row batch still runs the full path and the step costs 85 vs 78 ms (bench/sample_step.py). >0 turns it on (a
 # peaked policy, few rows per batch).
 CANDIDATE_BLOCKS = 0
+# Top-p candidates by lax.top_k (bench/sample_step.py): K = 64.
+CANDIDATES = 64
 _BLOCK = 256  # vocabulary block size (two-level inverse CDF, candidate blocks)
 
 
@@ -125,7 +127,8 @@ def row_keys(key: jax.Array, row_ids: jax.Array) -> jax.Array:
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0, top_k: int = 0,
-                  top_p: float = 1.0, candidate_blocks: int = CANDIDATE_BLOCKS) -> jax.Array:
+                  top_p: float = 1.0, candidate_blocks: int = CANDIDATE_BLOCKS, candidates: int = CANDIDATES,
+                  fallback_rows: int = 0) -> jax.Array:
   """Next tokens [B] from f32 logits [B, V]: greedy when temperature == 0, else top-k / top-p sampling.
 
   `key`: one key per row [B] (`row_keys`), or a single key (split per row). Each row draws ONE uniform u and takes
@@ -138,7 +141,12 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0
   one block). Top-p fast path (no top_k, `candidate_blocks` > 0): the vocabulary in blocks of 256, the nucleus
   searched only in the `candidate_blocks` blocks with the largest maxima; a row is exact when every token outside
   them is strictly below the candidates' nucleus threshold (the next block maximum is < t), and then samples among
-  the candidates. Only when some row is not exact does the batch run the full path too, for those rows. Every path
+  the candidates. Only when some row is not exact does the batch run the full path too, for those rows.
+  Top-p candidates (no top_k, `candidates` = K > 0, the default): the K most likely tokens by lax.top_k; a row is exact
+  when its sorted candidates reach top_p and the last one is strictly below its nucleus threshold (no token outside
+  can be in the nucleus), and then samples among them in vocabulary order (the full path's token for the same u, up to
+  float rounding); up to `fallback_rows` (default B / 8) rows
+  that are not exact run the full path gathered into a small batch, more than that the whole batch. Every path
   samples the same distribution; tests/models_decoding_test.py checks frequencies against exact probabilities.
   """
   if temperature == 0.0:
@@ -157,6 +165,8 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0
       ww = jnp.where(nucleus_mask(ww / jnp.sum(ww, axis=-1, keepdims=True), top_p), ww, 0.0)
     return _inverse_cdf(ww, u)
 
+  if not top_k and top_p < 1.0 and 0 < candidates < v and not candidate_blocks:
+    return _top_p_candidates(x, w, u, top_p, candidates, min(fallback_rows or max(1, b // 8), b))
   blk = min(_BLOCK, v)
   nb = -(-v // blk)
   g = candidate_blocks
@@ -173,6 +183,42 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0
   fast = jnp.take_along_axis(block_i, (j // blk)[:, None], axis=-1)[:, 0] * blk + j % blk
   return jax.lax.cond(jnp.all(exact), lambda _: fast, lambda _: jnp.where(exact, fast, full()), None
                       ).astype(jnp.int32)
+
+
+def _top_p_full(w: jax.Array, u: jax.Array, top_p: float) -> jax.Array:
+  """The full top-p path on unnormalized probabilities w [B, V]: `nucleus_mask`, then `_inverse_cdf`."""
+  return _inverse_cdf(jnp.where(nucleus_mask(w / jnp.sum(w, axis=-1, keepdims=True), top_p), w, 0.0), u)
+
+
+def _top_p_candidates(x: jax.Array, w: jax.Array, u: jax.Array, top_p: float, k: int, m: int) -> jax.Array:
+  """Top-p sampling from the k most likely tokens, exact rows only; see `sample_logits`. x: logits / temperature,
+  w = exp(x - max) [B, V], u [B]."""
+  b = x.shape[0]
+  vals, idx = jax.lax.top_k(x, k)  # descending
+  c = jnp.exp(vals - vals[:, :1])  # == w at idx (the row maximum is vals[:, 0])
+  cum = jnp.cumsum(c, axis=-1)
+  reach = cum >= top_p * jnp.sum(w, axis=-1, keepdims=True)
+  t = jnp.take_along_axis(c, jnp.argmax(reach, axis=-1)[:, None], axis=-1)  # nucleus threshold (first reach)
+  exact = reach[:, -1] & (c[:, -1] < t[:, 0])
+  keep = c >= t  # the nucleus (ties at t included)
+  # Inverse CDF in vocabulary order, as the full path: the same token for the same u, up to float rounding.
+  perm = jnp.argsort(jnp.where(keep, idx, x.shape[1]), axis=-1)
+  cv = jnp.take_along_axis(jnp.where(keep, c, 0.0), perm, axis=-1)
+  cumv = jnp.cumsum(cv, axis=-1)
+  pos = jnp.minimum(jnp.sum(cumv <= (u * cumv[:, -1])[:, None], axis=-1), jnp.sum(keep, axis=-1) - 1)
+  fast = jnp.take_along_axis(jnp.take_along_axis(idx, perm, axis=-1), pos[:, None], axis=-1)[:, 0].astype(jnp.int32)
+  miss = ~exact
+
+  def some(_):  # at most m rows miss: the full path on those rows only
+    sel = jnp.nonzero(miss, size=m, fill_value=0)[0]
+    sub = _top_p_full(w[sel], u[sel], top_p)
+    return fast.at[jnp.where(miss[sel], sel, b)].set(sub, mode="drop")
+
+  def many(_):
+    return jnp.where(exact, fast, _top_p_full(w, u, top_p))
+
+  branch = jnp.where(jnp.any(miss), jnp.where(jnp.sum(miss) <= m, 1, 2), 0)
+  return jax.lax.switch(branch, (lambda _: fast, some, many), None)
 
 
 def _inverse_cdf(w: jax.Array, u: jax.Array) -> jax.Array:
