@@ -439,9 +439,10 @@ def render_peer(p: dict) -> str:
   ours = {k: dict(tokenize=r[f"{k}_reference"]["tokenize_s"], reference=r[f"{k}_reference"]["score_s"],
                   train=r[f"{k}_epoch"]["train_s"],
                   cpu=r[f"{k}_reference"]["process_cpu_s"] + r[f"{k}_epoch"]["process_cpu_s"],
-                  wall=r[f"{k}_reference"]["process_s"] + r[f"{k}_epoch"]["process_s"]) for k in ("treg", "dpo")}
+                  wall=r[f"{k}_reference"]["process_s"] + r[f"{k}_epoch"]["process_s"], steps=r[f"{k}_epoch"]["steps"])
+          for k in ("treg", "dpo")}
   theirs = {k: dict(tokenize=r[k]["tokenize_s"], reference=r[k].get("precompute_s", 0.0) + r[k].get("contrastive_s", 0.0),
-                    train=r[k]["train_s"], cpu=r[k]["process_cpu_s"], wall=r[k]["process_s"])
+                    train=r[k]["train_s"], cpu=r[k]["process_cpu_s"], wall=r[k]["process_s"], steps=r[k]["steps"])
             for k in ("trl", "trl_contrastive")}
   ref_note = {"trl": "the plain reference forward" if variant == "matched_precompute" else "none (in the steps)",
               "trl_contrastive": ("plain reference forward (precompute) + the contrastive pass"
@@ -456,7 +457,8 @@ def render_peer(p: dict) -> str:
       (TRL_LABELS[variant], ref_note["trl"], theirs["trl"], theirs["trl"])):
     epoch = x["tokenize"] + x["reference"] + x["train"]
     peer_epoch = peer["tokenize"] + peer["reference"] + peer["train"]
-    rows.append([label, f"{x['tokenize']:.0f}", f"{x['reference']:.0f} ({what})", f"{x['train']:.0f}", f"{epoch:.0f}",
+    rows.append([label, f"{x['tokenize']:.0f}", f"{x['reference']:.0f} ({what})",
+                 f"{x['train']:.0f} ({x['steps']} steps)", f"{epoch:.0f}",
                  f"{x['wall']:.0f} / {x['cpu']:.0f}", f"{peer_epoch / epoch:.2f}x", f"{peer['cpu'] / x['cpu']:.2f}x"])
   check = r["trl_contrastive"].get("contrastive_check") or {}
   check_text = (f" Check (after the timing, same run): the contrastive pass's token rewards against the ones "
@@ -464,14 +466,15 @@ def render_peer(p: dict) -> str:
                 f"({check.get('lengths_differ', 0)} with a different token count): max |difference| "
                 f"{check.get('max_abs_diff', float('nan')):.1e} (median over responses of their max "
                 f"{check.get('median_max_abs_diff', float('nan')):.1e}), r_t in (-0.5, 0.5).") if check else ""
-  pairs = r["treg_epoch"].get("pairs", p["pairs_file"])
+  pairs = f"tregjax {r['treg_epoch']['steps'] * STEP_PAIRS}, TRL {r['trl']['steps'] * STEP_PAIRS}"
   first = f" --first-pairs {p['first_pairs']}" if p.get("first_pairs") else ""
   trl_flag = f" --peer-trl {variant}" if variant != "matched_precompute" else ""
   return (f"### T-REG against its real peer, and DPO against DPO: one epoch on SmolLM2's own pairs (#30)\n\n"
           f"`python bench/train_epoch.py --workdir W --parts peer{first}{trl_flag}` ({p['date']}, {p['machine']}, "
-          f"load avg {p.get('load_avg', float('nan')):.1f} at the end). The first {p['pairs_file']} on-policy "
-          f"pairs of the arith experiment (`samples/pairs.jsonl`), one epoch at {STEP_PAIRS} pairs per step ({pairs} "
-          f"trained on both sides), float32 weights from the same HF directory, each run its own process, one after "
+          f"cpu-exclusive). The first {p['pairs_file']} on-policy "
+          f"pairs of the arith experiment (`samples/pairs.jsonl`), one epoch at {STEP_PAIRS} pairs per step (pairs trained: {pairs}; "
+          f"tregjax's batches are bucketed by length and each bucket drops its last partial batch, TRL drops only "
+          f"the epoch's last), float32 weights from the same HF directory, each run its own process, one after "
           f"the other. TRL runs as `{variant}`: {TRL_LABELS[variant]}. A TRL user who wants T-REG must add the "
           f"contrastive pass: here the two extra forwards per response (the prompt under the better and the worse "
           f"instruction, as a system message, as tregjax renders them) in transformers, batched {STEP_PAIRS} pairs "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import secrets
 import shutil
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -275,14 +276,30 @@ def local_copy(cache_dir: str) -> str:
 
   if current():
     return target
-  if os.path.exists(target):  # a copy of another cache under a colliding prefix, or left half by hand: redo it
-    shutil.rmtree(target)
+  _set_aside_if_stale(target, current)
   try:
-    with storage.atomic_dir(target) as tmp:
+    with storage.atomic_dir(target) as tmp:  # a fresh temporary next to `target`, unique to this process
       storage.copy_tree(cache_dir, tmp, last=CACHE_META, skip=("work",))
       if storage.read_json(os.path.join(tmp, CACHE_META)).get("hash") != digest:
         raise errors.StaleCacheError(f"{cache_dir} was rewritten while it was being copied to {target}; rerun")
   except OSError:
-    if not current():  # another process of this host renamed its whole copy into place first: use that one
+    # Another process of this host (two jax processes per host, say) renamed its whole copy into place first: the
+    # rename onto a non-empty directory failed, atomic_dir deleted this copy; use the winner's, marker checked.
+    if not current():
       raise
   return target
+
+
+def _set_aside_if_stale(target: str, current) -> None:
+  """Remove `target` unless it is a finished copy of this cache (`current()`): a copy of another cache under a
+  colliding prefix, or one left half by hand. It is first renamed to a unique name, so another process that just
+  renamed a good copy into place and checked it (`current()` true here) never loses it to an rmtree, and two
+  processes removing the same stale copy do not collide."""
+  if not os.path.exists(target) or current():
+    return
+  aside = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.stale.{os.getpid()}.{secrets.token_hex(4)}")
+  try:
+    os.rename(target, aside)
+  except FileNotFoundError:
+    return  # another process set it aside first
+  shutil.rmtree(aside, ignore_errors=True)

@@ -362,7 +362,7 @@ def _iter_export(model: transformer.Model, dtype) -> Iterator[tuple[_Slot, Any]]
 
     def thunk(arr=arr, s=s):
       x = state_lib.to_host(arr[s.layer] if s.layer is not None else arr)
-      return s.rule.to_hf(x).astype(dtype or x.dtype)
+      return s.rule.to_hf(x).astype(dtype or x.dtype, copy=False)  # read as `dtype` already: no copy
 
     yield s, thunk
 

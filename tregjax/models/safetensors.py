@@ -118,6 +118,7 @@ def write(path: str, items: Sequence[Item], metadata: dict[str, str] | None = No
       if x.shape != tuple(shape) or x.dtype != dt:
         raise AssertionError(f"{name}: produced {x.shape} {x.dtype}, planned {tuple(shape)} {dt}")
       f.write(memoryview(x.reshape(-1).view(np.uint8)))
+      del x  # written: not held while the next tensor is produced
 
 
 def write_json(path: str, obj: Any) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 from typing import Any
 
 import jax
@@ -59,6 +60,32 @@ def tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   return {parallel.path_str(p): tuple(leaf.shape) for p, leaf in flat if getattr(leaf, "shape", None) is not None}
 
 
+# Largest chunk tensorstore writes (bytes as saved): a reader that wants part of an array (export: one layer of a
+# stacked parameter, or a whole embedding decoded chunk by chunk into its cast) decodes at most this much of it at once.
+CHUNK_BYTES = 16 * 2**20
+
+
+def is_stacked(path: tuple) -> bool:
+  """A leaf of the scanned decoder stack (every array under a `layers` key, leading axis = layer), in the params and
+  in the optimizer moments alike."""
+  return "layers" in path
+
+
+def save_args(state: Any) -> Any:
+  """Orbax SaveArgs of every leaf: a stacked leaf is chunked one layer per chunk (`shard_axes=(0,)`), and no chunk is
+  larger than CHUNK_BYTES, so the export reads one layer at a time (`StreamedLeaf`), never a whole [L, ...] leaf.
+  Only the storage layout changes: every value restores bitwise as before."""
+  def one(path, leaf):
+    shape = getattr(leaf, "shape", None)
+    if not shape or not jax.numpy.issubdtype(leaf.dtype, jax.numpy.number):
+      return ocp.SaveArgs()
+    if int(np.prod(shape)) * np.dtype(leaf.dtype).itemsize <= CHUNK_BYTES:
+      return ocp.SaveArgs()  # one chunk: read whole, it is small
+    per_layer = is_stacked(tuple(_key(k) for k in path)) and len(shape) > 1
+    return ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES, shard_axes=(0,) if per_layer else ())
+  return jax.tree_util.tree_map_with_path(one, state)
+
+
 class Checkpointer:
   """CheckpointManager with the run's items: `state` (arrays), `data` (iterator states), `meta` (JSON)."""
 
@@ -102,7 +129,7 @@ class Checkpointer:
     if not force and step % self.every:
       return False
     states = [json.loads(s) for s in _gather_strings(json.dumps(_encode(data_state)))]
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state, save_args=save_args(state)),
                               data=ocp.args.JsonSave({"process_states": states}),
                               meta=ocp.args.JsonSave(meta))
     return self.manager.save(step, args=args, force=True)
@@ -137,9 +164,9 @@ class Checkpointer:
     as tensorstore reads them (None: as saved), so a bf16 export of a float32 checkpoint never holds the moments
     (6x its bf16 bytes) and no device memory at all. `streamed` (export): each leaf of `params` is a `StreamedLeaf`
     that reads its array only when indexed, and at most one of them holds its array at a time: a writer that takes
-    the tensors leaf by leaf needs one leaf's bytes (as read, plus its cast), not the whole model's. Restoring every
-    leaf at once instead decodes all of them in float32 together (2.2x the bf16 bytes written, measured:
-    bench/export_memory.py).
+    the tensors leaf by leaf needs one leaf's bytes (as read, plus its cast), not the whole model's; a stacked leaf
+    saved one layer per chunk (`save_args`) is read one layer at a time (`x[i]`). Restoring every leaf at once
+    instead decodes all of them in float32 together (bench/export_memory.py).
     """
     self.check_compatible(step, target_state)
     item = {"params": target_state.params, "extra": target_state.extra}
@@ -152,16 +179,11 @@ class Checkpointer:
     if jax.tree.leaves(extra):
       extra = _restore_host(directory, {"extra": extra}, dtype)["extra"]
     slot = _OneLeaf()
+    reader = _ArrayReader(directory, dtype)
     flat, treedef = jax.tree_util.tree_flatten_with_path(abstract["params"])
-    streamed_leaves = []
-    for path, leaf in flat:
-      keys = ("params",) + tuple(_key(k) for k in path)
-      only = leaf
-      for k in reversed(keys):  # the one leaf as a nested dict: Orbax's partial restore reads nothing else
-        only = {k: only}
-      streamed_leaves.append(StreamedLeaf(leaf.shape, _cast_dtype(leaf.dtype, dtype), slot,
-                                          lambda only=only, keys=keys: _dig(_restore_host(directory, only, dtype),
-                                                                            keys)))
+    streamed_leaves = [StreamedLeaf(leaf.shape, _cast_dtype(leaf.dtype, dtype), slot, reader,
+                                    ".".join(str(k) for k in ("params",) + tuple(_key(k) for k in path)))
+                       for path, leaf in flat]
     return treedef.unflatten(streamed_leaves), extra
 
   def restore(self, step: int, target_state: Any) -> tuple[Any, Any, dict]:
@@ -213,10 +235,34 @@ def _key(k: Any) -> Any:
   raise TypeError(f"unexpected pytree key {k!r}")
 
 
-def _dig(tree: Any, keys: tuple) -> Any:
-  for k in keys:
-    tree = tree[k]
-  return tree
+class _ArrayReader:
+  """The checkpoint's arrays opened through tensorstore directly (the OCDBT + zarr layout Orbax writes), with no
+  chunk cache and one decode thread: a read holds the chunks it decodes, one at a time, and its result, nothing else.
+  Floating arrays are cast to `dtype` as read (None: as saved)."""
+
+  def __init__(self, directory: str, dtype: Any):
+    import tensorstore as ts  # pylint: disable=g-import-not-at-top
+    meta = storage.read_json(storage.join(directory, "_METADATA"))
+    self._ts, self._dtype = ts, dtype
+    self._driver = "zarr3" if meta.get("use_zarr3") else "zarr"
+    if not meta.get("use_ocdbt", True):
+      raise ValueError(f"{directory}: a checkpoint written without OCDBT; this export reads Orbax's OCDBT layout")
+    base = directory if storage.is_uri(directory) else "file://" + os.path.abspath(storage.local(directory))
+    self._base = base.rstrip("/") + "/"
+    self._context = ts.Context({"cache_pool": {"total_bytes_limit": 0}, "cache_pool#ocdbt": {"total_bytes_limit": 0},
+                                "data_copy_concurrency": {"limit": 1}})
+    self.chunk_bytes: dict[str, int] = {}  # array name -> bytes of one chunk as saved
+    self.noted = False  # the note on a checkpoint written before per-layer chunks was logged
+
+  def open(self, name: str) -> Any:
+    spec = {"driver": self._driver, "kvstore": {"driver": "ocdbt", "base": self._base, "path": name},
+            "recheck_cached_data": False, "recheck_cached_metadata": False}
+    array = self._ts.open(spec, context=self._context, read=True).result()
+    chunk = array.chunk_layout.read_chunk.shape
+    self.chunk_bytes[name] = int(np.prod(chunk)) * array.dtype.numpy_dtype.itemsize if chunk else 0
+    if self._dtype is not None and np.issubdtype(array.dtype.numpy_dtype, np.floating):
+      array = self._ts.cast(array, self._ts.dtype(np.dtype(self._dtype).name))
+    return array
 
 
 class _OneLeaf:
@@ -226,9 +272,12 @@ class _OneLeaf:
     self.owner: Any = None
     self.array: np.ndarray | None = None
 
+  def release(self) -> None:
+    self.owner = self.array = None
+
   def get(self, owner: "StreamedLeaf") -> np.ndarray:
     if self.owner is not owner:
-      self.owner = self.array = None  # free the previous leaf before reading the next
+      self.release()  # free the previous leaf before reading the next
       self.array = owner.read()
       self.owner = owner
     return self.array
@@ -236,13 +285,44 @@ class _OneLeaf:
 
 class StreamedLeaf:
   """A checkpoint array read from storage when indexed (`x[i]`, `np.asarray(x)`); `shape` and `dtype` (the dtype
-  it is read as) are known without reading it. For export: see `Checkpointer.restore_params(streamed=True)`."""
+  it is read as) are known without reading it. For export: see `Checkpointer.restore_params(streamed=True)`.
 
-  def __init__(self, shape: tuple[int, ...], dtype: np.dtype, slot: _OneLeaf, read: Any):
-    self.shape, self.dtype, self._slot, self.read = tuple(shape), dtype, slot, read
+  `x[i]` (an integer: one layer of a stacked leaf) reads only that layer when the checkpoint stores the leaf one
+  layer per chunk (`save_args`); a checkpoint written before that (one chunk per leaf) is read whole once, held
+  until another leaf is read, and sliced."""
+
+  def __init__(self, shape: tuple[int, ...], dtype: np.dtype, slot: _OneLeaf, reader: _ArrayReader, name: str):
+    self.shape, self.dtype, self._slot, self._reader, self.name = tuple(shape), dtype, slot, reader, name
     self.ndim, self.size = len(self.shape), int(np.prod(self.shape, dtype=np.int64))
+    self._array: Any = None
+
+  def _store(self) -> Any:
+    if self._array is None:
+      self._array = self._reader.open(self.name)
+      if tuple(self._array.shape) != self.shape:
+        raise ValueError(f"checkpoint array {self.name} has shape {list(self._array.shape)}, expected "
+                         f"{list(self.shape)}")
+    return self._array
+
+  def per_layer(self) -> bool:
+    """True when one layer (`x[i]`) is a whole number of chunks: reading it decodes nothing of the other layers."""
+    chunk = self._store().chunk_layout.read_chunk.shape
+    return self.ndim > 1 and chunk is not None and chunk[0] == 1
+
+  def read(self) -> np.ndarray:
+    """The whole array (through `_OneLeaf`, which holds one at a time)."""
+    store = self._store()
+    if not self._reader.noted and self._reader.chunk_bytes[self.name] > CHUNK_BYTES:
+      self._reader.noted = True
+      log.info("export: %s is stored in chunks of %d MiB (a checkpoint written before chunks of at most %d MiB, one "
+               "layer each): such leaves are read whole, so the export's peak memory grows by the largest of them",
+               self.name, self._reader.chunk_bytes[self.name] >> 20, CHUNK_BYTES >> 20)
+    return np.asarray(store.read().result())
 
   def __getitem__(self, index: Any) -> np.ndarray:
+    if isinstance(index, (int, np.integer)) and self.per_layer():
+      self._slot.release()  # only this layer is in memory
+      return np.asarray(self._store()[int(index)].read().result())
     return self._slot.get(self)[index]
 
   def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
@@ -250,4 +330,4 @@ class StreamedLeaf:
     return x if dtype is None else x.astype(dtype)
 
   def __repr__(self) -> str:
-    return f"StreamedLeaf(shape={self.shape}, dtype={self.dtype})"
+    return f"StreamedLeaf({self.name}, shape={self.shape}, dtype={self.dtype})"
