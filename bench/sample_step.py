@@ -13,7 +13,7 @@ the first tokens of a greedy continuation, each row repeated `--samples` times; 
                            fail it
   snapping bisection + inverse CDF   #30's full path: the bisection over [rows, V] snaps to actual
                            probabilities and stops per row once one value is left; one uniform per row
-  top_k(K) candidates      #30's default (K = 64): the nucleus among lax.top_k's K most likely tokens, exact when
+  top_k(K) candidates      #30's option (candidates=K, off by default): the nucleus among lax.top_k's K most likely tokens, exact when
                            they reach top-p and the K-th is below the threshold; at most rows/8 rows that are not
                            exact run the full path gathered apart, more of them the whole batch
   top-p 1: categorical vs two-level inverse CDF (the arith experiment samples with top_p = 1)
@@ -73,10 +73,10 @@ def main() -> None:
       "bisection + categorical (top-p 0.95; main before #30)": jax.jit(bisect_top_p),
       "candidate blocks + inverse CDF (top-p 0.95; #30 option)": jax.jit(
           lambda lg, k: decoding.sample_logits(lg, keys, temperature=temp, top_p=top_p, candidate_blocks=8)),
-      "snapping bisection + inverse CDF (top-p 0.95; #30's full path, its default before top_k candidates)": jax.jit(
+      "snapping bisection + inverse CDF (top-p 0.95; #30 default, the full path)": jax.jit(
           lambda lg, k: decoding.sample_logits(lg, keys, temperature=temp, top_p=top_p, candidate_blocks=0,
                                                candidates=0)),
-      "top_k(64) candidates, <= rows/8 misses to the full path (top-p 0.95; #30 default)": jax.jit(
+      "top_k(64) candidates, <= rows/8 misses to the full path (top-p 0.95; #30 option)": jax.jit(
           lambda lg, k: decoding.sample_logits(lg, keys, temperature=temp, top_p=top_p, candidates=64)),
       "top_k(128) candidates, <= rows/8 misses to the full path (top-p 0.95)": jax.jit(
           lambda lg, k: decoding.sample_logits(lg, keys, temperature=temp, top_p=top_p, candidates=128)),

@@ -232,7 +232,7 @@ def test_continuous_batching_samples_what_one_batch_samples(model):
   plain = decoding.generate(model, prompts, batch_size=32, compact=False, **kw)
   jitted = (decoding.generate_loop, decoding.admit, decoding.take_rows)
   before = [f._cache_size() for f in jitted]  # pylint: disable=protected-access
-  refilled = decoding.generate(model, prompts, batch_size=4, **kw)
+  refilled = decoding.generate(model, prompts, batch_size=4, refill=True, **kw)
   compiled = [f._cache_size() - b for f, b in zip(jitted, before)]  # pylint: disable=protected-access
   waves = decoding.generate(model, prompts, batch_size=4, refill=False, **kw)
   lengths = np.asarray(plain.lengths)

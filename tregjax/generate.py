@@ -11,8 +11,8 @@ and the worst kept as the pair). This module runs that pipeline on the same mesh
   sampling     the KV-cache sampler of `tregjax.models.decoding` (temperature / top-p / top-k, `max_new_tokens`, one
                seed); rows = (prompt, sample) pairs in fixed-size batches sharded data-parallel over the mesh, prompts
                padded to a few bucket widths so jit compiles a bounded number of shapes; each row stops at its EOS;
-               a prompt's n samples share one prefill, and a finished row's slot goes to the next waiting row
-               (continuous batching, `decoding.generate`).
+               a prompt's n samples share one prefill, and finished rows leave the batch (`decoding.generate`;
+               continuous batching is there as an option, `decoding.REFILL`).
   scoring      a sequence reward model (`generate.reward_model`, an HF *ForSequenceClassification directory loaded
                with `tregjax.models.from_pretrained`) read at the last token of prompt ids + response ids, or a Python
                callable `scorer(prompt_messages, response_text) -> float` (`run(..., scorer=)` or
@@ -201,7 +201,8 @@ class Sampler:
              ) -> tuple[np.ndarray, np.ndarray]:
     """Prompt rows (all in one bucket) -> (tokens i32[n, max_new_tokens], lengths i32[n]).
 
-    batch_size rows decode at once; a finished row's slot goes to the next waiting row (continuous batching). Row i
+    batch_size rows decode at once, in batches one after another (`decoding.generate`: continuous batching when
+    `decoding.REFILL`). Row i
     samples with fold_in(key, row_ids[i]) (its samples do not depend on its batch or on when it was admitted);
     equal prompts admitted together are prefilled once (`decoding.generate`)."""
     width = bucket_of(max(len(r) for r in rows), self.g.buckets, extend=True)
@@ -293,8 +294,8 @@ def generate_shard(sampler: Sampler, prompts: Sequence[Prompt], shard: int, g: m
                    eos_ids: Sequence[int]) -> list[list[tuple[list[int], bool]]]:
   """Responses [prompt][sample] = (generated ids incl. EOS, ended with EOS) for one shard.
 
-  Rows (prompt, sample) are grouped by prompt bucket, one `Sampler.sample` call (batch_size slots, continuous
-  batching) per bucket, in row order; row r (= prompt * n + sample) samples with key fold_in(_shard_key(seed, shard),
+  Rows (prompt, sample) are grouped by prompt bucket, one `Sampler.sample` call (batch_size slots) per bucket, in
+  row order; row r (= prompt * n + sample) samples with key fold_in(_shard_key(seed, shard),
   r), whatever slot it lands in and whenever.
   """
   n = int(g.num_samples)

@@ -116,8 +116,9 @@ def decode_step(model: CausalLM, cache: Cache, token: jax.Array,
 # 64-row batch still runs the full path and the step costs 85 vs 78 ms (bench/sample_step.py). >0 turns it on (a
 # peaked policy, few rows per batch).
 CANDIDATE_BLOCKS = 0
-# Top-p candidates by lax.top_k (bench/sample_step.py): K = 64.
-CANDIDATES = 64
+# Top-p candidates by lax.top_k, off by default: on SmolLM2's [64, 49152] logits the path cost 983 ms against the full
+# path's 101 ms (bench/sample_step.py, 2026-12-08), although lax.top_k(64) alone takes 9 ms; >0 turns it on.
+CANDIDATES = 0
 _BLOCK = 256  # vocabulary block size (two-level inverse CDF, candidate blocks)
 
 
@@ -142,11 +143,11 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float = 0.0
   searched only in the `candidate_blocks` blocks with the largest maxima; a row is exact when every token outside
   them is strictly below the candidates' nucleus threshold (the next block maximum is < t), and then samples among
   the candidates. Only when some row is not exact does the batch run the full path too, for those rows.
-  Top-p candidates (no top_k, `candidates` = K > 0, the default): the K most likely tokens by lax.top_k; a row is exact
-  when its sorted candidates reach top_p and the last one is strictly below its nucleus threshold (no token outside
-  can be in the nucleus), and then samples among them in vocabulary order (the full path's token for the same u, up to
-  float rounding); up to `fallback_rows` (default B / 8) rows
-  that are not exact run the full path gathered into a small batch, more than that the whole batch. Every path
+  Top-p candidates (no top_k, `candidates` = K > 0; off by default, see CANDIDATES): the K most likely tokens by
+  lax.top_k; a row is exact when its sorted candidates reach top_p and the last one is strictly below its nucleus
+  threshold (no token outside can be in the nucleus), and then samples among them in vocabulary order (the full
+  path's token for the same u, up to float rounding); up to `fallback_rows` (default B / 8) rows that are not exact
+  run the full path gathered into a small batch, more than that the whole batch. Every path
   samples the same distribution; tests/models_decoding_test.py checks frequencies against exact probabilities.
   """
   if temperature == 0.0:
@@ -421,6 +422,13 @@ def choose_batch_size(model: CausalLM, max_len: int, *, max_rows: int, multiple:
   return sizes[-1], rates
 
 
+# Continuous batching off by default: on 2 CPU cores it measured 1.01x (128 rows, EOS, top-p 0.95) and 0.99x (the arith
+# experiment's 120 rows) against batches run one after another with compaction (bench/decode.py --chunk 64,
+# bench/RESULTS.md): compaction already drops most finished rows, and a full 64-row step costs more per row than the
+# compacted ones. The samples are the same either way; True turns it on.
+REFILL = False
+
+
 def prefill_sizes(batch: int, multiple: int = 1) -> tuple[int, ...]:
   """The compiled prefill batches of continuous batching: `multiple` x powers of two below `batch`, and `batch`
   (the distinct prompts of one admission are padded to the next; each size compiles one `admit` per width)."""
@@ -433,12 +441,12 @@ def prefill_sizes(batch: int, multiple: int = 1) -> tuple[int, ...]:
 def generate(model: CausalLM, prompt_tokens: Sequence[Sequence[int]], *, max_new_tokens: int, key: jax.Array,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, eos_ids: Sequence[int] = (),
              pad_id: int = 0, prompt_multiple: int = 8, row_ids: Sequence[int] | None = None,
-             batch_size: int | None = None, batch_multiple: int = 1, compact: bool = True, refill: bool = True,
+             batch_size: int | None = None, batch_multiple: int = 1, compact: bool = True, refill: bool = REFILL,
              refill_rows: int = 0) -> GenerateOutput:
   """Sample up to `max_new_tokens` per prompt row (rows may differ in prompt length); stops each row at an EOS id.
 
   `batch_size` slots (default: every row, rounded up to `batch_multiple`) decode at once. Continuous batching
-  (`refill`, with more rows than slots): once `refill_rows` slots (default batch / 8) have finished, the next waiting
+  (`refill`, off by default: see REFILL; with more rows than slots): once `refill_rows` slots (default batch / 8) have finished, the next waiting
   rows take them -- their distinct prompts prefilled (`admit`, padded to a size of `prefill_sizes` and to a multiple
   of `prompt_multiple` tokens), the rest of the batch untouched -- so the batch stays full until the rows run out.
   Without `refill`, batches of `batch_size` rows run one after another. Prefix sharing: equal prompts admitted
