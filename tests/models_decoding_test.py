@@ -254,3 +254,15 @@ def test_batch_size_fits_memory_and_probe(global_model):
   assert decoding.choose_batch_size(global_model, 40, max_rows=3, multiple=4, probe=False) == (4, {})
   batch, rates = decoding.choose_batch_size(global_model, 40, max_rows=16, multiple=2)
   assert batch in (2, 4, 8, 16) and set(rates) <= {2, 4, 8, 16} and batch in rates and all(r > 0 for r in rates.values())
+
+
+def test_per_layer_copies_only_when_they_fit_in_free_memory(model, monkeypatch):
+  """The per-layer copy doubles the layer weights for the whole call: skipped when free memory cannot hold it, and
+  the stacked path samples the same greedy tokens."""
+  copied = np.asarray(decoding.generate(model, PROMPTS, max_new_tokens=NEW, key=jax.random.key(0)).tokens)
+  monkeypatch.setattr(decoding, "free_bytes", lambda: 1024)
+  assert decoding.per_layer_weights(model) is None
+  stacked = np.asarray(decoding.generate(model, PROMPTS, max_new_tokens=NEW, key=jax.random.key(0)).tokens)
+  np.testing.assert_array_equal(stacked, copied)
+  monkeypatch.setattr(decoding, "free_bytes", lambda: 1 << 40)
+  assert decoding.per_layer_weights(model) is not None
