@@ -299,7 +299,7 @@ def _set_aside_if_stale(target: str, current) -> None:
     return
   aside = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.stale.{os.getpid()}.{secrets.token_hex(4)}")
   try:
-    os.rename(target, aside)
+    storage.move_dir(target, aside)
   except FileNotFoundError:
     return  # another process set it aside first
   shutil.rmtree(aside, ignore_errors=True)
