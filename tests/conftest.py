@@ -31,6 +31,17 @@ def devices_runner():
   return run_with_devices
 
 
+def tree_bytes(root) -> dict[str, bytes]:
+  """{path relative to `root`: bytes} of every file under `root`: two output trees compared byte for byte."""
+  out = {}
+  for dirpath, _, files in os.walk(root):
+    for name in files:
+      path = os.path.join(dirpath, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, root)] = f.read()
+  return out
+
+
 def free_port() -> int:
   import socket  # pylint: disable=g-import-not-at-top
   with socket.socket() as s:

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForS
 
 sys.path.insert(0, os.path.dirname(__file__))
 import data_common as dc  # noqa: E402
-from conftest import REPO_ROOT, run_processes, run_with_devices  # noqa: E402
+from conftest import REPO_ROOT, run_processes, run_with_devices, tree_bytes  # noqa: E402
 
 from tregjax import cli, data, generate  # noqa: E402
 from tregjax.data.sources import DataError  # noqa: E402
@@ -218,14 +218,6 @@ def test_bad_prompts_file_error_names_file_line_and_field(world, tmp_path):
   assert f"{bad}:line 2: malformed JSON" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def _tree_bytes(root):
-  out = {}
-  for dirpath, _, files in os.walk(root):
-    for name in files:
-      out[os.path.relpath(os.path.join(dirpath, name), root)] = _read(os.path.join(dirpath, name))
-  return out
-
-
 def test_two_processes_split_the_shards_and_write_the_bytes_of_one(world, tmp_path):
   """`python -m tregjax.generate` as 2 processes of one job (gloo): each samples and scores its own shards (not all of
   them, as a process that believes it is alone would), process 0 assembles, and the output is byte-identical to one
@@ -249,7 +241,7 @@ def test_two_processes_split_the_shards_and_write_the_bytes_of_one(world, tmp_pa
       assert proc.returncode == 0, f"{n} process(es), process {i}:\n{proc.stderr[-3000:]}"
     done = sorted(int(m) for proc in procs for m in re.findall(r"generated (\d+) prompts x", proc.stderr))
     assert done == {1: [5], 2: [2, 3]}[n], done  # shard k on process k % 2: shards 0 and 2 (3 prompts), shard 1 (2)
-    outputs[n] = _tree_bytes(tmp_path / f"p{n}")
+    outputs[n] = tree_bytes(tmp_path / f"p{n}")
   assert sorted(outputs[1]) == sorted(outputs[2])
   assert [k for k in outputs[1] if outputs[1][k] != outputs[2][k]] == []
   assert len(_records(tmp_path / "p2")) == len(PROMPTS)

@@ -17,6 +17,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E
 sys.path.insert(0, os.path.dirname(__file__))
 import data_common as dc  # noqa: E402
 import train_common as tc  # noqa: E402
+from conftest import tree_bytes  # noqa: E402
 
 from tregjax import cli, errors  # noqa: E402
 from tregjax.training import config as config_lib  # noqa: E402
@@ -103,16 +104,6 @@ def test_recipes_name_splits_the_builder_writes():
       config_lib.validate(c, num_devices=8, check_data=False)
 
 
-def _cache_files(directory):
-  """{relative path: bytes} of every file of a scored cache (what must survive being set aside, byte for byte)."""
-  out = {}
-  for root, _, files in os.walk(directory):
-    for name in files:
-      with open(os.path.join(root, name), "rb") as f:
-        out[os.path.relpath(os.path.join(root, name), directory)] = f.read()
-  return out
-
-
 def test_edited_data_is_rescored_by_the_one_command_and_the_old_cache_is_kept(world, tmp_path):
   pairs, out = tmp_path / "pairs.jsonl", tmp_path / "data"
   original = dc.pair_records(20, seed=5)
@@ -124,7 +115,7 @@ def test_edited_data_is_rescored_by_the_one_command_and_the_old_cache_is_kept(wo
   first = run(tmp_path / "run1")
   assert first.returncode == 0, first.stderr[-3000:]
   assert "scored 20 pairs" in first.stderr  # every pair of the file (train and held-out validation) scored
-  old = _cache_files(cache)
+  old = tree_bytes(cache)
   old_meta = json.loads(old["cache_meta.json"])
 
   edited = [dict(r) for r in original]
@@ -136,21 +127,21 @@ def test_edited_data_is_rescored_by_the_one_command_and_the_old_cache_is_kept(wo
   line = [l for l in second.stderr.splitlines() if "held a scored cache of other inputs" in l]
   assert len(line) == 1 and "(changed: data (" in line[0] and str(aside) in line[0], second.stderr[-3000:]
   assert "scored 20 pairs" in second.stderr
-  assert _cache_files(aside) == old  # the earlier cache, every file byte for byte, beside the new one
+  assert tree_bytes(aside) == old  # the earlier cache, every file byte for byte, beside the new one
   new_meta = json.loads((cache / "cache_meta.json").read_text())
   # Only the data was edited: every other input of the cache is what it was.
   assert {k for k in new_meta["components"] if new_meta["components"][k] != old_meta["components"][k]} == {"data"}
   assert json.loads((tmp_path / "run2" / "summary.json").read_text())["step"] == 3  # and it trained
 
-  current = _cache_files(cache)
+  current = tree_bytes(cache)
   third = run(tmp_path / "run2")  # nothing changed: no scoring (the run itself resumes at its last step)
   assert third.returncode == 0, third.stderr[-3000:]
   assert "scored 20 pairs" not in third.stderr and "other inputs" not in third.stderr
-  assert "complete and current" in third.stderr and _cache_files(cache) == current
+  assert "complete and current" in third.stderr and tree_bytes(cache) == current
 
   dc.write_jsonl(str(pairs), original)  # back to the original file: its cache comes back, nothing is rescored
   fourth = run(tmp_path / "run1")
   assert fourth.returncode == 0, fourth.stderr[-3000:]
   assert "scored 20 pairs" not in fourth.stderr and f"moved {aside} back to {cache}" in fourth.stderr
-  assert _cache_files(cache) == old
+  assert tree_bytes(cache) == old
   assert json.loads((out / f"scored.h{new_meta['hash'][:16]}" / "cache_meta.json").read_text()) == new_meta

@@ -20,7 +20,8 @@ import pytest
 
 import train_common as tc
 from conftest import REPO_ROOT, free_port
-from score_test import _config, _tree_bytes, world  # noqa: F401  (world: the scoring fixture, tiny HF models)
+from conftest import tree_bytes
+from score_test import _config, world  # noqa: F401  (world: the scoring fixture, tiny HF models)
 from tregjax import cli, score
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -266,7 +267,7 @@ def test_scoring_survivor_stops_at_once_and_the_rerun_writes_the_bytes_of_one_pr
                    plain_xla=True)
   wait_all(procs, str(tmp_path / "logs3"))
   one = score.run(_config(world, tmp_path / "one", source="none", shard_size=1))
-  a, b = _tree_bytes(cache), _tree_bytes(one)
+  a, b = tree_bytes(cache), tree_bytes(one)
   assert sorted(a) == sorted(b)
   assert all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]]
 

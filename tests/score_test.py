@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForS
 
 sys.path.insert(0, os.path.dirname(__file__))
 import data_common as dc  # noqa: E402
-from conftest import run_processes  # noqa: E402
+from conftest import run_processes, tree_bytes  # noqa: E402
 
 from tregjax import data, errors, score  # noqa: E402
 from tregjax.data import scored_cache, tfds_builder  # noqa: E402
@@ -223,16 +223,6 @@ def test_response_ids_identical_across_plain_better_worse_contexts(tmp_path, kin
         assert row[:start] == want_prompt
 
 
-def _tree_bytes(root):
-  out = {}
-  for dirpath, _, files in os.walk(root):
-    for name in files:
-      path = os.path.join(dirpath, name)
-      with open(path, "rb") as f:
-        out[os.path.relpath(path, root)] = f.read()
-  return out
-
-
 def test_killed_scoring_resumes_to_byte_identical_output(world, tmp_path):
   n_pairs = 8
   root = world["root"]
@@ -273,7 +263,7 @@ def test_killed_scoring_resumes_to_byte_identical_output(world, tmp_path):
   rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   straight = score.run(config(tmp_path / "straight"))
-  a, b = _tree_bytes(tmp_path / "killed"), _tree_bytes(straight)
+  a, b = tree_bytes(tmp_path / "killed"), tree_bytes(straight)
   assert sorted(a) == sorted(b)
   assert all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]]
   assert len(_cache_records(straight)) == n_pairs
@@ -345,7 +335,7 @@ def test_two_processes_split_the_shards_and_write_the_bytes_of_one(world, tmp_pa
   scored = [int(m) for proc in procs for m in re.findall(r"scored (\d+) pairs", proc.stderr)]
   assert sorted(scored) == [N_PAIRS // 2, N_PAIRS // 2], scored  # shard n on process n % 2: 3 pairs each
   one = score.run(_config(world, tmp_path / "one", shard_size=1))
-  a, b = _tree_bytes(tmp_path / "two"), _tree_bytes(one)
+  a, b = tree_bytes(tmp_path / "two"), tree_bytes(one)
   assert sorted(a) == sorted(b)
   assert all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]]
   assert len(_cache_records(one)) == N_PAIRS
@@ -353,12 +343,12 @@ def test_two_processes_split_the_shards_and_write_the_bytes_of_one(world, tmp_pa
 
 def test_damaged_work_shard_is_recomputed(world, tmp_path):
   cfg = _config(world, tmp_path / "cache", source="none")
-  want = _tree_bytes(score.run(cfg))
+  want = tree_bytes(score.run(cfg))
   shard = tmp_path / "cache" / "work" / "train-00001.safetensors"
   (tmp_path / "cache" / scored_cache.CACHE_META).unlink()
   shard.write_bytes(shard.read_bytes()[:50])  # e.g. a disk that lost the tail of a file
   score.run(cfg)
-  assert _tree_bytes(tmp_path / "cache") == want
+  assert tree_bytes(tmp_path / "cache") == want
 
 
 def test_score_chunks_pad_to_fitted_buckets():

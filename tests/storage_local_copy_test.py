@@ -12,6 +12,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 import gcs_emulator  # noqa: E402
+from conftest import tree_bytes  # noqa: E402
 from gcs_emulator import emulator  # noqa: F401  (the module's emulator fixture)
 
 from tregjax import storage  # noqa: E402
@@ -21,15 +22,6 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 DIGEST = "ab" * 32
 FILES = {"train.array_record-00000-of-00001": os.urandom(200_000), "eval.array_record-00000-of-00001": b"eval",
          "sub/features.json": b"{}", scored_cache.CACHE_META: json.dumps({"hash": DIGEST}).encode()}
-
-
-def _tree(root: str) -> dict[str, bytes]:
-  out = {}
-  for base, _, names in os.walk(root):
-    for n in names:
-      with open(os.path.join(base, n), "rb") as f:
-        out[os.path.relpath(os.path.join(base, n), root)] = f.read()
-  return out
 
 
 def _race(uri: str, monkeypatch) -> tuple[list, int]:
@@ -72,14 +64,14 @@ def test_two_processes_copying_one_cache_down_at_once_share_the_winners_copy(emu
 
     results, copies = _race(uri, monkeypatch)
     assert results == [target, target] and copies == 2
-    assert _tree(target) == FILES
+    assert tree_bytes(target) == FILES
     assert os.listdir(stage) == [os.path.basename(target)]  # the loser's copy is gone, no temporary left
 
     # a stale copy under the same name (another cache's marker): both set it aside, one copy wins, again whole
     storage.write_json(os.path.join(target, scored_cache.CACHE_META), {"hash": "cd" * 32})
     results, copies = _race(uri, monkeypatch)
     assert results == [target, target] and copies == 2
-    assert _tree(target) == FILES
+    assert tree_bytes(target) == FILES
     assert os.listdir(stage) == [os.path.basename(target)]
 
     # a process that comes after the winner copies nothing
